@@ -1,0 +1,55 @@
+# Every target creates what it needs: the virtual environment, the Cython build, the generated
+# protos and the demo repository. `make serve` and `make test` are the two set-up commands.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# ONNX Runtime flavour: gpu where an NVIDIA driver answers, cpu otherwise (never both).
+FLAVOUR := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+OTHER := $(if $(filter gpu,$(FLAVOUR)),onnxruntime,onnxruntime-gpu)
+STAMP := $(VENV)/.installed-$(FLAVOUR)
+DEMO := .demo-repo
+PORT ?= 8001
+SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx) $(shell find protos -name '*.proto')
+
+.PHONY: install serve test test-fallback proto native lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@rm -f $(VENV)/.installed-*
+	$(PY) -m pip uninstall -q -y $(OTHER) 2>/dev/null || true
+	$(PY) -m pip install -q -e ".[$(FLAVOUR),test]"
+	@touch $@
+
+$(DEMO)/fraud/config.yaml: | $(STAMP)
+	$(VENV)/bin/gateway demo-repo $(DEMO)
+
+serve: $(STAMP) $(DEMO)/fraud/config.yaml
+	$(VENV)/bin/gateway serve --repository $(DEMO) --port $(PORT)
+
+test: $(STAMP)
+	GATEWAY_EXPECT_EXTENSIONS=1 $(PY) -m pytest
+
+# The whole suite again on the pure-Python hot loops (CI runs both).
+test-fallback: $(STAMP)
+	GATEWAY_NO_EXTENSIONS=1 $(PY) -m pytest
+
+proto: $(STAMP)
+	$(PY) -c 'import setup; setup.generate_protos()'
+
+native: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway tests benchmarks
+	$(VENV)/bin/ruff format --check gateway tests benchmarks
+	$(VENV)/bin/mypy gateway
+
+bench: $(STAMP) $(DEMO)/fraud/config.yaml
+	$(PY) benchmarks/perf_oip.py --repository $(DEMO)
+
+clean:
+	rm -rf $(VENV) build $(DEMO) gateway/*.so gateway/api/v1/*_pb2*

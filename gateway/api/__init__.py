@@ -1,0 +1,1 @@
+"""Generated gRPC modules (from protos/); do not edit."""

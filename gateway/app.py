@@ -1,0 +1,136 @@
+"""Gateway: builds every stage from Settings and owns start, drain and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway import _hotloops
+from gateway.api.v1 import inference_pb2 as pb
+from gateway.api.v1 import inference_pb2_grpc as pb_grpc
+from gateway.batching.scheduler import DirectScheduler
+from gateway.errors import SettingsError
+from gateway.pipeline import Pipeline
+from gateway.runtime.repository import ModelRepository
+from gateway.runtime.session import resolve_device
+from gateway.server.servicer import InferenceServicer
+from gateway.settings import Settings
+from gateway.telemetry import GatewayMetrics, Tracing
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class Gateway:
+    """One gateway process: gRPC server, model repository, runtime threads, telemetry."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.repository.path is None:
+            raise SettingsError("repository.path: a model repository is required (--repository)")
+        self.settings = settings
+        cores = os.cpu_count() or 1
+        threads = settings.runtime.executor_threads or cores
+        runtime = settings.runtime
+        if runtime.intra_op_threads == 0:
+            # NOTE: sessions run concurrently on `threads` threads; giving each all cores would
+            # oversubscribe them.
+            runtime = runtime.model_copy(update={"intra_op_threads": max(1, cores // threads)})
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="runtime")
+        self.metrics = GatewayMetrics()
+        self.tracing = Tracing(settings.telemetry)
+        self.repository = ModelRepository(Path(settings.repository.path), runtime, self._executor)
+        self.pipeline = Pipeline(self.repository, DirectScheduler(self._executor))
+        self.servicer = InferenceServicer(
+            self.pipeline, settings.server, self.metrics, self.tracing
+        )
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        device = resolve_device(settings.runtime.device)
+        log.info(
+            "execution provider: %s (runtime.device=%s); hot loops: %s",
+            "CUDA" if device == "cuda" else "CPU",
+            settings.runtime.device,
+            "native" if _hotloops.USING_EXTENSION else "pure Python",
+        )
+        self.metrics.native.set(1 if _hotloops.USING_EXTENSION else 0)
+        if settings.repository.load_at_start:
+            await self.repository.load_all()
+        self.metrics.models_ready.set_function(lambda: len(self.repository.loaded()))
+
+        limit = settings.server.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                # The transport refuses only gross excess; up to the limit we answer
+                # INVALID_ARGUMENT naming the input (convert.request_from_pb).
+                ("grpc.max_receive_message_length", 2 * limit),
+                ("grpc.max_send_message_length", 2 * limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        address = f"{settings.server.host}:{settings.server.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise SettingsError(f"server.port: cannot bind {address}: {err}") from None
+        await server.start()
+        self._server = server
+        if settings.telemetry.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(
+                settings.telemetry.metrics_host, settings.telemetry.metrics_port
+            )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.servicer.is_ready = True
+        log.info(
+            "gateway ready grpc=%s:%d metrics=%s models=%d",
+            settings.server.host,
+            self.port,
+            f"{settings.telemetry.metrics_host}:{self.metrics_port}" if self.metrics_port else "off",
+            len(self.repository.loaded()),
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), then close."""
+        if self._server is None:
+            return
+        grace = self.settings.server.shutdown_grace_s if grace_s is None else grace_s
+        log.info("draining: no new requests, %.1f s for in-flight ones", grace)
+        self.servicer.is_ready = False
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._server = None
+        self._executor.shutdown(wait=True)
+        self.metrics.close()
+        self.tracing.shutdown()
+        log.info("gateway stopped")
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()

@@ -1,0 +1,91 @@
+"""Command line: ``gateway serve``, ``gateway demo-repo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ModelLoadError, SettingsError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model repository over OIP gRPC")
+    serve.add_argument("--config", type=Path, help="settings YAML file")
+    serve.add_argument("--repository", type=Path, help="model repository directory")
+    serve.add_argument("--host", help="gRPC bind address (server.host)")
+    serve.add_argument("--port", type=int, help="gRPC port, 0 = any free one (server.port)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (telemetry.metrics_port)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device")
+    serve.add_argument("--tracing", choices=["off", "console", "otlp"], help="telemetry.tracing")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
+    demo.add_argument("directory", type=Path)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--rows", type=int, default=20_000, help="synthetic training rows")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        ("repository", "path"): args.repository,
+        ("server", "host"): args.host,
+        ("server", "port"): args.port,
+        ("telemetry", "metrics_port"): args.metrics_port,
+        ("runtime", "device"): args.device,
+        ("telemetry", "tracing"): args.tracing,
+        ("telemetry", "log_level"): args.log_level,
+    }
+    tree: dict[str, Any] = {}
+    for (section, key), value in flags.items():
+        if value is not None:
+            tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.settings import load_settings
+    from gateway.telemetry import configure_logging
+
+    settings = load_settings(args.config, overrides=_overrides(args))
+    configure_logging(settings.telemetry.log_level)
+
+    import uvloop
+
+    from gateway.app import Gateway
+
+    gateway = Gateway(settings)
+    uvloop.run(gateway.serve_until_signal())
+    return 0
+
+
+def _demo_repo(args: argparse.Namespace) -> int:
+    from gateway.demo import build_demo_repository
+
+    model_dir = build_demo_repository(args.directory, seed=args.seed, rows=args.rows)
+    print(f"demo repository written: {model_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _demo_repo(args)
+    except (SettingsError, ModelLoadError) as err:
+        print(f"gateway: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

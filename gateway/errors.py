@@ -1,0 +1,73 @@
+"""Errors raised by the stages of the request path, each carrying the gRPC status it maps to.
+
+::
+
+    GatewayError
+    ├── InvalidRequest      INVALID_ARGUMENT     bad tensor, datatype, shape, size, parameter
+    ├── ModelNotFound       NOT_FOUND            unknown model or version
+    ├── ModelNotReady       UNAVAILABLE          known but not loaded, or the server is draining
+    ├── ModelLoadError      FAILED_PRECONDITION  the repository holds a model that cannot load
+    ├── Overloaded          RESOURCE_EXHAUSTED   a bounded queue is full
+    ├── DeadlineExceeded    DEADLINE_EXCEEDED    the request's deadline passed
+    └── RuntimeFailure      INTERNAL             the model runtime failed on valid input
+
+    SettingsError (ValueError)                   start-up only: a bad key or value in settings
+
+Only ``gateway.server`` turns these into gRPC statuses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "DeadlineExceeded",
+    "GatewayError",
+    "InvalidRequest",
+    "ModelLoadError",
+    "ModelNotFound",
+    "ModelNotReady",
+    "Overloaded",
+    "RuntimeFailure",
+    "SettingsError",
+]
+
+
+class GatewayError(Exception):
+    """Base of every error a request can end in; ``grpc_status`` is its wire status."""
+
+    grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(GatewayError):
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(GatewayError):
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotReady(GatewayError):
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelLoadError(GatewayError):
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Overloaded(GatewayError):
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(GatewayError):
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RuntimeFailure(GatewayError):
+    grpc_status = grpc.StatusCode.INTERNAL
+
+
+class SettingsError(ValueError):
+    """A settings file, environment variable, flag or model config is invalid."""

@@ -1,0 +1,266 @@
+"""Stage 6, the model repository: versions on disk, version policy, load and unload at run time.
+
+Layout::
+
+    <root>/<model>/config.yaml          how it is served (gateway.settings.ModelConfig)
+    <root>/<model>/<version>/model.onnx one directory per integer version
+
+A version that fails to load is reported (state and reason) while every version already
+loaded, of this model or another, keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.errors import ModelLoadError, ModelNotFound, ModelNotReady, SettingsError
+from gateway.runtime.session import ModelRuntime, OnnxRuntimeSession, SessionOptions
+from gateway.settings import ModelConfig, RuntimeSettings, load_model_config
+from gateway.statistics import ModelStatistics
+from gateway.types import ModelIndexEntry
+
+__all__ = ["LoadedVersion", "ModelRepository", "RuntimeFactory"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.yaml"
+
+RuntimeFactory = Callable[[Path, SessionOptions], ModelRuntime]
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    """A servable model version: its runtime, config and counters."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    runtime: ModelRuntime
+    file_stamp: tuple[int, int]
+    stats: ModelStatistics = field(default_factory=ModelStatistics)
+
+    @property
+    def version_label(self) -> str:
+        return str(self.version)
+
+
+@dataclass(slots=True)
+class _Model:
+    name: str
+    config: ModelConfig | None = None
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    reason: str = ""  # model-level: bad config, no versions, unloaded
+    busy: str = ""  # "LOADING" / "UNLOADING" while a change is in progress
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+class ModelRepository:
+    """Owns every loaded model version; safe to query from the event loop at any time."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: RuntimeSettings,
+        executor: Executor,
+        runtime_factory: RuntimeFactory = OnnxRuntimeSession,
+    ) -> None:
+        self.root = root
+        self._settings = settings
+        self._executor = executor
+        self._factory = runtime_factory
+        self._models: dict[str, _Model] = {}
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def discover(self) -> list[str]:
+        """Model directories under the root (those holding a config or a version directory)."""
+        if not self.root.is_dir():
+            return []
+        names = []
+        for child in sorted(self.root.iterdir()):
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            if (child / CONFIG_FILE).exists() or any(self._version_dirs(child)):
+                names.append(child.name)
+        return names
+
+    @staticmethod
+    def _version_dirs(model_dir: Path) -> Iterator[tuple[int, Path]]:
+        for child in model_dir.iterdir():
+            if child.is_dir() and child.name.isdigit():
+                yield int(child.name), child
+
+    # -- load / unload -----------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        for name in self.discover():
+            try:
+                await self.load(name)
+            except ModelLoadError as err:
+                log.error("model %r did not load: %s", name, err)
+
+    async def load(self, name: str) -> None:
+        """(Re)load ``name`` from disk under its version policy.
+
+        New and changed versions load first; versions the policy no longer selects are
+        unloaded only when every selected version loaded. Raises ModelLoadError listing the
+        failures (after keeping whatever did load).
+        """
+        model_dir = self.root / name
+        if not name or os.sep in name or name.startswith(".") or not model_dir.is_dir():
+            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
+        model = self._models.setdefault(name, _Model(name))
+        async with model.lock:
+            model.busy = "LOADING"
+            try:
+                await self._load_locked(model, model_dir)
+            finally:
+                model.busy = ""
+
+    async def _load_locked(self, model: _Model, model_dir: Path) -> None:
+        try:
+            config = load_model_config(model_dir / CONFIG_FILE)
+        except SettingsError as err:
+            model.reason = f"invalid config: {err}"
+            log.error("model %r: %s", model.name, model.reason)
+            raise ModelLoadError(f"model '{model.name}': {model.reason}") from None
+        available = dict(self._version_dirs(model_dir))
+        selected = config.version_policy.select(list(available))
+        if not selected:
+            model.reason = f"no version directory matches its version policy in {model_dir}"
+            raise ModelLoadError(f"model '{model.name}': {model.reason}")
+
+        loop = asyncio.get_running_loop()
+        failures: dict[int, str] = {}
+        loaded: dict[int, LoadedVersion] = {}
+        for version in selected:
+            path = available[version] / MODEL_FILE
+            current = model.versions.get(version)
+            try:
+                stamp = _stamp(path)
+                if current is not None and current.file_stamp == stamp and current.config == config:
+                    loaded[version] = current
+                    continue
+                loaded[version] = await loop.run_in_executor(
+                    self._executor, self._create, model.name, version, config, path, stamp
+                )
+            except FileNotFoundError:
+                failures[version] = f"{path} does not exist"
+            except ModelLoadError as err:
+                failures[version] = str(err)
+        for version, reason in failures.items():
+            log.error("model %r version %d did not load: %s", model.name, version, reason)
+
+        keep = {} if not failures else {
+            v: lv for v, lv in model.versions.items() if v not in loaded and v not in failures
+        }
+        model.versions = {**keep, **loaded}
+        model.failures = failures
+        model.config = config
+        model.reason = ""
+        for version in sorted(loaded):
+            log.info(
+                "model %r version %d ready on %s",
+                model.name,
+                version,
+                loaded[version].runtime.provider,
+            )
+        if failures:
+            detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
+            raise ModelLoadError(f"model '{model.name}' failed to load: {detail}")
+
+    def _create(
+        self, name: str, version: int, config: ModelConfig, path: Path, stamp: tuple[int, int]
+    ) -> LoadedVersion:
+        options = SessionOptions(
+            device=config.device or self._settings.device,
+            intra_op_threads=config.intra_op_threads
+            if config.intra_op_threads is not None
+            else self._settings.intra_op_threads,
+            inter_op_threads=self._settings.inter_op_threads,
+            graph_optimization=config.graph_optimization or self._settings.graph_optimization,
+        )
+        runtime = self._factory(path, options)
+        if config.max_batch_size > 0:
+            for spec in runtime.inputs + runtime.outputs:
+                if not spec.shape or spec.shape[0] != -1:
+                    raise ModelLoadError(
+                        f"max_batch_size is {config.max_batch_size} but tensor '{spec.name}' "
+                        f"has no dynamic first dimension (shape {list(spec.shape)})"
+                    )
+        if config.warmup:
+            from gateway.runtime.warmup import warm_up
+
+            warm_up(runtime)
+        return LoadedVersion(name, version, config, runtime, stamp)
+
+    async def unload(self, name: str) -> None:
+        model = self._models.get(name)
+        if model is None:
+            if (self.root / name).is_dir() and name in self.discover():
+                return
+            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
+        async with model.lock:
+            model.versions = {}
+            model.failures = {}
+            model.reason = "unloaded"
+        log.info("model %r unloaded", name)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> LoadedVersion:
+        """The version to serve: the one asked for, or the highest loaded."""
+        model = self._models.get(name)
+        if model is None:
+            if name and name in self.discover():
+                raise ModelNotReady(f"model '{name}' is not loaded")
+            raise ModelNotFound(f"model '{name}' is not known")
+        if not version:
+            if not model.versions:
+                why = model.reason or "; ".join(model.failures.values()) or "not loaded"
+                raise ModelNotReady(f"model '{name}' has no ready version ({why})")
+            return model.versions[max(model.versions)]
+        loaded = model.versions.get(int(version)) if version.isdigit() else None
+        if loaded is None:
+            raise ModelNotFound(f"model '{name}' version '{version}' is not loaded")
+        return loaded
+
+    def versions(self, name: str) -> list[LoadedVersion]:
+        model = self._models.get(name)
+        return [model.versions[v] for v in sorted(model.versions)] if model else []
+
+    def loaded(self) -> list[LoadedVersion]:
+        return [lv for name in sorted(self._models) for lv in self.versions(name)]
+
+    def index(self, ready_only: bool = False) -> list[ModelIndexEntry]:
+        entries: list[ModelIndexEntry] = []
+        for name in sorted(set(self.discover()) | set(self._models)):
+            model = self._models.get(name)
+            if model is None:
+                if not ready_only:
+                    entries.append(ModelIndexEntry(name, "", "UNAVAILABLE", "not loaded"))
+                continue
+            for version in sorted(model.versions):
+                state = "LOADING" if model.busy == "LOADING" else "READY"
+                entries.append(ModelIndexEntry(name, str(version), state))
+            if ready_only:
+                continue
+            for version, reason in sorted(model.failures.items()):
+                entries.append(ModelIndexEntry(name, str(version), "UNAVAILABLE", reason))
+            if not model.versions and not model.failures:
+                state = "LOADING" if model.busy else "UNAVAILABLE"
+                entries.append(ModelIndexEntry(name, "", state, model.reason))
+        return entries

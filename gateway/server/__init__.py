@@ -1,0 +1,1 @@
+"""Stage 1: the gRPC edge (servicer, pb <-> types conversion)."""

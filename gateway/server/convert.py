@@ -1,0 +1,176 @@
+"""Stage 1, the gRPC edge: OIP protobuf messages <-> transport-free types. pb stays here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Final
+
+import numpy as np
+
+from gateway import _hotloops
+from gateway.api.v1 import inference_pb2 as pb
+from gateway.datatypes import NUMPY_DTYPES
+from gateway.errors import InvalidRequest
+from gateway.types import InferRequest, InferResponse, ParameterValue, Tensor
+
+__all__ = ["parameters_from_pb", "parameters_to_pb", "request_from_pb", "response_to_pb"]
+
+# The typed-contents field of each datatype. FP16 has none in the protocol; like MLServer we
+# accept it in fp32_contents (raw contents remain the exact form).
+_CONTENTS_FIELD: Final[dict[str, str]] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP16": "fp32_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    out: dict[str, ParameterValue] = {}
+    for key, param in params.items():
+        which = param.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(param, which)
+    return out
+
+
+def parameters_to_pb(
+    params: Mapping[str, ParameterValue], target: Mapping[str, pb.InferParameter]
+) -> None:
+    for key, value in params.items():
+        slot = target[key]  # type: ignore[index]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = value
+        elif isinstance(value, float):
+            slot.double_param = value
+        else:
+            slot.string_param = str(value)
+
+
+def _request_bytes(request: pb.ModelInferRequest) -> tuple[int, str]:
+    """The payload size of a request and the name of its largest input."""
+    sizes = {t.name: t.contents.ByteSize() for t in request.inputs}
+    for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):
+        sizes[tensor.name] = sizes.get(tensor.name, 0) + len(raw)
+    largest = max(sizes, key=sizes.__getitem__, default="")
+    return sum(sizes.values()), largest
+
+
+def request_from_pb(request: pb.ModelInferRequest, max_message_bytes: int) -> InferRequest:
+    """Decode a ModelInferRequest; every failure is an InvalidRequest naming the input."""
+    size, largest = _request_bytes(request)
+    if size > max_message_bytes:
+        raise InvalidRequest(
+            f"request carries {size} bytes of tensor data, over server.max_message_bytes "
+            f"{max_message_bytes} (largest input: '{largest}')"
+        )
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequest(
+            f"raw_input_contents has {len(raw)} entries but the request has "
+            f"{len(request.inputs)} inputs; send raw contents for every input or for none"
+        )
+    inputs = [
+        _tensor_from_pb(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)
+    ]
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        inputs=inputs,
+        requested_outputs=[out.name for out in request.outputs],
+        parameters=parameters_from_pb(request.parameters),
+    )
+
+
+def _tensor_from_pb(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
+) -> Tensor:
+    name = tensor.name
+    dtype = NUMPY_DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidRequest(
+            f"input '{name}' has unsupported datatype '{tensor.datatype}' "
+            f"(supported: {', '.join(NUMPY_DTYPES)})"
+        )
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"input '{name}' has a negative dimension in shape {list(shape)}")
+    count = math.prod(shape)
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidRequest(f"input '{name}' has both contents and raw_input_contents")
+        data = _from_raw(name, tensor.datatype, dtype, raw, count)
+    else:
+        data = _from_contents(name, tensor, dtype, count)
+    return Tensor(name, tensor.datatype, data.reshape(shape), parameters_from_pb(tensor.parameters))
+
+
+def _from_raw(name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes, count: int) -> np.ndarray:
+    if datatype == "BYTES":
+        try:
+            items = _hotloops.decode_bytes(raw, count)
+        except ValueError as err:
+            raise InvalidRequest(f"input '{name}': {err}") from None
+        data = np.empty(count, dtype=object)
+        data[:] = items
+        return data
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidRequest(
+            f"input '{name}' has {len(raw)} bytes of raw contents but its shape holds {count} "
+            f"{datatype} elements ({expected} bytes)"
+        )
+    # Zero-copy view; ONNX Runtime only reads its inputs.
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+
+
+def _from_contents(
+    name: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[np.generic], count: int
+) -> np.ndarray:
+    field = _CONTENTS_FIELD[tensor.datatype]
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidRequest(
+            f"input '{name}' has {len(values)} values in contents.{field} but its shape holds "
+            f"{count} elements"
+        )
+    if tensor.datatype == "BYTES":
+        data = np.empty(count, dtype=object)
+        data[:] = list(values)
+        return data
+    try:
+        return np.array(values, dtype=dtype)
+    except OverflowError:
+        raise InvalidRequest(f"input '{name}' has a value out of range for {tensor.datatype}") from None
+
+
+def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
+    """Outputs always travel as raw_output_contents, as Triton sends them."""
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    parameters_to_pb(response.parameters, message.parameters)
+    for tensor in response.outputs:
+        out = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        parameters_to_pb(tensor.parameters, out.parameters)
+        if tensor.datatype == "BYTES":
+            message.raw_output_contents.append(
+                _hotloops.encode_bytes(tensor.data.reshape(-1).tolist())
+            )
+        else:
+            array = np.ascontiguousarray(tensor.data, dtype=tensor.data.dtype.newbyteorder("<"))
+            message.raw_output_contents.append(array.tobytes())
+    return message

@@ -1,0 +1,105 @@
+"""Stage 1: a loaded model version as Triton's ModelMetadata, ModelConfig and ModelStatistics."""
+
+from __future__ import annotations
+
+from gateway.api.v1 import inference_pb2 as pb
+from gateway.api.v1 import model_config_pb2 as mc
+from gateway.datatypes import TRITON_CONFIG_TYPES
+from gateway.runtime.repository import LoadedVersion
+from gateway.statistics import Duration
+
+__all__ = ["config_to_pb", "metadata_to_pb", "statistics_to_pb"]
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def metadata_to_pb(
+    loaded: LoadedVersion, versions: list[LoadedVersion]
+) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=loaded.name,
+        versions=[v.version_label for v in versions],
+        platform=PLATFORM,
+        inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.runtime.inputs],
+        outputs=[
+            tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.runtime.outputs
+        ],
+    )
+
+
+def config_to_pb(loaded: LoadedVersion) -> mc.ModelConfig:
+    """Dims exclude the batch dimension when max_batch_size > 0, as Triton reports them."""
+    config = loaded.config
+    skip = 1 if config.max_batch_size > 0 else 0
+    policy = mc.ModelVersionPolicy()
+    if config.version_policy.all:
+        policy.all.SetInParent()
+    elif config.version_policy.specific is not None:
+        policy.specific.versions.extend(config.version_policy.specific)
+    else:
+        policy.latest.num_versions = config.version_policy.latest or 1
+    on_gpu = loaded.runtime.provider.startswith("CUDA")
+    return mc.ModelConfig(
+        name=loaded.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=config.max_batch_size,
+        version_policy=policy,
+        input=[
+            mc.ModelInput(
+                name=s.name,
+                data_type=mc.DataType.Value(TRITON_CONFIG_TYPES[s.datatype]),
+                dims=s.shape[skip:],
+            )
+            for s in loaded.runtime.inputs
+        ],
+        output=[
+            mc.ModelOutput(
+                name=s.name,
+                data_type=mc.DataType.Value(TRITON_CONFIG_TYPES[s.datatype]),
+                dims=s.shape[skip:],
+            )
+            for s in loaded.runtime.outputs
+        ],
+        instance_group=[
+            mc.ModelInstanceGroup(
+                name=f"{loaded.name}_{loaded.version}",
+                count=config.instances,
+                kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
+            )
+        ],
+        default_model_filename="model.onnx",
+    )
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def statistics_to_pb(loaded: LoadedVersion) -> pb.ModelStatistics:
+    s = loaded.stats
+    return pb.ModelStatistics(
+        name=loaded.name,
+        version=loaded.version_label,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.batches.items())
+        ],
+    )

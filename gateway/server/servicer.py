@@ -1,0 +1,281 @@
+"""Stage 1, the gRPC edge: the OIP service. Thin: decode, call the pipeline or repository, encode.
+
+Every RPC runs inside ``_rpc``, the one place that opens the server span, records metrics and
+turns a GatewayError into its gRPC status. Anything else is logged and answered INTERNAL with
+a generic message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from gateway import __version__
+from gateway.api.v1 import inference_pb2 as pb
+from gateway.api.v1 import inference_pb2_grpc as pb_grpc
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.pipeline import Pipeline
+from gateway.runtime.repository import LoadedVersion, ModelRepository
+from gateway.server import convert, model_config
+from gateway.settings import ServerSettings
+from gateway.telemetry import GatewayMetrics, Tracing
+
+__all__ = ["InferenceServicer"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SERVICE = "inference.GRPCInferenceService"
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        settings: ServerSettings,
+        metrics: GatewayMetrics,
+        tracing: Tracing,
+    ) -> None:
+        self._pipeline = pipeline
+        self._repository: ModelRepository = pipeline.repository
+        self._settings = settings
+        self._metrics = metrics
+        self._tracing = tracing
+        self.is_ready = False
+
+    # -- the one wrapper ---------------------------------------------------------------------
+
+    async def _rpc(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        call: Callable[[trace.Span], Awaitable[T]],
+        model: str = "",
+    ) -> T:
+        started = time.perf_counter()
+        code = "OK"
+        version = ""
+        parent = self._tracing.extract(context.invocation_metadata())
+        with self._tracing.tracer.start_as_current_span(
+            f"{SERVICE}/{rpc}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": rpc},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            if model:
+                span.set_attribute("gateway.model", model)
+            try:
+                result = await call(span)
+                version = str(getattr(result, "model_version", ""))
+                return result
+            except GatewayError as err:
+                code = err.grpc_status.name
+                span.set_status(Status(StatusCode.ERROR, str(err)))
+                await context.abort(err.grpc_status, str(err))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                log.exception("%s failed (trace id %s)", rpc, trace_id)
+                span.set_status(Status(StatusCode.ERROR, "internal error"))
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})"
+                )
+            finally:
+                self._metrics.observe(rpc, model, version, code, time.perf_counter() - started)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    # -- health and metadata -----------------------------------------------------------------
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.is_ready)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._repository.get(request.name, request.version)
+        except GatewayError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="gateway", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        async def call(span: trace.Span) -> pb.ModelMetadataResponse:
+            loaded = self._repository.get(request.name, request.version)
+            return model_config.metadata_to_pb(loaded, self._repository.versions(loaded.name))
+
+        return await self._rpc("ModelMetadata", context, call, request.name)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        async def call(span: trace.Span) -> pb.ModelConfigResponse:
+            loaded = self._repository.get(request.name, request.version)
+            return pb.ModelConfigResponse(config=model_config.config_to_pb(loaded))
+
+        return await self._rpc("ModelConfig", context, call, request.name)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        async def call(span: trace.Span) -> pb.ModelStatisticsResponse:
+            versions = self._select_versions(request.name, request.version)
+            return pb.ModelStatisticsResponse(
+                model_stats=[model_config.statistics_to_pb(v) for v in versions]
+            )
+
+        return await self._rpc("ModelStatistics", context, call, request.name)
+
+    def _select_versions(self, name: str, version: str) -> list[LoadedVersion]:
+        if not name:
+            return self._repository.loaded()
+        if version:
+            return [self._repository.get(name, version)]
+        versions = self._repository.versions(name)
+        if not versions:
+            raise ModelNotFound(f"model '{name}' has no loaded version")
+        return versions
+
+    # -- repository --------------------------------------------------------------------------
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = self._repository.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        async def call(span: trace.Span) -> pb.RepositoryModelLoadResponse:
+            await self._repository.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._rpc("RepositoryModelLoad", context, call, request.model_name)
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        async def call(span: trace.Span) -> pb.RepositoryModelUnloadResponse:
+            await self._repository.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._rpc("RepositoryModelUnload", context, call, request.model_name)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def _infer(self, request: pb.ModelInferRequest, span: trace.Span) -> pb.ModelInferResponse:
+        infer_request = convert.request_from_pb(request, self._settings.max_message_bytes)
+        first = infer_request.inputs[0].shape if infer_request.inputs else ()
+        span.set_attribute("gateway.rows", first[0] if first else 1)
+        response = await self._pipeline.predict(infer_request)
+        span.set_attribute("gateway.model_version", response.model_version)
+        return convert.response_to_pb(response)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._rpc(
+            "ModelInfer", context, lambda span: self._infer(request, span), request.model_name
+        )
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Many requests in flight per stream; each answered as soon as it is done.
+
+        A slot is taken per request read and given back once its response is written, so a
+        slow reader of responses stops the stream from reading more (bounded memory).
+        """
+        slots = asyncio.Semaphore(self._settings.stream_max_in_flight)
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        parent = self._tracing.extract(context.invocation_metadata())
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            started = time.perf_counter()
+            code = "OK"
+            with self._tracing.tracer.start_as_current_span(
+                f"{SERVICE}/ModelStreamInfer",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "gateway.model": request.model_name},
+            ) as span:
+                try:
+                    reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request, span))
+                except GatewayError as err:
+                    code = err.grpc_status.name
+                    reply = _stream_error(request, str(err))
+                except Exception:
+                    code = "INTERNAL"
+                    log.exception("ModelStreamInfer request %r failed", request.id)
+                    reply = _stream_error(request, "internal error")
+                self._metrics.observe(
+                    "ModelStreamInfer", request.model_name, reply.infer_response.model_version,
+                    code, time.perf_counter() - started,
+                )
+            await done.put(reply)
+
+        async def read() -> None:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    async for request in request_iterator:
+                        await slots.acquire()
+                        group.create_task(answer(request))
+            finally:
+                await done.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await done.get()) is not None:
+                yield reply
+                slots.release()
+            await reader
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )

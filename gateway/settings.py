@@ -1,0 +1,215 @@
+"""Typed settings, one section per stage: defaults < YAML file < GATEWAY_* env < CLI flags.
+
+``load_settings`` validates everything at start-up and raises ``SettingsError`` naming the
+file, the key path and the value at fault. Model configs in the repository (``config.yaml``)
+are validated by the same machinery (``load_model_config``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.errors import SettingsError
+
+__all__ = [
+    "ModelConfig",
+    "RepositorySettings",
+    "RuntimeSettings",
+    "ServerSettings",
+    "Settings",
+    "TelemetrySettings",
+    "VersionPolicy",
+    "load_model_config",
+    "load_settings",
+]
+
+ENV_PREFIX = "GATEWAY_"
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Largest request accepted; bigger requests get INVALID_ARGUMENT. The "
+        "transport refuses anything over twice this with RESOURCE_EXHAUSTED unread.",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
+    )
+    stream_max_in_flight: int = Field(
+        1024, gt=0, description="Requests one ModelStreamInfer stream may have running at once."
+    )
+
+
+class RepositorySettings(_Section):
+    path: Path | None = Field(None, description="Model repository directory.")
+    load_at_start: bool = Field(True, description="Load every model found at start-up.")
+
+
+class RuntimeSettings(_Section):
+    device: Device = Field(
+        "auto", description="Execution provider: cuda, cpu, or auto (CUDA when it really works)."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per session run; 0 = cores / executor threads."
+    )
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads.")
+    graph_optimization: GraphOptimization = Field("all", description="ORT graph optimisation.")
+    executor_threads: int = Field(
+        0, ge=0, description="Threads running sessions off the event loop; 0 = number of cores."
+    )
+
+
+class TelemetrySettings(_Section):
+    tracing: Literal["off", "console", "otlp"] = Field("off", description="Span exporter.")
+    otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector.")
+    service_name: str = Field("gateway", description="OpenTelemetry service.name.")
+    metrics_host: str = Field("127.0.0.1", description="Prometheus endpoint address.")
+    metrics_port: int | None = Field(
+        8002, ge=0, le=65535, description="Prometheus HTTP port; 0 picks one, null disables."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    repository: RepositorySettings = RepositorySettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+
+class VersionPolicy(_Section):
+    """Which versions of a model to serve: the latest N, all, or a specific list (default latest 1)."""
+
+    latest: int | None = Field(None, gt=0)
+    all: bool = False
+    specific: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        chosen = [self.latest is not None, self.all, self.specific is not None]
+        if sum(chosen) > 1:
+            raise ValueError("choose one of latest, all, specific")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+class ModelConfig(_Section):
+    """``models/<model>/config.yaml``: how one model is served."""
+
+    platform: Literal["onnxruntime"] = "onnxruntime"
+    max_batch_size: int = Field(
+        0, ge=0, description="Rows per request along dim 0; 0 = the model has no batch dim."
+    )
+    version_policy: VersionPolicy = VersionPolicy(latest=1)
+    instances: int = Field(1, gt=0, description="Runtime instances per version.")
+    device: Device | None = Field(None, description="Overrides runtime.device for this model.")
+    intra_op_threads: int | None = Field(None, ge=0)
+    graph_optimization: GraphOptimization | None = None
+    warmup: bool = Field(True, description="Run one request of zeros at load.")
+    description: str = ""
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(root)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{source}: {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise SettingsError(f"{path}: cannot read: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{path}: not valid YAML: {err}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``GATEWAY_SERVER__PORT=9000`` -> {"server": {"port": 9000}}; values parse as YAML."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[path[-1]] = raw
+    return tree
+
+
+def load_settings(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults, a YAML file, ``GATEWAY_<SECTION>__<FIELD>`` and flags."""
+    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    sources = [str(path) if path is not None else "defaults"]
+    env_tree = _from_environ(os.environ if environ is None else environ)
+    if env_tree:
+        data = _merge(data, env_tree)
+        sources.append("environment")
+    if overrides:
+        data = _merge(data, overrides)
+        sources.append("flags")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise SettingsError(_describe(err, " + ".join(sources))) from None
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Read and validate a model's ``config.yaml`` (a missing file means all defaults)."""
+    data = _read_yaml(path) if path.exists() else {}
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as err:
+        raise SettingsError(_describe(err, str(path))) from None

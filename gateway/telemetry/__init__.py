@@ -1,0 +1,7 @@
+"""Telemetry shared by every stage: tracing, metrics, logs."""
+
+from gateway.telemetry.logs import configure_logging
+from gateway.telemetry.metrics import GatewayMetrics
+from gateway.telemetry.tracing import Tracing
+
+__all__ = ["GatewayMetrics", "Tracing", "configure_logging"]
