@@ -1,0 +1,113 @@
+"""Shared fixtures: the demo repository, a real gateway process on 127.0.0.1, real clients.
+
+tritonclient registers its own ``inference.*`` protobuf messages, so this process must never
+import the gateway's generated ``inference`` modules: the gateway always runs in a child
+process here, which is how a real client meets it anyway. Importing tritonclient first makes
+an accidental in-process import fail loudly ("duplicate symbol") instead of passing by luck.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from gateway.demo import build_demo_repository
+
+READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
+
+
+class GatewayProcess:
+    """``python -m gateway serve`` in a child process, logs to files, port chosen by the OS."""
+
+    def __init__(self, repository: Path, workdir: Path, *args: str, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = workdir / "stdout.log"
+        self.stderr_path = workdir / "stderr.log"
+        command = [
+            sys.executable, "-m", "gateway", "serve",
+            "--repository", str(repository), "--port", "0", "--metrics-port", "0", *args,
+        ]  # fmt: skip
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=err, env={**os.environ, **(env or {})}
+            )
+        self.url, self.metrics_url = self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 60.0) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = READY.search(self.stderr())
+            if match:
+                return match.group(1), match.group(2)
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.stderr()}")
+            time.sleep(0.05)
+        self.process.kill()
+        raise RuntimeError(f"gateway not ready in {timeout_s} s:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def client(self) -> triton_grpc.InferenceServerClient:
+        return triton_grpc.InferenceServerClient(self.url)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo repository, built once per session; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("demo-repo")
+    build_demo_repository(root, seed=7, rows=4000)
+    return root
+
+
+@pytest.fixture
+def repo_copy(demo_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo repository a test may change."""
+    target = tmp_path / "repo"
+    shutil.copytree(demo_repo, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway serving the demo repository, shared by one test module."""
+    proc = GatewayProcess(demo_repo, tmp_path_factory.mktemp("gateway"))
+    yield proc
+    assert proc.stop() == 0, proc.stderr()
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> Iterator[triton_grpc.InferenceServerClient]:
+    c = gateway.client()
+    yield c
+    c.close()
+
+
+def demo_features(rows: int, seed: int = 11) -> np.ndarray:
+    """Dense rows for the demo model's ``features`` input."""
+    return np.random.default_rng(seed).normal(size=(rows, 19)).astype(np.float32)

@@ -1,0 +1,76 @@
+"""Small ONNX models the tests build from code (no files checked in, nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+# OIP datatype -> ONNX element type, for the echo model.
+ECHO_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def _save(model: onnx.ModelProto, model_dir: Path, version: int, config: dict | None) -> Path:
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    target = model_dir / str(version)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "model.onnx").write_bytes(model.SerializeToString())
+    if config is not None:
+        (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return target / "model.onnx"
+
+
+def write_echo_model(model_dir: Path, version: int = 1) -> None:
+    """One Identity per OIP datatype: input ``in_<TYPE>`` [-1, 2] -> output ``out_<TYPE>``."""
+    nodes, inputs, outputs = [], [], []
+    for name, elem in ECHO_TYPES.items():
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", elem, ["batch", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", elem, ["batch", 2]))
+    graph = helper.make_graph(nodes, "echo", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _save(model, model_dir, version, {"max_batch_size": 8})
+
+
+def write_slow_model(model_dir: Path, repeats: int = 48, size: int = 384) -> None:
+    """A chain of square MatMuls: each request costs tens of milliseconds on one thread."""
+    rng = np.random.default_rng(0)
+    weight = (rng.normal(size=(size, size)) / np.sqrt(size)).astype(np.float32)
+    nodes = []
+    current = "x"
+    for i in range(repeats):
+        nodes.append(helper.make_node("MatMul", [current, "w"], [f"h{i}"]))
+        current = f"h{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size])],
+        initializer=[numpy_helper.from_array(weight, name="w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _save(
+        model,
+        model_dir,
+        1,
+        {"max_batch_size": 64, "intra_op_threads": 1, "graph_optimization": "disable"},
+    )
