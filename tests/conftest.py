@@ -15,12 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo import build_demo_repository
 
@@ -63,6 +65,21 @@ class GatewayProcess:
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
 
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Scrape the Prometheus endpoint: {(sample name, labels): value}."""
+        with urllib.request.urlopen(f"http://{self.metrics_url}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.metrics().items() if n == name and wanted <= ls)
+
     def client(self) -> triton_grpc.InferenceServerClient:
         return triton_grpc.InferenceServerClient(self.url)
 
@@ -93,12 +110,30 @@ def repo_copy(demo_repo: Path, tmp_path: Path) -> Path:
     return target
 
 
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start gateways for one test; any still running at teardown are killed (no leaks)."""
+    started: list[GatewayProcess] = []
+
+    def start(repository: Path, *args: str, env: dict[str, str] | None = None) -> GatewayProcess:
+        proc = GatewayProcess(repository, tmp_path / f"gateway-{len(started)}", *args, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop(signal.SIGKILL, timeout_s=10)
+
+
 @pytest.fixture(scope="module")
 def gateway(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A gateway serving the demo repository, shared by one test module."""
     proc = GatewayProcess(demo_repo, tmp_path_factory.mktemp("gateway"))
-    yield proc
-    assert proc.stop() == 0, proc.stderr()
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.stderr()
 
 
 @pytest.fixture

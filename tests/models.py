@@ -50,8 +50,8 @@ def write_echo_model(model_dir: Path, version: int = 1) -> None:
     _save(model, model_dir, version, {"max_batch_size": 8})
 
 
-def write_slow_model(model_dir: Path, repeats: int = 48, size: int = 384) -> None:
-    """A chain of square MatMuls: each request costs tens of milliseconds on one thread."""
+def write_slow_model(model_dir: Path, repeats: int = 200, size: int = 512) -> None:
+    """A chain of square MatMuls: 256 rows cost a few hundred milliseconds on one thread."""
     rng = np.random.default_rng(0)
     weight = (rng.normal(size=(size, size)) / np.sqrt(size)).astype(np.float32)
     nodes = []
@@ -72,5 +72,5 @@ def write_slow_model(model_dir: Path, repeats: int = 48, size: int = 384) -> Non
         model,
         model_dir,
         1,
-        {"max_batch_size": 64, "intra_op_threads": 1, "graph_optimization": "disable"},
+        {"max_batch_size": 256, "intra_op_threads": 1, "graph_optimization": "disable"},
     )

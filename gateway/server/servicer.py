@@ -64,6 +64,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         started = time.perf_counter()
         code = "OK"
         version = ""
+        in_flight = self._metrics.in_flight.labels(rpc)
+        in_flight.inc()
         parent = self._tracing.extract(context.invocation_metadata())
         with self._tracing.tracer.start_as_current_span(
             f"{SERVICE}/{rpc}",
@@ -95,6 +97,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                     grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})"
                 )
             finally:
+                in_flight.dec()
                 self._metrics.observe(rpc, model, version, code, time.perf_counter() - started)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
@@ -227,9 +230,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         parent = self._tracing.extract(context.invocation_metadata())
 
+        in_flight = self._metrics.in_flight.labels("ModelStreamInfer")
+
         async def answer(request: pb.ModelInferRequest) -> None:
             started = time.perf_counter()
             code = "OK"
+            in_flight.inc()
             with self._tracing.tracer.start_as_current_span(
                 f"{SERVICE}/ModelStreamInfer",
                 context=parent,
@@ -245,6 +251,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                     code = "INTERNAL"
                     log.exception("ModelStreamInfer request %r failed", request.id)
                     reply = _stream_error(request, "internal error")
+                in_flight.dec()
                 self._metrics.observe(
                     "ModelStreamInfer", request.model_name, reply.infer_response.model_version,
                     code, time.perf_counter() - started,

@@ -31,6 +31,12 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "OIP requests received and not yet answered, by RPC.",
+            ["rpc"],
+            registry=self.registry,
+        )
         self.models_ready = Gauge(
             "gateway_model_versions_ready",
             "Model versions loaded and ready to serve.",

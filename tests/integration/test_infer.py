@@ -32,7 +32,7 @@ def _infer(client: triton_grpc.InferenceServerClient, x: np.ndarray, version: st
 def test_infer_matches_numpy_reference_for_each_version(client, demo_repo, version):
     x = demo_features(17)
     got = _infer(client, x, str(version))
-    np.testing.assert_allclose(got, _reference(demo_repo, version, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, _reference(demo_repo, version, x), rtol=1e-4, atol=1e-6)
 
 
 def test_default_version_is_the_highest_loaded(client, demo_repo):
@@ -41,7 +41,7 @@ def test_default_version_is_the_highest_loaded(client, demo_repo):
     inp.set_data_from_numpy(x)
     result = client.infer("fraud", [inp])
     assert result.get_response().model_version == "2"
-    np.testing.assert_allclose(result.as_numpy("probability"), _reference(demo_repo, 2, x), rtol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("probability"), _reference(demo_repo, 2, x), rtol=1e-4, atol=1e-6)
 
 
 def test_response_parameters_report_queue_and_compute_time(client):

@@ -1,0 +1,164 @@
+"""Model repository over RPC: index with states and reasons, load and unload while serving."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import demo_features
+
+pytestmark = pytest.mark.integration
+
+
+def index(client) -> dict[tuple[str, str], tuple[str, str]]:
+    entries = client.get_model_repository_index().models
+    return {(m.name, m.version): (m.state, m.reason) for m in entries}
+
+
+def infer(client, model: str = "fraud", version: str = "") -> np.ndarray:
+    inp = triton_grpc.InferInput("features", [2, 19], "FP32")
+    inp.set_data_from_numpy(demo_features(2))
+    return client.infer(model, [inp], model_version=version).as_numpy("probability")
+
+
+def status_of(err: InferenceServerException) -> str:
+    return err.status().removeprefix("StatusCode.")
+
+
+def test_broken_models_beside_a_healthy_one(repo_copy: Path, start_gateway):
+    broken = repo_copy / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    badconfig = repo_copy / "badconfig"
+    shutil.copytree(repo_copy / "fraud" / "1", badconfig / "1")
+    (badconfig / "config.yaml").write_text("max_batch_size: 8\nmax_batchsize: 9\n")
+
+    proc = start_gateway(repo_copy)
+    client = proc.client()
+    states = index(client)
+    assert states[("fraud", "1")] == ("READY", "")
+    assert states[("fraud", "2")] == ("READY", "")
+    state, reason = states[("broken", "1")]
+    assert state == "UNAVAILABLE" and "ONNX Runtime cannot load" in reason
+    state, reason = states[("badconfig", "")]
+    assert state == "UNAVAILABLE" and "max_batchsize" in reason
+    assert "model 'broken' version 1 did not load" in proc.stderr()
+
+    assert infer(client).shape == (2, 1)
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "broken")
+    assert status_of(info.value) == "UNAVAILABLE"
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("badconfig")
+    assert status_of(info.value) == "FAILED_PRECONDITION"
+    assert "max_batchsize" in info.value.message()
+    client.close()
+    assert proc.stop() == 0
+
+
+def test_a_broken_new_version_leaves_the_loaded_one_serving(repo_copy: Path, start_gateway):
+    config = repo_copy / "fraud" / "config.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["version_policy"] = {"latest": 1}
+    config.write_text(yaml.safe_dump(settings))
+    proc = start_gateway(repo_copy)
+    client = proc.client()
+    assert set(index(client)) == {("fraud", "2")}
+
+    (repo_copy / "fraud" / "3").mkdir()
+    (repo_copy / "fraud" / "3" / "model.onnx").write_bytes(b"\x08\x01garbage")
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("fraud")
+    assert status_of(info.value) == "FAILED_PRECONDITION"
+    assert "version 3" in info.value.message()
+
+    states = index(client)
+    assert states[("fraud", "2")] == ("READY", "")
+    assert states[("fraud", "3")][0] == "UNAVAILABLE"
+    assert client.get_model_metadata("fraud").versions == ["2"]
+    assert infer(client).shape == (2, 1)
+
+    # Fixing the file and loading again moves to version 3 and retires version 2.
+    shutil.copy(repo_copy / "fraud" / "1" / "model.onnx", repo_copy / "fraud" / "3")
+    client.load_model("fraud")
+    assert set(index(client)) == {("fraud", "3")}
+    assert client.infer("fraud", [_input()]).get_response().model_version == "3"
+    client.close()
+    assert proc.stop() == 0
+
+
+def _input() -> triton_grpc.InferInput:
+    inp = triton_grpc.InferInput("features", [2, 19], "FP32")
+    inp.set_data_from_numpy(demo_features(2))
+    return inp
+
+
+def test_specific_version_policy(repo_copy: Path, start_gateway):
+    config = repo_copy / "fraud" / "config.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["version_policy"] = {"specific": [1]}
+    config.write_text(yaml.safe_dump(settings))
+    proc = start_gateway(repo_copy)
+    client = proc.client()
+    assert set(index(client)) == {("fraud", "1")}
+    config_pb = client.get_model_config("fraud").config
+    assert list(config_pb.version_policy.specific.versions) == [1]
+    client.close()
+    assert proc.stop() == 0
+
+
+def test_load_and_unload_while_a_client_keeps_sending(repo_copy: Path, start_gateway):
+    shutil.copytree(repo_copy / "fraud", repo_copy / "other")
+    proc = start_gateway(repo_copy)
+    stop = threading.Event()
+    sent: list[int] = []
+    errors: list[BaseException] = []
+
+    def keep_sending() -> None:
+        client = proc.client()
+        while not stop.is_set():
+            try:
+                infer(client)
+                sent.append(1)
+            except Exception as err:
+                errors.append(err)
+        client.close()
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        client = proc.client()
+        for _ in range(3):
+            client.unload_model("other")
+            assert ("other", "") in index(client)
+            assert index(client)[("other", "")] == ("UNAVAILABLE", "unloaded")
+            with pytest.raises(InferenceServerException) as info:
+                infer(client, "other")
+            assert status_of(info.value) == "UNAVAILABLE"
+            client.load_model("other")
+            assert infer(client, "other").shape == (2, 1)
+            # Reloading the model under traffic swaps versions without failing a request.
+            client.load_model("fraud")
+        client.close()
+    finally:
+        stop.set()
+        sender.join()
+    assert not errors, errors[:3]
+    assert len(sent) > 10
+    assert proc.stop() == 0
+
+
+def test_unknown_model_load_is_not_found(client):
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("../etc")
+    assert status_of(info.value) == "NOT_FOUND"
+    with pytest.raises(InferenceServerException) as info:
+        client.unload_model("nope")
+    assert status_of(info.value) == "NOT_FOUND"
