@@ -12,7 +12,7 @@ DEMO := .demo-repo
 PORT ?= 8001
 SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx) $(shell find protos -name '*.proto')
 
-.PHONY: install serve test test-fallback proto native lint bench clean
+.PHONY: install serve test test-native proto native lint bench clean
 
 install: $(STAMP)
 
@@ -30,12 +30,13 @@ $(DEMO)/fraud/config.yaml: | $(STAMP)
 serve: $(STAMP) $(DEMO)/fraud/config.yaml
 	$(VENV)/bin/gateway serve --repository $(DEMO) --port $(PORT)
 
+# The whole suite on the native hot loops, then again on their pure-Python twin.
 test: $(STAMP)
 	GATEWAY_EXPECT_EXTENSIONS=1 $(PY) -m pytest
+	GATEWAY_NO_EXTENSIONS=1 $(PY) -m pytest -q
 
-# The whole suite again on the pure-Python hot loops (CI runs both).
-test-fallback: $(STAMP)
-	GATEWAY_NO_EXTENSIONS=1 $(PY) -m pytest
+test-native: $(STAMP)
+	GATEWAY_EXPECT_EXTENSIONS=1 $(PY) -m pytest
 
 proto: $(STAMP)
 	$(PY) -c 'import setup; setup.generate_protos()'

@@ -33,8 +33,7 @@ def decode_bytes(buf: bytes, count: int) -> list[bytes]:
         offset += _LENGTH_BYTES
         if offset + length > size:
             raise ValueError(
-                f"BYTES element {index} declares {length} bytes but only "
-                f"{size - offset} remain"
+                f"BYTES element {index} declares {length} bytes but only {size - offset} remain"
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length

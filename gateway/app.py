@@ -83,7 +83,7 @@ class Gateway:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -106,7 +106,9 @@ class Gateway:
             "gateway ready grpc=%s:%d metrics=%s models=%d",
             settings.server.host,
             self.port,
-            f"{settings.telemetry.metrics_host}:{self.metrics_port}" if self.metrics_port else "off",
+            f"{settings.telemetry.metrics_host}:{self.metrics_port}"
+            if self.metrics_port
+            else "off",
             len(self.repository.loaded()),
         )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ CATEGORIES: Final[dict[str, tuple[str, ...]]] = {
 MODEL_NAME: Final = "fraud"
 OPSET: Final = 17
 
-Columns = dict[str, NDArray[np.generic]]
+Columns = dict[str, NDArray[Any]]
 
 
 def synthetic_transactions(rows: int, seed: int) -> tuple[Columns, NDArray[np.float32]]:
@@ -98,7 +98,9 @@ def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def train_logistic(x: NDArray[np.float32], y: NDArray[np.float32], steps: int = 400) -> dict[str, NDArray[np.float32]]:
+def train_logistic(
+    x: NDArray[np.float32], y: NDArray[np.float32], steps: int = 400
+) -> dict[str, NDArray[np.float32]]:
     w = np.zeros((x.shape[1], 1))
     b = np.zeros(1)
     for _ in range(steps):
@@ -138,7 +140,7 @@ def predict(params: dict[str, NDArray[np.float32]], x: NDArray[np.float32]) -> N
         z = x @ params["w"] + params["b"]
     else:
         z = np.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float32)
 
 
 def to_onnx(params: dict[str, NDArray[np.float32]], width: int, doc: str) -> onnx.ModelProto:
@@ -165,7 +167,9 @@ def to_onnx(params: dict[str, NDArray[np.float32]], width: int, doc: str) -> onn
         initializer=inits,
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gateway-demo",
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="gateway-demo",
         doc_string=doc,
     )
     model.ir_version = 8  # readable by every ONNX Runtime this project supports
@@ -204,7 +208,7 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         target.mkdir(parents=True, exist_ok=True)
         model = to_onnx(params, x_train.shape[1], f"fraud scorer v{version}: {kind}")
         (target / "model.onnx").write_bytes(model.SerializeToString())
-        np.savez(target / "params.npz", **params)
+        np.savez(target / "params.npz", **params)  # type: ignore[arg-type]
     config = {
         "description": "Fraud scorer on synthetic card transactions (demo).",
         "max_batch_size": 1024,

@@ -93,7 +93,7 @@ class Settings(_Section):
 
 
 class VersionPolicy(_Section):
-    """Which versions of a model to serve: the latest N, all, or a specific list (default latest 1)."""
+    """Which versions of a model to serve: latest N (default 1), all, or a specific list."""
 
     latest: int | None = Field(None, gt=0)
     all: bool = False

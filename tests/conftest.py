@@ -32,7 +32,9 @@ READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
 class GatewayProcess:
     """``python -m gateway serve`` in a child process, logs to files, port chosen by the OS."""
 
-    def __init__(self, repository: Path, workdir: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, repository: Path, workdir: Path, *args: str, env: dict[str, str] | None = None
+    ):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = workdir / "stdout.log"
@@ -54,7 +56,9 @@ class GatewayProcess:
             if match:
                 return match.group(1), match.group(2)
             if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.stderr()}")
+                raise RuntimeError(
+                    f"gateway exited with {self.process.returncode}:\n{self.stderr()}"
+                )
             time.sleep(0.05)
         self.process.kill()
         raise RuntimeError(f"gateway not ready in {timeout_s} s:\n{self.stderr()}")

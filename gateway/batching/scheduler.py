@@ -49,7 +49,7 @@ class DirectScheduler:
         loop = asyncio.get_running_loop()
         try:
             outputs, started, finished = await loop.run_in_executor(self._executor, work)
-        except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
+        except Exception as err:
             raise RuntimeFailure(
                 f"model '{loaded.name}' version {loaded.version} failed: {err}"
             ) from err

@@ -3,4 +3,10 @@
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.runtime.session import ModelRuntime, OnnxRuntimeSession, SessionOptions
 
-__all__ = ["LoadedVersion", "ModelRepository", "ModelRuntime", "OnnxRuntimeSession", "SessionOptions"]
+__all__ = [
+    "LoadedVersion",
+    "ModelRepository",
+    "ModelRuntime",
+    "OnnxRuntimeSession",
+    "SessionOptions",
+]

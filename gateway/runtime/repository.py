@@ -23,7 +23,7 @@ from gateway.errors import ModelLoadError, ModelNotFound, ModelNotReady, Setting
 from gateway.runtime.session import ModelRuntime, OnnxRuntimeSession, SessionOptions
 from gateway.settings import ModelConfig, RuntimeSettings, load_model_config
 from gateway.statistics import ModelStatistics
-from gateway.types import ModelIndexEntry
+from gateway.types import ModelIndexEntry, ModelState
 
 __all__ = ["LoadedVersion", "ModelRepository", "RuntimeFactory"]
 
@@ -164,9 +164,13 @@ class ModelRepository:
         for version, reason in failures.items():
             log.error("model %r version %d did not load: %s", model.name, version, reason)
 
-        keep = {} if not failures else {
-            v: lv for v, lv in model.versions.items() if v not in loaded and v not in failures
-        }
+        keep = (
+            {}
+            if not failures
+            else {
+                v: lv for v, lv in model.versions.items() if v not in loaded and v not in failures
+            }
+        )
         model.versions = {**keep, **loaded}
         model.failures = failures
         model.config = config
@@ -254,7 +258,7 @@ class ModelRepository:
                     entries.append(ModelIndexEntry(name, "", "UNAVAILABLE", "not loaded"))
                 continue
             for version in sorted(model.versions):
-                state = "LOADING" if model.busy == "LOADING" else "READY"
+                state: ModelState = "LOADING" if model.busy == "LOADING" else "READY"
                 entries.append(ModelIndexEntry(name, str(version), state))
             if ready_only:
                 continue

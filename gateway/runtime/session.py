@@ -108,7 +108,7 @@ def _cuda_works() -> tuple[bool, str]:
                 model.SerializeToString(), options, providers=[CUDA, CPU]
             )
             got = session.get_providers()
-        except Exception as err:  # noqa: BLE001 - any failure means "no working CUDA"
+        except Exception as err:
             return False, f"CUDA session failed: {err}"
         finally:
             ort.set_default_logger_severity(_ORT_LOG_ERROR)
@@ -143,10 +143,8 @@ class OnnxRuntimeSession:
         session_options.log_severity_level = _ORT_LOG_ERROR
         providers = [CUDA, CPU] if device == "cuda" else [CPU]
         try:
-            self._session = ort.InferenceSession(
-                str(path), session_options, providers=providers
-            )
-        except Exception as err:  # noqa: BLE001 - ORT raises bare RuntimeErrors of its own
+            self._session = ort.InferenceSession(str(path), session_options, providers=providers)
+        except Exception as err:
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {err}") from err
         self.provider: str = self._session.get_providers()[0]
         if device == "cuda" and self.provider != CUDA:

@@ -57,8 +57,7 @@ def bind_inputs(
             raise InvalidRequest(f"missing input '{name}' required by {label}")
         if tensor.datatype != spec.datatype:
             raise InvalidRequest(
-                f"input '{name}' has datatype {tensor.datatype} but {label} expects "
-                f"{spec.datatype}"
+                f"input '{name}' has datatype {tensor.datatype} but {label} expects {spec.datatype}"
             )
         _check_shape(tensor, spec, label)
         if max_batch > 0:
@@ -104,7 +103,7 @@ def select_outputs(loaded: LoadedVersion, requested: Sequence[str]) -> list[Tens
 
 def to_output_tensor(spec: TensorSpec, array: NDArray[np.generic]) -> Tensor:
     if spec.datatype == "BYTES":
-        flat = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in array.reshape(-1)]
+        flat = [str(s).encode("utf-8") for s in array.reshape(-1)]
         data = np.empty(len(flat), dtype=object)
         data[:] = flat
         array = data.reshape(array.shape)

@@ -21,5 +21,5 @@ def warm_up(runtime: ModelRuntime) -> None:
             feeds[spec.name] = np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
     try:
         runtime.run(feeds, [spec.name for spec in runtime.outputs])
-    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types
+    except Exception as err:
         raise ModelLoadError(f"warm-up run failed: {err}") from err

@@ -48,7 +48,7 @@ def parameters_to_pb(
     params: Mapping[str, ParameterValue], target: Mapping[str, pb.InferParameter]
 ) -> None:
     for key, value in params.items():
-        slot = target[key]  # type: ignore[index]
+        slot = target[key]
         if isinstance(value, bool):
             slot.bool_param = value
         elif isinstance(value, int):
@@ -95,9 +95,7 @@ def request_from_pb(request: pb.ModelInferRequest, max_message_bytes: int) -> In
     )
 
 
-def _tensor_from_pb(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
-) -> Tensor:
+def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
     name = tensor.name
     dtype = NUMPY_DTYPES.get(tensor.datatype)
     if dtype is None:
@@ -118,7 +116,9 @@ def _tensor_from_pb(
     return Tensor(name, tensor.datatype, data.reshape(shape), parameters_from_pb(tensor.parameters))
 
 
-def _from_raw(name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes, count: int) -> np.ndarray:
+def _from_raw(
+    name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes, count: int
+) -> np.ndarray:
     if datatype == "BYTES":
         try:
             items = _hotloops.decode_bytes(raw, count)
@@ -138,7 +138,10 @@ def _from_raw(name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes,
 
 
 def _from_contents(
-    name: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[np.generic], count: int
+    name: str,
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    dtype: np.dtype[np.generic],
+    count: int,
 ) -> np.ndarray:
     field = _CONTENTS_FIELD[tensor.datatype]
     values = getattr(tensor.contents, field)
@@ -154,7 +157,9 @@ def _from_contents(
     try:
         return np.array(values, dtype=dtype)
     except OverflowError:
-        raise InvalidRequest(f"input '{name}' has a value out of range for {tensor.datatype}") from None
+        raise InvalidRequest(
+            f"input '{name}' has a value out of range for {tensor.datatype}"
+        ) from None
 
 
 def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:

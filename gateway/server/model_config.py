@@ -21,7 +21,9 @@ def metadata_to_pb(
         name=loaded.name,
         versions=[v.version_label for v in versions],
         platform=PLATFORM,
-        inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.runtime.inputs],
+        inputs=[
+            tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.runtime.inputs
+        ],
         outputs=[
             tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.runtime.outputs
         ],

@@ -37,7 +37,7 @@ SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         pipeline: Pipeline,
@@ -201,7 +201,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def _infer(self, request: pb.ModelInferRequest, span: trace.Span) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, span: trace.Span
+    ) -> pb.ModelInferResponse:
         infer_request = convert.request_from_pb(request, self._settings.max_message_bytes)
         first = infer_request.inputs[0].shape if infer_request.inputs else ()
         span.set_attribute("gateway.rows", first[0] if first else 1)
@@ -243,7 +245,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 attributes={"rpc.system": "grpc", "gateway.model": request.model_name},
             ) as span:
                 try:
-                    reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request, span))
+                    reply = pb.ModelStreamInferResponse(
+                        infer_response=await self._infer(request, span)
+                    )
                 except GatewayError as err:
                     code = err.grpc_status.name
                     reply = _stream_error(request, str(err))
@@ -253,8 +257,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                     reply = _stream_error(request, "internal error")
                 in_flight.dec()
                 self._metrics.observe(
-                    "ModelStreamInfer", request.model_name, reply.infer_response.model_version,
-                    code, time.perf_counter() - started,
+                    "ModelStreamInfer",
+                    request.model_name,
+                    reply.infer_response.model_version,
+                    code,
+                    time.perf_counter() - started,
                 )
             await done.put(reply)
 

@@ -30,9 +30,7 @@ class Tracing:
         if settings.tracing == "off":
             self.tracer: trace.Tracer = trace.NoOpTracer()
             return
-        provider = TracerProvider(
-            resource=Resource.create({"service.name": settings.service_name})
-        )
+        provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
         if settings.tracing == "console":
             provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         else:

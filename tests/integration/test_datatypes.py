@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
@@ -62,9 +60,7 @@ def _all_inputs(typed: bool) -> service_pb2.ModelInferRequest:
         if typed:
             getattr(tensor.contents, CONTENTS[datatype]).extend(values.reshape(-1).tolist())
         elif datatype == "BYTES":
-            request.raw_input_contents.append(
-                triton_grpc.serialize_byte_tensor(values).item()
-            )
+            request.raw_input_contents.append(triton_grpc.serialize_byte_tensor(values).item())
         else:
             request.raw_input_contents.append(values.tobytes())
     return request
@@ -84,9 +80,7 @@ def _decode(response: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("typed", [False, True], ids=["raw", "typed"])
 def test_every_datatype_round_trips(echo_gateway: GatewayProcess, typed: bool):
     with grpc.insecure_channel(echo_gateway.url) as channel:
-        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-            _all_inputs(typed)
-        )
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_all_inputs(typed))
     outputs = _decode(response)
     for datatype in ECHO_TYPES:
         got = outputs[f"out_{datatype}"]
@@ -118,9 +112,8 @@ def test_invalid_utf8_in_a_string_input_is_invalid_argument(echo_gateway: Gatewa
     request = _all_inputs(typed=True)
     bad = next(t for t in request.inputs if t.datatype == "BYTES")
     bad.contents.bytes_contents[1] = b"\xff\xfe"
-    with grpc.insecure_channel(echo_gateway.url) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    with grpc.insecure_channel(echo_gateway.url) as channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "in_BYTES" in info.value.details()
     assert "UTF-8" in info.value.details()

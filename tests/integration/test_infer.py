@@ -21,7 +21,9 @@ def _reference(demo_repo: Path, version: int, x: np.ndarray) -> np.ndarray:
     return predict(params, x)
 
 
-def _infer(client: triton_grpc.InferenceServerClient, x: np.ndarray, version: str = "") -> np.ndarray:
+def _infer(
+    client: triton_grpc.InferenceServerClient, x: np.ndarray, version: str = ""
+) -> np.ndarray:
     inp = triton_grpc.InferInput("features", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     result = client.infer("fraud", [inp], model_version=version)
@@ -41,7 +43,9 @@ def test_default_version_is_the_highest_loaded(client, demo_repo):
     inp.set_data_from_numpy(x)
     result = client.infer("fraud", [inp])
     assert result.get_response().model_version == "2"
-    np.testing.assert_allclose(result.as_numpy("probability"), _reference(demo_repo, 2, x), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probability"), _reference(demo_repo, 2, x), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_response_parameters_report_queue_and_compute_time(client):
@@ -115,3 +119,11 @@ def test_server_metadata_and_readiness(client):
     meta = client.get_server_metadata()
     assert meta.name == "gateway"
     assert "model_repository" in meta.extensions
+
+
+def test_log_names_the_provider_once_and_stays_clean(gateway: GatewayProcess):
+    log = gateway.stderr()
+    assert log.count("execution provider: ") == 1
+    # ONNX Runtime's own logger writes lines like "[W:onnxruntime:..." or "[E:onnxruntime:...".
+    assert ":onnxruntime:" not in log
+    assert "Traceback" not in log

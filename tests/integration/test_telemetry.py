@@ -1,0 +1,99 @@
+"""Telemetry: Prometheus metrics on their own port, a server span per RPC, traceparent."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from tests.conftest import GatewayProcess, demo_features
+
+pytestmark = pytest.mark.integration
+
+
+def _infer(client, rows: int = 3, headers: dict[str, str] | None = None, model: str = "fraud"):
+    inp = triton_grpc.InferInput("features", [rows, 19], "FP32")
+    inp.set_data_from_numpy(demo_features(rows))
+    return client.infer(model, [inp], headers=headers)
+
+
+def test_metrics_count_requests_by_model_version_and_code(gateway: GatewayProcess):
+    client = gateway.client()
+    labels = {"rpc": "ModelInfer", "model": "fraud"}
+    ok_before = gateway.metric("gateway_requests_total", code="OK", version="2", **labels)
+    missing_before = gateway.metric("gateway_requests_total", code="NOT_FOUND", rpc="ModelInfer")
+    hist_before = gateway.metric("gateway_request_duration_seconds_count", version="2", **labels)
+    for _ in range(3):
+        _infer(client)
+    with pytest.raises(Exception, match="nope"):
+        _infer(client, model="nope")
+    client.close()
+    assert (
+        gateway.metric("gateway_requests_total", code="OK", version="2", **labels) == ok_before + 3
+    )
+    assert (
+        gateway.metric("gateway_requests_total", code="NOT_FOUND", rpc="ModelInfer")
+        == missing_before + 1
+    )
+    assert (
+        gateway.metric("gateway_request_duration_seconds_count", version="2", **labels)
+        == hist_before + 3
+    )
+    assert gateway.metric("gateway_model_versions_ready") == 2
+    assert gateway.metric("gateway_requests_in_flight") == 0
+
+
+def _spans(proc: GatewayProcess) -> list[dict]:
+    """ConsoleSpanExporter prints one JSON object per span on stdout."""
+    text = proc.stdout()
+    decoder = json.JSONDecoder()
+    spans, pos = [], 0
+    while (start := text.find("{", pos)) != -1:
+        span, pos = decoder.raw_decode(text, start)
+        spans.append(span)
+    return spans
+
+
+def test_traceparent_continues_the_callers_trace(demo_repo, start_gateway):
+    proc: GatewayProcess = start_gateway(demo_repo, "--tracing", "console")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent_id = "00f067aa0ba902b7"
+    client = proc.client()
+    _infer(client, rows=5, headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    _infer(client, rows=2)
+    client.close()
+
+    deadline = time.monotonic() + 10
+    while len([s for s in _spans(proc) if s["name"].endswith("/ModelInfer")]) < 2:
+        assert time.monotonic() < deadline, proc.stdout()
+        time.sleep(0.05)
+    spans = [s for s in _spans(proc) if s["name"] == "inference.GRPCInferenceService/ModelInfer"]
+    continued = [s for s in spans if s["context"]["trace_id"] == f"0x{trace_id}"]
+    assert len(continued) == 1
+    span = continued[0]
+    assert span["parent_id"] == f"0x{parent_id}"
+    assert span["kind"] == "SpanKind.SERVER"
+    assert span["attributes"]["gateway.model"] == "fraud"
+    assert span["attributes"]["gateway.model_version"] == "2"
+    assert span["attributes"]["gateway.rows"] == 5
+    fresh = [s for s in spans if s is not span]
+    assert fresh and fresh[0]["parent_id"] is None  # no traceparent: a new trace
+    assert re.fullmatch(r"0x[0-9a-f]{32}", fresh[0]["context"]["trace_id"])
+
+
+def test_failed_rpc_span_has_error_status(demo_repo, start_gateway):
+    proc: GatewayProcess = start_gateway(demo_repo, "--tracing", "console")
+    client = proc.client()
+    with pytest.raises(Exception, match="nope"):
+        _infer(client, model="nope")
+    client.close()
+    deadline = time.monotonic() + 10
+    while not _spans(proc):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    span = _spans(proc)[-1]
+    assert span["status"]["status_code"] == "ERROR"
+    assert "'nope'" in span["status"]["description"]
