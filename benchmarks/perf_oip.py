@@ -46,7 +46,7 @@ def start_gateway(
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--repository", str(repository),
-             "--port", "0", "--metrics-port", "0", "--log-level", "WARNING", *extra],
+             "--port", "0", "--metrics-port", "0", *extra],
             stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -69,7 +69,8 @@ def run_perf(
         command = [
             pa, "-m", "fraud", "-i", "grpc", "-u", url, "-b", str(batch),
             "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
-            "--percentile", "99", "--max-trials", "6", "-f", str(out),
+            "--percentile", "99", "--max-trials", "8", "--stability-percentage", "50",
+            "-f", str(out),
         ]  # fmt: skip
         if streaming:
             command.append("--streaming")
