@@ -213,7 +213,6 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         "description": "Fraud scorer on synthetic card transactions (demo).",
         "max_batch_size": 1024,
         "version_policy": {"all": True},
-        "instances": 1,
     }
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     encoding = {

@@ -123,7 +123,6 @@ class ModelConfig(_Section):
         0, ge=0, description="Rows per request along dim 0; 0 = the model has no batch dim."
     )
     version_policy: VersionPolicy = VersionPolicy(latest=1)
-    instances: int = Field(1, gt=0, description="Runtime instances per version.")
     device: Device | None = Field(None, description="Overrides runtime.device for this model.")
     intra_op_threads: int | None = Field(None, ge=0)
     graph_optimization: GraphOptimization | None = None

@@ -67,7 +67,7 @@ def config_to_pb(loaded: LoadedVersion) -> mc.ModelConfig:
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{loaded.name}_{loaded.version}",
-                count=config.instances,
+                count=1,
                 kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],

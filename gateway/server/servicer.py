@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from gateway import __version__
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.server import convert, model_config
@@ -185,6 +185,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         async def call(span: trace.Span) -> pb.RepositoryModelLoadResponse:
+            if request.parameters:
+                raise InvalidRequest(
+                    f"RepositoryModelLoad parameters are not supported "
+                    f"(got {', '.join(sorted(request.parameters))}); "
+                    "edit the model's files in the repository and load again"
+                )
             await self._repository.load(request.model_name)
             return pb.RepositoryModelLoadResponse()
 

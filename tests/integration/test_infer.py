@@ -95,6 +95,7 @@ def test_metadata_and_config_describe_the_onnx_graph(client):
     assert config.platform == "onnxruntime_onnx"
     assert list(config.input[0].dims) == [19]  # batch dimension excluded, as in Triton
     assert config.instance_group[0].count == 1
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
 
 
 def test_statistics_count_requests_and_rows(client):

@@ -155,6 +155,13 @@ def test_load_and_unload_while_a_client_keeps_sending(repo_copy: Path, start_gat
     assert proc.stop() == 0
 
 
+def test_load_with_override_parameters_is_refused(client):
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("fraud", config='{"max_batch_size": 4}')
+    assert status_of(info.value) == "INVALID_ARGUMENT"
+    assert "config" in info.value.message()
+
+
 def test_unknown_model_load_is_not_found(client):
     with pytest.raises(InferenceServerException) as info:
         client.load_model("../etc")

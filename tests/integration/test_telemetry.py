@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.conftest import GatewayProcess, demo_features
 
@@ -97,3 +100,50 @@ def test_failed_rpc_span_has_error_status(demo_repo, start_gateway):
     span = _spans(proc)[-1]
     assert span["status"]["status_code"] == "ERROR"
     assert "'nope'" in span["status"]["description"]
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace receiver on 127.0.0.1 that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+
+    def Export(self, request, context):
+        for resource_spans in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}.get(
+                "service.name"
+            )
+            for scope in resource_spans.scope_spans:
+                self.spans.extend((service, span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_spans_reach_an_otlp_collector(demo_repo, start_gateway):
+    collector = Collector()
+    server = grpc.server(ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        proc: GatewayProcess = start_gateway(
+            demo_repo,
+            "--tracing",
+            "otlp",
+            env={
+                "GATEWAY_TELEMETRY__OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "GATEWAY_TELEMETRY__SERVICE_NAME": "gateway-under-test",
+            },
+        )
+        client = proc.client()
+        _infer(client, rows=7)
+        client.close()
+        assert proc.stop() == 0  # shutdown flushes the batch exporter
+    finally:
+        server.stop(None)
+    infer_spans = [(svc, s) for svc, s in collector.spans if s.name.endswith("/ModelInfer")]
+    assert len(infer_spans) == 1
+    service, span = infer_spans[0]
+    assert service == "gateway-under-test"
+    attributes = {a.key: a.value for a in span.attributes}
+    assert attributes["gateway.rows"].int_value == 7
+    assert attributes["gateway.model"].string_value == "fraud"
