@@ -20,7 +20,7 @@ from gateway.batching.scheduler import DirectScheduler
 from gateway.errors import SettingsError
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import ModelRepository
-from gateway.runtime.session import resolve_device
+from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Settings
 from gateway.telemetry import GatewayMetrics, Tracing
@@ -61,6 +61,12 @@ class Gateway:
 
     async def start(self) -> None:
         settings = self.settings
+        flavours = installed_flavours()
+        if len(flavours) > 1:
+            raise SettingsError(
+                f"{' and '.join(flavours)} are both installed; they provide the same module "
+                "and break each other: uninstall one (the `cpu` or `gpu` extra picks one)"
+            )
         device = resolve_device(settings.runtime.device)
         log.info(
             "execution provider: %s (runtime.device=%s); hot loops: %s",

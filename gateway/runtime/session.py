@@ -7,6 +7,7 @@ The execution provider is decided by what a created session actually got, not by
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,13 @@ from gateway.errors import ModelLoadError
 from gateway.settings import Device, GraphOptimization
 from gateway.types import TensorSpec
 
-__all__ = ["ModelRuntime", "OnnxRuntimeSession", "SessionOptions", "resolve_device"]
+__all__ = [
+    "ModelRuntime",
+    "OnnxRuntimeSession",
+    "SessionOptions",
+    "installed_flavours",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,18 @@ def resolve_device(device: Device) -> Device:
     if device == "cuda" and not works:
         raise ModelLoadError(f"runtime.device is 'cuda' but {why}")
     return "cuda" if works else "cpu"
+
+
+def installed_flavours() -> list[str]:
+    """The ONNX Runtime distributions installed; more than one share (and break) one module."""
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
 
 
 def _dims(shape: Sequence[int | str | None]) -> tuple[int, ...]:

@@ -9,7 +9,13 @@ import onnxruntime as ort
 import pytest
 
 from gateway.errors import ModelLoadError
-from gateway.runtime.session import CUDA, OnnxRuntimeSession, SessionOptions, resolve_device
+from gateway.runtime.session import (
+    CUDA,
+    OnnxRuntimeSession,
+    SessionOptions,
+    installed_flavours,
+    resolve_device,
+)
 from tests.models import write_echo_model
 
 CUDA_WORKS = resolve_device("auto") == "cuda"
@@ -43,6 +49,10 @@ def _zeros(session: OnnxRuntimeSession) -> dict[str, np.ndarray]:
         else np.zeros((3, 2), NUMPY_DTYPES[s.datatype])
         for s in session.inputs
     }
+
+
+def test_exactly_one_onnxruntime_flavour_is_installed():
+    assert len(installed_flavours()) == 1
 
 
 def test_cpu_is_always_cpu():
