@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import model_config_pb2 as mc
 from gateway.datatypes import TRITON_CONFIG_TYPES
 from gateway.runtime.repository import LoadedVersion
 from gateway.statistics import Duration
+from gateway.types import TensorSpec
 
 __all__ = ["config_to_pb", "metadata_to_pb", "statistics_to_pb"]
 
@@ -30,6 +33,14 @@ def metadata_to_pb(
     )
 
 
+def _tensor_fields(spec: TensorSpec, skip: int) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "data_type": mc.DataType.Value(TRITON_CONFIG_TYPES[spec.datatype]),
+        "dims": spec.shape[skip:],
+    }
+
+
 def config_to_pb(loaded: LoadedVersion) -> mc.ModelConfig:
     """Dims exclude the batch dimension when max_batch_size > 0, as Triton reports them."""
     config = loaded.config
@@ -48,22 +59,8 @@ def config_to_pb(loaded: LoadedVersion) -> mc.ModelConfig:
         backend="onnxruntime",
         max_batch_size=config.max_batch_size,
         version_policy=policy,
-        input=[
-            mc.ModelInput(
-                name=s.name,
-                data_type=mc.DataType.Value(TRITON_CONFIG_TYPES[s.datatype]),
-                dims=s.shape[skip:],
-            )
-            for s in loaded.runtime.inputs
-        ],
-        output=[
-            mc.ModelOutput(
-                name=s.name,
-                data_type=mc.DataType.Value(TRITON_CONFIG_TYPES[s.datatype]),
-                dims=s.shape[skip:],
-            )
-            for s in loaded.runtime.outputs
-        ],
+        input=[mc.ModelInput(**_tensor_fields(s, skip)) for s in loaded.runtime.inputs],
+        output=[mc.ModelOutput(**_tensor_fields(s, skip)) for s in loaded.runtime.outputs],
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{loaded.name}_{loaded.version}",
