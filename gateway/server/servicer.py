@@ -1,8 +1,9 @@
 """Stage 1, the gRPC edge: the OIP service. Thin: decode, call the pipeline or repository, encode.
 
-Every RPC runs inside ``_rpc``, the one place that opens the server span, records metrics and
-turns a GatewayError into its gRPC status. Anything else is logged and answered INTERNAL with
-a generic message, never a traceback.
+Every RPC, and every request on a stream, runs inside ``_observe``: the one place that opens
+the server span and records metrics; anything unexpected is logged there and becomes a generic
+INTERNAL error, never a traceback. ``_rpc`` turns a GatewayError into the call's status; on a
+stream it rides in the response's ``error_message``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from gateway import __version__
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, RuntimeFailure
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.server import convert, model_config
@@ -54,22 +55,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- the one wrapper ---------------------------------------------------------------------
 
-    async def _rpc(
+    async def _observe(
         self,
         rpc: str,
         context: grpc.aio.ServicerContext,
         call: Callable[[trace.Span], Awaitable[T]],
         model: str = "",
     ) -> T:
+        """Run ``call`` inside a server span, counted and timed; failures leave as GatewayError.
+
+        An unexpected exception is logged with its trace id and becomes a RuntimeFailure whose
+        message carries only that id, never a traceback.
+        """
         started = time.perf_counter()
         code = "OK"
         version = ""
         in_flight = self._metrics.in_flight.labels(rpc)
         in_flight.inc()
-        parent = self._tracing.extract(context.invocation_metadata())
         with self._tracing.tracer.start_as_current_span(
             f"{SERVICE}/{rpc}",
-            context=parent,
+            context=self._tracing.extract(context.invocation_metadata()),
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": rpc},
             record_exception=False,
@@ -84,22 +89,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except GatewayError as err:
                 code = err.grpc_status.name
                 span.set_status(Status(StatusCode.ERROR, str(err)))
-                await context.abort(err.grpc_status, str(err))
+                raise
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
-            except Exception:
+            except Exception as err:
                 code = "INTERNAL"
                 trace_id = format(span.get_span_context().trace_id, "032x")
                 log.exception("%s failed (trace id %s)", rpc, trace_id)
                 span.set_status(Status(StatusCode.ERROR, "internal error"))
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})"
-                )
+                raise RuntimeFailure(f"internal error (trace id {trace_id})") from err
             finally:
                 in_flight.dec()
                 self._metrics.observe(rpc, model, version, code, time.perf_counter() - started)
-        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    async def _rpc(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        call: Callable[[trace.Span], Awaitable[T]],
+        model: str = "",
+    ) -> T:
+        """A unary RPC: the one place a GatewayError becomes the call's gRPC status."""
+        try:
+            return await self._observe(rpc, context, call, model)
+        except GatewayError as err:
+            await context.abort(err.grpc_status, str(err))
+            raise AssertionError("unreachable: context.abort raises") from err
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -236,39 +252,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         slots = asyncio.Semaphore(self._settings.stream_max_in_flight)
         done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        parent = self._tracing.extract(context.invocation_metadata())
-
-        in_flight = self._metrics.in_flight.labels("ModelStreamInfer")
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            started = time.perf_counter()
-            code = "OK"
-            in_flight.inc()
-            with self._tracing.tracer.start_as_current_span(
-                f"{SERVICE}/ModelStreamInfer",
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "gateway.model": request.model_name},
-            ) as span:
-                try:
-                    reply = pb.ModelStreamInferResponse(
-                        infer_response=await self._infer(request, span)
-                    )
-                except GatewayError as err:
-                    code = err.grpc_status.name
-                    reply = _stream_error(request, str(err))
-                except Exception:
-                    code = "INTERNAL"
-                    log.exception("ModelStreamInfer request %r failed", request.id)
-                    reply = _stream_error(request, "internal error")
-                in_flight.dec()
-                self._metrics.observe(
+            try:
+                response = await self._observe(
                     "ModelStreamInfer",
+                    context,
+                    lambda span: self._infer(request, span),
                     request.model_name,
-                    reply.infer_response.model_version,
-                    code,
-                    time.perf_counter() - started,
                 )
+                reply = pb.ModelStreamInferResponse(infer_response=response)
+            except GatewayError as err:
+                # Triton's convention: the stream goes on, the error rides in the response.
+                reply = _stream_error(request, str(err))
             await done.put(reply)
 
         async def read() -> None:
