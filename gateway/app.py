@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +15,6 @@ from grpc_reflection.v1alpha import reflection
 from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
-from gateway.batching.scheduler import DirectScheduler
 from gateway.errors import SettingsError
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import ModelRepository
@@ -39,18 +37,15 @@ class Gateway:
         if settings.repository.path is None:
             raise SettingsError("repository.path: a model repository is required (--repository)")
         self.settings = settings
-        cores = os.cpu_count() or 1
-        threads = settings.runtime.executor_threads or cores
-        runtime = settings.runtime
-        if runtime.intra_op_threads == 0:
-            # NOTE: sessions run concurrently on `threads` threads; giving each all cores would
-            # oversubscribe them.
-            runtime = runtime.model_copy(update={"intra_op_threads": max(1, cores // threads)})
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="runtime")
+        # Loading creates sessions off the event loop; runs happen on each instance's own thread.
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loader")
         self.metrics = GatewayMetrics()
         self.tracing = Tracing(settings.telemetry)
-        self.repository = ModelRepository(Path(settings.repository.path), runtime, self._executor)
-        self.pipeline = Pipeline(self.repository, DirectScheduler(self._executor))
+        self.repository = ModelRepository(
+            Path(settings.repository.path), settings.runtime, self._loader
+        )
+        self.pipeline = Pipeline(self.repository, self.metrics)
+        self.repository.on_retire = self.pipeline.retire
         self.servicer = InferenceServicer(
             self.pipeline, settings.server, self.metrics, self.tracing
         )
@@ -128,7 +123,8 @@ class Gateway:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self._server = None
-        self._executor.shutdown(wait=True)
+        await self.pipeline.close()
+        self._loader.shutdown(wait=True)
         self.metrics.close()
         self.tracing.shutdown()
         log.info("gateway stopped")

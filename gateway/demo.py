@@ -213,6 +213,8 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         "description": "Fraud scorer on synthetic card transactions (demo).",
         "max_batch_size": 1024,
         "version_policy": {"all": True},
+        "instances": 2,
+        "dynamic_batching": {"max_queue_delay_us": 0},
     }
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     encoding = {

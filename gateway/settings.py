@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gateway.errors import SettingsError
 
 __all__ = [
+    "DynamicBatching",
     "ModelConfig",
+    "QueuePolicy",
     "RepositorySettings",
     "RuntimeSettings",
     "ServerSettings",
@@ -65,13 +67,10 @@ class RuntimeSettings(_Section):
         "auto", description="Execution provider: cuda, cpu, or auto (CUDA when it really works)."
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads per session run; 0 = cores / executor threads."
+        0, ge=0, description="ONNX Runtime threads per session run; 0 = cores / instances."
     )
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads.")
     graph_optimization: GraphOptimization = Field("all", description="ORT graph optimisation.")
-    executor_threads: int = Field(
-        0, ge=0, description="Threads running sessions off the event loop; 0 = number of cores."
-    )
 
 
 class TelemetrySettings(_Section):
@@ -115,6 +114,47 @@ class VersionPolicy(_Section):
         return ordered[-(self.latest or 1) :]
 
 
+class QueuePolicy(_Section):
+    """Admission control for one model version's scheduler queue."""
+
+    max_requests: int = Field(1024, gt=0, description="Requests waiting at once.")
+    max_rows: int = Field(65536, gt=0, description="Rows waiting at once.")
+    priority_levels: int = Field(
+        2, ge=1, description="Priorities 1 (served first) .. priority_levels."
+    )
+    default_priority: int | None = Field(
+        None, ge=1, description="Priority of a request that names none; default the lowest."
+    )
+
+    @model_validator(mode="after")
+    def _default_within_levels(self) -> QueuePolicy:
+        if self.default_priority is not None and self.default_priority > self.priority_levels:
+            raise ValueError(
+                f"default_priority {self.default_priority} is over priority_levels "
+                f"{self.priority_levels}"
+            )
+        return self
+
+    @property
+    def default_level(self) -> int:
+        return self.default_priority or self.priority_levels
+
+
+class DynamicBatching(_Section):
+    """Merge queued requests into batches of up to max_batch_size rows."""
+
+    max_queue_delay_us: int = Field(
+        0,
+        ge=0,
+        description="How long the oldest request may wait for a batch to reach a preferred "
+        "size while an instance is free; 0 = dispatch at once (batches still fill while "
+        "every instance is busy).",
+    )
+    preferred_batch_sizes: tuple[int, ...] = Field(
+        (), description="Row counts worth waiting for (up to max_queue_delay_us)."
+    )
+
+
 class ModelConfig(_Section):
     """``models/<model>/config.yaml``: how one model is served."""
 
@@ -123,11 +163,30 @@ class ModelConfig(_Section):
         0, ge=0, description="Rows per request along dim 0; 0 = the model has no batch dim."
     )
     version_policy: VersionPolicy = VersionPolicy(latest=1)
+    instances: int = Field(1, gt=0, description="Runtime instances (sessions) per version.")
+    dynamic_batching: DynamicBatching | None = Field(
+        None, description="Merge requests into batches; absent = one run per request."
+    )
+    queue: QueuePolicy = QueuePolicy()
     device: Device | None = Field(None, description="Overrides runtime.device for this model.")
     intra_op_threads: int | None = Field(None, ge=0)
     graph_optimization: GraphOptimization | None = None
     warmup: bool = Field(True, description="Run one request of zeros at load.")
     description: str = ""
+
+    @model_validator(mode="after")
+    def _batching_needs_a_batch_dim(self) -> ModelConfig:
+        if self.dynamic_batching is not None:
+            if self.max_batch_size == 0:
+                raise ValueError("dynamic_batching needs max_batch_size > 0")
+            too_big = [
+                s for s in self.dynamic_batching.preferred_batch_sizes if s > self.max_batch_size
+            ]
+            if too_big:
+                raise ValueError(
+                    f"preferred_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}"
+                )
+        return self
 
 
 Section = TypeVar("Section", bound=BaseModel)

@@ -42,6 +42,7 @@ class InferRequest:
     inputs: list[Tensor] = field(default_factory=list)
     requested_outputs: list[str] = field(default_factory=list)
     parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    timeout_s: float | None = None  # what the transport's deadline leaves, at arrival
 
 
 @dataclass(slots=True)

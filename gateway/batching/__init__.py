@@ -1,5 +1,5 @@
-"""Stage 5: scheduling model runs."""
+"""Stage 5: per model version queues, dynamic batches, admission control."""
 
-from gateway.batching.scheduler import DirectScheduler, Outcome
+from gateway.batching.batcher import MicroBatcher, Outcome
 
-__all__ = ["DirectScheduler", "Outcome"]
+__all__ = ["MicroBatcher", "Outcome"]

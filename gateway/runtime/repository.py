@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gateway.errors import ModelLoadError, ModelNotFound, ModelNotReady, SettingsError
 from gateway.runtime.session import ModelRuntime, OnnxRuntimeSession, SessionOptions
+from gateway.runtime.warmup import warm_up
 from gateway.settings import ModelConfig, RuntimeSettings, load_model_config
 from gateway.statistics import ModelStatistics
 from gateway.types import ModelIndexEntry, ModelState
@@ -35,16 +36,21 @@ CONFIG_FILE = "config.yaml"
 RuntimeFactory = Callable[[Path, SessionOptions], ModelRuntime]
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class LoadedVersion:
-    """A servable model version: its runtime, config and counters."""
+    """A servable model version: its runtime instances, config and counters."""
 
     name: str
     version: int
     config: ModelConfig
-    runtime: ModelRuntime
+    runtimes: tuple[ModelRuntime, ...]
     file_stamp: tuple[int, int]
     stats: ModelStatistics = field(default_factory=ModelStatistics)
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """The first instance: every instance has the same signature."""
+        return self.runtimes[0]
 
     @property
     def version_label(self) -> str:
@@ -76,11 +82,13 @@ class ModelRepository:
         settings: RuntimeSettings,
         executor: Executor,
         runtime_factory: RuntimeFactory = OnnxRuntimeSession,
+        on_retire: Callable[[LoadedVersion], None] | None = None,
     ) -> None:
         self.root = root
         self._settings = settings
         self._executor = executor
         self._factory = runtime_factory
+        self.on_retire = on_retire
         self._models: dict[str, _Model] = {}
 
     # -- discovery ---------------------------------------------------------------------------
@@ -171,7 +179,9 @@ class ModelRepository:
                 v: lv for v, lv in model.versions.items() if v not in loaded and v not in failures
             }
         )
+        previous = model.versions
         model.versions = {**keep, **loaded}
+        self._retire(previous, model.versions)
         model.failures = failures
         model.config = config
         model.reason = ""
@@ -186,18 +196,31 @@ class ModelRepository:
             detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
             raise ModelLoadError(f"model '{model.name}' failed to load: {detail}")
 
+    def _retire(
+        self, previous: dict[int, LoadedVersion], current: dict[int, LoadedVersion]
+    ) -> None:
+        """Tell the owner which version objects no longer serve (replaced or unloaded)."""
+        live = {id(lv) for lv in current.values()}
+        for old in previous.values():
+            if id(old) not in live and self.on_retire is not None:
+                self.on_retire(old)
+
     def _create(
         self, name: str, version: int, config: ModelConfig, path: Path, stamp: tuple[int, int]
     ) -> LoadedVersion:
+        # NOTE: instances run concurrently, one thread each; by default their intra-op threads
+        # share the cores rather than each taking all of them.
+        intra_op = config.intra_op_threads or self._settings.intra_op_threads
+        if not intra_op:
+            intra_op = max(1, (os.cpu_count() or 1) // config.instances)
         options = SessionOptions(
             device=config.device or self._settings.device,
-            intra_op_threads=config.intra_op_threads
-            if config.intra_op_threads is not None
-            else self._settings.intra_op_threads,
+            intra_op_threads=intra_op,
             inter_op_threads=self._settings.inter_op_threads,
             graph_optimization=config.graph_optimization or self._settings.graph_optimization,
         )
-        runtime = self._factory(path, options)
+        runtimes = tuple(self._factory(path, options) for _ in range(config.instances))
+        runtime = runtimes[0]
         if config.max_batch_size > 0:
             for spec in runtime.inputs + runtime.outputs:
                 if not spec.shape or spec.shape[0] != -1:
@@ -206,10 +229,9 @@ class ModelRepository:
                         f"has no dynamic first dimension (shape {list(spec.shape)})"
                     )
         if config.warmup:
-            from gateway.runtime.warmup import warm_up
-
-            warm_up(runtime)
-        return LoadedVersion(name, version, config, runtime, stamp)
+            for instance in runtimes:
+                warm_up(instance)
+        return LoadedVersion(name, version, config, runtimes, stamp)
 
     async def unload(self, name: str) -> None:
         model = self._models.get(name)
@@ -218,6 +240,7 @@ class ModelRepository:
                 return
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         async with model.lock:
+            self._retire(model.versions, {})
             model.versions = {}
             model.failures = {}
             model.reason = "unloaded"

@@ -224,9 +224,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference ---------------------------------------------------------------------------
 
     async def _infer(
-        self, request: pb.ModelInferRequest, span: trace.Span
+        self, request: pb.ModelInferRequest, span: trace.Span, timeout_s: float | None
     ) -> pb.ModelInferResponse:
         infer_request = convert.request_from_pb(request, self._settings.max_message_bytes)
+        infer_request.timeout_s = timeout_s
         first = infer_request.inputs[0].shape if infer_request.inputs else ()
         span.set_attribute("gateway.rows", first[0] if first else 1)
         response = await self._pipeline.predict(infer_request)
@@ -237,7 +238,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         return await self._rpc(
-            "ModelInfer", context, lambda span: self._infer(request, span), request.model_name
+            "ModelInfer",
+            context,
+            lambda span: self._infer(request, span, context.time_remaining()),
+            request.model_name,
         )
 
     async def ModelStreamInfer(
@@ -258,7 +262,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response = await self._observe(
                     "ModelStreamInfer",
                     context,
-                    lambda span: self._infer(request, span),
+                    lambda span: self._infer(request, span, context.time_remaining()),
                     request.model_name,
                 )
                 reply = pb.ModelStreamInferResponse(infer_response=response)

@@ -37,6 +37,40 @@ class GatewayMetrics:
             ["rpc"],
             registry=self.registry,
         )
+        labels = ["model", "version"]
+        self.queue_seconds = Histogram(
+            "gateway_queue_duration_seconds",
+            "Time a request waited in its model version's queue before its batch started.",
+            labels,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.compute_seconds = Histogram(
+            "gateway_compute_duration_seconds",
+            "Time of one model run (a batch).",
+            labels,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "gateway_batch_rows",
+            "Rows in one model run.",
+            labels,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "gateway_queue_depth",
+            "Requests (or chunks of oversize requests) waiting in the queue.",
+            labels,
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "gateway_rejections",
+            "Requests refused or dropped by the scheduler: queue_full, expected_wait, deadline.",
+            [*labels, "reason"],
+            registry=self.registry,
+        )
         self.models_ready = Gauge(
             "gateway_model_versions_ready",
             "Model versions loaded and ready to serve.",

@@ -1,0 +1,355 @@
+"""Stage 5, the scheduler: a queue per model version feeding dynamic batches to its instances.
+
+Dispatch is work-conserving: whenever an instance is free and rows are queued they run at once,
+so batching adds no wait at low load; batches grow by themselves while every instance is busy.
+``max_queue_delay_us`` is spent only to reach a preferred batch size. Requests larger than
+``max_batch_size`` are cut into chunks and reassembled in order.
+
+Admission is decided before queueing: a full queue (requests or rows), or an expected wait
+(from measured batch times) longer than the request's deadline, is refused at once. A request
+whose deadline passes while queued leaves the queue at that moment, before it costs compute.
+
+Everything here runs on the event loop except the model run (and the merge that feeds it),
+which runs on the instance's own thread; ONNX Runtime releases the GIL while it computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gateway.batching.batch import Feeds, chunk, join, merge, split
+from gateway.errors import DeadlineExceeded, Overloaded, RuntimeFailure
+from gateway.runtime.session import ModelRuntime
+from gateway.settings import DynamicBatching, QueuePolicy
+from gateway.statistics import ModelStatistics
+from gateway.telemetry.metrics import GatewayMetrics
+
+__all__ = ["MicroBatcher", "Outcome"]
+
+# Weight of the newest batch in the moving average of batch time (for expected waits).
+_EWMA_ALPHA = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A request's outputs (all model outputs, in model order) and where its time went."""
+
+    outputs: list[NDArray[np.generic]]
+    queue_ns: int
+    compute_ns: int
+    batch_rows: int
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    """One queued piece of a request (a whole request, or one chunk of an oversize one)."""
+
+    feeds: Feeds
+    rows: int
+    priority: int
+    deadline: float | None  # loop.time() seconds
+    enqueued_ns: int
+    future: asyncio.Future[Outcome]
+    timer: asyncio.TimerHandle | None = None
+    queued: bool = True
+
+
+@dataclass(slots=True)
+class _Instance:
+    runtime: ModelRuntime
+    executor: ThreadPoolExecutor
+    busy: bool = False
+
+
+@dataclass(slots=True)
+class _Queue:
+    levels: list[deque[_Item]]
+    requests: int = 0
+    rows: int = 0
+
+
+class MicroBatcher:
+    """The scheduler of one model version. Create and use it inside the running loop."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        runtimes: Sequence[ModelRuntime],
+        max_batch_size: int,
+        batching: DynamicBatching | None,
+        queue: QueuePolicy,
+        stats: ModelStatistics,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self._loop = asyncio.get_running_loop()
+        self._instances = [
+            _Instance(rt, ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{version}-{i}"))
+            for i, rt in enumerate(runtimes)
+        ]
+        self._output_names = [spec.name for spec in runtimes[0].outputs]
+        self._max_rows = max_batch_size if max_batch_size > 0 else 0
+        self._batching = batching
+        self._policy = queue
+        self._queue = _Queue([deque() for _ in range(queue.priority_levels)])
+        self._stats = stats
+        self._batch_s = 0.0  # moving average of one batch's wall time
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._idle = asyncio.Event()  # set after every batch: lets close() wait for a drain
+        labels = (name, version)
+        self._m_queue = metrics.queue_seconds.labels(*labels)
+        self._m_compute = metrics.compute_seconds.labels(*labels)
+        self._m_batch = metrics.batch_rows.labels(*labels)
+        self._m_depth = metrics.queue_depth.labels(*labels)
+        self._m_rejected = {
+            reason: metrics.rejections.labels(*labels, reason)
+            for reason in ("queue_full", "expected_wait", "deadline")
+        }
+
+    # -- public ------------------------------------------------------------------------------
+
+    async def infer(
+        self, feeds: Feeds, rows: int, priority: int | None = None, deadline: float | None = None
+    ) -> Outcome:
+        """Queue a request (admission first) and wait for its rows' outputs."""
+        level = self._policy.default_level if priority is None else priority
+        pieces = chunk(feeds, rows, self._max_rows) if self._max_rows else [(dict(feeds), rows)]
+        self._admit(rows, len(pieces), deadline)
+        now_ns = time.perf_counter_ns()
+        items = [
+            _Item(f, n, level, deadline, now_ns, self._loop.create_future()) for f, n in pieces
+        ]
+        for item in items:
+            self._enqueue(item)
+        self._pump()
+        try:
+            outcomes = [await item.future for item in items]
+        except BaseException:
+            for item in items:  # the client left or a chunk failed: drop what is still queued
+                item.future.cancel()
+            raise
+        if len(outcomes) == 1:
+            return outcomes[0]
+        return Outcome(
+            join([o.outputs for o in outcomes]),
+            max(o.queue_ns for o in outcomes),
+            sum(o.compute_ns for o in outcomes),
+            max(o.batch_rows for o in outcomes),
+        )
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._output_names
+
+    async def close(self) -> None:
+        """Finish what is queued and running, then release the instance threads."""
+        self._closed = True
+        while self._queue.requests or any(i.busy for i in self._instances):
+            self._idle.clear()
+            await self._idle.wait()
+        for instance in self._instances:
+            instance.executor.shutdown(wait=False)
+
+    # -- admission and queue -----------------------------------------------------------------
+
+    def _admit(self, rows: int, pieces: int, deadline: float | None) -> None:
+        q, policy = self._queue, self._policy
+        if q.requests + pieces > policy.max_requests or q.rows + rows > policy.max_rows:
+            self._m_rejected["queue_full"].inc()
+            raise Overloaded(
+                f"model '{self.name}' version {self.version} queue is full "
+                f"({q.requests} requests, {q.rows} rows queued; limits {policy.max_requests} "
+                f"requests, {policy.max_rows} rows)"
+            )
+        if deadline is not None and self._batch_s > 0:
+            expected = self.expected_wait_s(rows)
+            remaining = deadline - self._loop.time()
+            if expected > remaining:
+                self._m_rejected["expected_wait"].inc()
+                raise Overloaded(
+                    f"model '{self.name}' version {self.version}: expected wait "
+                    f"{expected * 1000:.1f} ms exceeds the request's remaining deadline "
+                    f"{max(remaining, 0) * 1000:.1f} ms"
+                )
+
+    def expected_wait_s(self, rows: int) -> float:
+        """Time until ``rows`` more rows would be answered: batches ahead, over the instances."""
+        if self._batching is None:
+            batches = self._queue.requests + 1
+        else:
+            batches = math.ceil((self._queue.rows + rows) / self._max_rows)
+        busy = sum(i.busy for i in self._instances)
+        return math.ceil((batches + busy) / len(self._instances)) * self._batch_s
+
+    def _enqueue(self, item: _Item) -> None:
+        self._queue.levels[item.priority - 1].append(item)
+        self._queue.requests += 1
+        self._queue.rows += item.rows
+        if item.deadline is not None:
+            item.timer = self._loop.call_at(item.deadline, self._expire, item)
+        item.future.add_done_callback(functools.partial(self._on_answered, item))
+        self._m_depth.set(self._queue.requests)
+
+    def _on_answered(self, item: _Item, _future: asyncio.Future[Outcome]) -> None:
+        self._dequeue(item)  # a no-op unless the caller left while it was queued
+
+    def _dequeue(self, item: _Item) -> None:
+        """An item leaves the queue (to run, expired, or its caller left): release its space.
+
+        Its deque entry stays until batch formation reaches it and skips it: O(1) here.
+        """
+        if not item.queued:
+            return
+        item.queued = False
+        self._queue.requests -= 1
+        self._queue.rows -= item.rows
+        if item.timer is not None:
+            item.timer.cancel()
+            item.timer = None
+        self._m_depth.set(self._queue.requests)
+
+    def _expire(self, item: _Item) -> None:
+        if not item.queued:
+            return
+        self._m_rejected["deadline"].inc()
+        waited_ms = (time.perf_counter_ns() - item.enqueued_ns) / 1e6
+        self._dequeue(item)
+        item.future.set_exception(
+            DeadlineExceeded(
+                f"deadline passed after {waited_ms:.1f} ms in the queue of model "
+                f"'{self.name}' version {self.version}; no compute was spent on it"
+            )
+        )
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start batches on free instances while there is queued work (never blocks)."""
+        while self._queue.requests:
+            instance = next((i for i in self._instances if not i.busy), None)
+            if instance is None:
+                return
+            if self._should_wait():
+                return
+            batch = self._take_batch()
+            if not batch:
+                return
+            self._start(instance, batch)
+
+    def _should_wait(self) -> bool:
+        """Wait (up to max_queue_delay_us from the oldest request) for a preferred size."""
+        batching = self._batching
+        if (
+            batching is None
+            or not batching.preferred_batch_sizes
+            or not batching.max_queue_delay_us
+        ):
+            return False
+        if self._closed or self._queue.rows >= min(batching.preferred_batch_sizes):
+            return False
+        oldest = min((level[0].enqueued_ns for level in self._queue.levels if level), default=None)
+        if oldest is None:
+            return False
+        due_ns = oldest + batching.max_queue_delay_us * 1000
+        now_ns = time.perf_counter_ns()
+        if now_ns >= due_ns:
+            return False
+        if self._delay_timer is None:
+            self._delay_timer = self._loop.call_later((due_ns - now_ns) / 1e9, self._delay_done)
+        return True
+
+    def _delay_done(self) -> None:
+        self._delay_timer = None
+        self._pump()
+
+    def _take_batch(self) -> list[_Item]:
+        """Highest priority first, FIFO within a level, up to max_batch_size rows."""
+        limit = self._max_rows if self._batching is not None else 0
+        batch: list[_Item] = []
+        rows = 0
+        for level in self._queue.levels:
+            while level:
+                item = level[0]
+                if not item.queued:
+                    level.popleft()  # expired or cancelled while queued
+                    continue
+                if batch and (not limit or rows + item.rows > limit):
+                    return batch
+                level.popleft()
+                self._dequeue(item)
+                batch.append(item)
+                rows += item.rows
+        return batch
+
+    def _start(self, instance: _Instance, batch: list[_Item]) -> None:
+        instance.busy = True
+        started_ns = time.perf_counter_ns()
+        sizes = [item.rows for item in batch]
+        total = sum(sizes)
+        runtime, names = instance.runtime, self._output_names
+
+        def run() -> tuple[list[NDArray[np.generic]], int, int]:
+            feeds = merge([item.feeds for item in batch], total)
+            begin = time.perf_counter_ns()
+            outputs = runtime.run(feeds, names)
+            return outputs, begin, time.perf_counter_ns()
+
+        future = self._loop.run_in_executor(instance.executor, run)
+
+        def done(f: asyncio.Future[tuple[list[NDArray[np.generic]], int, int]]) -> None:
+            self._finish(instance, batch, sizes, total, started_ns, f)
+
+        future.add_done_callback(done)
+
+    def _finish(
+        self,
+        instance: _Instance,
+        batch: list[_Item],
+        sizes: list[int],
+        total: int,
+        started_ns: int,
+        future: asyncio.Future[tuple[list[NDArray[np.generic]], int, int]],
+    ) -> None:
+        instance.busy = False
+        finished_ns = time.perf_counter_ns()
+        error = future.exception()
+        if error is not None:
+            failure = RuntimeFailure(
+                f"model '{self.name}' version {self.version} failed on a batch of {total} rows: "
+                f"{error}"
+            )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(failure)
+        else:
+            outputs, begin_ns, end_ns = future.result()
+            compute_ns = end_ns - begin_ns
+            wall_s = (finished_ns - started_ns) / 1e9
+            self._batch_s = (
+                wall_s
+                if not self._batch_s
+                else (_EWMA_ALPHA * wall_s + (1 - _EWMA_ALPHA) * self._batch_s)
+            )
+            self._stats.record_execution(total, begin_ns - started_ns, compute_ns, 0)
+            self._m_compute.observe(compute_ns / 1e9)
+            self._m_batch.observe(total)
+            for item, piece in zip(batch, split(outputs, sizes), strict=True):
+                queue_ns = started_ns - item.enqueued_ns
+                self._m_queue.observe(queue_ns / 1e9)
+                if not item.future.done():
+                    item.future.set_result(Outcome(piece, queue_ns, compute_ns, total))
+        self._pump()
+        self._idle.set()
