@@ -50,7 +50,9 @@ def write_echo_model(model_dir: Path, version: int = 1) -> None:
     _save(model, model_dir, version, {"max_batch_size": 8})
 
 
-def write_slow_model(model_dir: Path, repeats: int = 200, size: int = 512) -> None:
+def write_slow_model(
+    model_dir: Path, repeats: int = 200, size: int = 512, **config: object
+) -> None:
     """A chain of square MatMuls: 256 rows cost a few hundred milliseconds on one thread."""
     rng = np.random.default_rng(0)
     weight = (rng.normal(size=(size, size)) / np.sqrt(size)).astype(np.float32)
@@ -72,5 +74,5 @@ def write_slow_model(model_dir: Path, repeats: int = 200, size: int = 512) -> No
         model,
         model_dir,
         1,
-        {"max_batch_size": 256, "intra_op_threads": 1, "graph_optimization": "disable"},
+        {"max_batch_size": 256, "intra_op_threads": 1, "graph_optimization": "disable", **config},
     )

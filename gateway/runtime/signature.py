@@ -66,11 +66,7 @@ def bind_inputs(
                 raise InvalidRequest(
                     f"input '{name}' has {n} rows but the other inputs have {rows}"
                 )
-            rows = n
-            if n > max_batch:
-                raise InvalidRequest(
-                    f"input '{name}' has {n} rows, over max_batch_size {max_batch} of {label}"
-                )
+            rows = n  # more than max_batch_size is fine: the scheduler cuts it into batches
         feeds[name] = _as_onnx_strings(tensor) if spec.datatype == "BYTES" else tensor.data
     return feeds, 1 if rows is None else rows
 

@@ -139,10 +139,17 @@ def test_unknown_requested_output_is_named(stub):
     assert "'logits'" in err.details()
 
 
-def test_rows_over_max_batch_size_are_refused(stub):
-    err = call_fails(stub, request(rows=1025))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "max_batch_size 1024" in err.details()
+def test_bad_scheduling_parameters_are_named(stub):
+    for key, value in [("priority", "urgent"), ("priority", 3), ("timeout_ms", -5)]:
+        message = request()
+        param = message.parameters[key]
+        if isinstance(value, int):
+            param.int64_param = value
+        else:
+            param.string_param = value
+        err = call_fails(stub, message)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"'{key}'" in err.details()
 
 
 def test_message_over_the_configured_size_names_the_input(stub):

@@ -1,0 +1,284 @@
+"""The scheduler with a runtime whose timing the test controls (a gate per model run).
+
+The runtime computes real outputs (2x its input) so every test also checks that each request
+gets exactly its own rows back, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from gateway.batching import MicroBatcher
+from gateway.errors import DeadlineExceeded, Overloaded
+from gateway.settings import DynamicBatching, QueuePolicy
+from gateway.statistics import ModelStatistics
+from gateway.telemetry import GatewayMetrics
+from gateway.types import TensorSpec
+
+
+class GatedRuntime:
+    """Doubles its input; each run waits until the test opens the gate (or the gate is open)."""
+
+    inputs = (TensorSpec("x", "FP32", (-1, 2)),)
+    outputs = (TensorSpec("y", "FP32", (-1, 2)),)
+    provider = "CPUExecutionProvider"
+
+    def __init__(self, log: list[int], gate: threading.Event) -> None:
+        self.log = log
+        self.gate = gate
+        self.started = threading.Semaphore(0)
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        self.log.append(len(feeds["x"]))
+        self.started.release()
+        assert self.gate.wait(10), "gate never opened"
+        return [np.asarray(feeds["x"]) * 2]
+
+
+BATCHING = DynamicBatching()
+QUEUE = QueuePolicy()
+
+
+class Harness:
+    def __init__(
+        self,
+        instances: int = 1,
+        max_batch_size: int = 16,
+        batching: DynamicBatching | None = BATCHING,
+        queue: QueuePolicy = QUEUE,
+        open_gate: bool = False,
+    ) -> None:
+        self.log: list[int] = []
+        self.gate = threading.Event()
+        if open_gate:
+            self.gate.set()
+        self.runtimes = [GatedRuntime(self.log, self.gate) for _ in range(instances)]
+        self.stats = ModelStatistics()
+        self.metrics = GatewayMetrics()
+        self.batcher = MicroBatcher(
+            "m", "1", self.runtimes, max_batch_size, batching, queue, self.stats, self.metrics
+        )
+
+    def submit(self, rows: int, start: float = 0.0, **kwargs) -> tuple[asyncio.Task, np.ndarray]:
+        x = (start + np.arange(rows * 2, dtype=np.float32)).reshape(rows, 2)
+        task = asyncio.ensure_future(self.batcher.infer({"x": x}, rows, **kwargs))
+        return task, x
+
+    async def wait_started(self, runs: int = 1) -> None:
+        for _ in range(runs):
+            await asyncio.to_thread(self.runtimes[0].started.acquire, True, 10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            name, {"model": "m", "version": "1", **labels}
+        )
+        return value or 0.0
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_idle_request_dispatches_at_once_without_waiting():
+    h = Harness(batching=DynamicBatching(max_queue_delay_us=5_000_000))
+    task, x = h.submit(3)
+    await h.wait_started()  # started with the delay still far off: no idle waiting
+    assert h.log == [3]
+    h.gate.set()
+    outcome = await task
+    np.testing.assert_array_equal(outcome.outputs[0], x * 2)
+    assert outcome.batch_rows == 3
+
+
+async def test_batches_fill_while_every_instance_is_busy():
+    h = Harness()
+    first, _ = h.submit(1)
+    await h.wait_started()
+    queued = [h.submit(rows, start=100 * i) for i, rows in enumerate([2, 3, 1, 4], start=1)]
+    await settle()
+    assert h.log == [1]
+    h.gate.set()
+    outcomes = await asyncio.gather(first, *(t for t, _ in queued))
+    assert h.log == [1, 10]  # the four queued requests ran as one batch
+    for outcome, (_, x) in zip(outcomes[1:], queued, strict=True):
+        np.testing.assert_array_equal(outcome.outputs[0], x * 2)
+        assert outcome.batch_rows == 10
+    assert h.stats.execution_count == 2
+    assert h.stats.batches.keys() == {1, 10}
+
+
+async def test_batches_stop_at_max_batch_size():
+    h = Harness(max_batch_size=5)
+    first, _ = h.submit(1)
+    await h.wait_started()
+    queued = [h.submit(2, start=10 * i) for i in range(5)]
+    await settle()
+    h.gate.set()
+    results = await asyncio.gather(first, *(t for t, _ in queued))
+    assert h.log == [1, 4, 4, 2]
+    for outcome, (_, x) in zip(results[1:], queued, strict=True):
+        np.testing.assert_array_equal(outcome.outputs[0], x * 2)
+
+
+async def test_oversize_request_is_split_and_reassembled_in_order():
+    h = Harness(max_batch_size=4, open_gate=True)
+    task, x = h.submit(10)
+    outcome = await task
+    assert h.log == [4, 4, 2]
+    np.testing.assert_array_equal(outcome.outputs[0], x * 2)
+
+
+async def test_batching_off_runs_one_request_per_model_run():
+    h = Harness(batching=None)
+    first, _ = h.submit(1)
+    await h.wait_started()
+    queued = [h.submit(2, start=10 * i) for i in range(3)]
+    await settle()
+    h.gate.set()
+    await asyncio.gather(first, *(t for t, _ in queued))
+    assert h.log == [1, 2, 2, 2]
+
+
+async def test_two_instances_run_concurrently():
+    h = Harness(instances=2)
+    a, _ = h.submit(1)
+    b, _ = h.submit(2)
+    await h.wait_started()
+    await asyncio.to_thread(h.runtimes[1].started.acquire, True, 10)
+    assert sorted(h.log) == [1, 2]  # both running before either finished
+    h.gate.set()
+    await asyncio.gather(a, b)
+
+
+async def test_deadline_passing_in_the_queue_answers_at_once_without_compute():
+    h = Harness()
+    first, _ = h.submit(1)
+    await h.wait_started()
+    loop = asyncio.get_running_loop()
+    late, _ = h.submit(3, deadline=loop.time() + 0.05)
+    with pytest.raises(DeadlineExceeded, match="in the queue"):
+        await asyncio.wait_for(late, 5)  # answered while the first batch still runs
+    assert not first.done()
+    h.gate.set()
+    await first
+    assert h.log == [1]  # the expired rows never reached the model
+    assert h.metric("gateway_rejections_total", reason="deadline") == 1
+    assert h.metric("gateway_queue_depth") == 0
+
+
+async def test_higher_priority_dequeues_first():
+    h = Harness(batching=None, queue=QueuePolicy(priority_levels=2))
+    first, _ = h.submit(1)
+    await h.wait_started()
+    low, _ = h.submit(2, priority=2)
+    high, _ = h.submit(3, priority=1)
+    await settle()
+    h.gate.set()
+    await asyncio.gather(first, low, high)
+    assert h.log == [1, 3, 2]
+
+
+async def test_full_queue_is_refused_at_once():
+    h = Harness(batching=None, queue=QueuePolicy(max_requests=2, max_rows=100))
+    first, _ = h.submit(1)
+    await h.wait_started()
+    queued = [h.submit(1)[0] for _ in range(2)]
+    with pytest.raises(Overloaded, match="queue is full"):
+        await h.submit(1)[0]
+    with pytest.raises(Overloaded, match="queue is full"):
+        await h.submit(1)[0]
+    assert h.metric("gateway_rejections_total", reason="queue_full") == 2
+    h.gate.set()
+    await asyncio.gather(first, *queued)
+
+
+async def test_rows_bound_the_queue_too():
+    h = Harness(queue=QueuePolicy(max_requests=100, max_rows=5))
+    first, _ = h.submit(1)
+    await h.wait_started()
+    ok, _ = h.submit(4)
+    await settle()
+    with pytest.raises(Overloaded, match="5 rows"):
+        await h.submit(2)[0]
+    h.gate.set()
+    await asyncio.gather(first, ok)
+
+
+async def test_expected_wait_over_the_deadline_is_refused_at_once():
+    h = Harness(batching=None)
+    # Measure one batch of about 200 ms.
+    first, _ = h.submit(1)
+    await h.wait_started()
+    await asyncio.sleep(0.2)
+    h.gate.set()
+    await first
+    h.gate.clear()
+    running, _ = h.submit(1)
+    await h.wait_started()
+    loop = asyncio.get_running_loop()
+    with pytest.raises(Overloaded, match="expected wait"):
+        await h.submit(1, deadline=loop.time() + 0.05)[0]
+    assert h.metric("gateway_rejections_total", reason="expected_wait") == 1
+    h.gate.set()
+    await running
+
+
+async def test_a_caller_that_leaves_frees_its_queue_space():
+    h = Harness(batching=None)
+    first, _ = h.submit(1)
+    await h.wait_started()
+    leaving, _ = h.submit(5)
+    await settle()
+    assert h.metric("gateway_queue_depth") == 1
+    leaving.cancel()
+    await settle()
+    assert h.metric("gateway_queue_depth") == 0
+    h.gate.set()
+    await first
+    assert h.log == [1]
+
+
+async def test_preferred_size_is_awaited_up_to_the_delay():
+    h = Harness(
+        batching=DynamicBatching(max_queue_delay_us=300_000, preferred_batch_sizes=(4,)),
+        open_gate=True,
+    )
+    a, _ = h.submit(1)
+    await asyncio.sleep(0.02)
+    assert h.log == []  # waiting for a batch of 4
+    rest = [h.submit(1, start=i)[0] for i in range(3)]
+    await asyncio.gather(a, *rest)
+    assert h.log == [4]
+    alone, _ = h.submit(1)
+    await alone  # nobody else came: it runs when the delay is spent
+    assert h.log == [4, 1]
+
+
+async def test_statistics_add_up():
+    h = Harness(open_gate=True)
+    sizes = [1, 3, 5, 2, 7]
+    await asyncio.gather(*(h.submit(n)[0] for n in sizes))
+    assert sum(h.log) == sum(sizes)
+    assert h.stats.execution_count == len(h.log)
+    assert sum(b.compute_infer.count for b in h.stats.batches.values()) == len(h.log)
+    assert h.metric("gateway_batch_rows_sum") == sum(sizes)
+    assert h.metric("gateway_queue_duration_seconds_count") == len(sizes)
+
+
+async def test_close_drains_the_queue_first():
+    h = Harness()
+    first, _ = h.submit(1)
+    await h.wait_started()
+    queued, _ = h.submit(2)
+    closing = asyncio.ensure_future(h.batcher.close())
+    await settle()
+    assert not closing.done()
+    h.gate.set()
+    await asyncio.gather(first, queued, closing)
+    assert h.log == [1, 2]
