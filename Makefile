@@ -49,8 +49,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check gateway tests benchmarks
 	$(VENV)/bin/mypy gateway
 
-bench: $(STAMP) $(DEMO)/fraud/config.yaml
-	$(PY) benchmarks/perf_oip.py --repository $(DEMO)
+bench: $(STAMP)
+	$(PY) benchmarks/bench_serving.py
 
 clean:
 	rm -rf $(VENV) build $(DEMO) gateway/*.so gateway/api/v1/*_pb2*

@@ -107,6 +107,7 @@ class MicroBatcher:
         self._stats = stats
         self._batch_s = 0.0  # moving average of one batch's wall time
         self._delay_timer: asyncio.TimerHandle | None = None
+        self._pump_pending = False
         self._closed = False
         self._idle = asyncio.Event()  # set after every batch: lets close() wait for a drain
         labels = (name, version)
@@ -134,7 +135,11 @@ class MicroBatcher:
         ]
         for item in items:
             self._enqueue(item)
-        self._pump()
+        if not self._pump_pending:
+            # NOTE: dispatch at the end of this loop iteration, not now: requests that arrived
+            # together join one batch instead of each taking the next free instance.
+            self._pump_pending = True
+            self._loop.call_soon(self._pump)
         try:
             outcomes = [await item.future for item in items]
         except BaseException:
@@ -238,6 +243,7 @@ class MicroBatcher:
 
     def _pump(self) -> None:
         """Start batches on free instances while there is queued work (never blocks)."""
+        self._pump_pending = False
         while self._queue.requests:
             instance = next((i for i in self._instances if not i.busy), None)
             if instance is None:

@@ -12,6 +12,7 @@ loaded, of this model or another, keeps serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from gateway.runtime.session import ModelRuntime, OnnxRuntimeSession, SessionOpt
 from gateway.runtime.warmup import warm_up
 from gateway.settings import ModelConfig, RuntimeSettings, load_model_config
 from gateway.statistics import ModelStatistics
-from gateway.types import ModelIndexEntry, ModelState
+from gateway.types import ModelIndexEntry, ModelState, TensorSpec
 
 __all__ = ["LoadedVersion", "ModelRepository", "RuntimeFactory"]
 
@@ -36,7 +37,7 @@ CONFIG_FILE = "config.yaml"
 RuntimeFactory = Callable[[Path, SessionOptions], ModelRuntime]
 
 
-@dataclass(eq=False, slots=True, weakref_slot=True)
+@dataclass(eq=False)
 class LoadedVersion:
     """A servable model version: its runtime instances, config and counters."""
 
@@ -46,6 +47,14 @@ class LoadedVersion:
     runtimes: tuple[ModelRuntime, ...]
     file_stamp: tuple[int, int]
     stats: ModelStatistics = field(default_factory=ModelStatistics)
+
+    @functools.cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        return {spec.name: spec for spec in self.runtimes[0].inputs}
+
+    @functools.cached_property
+    def output_specs(self) -> dict[str, TensorSpec]:
+        return {spec.name: spec for spec in self.runtimes[0].outputs}
 
     @property
     def runtime(self) -> ModelRuntime:

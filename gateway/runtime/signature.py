@@ -33,12 +33,24 @@ def _as_onnx_strings(tensor: Tensor) -> NDArray[np.generic]:
     return out.reshape(tensor.data.shape)
 
 
+class _Label:
+    """Names the model version in an error message; formatted only when one is raised."""
+
+    __slots__ = ("loaded",)
+
+    def __init__(self, loaded: LoadedVersion) -> None:
+        self.loaded = loaded
+
+    def __str__(self) -> str:
+        return f"model '{self.loaded.name}' version {self.loaded.version}"
+
+
 def bind_inputs(
     loaded: LoadedVersion, inputs: Sequence[Tensor]
 ) -> tuple[dict[str, NDArray[np.generic]], int]:
     """Validate every input against the model signature; return the feeds and the row count."""
-    label = f"model '{loaded.name}' version {loaded.version}"
-    specs = {spec.name: spec for spec in loaded.runtime.inputs}
+    label = _Label(loaded)
+    specs = loaded.input_specs
     given = {t.name: t for t in inputs}
     if len(given) != len(inputs):
         dup = next(t.name for t in inputs if sum(u.name == t.name for u in inputs) > 1)
@@ -71,11 +83,16 @@ def bind_inputs(
     return feeds, 1 if rows is None else rows
 
 
-def _check_shape(tensor: Tensor, spec: TensorSpec, label: str) -> None:
+def _check_shape(tensor: Tensor, spec: TensorSpec, label: _Label) -> None:
     shape = tensor.shape
-    ok = len(shape) == len(spec.shape) and all(
-        want < 0 or want == got for want, got in zip(spec.shape, shape, strict=True)
-    )
+    if len(shape) != len(spec.shape):
+        ok = False
+    else:
+        ok = True
+        for want, got in zip(spec.shape, shape, strict=True):
+            if want >= 0 and want != got:
+                ok = False
+                break
     if not ok:
         raise InvalidRequest(
             f"input '{tensor.name}' has shape {_shape_text(shape)} but {label} expects "
@@ -85,9 +102,9 @@ def _check_shape(tensor: Tensor, spec: TensorSpec, label: str) -> None:
 
 def select_outputs(loaded: LoadedVersion, requested: Sequence[str]) -> list[TensorSpec]:
     """The outputs to return: those requested (in request order), or all of them."""
-    specs = {spec.name: spec for spec in loaded.runtime.outputs}
     if not requested:
-        return list(specs.values())
+        return list(loaded.runtime.outputs)
+    specs = loaded.output_specs
     for name in requested:
         if name not in specs:
             raise InvalidRequest(

@@ -35,6 +35,10 @@ _CONTENTS_FIELD: Final[dict[str, str]] = {
 }
 
 
+# Raw contents are little-endian whatever the host; built once, not per request.
+_LITTLE_ENDIAN: Final = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
+
+
 def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
     out: dict[str, ParameterValue] = {}
     for key, param in params.items():
@@ -59,39 +63,41 @@ def parameters_to_pb(
             slot.string_param = str(value)
 
 
-def _request_bytes(request: pb.ModelInferRequest) -> tuple[int, str]:
-    """The payload size of a request and the name of its largest input."""
+def _input_sizes(request: pb.ModelInferRequest) -> dict[str, int]:
     sizes = {t.name: t.contents.ByteSize() for t in request.inputs}
     for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=False):
-        sizes[tensor.name] = sizes.get(tensor.name, 0) + len(raw)
-    largest = max(sizes, key=sizes.__getitem__, default="")
-    return sum(sizes.values()), largest
+        sizes[tensor.name] += len(raw)
+    return sizes
 
 
 def request_from_pb(request: pb.ModelInferRequest, max_message_bytes: int) -> InferRequest:
     """Decode a ModelInferRequest; every failure is an InvalidRequest naming the input."""
-    size, largest = _request_bytes(request)
+    raw = request.raw_input_contents
+    # NOTE: raw payloads are sized for free; typed contents only when present.
+    size = sum(len(r) for r in raw) if raw else request.ByteSize()
     if size > max_message_bytes:
+        sizes = _input_sizes(request)
+        largest = max(sizes, key=sizes.__getitem__, default="")
         raise InvalidRequest(
             f"request carries {size} bytes of tensor data, over server.max_message_bytes "
             f"{max_message_bytes} (largest input: '{largest}')"
         )
-    raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidRequest(
             f"raw_input_contents has {len(raw)} entries but the request has "
             f"{len(request.inputs)} inputs; send raw contents for every input or for none"
         )
-    inputs = [
-        _tensor_from_pb(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)
-    ]
+    if raw:
+        inputs = [_tensor_from_pb(t, r) for t, r in zip(request.inputs, raw, strict=True)]
+    else:
+        inputs = [_tensor_from_pb(t, None) for t in request.inputs]
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
         inputs=inputs,
-        requested_outputs=[out.name for out in request.outputs],
-        parameters=parameters_from_pb(request.parameters),
+        requested_outputs=[out.name for out in request.outputs] if request.outputs else [],
+        parameters=parameters_from_pb(request.parameters) if request.parameters else {},
     )
 
 
@@ -113,7 +119,8 @@ def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | 
         data = _from_raw(name, tensor.datatype, dtype, raw, count)
     else:
         data = _from_contents(name, tensor, dtype, count)
-    return Tensor(name, tensor.datatype, data.reshape(shape), parameters_from_pb(tensor.parameters))
+    params = parameters_from_pb(tensor.parameters) if tensor.parameters else {}
+    return Tensor(name, tensor.datatype, data.reshape(shape), params)
 
 
 def _from_raw(
@@ -134,7 +141,7 @@ def _from_raw(
             f"{datatype} elements ({expected} bytes)"
         )
     # Zero-copy view; ONNX Runtime only reads its inputs.
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+    return np.frombuffer(raw, dtype=_LITTLE_ENDIAN[datatype])
 
 
 def _from_contents(
@@ -176,6 +183,6 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
                 _hotloops.encode_bytes(tensor.data.reshape(-1).tolist())
             )
         else:
-            array = np.ascontiguousarray(tensor.data, dtype=tensor.data.dtype.newbyteorder("<"))
+            array = np.ascontiguousarray(tensor.data, dtype=_LITTLE_ENDIAN[tensor.datatype])
             message.raw_output_contents.append(array.tobytes())
     return message

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -52,6 +53,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
         self._tracing = tracing
         self.is_ready = False
+        self._in_flight = {
+            name: metrics.in_flight.labels(name)
+            for name in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+        }
 
     # -- the one wrapper ---------------------------------------------------------------------
 
@@ -70,16 +75,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         code = "OK"
         version = ""
-        in_flight = self._metrics.in_flight.labels(rpc)
+        in_flight = self._in_flight[rpc]
         in_flight.inc()
-        with self._tracing.tracer.start_as_current_span(
-            f"{SERVICE}/{rpc}",
-            context=self._tracing.extract(context.invocation_metadata()),
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": rpc},
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        with self._span(rpc, context) as span:
             if model:
                 span.set_attribute("gateway.model", model)
             try:
@@ -95,13 +93,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
             except Exception as err:
                 code = "INTERNAL"
-                trace_id = format(span.get_span_context().trace_id, "032x")
+                span_context = span.get_span_context()
+                trace_id = (
+                    format(span_context.trace_id, "032x")
+                    if span_context.is_valid
+                    else uuid.uuid4().hex  # tracing off: still an id to find the log line
+                )
                 log.exception("%s failed (trace id %s)", rpc, trace_id)
                 span.set_status(Status(StatusCode.ERROR, "internal error"))
                 raise RuntimeFailure(f"internal error (trace id {trace_id})") from err
             finally:
                 in_flight.dec()
                 self._metrics.observe(rpc, model, version, code, time.perf_counter() - started)
+
+    def _span(
+        self, rpc: str, context: grpc.aio.ServicerContext
+    ) -> contextlib.AbstractContextManager[trace.Span]:
+        if not self._tracing.enabled:
+            return contextlib.nullcontext(trace.INVALID_SPAN)  # no context work per request
+        return self._tracing.tracer.start_as_current_span(
+            f"{SERVICE}/{rpc}",
+            context=self._tracing.extract(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": rpc},
+            record_exception=False,
+            set_status_on_exception=False,
+        )
 
     async def _rpc(
         self,

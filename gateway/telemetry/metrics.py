@@ -13,6 +13,9 @@ _LATENCY_BUCKETS_S = (
 )  # fmt: skip
 
 
+_MAX_CACHED_CHILDREN = 10_000
+
+
 class GatewayMetrics:
     """The gateway's metrics in a registry of their own (tests build as many as they like)."""
 
@@ -82,10 +85,21 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self._server: object | None = None
+        self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
 
     def observe(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
-        self.requests.labels(rpc, model, version, code).inc()
-        self.latency.labels(rpc, model, version).observe(seconds)
+        key = (rpc, model, version, code)
+        children = self._children.get(key)
+        if children is None:
+            # NOTE: labels() costs a lock and a tuple per call; keep the children instead.
+            if len(self._children) > _MAX_CACHED_CHILDREN:
+                self._children.clear()
+            children = self._children[key] = (
+                self.requests.labels(rpc, model, version, code),
+                self.latency.labels(rpc, model, version),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint in a daemon thread; returns the bound port."""

@@ -27,7 +27,8 @@ class Tracing:
 
     def __init__(self, settings: TelemetrySettings) -> None:
         self._provider: TracerProvider | None = None
-        if settings.tracing == "off":
+        self.enabled = settings.tracing != "off"
+        if not self.enabled:
             self.tracer: trace.Tracer = trace.NoOpTracer()
             return
         provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))

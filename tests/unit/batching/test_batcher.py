@@ -145,11 +145,20 @@ async def test_batching_off_runs_one_request_per_model_run():
     assert h.log == [1, 2, 2, 2]
 
 
+async def test_requests_arriving_together_share_one_batch():
+    h = Harness(instances=2, open_gate=True)
+    tasks = [h.submit(n, start=10 * n) for n in (1, 2, 3)]
+    outcomes = await asyncio.gather(*(t for t, _ in tasks))
+    assert h.log == [6]  # queued in the same loop iteration: one model run
+    for outcome, (_, x) in zip(outcomes, tasks, strict=True):
+        np.testing.assert_array_equal(outcome.outputs[0], x * 2)
+
+
 async def test_two_instances_run_concurrently():
     h = Harness(instances=2)
     a, _ = h.submit(1)
-    b, _ = h.submit(2)
     await h.wait_started()
+    b, _ = h.submit(2)
     await asyncio.to_thread(h.runtimes[1].started.acquire, True, 10)
     assert sorted(h.log) == [1, 2]  # both running before either finished
     h.gate.set()

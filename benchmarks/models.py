@@ -1,0 +1,75 @@
+"""Models for the serving benchmark: the demo scorer and a heavier MLP where batching must pay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from gateway.demo import build_demo_repository
+
+HEAVY_WIDTH = 19
+HEAVY_HIDDEN = 1536
+
+
+def write_heavy_mlp(model_dir: Path, layers: int = 3, seed: int = 0) -> None:
+    """19 -> 1536 x ``layers`` -> 1, ReLU: about 1 ms at batch 1 on one thread (weight-bound)."""
+    rng = np.random.default_rng(seed)
+    dims = [HEAVY_WIDTH, *[HEAVY_HIDDEN] * layers, 1]
+    nodes, inits, current = [], [], "features"
+    for i, (fan_in, fan_out) in enumerate(zip(dims, dims[1:], strict=False)):
+        w = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        b = np.zeros(fan_out, np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"z{i}"]))
+        current = f"z{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [current], [f"h{i}"]))
+            current = f"h{i}"
+    nodes.append(helper.make_node("Sigmoid", [current], ["probability"]))
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", HEAVY_WIDTH])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "1" / "model.onnx").write_bytes(model.SerializeToString())
+
+
+def build_bench_repositories(root: Path) -> dict[str, Path]:
+    """Two repositories with the same model files: dynamic batching on, and off."""
+    source = root / "source"
+    if not (source / "fraud" / "config.yaml").exists():
+        build_demo_repository(source)
+        write_heavy_mlp(source / "heavy")
+    repos = {}
+    for variant in ("on", "off"):
+        repo = root / f"batching-{variant}"
+        for model in ("fraud", "heavy"):
+            target = repo / model / "1"
+            target.mkdir(parents=True, exist_ok=True)
+            version_dir = "2" if model == "fraud" else "1"
+            onnx_file = source / model / version_dir / "model.onnx"
+            if not (target / "model.onnx").exists():
+                (target / "model.onnx").write_bytes(onnx_file.read_bytes())
+            config: dict[str, object] = {"max_batch_size": 1024, "instances": 2}
+            if variant == "on":
+                config["dynamic_batching"] = {"max_queue_delay_us": 0}
+            (repo / model / "config.yaml").write_text(yaml.safe_dump(config))
+        repos[variant] = repo
+    return repos
+
+
+def onnx_path(repo: Path, model: str) -> Path:
+    return repo / model / "1" / "model.onnx"
+
+
+def check(path: Path) -> None:
+    onnx.checker.check_model(onnx.load(str(path)))
