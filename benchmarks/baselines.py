@@ -35,15 +35,21 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, mode: str, model: Path, name: str) -> None:
         graph = onnx.load(str(model)).graph
         self.name = name
-        self.inputs = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim][1:]) for i in graph.input]
-        self.outputs = [(o.name, [d.dim_value for d in o.type.tensor_type.shape.dim][1:]) for o in graph.output]
+        self.inputs = [
+            (i.name, [d.dim_value for d in i.type.tensor_type.shape.dim][1:]) for i in graph.input
+        ]
+        self.outputs = [
+            (o.name, [d.dim_value for d in o.type.tensor_type.shape.dim][1:]) for o in graph.output
+        ]
         self.session = None
         if mode == "naive":
             import onnxruntime as ort
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
-            self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(model), options, providers=["CPUExecutionProvider"]
+            )
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -73,7 +79,9 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
             platform="onnxruntime_onnx",
             max_batch_size=MAX_BATCH,
             input=[mc.ModelInput(name=n, data_type=mc.TYPE_FP32, dims=d) for n, d in self.inputs],
-            output=[mc.ModelOutput(name=n, data_type=mc.TYPE_FP32, dims=d) for n, d in self.outputs],
+            output=[
+                mc.ModelOutput(name=n, data_type=mc.TYPE_FP32, dims=d) for n, d in self.outputs
+            ],
         )
         return pb.ModelConfigResponse(config=config)
 

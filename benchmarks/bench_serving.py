@@ -138,7 +138,9 @@ def server_command(kind: str, model: str, repos: dict[str, Path]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--servers", default="gateway-batching,gateway-nobatch,naive,echo")
     parser.add_argument("--models", default="fraud,heavy")
     parser.add_argument("--modes", default="unary,streaming")
@@ -198,15 +200,20 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+    )
     table = markdown(rows)
-    args.out.with_suffix(".md").write_text(f"# Serving benchmark\n\n`{json.dumps(meta)}`\n\n{table}")
+    args.out.with_suffix(".md").write_text(
+        f"# Serving benchmark\n\n`{json.dumps(meta)}`\n\n{table}"
+    )
     print(table)
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| server | model | mode | -b | conc | infer/s | p50 ms | p95 ms | p99 ms | rows/run | cpu |",
+        "| server | model | mode | -b | conc | infer/s | p50 ms | p95 ms | p99 ms "
+        "| rows/run | cpu |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ def write_heavy_mlp(model_dir: Path, layers: int = 3, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     dims = [HEAVY_WIDTH, *[HEAVY_HIDDEN] * layers, 1]
     nodes, inits, current = [], [], "features"
-    for i, (fan_in, fan_out) in enumerate(zip(dims, dims[1:], strict=False)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(dims)):
         w = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         b = np.zeros(fan_out, np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]

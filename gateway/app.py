@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +25,7 @@ from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Settings
 from gateway.telemetry import GatewayMetrics, Tracing
+from gateway.workers import READY_FILE_ENV
 
 __all__ = ["Gateway"]
 
@@ -89,7 +92,9 @@ class Gateway:
                 # INVALID_ARGUMENT naming the input (convert.request_from_pb).
                 ("grpc.max_receive_message_length", 2 * limit),
                 ("grpc.max_send_message_length", 2 * limit),
-                ("grpc.so_reuseport", 0),
+                # Off unless multi-process mode asks: two gateways must not share a port
+                # by accident.
+                ("grpc.so_reuseport", 1 if settings.server.reuse_port else 0),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
@@ -111,8 +116,13 @@ class Gateway:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.servicer.is_ready = True
+        ready_file = os.environ.get(READY_FILE_ENV)
+        if ready_file:
+            state = {"pid": os.getpid(), "port": self.port, "metrics": self.metrics_port}
+            await asyncio.to_thread(Path(ready_file).write_text, json.dumps(state))
         log.info(
-            "gateway ready grpc=%s:%d metrics=%s models=%d",
+            "%s ready grpc=%s:%d metrics=%s models=%d",
+            "worker" if os.environ.get(READY_FILE_ENV) else "gateway",
             settings.server.host,
             self.port,
             f"{settings.telemetry.metrics_host}:{self.metrics_port}"

@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device")
     serve.add_argument("--tracing", choices=["off", "console", "otlp"], help="telemetry.tracing")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
 
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
     demo.add_argument("directory", type=Path)
@@ -39,6 +40,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("repository", "path"): args.repository,
         ("server", "host"): args.host,
         ("server", "port"): args.port,
+        ("server", "workers"): args.workers,
         ("telemetry", "metrics_port"): args.metrics_port,
         ("runtime", "device"): args.device,
         ("telemetry", "tracing"): args.tracing,
@@ -51,12 +53,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return tree
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     from gateway.settings import load_settings
     from gateway.telemetry import configure_logging
 
     settings = load_settings(args.config, overrides=_overrides(args))
     configure_logging(settings.telemetry.log_level)
+    if settings.server.workers > 1:
+        from gateway.workers import supervise
+
+        # Workers get the same command line; the supervisor pins their port and role.
+        return supervise(settings, _without_flag(argv, "--workers"))
 
     import uvloop
 
@@ -65,6 +72,23 @@ def _serve(args: argparse.Namespace) -> int:
     gateway = Gateway(settings)
     uvloop.run(gateway.serve_until_signal())
     return 0
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    """argv less ``flag VALUE`` / ``flag=VALUE`` and less ``--port`` (the supervisor sets it)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in (flag, "--port"):
+            skip = True
+            continue
+        if arg.startswith((f"{flag}=", "--port=")):
+            continue
+        out.append(arg)
+    return out
 
 
 def _demo_repo(args: argparse.Namespace) -> int:
@@ -76,10 +100,11 @@ def _demo_repo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, argv)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)

@@ -52,6 +52,12 @@ class ServerSettings(_Section):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
     )
+    workers: int = Field(
+        1, ge=1, description="Gateway processes sharing the port (SO_REUSEPORT); see README."
+    )
+    reuse_port: bool = Field(
+        False, description="Bind with SO_REUSEPORT (set for the workers of multi-process mode)."
+    )
     stream_max_in_flight: int = Field(
         1024, gt=0, description="Requests one ModelStreamInfer stream may have running at once."
     )

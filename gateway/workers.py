@@ -1,0 +1,129 @@
+"""Multi-process mode: N gateway processes share one port through SO_REUSEPORT.
+
+The kernel spreads incoming connections over the workers; each worker is a whole gateway with
+its own scheduler, model sessions and metrics port (``metrics_port + i``, or any free port).
+Trade-off: N processes use N times the model memory and batch independently (a batch only
+merges requests that reached the same worker), and gRPC keeps a connection on one worker, so
+a client with a single channel talks to a single worker. Worth it when one process's event
+loop is the bottleneck and the host has cores to spare; on two cores, one process is better.
+
+The supervisor (this module) runs no event loop: it starts the workers, waits until each has
+written its ready file, forwards SIGTERM/SIGINT to them, and if one dies, stops the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.errors import SettingsError
+from gateway.settings import Settings
+
+__all__ = ["READY_FILE_ENV", "supervise"]
+
+log = logging.getLogger(__name__)
+
+READY_FILE_ENV = "GATEWAY_READY_FILE"
+_START_TIMEOUT_S = 120.0
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) so the port stays ours and port 0 becomes a real number."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SettingsError(f"server.port: cannot bind {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+def supervise(settings: Settings, argv: Sequence[str]) -> int:
+    """Run ``settings.server.workers`` worker processes of ``gateway serve`` until signalled."""
+    workers = settings.server.workers
+    host = settings.server.host
+    reserved = _reserve_port(host, settings.server.port)
+    port = reserved.getsockname()[1]
+    metrics_port = settings.telemetry.metrics_port
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    with tempfile.TemporaryDirectory(prefix="gateway-workers-") as tmp:
+        processes: list[subprocess.Popen[bytes]] = []
+        ready_files = []
+        for index in range(workers):
+            ready = Path(tmp) / f"worker-{index}.json"
+            ready_files.append(ready)
+            env = {
+                **os.environ,
+                READY_FILE_ENV: str(ready),
+                "GATEWAY_SERVER__WORKERS": "1",
+                "GATEWAY_SERVER__REUSE_PORT": "true",
+                "GATEWAY_SERVER__PORT": str(port),
+            }
+            if metrics_port:
+                env["GATEWAY_TELEMETRY__METRICS_PORT"] = str(metrics_port + index)
+            command = [sys.executable, "-m", "gateway", *argv, "--port", str(port)]
+            processes.append(subprocess.Popen(command, env=env))
+
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not all(f.exists() for f in ready_files):
+            dead = [p for p in processes if p.poll() is not None]
+            if dead or stop_requested or time.monotonic() > deadline:
+                _stop_all(processes)
+                reserved.close()
+                return 0 if stop_requested and not dead else 2
+            time.sleep(0.05)
+        metrics_host = settings.telemetry.metrics_host
+        metrics = [
+            f"{metrics_host}:{port}" if port else "off"
+            for port in (json.loads(f.read_text()).get("metrics") for f in ready_files)
+        ]
+        log.info(
+            "gateway ready grpc=%s:%d metrics=%s workers=%d pids=%s",
+            host,
+            port,
+            ",".join(metrics),
+            workers,
+            ",".join(str(p.pid) for p in processes),
+        )
+        while not stop_requested:
+            if any(p.poll() is not None for p in processes):
+                log.error("a worker exited unexpectedly; stopping the others")
+                _stop_all(processes)
+                reserved.close()
+                return 1
+            time.sleep(0.2)
+        codes = _stop_all(processes)
+    reserved.close()
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def _stop_all(processes: list[subprocess.Popen[bytes]]) -> list[int]:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(60))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes.append(process.wait())
+    return codes

@@ -1,0 +1,49 @@
+"""Multi-process mode: several gateway processes on one port, each with its own scheduler."""
+
+from __future__ import annotations
+
+import re
+import signal
+import urllib.request
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from tests.conftest import demo_features
+
+pytestmark = pytest.mark.integration
+
+
+def _served(metrics_url: str) -> float:
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gateway_requests_total{") and 'rpc="ModelInfer"' in line
+    )
+
+
+def test_two_workers_share_one_port_and_stop_together(demo_repo, start_gateway):
+    proc = start_gateway(demo_repo, "--workers", "2")
+    line = re.search(r"gateway ready .* metrics=(\S+) workers=2 pids=(\S+)", proc.stderr())
+    assert line, proc.stderr()
+    metrics = line.group(1).split(",")
+    pids = [int(p) for p in line.group(2).split(",")]
+    assert len(metrics) == 2 and len(set(pids)) == 2
+
+    request = service_pb2.ModelInferRequest(model_name="fraud")
+    request.inputs.add(name="features", datatype="FP32", shape=[2, 19])
+    request.raw_input_contents.append(demo_features(2).tobytes())
+    for _ in range(40):  # a new connection each time: the kernel spreads them
+        with grpc.insecure_channel(proc.url) as channel:
+            reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+            assert reply.model_name == "fraud"
+    served = [_served(m) for m in metrics]
+    assert sum(served) == 40
+    assert all(n > 0 for n in served), served
+
+    assert proc.stop(signal.SIGTERM) == 0
+    log = proc.stderr()
+    assert log.count("gateway stopped") == 2
