@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -64,10 +65,26 @@ class _Item:
     queued: bool = True
 
 
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One batch on its way through an instance thread and back."""
+
+    batch: list[_Item]
+    sizes: list[int]
+    started_ns: int
+    begin_ns: int = 0
+    end_ns: int = 0
+    outputs: list[NDArray[np.generic]] | None = None
+    error: Exception | None = None
+
+
 @dataclass(slots=True)
 class _Instance:
+    """A runtime and the one thread that runs it, fed through a queue (at most one job)."""
+
     runtime: ModelRuntime
-    executor: ThreadPoolExecutor
+    jobs: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)
+    thread: threading.Thread | None = None
     busy: bool = False
 
 
@@ -95,10 +112,7 @@ class MicroBatcher:
         self.name = name
         self.version = version
         self._loop = asyncio.get_running_loop()
-        self._instances = [
-            _Instance(rt, ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{version}-{i}"))
-            for i, rt in enumerate(runtimes)
-        ]
+        self._instances = [_Instance(rt) for rt in runtimes]
         self._output_names = [spec.name for spec in runtimes[0].outputs]
         self._max_rows = max_batch_size if max_batch_size > 0 else 0
         self._batching = batching
@@ -119,6 +133,11 @@ class MicroBatcher:
             reason: metrics.rejections.labels(*labels, reason)
             for reason in ("queue_full", "expected_wait", "deadline")
         }
+        for i, instance in enumerate(self._instances):
+            instance.thread = threading.Thread(
+                target=self._work, args=(instance,), name=f"{name}-{version}-{i}", daemon=True
+            )
+            instance.thread.start()
 
     # -- public ------------------------------------------------------------------------------
 
@@ -166,7 +185,7 @@ class MicroBatcher:
             self._idle.clear()
             await self._idle.wait()
         for instance in self._instances:
-            instance.executor.shutdown(wait=False)
+            instance.jobs.put(None)
 
     # -- admission and queue -----------------------------------------------------------------
 
@@ -302,58 +321,49 @@ class MicroBatcher:
 
     def _start(self, instance: _Instance, batch: list[_Item]) -> None:
         instance.busy = True
-        started_ns = time.perf_counter_ns()
-        sizes = [item.rows for item in batch]
-        total = sum(sizes)
-        runtime, names = instance.runtime, self._output_names
+        instance.jobs.put(_Job(batch, [item.rows for item in batch], time.perf_counter_ns()))
 
-        def run() -> tuple[list[NDArray[np.generic]], int, int]:
-            feeds = merge([item.feeds for item in batch], total)
-            begin = time.perf_counter_ns()
-            outputs = runtime.run(feeds, names)
-            return outputs, begin, time.perf_counter_ns()
+    def _work(self, instance: _Instance) -> None:
+        """The instance's thread: merge, run, hand the result back to the loop; None stops."""
+        runtime, names, loop = instance.runtime, self._output_names, self._loop
+        while (job := instance.jobs.get()) is not None:
+            try:
+                feeds = merge([item.feeds for item in job.batch], sum(job.sizes))
+                job.begin_ns = time.perf_counter_ns()
+                job.outputs = runtime.run(feeds, names)
+                job.end_ns = time.perf_counter_ns()
+            except Exception as err:
+                job.error = err
+            try:
+                loop.call_soon_threadsafe(self._finish, instance, job)
+            except RuntimeError:  # the loop closed under us (process exit): nobody waits
+                return
 
-        future = self._loop.run_in_executor(instance.executor, run)
-
-        def done(f: asyncio.Future[tuple[list[NDArray[np.generic]], int, int]]) -> None:
-            self._finish(instance, batch, sizes, total, started_ns, f)
-
-        future.add_done_callback(done)
-
-    def _finish(
-        self,
-        instance: _Instance,
-        batch: list[_Item],
-        sizes: list[int],
-        total: int,
-        started_ns: int,
-        future: asyncio.Future[tuple[list[NDArray[np.generic]], int, int]],
-    ) -> None:
+    def _finish(self, instance: _Instance, job: _Job) -> None:
         instance.busy = False
         finished_ns = time.perf_counter_ns()
-        error = future.exception()
-        if error is not None:
+        batch, total = job.batch, sum(job.sizes)
+        if job.error is not None or job.outputs is None:
             failure = RuntimeFailure(
                 f"model '{self.name}' version {self.version} failed on a batch of {total} rows: "
-                f"{error}"
+                f"{job.error}"
             )
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(failure)
         else:
-            outputs, begin_ns, end_ns = future.result()
-            compute_ns = end_ns - begin_ns
-            wall_s = (finished_ns - started_ns) / 1e9
+            compute_ns = job.end_ns - job.begin_ns
+            wall_s = (finished_ns - job.started_ns) / 1e9
             self._batch_s = (
                 wall_s
                 if not self._batch_s
                 else (_EWMA_ALPHA * wall_s + (1 - _EWMA_ALPHA) * self._batch_s)
             )
-            self._stats.record_execution(total, begin_ns - started_ns, compute_ns, 0)
+            self._stats.record_execution(total, job.begin_ns - job.started_ns, compute_ns, 0)
             self._m_compute.observe(compute_ns / 1e9)
             self._m_batch.observe(total)
-            for item, piece in zip(batch, split(outputs, sizes), strict=True):
-                queue_ns = started_ns - item.enqueued_ns
+            for item, piece in zip(batch, split(job.outputs, job.sizes), strict=True):
+                queue_ns = job.started_ns - item.enqueued_ns
                 self._m_queue.observe(queue_ns / 1e9)
                 if not item.future.done():
                     item.future.set_result(Outcome(piece, queue_ns, compute_ns, total))
