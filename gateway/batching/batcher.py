@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.batching.batch import Feeds, chunk, join, merge, split
-from gateway.errors import DeadlineExceeded, Overloaded, RuntimeFailure
+from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
 from gateway.runtime.session import ModelRuntime
 from gateway.settings import DynamicBatching, QueuePolicy
 from gateway.statistics import ModelStatistics
@@ -128,7 +128,8 @@ class MicroBatcher:
         self._m_queue = metrics.queue_seconds.labels(*labels)
         self._m_compute = metrics.compute_seconds.labels(*labels)
         self._m_batch = metrics.batch_rows.labels(*labels)
-        self._m_depth = metrics.queue_depth.labels(*labels)
+        # Read at scrape time: no metric lock taken twice per request.
+        metrics.queue_depth.labels(*labels).set_function(lambda: self._queue.requests)
         self._m_rejected = {
             reason: metrics.rejections.labels(*labels, reason)
             for reason in ("queue_full", "expected_wait", "deadline")
@@ -181,6 +182,7 @@ class MicroBatcher:
     async def close(self) -> None:
         """Finish what is queued and running, then release the instance threads."""
         self._closed = True
+        self._pump()  # nothing waits for a preferred size any more
         while self._queue.requests or any(i.busy for i in self._instances):
             self._idle.clear()
             await self._idle.wait()
@@ -191,6 +193,12 @@ class MicroBatcher:
 
     def _admit(self, rows: int, pieces: int, deadline: float | None) -> None:
         q, policy = self._queue, self._policy
+        if rows > policy.max_rows or pieces > policy.max_requests:
+            raise InvalidRequest(
+                f"a request of {rows} rows can never fit the queue of model '{self.name}' "
+                f"version {self.version} (queue.max_rows {policy.max_rows}, "
+                f"queue.max_requests {policy.max_requests} batches of {self._max_rows} rows)"
+            )
         if q.requests + pieces > policy.max_requests or q.rows + rows > policy.max_rows:
             self._m_rejected["queue_full"].inc()
             raise Overloaded(
@@ -225,7 +233,6 @@ class MicroBatcher:
         if item.deadline is not None:
             item.timer = self._loop.call_at(item.deadline, self._expire, item)
         item.future.add_done_callback(functools.partial(self._on_answered, item))
-        self._m_depth.set(self._queue.requests)
 
     def _on_answered(self, item: _Item, _future: asyncio.Future[Outcome]) -> None:
         self._dequeue(item)  # a no-op unless the caller left while it was queued
@@ -243,7 +250,6 @@ class MicroBatcher:
         if item.timer is not None:
             item.timer.cancel()
             item.timer = None
-        self._m_depth.set(self._queue.requests)
 
     def _expire(self, item: _Item) -> None:
         if not item.queued:

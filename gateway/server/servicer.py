@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -53,10 +54,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
         self._tracing = tracing
         self.is_ready = False
-        self._in_flight = {
-            name: metrics.in_flight.labels(name)
-            for name in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
-        }
+        # Plain counters read at scrape time: no metric lock taken twice per request.
+        self._in_flight = dict.fromkeys(
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name, 0
+        )
+        for name in self._in_flight:
+            metrics.in_flight.labels(name).set_function(
+                functools.partial(self._in_flight.__getitem__, name)
+            )
 
     # -- the one wrapper ---------------------------------------------------------------------
 
@@ -75,8 +80,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         code = "OK"
         version = ""
-        in_flight = self._in_flight[rpc]
-        in_flight.inc()
+        self._in_flight[rpc] += 1
         with self._span(rpc, context) as span:
             if model:
                 span.set_attribute("gateway.model", model)
@@ -103,7 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 span.set_status(Status(StatusCode.ERROR, "internal error"))
                 raise RuntimeFailure(f"internal error (trace id {trace_id})") from err
             finally:
-                in_flight.dec()
+                self._in_flight[rpc] -= 1
                 self._metrics.observe(rpc, model, version, code, time.perf_counter() - started)
 
     def _span(

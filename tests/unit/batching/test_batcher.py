@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gateway.batching import MicroBatcher
-from gateway.errors import DeadlineExceeded, Overloaded
+from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from gateway.settings import DynamicBatching, QueuePolicy
 from gateway.statistics import ModelStatistics
 from gateway.telemetry import GatewayMetrics
@@ -217,6 +217,13 @@ async def test_rows_bound_the_queue_too():
         await h.submit(2)[0]
     h.gate.set()
     await asyncio.gather(first, ok)
+
+
+async def test_a_request_larger_than_the_whole_queue_is_invalid():
+    h = Harness(queue=QueuePolicy(max_requests=100, max_rows=5), open_gate=True)
+    with pytest.raises(InvalidRequest, match="can never fit"):
+        await h.submit(6)[0]
+    assert h.metric("gateway_rejections_total", reason="queue_full") == 0
 
 
 async def test_expected_wait_over_the_deadline_is_refused_at_once():
