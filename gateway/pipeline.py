@@ -29,11 +29,12 @@ class Pipeline:
         try:
             feeds, rows = bind_inputs(loaded, request.inputs)
             output_specs = select_outputs(loaded, request.requested_outputs)
-            priority = _priority(request.parameters, loaded.config.queue)
-            deadline = _deadline(request)
+            parameters = request.parameters
+            priority = _priority(parameters, loaded.config.queue) if parameters else None
+            deadline = _deadline(request) if parameters or request.timeout_s is not None else None
             batcher = self._batcher(loaded)
             outcome = await batcher.infer(feeds, rows, priority, deadline)
-            position = {name: i for i, name in enumerate(batcher.output_names)}
+            position = batcher.output_position
             outputs = [
                 to_output_tensor(spec, outcome.outputs[position[spec.name]])
                 for spec in output_specs

@@ -179,6 +179,11 @@ class MicroBatcher:
     def output_names(self) -> list[str]:
         return self._output_names
 
+    @functools.cached_property
+    def output_position(self) -> dict[str, int]:
+        """Where each output is in an Outcome's ``outputs``."""
+        return {name: i for i, name in enumerate(self._output_names)}
+
     async def close(self) -> None:
         """Finish what is queued and running, then release the instance threads."""
         self._closed = True

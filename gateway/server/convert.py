@@ -53,7 +53,9 @@ def parameters_to_pb(
 ) -> None:
     for key, value in params.items():
         slot = target[key]
-        if isinstance(value, bool):
+        if type(value) is int:  # the common case first (timings, counts)
+            slot.int64_param = value
+        elif isinstance(value, bool):
             slot.bool_param = value
         elif isinstance(value, int):
             slot.int64_param = value
