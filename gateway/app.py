@@ -87,6 +87,7 @@ class Gateway:
 
         limit = settings.server.max_message_bytes
         server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
             options=[
                 # The transport refuses only gross excess; up to the limit we answer
                 # INVALID_ARGUMENT naming the input (convert.request_from_pb).
@@ -95,7 +96,7 @@ class Gateway:
                 # Off unless multi-process mode asks: two gateways must not share a port
                 # by accident.
                 ("grpc.so_reuseport", 1 if settings.server.reuse_port else 0),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

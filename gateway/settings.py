@@ -58,6 +58,12 @@ class ServerSettings(_Section):
     reuse_port: bool = Field(
         False, description="Bind with SO_REUSEPORT (set for the workers of multi-process mode)."
     )
+    max_concurrent_rpcs: int = Field(
+        4096,
+        gt=0,
+        description="RPCs the server holds at once (a stream counts once); beyond it gRPC "
+        "answers RESOURCE_EXHAUSTED before any request is read.",
+    )
     stream_max_in_flight: int = Field(
         1024, gt=0, description="Requests one ModelStreamInfer stream may have running at once."
     )

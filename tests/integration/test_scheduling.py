@@ -105,6 +105,23 @@ def test_overload_is_refused_fast_and_the_server_recovers(slow_gateway: GatewayP
     assert slow_gateway.metric("gateway_queue_depth") == 0
 
 
+def test_rpcs_over_the_server_cap_are_refused_by_the_transport(tmp_path: Path, start_gateway):
+    write_slow_model(tmp_path / "repo" / "slow")
+    proc = start_gateway(tmp_path / "repo", env={"GATEWAY_SERVER__MAX_CONCURRENT_RPCS": "2"})
+    with grpc.insecure_channel(proc.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(slow_request()) for _ in range(6)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
+    assert codes.count(grpc.StatusCode.OK) >= 2
+
+
 def test_an_oversize_request_is_split_and_answered_whole(client, demo_repo):
     params = dict(np.load(demo_repo / "fraud" / "2" / "params.npz"))
     x = demo_features(2500)  # max_batch_size is 1024: three batches
