@@ -68,6 +68,8 @@ class Pipeline:
                 loaded.config.queue,
                 loaded.stats,
                 self._metrics,
+                loaded.config.execution,
+                loaded.config.inline_below_us,
             )
         return batcher
 

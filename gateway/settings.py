@@ -34,6 +34,7 @@ __all__ = [
 ENV_PREFIX = "GATEWAY_"
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 Device = Literal["auto", "cpu", "cuda"]
+Execution = Literal["auto", "thread", "inline"]
 
 
 class _Section(BaseModel):
@@ -176,6 +177,16 @@ class ModelConfig(_Section):
     )
     version_policy: VersionPolicy = VersionPolicy(latest=1)
     instances: int = Field(1, gt=0, description="Runtime instances (sessions) per version.")
+    execution: Execution = Field(
+        "auto",
+        description="Where batches run: 'thread' (each instance's own thread, off the event "
+        "loop), 'inline' (on the event loop), or 'auto': inline only for batches predicted, "
+        "from measured runs, to take less than inline_below_us, where handing the batch to a "
+        "thread would cost more than running it.",
+    )
+    inline_below_us: int = Field(
+        100, ge=0, description="The 'auto' threshold; 0 keeps every run on the threads."
+    )
     dynamic_batching: DynamicBatching | None = Field(
         None, description="Merge requests into batches; absent = one run per request."
     )

@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 from gateway.batching.batch import Feeds, chunk, join, merge, split
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
 from gateway.runtime.session import ModelRuntime
-from gateway.settings import DynamicBatching, QueuePolicy
+from gateway.settings import DynamicBatching, Execution, QueuePolicy
 from gateway.statistics import ModelStatistics
 from gateway.telemetry.metrics import GatewayMetrics
 
@@ -108,6 +108,8 @@ class MicroBatcher:
         queue: QueuePolicy,
         stats: ModelStatistics,
         metrics: GatewayMetrics,
+        execution: Execution = "thread",
+        inline_below_us: int = 0,
     ) -> None:
         self.name = name
         self.version = version
@@ -120,6 +122,9 @@ class MicroBatcher:
         self._queue = _Queue([deque() for _ in range(queue.priority_levels)])
         self._stats = stats
         self._batch_s = 0.0  # moving average of one batch's wall time
+        self._row_ns = 0.0  # moving average of compute time per row
+        self._execution = execution
+        self._inline_budget_ns = inline_below_us * 1000
         self._delay_timer: asyncio.TimerHandle | None = None
         self._pump_pending = False
         self._closed = False
@@ -272,7 +277,11 @@ class MicroBatcher:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Start batches on free instances while there is queued work (never blocks)."""
+        """Start batches on free instances while there is queued work.
+
+        Never blocks, except to run a batch inline when ``execution`` allows it for batches
+        predicted to take less than ``inline_below_us``.
+        """
         self._pump_pending = False
         while self._queue.requests:
             instance = next((i for i in self._instances if not i.busy), None)
@@ -283,7 +292,26 @@ class MicroBatcher:
             batch = self._take_batch()
             if not batch:
                 return
-            self._start(instance, batch)
+            job = _Job(batch, [item.rows for item in batch], time.perf_counter_ns())
+            if self._runs_inline(sum(job.sizes)):
+                self._run(instance.runtime, job)
+                self._finish(instance, job, pump=False)
+            else:
+                instance.busy = True
+                instance.jobs.put(job)
+
+    def _runs_inline(self, rows: int) -> bool:
+        """Inline only where a thread hop would cost more than the run itself."""
+        if self._execution == "thread":
+            return False
+        if self._execution == "inline":
+            return True
+        # auto: measured on the threads first; a slow run moves the average back up.
+        return (
+            self._inline_budget_ns > 0
+            and self._row_ns > 0
+            and self._row_ns * rows < self._inline_budget_ns
+        )
 
     def _should_wait(self) -> bool:
         """Wait (up to max_queue_delay_us from the oldest request) for a preferred size."""
@@ -330,27 +358,27 @@ class MicroBatcher:
                 rows += item.rows
         return batch
 
-    def _start(self, instance: _Instance, batch: list[_Item]) -> None:
-        instance.busy = True
-        instance.jobs.put(_Job(batch, [item.rows for item in batch], time.perf_counter_ns()))
+    def _run(self, runtime: ModelRuntime, job: _Job) -> None:
+        """Merge and run one batch (on an instance thread, or inline); never raises."""
+        try:
+            feeds = merge([item.feeds for item in job.batch], sum(job.sizes))
+            job.begin_ns = time.perf_counter_ns()
+            job.outputs = runtime.run(feeds, self._output_names)
+            job.end_ns = time.perf_counter_ns()
+        except Exception as err:  # reported to every request of the batch
+            job.error = err
 
     def _work(self, instance: _Instance) -> None:
-        """The instance's thread: merge, run, hand the result back to the loop; None stops."""
-        runtime, names, loop = instance.runtime, self._output_names, self._loop
+        """The instance's thread: run each job, hand it back to the loop; None stops."""
+        loop = self._loop
         while (job := instance.jobs.get()) is not None:
-            try:
-                feeds = merge([item.feeds for item in job.batch], sum(job.sizes))
-                job.begin_ns = time.perf_counter_ns()
-                job.outputs = runtime.run(feeds, names)
-                job.end_ns = time.perf_counter_ns()
-            except Exception as err:
-                job.error = err
+            self._run(instance.runtime, job)
             try:
                 loop.call_soon_threadsafe(self._finish, instance, job)
             except RuntimeError:  # the loop closed under us (process exit): nobody waits
                 return
 
-    def _finish(self, instance: _Instance, job: _Job) -> None:
+    def _finish(self, instance: _Instance, job: _Job, pump: bool = True) -> None:
         instance.busy = False
         finished_ns = time.perf_counter_ns()
         batch, total = job.batch, sum(job.sizes)
@@ -370,6 +398,12 @@ class MicroBatcher:
                 if not self._batch_s
                 else (_EWMA_ALPHA * wall_s + (1 - _EWMA_ALPHA) * self._batch_s)
             )
+            row_ns = compute_ns / max(total, 1)
+            self._row_ns = (
+                row_ns
+                if not self._row_ns
+                else _EWMA_ALPHA * row_ns + (1 - _EWMA_ALPHA) * self._row_ns
+            )
             self._stats.record_execution(total, job.begin_ns - job.started_ns, compute_ns, 0)
             self._m_compute.observe(compute_ns / 1e9)
             self._m_batch.observe(total)
@@ -378,5 +412,6 @@ class MicroBatcher:
                 self._m_queue.observe(queue_ns / 1e9)
                 if not item.future.done():
                     item.future.set_result(Outcome(piece, queue_ns, compute_ns, total))
-        self._pump()
+        if pump:
+            self._pump()
         self._idle.set()

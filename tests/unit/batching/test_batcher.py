@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -298,3 +299,61 @@ async def test_close_drains_the_queue_first():
     h.gate.set()
     await asyncio.gather(first, queued, closing)
     assert h.log == [1, 2]
+
+
+class TimedRuntime:
+    """Doubles its input after ``delay_s``; records which thread ran each batch."""
+
+    inputs = GatedRuntime.inputs
+    outputs = GatedRuntime.outputs
+    provider = "CPUExecutionProvider"
+
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+        self.threads: list[str] = []
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [np.asarray(feeds["x"]) * 2]
+
+
+def timed_batcher(execution: str, inline_below_us: int = 100) -> tuple[MicroBatcher, TimedRuntime]:
+    runtime = TimedRuntime()
+    batcher = MicroBatcher(
+        "m", "1", [runtime], 16, BATCHING, QUEUE, ModelStatistics(), GatewayMetrics(),
+        execution, inline_below_us,
+    )  # fmt: skip
+    return batcher, runtime
+
+
+async def test_inline_execution_runs_on_the_event_loop_thread():
+    batcher, runtime = timed_batcher("inline")
+    x = np.ones((2, 2), np.float32)
+    outcome = await batcher.infer({"x": x}, 2)
+    np.testing.assert_array_equal(outcome.outputs[0], x * 2)
+    assert runtime.threads == [threading.current_thread().name]
+
+
+async def test_auto_runs_measured_fast_batches_inline_and_slow_ones_on_threads():
+    batcher, runtime = timed_batcher("auto", inline_below_us=1000)
+    loop_thread = threading.current_thread().name
+    x = np.ones((1, 2), np.float32)
+    await batcher.infer({"x": x}, 1)
+    assert runtime.threads[0] != loop_thread  # nothing measured yet: a thread
+    for _ in range(3):
+        await batcher.infer({"x": x}, 1)
+    assert runtime.threads[-1] == loop_thread  # measured far below 1 ms: inline
+    runtime.delay_s = 0.02  # the model turns slow: one inline run shows it ...
+    await batcher.infer({"x": x}, 1)
+    await batcher.infer({"x": x}, 1)
+    assert runtime.threads[-1] != loop_thread  # ... and the next goes back to a thread
+
+
+async def test_thread_execution_never_blocks_the_loop():
+    batcher, runtime = timed_batcher("thread", inline_below_us=10**9)
+    x = np.ones((1, 2), np.float32)
+    for _ in range(4):
+        await batcher.infer({"x": x}, 1)
+    assert threading.current_thread().name not in runtime.threads
