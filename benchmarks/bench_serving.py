@@ -19,6 +19,7 @@ every measurement is bounded in time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -147,6 +148,36 @@ def server_command(kind: str, model: str, repos: dict[str, Path]) -> list[str]:
             "--model", str(onnx_path(repos["on"], model)), "--name", model]  # fmt: skip
 
 
+def measure(
+    pa: str,
+    server: Server,
+    kind: str,
+    model: str,
+    mode: str,
+    batch: int,
+    concurrency: int,
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    rows_before, runs_before = server.batch_rows(model)
+    cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
+    stats = perf_analyzer(
+        pa, server.url, model, batch, concurrency, mode == "streaming", args.interval_ms
+    )
+    cpu = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
+    rows_after, runs_after = server.batch_rows(model)
+    runs = runs_after - runs_before
+    row: dict[str, object] = {
+        "server": kind, "model": model, "mode": mode, "batch": batch,
+        "concurrency": concurrency, "server_cpu_cores": round(cpu, 2),
+        "mean_batch_rows": round((rows_after - rows_before) / runs, 1) if runs else float(batch),
+    }  # fmt: skip
+    if isinstance(stats, str):
+        row["error"] = stats
+    else:
+        row.update(stats)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -167,40 +198,29 @@ def main() -> None:
     split = lambda text: [s for s in text.split(",") if s]  # noqa: E731
     rows: list[dict[str, object]] = []
     started = time.time()
-    for kind in split(args.servers):
-        models = ["fraud"] if kind == "echo" else split(args.models)
-        # The gateway serves both models from one process; the baselines one model each.
-        groups = [models] if kind.startswith("gateway") else [[m] for m in models]
-        for group in groups:
-            log = args.work / f"{kind}-{group[0]}.log"
-            with running(server_command(kind, group[0], repos), log) as server:
-                for model in group:
-                    for mode in split(args.modes):
-                        for batch in (int(b) for b in split(args.batches)):
-                            for concurrency in (int(c) for c in split(args.concurrency)):
-                                rows_before, runs_before = server.batch_rows(model)
-                                cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
-                                stats = perf_analyzer(
-                                    pa, server.url, model, batch, concurrency,
-                                    mode == "streaming", args.interval_ms,
-                                )  # fmt: skip
-                                cpu = (server.cpu_seconds() - cpu_before) / (
-                                    time.monotonic() - wall_before
-                                )
-                                rows_after, runs_after = server.batch_rows(model)
-                                runs = runs_after - runs_before
-                                row: dict[str, object] = {
-                                    "server": kind, "model": model, "mode": mode, "batch": batch,
-                                    "concurrency": concurrency, "server_cpu_cores": round(cpu, 2),
-                                    "mean_batch_rows": round((rows_after - rows_before) / runs, 1)
-                                    if runs else float(batch),
-                                }  # fmt: skip
-                                if isinstance(stats, str):
-                                    row["error"] = stats
-                                else:
-                                    row.update(stats)
-                                rows.append(row)
-                                print(json.dumps(row), flush=True)
+    # Every server runs for the whole benchmark (idle ones cost nothing) and each cell is
+    # measured on all of them back to back, so drift in the machine's load over the run
+    # touches every server of a cell alike: compare within a cell, as ratios.
+    with contextlib.ExitStack() as stack:
+        servers: dict[tuple[str, str], Server] = {}
+        for kind in split(args.servers):
+            models = ["fraud"] if kind == "echo" else split(args.models)
+            # The gateway serves both models from one process; the baselines one model each.
+            groups = [models] if kind.startswith("gateway") else [[m] for m in models]
+            for group in groups:
+                log = args.work / f"{kind}-{group[0]}.log"
+                server = stack.enter_context(running(server_command(kind, group[0], repos), log))
+                servers.update({(kind, model): server for model in group})
+        for model in split(args.models):
+            for mode in split(args.modes):
+                for batch in (int(b) for b in split(args.batches)):
+                    for concurrency in (int(c) for c in split(args.concurrency)):
+                        for (kind, served), server in servers.items():
+                            if served != model:
+                                continue
+                            row = measure(pa, server, kind, model, mode, batch, concurrency, args)
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),

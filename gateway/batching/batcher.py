@@ -296,9 +296,13 @@ class MicroBatcher:
             if self._runs_inline(sum(job.sizes)):
                 self._run(instance.runtime, job)
                 self._finish(instance, job, pump=False)
-            else:
-                instance.busy = True
-                instance.jobs.put(job)
+                if self._queue.requests and not self._pump_pending:
+                    # One inline batch per turn: the loop serves its other callbacks between.
+                    self._pump_pending = True
+                    self._loop.call_soon(self._pump)
+                return
+            instance.busy = True
+            instance.jobs.put(job)
 
     def _runs_inline(self, rows: int) -> bool:
         """Inline only where a thread hop would cost more than the run itself."""
