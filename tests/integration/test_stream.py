@@ -53,3 +53,19 @@ def test_a_failing_request_does_not_end_the_stream(gateway: GatewayProcess):
     oks = [r for r, e in outcomes if e is None]
     assert len(errors) == 1 and "'nope'" in errors[0].message()
     assert len(oks) == 1 and oks[0].get_response().id == "good"
+
+
+def test_a_stream_over_its_in_flight_limit_waits_instead_of_failing(demo_repo, start_gateway):
+    proc = start_gateway(demo_repo, env={"GATEWAY_SERVER__STREAM_MAX_IN_FLIGHT": "2"})
+    results: queue.Queue = queue.Queue()
+    client = proc.client()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    for i in range(50):
+        inp = triton_grpc.InferInput("features", [1, 19], "FP32")
+        inp.set_data_from_numpy(demo_features(1, seed=i))
+        client.async_stream_infer("fraud", [inp], request_id=str(i))
+    answers = [results.get(timeout=30) for _ in range(50)]
+    client.stop_stream()
+    client.close()
+    assert all(error is None for _, error in answers)
+    assert sorted(int(r.get_response().id) for r, _ in answers) == list(range(50))
