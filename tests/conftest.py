@@ -84,6 +84,13 @@ class GatewayProcess:
         wanted = set(labels.items())
         return sum(v for (n, ls), v in self.metrics().items() if n == name and wanted <= ls)
 
+    def wait_in_flight(self, count: int, rpc: str = "ModelInfer", timeout_s: float = 30) -> None:
+        """Block until the server holds ``count`` calls of ``rpc`` (it has really got them)."""
+        deadline = time.monotonic() + timeout_s
+        while self.metric("gateway_requests_in_flight", rpc=rpc) < count:
+            assert time.monotonic() < deadline, f"{count} {rpc} calls never got in flight"
+            time.sleep(0.005)
+
     def client(self) -> triton_grpc.InferenceServerClient:
         return triton_grpc.InferenceServerClient(self.url)
 

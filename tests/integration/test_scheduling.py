@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,8 +42,7 @@ def test_deadline_in_the_queue_then_expected_wait_admission(slow_gateway: Gatewa
     with grpc.insecure_channel(slow_gateway.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         busy = stub.ModelInfer.future(slow_request())
-        while slow_gateway.metric("gateway_requests_in_flight", rpc="ModelInfer") < 1:
-            time.sleep(0.005)
+        slow_gateway.wait_in_flight(1)
         # No batch time measured yet: admitted, then its deadline passes in the queue.
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(slow_request(timeout_ms=50))
@@ -60,8 +58,7 @@ def test_deadline_in_the_queue_then_expected_wait_admission(slow_gateway: Gatewa
 
         # Now a batch time is known: a deadline shorter than the expected wait is refused.
         busy = stub.ModelInfer.future(slow_request())
-        while slow_gateway.metric("gateway_requests_in_flight", rpc="ModelInfer") < 1:
-            time.sleep(0.005)
+        slow_gateway.wait_in_flight(1)
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(slow_request(timeout_ms=50))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
