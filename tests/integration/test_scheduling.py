@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import yaml
 import tritonclient.grpc as triton_grpc
+import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.demo import predict
