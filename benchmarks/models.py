@@ -6,7 +6,6 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
@@ -70,7 +69,3 @@ def build_bench_repositories(root: Path) -> dict[str, Path]:
 
 def onnx_path(repo: Path, model: str) -> Path:
     return repo / model / "1" / "model.onnx"
-
-
-def check(path: Path) -> None:
-    onnx.checker.check_model(onnx.load(str(path)))

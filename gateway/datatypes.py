@@ -1,4 +1,4 @@
-"""OIP tensor datatypes and their numpy, ONNX and Triton model-config counterparts."""
+"""OIP tensor datatypes and their numpy and Triton model-config counterparts."""
 
 from __future__ import annotations
 
@@ -23,23 +23,6 @@ NUMPY_DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     "BYTES": np.dtype(np.object_),
 }
 
-# ONNX TensorProto element type -> OIP datatype (only the types OIP can carry).
-ONNX_TO_OIP: Final[dict[int, str]] = {
-    9: "BOOL",
-    2: "UINT8",
-    4: "UINT16",
-    12: "UINT32",
-    13: "UINT64",
-    3: "INT8",
-    5: "INT16",
-    6: "INT32",
-    7: "INT64",
-    10: "FP16",
-    1: "FP32",
-    11: "FP64",
-    8: "BYTES",
-}
-
 # OIP datatype -> Triton model-config DataType enum name.
 TRITON_CONFIG_TYPES: Final[dict[str, str]] = {
     "BOOL": "TYPE_BOOL",
@@ -56,13 +39,3 @@ TRITON_CONFIG_TYPES: Final[dict[str, str]] = {
     "FP64": "TYPE_FP64",
     "BYTES": "TYPE_STRING",
 }
-
-
-def oip_datatype(dtype: np.dtype[np.generic]) -> str:
-    """The OIP datatype of a numpy dtype; strings and objects are BYTES."""
-    if dtype.kind in ("O", "S", "U"):
-        return "BYTES"
-    for name, candidate in NUMPY_DTYPES.items():
-        if candidate == dtype:
-            return name
-    raise ValueError(f"numpy dtype {dtype} has no OIP datatype")
