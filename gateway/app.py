@@ -12,8 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from numpy.typing import NDArray
 
 from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
@@ -49,7 +51,7 @@ class Gateway:
         self.repository = ModelRepository(
             Path(settings.repository.path), settings.runtime, self._loader
         )
-        self.pipeline = Pipeline(self.repository, self.metrics)
+        self.pipeline = Pipeline(self.repository, self.metrics, settings.server.max_message_bytes)
         self.repository.on_retire = self.pipeline.retire
         self.servicer = InferenceServicer(
             self.pipeline, settings.server, self.metrics, self.tracing
@@ -78,6 +80,7 @@ class Gateway:
         if settings.repository.load_at_start:
             await self.repository.load_all()
         self.metrics.models_ready.set_function(lambda: len(self.repository.loaded()))
+        self.metrics.watch_coverage(self._coverage)
         # NOTE: what start-up built lives as long as the process: move it out of the cyclic
         # collector's sight, and collect the young generation less often. Serving allocates
         # many short-lived objects per request and creates few cycles.
@@ -131,6 +134,13 @@ class Gateway:
             else "off",
             len(self.repository.loaded()),
         )
+
+    def _coverage(self) -> list[tuple[str, str, str, list[str], NDArray[np.int64]]]:
+        return [
+            (lv.name, lv.version_label, lv.contract.version, lv.contract.feature_names, lv.coverage)
+            for lv in self.repository.loaded()
+            if lv.contract is not None
+        ]
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace period), then close."""

@@ -6,13 +6,13 @@ synthetic data (deterministic given the seed) and exported to ONNX with ``onnx.h
 * version 1: logistic regression;
 * version 2: a one-hidden-layer MLP (tanh), a little better on held-out rows.
 
-Raw transactions have numeric and categorical features; ``encode`` turns them into the dense
-``features`` matrix the models take (standardised numerics, one-hot categories).
+Raw transactions have numeric and categorical features. ``features.yaml`` holds the two
+contract versions that turn them into the dense ``features`` matrix (v1 for model version 1,
+v2 for version 2); ``training.yaml`` records the seed and each version's held-out AUC.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,7 +22,15 @@ import yaml
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["CATEGORIES", "NUMERIC", "build_demo_repository", "encode", "synthetic_transactions"]
+from gateway.features import CONTRACT_FILE, assemble, load_contracts
+
+__all__ = [
+    "CATEGORIES",
+    "NUMERIC",
+    "build_demo_repository",
+    "contract_file",
+    "synthetic_transactions",
+]
 
 NUMERIC: Final = ("amount", "hour", "account_age_days", "tx_count_24h", "distance_km")
 CATEGORIES: Final[dict[str, tuple[str, ...]]] = {
@@ -41,9 +49,9 @@ def synthetic_transactions(rows: int, seed: int) -> tuple[Columns, NDArray[np.fl
     rng = np.random.default_rng(seed)
     cols: Columns = {
         "amount": rng.lognormal(3.5, 1.2, rows),
-        "hour": rng.integers(0, 24, rows).astype(np.float64),
+        "hour": rng.integers(0, 24, rows),
         "account_age_days": rng.gamma(2.0, 300.0, rows),
-        "tx_count_24h": rng.poisson(3.0, rows).astype(np.float64),
+        "tx_count_24h": rng.poisson(3.0, rows),
         "distance_km": rng.exponential(20.0, rows),
     }
     for name, vocab in CATEGORIES.items():
@@ -66,32 +74,79 @@ def synthetic_transactions(rows: int, seed: int) -> tuple[Columns, NDArray[np.fl
     return cols, labels
 
 
-@dataclass(frozen=True)
-class Scaling:
-    """Training-time statistics the numeric features are standardised with."""
-
-    mean: NDArray[np.float64]
-    std: NDArray[np.float64]
-
-    @classmethod
-    def fit(cls, cols: Columns) -> Scaling:
-        raw = _numeric(cols)
-        return cls(raw.mean(axis=0), raw.std(axis=0) + 1e-9)
+def _log_stats(values: NDArray[Any]) -> dict[str, float]:
+    logged = np.log1p(np.asarray(values, dtype=np.float64))
+    return {"mean": round(float(logged.mean()), 6), "std": round(float(logged.std()) + 1e-6, 6)}
 
 
-def _numeric(cols: Columns) -> NDArray[np.float64]:
-    raw = np.stack([np.asarray(cols[name], dtype=np.float64) for name in NUMERIC], axis=1)
-    raw[:, [0, 2, 4]] = np.log1p(raw[:, [0, 2, 4]])  # amount, age, distance are heavy-tailed
-    return raw
+def _stats(values: NDArray[Any]) -> dict[str, float]:
+    raw = np.asarray(values, dtype=np.float64)
+    return {"mean": round(float(raw.mean()), 6), "std": round(float(raw.std()) + 1e-6, 6)}
 
 
-def encode(cols: Columns, scaling: Scaling) -> NDArray[np.float32]:
-    """Dense model input: standardised numerics, then one-hot categories in CATEGORIES order."""
-    parts = [(_numeric(cols) - scaling.mean) / scaling.std]
-    for name, vocab in CATEGORIES.items():
-        values = np.asarray(cols[name], dtype=object)
-        parts.append(np.stack([values == v for v in vocab], axis=1).astype(np.float64))
-    return np.concatenate(parts, axis=1).astype(np.float32)
+def contract_file(train: Columns) -> dict[str, Any]:
+    """features.yaml: two contract versions, with statistics from the training rows.
+
+    v2 differs from v1 in how it sees the hour (day-part buckets instead of a standardised
+    hour) and clips amounts instead of flagging them: the two model versions are trained on
+    different matrices, and served side by side.
+    """
+
+    def numeric(name: str, kind: str, description: str, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "kind": kind, "owner": "risk-data", "description": description,
+                **extra}  # fmt: skip
+
+    def categorical(name: str, description: str, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "kind": "categorical", "owner": "risk-data",
+                "description": description, "vocabulary": list(CATEGORIES[name]),
+                "encoding": "one_hot", **extra}  # fmt: skip
+
+    amount = _log_stats(train["amount"])
+    age = _log_stats(train["account_age_days"])
+    distance = _log_stats(train["distance_km"])
+
+    def version(amount_policy: str, hour: dict[str, Any], description: str) -> dict[str, Any]:
+        return {
+            "description": description,
+            "input": "features",
+            "unknown_features": "reject",
+            "features": [
+                numeric("amount", "float", "Transaction amount, USD.",
+                        range={"min": 0, "max": 50_000, "policy": amount_policy},
+                        transform=["log1p", {"standardize": {**amount}}]),
+                numeric("hour", "int", "Local hour of the transaction, 0-23.",
+                        range={"min": 0, "max": 23, "policy": "reject"}, transform=[hour]),
+                numeric("account_age_days", "float", "Days since the account opened.",
+                        null_policy={"default": 0.0}, range={"min": 0, "policy": "flag"},
+                        transform=["log1p", {"standardize": {**age}}]),
+                numeric("tx_count_24h", "int", "Card transactions in the previous 24 hours.",
+                        null_policy={"default": 0}, range={"min": 0, "max": 500, "policy": "clip"},
+                        transform=[{"standardize": _stats(train["tx_count_24h"])}]),
+                numeric("distance_km", "float", "Distance from the cardholder's home.",
+                        null_policy={"default": 0.0}, range={"min": 0, "policy": "flag"},
+                        transform=["log1p", {"standardize": {**distance}}]),
+                categorical("merchant_category", "Merchant category group.",
+                            null_policy={"default": None}),
+                categorical("channel", "Where the card was used."),
+                categorical("country", "Issuing country of the card.",
+                            null_policy={"default": None}, sensitive=True),
+            ],
+        }  # fmt: skip
+
+    return {
+        "versions": {
+            "v1": version(
+                "flag",
+                {"standardize": _stats(train["hour"])},
+                "Standardised numerics (log scale for heavy tails), one-hot categories.",
+            ),
+            "v2": version(
+                "clip",
+                {"bucketize": {"boundaries": [5, 12, 18]}},
+                "As v1, with the hour as day-part buckets and amounts clipped at 50,000.",
+            ),
+        }
+    }
 
 
 def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -187,26 +242,38 @@ def _auc(y: NDArray[np.float32], score: NDArray[np.float32]) -> float:
 
 
 def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path:
-    """Write the demo repository under ``root`` and return the model directory."""
+    """Write the demo repository under ``root`` and return the model directory.
+
+    Each version is trained on the matrix its contract version builds through the offline
+    feature API: the one the gateway builds when serving the same raw rows.
+    """
     cols, labels = synthetic_transactions(rows, seed)
     split = int(rows * 0.8)
     train = {k: v[:split] for k, v in cols.items()}
     held = {k: v[split:] for k, v in cols.items()}
-    scaling = Scaling.fit(train)
-    x_train, x_held = encode(train, scaling), encode(held, scaling)
     y_train, y_held = labels[:split], labels[split:]
-    versions = {
-        1: ("logistic regression", train_logistic(x_train, y_train)),
-        2: ("MLP, 16 tanh units", train_mlp(x_train, y_train, seed)),
-    }
     model_dir = root / MODEL_NAME
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / CONTRACT_FILE).write_text(yaml.safe_dump(contract_file(train), sort_keys=False))
+    contracts = load_contracts(model_dir)
     summary = {}
-    for version, (kind, params) in versions.items():
+    for version, contract_version, kind in ((1, "v1", "logistic regression"),
+                                            (2, "v2", "MLP, 16 tanh units")):  # fmt: skip
+        contract = contracts[contract_version]
+        x_train, x_held = assemble(contract, train), assemble(contract, held)
+        if version == 1:
+            params = train_logistic(x_train, y_train)
+        else:
+            params = train_mlp(x_train, y_train, seed)
         auc = _auc(y_held, predict(params, x_held)[:, 0])
-        summary[version] = {"kind": kind, "held_out_auc": round(auc, 4)}
+        summary[version] = {
+            "kind": kind,
+            "contract": contract_version,
+            "held_out_auc": round(auc, 4),
+        }
         target = model_dir / str(version)
         target.mkdir(parents=True, exist_ok=True)
-        model = to_onnx(params, x_train.shape[1], f"fraud scorer v{version}: {kind}")
+        model = to_onnx(params, contract.width, f"fraud scorer v{version}: {kind}")
         (target / "model.onnx").write_bytes(model.SerializeToString())
         np.savez(target / "params.npz", **params)  # type: ignore[arg-type]
     config = {
@@ -215,23 +282,9 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         "version_policy": {"all": True},
         "instances": 2,
         "dynamic_batching": {"max_queue_delay_us": 0},
+        "contract": {"by_model_version": {1: "v1", 2: "v2"}},
     }
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    encoding = {
-        "seed": seed,
-        "rows": rows,
-        "numeric": list(NUMERIC),
-        "log1p": ["amount", "account_age_days", "distance_km"],
-        "mean": [float(v) for v in scaling.mean],
-        "std": [float(v) for v in scaling.std],
-        "categories": {k: list(v) for k, v in CATEGORIES.items()},
-        "versions": summary,
-    }
-    (model_dir / "encoding.yaml").write_text(yaml.safe_dump(encoding, sort_keys=False))
+    training = {"seed": seed, "rows": rows, "versions": summary}
+    (model_dir / "training.yaml").write_text(yaml.safe_dump(training, sort_keys=False))
     return model_dir
-
-
-def load_scaling(model_dir: Path) -> Scaling:
-    """The scaling a demo repository was built with (from its encoding.yaml)."""
-    data = yaml.safe_load((model_dir / "encoding.yaml").read_text())
-    return Scaling(np.array(data["mean"]), np.array(data["std"]))

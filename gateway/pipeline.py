@@ -1,4 +1,6 @@
-"""The request path, top to bottom: resolve the version, bind inputs, schedule, shape outputs."""
+"""The request path, top to bottom: resolve the version, assemble features under the version's
+contract (unless the request sends the model's own input), bind inputs, schedule, shape outputs.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +9,26 @@ import time
 
 from gateway.batching import MicroBatcher
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest
+from gateway.features.assembly import Assembly, assemble_tensors
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.runtime.signature import bind_inputs, select_outputs, to_output_tensor
 from gateway.settings import QueuePolicy
 from gateway.telemetry import GatewayMetrics
-from gateway.types import InferRequest, InferResponse, ParameterValue
+from gateway.types import InferRequest, InferResponse, ParameterValue, Tensor
 
 __all__ = ["Pipeline"]
 
 
 class Pipeline:
-    def __init__(self, repository: ModelRepository, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: GatewayMetrics,
+        max_input_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.repository = repository
         self._metrics = metrics
+        self._max_input_bytes = max_input_bytes
         self._batchers: dict[LoadedVersion, MicroBatcher] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -27,11 +36,16 @@ class Pipeline:
         started = time.perf_counter_ns()
         loaded = self.repository.get(request.model_name, request.model_version)
         try:
-            feeds, rows = bind_inputs(loaded, request.inputs)
+            inputs = request.inputs
+            assembly = None
+            if loaded.contract is not None and not _sends_model_inputs(loaded, inputs):
+                assembly = self._assemble(loaded, inputs)
+                inputs = [Tensor(loaded.runtime.inputs[0].name, "FP32", assembly.matrix)]
+            feeds, rows = bind_inputs(loaded, inputs)
             output_specs = select_outputs(loaded, request.requested_outputs)
-            parameters = request.parameters
-            priority = _priority(parameters, loaded.config.queue) if parameters else None
-            deadline = _deadline(request) if parameters or request.timeout_s is not None else None
+            given = request.parameters
+            priority = _priority(given, loaded.config.queue) if given else None
+            deadline = _deadline(request) if given or request.timeout_s is not None else None
             batcher = self._batcher(loaded)
             outcome = await batcher.infer(feeds, rows, priority, deadline)
             position = batcher.output_position
@@ -44,17 +58,32 @@ class Pipeline:
             raise
         total_ns = time.perf_counter_ns() - started
         loaded.stats.record_request(rows, total_ns, outcome.queue_ns, 0, outcome.compute_ns, 0)
+        parameters: dict[str, ParameterValue] = {
+            "queue_us": outcome.queue_ns // 1000,
+            "compute_us": outcome.compute_ns // 1000,
+            "batch_rows": outcome.batch_rows,
+        }
+        if assembly is not None:
+            parameters["contract_version"] = assembly.contract.version
+            parameters["features_defaulted"] = assembly.total("defaulted")
+            parameters["features_oov"] = assembly.total("oov")
+            parameters["features_out_of_range"] = assembly.total("out_of_range")
         return InferResponse(
             model_name=loaded.name,
             model_version=loaded.version_label,
             id=request.id,
             outputs=outputs,
-            parameters={
-                "queue_us": outcome.queue_ns // 1000,
-                "compute_us": outcome.compute_ns // 1000,
-                "batch_rows": outcome.batch_rows,
-            },
+            parameters=parameters,
+            assembly=assembly,
         )
+
+    def _assemble(self, loaded: LoadedVersion, inputs: list[Tensor]) -> Assembly:
+        contract = loaded.contract
+        assert contract is not None
+        label = f"contract {contract.version} of model '{loaded.name}' version {loaded.version}"
+        assembly = assemble_tensors(contract, inputs, label, self._max_input_bytes)
+        loaded.coverage += assembly.counts
+        return assembly
 
     def _batcher(self, loaded: LoadedVersion) -> MicroBatcher:
         batcher = self._batchers.get(loaded)
@@ -86,6 +115,14 @@ class Pipeline:
             self.retire(loaded)
         if self._closing:
             await asyncio.gather(*self._closing)
+
+
+def _sends_model_inputs(loaded: LoadedVersion, inputs: list[Tensor]) -> bool:
+    """A request naming the model's own input passes through its contract untouched (and is
+    then checked against the model's signature, which names anything else it sends)."""
+    specs = loaded.input_specs
+    features = loaded.contract.index if loaded.contract is not None else {}
+    return any(t.name in specs and t.name not in features for t in inputs)
 
 
 def _priority(parameters: dict[str, ParameterValue], policy: QueuePolicy) -> int | None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gateway.errors import SettingsError
 
 __all__ = [
+    "ContractBinding",
     "DynamicBatching",
     "ModelConfig",
     "QueuePolicy",
@@ -168,6 +169,20 @@ class DynamicBatching(_Section):
     )
 
 
+class ContractBinding(_Section):
+    """Which feature contract version (in the model's features.yaml) each model version uses."""
+
+    version: str | None = Field(
+        None, pattern=r"^v[1-9][0-9]*$", description="Default: the highest in features.yaml."
+    )
+    by_model_version: dict[int, str] = Field(
+        default_factory=dict, description="Model version -> contract version, e.g. {1: v1}."
+    )
+
+    def for_version(self, version: int) -> str | None:
+        return self.by_model_version.get(version, self.version)
+
+
 class ModelConfig(_Section):
     """``models/<model>/config.yaml``: how one model is served."""
 
@@ -195,6 +210,10 @@ class ModelConfig(_Section):
     intra_op_threads: int | None = Field(None, ge=0)
     graph_optimization: GraphOptimization | None = None
     warmup: bool = Field(True, description="Run one request of zeros at load.")
+    contract: ContractBinding = Field(
+        ContractBinding(),
+        description="Feature contract versions, when the model directory has features.yaml.",
+    )
     description: str = ""
 
     @model_validator(mode="after")

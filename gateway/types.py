@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from gateway.features.assembly import Assembly
 
 ParameterValue = bool | int | float | str
 
@@ -52,6 +55,9 @@ class InferResponse:
     id: str
     outputs: list[Tensor]
     parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    # The request's features as assembled (contract version, per-feature coverage counts),
+    # when it sent raw features: kept for the prediction event.
+    assembly: Assembly | None = None
 
 
 ModelState = Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]

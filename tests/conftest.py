@@ -154,6 +154,11 @@ def client(gateway: GatewayProcess) -> Iterator[triton_grpc.InferenceServerClien
     c.close()
 
 
+# Columns of the demo model's ``features`` input (its features.yaml: 5 numeric features and
+# one-hot merchant_category, channel and country, each with an out-of-vocabulary column).
+DEMO_WIDTH = 22
+
+
 def demo_features(rows: int, seed: int = 11) -> np.ndarray:
-    """Dense rows for the demo model's ``features`` input."""
-    return np.random.default_rng(seed).normal(size=(rows, 19)).astype(np.float32)
+    """Dense rows for the demo model's ``features`` input (sent as is: pass-through)."""
+    return np.random.default_rng(seed).normal(size=(rows, DEMO_WIDTH)).astype(np.float32)

@@ -90,7 +90,9 @@ def assemble_tensors(
             )
         columns[f] = _checked(feature, tensor.datatype, tensor.data.reshape(-1), label)
     if rows is None:
-        raise ContractViolation(f"the request sends none of the features {label} takes")
+        raise ContractViolation(
+            f"the request sends none of the features {label} takes: {_listing(contract)}"
+        )
     size = rows * contract.width * 4
     if size > max_bytes:
         raise ContractViolation(

@@ -405,6 +405,10 @@ class Contract:
         return f"Contract({self.version}, {len(self.features)} features, width {self.width})"
 
     @cached_property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @cached_property
     def columns(self) -> list[str]:
         """The name of every column of the matrix, in order (one-hot columns as name=value)."""
         return [name for feature in self.features for name in feature.column_names]

@@ -3,6 +3,7 @@
 Layout::
 
     <root>/<model>/config.yaml          how it is served (gateway.settings.ModelConfig)
+    <root>/<model>/features.yaml        optional feature contracts (gateway.features)
     <root>/<model>/<version>/model.onnx one directory per integer version
 
 A version that fails to load is reported (state and reason) while every version already
@@ -20,7 +21,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from numpy.typing import NDArray
+
 from gateway.errors import ModelLoadError, ModelNotFound, ModelNotReady, SettingsError
+from gateway.features import CONTRACT_FILE, OUTCOMES, Contract, load_contracts
 from gateway.runtime.session import ModelRuntime, OnnxRuntimeSession, SessionOptions
 from gateway.runtime.warmup import warm_up
 from gateway.settings import ModelConfig, RuntimeSettings, load_model_config
@@ -45,8 +50,15 @@ class LoadedVersion:
     version: int
     config: ModelConfig
     runtimes: tuple[ModelRuntime, ...]
-    file_stamp: tuple[int, int]
+    file_stamp: tuple[object, ...]
+    contract: Contract | None = None
     stats: ModelStatistics = field(default_factory=ModelStatistics)
+
+    def __post_init__(self) -> None:
+        # Feature coverage since load, per contract feature: present, defaulted, out of range,
+        # out of vocabulary. Added to on the event loop; read by the metrics endpoint.
+        rows = len(self.contract.features) if self.contract is not None else 0
+        self.coverage: NDArray[np.int64] = np.zeros((rows, len(OUTCOMES)), dtype=np.int64)
 
     @functools.cached_property
     def input_specs(self) -> dict[str, TensorSpec]:
@@ -80,6 +92,25 @@ class _Model:
 def _stamp(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_mtime_ns, st.st_size
+
+
+def _check_contract(contract: Contract, runtime: ModelRuntime) -> None:
+    """The contract must build exactly the model's input: same name, FP32, same width."""
+    inputs = runtime.inputs
+    names = ", ".join(f"'{s.name}' {s.datatype} {list(s.shape)}" for s in inputs)
+    target = contract.input_name or (inputs[0].name if len(inputs) == 1 else "?")
+    where = f"contract {contract.version} ({contract.source})"
+    if len(inputs) != 1 or inputs[0].name != target:
+        raise ModelLoadError(
+            f"{where} builds input '{target}' but the ONNX model takes {names}; a model under a "
+            "feature contract has exactly one input, the one its contract builds"
+        )
+    spec = inputs[0]
+    if spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[1] not in (-1, contract.width):
+        raise ModelLoadError(
+            f"{where} builds '{target}' as FP32 [-1,{contract.width}] from "
+            f"{len(contract.features)} features, but the ONNX model takes {names}"
+        )
 
 
 class ModelRepository:
@@ -154,6 +185,12 @@ class ModelRepository:
             model.reason = f"invalid config: {err}"
             log.error("model %r: %s", model.name, model.reason)
             raise ModelLoadError(f"model '{model.name}': {model.reason}") from None
+        try:
+            contracts, contract_stamp = self._contracts(model_dir, config)
+        except SettingsError as err:
+            model.reason = f"invalid feature contract: {err}"
+            log.error("model %r: %s", model.name, model.reason)
+            raise ModelLoadError(f"model '{model.name}': {model.reason}") from None
         available = dict(self._version_dirs(model_dir))
         selected = config.version_policy.select(list(available))
         if not selected:
@@ -167,12 +204,20 @@ class ModelRepository:
             path = available[version] / MODEL_FILE
             current = model.versions.get(version)
             try:
-                stamp = _stamp(path)
+                contract = self._pick_contract(contracts, config, version)
+                stamp = (_stamp(path), contract_stamp)
                 if current is not None and current.file_stamp == stamp and current.config == config:
                     loaded[version] = current
                     continue
                 loaded[version] = await loop.run_in_executor(
-                    self._executor, self._create, model.name, version, config, path, stamp
+                    self._executor,
+                    self._create,
+                    model.name,
+                    version,
+                    config,
+                    path,
+                    stamp,
+                    contract,
                 )
             except FileNotFoundError:
                 failures[version] = f"{path} does not exist"
@@ -214,8 +259,39 @@ class ModelRepository:
             if id(old) not in live and self.on_retire is not None:
                 self.on_retire(old)
 
+    @staticmethod
+    def _contracts(
+        model_dir: Path, config: ModelConfig
+    ) -> tuple[dict[str, Contract] | None, tuple[int, int] | None]:
+        file = model_dir / CONTRACT_FILE
+        if not file.exists():
+            if config.contract.version or config.contract.by_model_version:
+                raise SettingsError(f"config.yaml names contract versions but {file} is missing")
+            return None, None
+        return load_contracts(file), _stamp(file)
+
+    @staticmethod
+    def _pick_contract(
+        contracts: dict[str, Contract] | None, config: ModelConfig, version: int
+    ) -> Contract | None:
+        if contracts is None:
+            return None
+        wanted = config.contract.for_version(version) or list(contracts)[-1]
+        if wanted not in contracts:
+            raise ModelLoadError(
+                f"contract version '{wanted}' is not in {CONTRACT_FILE} "
+                f"(it has {', '.join(contracts)})"
+            )
+        return contracts[wanted]
+
     def _create(
-        self, name: str, version: int, config: ModelConfig, path: Path, stamp: tuple[int, int]
+        self,
+        name: str,
+        version: int,
+        config: ModelConfig,
+        path: Path,
+        stamp: tuple[object, ...],
+        contract: Contract | None,
     ) -> LoadedVersion:
         # NOTE: instances run concurrently, one thread each; by default their intra-op threads
         # share the cores rather than each taking all of them.
@@ -237,10 +313,12 @@ class ModelRepository:
                         f"max_batch_size is {config.max_batch_size} but tensor '{spec.name}' "
                         f"has no dynamic first dimension (shape {list(spec.shape)})"
                     )
+        if contract is not None:
+            _check_contract(contract, runtime)
         if config.warmup:
             for instance in runtimes:
                 warm_up(instance)
-        return LoadedVersion(name, version, config, runtimes, stamp)
+        return LoadedVersion(name, version, config, runtimes, stamp, contract)
 
     async def unload(self, name: str) -> None:
         model = self._models.get(name)

@@ -7,6 +7,7 @@ from typing import Any
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import model_config_pb2 as mc
 from gateway.datatypes import TRITON_CONFIG_TYPES
+from gateway.features.contract import ADVERTISED_DATATYPE
 from gateway.runtime.repository import LoadedVersion
 from gateway.statistics import Duration
 from gateway.types import TensorSpec
@@ -14,6 +15,19 @@ from gateway.types import TensorSpec
 __all__ = ["config_to_pb", "metadata_to_pb", "statistics_to_pb"]
 
 PLATFORM = "onnxruntime_onnx"
+
+
+def advertised_inputs(loaded: LoadedVersion) -> list[TensorSpec]:
+    """What clients send: a contract's raw features ([N] each), or the model's own inputs.
+
+    A version under a contract still accepts its model input as is (pass-through); metadata
+    lists the features, the interface product services are meant to use.
+    """
+    if loaded.contract is None:
+        return list(loaded.runtime.inputs)
+    return [
+        TensorSpec(f.name, ADVERTISED_DATATYPE[f.kind], (-1,)) for f in loaded.contract.features
+    ]
 
 
 def metadata_to_pb(
@@ -25,7 +39,8 @@ def metadata_to_pb(
         versions=[v.version_label for v in versions],
         platform=PLATFORM,
         inputs=[
-            tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.runtime.inputs
+            tensor(name=s.name, datatype=s.datatype, shape=s.shape)
+            for s in advertised_inputs(loaded)
         ],
         outputs=[
             tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.runtime.outputs
@@ -59,7 +74,7 @@ def config_to_pb(loaded: LoadedVersion) -> mc.ModelConfig:
         backend="onnxruntime",
         max_batch_size=config.max_batch_size,
         version_policy=policy,
-        input=[mc.ModelInput(**_tensor_fields(s, skip)) for s in loaded.runtime.inputs],
+        input=[mc.ModelInput(**_tensor_fields(s, skip)) for s in advertised_inputs(loaded)],
         output=[mc.ModelOutput(**_tensor_fields(s, skip)) for s in loaded.runtime.outputs],
         instance_group=[
             mc.ModelInstanceGroup(

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-__all__ = ["GatewayMetrics"]
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.features import OUTCOMES
+
+__all__ = ["CoverageSource", "GatewayMetrics"]
+
+# (model, version, contract version, feature names, counts[feature, outcome]) per served version.
+CoverageSource = Callable[[], Iterable[tuple[str, str, str, Sequence[str], NDArray[np.int64]]]]
 
 # Latency buckets from 100 us to 10 s: inference on small models is sub-millisecond.
 _LATENCY_BUCKETS_S = (
@@ -101,6 +112,10 @@ class GatewayMetrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def watch_coverage(self, source: CoverageSource) -> None:
+        """Export feature coverage, read from ``source`` at scrape time (no per-request cost)."""
+        self.registry.register(_CoverageCollector(source))
+
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint in a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -112,3 +127,26 @@ class GatewayMetrics:
             self._server.shutdown()  # type: ignore[attr-defined]
             self._server.server_close()  # type: ignore[attr-defined]
             self._server = None
+
+
+class _CoverageCollector(Collector):
+    NAME = "gateway_feature_values"
+    HELP = (
+        "Raw feature values by model, version, contract version, feature and outcome: present, "
+        "defaulted (null replaced by the contract default), out_of_range, oov."
+    )
+    LABELS = ("model", "version", "contract", "feature", "outcome")
+
+    def __init__(self, source: CoverageSource) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=self.LABELS)
+        for model, version, contract, names, counts in self._source():
+            for name, row in zip(names, counts.tolist(), strict=True):
+                for outcome, value in zip(OUTCOMES, row, strict=True):
+                    family.add_metric([model, version, contract, name, outcome], value)
+        yield family

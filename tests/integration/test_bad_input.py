@@ -9,7 +9,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import GatewayProcess, demo_features
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def stub(small_gateway: GatewayProcess):
 
 def request(rows: int = 2, **overrides) -> service_pb2.ModelInferRequest:
     message = service_pb2.ModelInferRequest(model_name="fraud")
-    message.inputs.add(name="features", datatype="FP32", shape=[rows, 19])
+    message.inputs.add(name="features", datatype="FP32", shape=[rows, DEMO_WIDTH])
     message.raw_input_contents.append(demo_features(rows).tobytes())
     for key, value in overrides.items():
         setattr(message, key, value)
@@ -87,12 +87,12 @@ def test_raw_length_not_matching_shape_names_the_input(stub):
     message.raw_input_contents[0] = message.raw_input_contents[0][:-4]
     err = call_fails(stub, message)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'features'" in err.details() and "152 bytes" in err.details()
+    assert "'features'" in err.details() and f"{2 * DEMO_WIDTH * 4} bytes" in err.details()
 
 
 def test_typed_contents_count_not_matching_shape(stub):
     message = service_pb2.ModelInferRequest(model_name="fraud")
-    tensor = message.inputs.add(name="features", datatype="FP32", shape=[1, 19])
+    tensor = message.inputs.add(name="features", datatype="FP32", shape=[1, DEMO_WIDTH])
     tensor.contents.fp32_contents.extend([0.0] * 18)
     err = call_fails(stub, message)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -103,12 +103,14 @@ def test_missing_input_is_named(stub):
     message = service_pb2.ModelInferRequest(model_name="fraud")
     err = call_fails(stub, message)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "missing input 'features'" in err.details()
+    # Under a feature contract, what is missing is its features.
+    assert "none of the features contract v2" in err.details()
+    assert "amount, hour" in err.details()
 
 
 def test_unexpected_input_is_named(stub):
     message = request()
-    message.inputs.add(name="extra", datatype="FP32", shape=[2, 19])
+    message.inputs.add(name="extra", datatype="FP32", shape=[2, DEMO_WIDTH])
     message.raw_input_contents.append(demo_features(2).tobytes())
     err = call_fails(stub, message)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -174,7 +176,7 @@ def test_malformed_bytes_tensor_names_the_input(small_gateway: GatewayProcess, t
 
 def test_server_keeps_serving_after_bad_requests(small_gateway: GatewayProcess):
     client = small_gateway.client()
-    inp = triton_grpc.InferInput("features", [1, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(1))
     assert client.infer("fraud", [inp]).as_numpy("probability").shape == (1, 1)
     with pytest.raises(InferenceServerException) as info:

@@ -11,7 +11,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.demo import predict
-from tests.conftest import GatewayProcess, demo_features
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def test_infer_matches_numpy_reference_for_each_version(client, demo_repo, versi
 
 def test_default_version_is_the_highest_loaded(client, demo_repo):
     x = demo_features(4)
-    inp = triton_grpc.InferInput("features", [4, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [4, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(x)
     result = client.infer("fraud", [inp])
     assert result.get_response().model_version == "2"
@@ -49,7 +49,7 @@ def test_default_version_is_the_highest_loaded(client, demo_repo):
 
 
 def test_response_parameters_report_queue_and_compute_time(client):
-    inp = triton_grpc.InferInput("features", [1, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(1))
     params = client.infer("fraud", [inp]).get_response().parameters
     assert params["compute_us"].int64_param > 0
@@ -61,10 +61,10 @@ def test_raw_and_typed_contents_give_equal_results(gateway: GatewayProcess):
     with grpc.insecure_channel(gateway.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         typed = service_pb2.ModelInferRequest(model_name="fraud")
-        tensor = typed.inputs.add(name="features", datatype="FP32", shape=[5, 19])
+        tensor = typed.inputs.add(name="features", datatype="FP32", shape=[5, DEMO_WIDTH])
         tensor.contents.fp32_contents.extend(x.reshape(-1).tolist())
         raw = service_pb2.ModelInferRequest(model_name="fraud")
-        raw.inputs.add(name="features", datatype="FP32", shape=[5, 19])
+        raw.inputs.add(name="features", datatype="FP32", shape=[5, DEMO_WIDTH])
         raw.raw_input_contents.append(x.tobytes())
         a, b = stub.ModelInfer(typed), stub.ModelInfer(raw)
     as_array = [np.frombuffer(r.raw_output_contents[0], dtype="<f4") for r in (a, b)]
@@ -73,7 +73,7 @@ def test_raw_and_typed_contents_give_equal_results(gateway: GatewayProcess):
 
 
 def test_requested_outputs_are_returned_by_name(client):
-    inp = triton_grpc.InferInput("features", [2, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [2, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(2))
     out = triton_grpc.InferRequestedOutput("probability")
     result = client.infer("fraud", [inp], outputs=[out])
@@ -81,11 +81,19 @@ def test_requested_outputs_are_returned_by_name(client):
     assert result.as_numpy("probability").shape == (2, 1)
 
 
-def test_metadata_and_config_describe_the_onnx_graph(client):
+def test_metadata_and_config_describe_the_contract_features(client):
+    """Under a feature contract the inputs clients send are the raw features, one [N] each."""
     meta = client.get_model_metadata("fraud")
     assert list(meta.versions) == ["1", "2"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("features", "FP32", [-1, 19])
+        ("amount", "FP32", [-1]),
+        ("hour", "INT64", [-1]),
+        ("account_age_days", "FP32", [-1]),
+        ("tx_count_24h", "INT64", [-1]),
+        ("distance_km", "FP32", [-1]),
+        ("merchant_category", "BYTES", [-1]),
+        ("channel", "BYTES", [-1]),
+        ("country", "BYTES", [-1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probability", "FP32", [-1, 1])
@@ -93,7 +101,7 @@ def test_metadata_and_config_describe_the_onnx_graph(client):
     config = client.get_model_config("fraud").config
     assert config.max_batch_size == 1024
     assert config.platform == "onnxruntime_onnx"
-    assert list(config.input[0].dims) == [19]  # batch dimension excluded, as in Triton
+    assert [list(i.dims) for i in config.input] == [[]] * 8  # batch dimension excluded
     assert config.instance_group[0].count == 1
     assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
 

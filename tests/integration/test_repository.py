@@ -12,7 +12,7 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import demo_features
+from tests.conftest import DEMO_WIDTH, demo_features
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def index(client) -> dict[tuple[str, str], tuple[str, str]]:
 
 
 def infer(client, model: str = "fraud", version: str = "") -> np.ndarray:
-    inp = triton_grpc.InferInput("features", [2, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [2, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(2))
     return client.infer(model, [inp], model_version=version).as_numpy("probability")
 
@@ -95,7 +95,7 @@ def test_a_broken_new_version_leaves_the_loaded_one_serving(repo_copy: Path, sta
 
 
 def _input() -> triton_grpc.InferInput:
-    inp = triton_grpc.InferInput("features", [2, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [2, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(2))
     return inp
 

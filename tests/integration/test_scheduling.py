@@ -14,7 +14,7 @@ import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.demo import predict
-from tests.conftest import GatewayProcess, demo_features
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 from tests.models import write_slow_model
 
 pytestmark = pytest.mark.integration
@@ -143,7 +143,7 @@ def test_concurrent_stream_requests_share_batches(repo_copy: Path, start_gateway
     before = client.get_inference_statistics("fraud", "1").model_stats[0]
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     for i in range(400):
-        inp = triton_grpc.InferInput("features", [1, 19], "FP32")
+        inp = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
         inp.set_data_from_numpy(demo_features(1, seed=i))
         client.async_stream_infer("fraud", [inp], request_id=str(i), model_version="1")
     answers = [results.get(timeout=30) for _ in range(400)]
@@ -158,7 +158,7 @@ def test_concurrent_stream_requests_share_batches(repo_copy: Path, start_gateway
 
 
 def test_response_reports_its_batch(client):
-    inp = triton_grpc.InferInput("features", [3, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [3, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(3))
     params = client.infer("fraud", [inp]).get_response().parameters
     assert params["batch_rows"].int64_param >= 3

@@ -9,7 +9,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from gateway.demo import predict
-from tests.conftest import GatewayProcess, demo_features
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def test_a_failing_request_does_not_end_the_stream(gateway: GatewayProcess):
     results: queue.Queue = queue.Queue()
     client = gateway.client()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    good = triton_grpc.InferInput("features", [1, 19], "FP32")
+    good = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
     good.set_data_from_numpy(demo_features(1))
     client.async_stream_infer("nope", [good], request_id="bad")
     client.async_stream_infer("fraud", [good], request_id="good")
@@ -61,7 +61,7 @@ def test_a_stream_over_its_in_flight_limit_waits_instead_of_failing(demo_repo, s
     client = proc.client()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     for i in range(50):
-        inp = triton_grpc.InferInput("features", [1, 19], "FP32")
+        inp = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
         inp.set_data_from_numpy(demo_features(1, seed=i))
         client.async_stream_infer("fraud", [inp], request_id=str(i))
     answers = [results.get(timeout=30) for _ in range(50)]

@@ -12,13 +12,13 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.conftest import GatewayProcess, demo_features
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 
 pytestmark = pytest.mark.integration
 
 
 def _infer(client, rows: int = 3, headers: dict[str, str] | None = None, model: str = "fraud"):
-    inp = triton_grpc.InferInput("features", [rows, 19], "FP32")
+    inp = triton_grpc.InferInput("features", [rows, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(rows))
     return client.infer(model, [inp], headers=headers)
 

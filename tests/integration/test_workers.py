@@ -10,7 +10,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.conftest import demo_features
+from tests.conftest import DEMO_WIDTH, demo_features
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def test_two_workers_share_one_port_and_stop_together(demo_repo, start_gateway):
     assert len(metrics) == 2 and len(set(pids)) == 2
 
     request = service_pb2.ModelInferRequest(model_name="fraud")
-    request.inputs.add(name="features", datatype="FP32", shape=[2, 19])
+    request.inputs.add(name="features", datatype="FP32", shape=[2, DEMO_WIDTH])
     request.raw_input_contents.append(demo_features(2).tobytes())
     for _ in range(40):  # a new connection each time: the kernel spreads them
         with grpc.insecure_channel(proc.url) as channel:

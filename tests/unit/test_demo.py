@@ -8,18 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import yaml
 
-from gateway.demo import (
-    build_demo_repository,
-    encode,
-    load_scaling,
-    predict,
-    synthetic_transactions,
-)
+from gateway import features
+from gateway.demo import build_demo_repository, predict, synthetic_transactions
 
 
 def test_same_seed_same_bytes(tmp_path: Path):
     a = build_demo_repository(tmp_path / "a", seed=3, rows=2000)
     b = build_demo_repository(tmp_path / "b", seed=3, rows=2000)
+    assert (a / "features.yaml").read_bytes() == (b / "features.yaml").read_bytes()
     for version in ("1", "2"):
         assert (a / version / "model.onnx").read_bytes() == (
             b / version / "model.onnx"
@@ -29,12 +25,15 @@ def test_same_seed_same_bytes(tmp_path: Path):
 
 
 def test_two_versions_that_score_transactions(demo_repo: Path):
+    """Each version scores the matrix of its own contract version, built by the offline API."""
     model_dir = demo_repo / "fraud"
     cols, labels = synthetic_transactions(3000, seed=99)
-    x = encode(cols, load_scaling(model_dir))
-    assert x.shape == (3000, 19) and x.dtype == np.float32
-    info = yaml.safe_load((model_dir / "encoding.yaml").read_text())
+    info = yaml.safe_load((model_dir / "training.yaml").read_text())
     for version in (1, 2):
+        contract = features.load_contract(model_dir, f"v{version}")
+        assert info["versions"][version]["contract"] == contract.version
+        x = features.assemble(contract, cols)
+        assert x.shape == (3000, 22) and x.dtype == np.float32
         session = ort.InferenceSession(
             str(model_dir / str(version) / "model.onnx"), providers=["CPUExecutionProvider"]
         )
@@ -49,5 +48,6 @@ def test_two_versions_that_score_transactions(demo_repo: Path):
 def test_synthetic_data_has_numeric_and_categorical_features():
     cols, labels = synthetic_transactions(1000, seed=1)
     assert cols["amount"].dtype == np.float64
+    assert cols["hour"].dtype.kind == "i"
     assert set(cols["channel"]) <= {"pos", "web", "app"}
     assert 0.01 < labels.mean() < 0.2
