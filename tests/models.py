@@ -76,3 +76,17 @@ def write_slow_model(
         1,
         {"max_batch_size": 256, "intra_op_threads": 1, "graph_optimization": "disable", **config},
     )
+
+
+def write_identity_model(
+    model_dir: Path, width: int, version: int = 1, config: dict | None = None
+) -> Path:
+    """features FP32 [batch, width] -> assembled (the same): shows what the gateway built."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["features"], ["assembled"])],
+        "identity",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("assembled", TensorProto.FLOAT, ["batch", width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _save(model, model_dir, version, config)
