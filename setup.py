@@ -38,10 +38,17 @@ class BuildPyWithProtos(build_py):
 
 
 def extensions() -> list[Extension]:
+    import numpy
     from Cython.Build import cythonize
 
+    # The kernels read numpy arrays through numpy's C API (raw pointers, no per-call views).
     modules = [
-        Extension(f"gateway.{pyx.stem}", [str(pyx.relative_to(ROOT))])
+        Extension(
+            f"gateway.{pyx.stem}",
+            [str(pyx.relative_to(ROOT))],
+            include_dirs=[numpy.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        )
         for pyx in sorted((ROOT / "native").glob("*.pyx"))
     ]
     return cythonize(

@@ -69,3 +69,66 @@ def build_bench_repositories(root: Path) -> dict[str, Path]:
 
 def onnx_path(repo: Path, model: str) -> Path:
     return repo / model / "1" / "model.onnx"
+
+
+def feature_contract(numeric: int = 24, categorical: int = 8) -> dict[str, object]:
+    """A 32-feature contract (24 numeric, 8 categorical) exercising every kernel path.
+
+    Numerics cycle through float with log1p + standardize (range clipped), int bucketized,
+    float standardized (range flagged) and bool. Vocabularies grow from 4 to 1000 values;
+    the small ones are one-hot, the large ones indexed. No feature rejects: a load generator's
+    random values must all be servable.
+    """
+    feats: list[dict[str, object]] = []
+    for i in range(numeric):
+        base = {"name": f"n{i:02d}", "owner": "bench", "description": "numeric"}
+        shape = i % 4
+        if shape == 0:
+            scale = {"standardize": {"mean": 3.0, "std": 1.5}}
+            base |= {"kind": "float", "null_policy": {"default": 0.0},
+                     "range": {"min": 0, "max": 1e6, "policy": "clip"},
+                     "transform": ["log1p", scale]}  # fmt: skip
+        elif shape == 1:
+            base |= {"kind": "int", "range": {"min": 0, "max": 100, "policy": "clip"},
+                     "transform": {"bucketize": {"boundaries": [1, 2, 5, 10, 20, 50]}}}  # fmt: skip
+        elif shape == 2:
+            base |= {"kind": "float", "null_policy": {"default": 0.0},
+                     "range": {"min": -10, "max": 10, "policy": "flag"},
+                     "transform": {"standardize": {"mean": 0.0, "std": 2.0}}}  # fmt: skip
+        else:
+            base |= {"kind": "bool", "null_policy": {"default": 0}}
+        feats.append(base)
+    sizes = [4, 8, 16, 32, 64, 128, 256, 1000][:categorical]
+    for i, size in enumerate(sizes):
+        feats.append({
+            "name": f"c{i}", "kind": "categorical", "owner": "bench", "description": "category",
+            "vocabulary": [f"value-{v}" for v in range(size)],
+            "encoding": "one_hot" if size <= 16 else "index", "null_policy": {"default": None},
+        })  # fmt: skip
+    return {"versions": {"v1": {"input": "features", "features": feats}}}
+
+
+def write_feature_model(model_dir: Path) -> int:
+    """A logistic scorer over the bench contract's matrix; returns the matrix width."""
+    from gateway.features import load_contract
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "features.yaml").write_text(yaml.safe_dump(feature_contract()))
+    width = load_contract(model_dir).width
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(width, 1)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w"], ["z"]),
+         helper.make_node("Sigmoid", ["z"], ["probability"])],
+        "features_bench",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (model_dir / "1").mkdir(exist_ok=True)
+    (model_dir / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    config = {"max_batch_size": 1024, "instances": 2, "dynamic_batching": {}}
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return width

@@ -80,8 +80,7 @@ class Pipeline:
     def _assemble(self, loaded: LoadedVersion, inputs: list[Tensor]) -> Assembly:
         contract = loaded.contract
         assert contract is not None
-        label = f"contract {contract.version} of model '{loaded.name}' version {loaded.version}"
-        assembly = assemble_tensors(contract, inputs, label, self._max_input_bytes)
+        assembly = assemble_tensors(contract, inputs, _ContractLabel(loaded), self._max_input_bytes)
         loaded.coverage += assembly.counts
         return assembly
 
@@ -115,6 +114,19 @@ class Pipeline:
             self.retire(loaded)
         if self._closing:
             await asyncio.gather(*self._closing)
+
+
+class _ContractLabel:
+    """Names the contract and model version in an error; formatted only when one is raised."""
+
+    __slots__ = ("loaded",)
+
+    def __init__(self, loaded: LoadedVersion) -> None:
+        self.loaded = loaded
+
+    def __str__(self) -> str:
+        version = self.loaded.contract.version if self.loaded.contract else "?"
+        return f"contract {version} of model '{self.loaded.name}' version {self.loaded.version}"
 
 
 def _sends_model_inputs(loaded: LoadedVersion, inputs: list[Tensor]) -> bool:

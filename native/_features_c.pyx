@@ -1,19 +1,36 @@
 # cython: language_level=3
 """Feature assembly kernel, native twin of gateway/features/_kernel_py.py (the specification).
 
-One pass per feature over the batch. Numeric features run without the GIL on typed
-memoryviews. Categorical values are looked up in an open-addressing hash table (FNV-1a 64) over
-the vocabulary's UTF-8 bytes: no Python dict call per value, only a pointer read per element.
+Numeric features are processed a column at a time without the GIL: values are read in their
+own dtype (float32/64, int32/64, bool; no conversion copy per request) into a float64 scratch
+column, nulls and the range policy are applied, then each transform step runs as a tight loop
+over the column, and the result is written as float32 into the output's strided column.
+Categorical values are looked up in one open-addressing hash table per feature over the
+vocabulary's UTF-8 bytes: no Python call per value, a pointer read and a short hash.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_GET_SIZE
+cimport cython
+cimport numpy as cnp
 from cpython.ref cimport PyObject
 from libc.math cimport INFINITY, NAN, isnan, log1p
-from libc.stdint cimport int8_t, int32_t, int64_t, uint64_t
-from libc.string cimport memcmp
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy
 
 import numpy as np
 
+cnp.import_array()
+
+cdef extern from *:
+    void _prefetch "__builtin_prefetch"(const void* address) nogil
+
+cdef extern from "Python.h":
+    bint _is_bytes "PyBytes_Check"(PyObject* o) nogil
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject* o) nogil
+    char* _bytes_data "PyBytes_AS_STRING"(PyObject* o) nogil
+    PyObject* _none "Py_None"
+    void* _type_of "Py_TYPE"(PyObject* o) nogil
+    void* _bytes_type "(&PyBytes_Type)"
 
 # The codes of gateway/features/contract.py and _kernel_py.py (checked by the parity tests).
 cdef enum:
@@ -28,15 +45,60 @@ cdef enum:
     STEP_LOG1P = 2
     STEP_CLIP = 3
     STEP_BUCKETIZE = 4
+    LINEAR_BUCKETS = 32  # up to this many boundaries, count them branch-free
+    PREFETCH_AHEAD = 8  # categorical rows: each value is its own heap object
+    BLOCK = 64  # rows per pass over the features: the block's output stays in L1
+
+# How a numeric column is read.
+cdef enum:
+    COL_ABSENT = 0
+    COL_F64 = 1
+    COL_F32 = 2
+    COL_I64 = 3
+    COL_I32 = 4
+    COL_BOOL = 5
 
 
-cdef inline uint64_t _fnv1a(const unsigned char* p, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t h = 14695981039346656037ULL
-    cdef Py_ssize_t i
-    for i in range(n):
-        h ^= p[i]
-        h *= 1099511628211ULL
+cdef inline uint64_t _hash(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """8 bytes per step (multiply-rotate, as FxHash), then a final avalanche."""
+    cdef uint64_t h = <uint64_t>n * 0x9E3779B97F4A7C15ULL
+    cdef uint64_t word
+    while n >= 8:
+        memcpy(&word, p, 8)
+        h = (((h << 5) | (h >> 59)) ^ word) * 0x517CC1B727220A95ULL
+        p += 8
+        n -= 8
+    if n > 0:
+        word = 0
+        while n > 0:  # the tail, byte by byte: cheaper than a variable-length memcpy call
+            n -= 1
+            word = (word << 8) | p[n]
+        h = (((h << 5) | (h >> 59)) ^ word) * 0x517CC1B727220A95ULL
+    h ^= h >> 33
+    h *= 0xFF51AFD7ED558CCDULL
+    h ^= h >> 33
     return h
+
+
+cdef inline bint _same(const unsigned char* a, const unsigned char* b, Py_ssize_t n) noexcept nogil:
+    """Equal bytes, compared a word at a time (the last word may overlap the one before)."""
+    cdef uint64_t x, y
+    cdef Py_ssize_t i = 0
+    if n < 8:
+        while i < n:
+            if a[i] != b[i]:
+                return False
+            i += 1
+        return True
+    while i + 8 < n:
+        memcpy(&x, a + i, 8)
+        memcpy(&y, b + i, 8)
+        if x != y:
+            return False
+        i += 8
+    memcpy(&x, a + n - 8, 8)
+    memcpy(&y, b + n - 8, 8)
+    return x == y
 
 
 cdef inline double _c_log1p(double x) noexcept nogil:
@@ -45,264 +107,393 @@ cdef inline double _c_log1p(double x) noexcept nogil:
     return -INFINITY if x == -1.0 else NAN
 
 
+cdef inline const void* _data(object array):
+    return cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+@cython.final  # methods called directly (and inlined), not through a vtable
 cdef class Prepared:
-    """The plan's arrays as typed views, plus one hash table per categorical feature."""
+    """The plan's arrays as raw pointers (the plan keeps them alive), plus the hash tables."""
 
     cdef readonly object plan
-    cdef const int8_t[::1] kinds, null_reject, range_policy, one_hot, step_code
-    cdef const int64_t[::1] offsets, step_start, step_count, bound_start, bound_count
-    cdef const double[::1] defaults, range_lo, range_hi, step_a, step_b, bounds
-    # Hash tables: feature f owns slots[table_start[f] : table_start[f] + table_mask[f] + 1];
-    # a slot holds 0 (empty) or 1 + the index of a vocabulary entry into entry_*.
-    cdef int32_t[::1] slots
-    cdef int64_t[::1] table_start, table_mask, vocab_first
-    cdef int64_t[::1] entry_offset, entry_length
-    cdef bytes blob
-    cdef const unsigned char* blob_ptr
+    cdef Py_ssize_t n_features
+    cdef const int8_t* kinds
+    cdef const int8_t* null_reject
+    cdef const int8_t* range_policy
+    cdef const int8_t* one_hot
+    cdef const int8_t* step_code
+    cdef const int64_t* offsets
+    cdef const int64_t* step_start
+    cdef const int64_t* step_count
+    cdef const int64_t* bound_start
+    cdef const int64_t* bound_count
+    cdef const double* defaults
+    cdef const double* range_lo
+    cdef const double* range_hi
+    cdef const double* step_a
+    cdef const double* step_b
+    cdef const double* bounds
+    # Feature f's table: slots[table_start[f] : table_start[f] + table_mask[f] + 1], each 0
+    # (empty) or 1 + a global vocabulary entry; entry e spans blob[entry_offset[e]:+length].
+    cdef object _keep
+    cdef const int32_t* slots
+    cdef const int64_t* table_start
+    cdef const int64_t* table_mask
+    cdef const int64_t* vocab_first
+    cdef const int64_t* entry_offset
+    cdef const int64_t* entry_length
+    cdef const uint64_t* entry_hash
+    cdef const unsigned char* blob
 
     def __init__(self, plan):
         self.plan = plan
-        self.kinds = plan.kinds
-        self.null_reject = plan.null_reject
-        self.range_policy = plan.range_policy
-        self.one_hot = plan.one_hot
-        self.step_code = plan.step_code
-        self.offsets = plan.offsets
-        self.step_start = plan.step_start
-        self.step_count = plan.step_count
-        self.bound_start = plan.bound_start
-        self.bound_count = plan.bound_count
-        self.defaults = plan.defaults
-        self.range_lo = plan.range_lo
-        self.range_hi = plan.range_hi
-        self.step_a = plan.step_a
-        self.step_b = plan.step_b
-        self.bounds = plan.bounds
+        self.n_features = len(plan.kinds)
+        self.kinds = <const int8_t*>_data(plan.kinds)
+        self.null_reject = <const int8_t*>_data(plan.null_reject)
+        self.range_policy = <const int8_t*>_data(plan.range_policy)
+        self.one_hot = <const int8_t*>_data(plan.one_hot)
+        self.step_code = <const int8_t*>_data(plan.step_code)
+        self.offsets = <const int64_t*>_data(plan.offsets)
+        self.step_start = <const int64_t*>_data(plan.step_start)
+        self.step_count = <const int64_t*>_data(plan.step_count)
+        self.bound_start = <const int64_t*>_data(plan.bound_start)
+        self.bound_count = <const int64_t*>_data(plan.bound_count)
+        self.defaults = <const double*>_data(plan.defaults)
+        self.range_lo = <const double*>_data(plan.range_lo)
+        self.range_hi = <const double*>_data(plan.range_hi)
+        self.step_a = <const double*>_data(plan.step_a)
+        self.step_b = <const double*>_data(plan.step_b)
+        self.bounds = <const double*>_data(plan.bounds)
         self._build_tables(plan.vocab)
 
     def _build_tables(self, vocab):
-        n_features = len(vocab)
-        starts = np.zeros(n_features, dtype=np.int64)
-        masks = np.zeros(n_features, dtype=np.int64)
-        firsts = np.zeros(n_features, dtype=np.int64)
-        values = []
+        starts = np.zeros(len(vocab), dtype=np.int64)
+        masks = np.zeros(len(vocab), dtype=np.int64)
+        firsts = np.zeros(len(vocab), dtype=np.int64)
+        words = []
         total = 0
-        for f, words in enumerate(vocab):
-            firsts[f] = len(values)
-            if words is None:
+        for f, values in enumerate(vocab):
+            firsts[f] = len(words)
+            if values is None:
                 continue
             size = 8
-            while size < 2 * len(words):
+            while size < 4 * len(values):  # load <= 1/4: probes rarely go past one slot
                 size *= 2
             starts[f] = total
             masks[f] = size - 1
             total += size
-            values.extend(words)
-        offsets = np.zeros(len(values), dtype=np.int64)
-        lengths = np.zeros(len(values), dtype=np.int64)
-        position = 0
-        for i, word in enumerate(values):
-            offsets[i] = position
-            lengths[i] = len(word)
-            position += len(word)
-        self.blob = b"".join(values) + b"\0"
-        self.blob_ptr = <const unsigned char*>PyBytes_AS_STRING(self.blob)
-        self.entry_offset = offsets
-        self.entry_length = lengths
-        self.table_start = starts
-        self.table_mask = masks
-        self.vocab_first = firsts
-        self.slots = np.zeros(max(total, 1), dtype=np.int32)
-        self._fill([0 if words is None else len(words) for words in vocab])
-
-    cdef void _fill(self, list sizes):
-        cdef Py_ssize_t g, i, entry, slot, length
-        cdef int64_t mask, start
-        for g in range(len(sizes)):
-            mask = self.table_mask[g]
-            start = self.table_start[g]
-            for i in range(<Py_ssize_t>sizes[g]):
-                entry = self.vocab_first[g] + i
-                length = self.entry_length[entry]
-                slot = <Py_ssize_t>(
-                    _fnv1a(self.blob_ptr + self.entry_offset[entry], length) & <uint64_t>mask
-                )
-                while self.slots[start + slot] != 0:
-                    slot = (slot + 1) & mask
-                self.slots[start + slot] = <int32_t>(entry + 1)
+            words.extend(values)
+        lengths = np.array([len(w) for w in words], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        blob = b"".join(words) + b"\0"
+        slots = np.zeros(max(total, 1), dtype=np.int32)
+        hashes = np.zeros(max(len(words), 1), dtype=np.uint64)
+        self._keep = (starts, masks, firsts, lengths, offsets, blob, slots, hashes)
+        self.entry_hash = <const uint64_t*>_data(hashes)
+        self.table_start = <const int64_t*>_data(starts)
+        self.table_mask = <const int64_t*>_data(masks)
+        self.vocab_first = <const int64_t*>_data(firsts)
+        self.entry_length = <const int64_t*>_data(lengths)
+        self.entry_offset = <const int64_t*>_data(offsets)
+        self.blob = <const unsigned char*>(<char*>blob)
+        self.slots = <const int32_t*>_data(slots)
+        _fill(
+            self,
+            <int32_t*>_data(slots),
+            <uint64_t*>_data(hashes),
+            [0 if v is None else len(v) for v in vocab],
+        )
 
     cdef inline int64_t bucket(self, Py_ssize_t f, const unsigned char* p, Py_ssize_t n) noexcept nogil:
         """1 + the value's vocabulary position, or 0 when it is out of vocabulary."""
         cdef int64_t mask = self.table_mask[f]
-        cdef int64_t start = self.table_start[f]
-        cdef int64_t slot = <int64_t>(_fnv1a(p, n) & <uint64_t>mask)
+        cdef const int32_t* table = self.slots + self.table_start[f]
+        cdef uint64_t h = _hash(p, n)
+        cdef int64_t slot = <int64_t>(h & <uint64_t>mask)
         cdef int32_t held
         cdef int64_t entry
         while True:
-            held = self.slots[start + slot]
+            held = table[slot]
             if held == 0:
                 return 0
             entry = held - 1
-            if self.entry_length[entry] == n and memcmp(
-                self.blob_ptr + self.entry_offset[entry], p, n
-            ) == 0:
+            if self.entry_hash[entry] == h and self.entry_length[entry] == n and _same(
+                self.blob + self.entry_offset[entry], p, n
+            ):
                 return entry - self.vocab_first[f] + 1
             slot = (slot + 1) & mask
+
+
+cdef void _fill(Prepared prep, int32_t* slots, uint64_t* hashes, list sizes):
+    cdef Py_ssize_t f, i, entry, slot
+    cdef int64_t mask
+    cdef int32_t* table
+    for f in range(len(sizes)):
+        mask = prep.table_mask[f]
+        table = slots + prep.table_start[f]
+        for i in range(<Py_ssize_t>sizes[f]):
+            entry = prep.vocab_first[f] + i
+            hashes[entry] = _hash(prep.blob + prep.entry_offset[entry], prep.entry_length[entry])
+            slot = <Py_ssize_t>(hashes[entry] & <uint64_t>mask)
+            while table[slot] != 0:
+                slot = (slot + 1) & mask
+            table[slot] = <int32_t>(entry + 1)
 
 
 def prepare(plan):
     return Prepared(plan)
 
 
-cdef double _apply_steps(Prepared prep, Py_ssize_t f, double v) noexcept nogil:
-    cdef Py_ssize_t s, lo, hi, mid, first
-    cdef int8_t code
-    cdef Py_ssize_t start = prep.step_start[f]
-    for s in range(start, start + prep.step_count[f]):
-        code = prep.step_code[s]
-        if code == STEP_STANDARDIZE:
-            v = (v - prep.step_a[s]) / prep.step_b[s]
-        elif code == STEP_LOG1P:
-            v = _c_log1p(v)
-        elif code == STEP_CLIP:
-            if v < prep.step_a[s]:
-                v = prep.step_a[s]
-            elif v > prep.step_b[s]:
-                v = prep.step_b[s]
-        elif code == STEP_BUCKETIZE:
-            if isnan(v):
-                v = 0.0
-            else:
-                first = prep.bound_start[s]
-                lo = 0
-                hi = prep.bound_count[s]
-                while lo < hi:  # the number of boundaries <= v
-                    mid = (lo + hi) // 2
-                    if prep.bounds[first + mid] <= v:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                v = <double>lo
-    return v
-
-
-cdef int _numeric(
-    Prepared prep,
-    Py_ssize_t f,
-    const double[::1] column,
-    bint absent,
-    Py_ssize_t rows,
-    float[:, ::1] out,
-    int64_t[:, ::1] counts,
-    Py_ssize_t* bad_row,
+cdef int _load(
+    Prepared prep, Py_ssize_t f, int kind, const void* src, Py_ssize_t first, Py_ssize_t rows,
+    double* v, int64_t* counts, Py_ssize_t* bad_row,
 ) noexcept nogil:
+    """Rows [first, first + rows) of a column -> v (float64): nulls defaulted (or rejected),
+    the range policy applied. On a bad value, its row and code; counts are then incomplete."""
     cdef Py_ssize_t r
-    cdef Py_ssize_t offset = prep.offsets[f]
     cdef bint reject_null = prep.null_reject[f] != 0
     cdef int8_t policy = prep.range_policy[f]
-    cdef double lo = prep.range_lo[f]
-    cdef double hi = prep.range_hi[f]
-    cdef double default = prep.defaults[f]
-    cdef double v
-    cdef int64_t present = 0, defaulted = 0, outside = 0
+    cdef bint reject_range = policy == RANGE_REJECT
+    cdef bint clip = policy == RANGE_CLIP
+    cdef double lo = prep.range_lo[f], hi = prep.range_hi[f], default = prep.defaults[f], x
+    cdef int64_t defaulted = 0, outside = 0
+    cdef int null, below, above
+    # Data-dependent outcomes (null, below, above) are counted and selected, not branched on:
+    # random values would mispredict. The branches left fire only on a rejected value. A
+    # default lies within the range (the contract checks it), so a null is never outside.
+    if policy == RANGE_NONE:
+        lo = -INFINITY
+        hi = INFINITY
     for r in range(rows):
-        v = NAN if absent else column[r]
-        if isnan(v):
-            if reject_null:
-                bad_row[0] = r
-                return NULL_REJECTED
-            v = default
-            defaulted += 1
+        if kind == COL_F64:
+            x = (<const double*>src)[first + r]
+        elif kind == COL_F32:
+            x = (<const float*>src)[first + r]
+        elif kind == COL_I64:
+            x = <double>(<const int64_t*>src)[first + r]
+        elif kind == COL_I32:
+            x = <double>(<const int32_t*>src)[first + r]
+        elif kind == COL_BOOL:
+            x = 1.0 if (<const uint8_t*>src)[first + r] != 0 else 0.0
         else:
-            present += 1
-            if policy != RANGE_NONE and (v < lo or v > hi):
-                if policy == RANGE_REJECT:
-                    bad_row[0] = r
-                    return OUT_OF_RANGE
-                outside += 1
-                if policy == RANGE_CLIP:
-                    v = lo if v < lo else hi
-        out[r, offset] = <float>_apply_steps(prep, f, v)
-    counts[f, 0] += present
-    counts[f, 1] += defaulted
-    counts[f, 2] += outside
+            x = NAN
+        null = x != x
+        if null & reject_null:
+            bad_row[0] = first + r
+            return NULL_REJECTED
+        x = default if null else x
+        defaulted += null
+        below = x < lo
+        above = x > hi
+        if (below | above) & reject_range:
+            bad_row[0] = first + r
+            return OUT_OF_RANGE
+        outside += below | above
+        x = lo if (below & clip) else x
+        x = hi if (above & clip) else x
+        v[r] = x
+    counts[0] += rows - defaulted
+    counts[1] += defaulted
+    counts[2] += outside
     return 0
 
 
+cdef void _steps(Prepared prep, Py_ssize_t f, double* v, Py_ssize_t rows) noexcept nogil:
+    """Each transform step as one loop over the block."""
+    cdef Py_ssize_t s, r, i, lo, hi, mid, n
+    cdef double a, b, x
+    cdef int8_t code
+    cdef const double* edges
+    cdef Py_ssize_t start = prep.step_start[f]
+    for s in range(start, start + prep.step_count[f]):
+        a = prep.step_a[s]
+        b = prep.step_b[s]
+        code = prep.step_code[s]
+        if code == STEP_STANDARDIZE:
+            for r in range(rows):
+                v[r] = (v[r] - a) / b
+        elif code == STEP_LOG1P:
+            for r in range(rows):
+                v[r] = _c_log1p(v[r])
+        elif code == STEP_CLIP:
+            for r in range(rows):
+                x = v[r]
+                v[r] = a if x < a else (b if x > b else x)
+        elif code == STEP_BUCKETIZE:
+            edges = prep.bounds + prep.bound_start[s]
+            n = prep.bound_count[s]
+            for r in range(rows):
+                x = v[r]
+                lo = 0
+                if n <= LINEAR_BUCKETS:  # the number of boundaries <= x; NaN counts none
+                    for i in range(n):
+                        lo += edges[i] <= x
+                elif not isnan(x):
+                    hi = n
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        if edges[mid] <= x:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                v[r] = <double>lo
+
+
 cdef int _categorical(
-    Prepared prep,
-    Py_ssize_t f,
-    object column,
-    Py_ssize_t rows,
-    float[:, ::1] out,
-    int64_t[:, ::1] counts,
-    Py_ssize_t* bad_row,
-):
-    cdef Py_ssize_t r
+    Prepared prep, Py_ssize_t f, PyObject** items, Py_ssize_t first, Py_ssize_t rows,
+    float* out, Py_ssize_t width, int64_t* counts, Py_ssize_t* bad_row,
+) noexcept nogil:
+    """Rows [first, first + rows): buckets written to ``out`` (the block's first row)."""
+    cdef Py_ssize_t r, length
     cdef Py_ssize_t offset = prep.offsets[f]
     cdef bint reject_null = prep.null_reject[f] != 0
     cdef bint one_hot = prep.one_hot[f] != 0
     cdef int64_t default = <int64_t>prep.defaults[f]
     cdef int64_t bucket
     cdef int64_t present = 0, defaulted = 0, oov = 0
-    cdef object[::1] items
-    cdef object item
-    cdef Py_ssize_t length
-    cdef bint absent = column is None
-    if not absent:
-        items = column
+    cdef PyObject* item = NULL
+    cdef Py_ssize_t last = first + rows - 1
     for r in range(rows):
-        if absent:
-            length = 0
-        else:
-            item = items[r]
-            if item is None:
-                length = 0
-            elif PyBytes_Check(item):
-                length = PyBytes_GET_SIZE(item)
-            else:
-                bad_row[0] = r
-                return NOT_BYTES
+        length = 0
+        if items != NULL:
+            if first + r + PREFETCH_AHEAD <= last:
+                _prefetch(items[first + r + PREFETCH_AHEAD])
+            item = items[first + r]
+            if item != _none:
+                if _type_of(item) != _bytes_type and not _is_bytes(item):  # exact type first
+                    bad_row[0] = first + r
+                    return NOT_BYTES
+                length = _bytes_size(item)
         if length == 0:
             if reject_null:
-                bad_row[0] = r
+                bad_row[0] = first + r
                 return NULL_REJECTED
             bucket = default
             defaulted += 1
         else:
-            bucket = prep.bucket(f, <const unsigned char*>PyBytes_AS_STRING(item), length)
+            bucket = prep.bucket(f, <const unsigned char*>_bytes_data(item), length)
             present += 1
-            if bucket == 0:
-                oov += 1
+            oov += bucket == 0
         if one_hot:
-            out[r, offset + bucket] = 1.0
+            out[r * width + offset + bucket] = 1.0
         else:
-            out[r, offset] = <float>bucket
-    counts[f, 0] += present
-    counts[f, 1] += defaulted
-    counts[f, 3] += oov
+            out[r * width + offset] = <float>bucket
+    counts[0] += present
+    counts[1] += defaulted
+    counts[3] += oov
     return 0
 
 
-_EMPTY = np.zeros(0, dtype=np.float64)
+cdef int _column_kind(object column) except -1:
+    if column is None:
+        return COL_ABSENT
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>column)
+    if typenum == cnp.NPY_FLOAT64:
+        return COL_F64
+    if typenum == cnp.NPY_FLOAT32:
+        return COL_F32
+    if typenum == cnp.NPY_INT64:
+        return COL_I64
+    if typenum == cnp.NPY_INT32:
+        return COL_I32
+    if typenum == cnp.NPY_BOOL:
+        return COL_BOOL
+    return -2  # anything else is read through a float64 copy
 
 
-def run(Prepared prep, list columns, Py_ssize_t rows, float[:, ::1] out, int64_t[:, ::1] counts):
-    """Fill ``out`` and ``counts``; None, or (feature, row, code) of the first bad value."""
-    cdef Py_ssize_t f
-    cdef Py_ssize_t bad_row = 0
-    cdef int code
-    cdef const double[::1] numbers
-    cdef bint absent
-    for f in range(prep.kinds.shape[0]):
-        column = columns[f]
+cdef inline bint _plain(object column):
+    """1-D, C-contiguous, aligned, native byte order: readable in place."""
+    cdef cnp.ndarray array = <cnp.ndarray>column
+    return (
+        cnp.PyArray_NDIM(array) == 1
+        and cnp.PyArray_ISCARRAY_RO(array)
+        and cnp.PyArray_ISNOTSWAPPED(array)
+    )
+
+
+cdef int _block(
+    Prepared prep, const int* kinds, const void** sources, Py_ssize_t first, Py_ssize_t rows,
+    float* out, Py_ssize_t width, int64_t* counts, double* v, Py_ssize_t* bad_row,
+    Py_ssize_t* bad_feature,
+) noexcept nogil:
+    """Every feature over one block of rows; on bad values, the lowest (row, feature)."""
+    cdef Py_ssize_t f, r, offset, row
+    cdef int code, found = 0
+    cdef float* block = out + first * width
+    for f in range(prep.n_features):
         if prep.kinds[f] == K_CATEGORICAL:
-            code = _categorical(prep, f, column, rows, out, counts, &bad_row)
+            code = _categorical(
+                prep, f, <PyObject**>sources[f], first, rows, block, width, counts + 4 * f, &row
+            )
         else:
-            absent = column is None
-            numbers = _EMPTY if absent else column
-            with nogil:
-                code = _numeric(prep, f, numbers, absent, rows, out, counts, &bad_row)
+            code = _load(prep, f, kinds[f], sources[f], first, rows, v, counts + 4 * f, &row)
+            if code == 0:
+                _steps(prep, f, v, rows)
+                offset = prep.offsets[f]
+                for r in range(rows):
+                    block[r * width + offset] = <float>v[r]
+        if code != 0 and (found == 0 or row < bad_row[0]):
+            found = code
+            bad_row[0] = row
+            bad_feature[0] = f
+    return found
+
+
+def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarray counts):
+    """Fill ``out`` and ``counts``; None, or (feature, row, code) of the first bad value.
+
+    Columns must not change during the call (it reads them without the GIL).
+    """
+    if not (cnp.PyArray_TYPE(out) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY(out)
+            and cnp.PyArray_NDIM(out) == 2 and out.shape[0] == rows):
+        raise ValueError("out must be a C-contiguous float32 [rows, width] array")
+    if not (cnp.PyArray_TYPE(counts) == cnp.NPY_INT64 and cnp.PyArray_ISCARRAY(counts)
+            and counts.shape[0] == prep.n_features and counts.shape[1] == 4):
+        raise ValueError("counts must be a C-contiguous int64 [features, 4] array")
+    cdef Py_ssize_t n = prep.n_features
+    cdef Py_ssize_t width = out.shape[1]
+    cdef float* out_p = <float*>cnp.PyArray_DATA(out)
+    cdef int64_t* counts_p = <int64_t*>cnp.PyArray_DATA(counts)
+    cdef Py_ssize_t f, first, size, bad_row = 0, bad_feature = 0
+    cdef int code = 0, kind
+    # One allocation: per feature, the column's kind and data pointer; then the scratch block.
+    cdef char* memory = <char*>malloc(n * (sizeof(int) + sizeof(void*)) + BLOCK * sizeof(double))
+    if memory == NULL:
+        raise MemoryError()
+    cdef const void** sources = <const void**>memory
+    cdef int* kinds = <int*>(memory + n * sizeof(void*))
+    cdef double* v = <double*>(memory + n * (sizeof(int) + sizeof(void*)))
+    keep = []  # converted columns live until the pass is over
+    try:
+        for f in range(n):
+            column = columns[f]
+            if column is None:
+                kinds[f] = COL_ABSENT
+                sources[f] = NULL
+                continue
+            if prep.kinds[f] == K_CATEGORICAL:
+                if not (cnp.PyArray_TYPE(<cnp.ndarray>column) == cnp.NPY_OBJECT and _plain(column)):
+                    column = np.ascontiguousarray(column, dtype=object).reshape(-1)
+                kind = COL_ABSENT
+            else:
+                kind = _column_kind(column)
+                if kind == -2 or not _plain(column):
+                    column = np.ascontiguousarray(column, dtype=np.float64).reshape(-1)
+                    kind = COL_F64
+            keep.append(column)
+            kinds[f] = kind
+            sources[f] = cnp.PyArray_DATA(<cnp.ndarray>column)
+        with nogil:
+            first = 0
+            while first < rows:
+                size = min(BLOCK, rows - first)
+                code = _block(prep, kinds, sources, first, size, out_p, width, counts_p, v,
+                              &bad_row, &bad_feature)
+                if code != 0:
+                    break
+                first += size
         if code != 0:
-            return f, bad_row, code
-    return None
+            return bad_feature, bad_row, code
+        return None
+    finally:
+        free(memory)

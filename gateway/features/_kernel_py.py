@@ -7,9 +7,11 @@ one column per feature, in contract order:
 * numeric: a float64 array of ``rows`` values, NaN meaning null; or None (every row null);
 * categorical: an object array of ``bytes`` (or None), ``b""``/None meaning null; or None.
 
-Features are processed in contract order, rows in order; the first bad value stops the run and
-is returned as ``(feature, row, code)``: ``NULL_REJECTED``, ``OUT_OF_RANGE`` (reject policy) or
-``NOT_BYTES`` (a categorical element that is neither bytes nor None). ``None`` means success.
+A bad value fails the run, returned as ``(feature, row, code)`` for the lowest bad row (the
+first feature in contract order among those bad in that row): ``NULL_REJECTED``,
+``OUT_OF_RANGE`` (reject policy) or ``NOT_BYTES`` (a categorical element that is neither bytes
+nor None). ``None`` means success; after a failure ``out`` and ``counts`` are unspecified.
+Numeric columns may be float64, float32, int64, int32 or bool arrays.
 
 Numeric per row: null -> default (counted ``defaulted``, no range check) else ``present``, and
 outside [lo, hi] -> rejected / clipped / flagged (counted ``out_of_range``); then the steps:
@@ -166,6 +168,7 @@ def run(
     counts: NDArray[np.int64],
 ) -> Error:
     plan = prepared.plan
+    errors = []
     # IEEE results, as C gives them: overflow to inf, inf - inf to NaN, without warnings.
     with np.errstate(all="ignore"):
         for f in range(plan.features):
@@ -174,5 +177,7 @@ def run(
             else:
                 error = _numeric(plan, f, columns[f], rows, out, counts)
             if error is not None:
-                return error
-    return None
+                errors.append(error)
+    if not errors:
+        return None
+    return min(errors, key=lambda e: (e[1], e[0]))

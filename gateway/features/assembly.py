@@ -59,37 +59,50 @@ class Assembly:
 
 
 def assemble_tensors(
-    contract: Contract, tensors: Sequence[Tensor], label: str, max_bytes: int
+    contract: Contract, tensors: Sequence[Tensor], label: object, max_bytes: int
 ) -> Assembly:
-    """Assemble a request that sends one tensor ([N] or [N, 1]) per raw feature."""
+    """Assemble a request that sends one tensor ([N] or [N, 1]) per raw feature.
+
+    On the request path of every such request: the loop does only what it must per tensor
+    (the kernel reads each column in its own dtype); ``label`` names the model in errors and
+    is formatted only when one is raised.
+    """
+    index = contract.index
+    accepted = contract.accepted_datatypes
     columns: list[Any] = [None] * len(contract.features)
-    rows: int | None = None
-    first = ""
+    rows = -1
     for tensor in tensors:
-        f = contract.index.get(tensor.name)
+        f = index.get(tensor.name)
         if f is None:
             if contract.ignore_unknown:
                 continue
             raise ContractViolation(
                 f"unknown feature '{tensor.name}': {label} takes {_listing(contract)}"
             )
-        feature = contract.features[f]
+        data = tensor.data
+        shape = data.shape
+        if len(shape) != 1:
+            if len(shape) != 2 or shape[1] != 1:
+                raise ContractViolation(
+                    f"feature '{tensor.name}' has shape {list(shape)}; a raw feature is sent "
+                    "as [N] or [N, 1], one value per row"
+                )
+            data = data.reshape(-1)
+        if tensor.datatype not in accepted[f]:
+            _checked(contract.features[f], tensor.datatype, data, label)  # raises, naming it
         if columns[f] is not None:
-            raise ContractViolation(f"feature '{feature.name}' is given more than once")
-        shape = tensor.shape
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-            raise ContractViolation(
-                f"feature '{feature.name}' has shape {list(shape)}; a raw feature is sent as "
-                "[N] or [N, 1], one value per row"
-            )
-        if rows is None:
-            rows, first = shape[0], feature.name
-        elif shape[0] != rows:
-            raise ContractViolation(
-                f"feature '{feature.name}' has {shape[0]} rows but '{first}' has {rows}"
-            )
-        columns[f] = _checked(feature, tensor.datatype, tensor.data.reshape(-1), label)
-    if rows is None:
+            raise ContractViolation(f"feature '{tensor.name}' is given more than once")
+        if shape[0] != rows:
+            if rows >= 0:
+                first = next(
+                    contract.features[g].name for g, c in enumerate(columns) if c is not None
+                )
+                raise ContractViolation(
+                    f"feature '{tensor.name}' has {shape[0]} rows but '{first}' has {rows}"
+                )
+            rows = shape[0]
+        columns[f] = data
+    if rows < 0:
         raise ContractViolation(
             f"the request sends none of the features {label} takes: {_listing(contract)}"
         )
@@ -208,23 +221,25 @@ def _as_bytes(feature: FeatureSpec, array: NDArray[Any]) -> NDArray[Any]:
 # -- shared ----------------------------------------------------------------------------------
 
 
-def _checked(feature: FeatureSpec, datatype: str, data: NDArray[Any], label: str) -> NDArray[Any]:
+def _checked(
+    feature: FeatureSpec, datatype: str, data: NDArray[Any], label: object
+) -> NDArray[Any]:
+    """The column, when its datatype suits the feature's kind (the kernel reads it as is)."""
     accepted = ACCEPTED_DATATYPES[feature.kind]
     if datatype not in accepted:
         raise ContractViolation(
             f"feature '{feature.name}' is {feature.kind} in {label} and is sent as "
             f"{' or '.join(accepted)}, got {datatype}"
         )
-    if feature.kind == "categorical":
-        return data
-    return np.ascontiguousarray(data, dtype=np.float64)
+    return data
 
 
-def _assemble(contract: Contract, columns: list[Any], rows: int, label: str) -> Assembly:
-    for f, feature in enumerate(contract.features):
-        if columns[f] is None and contract.plan.null_reject[f]:
+def _assemble(contract: Contract, columns: list[Any], rows: int, label: object) -> Assembly:
+    for f in contract.required:
+        if columns[f] is None:
             raise ContractViolation(
-                f"feature '{feature.name}' is missing; {label} requires it (null_policy: reject)"
+                f"feature '{contract.features[f].name}' is missing; {label} requires it "
+                "(null_policy: reject)"
             )
     out = np.zeros((rows, contract.width), dtype=np.float32)
     counts = np.zeros((len(contract.features), len(OUTCOMES)), dtype=np.int64)
@@ -235,7 +250,7 @@ def _assemble(contract: Contract, columns: list[Any], rows: int, label: str) -> 
 
 
 def _violation(
-    contract: Contract, columns: list[Any], error: tuple[int, int, int], label: str
+    contract: Contract, columns: list[Any], error: tuple[int, int, int], label: object
 ) -> ContractViolation:
     f, row, code = error
     feature = contract.features[f]

@@ -400,6 +400,13 @@ class Contract:
         self.width = self.plan.width
         self.input_name = spec.input
         self.ignore_unknown = spec.unknown_features == "ignore"
+        # Per feature, the OIP datatypes it accepts; the features that must be sent.
+        self.accepted_datatypes: tuple[frozenset[str], ...] = tuple(
+            frozenset(ACCEPTED_DATATYPES[f.kind]) for f in self.features
+        )
+        self.required: tuple[int, ...] = tuple(
+            i for i, f in enumerate(self.features) if f.null_policy == "reject"
+        )
 
     def __repr__(self) -> str:
         return f"Contract({self.version}, {len(self.features)} features, width {self.width})"
