@@ -24,7 +24,9 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q -e ".[$(FLAVOUR),test]"
 	@touch $@
 
-$(DEMO)/fraud/config.yaml: | $(STAMP)
+# Rebuilt when the demo's code changes (its contracts and models come from it).
+$(DEMO)/fraud/config.yaml: gateway/demo.py gateway/features/contract.py | $(STAMP)
+	rm -rf $(DEMO)
 	$(VENV)/bin/gateway demo-repo $(DEMO)
 
 serve: $(STAMP) $(DEMO)/fraud/config.yaml

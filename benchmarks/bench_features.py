@@ -11,8 +11,9 @@ the server does around the kernel for one request (type checks, conversion, allo
 
 Profile: the gateway serves a scorer under that contract; perf_analyzer sends named-feature
 requests (-b 1, concurrency 64, the features ModelMetadata advertises) while py-spy samples
-the server; the share of samples inside ``assemble_tensors`` is assembly's share of server
-CPU. Results: benchmarks/results/features.{json,md}.
+the server; the share of samples inside ``Pipeline._assemble`` is assembly's share of server
+CPU (the stack strings of py-spy's raw output, every thread). Results:
+benchmarks/results/features.{json,md}.
 """
 
 from __future__ import annotations
@@ -157,19 +158,22 @@ def profile(pa: str, seconds: int) -> dict[str, object]:
             output, _ = load.communicate(timeout=600)
             if spy.returncode != 0:
                 sys.exit(f"py-spy failed: {spy.stderr.strip()}")
-        total = inside = kernel = 0
+        shares = {"assembly": "Pipeline._assemble (", "decode": "request_from_pb (",
+                  "model_run": "Session.run ("}  # fmt: skip
+        total = 0
+        counted = dict.fromkeys(shares, 0)
         for line in samples.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             total += int(count)
-            if "assemble_tensors" in stack:
-                inside += int(count)
-            if "_assemble (" in stack:
-                kernel += int(count)
-        throughput = [ln for ln in output.splitlines() if "throughput" in ln.lower()]
+            for name, frame in shares.items():
+                if frame in stack:
+                    counted[name] += int(count)
+        if total < 100:
+            sys.exit(f"py-spy took {total} samples: the server was idle?\n{output[-2000:]}")
+        throughput = [ln for ln in output.splitlines() if ln.strip().startswith("Throughput:")]
         return {
             "samples": total,
-            "assembly_share": round(inside / total, 4),
-            "assemble_and_kernel_share": round(kernel / total, 4),
+            **{f"{name}_share": round(n / total, 4) for name, n in counted.items()},
             "perf_analyzer": throughput[-1].strip() if throughput else output[-400:],
         }
 
@@ -220,8 +224,10 @@ def markdown(report: dict[str, Any]) -> str:
         p = report["profile"]
         lines += [
             "", "## Server CPU under load (perf_analyzer -b 1, concurrency 64, py-spy)", "",
-            f"- samples: {p['samples']}",
-            f"- inside `assemble_tensors`: {100 * p['assembly_share']:.1f}% of server samples",
+            f"- py-spy samples of the server (every thread, idle excluded): {p['samples']}",
+            f"- feature assembly (`Pipeline._assemble`): {100 * p['assembly_share']:.1f}%",
+            f"- decoding the request's tensors (`request_from_pb`): {100 * p['decode_share']:.1f}%",
+            f"- ONNX Runtime (`Session.run`): {100 * p['model_run_share']:.1f}%",
             f"- perf_analyzer: {p['perf_analyzer']}",
         ]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -18,15 +18,17 @@ PLATFORM = "onnxruntime_onnx"
 
 
 def advertised_inputs(loaded: LoadedVersion) -> list[TensorSpec]:
-    """What clients send: a contract's raw features ([N] each), or the model's own inputs.
+    """What clients send: a contract's raw features, or the model's own inputs.
 
-    A version under a contract still accepts its model input as is (pass-through); metadata
-    lists the features, the interface product services are meant to use.
+    A feature is advertised as [-1, 1] (config dims [1], as Triton shows a per-row scalar, so
+    that tools like perf_analyzer can shape it); [N] is accepted as well. A version under a
+    contract still accepts its model input as is (pass-through); metadata lists the features,
+    the interface product services are meant to use.
     """
     if loaded.contract is None:
         return list(loaded.runtime.inputs)
     return [
-        TensorSpec(f.name, ADVERTISED_DATATYPE[f.kind], (-1,)) for f in loaded.contract.features
+        TensorSpec(f.name, ADVERTISED_DATATYPE[f.kind], (-1, 1)) for f in loaded.contract.features
     ]
 
 

@@ -82,18 +82,18 @@ def test_requested_outputs_are_returned_by_name(client):
 
 
 def test_metadata_and_config_describe_the_contract_features(client):
-    """Under a feature contract the inputs clients send are the raw features, one [N] each."""
+    """Under a feature contract the inputs clients send are the raw features, one value per row."""
     meta = client.get_model_metadata("fraud")
     assert list(meta.versions) == ["1", "2"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("amount", "FP32", [-1]),
-        ("hour", "INT64", [-1]),
-        ("account_age_days", "FP32", [-1]),
-        ("tx_count_24h", "INT64", [-1]),
-        ("distance_km", "FP32", [-1]),
-        ("merchant_category", "BYTES", [-1]),
-        ("channel", "BYTES", [-1]),
-        ("country", "BYTES", [-1]),
+        ("amount", "FP32", [-1, 1]),
+        ("hour", "INT64", [-1, 1]),
+        ("account_age_days", "FP32", [-1, 1]),
+        ("tx_count_24h", "INT64", [-1, 1]),
+        ("distance_km", "FP32", [-1, 1]),
+        ("merchant_category", "BYTES", [-1, 1]),
+        ("channel", "BYTES", [-1, 1]),
+        ("country", "BYTES", [-1, 1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probability", "FP32", [-1, 1])
@@ -101,7 +101,7 @@ def test_metadata_and_config_describe_the_contract_features(client):
     config = client.get_model_config("fraud").config
     assert config.max_batch_size == 1024
     assert config.platform == "onnxruntime_onnx"
-    assert [list(i.dims) for i in config.input] == [[]] * 8  # batch dimension excluded
+    assert [list(i.dims) for i in config.input] == [[1]] * 8  # batch dimension excluded
     assert config.instance_group[0].count == 1
     assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
 
