@@ -47,7 +47,7 @@ cdef enum:
     STEP_BUCKETIZE = 4
     LINEAR_BUCKETS = 32  # up to this many boundaries, count them branch-free
     PREFETCH_AHEAD = 8  # categorical rows: each value is its own heap object
-    BLOCK = 64  # rows per pass over the features: the block's output stays in L1
+    BLOCK = 256  # rows per pass over the features: the block's output stays in L1
 
 # How a numeric column is read.
 cdef enum:
@@ -246,64 +246,86 @@ def prepare(plan):
     return Prepared(plan)
 
 
+cdef void _convert(int kind, const void* src, Py_ssize_t first, Py_ssize_t rows, double* v) noexcept nogil:
+    """Rows [first, first + rows) of a column as float64 (NaN for an absent column)."""
+    cdef Py_ssize_t r
+    if kind == COL_F64:
+        memcpy(v, (<const double*>src) + first, rows * sizeof(double))
+    elif kind == COL_F32:
+        for r in range(rows):
+            v[r] = (<const float*>src)[first + r]
+    elif kind == COL_I64:
+        for r in range(rows):
+            v[r] = <double>(<const int64_t*>src)[first + r]
+    elif kind == COL_I32:
+        for r in range(rows):
+            v[r] = <double>(<const int32_t*>src)[first + r]
+    elif kind == COL_BOOL:
+        for r in range(rows):
+            v[r] = <double>((<const uint8_t*>src)[first + r] != 0)
+    else:
+        for r in range(rows):
+            v[r] = NAN
+
+
 cdef int _load(
     Prepared prep, Py_ssize_t f, int kind, const void* src, Py_ssize_t first, Py_ssize_t rows,
     double* v, int64_t* counts, Py_ssize_t* bad_row,
 ) noexcept nogil:
     """Rows [first, first + rows) of a column -> v (float64): nulls defaulted (or rejected),
-    the range policy applied. On a bad value, its row and code; counts are then incomplete."""
+    the range policy applied. On a bad value, its row and code; counts are then incomplete.
+
+    Each step is its own loop over the block, with no data-dependent branch (random values
+    would mispredict) so the compiler can vectorise it; a rejected value is looked for only
+    when one exists. A default lies within the range (the contract checks it), so a null
+    replaced by it is never outside.
+    """
     cdef Py_ssize_t r
-    cdef bint reject_null = prep.null_reject[f] != 0
     cdef int8_t policy = prep.range_policy[f]
-    cdef bint reject_range = policy == RANGE_REJECT
-    cdef bint clip = policy == RANGE_CLIP
     cdef double lo = prep.range_lo[f], hi = prep.range_hi[f], default = prep.defaults[f], x
     cdef int64_t defaulted = 0, outside = 0
-    cdef int null, below, above
-    # Data-dependent outcomes (null, below, above) are counted and selected, not branched on:
-    # random values would mispredict. The branches left fire only on a rejected value. A
-    # default lies within the range (the contract checks it), so a null is never outside.
-    if policy == RANGE_NONE:
-        lo = -INFINITY
-        hi = INFINITY
+    cdef Py_ssize_t null_row = -1, range_row = -1
+    _convert(kind, src, first, rows, v)
     for r in range(rows):
-        if kind == COL_F64:
-            x = (<const double*>src)[first + r]
-        elif kind == COL_F32:
-            x = (<const float*>src)[first + r]
-        elif kind == COL_I64:
-            x = <double>(<const int64_t*>src)[first + r]
-        elif kind == COL_I32:
-            x = <double>(<const int32_t*>src)[first + r]
-        elif kind == COL_BOOL:
-            x = 1.0 if (<const uint8_t*>src)[first + r] != 0 else 0.0
-        else:
-            x = NAN
-        null = x != x
-        if null & reject_null:
-            bad_row[0] = first + r
+        defaulted += v[r] != v[r]
+    if defaulted and prep.null_reject[f]:
+        for r in range(rows):
+            if v[r] != v[r]:
+                null_row = r
+                break
+    for r in range(rows):
+        x = v[r]
+        v[r] = default if x != x else x
+    if policy != RANGE_NONE:
+        for r in range(rows):
+            outside += (v[r] < lo) | (v[r] > hi)
+        if outside and policy == RANGE_REJECT:
+            for r in range(rows):
+                if v[r] < lo or v[r] > hi:
+                    range_row = r
+                    break
+        elif policy == RANGE_CLIP:
+            for r in range(rows):
+                x = v[r]
+                x = lo if x < lo else x
+                v[r] = hi if x > hi else x
+    if null_row >= 0 or range_row >= 0:
+        # A rejected null wins a tie: its row then holds the placeholder, not a value.
+        if range_row < 0 or (null_row >= 0 and null_row <= range_row):
+            bad_row[0] = first + null_row
             return NULL_REJECTED
-        x = default if null else x
-        defaulted += null
-        below = x < lo
-        above = x > hi
-        if (below | above) & reject_range:
-            bad_row[0] = first + r
-            return OUT_OF_RANGE
-        outside += below | above
-        x = lo if (below & clip) else x
-        x = hi if (above & clip) else x
-        v[r] = x
+        bad_row[0] = first + range_row
+        return OUT_OF_RANGE
     counts[0] += rows - defaulted
     counts[1] += defaulted
     counts[2] += outside
     return 0
 
 
-cdef void _steps(Prepared prep, Py_ssize_t f, double* v, Py_ssize_t rows) noexcept nogil:
+cdef void _steps(Prepared prep, Py_ssize_t f, double* v, double* acc, Py_ssize_t rows) noexcept nogil:
     """Each transform step as one loop over the block."""
     cdef Py_ssize_t s, r, i, lo, hi, mid, n
-    cdef double a, b, x
+    cdef double a, b, x, edge
     cdef int8_t code
     cdef const double* edges
     cdef Py_ssize_t start = prep.step_start[f]
@@ -320,25 +342,32 @@ cdef void _steps(Prepared prep, Py_ssize_t f, double* v, Py_ssize_t rows) noexce
         elif code == STEP_CLIP:
             for r in range(rows):
                 x = v[r]
-                v[r] = a if x < a else (b if x > b else x)
+                x = a if x < a else x
+                v[r] = b if x > b else x
         elif code == STEP_BUCKETIZE:
             edges = prep.bounds + prep.bound_start[s]
             n = prep.bound_count[s]
-            for r in range(rows):
-                x = v[r]
-                lo = 0
-                if n <= LINEAR_BUCKETS:  # the number of boundaries <= x; NaN counts none
-                    for i in range(n):
-                        lo += edges[i] <= x
-                elif not isnan(x):
-                    hi = n
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        if edges[mid] <= x:
-                            lo = mid + 1
-                        else:
-                            hi = mid
-                v[r] = <double>lo
+            if n <= LINEAR_BUCKETS:  # the number of boundaries <= x (NaN counts none)
+                for r in range(rows):
+                    acc[r] = 0.0
+                for i in range(n):
+                    edge = edges[i]
+                    for r in range(rows):
+                        acc[r] += <double>(edge <= v[r])
+                memcpy(v, acc, rows * sizeof(double))
+            else:
+                for r in range(rows):
+                    x = v[r]
+                    lo = 0
+                    if not isnan(x):
+                        hi = n
+                        while lo < hi:
+                            mid = (lo + hi) // 2
+                            if edges[mid] <= x:
+                                lo = mid + 1
+                            else:
+                                hi = mid
+                    v[r] = <double>lo
 
 
 cdef int _categorical(
@@ -415,7 +444,7 @@ cdef inline bint _plain(object column):
 
 cdef int _block(
     Prepared prep, const int* kinds, const void** sources, Py_ssize_t first, Py_ssize_t rows,
-    float* out, Py_ssize_t width, int64_t* counts, double* v, Py_ssize_t* bad_row,
+    float* out, Py_ssize_t width, int64_t* counts, double* v, double* acc, Py_ssize_t* bad_row,
     Py_ssize_t* bad_feature,
 ) noexcept nogil:
     """Every feature over one block of rows; on bad values, the lowest (row, feature)."""
@@ -430,7 +459,7 @@ cdef int _block(
         else:
             code = _load(prep, f, kinds[f], sources[f], first, rows, v, counts + 4 * f, &row)
             if code == 0:
-                _steps(prep, f, v, rows)
+                _steps(prep, f, v, acc, rows)
                 offset = prep.offsets[f]
                 for r in range(rows):
                     block[r * width + offset] = <float>v[r]
@@ -459,12 +488,13 @@ def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarr
     cdef Py_ssize_t f, first, size, bad_row = 0, bad_feature = 0
     cdef int code = 0, kind
     # One allocation: per feature, the column's kind and data pointer; then the scratch block.
-    cdef char* memory = <char*>malloc(n * (sizeof(int) + sizeof(void*)) + BLOCK * sizeof(double))
+    cdef char* memory = <char*>malloc(n * (sizeof(int) + sizeof(void*)) + 2 * BLOCK * sizeof(double))
     if memory == NULL:
         raise MemoryError()
     cdef const void** sources = <const void**>memory
     cdef int* kinds = <int*>(memory + n * sizeof(void*))
     cdef double* v = <double*>(memory + n * (sizeof(int) + sizeof(void*)))
+    cdef double* acc = v + BLOCK
     keep = []  # converted columns live until the pass is over
     try:
         for f in range(n):
@@ -489,7 +519,7 @@ def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarr
             first = 0
             while first < rows:
                 size = min(BLOCK, rows - first)
-                code = _block(prep, kinds, sources, first, size, out_p, width, counts_p, v,
+                code = _block(prep, kinds, sources, first, size, out_p, width, counts_p, v, acc,
                               &bad_row, &bad_feature)
                 if code != 0:
                     break
