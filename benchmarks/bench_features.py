@@ -5,7 +5,8 @@ of the server's CPU under load.
     .venv/bin/python benchmarks/bench_features.py --profile    # + perf_analyzer under py-spy
 
 Kernel: a 32-feature contract (24 numeric, 8 categorical; benchmarks/models.py) over batches
-of 1, 64 and 1024 rows with about 5% nulls and 5% out-of-vocabulary values. Native and twin
+of 1, 64 and 1024 rows with about 5% nulls and 5% out-of-vocabulary values, strings as the
+wire carries them (one raw BYTES buffer per feature) and as bytes objects. Native and twin
 are timed in alternating short windows in one process; the ratio is what to read. ``e2e`` adds what
 the server does around the kernel for one request (type checks, conversion, allocation).
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_serving import find_perf_analyzer, running  # noqa: E402
 from benchmarks.models import write_feature_model  # noqa: E402
+from gateway._hotloops import encode_bytes  # noqa: E402
 from gateway.features import Contract, _kernel_py, load_contract  # noqa: E402
 from gateway.features.assembly import assemble_tensors  # noqa: E402
 from gateway.types import Tensor  # noqa: E402
@@ -70,9 +72,11 @@ def raw_columns(contract: Contract, rows: int, seed: int = 0) -> dict[str, tuple
     return out
 
 
-def kernel_columns(contract: Contract, raw: dict[str, tuple[str, Any]]) -> list[Any]:
+def kernel_columns(contract: Contract, raw: dict[str, tuple[str, Any]], wire: bool) -> list[Any]:
+    """Columns as the kernel gets them: numerics in their own dtype; strings as the wire's raw
+    BYTES buffer (``wire``, the server's form) or as an object array (the offline form)."""
     return [
-        values if datatype == "BYTES" else np.asarray(values, dtype=np.float64)
+        (encode_bytes(list(values)) if wire else values) if datatype == "BYTES" else values
         for datatype, values in (raw[f.name] for f in contract.features)
     ]
 
@@ -92,16 +96,24 @@ def bench_kernel(contract: Contract, pairs: int, window_s: float) -> list[dict[s
     """Native and twin timed in ``pairs`` back-to-back short windows; medians are reported,
     the ratio as the median of the per-pair ratios (robust to the machine's speed drifting)."""
     results = []
-    for rows in (1, 64, 1024):
-        results.append(bench_rows(contract, rows, pairs, window_s))
-        print(results[-1], flush=True)
+    for wire in (True, False):
+        for rows in (1, 64, 1024):
+            results.append(bench_rows(contract, rows, wire, pairs, window_s))
+            print(results[-1], flush=True)
     return results
 
 
-def bench_rows(contract: Contract, rows: int, pairs: int, window_s: float) -> dict[str, object]:
+def bench_rows(
+    contract: Contract, rows: int, wire: bool, pairs: int, window_s: float
+) -> dict[str, object]:
     raw = raw_columns(contract, rows)
-    columns = kernel_columns(contract, raw)
-    tensors = [Tensor(name, datatype, values) for name, (datatype, values) in raw.items()]
+    columns = kernel_columns(contract, raw, wire)
+    tensors = [
+        Tensor(name, datatype, raw=encode_bytes(list(values)), shape=(rows,))
+        if datatype == "BYTES" and wire
+        else Tensor(name, datatype, values)
+        for name, (datatype, values) in raw.items()
+    ]
     out = np.zeros((rows, contract.width), dtype=np.float32)
     counts = np.zeros((len(contract.features), 4), dtype=np.int64)
     native_plan, twin_plan = _features_c.prepare(contract.plan), _kernel_py.prepare(contract.plan)
@@ -124,6 +136,7 @@ def bench_rows(contract: Contract, rows: int, pairs: int, window_s: float) -> di
     e2e_median = float(np.median(e2e_rates))
     return {
         "rows": rows,
+        "strings": "wire" if wire else "objects",
         "native_rows_per_s": round(float(np.median(native))),
         "twin_rows_per_s": round(float(np.median(twin))),
         "native_over_twin": round(float(np.median(ratios)), 1),
@@ -209,13 +222,16 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Feature assembly benchmark", "",
         f"`{report['machine']}, Python {report['python']}; contract: {report['contract']}`", "",
-        "| rows | native rows/s | twin rows/s | native / twin (IQR) | server path rows/s | "
-        "server path us/request |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Strings: `wire` = categorical values as the request's raw BYTES buffer (the server's "
+        "form); `objects` = an array of bytes objects (the offline form).", "",
+        "| strings | rows | native rows/s | twin rows/s | native / twin (IQR) | "
+        "server path rows/s | server path us/request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
     for row in report["kernel"]:
         lines.append(
-            f"| {row['rows']} | {row['native_rows_per_s']:,} | {row['twin_rows_per_s']:,} | "
+            f"| {row['strings']} | {row['rows']} | {row['native_rows_per_s']:,} | "
+            f"{row['twin_rows_per_s']:,} | "
             f"{row['native_over_twin']}x ({row['ratio_iqr'][0]}-{row['ratio_iqr'][1]}) | "
             f"{row['e2e_native_rows_per_s']:,} | "
             f"{row['e2e_us_per_request']} |"

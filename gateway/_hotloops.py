@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING
 NO_EXTENSIONS: bool = bool(os.environ.get("GATEWAY_NO_EXTENSIONS"))
 
 if TYPE_CHECKING or NO_EXTENSIONS:
-    from gateway._hotloops_py import decode_bytes, encode_bytes
+    from gateway._hotloops_py import check_bytes, decode_bytes, encode_bytes
 
     USING_EXTENSION = False
 else:
     try:
-        from gateway._hotloops_c import decode_bytes, encode_bytes
+        from gateway._hotloops_c import check_bytes, decode_bytes, encode_bytes
 
         USING_EXTENSION = True
     except ImportError:  # pragma: no cover - exercised when the build is absent
-        from gateway._hotloops_py import decode_bytes, encode_bytes
+        from gateway._hotloops_py import check_bytes, decode_bytes, encode_bytes
 
         USING_EXTENSION = False
 
-__all__ = ["USING_EXTENSION", "decode_bytes", "encode_bytes"]
+__all__ = ["USING_EXTENSION", "check_bytes", "decode_bytes", "encode_bytes"]

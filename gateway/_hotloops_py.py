@@ -18,11 +18,21 @@ def decode_bytes(buf: bytes, count: int) -> list[bytes]:
     Raises ValueError naming the element at fault when the buffer is truncated, holds fewer or
     more elements than ``count``, or has bytes left over.
     """
+    items: list[bytes] = []
+    _walk(buf, count, items)
+    return items
+
+
+def check_bytes(buf: bytes, count: int) -> None:
+    """What decode_bytes checks, with its errors, without making an object per element."""
+    _walk(buf, count, None)
+
+
+def _walk(buf: bytes, count: int, items: list[bytes] | None) -> None:
     if count < 0:
         raise ValueError(f"element count must be >= 0, got {count}")
     view = memoryview(buf)
     size = len(view)
-    items: list[bytes] = []
     offset = 0
     for index in range(count):
         if offset + _LENGTH_BYTES > size:
@@ -35,11 +45,11 @@ def decode_bytes(buf: bytes, count: int) -> list[bytes]:
             raise ValueError(
                 f"BYTES element {index} declares {length} bytes but only {size - offset} remain"
             )
-        items.append(bytes(view[offset : offset + length]))
+        if items is not None:
+            items.append(bytes(view[offset : offset + length]))
         offset += length
     if offset != size:
         raise ValueError(f"BYTES buffer holds {size - offset} bytes after its {count} elements")
-    return items
 
 
 def encode_bytes(items: Sequence[bytes]) -> bytes:

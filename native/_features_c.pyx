@@ -49,8 +49,10 @@ cdef enum:
     PREFETCH_AHEAD = 8  # categorical rows: each value is its own heap object
     BLOCK = 256  # rows per pass over the features: the block's output stays in L1
 
-# How a numeric column is read.
+# How a column is read.
 cdef enum:
+    COL_OBJECTS = -3  # categorical: an object array of bytes / None
+    COL_RAW = -4  # categorical: the raw OIP BYTES buffer (length-prefixed values)
     COL_ABSENT = 0
     COL_F64 = 1
     COL_F32 = 2
@@ -371,10 +373,15 @@ cdef void _steps(Prepared prep, Py_ssize_t f, double* v, double* acc, Py_ssize_t
 
 
 cdef int _categorical(
-    Prepared prep, Py_ssize_t f, PyObject** items, Py_ssize_t first, Py_ssize_t rows,
-    float* out, Py_ssize_t width, int64_t* counts, Py_ssize_t* bad_row,
+    Prepared prep, Py_ssize_t f, int kind, const void* source, Py_ssize_t* cursor,
+    Py_ssize_t first, Py_ssize_t rows, float* out, Py_ssize_t width, int64_t* counts,
+    Py_ssize_t* bad_row,
 ) noexcept nogil:
-    """Rows [first, first + rows): buckets written to ``out`` (the block's first row)."""
+    """Rows [first, first + rows): buckets written to ``out`` (the block's first row).
+
+    A raw buffer is read from ``cursor`` on (blocks come in order); it was checked to hold
+    exactly the column's values, and reads stay within it.
+    """
     cdef Py_ssize_t r, length
     cdef Py_ssize_t offset = prep.offsets[f]
     cdef bint reject_null = prep.null_reject[f] != 0
@@ -382,11 +389,20 @@ cdef int _categorical(
     cdef int64_t default = <int64_t>prep.defaults[f]
     cdef int64_t bucket
     cdef int64_t present = 0, defaulted = 0, oov = 0
+    cdef PyObject** items = <PyObject**>source
     cdef PyObject* item = NULL
+    cdef const unsigned char* value = NULL
+    cdef const unsigned char* buffer = <const unsigned char*>source
     cdef Py_ssize_t last = first + rows - 1
     for r in range(rows):
         length = 0
-        if items != NULL:
+        if kind == COL_RAW:
+            length = (<Py_ssize_t>buffer[cursor[0]] | (<Py_ssize_t>buffer[cursor[0] + 1] << 8)
+                      | (<Py_ssize_t>buffer[cursor[0] + 2] << 16)
+                      | (<Py_ssize_t>buffer[cursor[0] + 3] << 24))
+            value = buffer + cursor[0] + 4
+            cursor[0] += 4 + length
+        elif kind == COL_OBJECTS:
             if first + r + PREFETCH_AHEAD <= last:
                 _prefetch(items[first + r + PREFETCH_AHEAD])
             item = items[first + r]
@@ -395,6 +411,7 @@ cdef int _categorical(
                     bad_row[0] = first + r
                     return NOT_BYTES
                 length = _bytes_size(item)
+                value = <const unsigned char*>_bytes_data(item)
         if length == 0:
             if reject_null:
                 bad_row[0] = first + r
@@ -402,7 +419,7 @@ cdef int _categorical(
             bucket = default
             defaulted += 1
         else:
-            bucket = prep.bucket(f, <const unsigned char*>_bytes_data(item), length)
+            bucket = prep.bucket(f, value, length)
             present += 1
             oov += bucket == 0
         if one_hot:
@@ -412,6 +429,22 @@ cdef int _categorical(
     counts[0] += present
     counts[1] += defaulted
     counts[3] += oov
+    return 0
+
+
+cdef int _check_raw(bytes buffer, Py_ssize_t rows) except -1:
+    """A raw BYTES buffer must hold exactly ``rows`` values: reads then stay within it."""
+    cdef const unsigned char* p = <const unsigned char*><const char*>buffer
+    cdef Py_ssize_t size = len(buffer), position = 0, r
+    for r in range(rows):
+        if position + 4 > size:
+            raise ValueError(f"raw BYTES column ends before value {r} of {rows}")
+        position += 4 + (<Py_ssize_t>p[position] | (<Py_ssize_t>p[position + 1] << 8)
+                         | (<Py_ssize_t>p[position + 2] << 16) | (<Py_ssize_t>p[position + 3] << 24))
+        if position > size:
+            raise ValueError(f"raw BYTES value {r} runs past the end of its buffer")
+    if position != size:
+        raise ValueError(f"raw BYTES column has {size - position} bytes after its {rows} values")
     return 0
 
 
@@ -443,9 +476,9 @@ cdef inline bint _plain(object column):
 
 
 cdef int _block(
-    Prepared prep, const int* kinds, const void** sources, Py_ssize_t first, Py_ssize_t rows,
-    float* out, Py_ssize_t width, int64_t* counts, double* v, double* acc, Py_ssize_t* bad_row,
-    Py_ssize_t* bad_feature,
+    Prepared prep, const int* kinds, const void** sources, Py_ssize_t* cursors,
+    Py_ssize_t first, Py_ssize_t rows, float* out, Py_ssize_t width, int64_t* counts,
+    double* v, double* acc, Py_ssize_t* bad_row, Py_ssize_t* bad_feature,
 ) noexcept nogil:
     """Every feature over one block of rows; on bad values, the lowest (row, feature)."""
     cdef Py_ssize_t f, r, offset, row
@@ -454,7 +487,8 @@ cdef int _block(
     for f in range(prep.n_features):
         if prep.kinds[f] == K_CATEGORICAL:
             code = _categorical(
-                prep, f, <PyObject**>sources[f], first, rows, block, width, counts + 4 * f, &row
+                prep, f, kinds[f], sources[f], cursors + f, first, rows, block, width,
+                counts + 4 * f, &row,
             )
         else:
             code = _load(prep, f, kinds[f], sources[f], first, rows, v, counts + 4 * f, &row)
@@ -487,26 +521,37 @@ def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarr
     cdef int64_t* counts_p = <int64_t*>cnp.PyArray_DATA(counts)
     cdef Py_ssize_t f, first, size, bad_row = 0, bad_feature = 0
     cdef int code = 0, kind
-    # One allocation: per feature, the column's kind and data pointer; then the scratch block.
-    cdef char* memory = <char*>malloc(n * (sizeof(int) + sizeof(void*)) + 2 * BLOCK * sizeof(double))
+    # One allocation: two scratch blocks; per feature, the column's data pointer, raw-buffer
+    # cursor and kind.
+    cdef char* memory = <char*>malloc(
+        2 * BLOCK * sizeof(double) + n * (sizeof(void*) + sizeof(Py_ssize_t) + sizeof(int))
+    )
     if memory == NULL:
         raise MemoryError()
-    cdef const void** sources = <const void**>memory
-    cdef int* kinds = <int*>(memory + n * sizeof(void*))
-    cdef double* v = <double*>(memory + n * (sizeof(int) + sizeof(void*)))
+    cdef double* v = <double*>memory
     cdef double* acc = v + BLOCK
+    cdef const void** sources = <const void**>(memory + 2 * BLOCK * sizeof(double))
+    cdef Py_ssize_t* cursors = <Py_ssize_t*>(sources + n)
+    cdef int* kinds = <int*>(cursors + n)
     keep = []  # converted columns live until the pass is over
     try:
         for f in range(n):
             column = columns[f]
+            cursors[f] = 0
             if column is None:
                 kinds[f] = COL_ABSENT
                 sources[f] = NULL
                 continue
+            if prep.kinds[f] == K_CATEGORICAL and isinstance(column, bytes):
+                _check_raw(column, rows)
+                keep.append(column)
+                kinds[f] = COL_RAW
+                sources[f] = <const void*><const char*>column
+                continue
             if prep.kinds[f] == K_CATEGORICAL:
                 if not (cnp.PyArray_TYPE(<cnp.ndarray>column) == cnp.NPY_OBJECT and _plain(column)):
                     column = np.ascontiguousarray(column, dtype=object).reshape(-1)
-                kind = COL_ABSENT
+                kind = COL_OBJECTS
             else:
                 kind = _column_kind(column)
                 if kind == -2 or not _plain(column):
@@ -519,8 +564,8 @@ def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarr
             first = 0
             while first < rows:
                 size = min(BLOCK, rows - first)
-                code = _block(prep, kinds, sources, first, size, out_p, width, counts_p, v, acc,
-                              &bad_row, &bad_feature)
+                code = _block(prep, kinds, sources, cursors, first, size, out_p, width,
+                              counts_p, v, acc, &bad_row, &bad_feature)
                 if code != 0:
                     break
                 first += size

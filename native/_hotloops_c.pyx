@@ -12,6 +12,17 @@ cdef inline uint32_t _read_u32le(const unsigned char* p) noexcept nogil:
 
 def decode_bytes(const unsigned char[::1] buf, Py_ssize_t count):
     """Split a raw BYTES buffer into exactly ``count`` elements (see the Python reference)."""
+    items = []
+    _walk(buf, count, items)
+    return items
+
+
+def check_bytes(const unsigned char[::1] buf, Py_ssize_t count):
+    """What decode_bytes checks, with its errors, without making an object per element."""
+    _walk(buf, count, None)
+
+
+cdef _walk(const unsigned char[::1] buf, Py_ssize_t count, list items):
     if count < 0:
         raise ValueError(f"element count must be >= 0, got {count}")
     cdef Py_ssize_t size = buf.shape[0]
@@ -19,7 +30,6 @@ def decode_bytes(const unsigned char[::1] buf, Py_ssize_t count):
     cdef Py_ssize_t index
     cdef Py_ssize_t length
     cdef const unsigned char* base = &buf[0] if size > 0 else NULL
-    cdef list items = []
     for index in range(count):
         if offset + 4 > size:
             raise ValueError(
@@ -32,11 +42,11 @@ def decode_bytes(const unsigned char[::1] buf, Py_ssize_t count):
                 f"BYTES element {index} declares {length} bytes but only "
                 f"{size - offset} remain"
             )
-        items.append(PyBytes_FromStringAndSize(<const char*>(base + offset), length))
+        if items is not None:
+            items.append(PyBytes_FromStringAndSize(<const char*>(base + offset), length))
         offset += length
     if offset != size:
         raise ValueError(f"BYTES buffer holds {size - offset} bytes after its {count} elements")
-    return items
 
 
 def encode_bytes(items):

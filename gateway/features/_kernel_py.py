@@ -5,7 +5,9 @@ the caller) and ``counts`` (int64 [features, 4]: present, defaulted, out_of_rang
 one column per feature, in contract order:
 
 * numeric: a float64 array of ``rows`` values, NaN meaning null; or None (every row null);
-* categorical: an object array of ``bytes`` (or None), ``b""``/None meaning null; or None.
+* categorical: an object array of ``bytes`` (or None), or the raw OIP BYTES buffer of the
+  ``rows`` values (4-byte little-endian lengths, each followed by the value; as the wire
+  carries them, already checked), ``b""``/None meaning null; or None.
 
 A bad value fails the run, returned as ``(feature, row, code)`` for the lowest bad row (the
 first feature in contract order among those bad in that row): ``NULL_REJECTED``,
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway import _hotloops_py
 from gateway.features.contract import (
     CATEGORICAL,
     RANGE_CLIP,
@@ -121,12 +124,16 @@ def _numeric(
 def _categorical(
     prepared: Prepared,
     f: int,
-    column: NDArray[Any] | None,
+    column: NDArray[Any] | bytes | None,
     rows: int,
     out: NDArray[np.float32],
     counts: NDArray[np.int64],
 ) -> Error:
     plan = prepared.plan
+    if isinstance(column, bytes):
+        values = np.empty(rows, dtype=object)
+        values[:] = _hotloops_py.decode_bytes(column, rows)
+        column = values
     lookup = prepared.lookups[f]
     assert lookup is not None
     reject = bool(plan.null_reject[f])

@@ -79,14 +79,15 @@ def assemble_tensors(
             raise ContractViolation(
                 f"unknown feature '{tensor.name}': {label} takes {_listing(contract)}"
             )
-        data = tensor.data
-        shape = data.shape
-        if len(shape) != 1:
-            if len(shape) != 2 or shape[1] != 1:
-                raise ContractViolation(
-                    f"feature '{tensor.name}' has shape {list(shape)}; a raw feature is sent "
-                    "as [N] or [N, 1], one value per row"
-                )
+        shape = tensor.shape
+        if len(shape) != 1 and (len(shape) != 2 or shape[1] != 1):
+            raise ContractViolation(
+                f"feature '{tensor.name}' has shape {list(shape)}; a raw feature is sent "
+                "as [N] or [N, 1], one value per row"
+            )
+        # Raw BYTES go to the kernel as the wire buffer: no object per value.
+        data: Any = tensor.raw if tensor.raw is not None else tensor.data
+        if len(shape) != 1 and tensor.raw is None:
             data = data.reshape(-1)
         if tensor.datatype not in accepted[f]:
             _checked(contract.features[f], tensor.datatype, data, label)  # raises, naming it

@@ -118,6 +118,13 @@ def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | 
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidRequest(f"input '{name}' has both contents and raw_input_contents")
+        if tensor.datatype == "BYTES":
+            try:  # checked now; the objects are made only if something reads them
+                _hotloops.check_bytes(raw, count)
+            except ValueError as err:
+                raise InvalidRequest(f"input '{name}': {err}") from None
+            params = parameters_from_pb(tensor.parameters) if tensor.parameters else {}
+            return Tensor(name, "BYTES", None, params, raw=raw, shape=shape)
         data = _from_raw(name, tensor.datatype, dtype, raw, count)
     else:
         data = _from_contents(name, tensor, dtype, count)
@@ -128,14 +135,6 @@ def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | 
 def _from_raw(
     name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes, count: int
 ) -> np.ndarray:
-    if datatype == "BYTES":
-        try:
-            items = _hotloops.decode_bytes(raw, count)
-        except ValueError as err:
-            raise InvalidRequest(f"input '{name}': {err}") from None
-        data = np.empty(count, dtype=object)
-        data[:] = items
-        return data
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidRequest(

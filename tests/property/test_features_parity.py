@@ -1,8 +1,9 @@
 """The native assembly kernel and its pure-Python reference agree bit for bit.
 
 Random contracts (every kind, null policy, range policy and transform) over random columns
-(NaN, +-inf, -0.0, empty strings, non-UTF-8 bytes, None, absent features, empty batches): the
-same matrix bits, the same coverage counts, and the same first error.
+(NaN, +-inf, -0.0, empty strings, non-UTF-8 bytes, None, absent features, empty batches;
+categorical values as objects or as a raw OIP buffer): the same matrix bits, the same coverage
+counts, and the same first error.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import _hotloops_py
 from gateway.features import _kernel_py, kernel
 from gateway.features.contract import Contract, ContractVersionSpec
 
@@ -101,8 +104,12 @@ def case(draw):
                 st.binary(max_size=6),
                 st.none(),
             )
+            drawn = draw(st.lists(pool, min_size=rows, max_size=rows))
+            if draw(st.booleans()):  # as the wire carries them: one length-prefixed buffer
+                columns.append(_hotloops_py.encode_bytes([v or b"" for v in drawn]))
+                continue
             values = np.empty(rows, dtype=object)
-            values[:] = draw(st.lists(pool, min_size=rows, max_size=rows))
+            values[:] = drawn
             columns.append(values)
         elif spec["kind"] == "bool":
             columns.append(
@@ -136,6 +143,16 @@ def test_native_and_python_kernels_agree(data):
         assert counts_c.tolist() == counts_py.tolist()
         # Every value is accounted for exactly once: present or defaulted.
         assert (counts_py[:, 0] + counts_py[:, 1] == rows).all()
+
+
+def test_a_malformed_raw_buffer_is_refused_by_both():
+    spec = {"name": "c", "kind": "categorical", "owner": "o", "description": "d"}
+    spec["vocabulary"] = ["a"]
+    contract = Contract("v1", ContractVersionSpec.model_validate({"features": [spec]}))
+    for module in (_kernel_py, _features_c):
+        for buffer in (b"\x05\x00\x00\x00ab", b"\x01\x00\x00\x00a" * 3):
+            with pytest.raises(ValueError):
+                run(module, contract, [buffer], 2)
 
 
 def test_a_non_bytes_categorical_element_is_an_error_in_both():

@@ -74,6 +74,18 @@ def test_decode_with_wrong_counts_or_trailing_bytes_agrees(items, delta, tail):
     )
 
 
+@settings(max_examples=300, deadline=None)
+@given(elements, st.integers(min_value=-2, max_value=2), st.binary(max_size=5))
+def test_check_raises_exactly_what_decode_raises(items, delta, tail):
+    """check_bytes is decode_bytes without the objects: same verdict, same message."""
+    buf = _hotloops_py.encode_bytes(items) + tail
+    count = max(len(items) + delta, -1)
+    for impl in IMPLEMENTATIONS.values():
+        decoded = outcome(impl.decode_bytes, buf, count)
+        checked = outcome(impl.check_bytes, buf, count)
+        assert checked == (("ok", None) if decoded[0] == "ok" else decoded)
+
+
 def test_decode_names_the_truncated_element(impl):
     with pytest.raises(ValueError, match="element 1 declares 9 bytes but only 2 remain"):
         impl.decode_bytes(b"\x01\x00\x00\x00a\x09\x00\x00\x00bc", 2)
