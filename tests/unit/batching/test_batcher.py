@@ -310,13 +310,24 @@ class TimedRuntime:
 
     def __init__(self) -> None:
         self.delay_s = 0.0
+        self.thread_delay_s = 0.0  # extra off the loop: as winning the GIL back costs there
         self.threads: list[str] = []
+        self.loop_thread = threading.current_thread().name
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
-        self.threads.append(threading.current_thread().name)
+        name = threading.current_thread().name
+        self.threads.append(name)
         if self.delay_s:
-            time.sleep(self.delay_s)
+            _spin(self.delay_s)  # CPU time, as a model run takes it
+        if self.thread_delay_s and name != self.loop_thread:
+            time.sleep(self.thread_delay_s)  # waiting, not computing
         return [np.asarray(feeds["x"]) * 2]
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def timed_batcher(execution: str, inline_below_us: int = 100) -> tuple[MicroBatcher, TimedRuntime]:
@@ -349,6 +360,27 @@ async def test_auto_runs_measured_fast_batches_inline_and_slow_ones_on_threads()
     await batcher.infer({"x": x}, 1)
     await batcher.infer({"x": x}, 1)
     assert runtime.threads[-1] != loop_thread  # ... and the next goes back to a thread
+
+
+async def test_auto_judges_threads_by_cpu_time_not_by_waiting():
+    """A thread's wall time includes waiting for the GIL; its CPU time is the run."""
+    batcher, runtime = timed_batcher("auto", inline_below_us=1000)
+    runtime.thread_delay_s = 0.01  # 10 ms of waiting on a thread: 10x the 1 ms budget
+    x = np.ones((1, 2), np.float32)
+    await batcher.infer({"x": x}, 1)
+    assert runtime.threads[0] != runtime.loop_thread
+    for _ in range(3):
+        await batcher.infer({"x": x}, 1)
+    assert runtime.threads[1:] == [runtime.loop_thread] * 3  # probed, then kept inline
+
+
+async def test_auto_does_not_probe_a_model_far_over_the_budget():
+    batcher, runtime = timed_batcher("auto", inline_below_us=100)
+    runtime.delay_s = 0.005  # 5 ms: 50x the budget
+    x = np.ones((1, 2), np.float32)
+    for _ in range(3):
+        await batcher.infer({"x": x}, 1)
+    assert runtime.loop_thread not in runtime.threads
 
 
 async def test_thread_execution_never_blocks_the_loop():
