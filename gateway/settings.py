@@ -28,8 +28,10 @@ __all__ = [
     "Settings",
     "TelemetrySettings",
     "VersionPolicy",
+    "describe_validation_error",
     "load_model_config",
     "load_settings",
+    "read_yaml",
 ]
 
 ENV_PREFIX = "GATEWAY_"
@@ -234,7 +236,8 @@ class ModelConfig(_Section):
 Section = TypeVar("Section", bound=BaseModel)
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """One line per failure: the source, the key path, the message and the value at fault."""
     lines = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(root)"
@@ -244,7 +247,8 @@ def _describe(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (empty file: {}); any problem is a SettingsError."""
     try:
         loaded = yaml.safe_load(path.read_text())
     except OSError as err:
@@ -291,7 +295,7 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Build Settings from defaults, a YAML file, ``GATEWAY_<SECTION>__<FIELD>`` and flags."""
-    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    data: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     sources = [str(path) if path is not None else "defaults"]
     env_tree = _from_environ(os.environ if environ is None else environ)
     if env_tree:
@@ -303,13 +307,13 @@ def load_settings(
     try:
         return Settings.model_validate(data)
     except ValidationError as err:
-        raise SettingsError(_describe(err, " + ".join(sources))) from None
+        raise SettingsError(describe_validation_error(err, " + ".join(sources))) from None
 
 
 def load_model_config(path: Path) -> ModelConfig:
     """Read and validate a model's ``config.yaml`` (a missing file means all defaults)."""
-    data = _read_yaml(path) if path.exists() else {}
+    data = read_yaml(path) if path.exists() else {}
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as err:
-        raise SettingsError(_describe(err, str(path))) from None
+        raise SettingsError(describe_validation_error(err, str(path))) from None

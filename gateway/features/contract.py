@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import numpy as np
-import yaml
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import SettingsError
+from gateway.settings import describe_validation_error, read_yaml
 
 __all__ = [
     "CONTRACT_FILE",
@@ -450,19 +450,9 @@ def load_contracts(path: Path | str) -> dict[str, Contract]:
     """Every version in a ``features.yaml`` (or a model directory holding one)."""
     file = _contract_path(Path(path))
     try:
-        data = yaml.safe_load(file.read_text())
-    except OSError as err:
-        raise SettingsError(f"{file}: cannot read: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise SettingsError(f"{file}: not valid YAML: {err}") from err
-    try:
-        parsed = ContractFile.model_validate(data if data is not None else {})
+        parsed = ContractFile.model_validate(read_yaml(file))
     except ValidationError as err:
-        lines = []
-        for item in err.errors():
-            key = ".".join(str(p) for p in item["loc"]) or "(root)"
-            lines.append(f"{file}: {key}: {item['msg']}")
-        raise SettingsError("\n".join(lines)) from None
+        raise SettingsError(describe_validation_error(err, str(file))) from None
     return {
         version: Contract(version, spec, str(file))
         for version, spec in sorted(parsed.versions.items(), key=lambda kv: int(kv[0][1:]))
