@@ -136,15 +136,21 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
         proc.stop(signal.SIGKILL, timeout_s=10)
 
 
-@pytest.fixture(scope="module")
-def gateway(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """A gateway serving the demo repository, shared by one test module."""
-    proc = GatewayProcess(demo_repo, tmp_path_factory.mktemp("gateway"))
+def serving(repository: Path, workdir: Path) -> Iterator[GatewayProcess]:
+    """A gateway for a fixture's lifetime; it must exit cleanly (code 0) when that ends."""
+    proc = GatewayProcess(repository, workdir)
     try:
         yield proc
     finally:
         code = proc.stop()
     assert code == 0, proc.stderr()
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway serving the demo repository, shared by one test module (a module may
+    override this fixture to serve its own repository; ``client`` then talks to that)."""
+    yield from serving(demo_repo, tmp_path_factory.mktemp("gateway"))
 
 
 @pytest.fixture

@@ -115,6 +115,7 @@ def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | 
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"input '{name}' has a negative dimension in shape {list(shape)}")
     count = math.prod(shape)
+    params = parameters_from_pb(tensor.parameters) if tensor.parameters else {}
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidRequest(f"input '{name}' has both contents and raw_input_contents")
@@ -123,12 +124,10 @@ def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | 
                 _hotloops.check_bytes(raw, count)
             except ValueError as err:
                 raise InvalidRequest(f"input '{name}': {err}") from None
-            params = parameters_from_pb(tensor.parameters) if tensor.parameters else {}
             return Tensor(name, "BYTES", None, params, raw=raw, shape=shape)
         data = _from_raw(name, tensor.datatype, dtype, raw, count)
     else:
         data = _from_contents(name, tensor, dtype, count)
-    params = parameters_from_pb(tensor.parameters) if tensor.parameters else {}
     return Tensor(name, tensor.datatype, data.reshape(shape), params)
 
 

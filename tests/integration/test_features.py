@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from gateway import features
 from gateway.demo import synthetic_transactions
-from tests.conftest import DEMO_WIDTH, GatewayProcess
+from tests.conftest import DEMO_WIDTH, GatewayProcess, serving
 from tests.models import write_identity_model
 
 pytestmark = pytest.mark.integration
@@ -82,22 +82,11 @@ def feature_repo(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="module")
-def server(
+def gateway(
     feature_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    proc = GatewayProcess(feature_repo, tmp_path_factory.mktemp("feature-gateway"))
-    try:
-        yield proc
-    finally:
-        code = proc.stop()
-    assert code == 0, proc.stderr()
-
-
-@pytest.fixture
-def client(server: GatewayProcess) -> Iterator[triton_grpc.InferenceServerClient]:
-    c = server.client()
-    yield c
-    c.close()
+    """This module's gateway serves the feature repository (conftest's ``client`` uses it)."""
+    yield from serving(feature_repo, tmp_path_factory.mktemp("feature-gateway"))
 
 
 def as_inputs(columns: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
@@ -215,9 +204,9 @@ def test_bad_features_name_the_feature_and_first_bad_row(client, change, message
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
-def test_coverage_counters_add_up_after_a_known_mix(server: GatewayProcess, client):
+def test_coverage_counters_add_up_after_a_known_mix(gateway: GatewayProcess, client):
     def count(feature: str, outcome: str) -> float:
-        return server.metric(
+        return gateway.metric(
             "gateway_feature_values_total",
             model="assembler",
             version="1",
