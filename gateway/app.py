@@ -21,6 +21,8 @@ from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
 from gateway.errors import SettingsError
+from gateway.events import EventRecorder
+from gateway.features import redact
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
@@ -51,7 +53,14 @@ class Gateway:
         self.repository = ModelRepository(
             Path(settings.repository.path), settings.runtime, self._loader
         )
-        self.pipeline = Pipeline(self.repository, self.metrics, settings.server.max_message_bytes)
+        self.events: EventRecorder | None = None
+        if settings.events.sidecar is not None:
+            self.events = EventRecorder(
+                settings.events, self.metrics, redact, settings.server.max_message_bytes
+            )
+        self.pipeline = Pipeline(
+            self.repository, self.metrics, settings.server.max_message_bytes, self.events
+        )
         self.repository.on_retire = self.pipeline.retire
         self.servicer = InferenceServicer(
             self.pipeline, settings.server, self.metrics, self.tracing
@@ -77,6 +86,8 @@ class Gateway:
             "native" if _hotloops.USING_EXTENSION else "pure Python",
         )
         self.metrics.native.set(1 if _hotloops.USING_EXTENSION else 0)
+        if self.events is not None:
+            await self.events.start()
         if settings.repository.load_at_start:
             await self.repository.load_all()
         self.metrics.models_ready.set_function(lambda: len(self.repository.loaded()))
@@ -153,6 +164,8 @@ class Gateway:
         await self._server.stop(grace)
         self._server = None
         await self.pipeline.close()
+        if self.events is not None:
+            await self.events.close(grace_s=min(grace, 5.0))
         self._loader.shutdown(wait=True)
         self.metrics.close()
         self.tracing.shutdown()

@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve``, ``gateway demo-repo``."""
+"""Command line: ``gateway serve``, ``gateway sidecar``, ``gateway demo-repo``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tracing", choices=["off", "console", "otlp"], help="telemetry.tracing")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
+    serve.add_argument("--sidecar", help="stream prediction events to HOST:PORT (events.sidecar)")
+    serve.add_argument("--events-dir", type=Path, help="event write-ahead log (events.directory)")
+
+    sidecar = commands.add_parser(
+        "sidecar", help="run the evaluation sidecar: store prediction events, labels, reports"
+    )
+    sidecar.add_argument("--store", type=Path, required=True, help="directory of its DuckDB file")
+    sidecar.add_argument("--host", default="127.0.0.1", help="gRPC bind address")
+    sidecar.add_argument("--port", type=int, default=8005, help="gRPC port, 0 = any free one")
+    sidecar.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
     demo.add_argument("directory", type=Path)
@@ -41,6 +51,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("server", "host"): args.host,
         ("server", "port"): args.port,
         ("server", "workers"): args.workers,
+        ("events", "sidecar"): args.sidecar,
+        ("events", "directory"): args.events_dir,
         ("telemetry", "metrics_port"): args.metrics_port,
         ("runtime", "device"): args.device,
         ("telemetry", "tracing"): args.tracing,
@@ -91,6 +103,17 @@ def _without_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+def _sidecar(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from gateway.evaluation.sidecar import run_sidecar
+    from gateway.telemetry import configure_logging
+
+    configure_logging(args.log_level or "INFO")
+    uvloop.run(run_sidecar(args.store, args.host, args.port))
+    return 0
+
+
 def _demo_repo(args: argparse.Namespace) -> int:
     from gateway.demo import build_demo_repository
 
@@ -105,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args, argv)
+        if args.command == "sidecar":
+            return _sidecar(args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)

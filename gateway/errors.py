@@ -9,6 +9,7 @@
     ├── ModelLoadError      FAILED_PRECONDITION  the repository holds a model that cannot load
     ├── Overloaded          RESOURCE_EXHAUSTED   a bounded queue is full
     ├── DeadlineExceeded    DEADLINE_EXCEEDED    the request's deadline passed
+    ├── EventLogFull        UNAVAILABLE          events are at their bound and on_full is shed
     └── RuntimeFailure      INTERNAL             the model runtime failed on valid input
 
     SettingsError (ValueError)                   start-up only: a bad key or value in settings
@@ -24,6 +25,7 @@ import grpc
 
 __all__ = [
     "DeadlineExceeded",
+    "EventLogFull",
     "GatewayError",
     "InvalidRequest",
     "ModelLoadError",
@@ -63,6 +65,12 @@ class Overloaded(GatewayError):
 
 class DeadlineExceeded(GatewayError):
     grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class EventLogFull(GatewayError):
+    """The prediction event log is at its bound: a prediction now would lose its event."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
 
 
 class RuntimeFailure(GatewayError):

@@ -1,5 +1,6 @@
 """The request path, top to bottom: resolve the version, assemble features under the version's
-contract (unless the request sends the model's own input), bind inputs, schedule, shape outputs.
+contract (unless the request sends the model's own input), bind inputs, schedule, shape outputs,
+record the prediction event.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import time
 
 from gateway.batching import MicroBatcher
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidRequest
+from gateway.events import EventRecorder, Pending
 from gateway.features.assembly import Assembly, assemble_tensors
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.runtime.signature import bind_inputs, select_outputs, to_output_tensor
@@ -25,16 +27,21 @@ class Pipeline:
         repository: ModelRepository,
         metrics: GatewayMetrics,
         max_input_bytes: int = 64 * 1024 * 1024,
+        events: EventRecorder | None = None,
     ) -> None:
         self.repository = repository
         self._metrics = metrics
         self._max_input_bytes = max_input_bytes
+        self._events = events
         self._batchers: dict[LoadedVersion, MicroBatcher] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def predict(self, request: InferRequest) -> InferResponse:
         started = time.perf_counter_ns()
         loaded = self.repository.get(request.model_name, request.model_version)
+        events = self._events
+        if events is not None:
+            events.admit()
         try:
             inputs = request.inputs
             assembly = None
@@ -68,7 +75,7 @@ class Pipeline:
             parameters["features_defaulted"] = assembly.total("defaulted")
             parameters["features_oov"] = assembly.total("oov")
             parameters["features_out_of_range"] = assembly.total("out_of_range")
-        return InferResponse(
+        response = InferResponse(
             model_name=loaded.name,
             model_version=loaded.version_label,
             id=request.id,
@@ -76,6 +83,21 @@ class Pipeline:
             parameters=parameters,
             assembly=assembly,
         )
+        if events is not None:
+            request_id = request.id or events.request_id()
+            parameters["request_id"] = request_id
+            events.record(
+                Pending(
+                    request,
+                    response,
+                    request_id,
+                    loaded.contract if assembly is not None else None,
+                    time.time_ns() // 1000,
+                    total_ns / 1e6,
+                    _nbytes(request.inputs),
+                )
+            )
+        return response
 
     def _assemble(self, loaded: LoadedVersion, inputs: list[Tensor]) -> Assembly:
         contract = loaded.contract
@@ -135,6 +157,10 @@ def _sends_model_inputs(loaded: LoadedVersion, inputs: list[Tensor]) -> bool:
     specs = loaded.input_specs
     features = loaded.contract.index if loaded.contract is not None else {}
     return any(t.name in specs and t.name not in features for t in inputs)
+
+
+def _nbytes(inputs: list[Tensor]) -> int:
+    return sum(len(t.raw) if t.raw is not None else t.data.nbytes for t in inputs)
 
 
 def _priority(parameters: dict[str, ParameterValue], policy: QueuePolicy) -> int | None:

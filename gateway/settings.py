@@ -20,6 +20,7 @@ from gateway.errors import SettingsError
 __all__ = [
     "ContractBinding",
     "DynamicBatching",
+    "EventsSettings",
     "ModelConfig",
     "QueuePolicy",
     "RepositorySettings",
@@ -100,11 +101,62 @@ class TelemetrySettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class EventsSettings(_Section):
+    """Prediction events: write-ahead log on local disk, streamed to the evaluation sidecar."""
+
+    sidecar: str | None = Field(
+        None, description="The sidecar's gRPC address (host:port); null turns events off."
+    )
+    directory: Path = Field(
+        Path(".gateway-events"), description="Write-ahead log directory (one per gateway)."
+    )
+    max_disk_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Bound of the write-ahead log on disk."
+    )
+    segment_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="Log segment size; acknowledged segments are deleted."
+    )
+    on_full: Literal["shed", "drop_oldest"] = Field(
+        "shed",
+        description="At the disk or memory bound: 'shed' refuses new predictions with "
+        "UNAVAILABLE until the sidecar catches up; 'drop_oldest' deletes the oldest "
+        "unacknowledged events. Both are counted and logged.",
+    )
+    fsync: Literal["batch", "interval", "never"] = Field(
+        "batch",
+        description="fsync the log after every written batch, every fsync_interval_ms, or "
+        "never (the OS decides). Events are written off the request path either way.",
+    )
+    fsync_interval_ms: int = Field(1000, gt=0)
+    max_pending: int = Field(
+        20_000, gt=0, description="Events answered and not yet in the log (memory bound)."
+    )
+    max_pending_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Request data those pending events hold."
+    )
+    flush_interval_ms: int = Field(
+        20, gt=0, description="How often pending events are written, at the latest."
+    )
+    batch_events: int = Field(512, gt=0, description="Events per written and sent batch.")
+    max_in_flight_batches: int = Field(
+        8, gt=0, description="Batches sent to the sidecar and not yet acknowledged."
+    )
+    hash_key: str | None = Field(
+        None,
+        description="Key of the hash that stands in for sensitive feature values; default: "
+        "a random key kept in the log directory (stable across restarts).",
+    )
+    max_columns: int = Field(
+        64, gt=0, description="A pass-through input wider than this is left out of events."
+    )
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     repository: RepositorySettings = RepositorySettings()
     runtime: RuntimeSettings = RuntimeSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    events: EventsSettings = EventsSettings()
 
 
 class VersionPolicy(_Section):

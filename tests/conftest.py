@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,49 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.demo import build_demo_repository
 
 READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
+SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+)")
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a process that must come back on the same one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class SidecarProcess:
+    """``python -m gateway sidecar`` in a child process, on a fixed port (restarts keep it)."""
+
+    def __init__(self, store: Path, port: int, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        self.stderr_path = workdir / f"sidecar-{time.monotonic_ns()}.log"
+        command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store),
+                   "--port", str(port)]  # fmt: skip
+        with self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(command, stdout=err, stderr=err)
+        deadline = time.monotonic() + 60
+        while not SIDECAR_READY.search(self.stderr()):
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"sidecar exited with {self.process.returncode}:\n{self.stderr()}"
+                )
+            assert time.monotonic() < deadline, f"sidecar not ready:\n{self.stderr()}"
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{port}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
 
 
 class GatewayProcess:
@@ -128,6 +172,21 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
 
     def start(repository: Path, *args: str, env: dict[str, str] | None = None) -> GatewayProcess:
         proc = GatewayProcess(repository, tmp_path / f"gateway-{len(started)}", *args, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop(signal.SIGKILL, timeout_s=10)
+
+
+@pytest.fixture
+def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
+    """Start sidecars for one test (the same store and port again is a restart)."""
+    started: list[SidecarProcess] = []
+
+    def start(store: Path, port: int) -> SidecarProcess:
+        proc = SidecarProcess(store, port, tmp_path / "sidecar-logs")
         started.append(proc)
         return proc
 

@@ -95,6 +95,30 @@ class GatewayMetrics:
             "1 when the Cython hot loops are in use, 0 for the pure-Python fallback.",
             registry=self.registry,
         )
+        self.events = Counter(
+            "gateway_events",
+            "Prediction events by outcome: recorded (a prediction answered), written (in the "
+            "write-ahead log), acked (stored by the sidecar), dropped (deleted unacknowledged, "
+            "on_full=drop_oldest), shed (predictions refused at the bound, on_full=shed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.events_backlog = Gauge(
+            "gateway_events_backlog",
+            "Prediction events not yet acknowledged by the sidecar, by where they wait.",
+            ["where"],
+            registry=self.registry,
+        )
+        self.events_log_bytes = Gauge(
+            "gateway_events_log_bytes",
+            "Bytes of the prediction event write-ahead log on disk.",
+            registry=self.registry,
+        )
+        self.events_connected = Gauge(
+            "gateway_events_sidecar_connected",
+            "1 while the event stream to the sidecar is open, else 0.",
+            registry=self.registry,
+        )
         self._server: object | None = None
         self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
 

@@ -1,0 +1,44 @@
+"""``gateway sidecar --store DIR``: the evaluation sidecar process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+
+from gateway.api.v1 import events_pb2_grpc as ev_grpc
+from gateway.evaluation.service import EvaluationServicer
+from gateway.evaluation.store import EventStore
+
+__all__ = ["run_sidecar"]
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+async def run_sidecar(store_dir: Path, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT; then finish the batch in hand and close the store."""
+    store = await asyncio.to_thread(EventStore, store_dir)
+    servicer = EvaluationServicer(store)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    ev_grpc.add_EvaluationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("sidecar ready grpc=%s:%d store=%s", host, bound, store.path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(5)
+    await asyncio.to_thread(servicer.close)
+    log.info("sidecar stopped: %d events stored this run", servicer.stored)

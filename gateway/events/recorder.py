@@ -1,0 +1,257 @@
+"""Stage 7, intake: every answered prediction -> a bounded queue -> the write-ahead log.
+
+``record`` is all the request path pays: an append to an in-memory queue. A background task
+takes batches from it and, on the writer thread, builds the events, serializes them and
+appends them to the log; the publisher streams the log to the sidecar.
+
+Bounds: the queue (events and the request bytes they hold) and the log on disk. At a bound,
+``on_full: shed`` refuses new predictions (``admit`` raises EventLogFull, UNAVAILABLE) until
+the sidecar catches up; ``on_full: drop_oldest`` deletes the oldest unacknowledged events.
+Either way it is counted (``gateway_events_total{outcome}``) and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gateway.errors import EventLogFull
+from gateway.events.builder import Pending, Redact, build_event
+from gateway.events.publisher import Publisher
+from gateway.events.wal import WriteAheadLog
+from gateway.settings import EventsSettings
+from gateway.telemetry import GatewayMetrics
+
+__all__ = ["EventRecorder"]
+
+log = logging.getLogger(__name__)
+
+_KEY_FILE = "hash.key"
+
+
+class EventRecorder:
+    """Create and use inside the running loop: ``await start()``, then ``record`` per answer."""
+
+    def __init__(
+        self,
+        settings: EventsSettings,
+        metrics: GatewayMetrics,
+        redact: Redact,
+        max_message_bytes: int,
+    ) -> None:
+        assert settings.sidecar is not None, "events are off without a sidecar address"
+        self.settings = settings
+        self._metrics = metrics
+        self._redact = redact
+        self._max_message_bytes = max_message_bytes
+        self._pending: deque[Pending] = deque()
+        self._pending_bytes = 0
+        self._disk_full = False
+        self._full_size = 0  # log size when it was last found full
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-writer")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # Event ids: unique per run (a random prefix) and per event; a resend keeps its id.
+        self._run_id = secrets.token_hex(6)
+        self._events = itertools.count(1)
+        self._requests = itertools.count(1)
+        self._wal: WriteAheadLog | None = None
+        self._publisher: Publisher | None = None
+        self._hash_key = b""
+        self._m_recorded = metrics.events.labels("recorded")
+        self._m_written = metrics.events.labels("written")
+        self._m_dropped = metrics.events.labels("dropped")
+        self._m_shed = metrics.events.labels("shed")
+
+    async def start(self) -> None:
+        s = self.settings
+        self._wal = await asyncio.to_thread(
+            WriteAheadLog,
+            s.directory,
+            s.segment_bytes,
+            s.max_disk_bytes,
+            s.fsync,
+            s.fsync_interval_ms / 1000,
+        )
+        self._hash_key = await asyncio.to_thread(_hash_key, s)
+        assert s.sidecar is not None
+        self._publisher = Publisher(
+            s.sidecar,
+            self._wal,
+            self._metrics,
+            s.batch_events,
+            s.max_in_flight_batches,
+            self._max_message_bytes,
+        )
+        wal = self._wal
+        self._metrics.events_backlog.labels("memory").set_function(lambda: len(self._pending))
+        self._metrics.events_backlog.labels("disk").set_function(lambda: wal.unacked)
+        self._metrics.events_log_bytes.set_function(lambda: wal.size)
+        self._publisher.start()
+        self._task = asyncio.get_running_loop().create_task(self._flush(), name="events-writer")
+        if wal.unacked:
+            self._publisher.notify()
+
+    # -- the request path --------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Refuse a prediction whose event could not be kept (on_full: shed)."""
+        if self.settings.on_full != "shed":
+            return
+        if (
+            self._disk_full
+            or len(self._pending) >= self.settings.max_pending
+            or self._pending_bytes >= self.settings.max_pending_bytes
+        ):
+            self._m_shed.inc()
+            where = "on disk" if self._disk_full else "in memory"
+            raise EventLogFull(
+                f"prediction events are at their bound {where} (the sidecar at "
+                f"{self.settings.sidecar} has not acknowledged "
+                f"{len(self._pending) + (self._wal.unacked if self._wal else 0)} events); "
+                "predictions are refused until it catches up (events.on_full: shed)"
+            )
+
+    def request_id(self) -> str:
+        """An id for a request that came without one (returned to the client)."""
+        return f"{self._run_id}-r{next(self._requests)}"
+
+    def record(self, pending: Pending) -> None:
+        self._pending.append(pending)
+        self._pending_bytes += pending.nbytes
+        self._m_recorded.inc()
+        if self.settings.on_full == "drop_oldest":
+            dropped = 0
+            while len(self._pending) > 1 and (
+                len(self._pending) > self.settings.max_pending
+                or self._pending_bytes > self.settings.max_pending_bytes
+            ):
+                self._pending_bytes -= self._pending.popleft().nbytes
+                dropped += 1
+            if dropped:
+                self._count_dropped(dropped, "in memory")
+        if len(self._pending) >= self.settings.batch_events:
+            self._wake.set()
+
+    # -- background --------------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        interval_s = self.settings.flush_interval_ms / 1000
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self._write_pending()
+
+    async def _write_pending(self, everything: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            count = min(len(self._pending), self.settings.batch_events)
+            batch = [self._pending.popleft() for _ in range(count)]
+            self._pending_bytes -= sum(p.nbytes for p in batch)
+            written = await loop.run_in_executor(self._writer, self._write, batch)
+            if not written:  # shed: the log is full; keep them and wait for acks
+                self._pending.extendleft(reversed(batch))
+                self._pending_bytes += sum(p.nbytes for p in batch)
+                return
+            assert self._publisher is not None
+            self._publisher.notify()
+            if not everything and len(self._pending) < self.settings.batch_events:
+                return
+
+    def _write(self, batch: list[Pending]) -> bool:
+        """On the writer thread: build, serialize and append a batch; False if it won't fit."""
+        wal = self._wal
+        assert wal is not None
+        s = self.settings
+        if self._disk_full and wal.size >= self._full_size:
+            return False  # nothing acknowledged since: do not build the batch again
+        payloads = [
+            build_event(
+                p, f"{self._run_id}-{next(self._events)}", self._hash_key, self._redact,
+                s.max_columns,
+            ).SerializeToString()
+            for p in batch
+        ]  # fmt: skip
+        size = sum(len(p) for p in payloads)
+        while not wal.fits(size):
+            if s.on_full == "shed":
+                if not self._disk_full:
+                    log.warning(
+                        "event log at its bound (%d bytes, events.max_disk_bytes %d): "
+                        "refusing new predictions until the sidecar acknowledges more",
+                        wal.size,
+                        wal.max_bytes,
+                    )
+                self._disk_full = True
+                self._full_size = wal.size
+                return False
+            lost = wal.drop_oldest()
+            if lost == 0 and wal.size == 0:
+                break  # one batch larger than the whole bound: write it anyway
+            if lost:
+                self._count_dropped(lost, "on disk")
+        self._disk_full = False
+        wal.append(payloads)
+        self._m_written.inc(len(payloads))
+        return True
+
+    def _count_dropped(self, count: int, where: str) -> None:
+        self._m_dropped.inc(count)
+        log.warning(
+            "event log full: dropped the %d oldest unacknowledged events %s "
+            "(events.on_full: drop_oldest)",
+            count,
+            where,
+        )
+
+    async def close(self, grace_s: float) -> None:
+        """Write what is pending, give the sidecar ``grace_s`` to take it, then stop.
+
+        What it does not acknowledge stays in the log and is sent after the next start.
+        """
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._wal is None or self._publisher is None:
+            return
+        await self._write_pending(everything=True)
+        if self._pending:
+            log.error(
+                "stopping with %d prediction events that do not fit the full event log: lost",
+                len(self._pending),
+            )
+        if not await self._publisher.drained(grace_s):
+            log.warning(
+                "stopping with %d events not yet acknowledged by the sidecar; they stay in "
+                "%s and are sent after the next start",
+                self._wal.unacked,
+                self.settings.directory,
+            )
+        await self._publisher.close()
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._wal.close)
+        self._writer.shutdown(wait=True)
+
+
+def _hash_key(settings: EventsSettings) -> bytes:
+    if settings.hash_key:
+        return settings.hash_key.encode()
+    path = Path(settings.directory) / _KEY_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key)
+        return key

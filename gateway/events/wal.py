@@ -1,0 +1,288 @@
+"""Stage 7, durable part: a segmented, size-bounded write-ahead log of serialized events.
+
+Layout: ``<directory>/<first sequence, 20 digits>.wal`` segments, each a run of records::
+
+    u32 length | u32 crc32(payload) | u64 sequence | payload
+
+Sequences rise by one per record for as long as the directory lives. A segment is deleted once
+every record in it is acknowledged (``ack``), or dropped whole when the disk bound is reached
+and the policy says so (``drop_oldest``). Opening the log recovers what a crash left: a torn or
+corrupt tail is cut off at the last whole record.
+
+One writer thread appends; the publisher reads and acknowledges from another. A lock guards the
+segment list; readers open their own file handles and see what the writer has flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["Record", "WriteAheadLog"]
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<IIQ")
+_SUFFIX = ".wal"
+FsyncPolicy = Literal["batch", "interval", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    sequence: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    first: int  # sequence of its first record
+    last: int  # sequence of its last record (first - 1 while empty)
+    size: int  # bytes
+
+    @property
+    def records(self) -> int:
+        return self.last - self.first + 1
+
+
+class WriteAheadLog:
+    def __init__(
+        self,
+        directory: Path,
+        segment_bytes: int,
+        max_bytes: int,
+        fsync: FsyncPolicy = "batch",
+        fsync_interval_s: float = 1.0,
+    ) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self._fsync = fsync
+        self._fsync_interval_s = fsync_interval_s
+        self._last_fsync = time.monotonic()
+        self._lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+        self._segments: list[_Segment] = self._recover()
+        self._acked = self._segments[0].first - 1 if self._segments else 0
+        self._next = self._segments[-1].last + 1 if self._segments else 1
+        self._file = None if not self._segments else self._segments[-1].path.open("ab")
+        self.dropped = 0  # records deleted unacknowledged (drop_oldest)
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk."""
+        with self._lock:
+            return sum(s.size for s in self._segments)
+
+    @property
+    def acked(self) -> int:
+        """Every record up to this sequence is acknowledged (or dropped)."""
+        return self._acked
+
+    @property
+    def last(self) -> int:
+        """Sequence of the newest record (0 when none was ever written)."""
+        return self._next - 1
+
+    @property
+    def unacked(self) -> int:
+        """Records on disk not yet acknowledged."""
+        with self._lock:
+            return sum(max(0, s.last - max(s.first - 1, self._acked)) for s in self._segments)
+
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes of records stay within the bound."""
+        return self.size + size + _HEADER.size <= self.max_bytes
+
+    # -- writer ------------------------------------------------------------------------------
+
+    def append(self, payloads: Iterable[bytes]) -> int:
+        """Write records (one per payload) and return the last sequence; fsync per policy.
+
+        The caller checks the bound first (``fits`` / ``drop_oldest``); a batch is written
+        whole, so the log may pass the bound by at most one batch.
+        """
+        with self._lock:
+            for payload in payloads:
+                if self._file is None or self._segments[-1].size >= self.segment_bytes:
+                    self._roll()
+                assert self._file is not None
+                sequence = self._next
+                self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload), sequence))
+                self._file.write(payload)
+                segment = self._segments[-1]
+                segment.last = sequence
+                segment.size += _HEADER.size + len(payload)
+                self._next += 1
+            if self._file is not None:
+                self._file.flush()
+                self._sync(self._file.fileno())
+            return self._next - 1
+
+    def _sync(self, fd: int) -> None:
+        if self._fsync == "never":
+            return
+        now = time.monotonic()
+        if self._fsync == "interval" and now - self._last_fsync < self._fsync_interval_s:
+            return
+        os.fsync(fd)
+        self._last_fsync = now
+
+    def _roll(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # a closed segment is always whole on disk
+            self._file.close()
+        path = self.directory / f"{self._next:020d}{_SUFFIX}"
+        self._file = path.open("ab")
+        self._segments.append(_Segment(path, self._next, self._next - 1, 0))
+        _fsync_directory(self.directory)
+
+    def drop_oldest(self) -> int:
+        """Delete the oldest segment, acknowledged or not; returns the records it held."""
+        with self._lock:
+            if not self._segments:
+                return 0
+            if len(self._segments) == 1:
+                self._close_active()
+            segment = self._segments.pop(0)
+            segment.path.unlink(missing_ok=True)
+            lost = segment.last - max(self._acked, segment.first - 1)
+            self._acked = max(self._acked, segment.last)
+            self.dropped += max(lost, 0)
+            return max(lost, 0)
+
+    def _close_active(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- publisher ---------------------------------------------------------------------------
+
+    def read(self, after: int, max_records: int, max_bytes: int) -> list[Record]:
+        """Records with sequence > ``after``, oldest first, up to the limits (at least one)."""
+        with self._lock:
+            # Copies: the writer moves `last` on; reading stops at what was flushed by then.
+            segments = [
+                _Segment(s.path, s.first, s.last, s.size)
+                for s in self._segments
+                if s.last > after and s.records > 0
+            ]
+        out: list[Record] = []
+        size = 0
+        for segment in segments:
+            try:
+                handle = segment.path.open("rb")
+            except FileNotFoundError:  # dropped under us: the caller sees the gap in acked
+                continue
+            with handle:
+                for record in _scan(handle, segment.path, limit=segment.last):
+                    if record.sequence <= after:
+                        continue
+                    if out and (len(out) >= max_records or size + len(record.payload) > max_bytes):
+                        return out
+                    out.append(record)
+                    size += len(record.payload)
+        return out
+
+    def ack(self, sequence: int) -> int:
+        """Everything up to ``sequence`` is stored downstream: delete the segments it covers.
+
+        Returns the bytes freed.
+        """
+        freed = 0
+        with self._lock:
+            if sequence <= self._acked:
+                return 0
+            self._acked = min(sequence, self._next - 1)
+            while self._segments and self._segments[0].last <= self._acked:
+                if len(self._segments) == 1:
+                    if self._segments[0].size < self.segment_bytes and self._file is not None:
+                        break  # the active segment keeps filling; deleted once it rolls
+                    self._close_active()
+                segment = self._segments.pop(0)
+                segment.path.unlink(missing_ok=True)
+                freed += segment.size
+        return freed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def _recover(self) -> list[_Segment]:
+        segments: list[_Segment] = []
+        for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
+            try:
+                first = int(path.stem)
+            except ValueError:
+                log.warning("event log: ignoring %s (not a segment name)", path)
+                continue
+            with path.open("rb") as handle:
+                records = list(_scan(handle, path))
+            size = path.stat().st_size
+            end = _HEADER.size * len(records) + sum(len(r.payload) for r in records)
+            if end < size:
+                log.warning(
+                    "event log: %s has %d bytes of torn or corrupt tail after %d whole "
+                    "records; cut off",
+                    path,
+                    size - end,
+                    len(records),
+                )
+                with path.open("r+b") as handle:
+                    handle.truncate(end)
+            if not records:
+                path.unlink()
+                continue
+            if segments and records[0].sequence <= segments[-1].last:
+                log.warning("event log: %s overlaps the segment before it; skipped", path)
+                continue
+            segments.append(_Segment(path, first, records[-1].sequence, end))
+        if segments:
+            log.info(
+                "event log: %d segments, %d events not yet acknowledged, recovered from %s",
+                len(segments),
+                sum(s.records for s in segments),
+                self.directory,
+            )
+        return segments
+
+
+def _scan(handle: object, path: Path, limit: int | None = None) -> Iterable[Record]:
+    """Whole records from an open segment, stopping at the first torn or corrupt one."""
+    read = handle.read  # type: ignore[attr-defined]
+    while True:
+        header = read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        length, crc, sequence = _HEADER.unpack(header)
+        payload = read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        yield Record(sequence, payload)
+        if limit is not None and sequence >= limit:
+            return
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,232 @@
+"""Prediction events end to end: a real gateway, a real sidecar process, its real DuckDB file.
+
+Events must arrive exactly once (by count and by id) across a sidecar killed mid-load, and
+across a gateway killed with events still in its log; at the disk bound each policy does what
+it says and counts it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from gateway.demo import synthetic_transactions
+from tests.conftest import DEMO_WIDTH, GatewayProcess, SidecarProcess, demo_features, free_port
+
+
+def events_args(sidecar_port: int, directory: Path) -> tuple[str, ...]:
+    return ("--sidecar", f"127.0.0.1:{sidecar_port}", "--events-dir", str(directory))
+
+
+def dense_inputs(rows: int, seed: int = 3) -> list[triton_grpc.InferInput]:
+    tensor = triton_grpc.InferInput("features", [rows, DEMO_WIDTH], "FP32")
+    tensor.set_data_from_numpy(demo_features(rows, seed))
+    return [tensor]
+
+
+def send(gateway: GatewayProcess, ids: Iterable[str], threads: int = 8) -> list[str]:
+    """Infer once per id (concurrently); returns the ids that were answered."""
+    ids = list(ids)
+
+    def one(chunk: list[str]) -> list[str]:
+        client = gateway.client()
+        answered = []
+        try:
+            for request_id in chunk:
+                client.infer("fraud", dense_inputs(2), request_id=request_id)
+                answered.append(request_id)
+        finally:
+            client.close()
+        return answered
+
+    chunks = [ids[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        return [i for done in pool.map(one, chunks) for i in done]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def acked_all(gateway: GatewayProcess) -> bool:
+    recorded = gateway.metric("gateway_events_total", outcome="recorded")
+    dropped = gateway.metric("gateway_events_total", outcome="dropped")
+    acked = gateway.metric("gateway_events_total", outcome="acked")
+    return recorded > 0 and acked + dropped >= recorded
+
+
+def stored(sidecar: SidecarProcess) -> list[tuple]:
+    """Stop the sidecar (cleanly: it must exit 0) and read its DuckDB file."""
+    assert sidecar.stop() == 0, sidecar.stderr()
+    with duckdb.connect(str(sidecar.store / "events.duckdb"), read_only=True) as db:
+        return db.execute("SELECT request_id, event_id FROM events").fetchall()
+
+
+def test_events_arrive_exactly_once_across_a_sidecar_kill(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    port, store = free_port(), tmp_path / "store"
+    sidecar = start_sidecar(store, port)
+    gateway = start_gateway(demo_repo, *events_args(port, tmp_path / "events"))
+    ids = [f"req-{i}" for i in range(900)]
+    with ThreadPoolExecutor(1) as load:
+        running = load.submit(send, gateway, ids)
+        wait_for(lambda: gateway.metric("gateway_events_total", outcome="acked") > 100, "acks")
+        sidecar.stop(signal.SIGKILL)  # mid-load, batches in flight
+        time.sleep(0.5)
+        sidecar = start_sidecar(store, port)
+        answered = running.result()
+    assert sorted(answered) == sorted(ids)  # the outage never failed a prediction
+    wait_for(lambda: acked_all(gateway), "every event acknowledged")
+    rows = stored(sidecar)
+    assert len(rows) == len(ids)
+    assert sorted(r[0] for r in rows) == sorted(ids)
+    assert len({r[1] for r in rows}) == len(ids)
+    assert gateway.metric("gateway_events_total", outcome="dropped") == 0
+
+
+def test_events_in_the_log_survive_a_gateway_kill(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    port, store, log_dir = free_port(), tmp_path / "store", tmp_path / "events"
+    first = start_gateway(demo_repo, *events_args(port, log_dir))  # no sidecar yet
+    send(first, [f"a-{i}" for i in range(150)])
+    wait_for(
+        lambda: first.metric("gateway_events_total", outcome="written") == 150, "events on disk"
+    )
+    first.stop(signal.SIGKILL)
+    sidecar = start_sidecar(store, port)
+    second = start_gateway(demo_repo, *events_args(port, log_dir))
+    send(second, [f"b-{i}" for i in range(50)])
+    wait_for(lambda: second.metric("gateway_events_backlog", where="disk") == 0, "replay")
+    wait_for(lambda: acked_all(second), "every event acknowledged")
+    ids = sorted(r[0] for r in stored(sidecar))
+    assert ids == sorted([f"a-{i}" for i in range(150)] + [f"b-{i}" for i in range(50)])
+    assert "not yet acknowledged, recovered from" in second.stderr()
+
+
+def test_at_the_disk_bound_shed_refuses_predictions_until_the_sidecar_catches_up(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    port, store = free_port(), tmp_path / "store"
+    bound = {
+        "GATEWAY_EVENTS__MAX_DISK_BYTES": "40000",
+        "GATEWAY_EVENTS__SEGMENT_BYTES": "8000",
+        "GATEWAY_EVENTS__ON_FULL": "shed",
+    }
+    gateway = start_gateway(demo_repo, *events_args(port, tmp_path / "events"), env=bound)
+    client = gateway.client()
+    answered, refused = [], None
+    for i in range(400):
+        try:
+            client.infer("fraud", dense_inputs(2), request_id=f"s-{i}")
+            answered.append(f"s-{i}")
+        except InferenceServerException as err:
+            refused = err
+            break
+    assert refused is not None, "the bound was never reached"
+    assert refused.status() == "StatusCode.UNAVAILABLE"
+    assert "events.on_full: shed" in refused.message()
+    assert gateway.metric("gateway_events_total", outcome="shed") >= 1
+    assert gateway.metric("gateway_events_log_bytes") <= 40000 + 8000
+    sidecar = start_sidecar(store, port)
+    wait_for(lambda: acked_all(gateway), "the backlog acknowledged")
+    client.infer("fraud", dense_inputs(2), request_id="after")  # serving again
+    answered.append("after")
+    wait_for(lambda: acked_all(gateway), "the last event acknowledged")
+    client.close()
+    assert sorted(r[0] for r in stored(sidecar)) == sorted(answered)  # none accepted was lost
+
+
+def test_at_the_disk_bound_drop_oldest_keeps_serving_and_counts_the_loss(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    port, store = free_port(), tmp_path / "store"
+    bound = {
+        "GATEWAY_EVENTS__MAX_DISK_BYTES": "40000",
+        "GATEWAY_EVENTS__SEGMENT_BYTES": "8000",
+        "GATEWAY_EVENTS__ON_FULL": "drop_oldest",
+        "GATEWAY_EVENTS__BATCH_EVENTS": "8",
+    }
+    gateway = start_gateway(demo_repo, *events_args(port, tmp_path / "events"), env=bound)
+    ids = [f"d-{i:04d}" for i in range(300)]
+    client = gateway.client()
+    for request_id in ids:
+        client.infer("fraud", dense_inputs(2), request_id=request_id)
+    client.close()
+    wait_for(
+        lambda: (
+            gateway.metric("gateway_events_total", outcome="written")
+            + gateway.metric("gateway_events_total", outcome="dropped")
+            >= len(ids)
+        ),
+        "every event written or dropped",
+    )
+    dropped = gateway.metric("gateway_events_total", outcome="dropped")
+    assert dropped > 0
+    assert "dropped the" in gateway.stderr() and "oldest unacknowledged events" in gateway.stderr()
+    sidecar = start_sidecar(store, port)
+    wait_for(lambda: acked_all(gateway), "what is left acknowledged")
+    kept = sorted(r[0] for r in stored(sidecar))
+    assert len(kept) == len(ids) - dropped
+    assert kept == ids[len(ids) - len(kept) :]  # the oldest went, the newest stayed
+
+
+def test_an_event_carries_features_segments_and_outputs_with_sensitive_values_hashed(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    port = free_port()
+    sidecar = start_sidecar(tmp_path / "store", port)
+    gateway = start_gateway(demo_repo, *events_args(port, tmp_path / "events"))
+    columns, _ = synthetic_transactions(3, seed=2)
+    inputs = []
+    for name, values in columns.items():
+        array = (
+            np.array([v.encode() for v in values], dtype=object)
+            if values.dtype == object
+            else values
+        )
+        datatype = "BYTES" if array.dtype == object else triton_grpc.np_to_triton_dtype(array.dtype)
+        tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client = gateway.client()
+    result = client.infer(
+        "fraud",
+        inputs,
+        parameters={"tenant": "acme", "segment.geo": "BR", "entity_key": "card-9"},
+    )
+    request_id = result.get_response().parameters["request_id"].string_param
+    assert request_id
+    client.close()
+    wait_for(lambda: acked_all(gateway), "the event acknowledged")
+    assert sidecar.stop() == 0
+    with duckdb.connect(str(sidecar.store / "events.duckdb"), read_only=True) as db:
+        row = db.execute(
+            "SELECT request_id, tenant, segments['geo'], entity_key, rows, contract_version, "
+            "numbers['amount'], strings['channel'], strings['country'], hashed, "
+            "outputs['probability'], coverage FROM events"
+        ).fetchone()
+    (rid, tenant, geo, entity, rows, contract, amount, channel, country, hashed, probability,
+     coverage) = row  # fmt: skip
+    assert (rid, tenant, geo, entity, rows) == (request_id, "acme", "BR", "card-9", 3)
+    assert contract == "v2"
+    assert amount == pytest.approx(list(columns["amount"]))
+    assert channel == list(columns["channel"])
+    assert hashed == ["country"]
+    assert len(country) == 3 and not set(country) & set(columns["country"])
+    assert country[0] != country[1] or columns["country"][0] == columns["country"][1]
+    assert probability == pytest.approx(result.as_numpy("probability").ravel().tolist(), rel=1e-6)
+    assert {c["feature"] for c in coverage} >= {"amount", "channel", "country"}

@@ -1,0 +1,122 @@
+"""The event write-ahead log on a real directory: segments, acks, bounds and crash recovery."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.events.publisher import encode_batch
+from gateway.events.wal import WriteAheadLog
+
+
+def payloads(count: int, start: int = 0, size: int = 100) -> list[bytes]:
+    return [f"event-{i:06d}".encode().ljust(size, b".") for i in range(start, start + count)]
+
+
+@pytest.fixture
+def open_log() -> Iterator[Callable[..., WriteAheadLog]]:
+    """Open logs (1000-byte segments unless told); every one is closed at teardown."""
+    opened: list[WriteAheadLog] = []
+
+    def open_(path: Path, **kw: object) -> WriteAheadLog:
+        options = {"segment_bytes": 1000, "max_bytes": 100_000, "fsync": "batch"} | kw
+        wal = WriteAheadLog(path, **options)  # type: ignore[arg-type]
+        opened.append(wal)
+        return wal
+
+    yield open_
+    for wal in opened:
+        wal.close()
+
+
+def test_records_come_back_in_order_with_rising_sequences(open_log, tmp_path: Path):
+    wal = open_log(tmp_path)
+    assert wal.append(payloads(25)) == 25
+    records = wal.read(after=0, max_records=100, max_bytes=1 << 20)
+    assert [r.sequence for r in records] == list(range(1, 26))
+    assert [r.payload for r in records] == payloads(25)
+    assert len(list(tmp_path.glob("*.wal"))) == 3  # 116-byte records: 9 per 1000-byte segment
+    assert wal.read(after=20, max_records=100, max_bytes=1 << 20)[0].sequence == 21
+    assert len(wal.read(after=0, max_records=7, max_bytes=1 << 20)) == 7
+    assert len(wal.read(after=0, max_records=100, max_bytes=250)) == 2
+
+
+def test_acknowledged_segments_are_deleted_and_the_active_one_is_kept(open_log, tmp_path: Path):
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    before = wal.size
+    freed = wal.ack(17)  # segments hold 1-9, 10-18, 19-25: only the first is wholly acked
+    assert freed > 0 and wal.size == before - freed
+    assert wal.unacked == 8 and wal.acked == 17
+    assert len(list(tmp_path.glob("*.wal"))) == 2
+    wal.ack(25)
+    assert wal.unacked == 0
+    assert wal.read(after=wal.acked, max_records=10, max_bytes=1 << 20) == []
+
+
+def test_reopening_resumes_the_sequence_and_resends_what_was_not_acked(open_log, tmp_path: Path):
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.ack(9)
+    wal.close()
+    again = open_log(tmp_path)
+    assert again.unacked == 16
+    records = again.read(after=again.acked, max_records=100, max_bytes=1 << 20)
+    assert [r.sequence for r in records] == list(range(10, 26))
+    assert again.append(payloads(1, start=99)) == 26
+
+
+@pytest.mark.parametrize("cut", [1, 10, 50])
+def test_a_torn_tail_is_cut_off_at_the_last_whole_record(open_log, tmp_path: Path, cut: int):
+    wal = open_log(tmp_path, segment_bytes=1 << 20)
+    wal.append(payloads(5))
+    wal.close()
+    (segment,) = tmp_path.glob("*.wal")
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-cut])  # a crash in the middle of the last record
+    again = open_log(tmp_path, segment_bytes=1 << 20)
+    records = again.read(after=0, max_records=100, max_bytes=1 << 20)
+    assert [r.payload for r in records] == payloads(4)
+    assert again.append(payloads(1, start=7)) == 5  # the lost record's sequence is reused
+    assert segment.stat().st_size == len(data)
+
+
+def test_a_corrupt_record_ends_the_segment_there(open_log, tmp_path: Path):
+    wal = open_log(tmp_path, segment_bytes=1 << 20)
+    wal.append(payloads(5))
+    wal.close()
+    (segment,) = tmp_path.glob("*.wal")
+    data = bytearray(segment.read_bytes())
+    data[3 * 116 + 20] ^= 0xFF  # a flipped byte inside the fourth record's payload
+    segment.write_bytes(bytes(data))
+    again = open_log(tmp_path, segment_bytes=1 << 20)
+    assert [r.sequence for r in again.read(0, 100, 1 << 20)] == [1, 2, 3]
+
+
+def test_drop_oldest_deletes_a_whole_segment_and_counts_what_was_unacked(open_log, tmp_path: Path):
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.ack(4)
+    assert wal.drop_oldest() == 5  # records 5-9 of the first segment
+    assert wal.dropped == 5 and wal.acked == 9
+    assert wal.read(after=wal.acked, max_records=1, max_bytes=1 << 20)[0].sequence == 10
+    assert not wal.fits(wal.max_bytes)
+
+
+def test_an_empty_log_starts_at_one_and_reads_nothing(open_log, tmp_path: Path):
+    wal = open_log(tmp_path)
+    assert (wal.last, wal.acked, wal.unacked, wal.size) == (0, 0, 0, 0)
+    assert wal.read(after=0, max_records=10, max_bytes=100) == []
+
+
+def test_a_batch_on_the_wire_is_an_event_batch():
+    from gateway.api.v1 import events_pb2 as ev
+    from gateway.events.wal import Record
+
+    events = [ev.PredictionEvent(event_id=f"e{i}", rows=i) for i in range(3)]
+    records = [Record(300 + i, e.SerializeToString()) for i, e in enumerate(events)]
+    batch = ev.EventBatch.FromString(encode_batch(records))
+    assert batch.sequence == 302
+    assert list(batch.events) == events
