@@ -135,11 +135,11 @@ class EventsSettings(_Section):
         64 * 1024 * 1024, gt=0, description="Request data those pending events hold."
     )
     flush_interval_ms: int = Field(
-        20, gt=0, description="How often pending events are written, at the latest."
+        50, gt=0, description="How often pending events are written, at the latest."
     )
     batch_events: int = Field(512, gt=0, description="Events per written and sent batch.")
     max_in_flight_batches: int = Field(
-        8, gt=0, description="Batches sent to the sidecar and not yet acknowledged."
+        32, gt=0, description="Batches sent to the sidecar and not yet acknowledged."
     )
     hash_key: str | None = Field(
         None,

@@ -33,10 +33,13 @@ CREATE TABLE IF NOT EXISTS events (
     arm VARCHAR,
     segments MAP(VARCHAR, VARCHAR),
     contract_version VARCHAR,
-    numbers MAP(VARCHAR, DOUBLE[]),
+    numeric_names VARCHAR[],
+    numeric BLOB,  -- float64 little-endian, rows x len(numeric_names), row-major
     strings MAP(VARCHAR, VARCHAR[]),
     hashed VARCHAR[],
-    outputs MAP(VARCHAR, DOUBLE[]),
+    output_names VARCHAR[],
+    output_widths INTEGER[],
+    outputs BLOB,  -- each output's rows x width float64 block, in output_names order
     rows INTEGER,
     cached_rows INTEGER,
     fallback VARCHAR,
@@ -74,10 +77,13 @@ _ARROW_SCHEMA = pa.schema(
         ("arm", pa.string()),
         ("segments", pa.map_(pa.string(), pa.string())),
         ("contract_version", pa.string()),
-        ("numbers", pa.map_(pa.string(), pa.list_(pa.float64()))),
+        ("numeric_names", pa.list_(pa.string())),
+        ("numeric", pa.binary()),
         ("strings", pa.map_(pa.string(), pa.list_(pa.string()))),
         ("hashed", pa.list_(pa.string())),
-        ("outputs", pa.map_(pa.string(), pa.list_(pa.float64()))),
+        ("output_names", pa.list_(pa.string())),
+        ("output_widths", pa.list_(pa.int32())),
+        ("outputs", pa.binary()),
         ("rows", pa.int32()),
         ("cached_rows", pa.int32()),
         ("fallback", pa.string()),
@@ -122,16 +128,11 @@ class EventStore:
 
 
 def _to_arrow(events: Sequence[ev.PredictionEvent], arrival_us: int) -> pa.Table:
+    """Columns for a batch. Feature and output values stay packed bytes: no per-value work."""
     columns: dict[str, list[object]] = {name: [] for name in EVENT_COLUMNS}
     for e in events:
-        numbers, strings, hashed = [], [], []
-        for name, column in e.features.items():
-            if column.hashed:
-                hashed.append(name)
-            if column.strings:
-                strings.append((name, list(column.strings)))
-            else:
-                numbers.append((name, list(column.numbers)))
+        block = e.features
+        outputs = e.outputs
         values = (
             e.event_id,
             e.request_id,
@@ -145,10 +146,13 @@ def _to_arrow(events: Sequence[ev.PredictionEvent], arrival_us: int) -> pa.Table
             e.arm,
             list(e.segments.items()),
             e.contract_version,
-            numbers,
-            strings,
-            hashed,
-            [(o.name, list(o.values)) for o in e.outputs],
+            list(block.numeric_names),
+            block.numbers,
+            [(c.name, list(c.values)) for c in block.strings],
+            [c.name for c in block.strings if c.hashed],
+            [o.name for o in outputs],
+            [o.width for o in outputs],
+            b"".join(o.values for o in outputs),
             e.rows,
             e.cached_rows,
             e.fallback,

@@ -3,12 +3,14 @@ the request path)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.types import InferRequest, InferResponse, Tensor
@@ -22,6 +24,7 @@ __all__ = ["Pending", "Redact", "build_event"]
 Redact = Callable[[bytes | str | float, bytes], str]
 
 _NUMERIC_KINDS = ("b", "i", "u", "f")
+_F64 = np.dtype("<f8")  # the wire's float64: little-endian whatever the host
 
 
 @dataclass(slots=True)
@@ -64,8 +67,11 @@ def build_event(
     for key, value in params.items():
         if key.startswith("segment."):
             event.segments[key[len("segment.") :]] = _text(value)
+    rows = event.rows
+    blocks: list[NDArray[np.float64]] = []
+    names: list[str] = []
     if assembly is not None and pending.contract is not None:
-        _contract_features(event, request, pending.contract, hash_key, redact)
+        _contract_features(event, request, pending.contract, hash_key, redact, names, blocks)
         for feature, counts in zip(pending.contract.features, assembly.counts, strict=True):
             present, defaulted, out_of_range, oov = (int(c) for c in counts)
             event.coverage.add(
@@ -77,15 +83,17 @@ def build_event(
             )
     else:
         for tensor in request.inputs:
-            _input_columns(event, tensor, max_columns)
+            _input_columns(event, tensor, rows, max_columns, names, blocks)
+    if blocks:
+        matrix = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
+        event.features.numeric_names.extend(names)
+        event.features.numbers = matrix.astype(_F64, copy=False).tobytes()
     for tensor in response.outputs:
         data = tensor.data
-        if data.dtype.kind not in _NUMERIC_KINDS:
+        if data.dtype.kind not in _NUMERIC_KINDS or not data.ndim or data.shape[0] != rows:
             continue
-        width = math.prod(data.shape[1:]) if data.ndim > 1 else 1
-        event.outputs.add(
-            name=tensor.name, values=data.astype(np.float64).ravel().tolist(), width=width
-        )
+        width = math.prod(data.shape[1:])
+        event.outputs.add(name=tensor.name, values=data.astype(_F64).tobytes(), width=width)
     return event
 
 
@@ -95,47 +103,62 @@ def _contract_features(
     contract: Contract,
     hash_key: bytes,
     redact: Redact,
+    names: list[str],
+    blocks: list[NDArray[np.float64]],
 ) -> None:
     specs = {f.name: f for f in contract.features}
+    numeric: list[NDArray[np.float64]] = []
     for tensor in request.inputs:
         spec = specs.get(tensor.name)
         if spec is None:
             continue
-        column = event.features[tensor.name]
         if tensor.datatype == "BYTES":
             values = [_decoded(v) for v in tensor.data.ravel().tolist()]
             if spec.sensitive:
-                column.hashed = True
-                column.strings.extend(redact(v, hash_key) for v in values)
-            else:
-                column.strings.extend(values)
+                values = [redact(v, hash_key) for v in values]
+            event.features.strings.add(name=tensor.name, values=values, hashed=spec.sensitive)
             continue
-        numbers = tensor.data.astype(np.float64).ravel()
+        column = tensor.data.astype(np.float64).ravel()
         if spec.sensitive:
-            column.hashed = True
-            column.strings.extend(redact(float(v), hash_key) for v in numbers.tolist())
-        else:
-            column.numbers.extend(numbers.tolist())
+            hashed = [redact(v, hash_key) for v in column.tolist()]
+            event.features.strings.add(name=tensor.name, values=hashed, hashed=True)
+            continue
+        names.append(tensor.name)
+        numeric.append(column)
+    if numeric:
+        blocks.append(np.column_stack(numeric))
 
 
-def _input_columns(event: ev.PredictionEvent, tensor: Tensor, max_columns: int) -> None:
+def _input_columns(
+    event: ev.PredictionEvent,
+    tensor: Tensor,
+    rows: int,
+    max_columns: int,
+    names: list[str],
+    blocks: list[NDArray[np.float64]],
+) -> None:
     """A request that sent the model's own input: its columns, named ``input[j]``."""
+    shape = tensor.shape
+    if not shape or shape[0] != rows:
+        return
     if tensor.datatype == "BYTES":
-        if len(tensor.shape) <= 1:
-            event.features[tensor.name].strings.extend(
-                _decoded(v) for v in tensor.data.ravel().tolist()
-            )
+        if len(shape) == 1:
+            values = [_decoded(v) for v in tensor.data.tolist()]
+            event.features.strings.add(name=tensor.name, values=values)
         return
-    data = tensor.data
-    if data.ndim == 1:
-        event.features[tensor.name].numbers.extend(data.astype(np.float64).tolist())
-        return
-    matrix = data.reshape(data.shape[0], -1)
+    matrix = tensor.data.reshape(rows, -1)
     if matrix.shape[1] > max_columns:
         return
-    columns = matrix.astype(np.float64).T.tolist()
-    for j, values in enumerate(columns):
-        event.features[f"{tensor.name}[{j}]"].numbers.extend(values)
+    if len(shape) == 1:
+        names.append(tensor.name)
+    else:
+        names.extend(_column_names(tensor.name, matrix.shape[1]))
+    blocks.append(matrix.astype(np.float64))
+
+
+@functools.lru_cache(maxsize=256)
+def _column_names(name: str, width: int) -> tuple[str, ...]:
+    return tuple(f"{name}[{j}]" for j in range(width))
 
 
 def _rows(request: InferRequest, response: InferResponse) -> int:

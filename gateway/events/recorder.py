@@ -157,33 +157,58 @@ class EventRecorder:
             count = min(len(self._pending), self.settings.batch_events)
             batch = [self._pending.popleft() for _ in range(count)]
             self._pending_bytes -= sum(p.nbytes for p in batch)
-            written = await loop.run_in_executor(self._writer, self._write, batch)
-            if not written:  # shed: the log is full; keep them and wait for acks
-                self._pending.extendleft(reversed(batch))
-                self._pending_bytes += sum(p.nbytes for p in batch)
+            wal = self._wal
+            assert wal is not None
+            if self._disk_full and wal.size >= self._full_size:
+                written = 0  # nothing acknowledged since the log was full: no room yet
+            else:
+                # NOTE: built here, on the loop, not on the writer thread: the work is the
+                # same, but a second thread running Python would take the GIL from the loop
+                # in switch-interval slices. The thread does the file work, GIL released.
+                written = await loop.run_in_executor(
+                    self._writer, self._store, self._serialize(batch)
+                )
+            if written:
+                assert self._publisher is not None
+                self._publisher.notify()
+            if written < len(batch):  # shed: the log is full; keep the rest, wait for acks
+                rest = batch[written:]
+                self._pending.extendleft(reversed(rest))
+                self._pending_bytes += sum(p.nbytes for p in rest)
                 return
-            assert self._publisher is not None
-            self._publisher.notify()
             if not everything and len(self._pending) < self.settings.batch_events:
                 return
 
-    def _write(self, batch: list[Pending]) -> bool:
-        """On the writer thread: build, serialize and append a batch; False if it won't fit."""
-        wal = self._wal
-        assert wal is not None
-        s = self.settings
-        if self._disk_full and wal.size >= self._full_size:
-            return False  # nothing acknowledged since: do not build the batch again
-        payloads = [
+    def _serialize(self, batch: list[Pending]) -> list[bytes]:
+        max_columns = self.settings.max_columns
+        return [
             build_event(
                 p, f"{self._run_id}-{next(self._events)}", self._hash_key, self._redact,
-                s.max_columns,
+                max_columns,
             ).SerializeToString()
             for p in batch
         ]  # fmt: skip
-        size = sum(len(p) for p in payloads)
-        while not wal.fits(size):
-            if s.on_full == "shed":
+
+    def _store(self, payloads: list[bytes]) -> int:
+        """On the writer thread: append serialized events; returns how many.
+
+        With ``on_full: shed`` that is the part of the batch the log has room for; with
+        ``drop_oldest`` the oldest segments make room for all of it.
+        """
+        wal = self._wal
+        assert wal is not None
+        s = self.settings
+        total = len(payloads)
+        if s.on_full == "shed":
+            room = wal.max_bytes - wal.size
+            taken = 0
+            for payload in payloads:
+                room -= len(payload) + wal.overhead
+                if room < 0 and (taken or wal.size):  # one event bigger than all: let it in
+                    break
+                taken += 1
+            payloads = payloads[:taken]
+            if taken < total:
                 if not self._disk_full:
                     log.warning(
                         "event log at its bound (%d bytes, events.max_disk_bytes %d): "
@@ -192,17 +217,19 @@ class EventRecorder:
                         wal.max_bytes,
                     )
                 self._disk_full = True
-                self._full_size = wal.size
-                return False
-            lost = wal.drop_oldest()
-            if lost == 0 and wal.size == 0:
-                break  # one batch larger than the whole bound: write it anyway
-            if lost:
-                self._count_dropped(lost, "on disk")
-        self._disk_full = False
-        wal.append(payloads)
-        self._m_written.inc(len(payloads))
-        return True
+        else:
+            size = sum(len(p) + wal.overhead for p in payloads)
+            while wal.size + size > wal.max_bytes and wal.size:
+                lost = wal.drop_oldest()
+                if lost:
+                    self._count_dropped(lost, "on disk")
+        if payloads:
+            wal.append(payloads)
+            self._m_written.inc(len(payloads))
+        self._full_size = wal.size
+        if len(payloads) == total:
+            self._disk_full = False
+        return len(payloads)
 
     def _count_dropped(self, count: int, where: str) -> None:
         self._m_dropped.inc(count)

@@ -75,6 +75,8 @@ class WriteAheadLog:
         self._next = self._segments[-1].last + 1 if self._segments else 1
         self._file = None if not self._segments else self._segments[-1].path.open("ab")
         self.dropped = 0  # records deleted unacknowledged (drop_oldest)
+        # Where the last read stopped: (segment, byte offset, sequence of the record there).
+        self._cursor: tuple[Path | None, int, int] = (None, 0, 0)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -100,17 +102,18 @@ class WriteAheadLog:
         with self._lock:
             return sum(max(0, s.last - max(s.first - 1, self._acked)) for s in self._segments)
 
-    def fits(self, size: int) -> bool:
-        """Whether ``size`` more bytes of records stay within the bound."""
-        return self.size + size + _HEADER.size <= self.max_bytes
+    @property
+    def overhead(self) -> int:
+        """Bytes a record takes beyond its payload."""
+        return _HEADER.size
 
     # -- writer ------------------------------------------------------------------------------
 
     def append(self, payloads: Iterable[bytes]) -> int:
         """Write records (one per payload) and return the last sequence; fsync per policy.
 
-        The caller checks the bound first (``fits`` / ``drop_oldest``); a batch is written
-        whole, so the log may pass the bound by at most one batch.
+        The caller keeps the bound: it makes room (``drop_oldest``) or writes only what fits
+        (``size`` and ``overhead`` against ``max_bytes``).
         """
         with self._lock:
             for payload in payloads:
@@ -170,7 +173,11 @@ class WriteAheadLog:
     # -- publisher ---------------------------------------------------------------------------
 
     def read(self, after: int, max_records: int, max_bytes: int) -> list[Record]:
-        """Records with sequence > ``after``, oldest first, up to the limits (at least one)."""
+        """Records with sequence > ``after``, oldest first, up to the limits (at least one).
+
+        Reading on from where the last read stopped seeks straight there (the publisher's
+        case); any other ``after`` scans its segment from the start (a reconnect).
+        """
         with self._lock:
             # Copies: the writer moves `last` on; reading stops at what was flushed by then.
             segments = [
@@ -181,18 +188,26 @@ class WriteAheadLog:
         out: list[Record] = []
         size = 0
         for segment in segments:
+            path, offset, following = self._cursor
+            start = offset if path == segment.path and following == after + 1 else 0
             try:
                 handle = segment.path.open("rb")
             except FileNotFoundError:  # dropped under us: the caller sees the gap in acked
                 continue
             with handle:
+                handle.seek(start)
+                position = start
                 for record in _scan(handle, segment.path, limit=segment.last):
-                    if record.sequence <= after:
-                        continue
-                    if out and (len(out) >= max_records or size + len(record.payload) > max_bytes):
-                        return out
-                    out.append(record)
-                    size += len(record.payload)
+                    if record.sequence > after:
+                        if out and (
+                            len(out) >= max_records or size + len(record.payload) > max_bytes
+                        ):
+                            return out
+                        out.append(record)
+                        size += len(record.payload)
+                        after = record.sequence
+                    position += _HEADER.size + len(record.payload)
+                    self._cursor = (segment.path, position, record.sequence + 1)
         return out
 
     def ack(self, sequence: int) -> int:

@@ -102,7 +102,7 @@ def test_drop_oldest_deletes_a_whole_segment_and_counts_what_was_unacked(open_lo
     assert wal.drop_oldest() == 5  # records 5-9 of the first segment
     assert wal.dropped == 5 and wal.acked == 9
     assert wal.read(after=wal.acked, max_records=1, max_bytes=1 << 20)[0].sequence == 10
-    assert not wal.fits(wal.max_bytes)
+    assert wal.size == 16 * 116  # records 10-25 are left
 
 
 def test_an_empty_log_starts_at_one_and_reads_nothing(open_log, tmp_path: Path):
@@ -120,3 +120,16 @@ def test_a_batch_on_the_wire_is_an_event_batch():
     batch = ev.EventBatch.FromString(encode_batch(records))
     assert batch.sequence == 302
     assert list(batch.events) == events
+
+
+def test_reading_on_in_small_steps_and_starting_over_both_see_every_record(open_log, tmp_path):
+    wal = open_log(tmp_path)
+    wal.append(payloads(40))
+    seen, after = [], 0
+    while records := wal.read(after=after, max_records=3, max_bytes=1 << 20):
+        seen += [r.sequence for r in records]
+        after = records[-1].sequence
+    assert seen == list(range(1, 41))  # across segment boundaries, from the read cursor
+    assert [r.sequence for r in wal.read(after=12, max_records=2, max_bytes=1 << 20)] == [13, 14]
+    wal.append(payloads(2, start=40))
+    assert [r.sequence for r in wal.read(after=40, max_records=9, max_bytes=1 << 20)] == [41, 42]
