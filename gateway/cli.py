@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,30 @@ def _parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--host", default="127.0.0.1", help="gRPC bind address")
     sidecar.add_argument("--port", type=int, default=8005, help="gRPC port, 0 = any free one")
     sidecar.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sidecar.add_argument("--repository", type=Path, help="model repository (drift references)")
+    sidecar.add_argument("--config", type=Path, help="settings YAML (its evaluation section)")
+
+    report = commands.add_parser("report", help="print a model's evaluation report")
+    report.add_argument("model")
+    report.add_argument("--window-s", type=int, default=0, help="window (default: the sidecar's)")
+    report.add_argument("--json", action="store_true", help="print the JSON itself")
+    report.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
+
+    labels = commands.add_parser("labels", help="send labels (CSV or Parquet) to the sidecar")
+    labels.add_argument("file", type=Path)
+    labels.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
+    labels.add_argument(
+        "--window-s", type=int, default=0, help="entity-key join window (default: the sidecar's)"
+    )
+
+    export = commands.add_parser(
+        "export", help="write a model's events, or its labelled training rows, to Parquet"
+    )
+    export.add_argument("model")
+    export.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    export.add_argument("--version", default="", help="one model version (default: all)")
+    export.add_argument("--labelled", action="store_true", help="training rows: features+label")
+    export.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
 
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
     demo.add_argument("directory", type=Path)
@@ -107,11 +131,67 @@ def _sidecar(args: argparse.Namespace) -> int:
     import uvloop
 
     from gateway.evaluation.sidecar import run_sidecar
+    from gateway.settings import load_settings
     from gateway.telemetry import configure_logging
 
+    settings = load_settings(args.config)
     configure_logging(args.log_level or "INFO")
-    uvloop.run(run_sidecar(args.store, args.host, args.port))
+    uvloop.run(run_sidecar(args.store, args.host, args.port, settings.evaluation, args.repository))
     return 0
+
+
+def _labels(args: argparse.Namespace) -> int:
+    from gateway.evaluation.client import LabelFileError, read_labels, send_labels
+
+    try:
+        labels = read_labels(args.file)
+    except LabelFileError as err:
+        print(f"gateway: error: {err}", file=sys.stderr)
+        return 2
+    joined, unmatched = send_labels(args.sidecar, labels, args.window_s)
+    print(f"{len(labels)} labels sent: {joined} joined a prediction, {unmatched} wait for theirs")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gateway.api.v1 import events_pb2 as ev
+    from gateway.evaluation.client import export
+
+    reply = export(
+        args.sidecar,
+        ev.ExportRequest(
+            model=args.model,
+            version=args.version,
+            path=str(args.out.resolve()),
+            labelled=args.labelled,
+        ),
+    )
+    print(f"{reply.rows} rows written to {reply.path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gateway.evaluation.client import fetch_report, format_report
+
+    report = fetch_report(args.sidecar, args.model, args.window_s)
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _sidecar_call(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        return command(args)
+    except grpc.RpcError as err:
+        details = err.details() if isinstance(err, grpc.Call) else str(err)
+        print(f"gateway: error: sidecar at {args.sidecar}: {details}", file=sys.stderr)
+        return 1
 
 
 def _demo_repo(args: argparse.Namespace) -> int:
@@ -130,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "sidecar":
             return _sidecar(args)
+        if args.command in ("labels", "export", "report"):
+            command = {"labels": _labels, "export": _export, "report": _report}[args.command]
+            return _sidecar_call(command, args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)

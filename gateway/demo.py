@@ -22,6 +22,12 @@ import yaml
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
+from gateway.evaluation.profile import (
+    REFERENCE_FILE,
+    categorical_profile,
+    numeric_profile,
+    write_reference,
+)
 from gateway.features import CONTRACT_FILE, assemble, load_contracts
 
 __all__ = [
@@ -257,6 +263,17 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
     (model_dir / CONTRACT_FILE).write_text(yaml.safe_dump(contract_file(train), sort_keys=False))
     contracts = load_contracts(model_dir)
     summary = {}
+    # The drift reference: the training rows' raw features, and per version its input
+    # columns and output, as the sidecar will see them in prediction events.
+    reference: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "source": f"demo training data: {split} rows, seed {seed}",
+        "features": {
+            name: categorical_profile(values) if values.dtype == object else numeric_profile(values)
+            for name, values in train.items()
+        },
+        "versions": {},
+    }
     for version, contract_version, kind in ((1, "v1", "logistic regression"),
                                             (2, "v2", "MLP, 16 tanh units")):  # fmt: skip
         contract = contracts[contract_version]
@@ -266,6 +283,12 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         else:
             params = train_mlp(x_train, y_train, seed)
         auc = _auc(y_held, predict(params, x_held)[:, 0])
+        reference["versions"][str(version)] = {
+            "inputs": {
+                f"features[{j}]": numeric_profile(x_train[:, j]) for j in range(contract.width)
+            },
+            "outputs": {"probability": numeric_profile(predict(params, x_train)[:, 0])},
+        }
         summary[version] = {
             "kind": kind,
             "contract": contract_version,
@@ -285,6 +308,7 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         "contract": {"by_model_version": {1: "v1", 2: "v2"}},
     }
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_reference(model_dir / REFERENCE_FILE, reference)
     training = {"seed": seed, "rows": rows, "versions": summary}
     (model_dir / "training.yaml").write_text(yaml.safe_dump(training, sort_keys=False))
     return model_dir

@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gateway.errors import SettingsError
 
 __all__ = [
+    "AlertRule",
     "ContractBinding",
     "DynamicBatching",
+    "EvaluationSettings",
     "EventsSettings",
     "ModelConfig",
     "QueuePolicy",
@@ -151,12 +153,73 @@ class EventsSettings(_Section):
     )
 
 
+AlertMetric = Literal[
+    "psi", "js", "wasserstein", "oov", "out_of_range", "missing", "defaulted",
+    "output_psi", "auc", "log_loss", "accuracy", "ece",
+]  # fmt: skip
+PlaybookAction = Literal["retrain", "rollback", "human_review", "tighten_thresholds"]
+
+
+class AlertRule(_Section):
+    """An alert of the evaluation sidecar: a metric over a window crossing a threshold."""
+
+    name: str
+    metric: AlertMetric = Field(
+        description="Feature metrics (psi, js, wasserstein, oov, out_of_range, missing, "
+        "defaulted) are checked per feature; output_psi on the model's first output; auc, "
+        "log_loss, accuracy, ece on labelled predictions."
+    )
+    feature: str = Field("*", description="A feature name, or * for every feature.")
+    segment: str = Field(
+        "*", description="'name=value', 'all' (all traffic only) or * (all and each segment)."
+    )
+    above: float | None = None
+    below: float | None = None
+    window_s: int = Field(3600, gt=0)
+    min_samples: int = Field(200, gt=0, description="Rows (labelled rows for quality metrics).")
+    action: PlaybookAction = Field(description="What to do when it fires (the playbook).")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> AlertRule:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("give exactly one of above, below")
+        return self
+
+
+def _default_rules() -> tuple[AlertRule, ...]:
+    return (
+        AlertRule(name="feature_drift", metric="psi", above=0.2, action="retrain"),
+        AlertRule(name="new_categories", metric="oov", above=0.05, action="human_review"),
+        AlertRule(
+            name="outside_training_range", metric="out_of_range", above=0.05,
+            action="tighten_thresholds",
+        ),
+        AlertRule(
+            name="quality_drop", metric="auc", below=0.6, min_samples=200, action="rollback"
+        ),
+    )  # fmt: skip
+
+
+class EvaluationSettings(_Section):
+    """The evaluation sidecar (``gateway sidecar``): windows, label joins, alert rules."""
+
+    window_s: int = Field(3600, gt=0, description="Default report window.")
+    label_window_s: int = Field(
+        7 * 24 * 3600, gt=0, description="How far back an entity-key label looks for its event."
+    )
+    max_report_events: int = Field(
+        200_000, gt=0, description="Most recent events a report reads per model (a bound)."
+    )
+    rules: tuple[AlertRule, ...] = Field(default_factory=_default_rules)
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     repository: RepositorySettings = RepositorySettings()
     runtime: RuntimeSettings = RuntimeSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     events: EventsSettings = EventsSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
 
 class VersionPolicy(_Section):

@@ -41,12 +41,12 @@ def free_port() -> int:
 class SidecarProcess:
     """``python -m gateway sidecar`` in a child process, on a fixed port (restarts keep it)."""
 
-    def __init__(self, store: Path, port: int, workdir: Path) -> None:
+    def __init__(self, store: Path, port: int, workdir: Path, *args: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.stderr_path = workdir / f"sidecar-{time.monotonic_ns()}.log"
         command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store),
-                   "--port", str(port)]  # fmt: skip
+                   "--port", str(port), *args]  # fmt: skip
         with self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(command, stdout=err, stderr=err)
         deadline = time.monotonic() + 60

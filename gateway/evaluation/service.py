@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
+from gateway.evaluation.report import build_report, fired_alerts
 from gateway.evaluation.store import EventStore
+from gateway.settings import EvaluationSettings
 
 __all__ = ["EvaluationServicer"]
 
@@ -24,9 +30,17 @@ _READ_AHEAD = 64
 
 class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
     def __init__(
-        self, store: EventStore, commit_interval_s: float = 0.2, commit_events: int = 8192
+        self,
+        store: EventStore,
+        settings: EvaluationSettings,
+        repository: Path | None = None,
+        commit_interval_s: float = 0.2,
+        commit_events: int = 8192,
     ) -> None:
         self.store = store
+        self.settings = settings
+        self.repository = repository
+        self.label_window_s = settings.label_window_s
         self.commit_interval_s = commit_interval_s
         self.commit_events = commit_events
         # DuckDB work happens on one thread: off the loop, and one writer at a time.
@@ -91,6 +105,74 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         finally:
             reader.cancel()
 
+    async def PutLabels(
+        self, request: ev.PutLabelsRequest, context: grpc.aio.ServicerContext
+    ) -> ev.PutLabelsResponse:
+        for i, label in enumerate(request.labels):
+            if not label.request_id and not label.entity_key:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"label {i} has neither request_id nor entity_key: nothing to join it on",
+                )
+            if label.row < 0:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"label {i} has a negative row {label.row}"
+                )
+        window_s = request.window_s or self.label_window_s
+        joined = await asyncio.get_running_loop().run_in_executor(
+            self.db, self.store.put_labels, list(request.labels), window_s, time.time_ns() // 1000
+        )
+        return ev.PutLabelsResponse(joined=joined, unmatched=len(request.labels) - joined)
+
+    async def Export(
+        self, request: ev.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> ev.ExportResponse:
+        if not request.model or not request.path:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "Export needs a model and a path to write"
+            )
+        path, rows = await asyncio.get_running_loop().run_in_executor(
+            self.db,
+            self.store.export,
+            Path(request.path),
+            request.model,
+            request.version,
+            request.start_us,
+            request.end_us,
+            request.labelled,
+        )
+        return ev.ExportResponse(path=str(path), rows=rows)
+
+    async def Report(
+        self, request: ev.ReportRequest, context: grpc.aio.ServicerContext
+    ) -> ev.ReportResponse:
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Report needs a model")
+        report = await asyncio.get_running_loop().run_in_executor(
+            self.db, self.evaluate, request.model, request.window_s or self.settings.window_s
+        )
+        return ev.ReportResponse(json=json.dumps(report, default=_plain))
+
+    def evaluate(self, model: str, window_s: int) -> dict[str, Any]:
+        """A report, with the alerts of every rule (each over its own window)."""
+        settings = self.settings
+        reports = {
+            window: build_report(
+                self.store, model, window, self.repository, settings.max_report_events
+            )
+            for window in {window_s, *(rule.window_s for rule in settings.rules)}
+        }
+        report = reports[window_s]
+        report["alerts"] = fired_alerts(reports, settings.rules)
+        return report
+
     def close(self) -> None:
         self.db.submit(self.store.close).result()
         self.db.shutdown(wait=True)
+
+
+def _plain(value: object) -> object:
+    """JSON for numpy scalars."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -12,6 +12,7 @@ import grpc
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.evaluation.service import EvaluationServicer
 from gateway.evaluation.store import EventStore
+from gateway.settings import EvaluationSettings
 
 __all__ = ["run_sidecar"]
 
@@ -20,10 +21,20 @@ log = logging.getLogger(__name__)
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-async def run_sidecar(store_dir: Path, host: str, port: int) -> None:
-    """Serve until SIGTERM or SIGINT; then finish the batch in hand and close the store."""
+async def run_sidecar(
+    store_dir: Path,
+    host: str,
+    port: int,
+    settings: EvaluationSettings,
+    repository: Path | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT; then finish the batch in hand and close the store.
+
+    ``repository`` is the model repository: its ``<model>/reference.json`` profiles are the
+    drift references.
+    """
     store = await asyncio.to_thread(EventStore, store_dir)
-    servicer = EvaluationServicer(store)
+    servicer = EvaluationServicer(store, settings, repository)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),

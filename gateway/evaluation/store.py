@@ -11,11 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gateway.api.v1 import events_pb2 as ev
+from gateway.evaluation.frames import build_frame
 
-__all__ = ["EVENT_COLUMNS", "EventStore"]
+__all__ = ["EVENT_COLUMNS", "EventStore", "joined_sql", "window_filter"]
 
 DB_FILE = "events.duckdb"
 
@@ -52,6 +55,41 @@ CREATE TABLE IF NOT EXISTS events (
     cost DOUBLE,
     entity_key VARCHAR
 );
+CREATE TABLE IF NOT EXISTS labels (
+    request_id VARCHAR,
+    entity_key VARCHAR,
+    "row" INTEGER,
+    value DOUBLE,
+    label_time TIMESTAMP,
+    received_time TIMESTAMP,
+    window_s BIGINT,
+    batch BIGINT
+);
+"""
+
+# Each label joined to its event: by request id, or by entity key to that entity's latest
+# event at or before the label's time, within the label's window. A label sent again for the
+# same prediction row replaces the earlier one. Labels whose event has not arrived yet simply
+# do not join (yet).
+_JOINED = """
+WITH latest AS (
+    SELECT * FROM labels {label_filter}
+    QUALIFY row_number() OVER (
+        PARTITION BY request_id, entity_key, "row", label_time ORDER BY received_time DESC
+    ) = 1
+),
+by_id AS (
+    SELECT e.event_id, l."row", l.value AS label, l.label_time
+    FROM latest l JOIN events e ON e.request_id = l.request_id
+    WHERE l.request_id <> '' AND l."row" < e.rows
+),
+by_entity AS (
+    SELECT e.event_id, l."row", l.value AS label, l.label_time
+    FROM (SELECT * FROM latest WHERE request_id = '' AND entity_key <> '') l
+    ASOF JOIN events e ON l.entity_key = e.entity_key AND l.label_time >= e.event_time
+    WHERE e.event_time >= l.label_time - to_seconds(l.window_s) AND l."row" < e.rows
+)
+SELECT * FROM by_id UNION ALL SELECT * FROM by_entity
 """
 
 _COVERAGE = pa.struct(
@@ -104,6 +142,7 @@ class EventStore:
         self.path = directory / DB_FILE
         self._db = duckdb.connect(str(self.path))
         self._db.execute(_SCHEMA)
+        self._batch = self._scalar("SELECT coalesce(max(batch), 0) FROM labels")
 
     def ingest(self, events: Sequence[ev.PredictionEvent], arrival_us: int) -> tuple[int, int]:
         """Store a batch; returns (newly stored, already held)."""
@@ -113,18 +152,137 @@ class EventStore:
         table = _to_arrow(unique, arrival_us)
         self._db.register("incoming", table)
         try:
-            row = self._db.execute("INSERT OR IGNORE INTO events SELECT * FROM incoming").fetchone()
+            stored = self._scalar("INSERT OR IGNORE INTO events SELECT * FROM incoming")
         finally:
             self._db.unregister("incoming")
-        stored = int(row[0]) if row else 0
         return stored, len(events) - stored
+
+    def put_labels(self, labels: Sequence[ev.Label], window_s: int, received_us: int) -> int:
+        """Store labels; returns how many join an event now (the rest join when it arrives)."""
+        if not labels:
+            return 0
+        self._batch += 1
+        table = pa.table(
+            {
+                "request_id": [label.request_id for label in labels],
+                "entity_key": [label.entity_key for label in labels],
+                "row": pa.array([label.row for label in labels], pa.int32()),
+                "value": [label.value for label in labels],
+                "label_time": pa.array(
+                    [label.event_time_us or received_us for label in labels], pa.timestamp("us")
+                ),
+                "received_time": pa.array([received_us] * len(labels), pa.timestamp("us")),
+                "window_s": pa.array([window_s] * len(labels), pa.int64()),
+                "batch": pa.array([self._batch] * len(labels), pa.int64()),
+            }
+        )
+        self._db.register("incoming_labels", table)
+        try:
+            self._db.execute("INSERT INTO labels SELECT * FROM incoming_labels").fetchall()
+        finally:
+            self._db.unregister("incoming_labels")
+        return self._scalar(f"SELECT count(*) FROM ({joined_sql(f'WHERE batch = {self._batch}')})")
+
+    def export(
+        self, path: Path, model: str, version: str, start_us: int, end_us: int, labelled: bool
+    ) -> tuple[Path, int]:
+        """Write a window's events, or its labelled prediction rows, to Parquet.
+
+        Returns the file's absolute path and the rows written.
+        """
+        where, params = window_filter(model, version, start_us, end_us, table="e")
+        path = path.expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not labelled:
+            self._db.execute(
+                f"COPY (SELECT * FROM events e WHERE {where} ORDER BY event_time) "
+                f"TO '{_quoted(path)}' (FORMAT parquet)",
+                params,
+            ).fetchall()
+            return path, self._scalar_params(f"SELECT count(*) FROM events e WHERE {where}", params)
+        table = self.arrow(
+            f"""
+            SELECT e.request_id, e.event_time, e.model, e.version, e.arm, e.segments,
+                   e.numeric_names, e.numeric, e.strings, e.outputs, e.output_widths, e.rows,
+                   j."row", j.label
+            FROM ({joined_sql()}) j JOIN events e USING (event_id)
+            WHERE {where} ORDER BY e.event_time, j."row"
+            """,
+            params,
+        )
+        pq.write_table(_training_rows(table), path)
+        return path, int(table.num_rows)
+
+    def arrow(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
+        return self._db.sql(sql, params=list(params)).to_arrow_table()
+
+    def _scalar_params(self, sql: str, params: list[object]) -> int:
+        rows = self._db.execute(sql, params).fetchall()
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+    def _scalar(self, sql: str) -> int:
+        rows = self._db.execute(sql).fetchall()
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     def query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[object, ...]]:
         return self._db.execute(sql, list(parameters)).fetchall()
 
     def close(self) -> None:
-        self._db.execute("CHECKPOINT")
+        self._db.execute("CHECKPOINT").fetchall()
         self._db.close()
+
+
+def window_filter(
+    model: str, version: str = "", start_us: int = 0, end_us: int = 0, table: str = "events"
+) -> tuple[str, list[object]]:
+    """A WHERE clause (with its parameters) for one model's events in a time window."""
+    clauses = [f"{table}.model = ?"]
+    params: list[object] = [model]
+    if version:
+        clauses.append(f"{table}.version = ?")
+        params.append(version)
+    if start_us:
+        clauses.append(f"{table}.event_time >= make_timestamp(?)")
+        params.append(start_us)
+    if end_us:
+        clauses.append(f"{table}.event_time < make_timestamp(?)")
+        params.append(end_us)
+    return " AND ".join(clauses), params
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _training_rows(table: pa.Table) -> pa.Table:
+    """One row per labelled prediction row: its features, score, label, version, segments."""
+    data = table.to_pydict()
+    count = len(data["request_id"])
+    frame = build_frame(
+        data["rows"], data["numeric_names"], data["numeric"],
+        [dict(m) if m else None for m in data["strings"]], data["outputs"],
+        data["output_widths"],
+    )  # fmt: skip
+    starts = np.concatenate([[0], np.cumsum(data["rows"])[:-1]]).astype(np.int64)
+    picks = starts[:count] + np.asarray(data["row"], dtype=np.int64) if count else starts[:0]
+    out: dict[str, object] = {
+        name: data[name] for name in ("request_id", "event_time", "model", "version", "arm")
+    }
+    segment_keys = sorted({k for m in data["segments"] if m for k, _ in m})
+    for key in segment_keys:
+        out[f"segment.{key}"] = [dict(m or {}).get(key) for m in data["segments"]]
+    for name, column in frame.numbers.items():
+        out[name] = column[picks]
+    for name, column_s in frame.strings.items():
+        out[name] = column_s[picks].tolist()
+    out["score"] = frame.scores[picks]
+    out["label"] = data["label"]
+    return pa.table(out)
+
+
+def joined_sql(label_filter: str = "") -> str:
+    """SQL for (event_id, row, label, label_time) of every joined label."""
+    return _JOINED.format(label_filter=label_filter)
 
 
 def _to_arrow(events: Sequence[ev.PredictionEvent], arrival_us: int) -> pa.Table:

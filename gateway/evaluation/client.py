@@ -1,0 +1,160 @@
+"""Command-line clients of the sidecar: ``gateway labels FILE``, ``gateway export MODEL``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from gateway.api.v1 import events_pb2 as ev
+from gateway.api.v1 import events_pb2_grpc as ev_grpc
+
+__all__ = [
+    "LabelFileError",
+    "export",
+    "fetch_report",
+    "format_report",
+    "read_labels",
+    "send_labels",
+]
+
+_CHUNK = 10_000  # labels per PutLabels call
+
+
+class LabelFileError(ValueError):
+    """A label file that cannot be read as labels; the message names the file and column."""
+
+
+def read_labels(path: Path) -> list[ev.Label]:
+    """Labels from CSV or Parquet: ``label`` (or ``value``), and ``request_id`` and/or
+    ``entity_key``; optional ``event_time`` (a timestamp, or microseconds) and ``row``."""
+    try:
+        table = pq.read_table(path) if path.suffix == ".parquet" else pa_csv.read_csv(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise LabelFileError(f"{path}: cannot read labels: {err}") from None
+    names = set(table.column_names)
+    value_column = "label" if "label" in names else "value" if "value" in names else None
+    if value_column is None:
+        raise LabelFileError(f"{path}: no 'label' (or 'value') column; columns: {sorted(names)}")
+    if not names & {"request_id", "entity_key"}:
+        raise LabelFileError(f"{path}: labels need a 'request_id' or an 'entity_key' column")
+    count = table.num_rows
+
+    def texts(name: str) -> list[str]:
+        if name not in names:
+            return [""] * count
+        return ["" if v is None else str(v) for v in table.column(name).to_pylist()]
+
+    try:
+        values = np.asarray(table.column(value_column).to_pylist(), dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise LabelFileError(f"{path}: column '{value_column}' is not numeric: {err}") from None
+    times = [0] * count
+    if "event_time" in names:
+        column = table.column("event_time")
+        if pa.types.is_timestamp(column.type):
+            column = column.cast(pa.timestamp("us")).cast(pa.int64())
+        times = [int(t or 0) for t in column.to_pylist()]
+    rows = [int(r or 0) for r in table.column("row").to_pylist()] if "row" in names else [0] * count
+    return [
+        ev.Label(request_id=r, entity_key=k, value=float(v), event_time_us=t, row=w)
+        for r, k, v, t, w in zip(
+            texts("request_id"), texts("entity_key"), values, times, rows, strict=True
+        )
+    ]
+
+
+def send_labels(address: str, labels: list[ev.Label], window_s: int = 0) -> tuple[int, int]:
+    """PutLabels in chunks; returns (joined, unmatched)."""
+    joined = unmatched = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        for start in range(0, len(labels), _CHUNK):
+            reply = stub.PutLabels(
+                ev.PutLabelsRequest(labels=labels[start : start + _CHUNK], window_s=window_s),
+                timeout=120,
+            )
+            joined += reply.joined
+            unmatched += reply.unmatched
+    return joined, unmatched
+
+
+def export(address: str, request: ev.ExportRequest) -> ev.ExportResponse:
+    with grpc.insecure_channel(address) as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply: ev.ExportResponse = stub.Export(request, timeout=600)
+        return reply
+
+
+def fetch_report(address: str, model: str, window_s: int = 0) -> dict[str, Any]:
+    with grpc.insecure_channel(address) as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply = stub.Report(ev.ReportRequest(model=model, window_s=window_s), timeout=600)
+    report: dict[str, Any] = json.loads(reply.json)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as plain-text tables."""
+    lines = [
+        f"{report['model']}: last {report['window_s']} s, {report['events']} events, "
+        f"reference profile {'found' if report['reference'] else 'missing'}"
+    ]
+    for version, segments in report["versions"].items():
+        for segment, metrics in segments.items():
+            lines += ["", f"version {version} · {segment} · {metrics['rows']} rows"]
+            header = ("feature", "psi", "js|wass", "oov", "out_rng", "missing", "defaulted")
+            rows = [header]
+            for name, m in sorted(metrics["features"].items()):
+                second = m.get("js", m.get("wasserstein"))
+                rows.append(
+                    (name, *(_num(m.get(k)) for k in ("psi",)), _num(second),
+                     *(_num(m.get(k)) for k in ("oov", "out_of_range", "missing", "defaulted")))
+                )  # fmt: skip
+            lines += _table(rows)
+            output = metrics.get("output")
+            if output:
+                lines.append(
+                    f"  output: psi {_num(output.get('psi'))}, mean {_num(output.get('mean'))}"
+                )
+            q = metrics["quality"]
+            if q.get("labelled"):
+                lines.append(
+                    "  quality: "
+                    + ", ".join(
+                        f"{k} {_num(q.get(k))}"
+                        for k in ("labelled", "auc", "log_loss", "accuracy", "ece")
+                        if k in q
+                    )
+                )
+    alerts = report.get("alerts", [])
+    lines += ["", f"alerts firing: {len(alerts)}"]
+    if alerts:
+        rows = [("rule", "version", "segment", "feature", "value", "threshold", "action")]
+        rows += [
+            (a["rule"], a["version"], a["segment"], a["feature"] or "-", _num(a["value"]),
+             f"{a['direction']} {a['threshold']}", a["action"])
+            for a in alerts
+        ]  # fmt: skip
+        lines += _table(rows)
+    return "\n".join(lines)
+
+
+def _num(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{float(value):.3f}"  # type: ignore[arg-type]
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

@@ -1,0 +1,281 @@
+"""Reports: per model version and segment over a window, drift against the reference profile,
+coverage, output distribution, quality once labels have joined, and the alerts that fire."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gateway.evaluation.frames import Frame, build_frame
+from gateway.evaluation.profile import (
+    REFERENCE_FILE,
+    categorical_drift,
+    load_reference,
+    numeric_drift,
+)
+from gateway.evaluation.store import EventStore, joined_sql, window_filter
+from gateway.settings import AlertRule
+
+__all__ = ["build_report", "fired_alerts", "quality"]
+
+ALL = "all"
+_FEATURE_METRICS = {"psi", "js", "wasserstein", "oov", "out_of_range", "missing", "defaulted"}
+_QUALITY_METRICS = {"auc", "log_loss", "accuracy", "ece"}
+
+
+def build_report(
+    store: EventStore,
+    model: str,
+    window_s: int,
+    repository: Path | None,
+    max_events: int,
+    now_us: int | None = None,
+) -> dict[str, Any]:
+    """Metrics per version and segment for the events of the last ``window_s`` seconds."""
+    now_us = now_us or time.time_ns() // 1000
+    start_us = now_us - window_s * 1_000_000
+    where, params = window_filter(model, "", start_us, 0, table="e")
+    events = store.arrow(
+        f"""
+        SELECT event_id, version, segments, numeric_names, numeric, strings, hashed, outputs,
+               output_widths, rows, coverage
+        FROM events e WHERE {where} ORDER BY event_time DESC LIMIT {int(max_events)}
+        """,
+        params,
+    ).to_pydict()
+    labels = store.arrow(
+        f'SELECT j.event_id, j."row", j.label FROM ({joined_sql()}) j '
+        f"JOIN events e USING (event_id) WHERE {where}",
+        params,
+    ).to_pydict()
+    reference = _reference(repository, model)
+    report: dict[str, Any] = {
+        "model": model,
+        "window_s": window_s,
+        "start_us": start_us,
+        "end_us": now_us,
+        "events": len(events["event_id"]),
+        "reference": bool(reference),
+        "versions": {},
+    }
+    if not events["event_id"]:
+        return report
+    frame = build_frame(
+        events["rows"], events["numeric_names"], events["numeric"],
+        [dict(m) if m else None for m in events["strings"]], events["outputs"],
+        events["output_widths"],
+    )  # fmt: skip
+    label_of = _labels(frame, events, labels)
+    hashed = {name for names in events["hashed"] if names for name in names}
+    versions = np.asarray(events["version"], dtype=object)
+    for version in sorted(set(events["version"])):
+        in_version = versions == version
+        groups = _segments(events["segments"], in_version)
+        out = report["versions"][version] = {}
+        for segment, event_mask in groups.items():
+            rows = event_mask[frame.event_index]
+            out[segment] = _metrics(
+                frame, rows, event_mask, events["coverage"], label_of, reference, version, hashed
+            )
+    return report
+
+
+def _reference(repository: Path | None, model: str) -> dict[str, Any]:
+    if repository is None:
+        return {}
+    path = repository / model / REFERENCE_FILE
+    return load_reference(path) if path.exists() else {}
+
+
+def _labels(
+    frame: Frame, events: dict[str, list[Any]], labels: dict[str, list[Any]]
+) -> NDArray[np.float64]:
+    """The label of every frame row (NaN where none joined)."""
+    out = np.full(frame.rows, np.nan)
+    if not labels["event_id"]:
+        return out
+    starts = np.concatenate([[0], np.cumsum(events["rows"])[:-1]]).astype(np.int64)
+    position = {event_id: i for i, event_id in enumerate(events["event_id"])}
+    for event_id, row, label in zip(
+        labels["event_id"], labels["row"], labels["label"], strict=True
+    ):
+        i = position.get(event_id)
+        if i is not None:
+            out[starts[i] + row] = label
+    return out
+
+
+def _segments(segments: Sequence[Any], in_version: NDArray[np.bool_]) -> dict[str, NDArray[Any]]:
+    """Event masks: all of the version's traffic, and each ``name=value`` segment."""
+    groups: dict[str, NDArray[np.bool_]] = {ALL: in_version}
+    for i, entries in enumerate(segments):
+        if not in_version[i] or not entries:
+            continue
+        for key, value in entries:
+            name = f"{key}={value}"
+            mask = groups.get(name)
+            if mask is None:
+                mask = groups[name] = np.zeros(len(segments), dtype=bool)
+            mask[i] = True
+    return groups
+
+
+def _metrics(
+    frame: Frame,
+    rows: NDArray[np.bool_],
+    event_mask: NDArray[np.bool_],
+    coverage: Sequence[Any],
+    label_of: NDArray[np.float64],
+    reference: dict[str, Any],
+    version: str,
+    hashed: set[str],
+) -> dict[str, Any]:
+    profiles = dict(reference.get("features", {}))
+    versioned = reference.get("versions", {}).get(version, {})
+    profiles.update(versioned.get("inputs", {}))
+    features: dict[str, dict[str, float]] = {}
+    for name, column in frame.numbers.items():
+        profile = profiles.get(name)
+        if profile is not None and profile.get("kind") == "numeric":
+            features[name] = numeric_drift(profile, column[rows])
+    for name, column_s in frame.strings.items():
+        profile = profiles.get(name)
+        if name in hashed or profile is None or profile.get("kind") != "categorical":
+            continue  # a sensitive feature's hashes cannot be compared with clear values
+        features[name] = categorical_drift(profile, column_s[rows].tolist())
+    for name, shares in _coverage(coverage, event_mask).items():
+        features.setdefault(name, {}).update(shares)
+    result: dict[str, Any] = {"rows": int(rows.sum()), "features": features}
+    outputs = versioned.get("outputs", {})
+    if outputs:
+        profile = next(iter(outputs.values()))
+        result["output"] = numeric_drift(profile, frame.scores[rows])
+    labelled = rows & ~np.isnan(label_of)
+    result["quality"] = quality(label_of[labelled], frame.scores[labelled])
+    return result
+
+
+def _coverage(
+    coverage: Sequence[Any], event_mask: NDArray[np.bool_]
+) -> dict[str, dict[str, float]]:
+    """Per feature, the share of values the contract defaulted (and found out of vocabulary)."""
+    totals: dict[str, NDArray[np.int64]] = {}
+    for i, entries in enumerate(coverage):
+        if not event_mask[i] or not entries:
+            continue
+        for entry in entries:
+            counts = np.array(
+                [entry["present"], entry["defaulted"], entry["out_of_range"], entry["oov"]]
+            )
+            totals[entry["feature"]] = totals.get(entry["feature"], 0) + counts
+    out = {}
+    for name, (present, defaulted, out_of_range, oov) in totals.items():
+        total = present + defaulted
+        if total:
+            out[name] = {
+                "defaulted": float(defaulted / total),
+                "contract_out_of_range": float(out_of_range / total),
+                "contract_oov": float(oov / total),
+            }
+    return out
+
+
+def quality(labels: NDArray[np.float64], scores: NDArray[np.float64]) -> dict[str, float]:
+    """AUC, log loss, accuracy at 0.5 and calibration (ECE over 10 bins) of labelled rows."""
+    n = int(labels.size)
+    out: dict[str, float] = {"labelled": n}
+    if n == 0:
+        return out
+    y = labels > 0.5
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    out["positive_rate"] = float(y.mean())
+    out["mean_score"] = float(scores.mean())
+    out["log_loss"] = float(-np.mean(np.where(y, np.log(p), np.log(1 - p))))
+    out["accuracy"] = float(np.mean((scores >= 0.5) == y))
+    bins = np.minimum((scores * 10).astype(int), 9)
+    ece = 0.0
+    for b in range(10):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(scores[in_bin].mean() - y[in_bin].mean())
+    out["ece"] = float(ece)
+    positives, negatives = int(y.sum()), int(n - y.sum())
+    if positives and negatives:
+        out["auc"] = _auc(y, scores, positives, negatives)
+    return out
+
+
+def _auc(
+    y: NDArray[np.bool_], scores: NDArray[np.float64], positives: int, negatives: int
+) -> float:
+    """Mann-Whitney U over ranks, ties given their average rank."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def fired_alerts(
+    reports: dict[int, dict[str, Any]], rules: Sequence[AlertRule]
+) -> list[dict[str, Any]]:
+    """The rules that fire on reports (keyed by their window), one alert per match."""
+    alerts = []
+    for rule in rules:
+        report = reports.get(rule.window_s)
+        if report is None:
+            continue
+        for version, segments in report["versions"].items():
+            for segment, metrics in segments.items():
+                if not _segment_matches(rule.segment, segment):
+                    continue
+                for feature, value, samples in _values(rule, metrics):
+                    if samples < rule.min_samples:
+                        continue
+                    if (rule.above is not None and value > rule.above) or (
+                        rule.below is not None and value < rule.below
+                    ):
+                        alerts.append(
+                            {
+                                "rule": rule.name,
+                                "metric": rule.metric,
+                                "model": report["model"],
+                                "version": version,
+                                "segment": segment,
+                                "feature": feature,
+                                "value": value,
+                                "threshold": rule.above if rule.above is not None else rule.below,
+                                "direction": "above" if rule.above is not None else "below",
+                                "samples": samples,
+                                "window_s": rule.window_s,
+                                "action": rule.action,
+                            }
+                        )
+    return alerts
+
+
+def _segment_matches(wanted: str, segment: str) -> bool:
+    return wanted == "*" or wanted == segment
+
+
+def _values(rule: AlertRule, metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
+    if rule.metric in _FEATURE_METRICS:
+        return [
+            (name, float(values[rule.metric]), int(values.get("count", metrics["rows"])))
+            for name, values in metrics["features"].items()
+            if (rule.feature in ("*", name)) and rule.metric in values
+        ]
+    if rule.metric == "output_psi":
+        output = metrics.get("output", {})
+        return [("", float(output["psi"]), int(output["count"]))] if "psi" in output else []
+    if rule.metric in _QUALITY_METRICS:
+        q = metrics["quality"]
+        return [("", float(q[rule.metric]), int(q["labelled"]))] if rule.metric in q else []
+    return []

@@ -1,0 +1,194 @@
+"""The evaluation loop end to end: real gateway and sidecar processes, the sidecar's DuckDB,
+labels through ``gateway labels``, reports through ``gateway report``.
+
+One load is sent once for the module, in segments: a sample of the training distribution, the
+same with one feature shifted, a country segment with a new channel category, and labelled
+rows. Every test reads the sidecar's report (or export) of that load.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from gateway.demo import synthetic_transactions
+from tests.conftest import GatewayProcess, SidecarProcess, free_port
+
+ROWS_PER_REQUEST = 50
+REQUESTS = 10
+
+
+@dataclass
+class Load:
+    gateway: GatewayProcess
+    sidecar: SidecarProcess
+    scores: dict[str, list[float]] = field(default_factory=dict)  # segment -> scores
+    labels: dict[str, list[float]] = field(default_factory=dict)
+    request_ids: list[str] = field(default_factory=list)
+
+
+def raw_inputs(columns: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
+    inputs = []
+    for name, values in columns.items():
+        if values.dtype == object:
+            array = np.array([str(v).encode() for v in values], dtype=object)
+            datatype = "BYTES"
+        else:
+            array = values
+            datatype = triton_grpc.np_to_triton_dtype(values.dtype)
+        tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def load(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Load]:
+    work = tmp_path_factory.mktemp("evaluation")
+    port = free_port()
+    sidecar = SidecarProcess(work / "store", port, work / "logs", "--repository", str(demo_repo))
+    gateway = GatewayProcess(
+        demo_repo, work / "gateway", "--sidecar", f"127.0.0.1:{port}",
+        "--events-dir", str(work / "events"),
+    )  # fmt: skip
+    result = Load(gateway, sidecar)
+    client = gateway.client()
+    try:
+        segments = {
+            "batch=reference": lambda c: c,
+            "batch=shifted": lambda c: {**c, "amount": c["amount"] * 8},
+            "geo=BR": lambda c: {**c, "channel": np.where(np.arange(len(c["channel"])) % 3 == 0,
+                                                          "crypto", c["channel"]).astype(object)},
+            "geo=US": lambda c: c,
+        }  # fmt: skip
+        for s, (segment, change) in enumerate(segments.items()):
+            key, value = segment.split("=")
+            for i in range(REQUESTS):
+                columns, y = synthetic_transactions(ROWS_PER_REQUEST, seed=1000 + 37 * s + i)
+                request_id = f"{segment}-{i}"
+                reply = client.infer(
+                    "fraud",
+                    raw_inputs(change(columns)),
+                    model_version="2",
+                    request_id=request_id,
+                    parameters={f"segment.{key}": value},
+                )
+                result.scores.setdefault(segment, []).extend(
+                    reply.as_numpy("probability").ravel().tolist()
+                )
+                result.labels.setdefault(segment, []).extend(y.tolist())
+                result.request_ids.append(request_id)
+        deadline = time.monotonic() + 60
+        while gateway.metric("gateway_events_total", outcome="acked") < len(result.request_ids):
+            assert time.monotonic() < deadline, "events never all reached the sidecar"
+            time.sleep(0.05)
+        yield result
+    finally:
+        client.close()
+        gateway.stop()
+        sidecar.stop()
+
+
+def report(load: Load) -> dict:
+    out = gateway_cli("report", "fraud", "--json", "--sidecar", load.sidecar.address)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def alerts(report: dict, rule: str) -> set[tuple[str, str]]:
+    return {(a["segment"], a["feature"]) for a in report["alerts"] if a["rule"] == rule}
+
+
+def test_drift_is_flagged_for_the_shifted_feature_and_not_for_a_fresh_reference_sample(load):
+    body = report(load)
+    segments = body["versions"]["2"]
+    assert segments["batch=reference"]["rows"] == REQUESTS * ROWS_PER_REQUEST
+    assert segments["batch=shifted"]["features"]["amount"]["psi"] > 1.0
+    assert segments["batch=reference"]["features"]["amount"]["psi"] < 0.1
+    fired = alerts(body, "feature_drift")
+    assert ("batch=shifted", "amount") in fired
+    assert not {f for s, f in fired if s == "batch=reference"}
+    assert not {f for s, f in fired if s == "batch=shifted"} - {"amount"}
+
+
+def test_a_new_category_is_flagged_for_its_segment_only(load):
+    body = report(load)
+    segments = body["versions"]["2"]
+    assert segments["geo=BR"]["features"]["channel"]["oov"] == pytest.approx(1 / 3, abs=0.01)
+    assert segments["geo=US"]["features"]["channel"]["oov"] == 0
+    fired = alerts(body, "new_categories")
+    assert ("geo=BR", "channel") in fired
+    assert not {s for s, _ in fired if s.startswith("geo=") and s != "geo=BR"}
+    assert not {s for s, _ in fired if s.startswith("batch=")}
+
+
+def numpy_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The probability a random positive outscores a random negative (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + ties / 2) / (len(pos) * len(neg)))
+
+
+def test_labels_join_by_request_id_and_per_segment_auc_matches_numpy(load, tmp_path: Path):
+    path = tmp_path / "labels.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["request_id", "row", "label"])
+        for segment in ("batch=reference", "geo=US"):
+            labels = load.labels[segment]
+            for k, label in enumerate(labels):
+                writer.writerow([f"{segment}-{k // ROWS_PER_REQUEST}", k % ROWS_PER_REQUEST, label])
+        writer.writerow(["no-such-request", 0, 1])
+    out = gateway_cli("labels", str(path), "--sidecar", load.sidecar.address)
+    assert out.returncode == 0, out.stderr
+    joined = 2 * REQUESTS * ROWS_PER_REQUEST
+    assert f"{joined + 1} labels sent: {joined} joined a prediction, 1 wait" in out.stdout
+    segments = report(load)["versions"]["2"]
+    for segment in ("batch=reference", "geo=US"):
+        labels = np.array(load.labels[segment])
+        scores = np.array(load.scores[segment], dtype=np.float32).astype(np.float64)
+        quality = segments[segment]["quality"]
+        assert quality["labelled"] == len(labels)
+        assert quality["auc"] == pytest.approx(numpy_auc(labels, scores), abs=1e-12)
+        p = np.clip(scores, 1e-7, 1 - 1e-7)
+        log_loss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+        assert quality["log_loss"] == pytest.approx(log_loss, rel=1e-9)
+        assert quality["accuracy"] == pytest.approx(np.mean((scores >= 0.5) == (labels == 1)))
+    assert segments["batch=shifted"]["quality"]["labelled"] == 0
+
+    export = tmp_path / "train.parquet"
+    out = gateway_cli(
+        "export", "fraud", "--labelled", "--out", str(export), "--sidecar", load.sidecar.address
+    )
+    assert out.returncode == 0, out.stderr
+    table = pq.read_table(export).to_pydict()
+    assert len(table["label"]) == joined
+    assert {"amount", "hour", "channel", "score", "label", "version", "segment.geo"} <= set(table)
+    assert set(table["version"]) == {"2"}
+
+
+def test_the_report_prints_as_tables(load):
+    out = gateway_cli("report", "fraud", "--sidecar", load.sidecar.address)
+    assert out.returncode == 0, out.stderr
+    assert "version 2 · batch=shifted" in out.stdout
+    assert "feature_drift" in out.stdout and "retrain" in out.stdout
+    bad = gateway_cli("labels", "/nonexistent.csv", "--sidecar", load.sidecar.address)
+    assert bad.returncode == 2 and "cannot read labels" in bad.stderr
