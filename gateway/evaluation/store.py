@@ -69,13 +69,16 @@ CREATE TABLE IF NOT EXISTS labels (
 
 # Each label joined to its event: by request id, or by entity key to that entity's latest
 # event at or before the label's time, within the label's window. A label sent again for the
-# same prediction row replaces the earlier one. Labels whose event has not arrived yet simply
+# same prediction row (request id and row; or entity, row and time) replaces the earlier one. Labels whose event has not arrived yet simply
 # do not join (yet).
 _JOINED = """
 WITH latest AS (
     SELECT * FROM labels {label_filter}
     QUALIFY row_number() OVER (
-        PARTITION BY request_id, entity_key, "row", label_time ORDER BY received_time DESC
+        PARTITION BY request_id, "row",
+            CASE WHEN request_id = '' THEN entity_key END,
+            CASE WHEN request_id = '' THEN label_time END
+        ORDER BY received_time DESC, batch DESC
     ) = 1
 ),
 by_id AS (

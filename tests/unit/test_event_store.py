@@ -1,0 +1,66 @@
+"""The sidecar's store on a real DuckDB file: exactly-once ingestion and label joins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.api.v1 import events_pb2 as ev
+from gateway.evaluation.report import quality
+from gateway.evaluation.store import EventStore, joined_sql
+
+SECOND = 1_000_000
+
+
+def event(i: int, entity: str = "", rows: int = 1) -> ev.PredictionEvent:
+    return ev.PredictionEvent(
+        event_id=f"e{i}", request_id=f"r{i}", entity_key=entity, model="m", version="1",
+        event_time_us=1_000 * SECOND + i * SECOND, rows=rows,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = EventStore(tmp_path)
+    yield s
+    s.close()
+
+
+def joined(store: EventStore) -> list[tuple[str, int, float]]:
+    return sorted((e, r, v) for e, r, v, _ in store.query(joined_sql()))
+
+
+def test_a_resent_event_is_stored_once(store: EventStore):
+    assert store.ingest([event(1), event(2), event(2)], 0) == (2, 1)
+    assert store.ingest([event(1), event(3)], 0) == (1, 1)
+    assert store.query("SELECT count(*) FROM events") == [(3,)]
+
+
+def test_an_entity_label_joins_the_latest_event_before_it_within_the_window(store: EventStore):
+    store.ingest([event(1, "card"), event(5, "card"), event(9, "card"), event(6, "other")], 0)
+    label = ev.Label(entity_key="card", value=1, event_time_us=1_000 * SECOND + 7 * SECOND)
+    assert store.put_labels([label], window_s=10, received_us=0) == 1
+    assert joined(store) == [("e5", 0, 1.0)]  # not e9 (after the label), not e1 (older)
+    late = ev.Label(entity_key="card", value=0, event_time_us=1_000 * SECOND + 100 * SECOND)
+    assert store.put_labels([late], window_s=10, received_us=0) == 0  # e9 is 91 s before it
+
+
+def test_a_label_waits_for_its_event_and_a_resent_label_replaces_the_first(store: EventStore):
+    assert store.put_labels([ev.Label(request_id="r4", value=0, row=1)], 3600, 10) == 0
+    store.ingest([event(4, rows=2)], 0)
+    assert joined(store) == [("e4", 1, 0.0)]
+    store.put_labels([ev.Label(request_id="r4", value=1, row=1)], 3600, 20)
+    assert joined(store) == [("e4", 1, 1.0)]
+    assert store.put_labels([ev.Label(request_id="r4", value=1, row=2)], 3600, 30) == 0  # no row 2
+
+
+def test_quality_metrics_match_their_definitions():
+    labels = np.array([1, 0, 1, 0, 1, 0], dtype=float)
+    scores = np.array([0.9, 0.9, 0.6, 0.2, 0.4, 0.1])
+    q = quality(labels, scores)
+    # positives 0.9, 0.6, 0.4 against negatives 0.9, 0.2, 0.1: 6 wins and one tie of 9 pairs
+    assert q["auc"] == pytest.approx(6.5 / 9)
+    assert q["accuracy"] == pytest.approx(4 / 6)
+    assert q["labelled"] == 6 and q["positive_rate"] == 0.5
