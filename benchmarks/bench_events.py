@@ -1,0 +1,222 @@
+"""Prediction events: what streaming them costs the gateway, how fast the sidecar ingests, and
+how many events a feature shift takes to raise its alert.
+
+    PERF_ANALYZER=... .venv/bin/python benchmarks/bench_events.py
+
+1. Throughput: perf_analyzer (``-b 1``, concurrency 64, unary) against two gateways on the
+   same repository, one streaming events to a sidecar and one without events, measured in
+   alternating rounds (this machine is noisy: compare within a round).
+2. Ingestion: a client streams ready-made event batches to a fresh sidecar as fast as it
+   acknowledges them; events stored per second.
+3. Time to alert: reference traffic, then traffic with one feature shifted, sent in chunks
+   through a gateway; after each chunk the report is read; the shifted events it took.
+
+Writes ``benchmarks/results/events.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_serving import find_perf_analyzer, perf_analyzer  # noqa: E402
+from benchmarks.models import build_bench_repositories  # noqa: E402
+from gateway.api.v1 import events_pb2 as ev  # noqa: E402
+from gateway.demo import build_demo_repository, synthetic_transactions  # noqa: E402
+from tests.conftest import GatewayProcess, SidecarProcess, free_port  # noqa: E402
+
+
+def throughput(pa: str, work: Path, repo: Path, rounds: int) -> dict[str, object]:
+    port = free_port()
+    sidecar = SidecarProcess(work / "store-throughput", port, work / "logs")
+    on = GatewayProcess(repo, work / "gw-on", "--sidecar", f"127.0.0.1:{port}",
+                        "--events-dir", str(work / "events-on"))  # fmt: skip
+    off = GatewayProcess(repo, work / "gw-off")
+    results: dict[str, list[float]] = {"events on": [], "events off": []}
+    try:
+        for _ in range(rounds):
+            for name, gw in (("events on", on), ("events off", off)):
+                cell = perf_analyzer(pa, gw.url, "fraud", 1, 64, False, 3000)
+                if isinstance(cell, str):
+                    raise RuntimeError(f"perf_analyzer on {name}: {cell}")
+                results[name].append(cell["infer_per_s"])
+        acked = on.metric("gateway_events_total", outcome="acked")
+    finally:
+        on.stop(), off.stop(), sidecar.stop()
+    ratios = [a / b for a, b in zip(results["events on"], results["events off"], strict=False)]
+    return {
+        "infer_per_s": results,
+        "ratio_per_round": [round(r, 3) for r in ratios],
+        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "events_acked": acked,
+    }
+
+
+def demo_event(i: int, rng: np.random.Generator) -> ev.PredictionEvent:
+    """An event as the demo model's pass-through requests make them (22 columns, 1 row)."""
+    event = ev.PredictionEvent(
+        event_id=f"bench-{i}", request_id=f"r{i}", event_time_us=time.time_ns() // 1000,
+        route="fraud", model="fraud", version="2", arm="primary", rows=1,
+    )  # fmt: skip
+    event.features.numeric_names.extend(f"features[{j}]" for j in range(22))
+    event.features.numbers = rng.normal(size=22).astype("<f8").tobytes()
+    event.outputs.add(name="probability", values=np.array([0.1]).tobytes(), width=1)
+    return event
+
+
+async def _stream(address: str, batches: list[bytes], window: int) -> float:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(
+            "/gateway.v1.EvaluationService/Publish",
+            request_serializer=None,
+            response_deserializer=ev.Ack.FromString,
+        )()
+        acked = asyncio.Semaphore(window)
+        started = time.perf_counter()
+
+        async def send() -> None:
+            for batch in batches:
+                await acked.acquire()
+                await call.write(batch)
+            await call.done_writing()
+
+        writer = asyncio.create_task(send())
+        async for _ack in call:
+            acked.release()
+        await writer
+        return time.perf_counter() - started
+
+
+def ingestion(work: Path, events: int, batch: int) -> dict[str, object]:
+    rng = np.random.default_rng(0)
+    port = free_port()
+    sidecar = SidecarProcess(work / "store-ingest", port, work / "logs")
+    all_events = [demo_event(i, rng) for i in range(events)]
+    batches = [
+        ev.EventBatch(sequence=k + batch, events=all_events[k : k + batch]).SerializeToString()
+        for k in range(0, events, batch)
+    ]
+    try:
+        seconds = asyncio.run(_stream(sidecar.address, batches, window=32))
+    finally:
+        sidecar.stop()
+    return {"events": events, "batch": batch, "seconds": round(seconds, 2),
+            "events_per_s": round(events / seconds)}  # fmt: skip
+
+
+def time_to_alert(work: Path, repo: Path, chunk_rows: int, max_chunks: int) -> dict[str, object]:
+    import tritonclient.grpc as triton_grpc
+
+    from gateway.evaluation.client import fetch_report
+
+    port = free_port()
+    sidecar = SidecarProcess(work / "store-alert", port, work / "logs", "--repository", str(repo))
+    gw = GatewayProcess(repo, work / "gw-alert", "--sidecar", f"127.0.0.1:{port}",
+                        "--events-dir", str(work / "events-alert"))  # fmt: skip
+    client = gw.client()
+
+    def send(columns: dict[str, np.ndarray], count: int) -> None:
+        inputs = []
+        for name, values in columns.items():
+            array = np.array([str(v).encode() for v in values], dtype=object) \
+                if values.dtype == object else values  # fmt: skip
+            datatype = (
+                "BYTES" if array.dtype == object else triton_grpc.np_to_triton_dtype(array.dtype)
+            )
+            tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        client.infer("fraud", inputs, model_version="2")
+        deadline = time.monotonic() + 60
+        while gw.metric("gateway_events_total", outcome="acked") < count:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    try:
+        sent = 0
+        for i in range(10):  # 10 reference requests first: the window is not all shifted
+            columns, _ = synthetic_transactions(chunk_rows, seed=500 + i)
+            sent += 1
+            send(columns, sent)
+        for chunk in range(1, max_chunks + 1):
+            columns, _ = synthetic_transactions(chunk_rows, seed=900 + chunk)
+            columns["amount"] = columns["amount"] * 3
+            sent += 1
+            send(columns, sent)
+            report = fetch_report(sidecar.address, "fraud")
+            fired = [a for a in report["alerts"]
+                     if a["rule"] == "feature_drift" and a["feature"] == "amount"
+                     and a["segment"] == "all"]  # fmt: skip
+            if fired:
+                return {"reference_rows": 10 * chunk_rows, "shifted_rows_to_alert":
+                        chunk * chunk_rows, "shifted_requests": chunk, "psi": fired[0]["value"],
+                        "shift": "amount x 3", "rule": "psi > 0.2 over >= 200 rows"}  # fmt: skip
+        return {"shifted_rows_to_alert": None, "note": f"no alert after {max_chunks} chunks"}
+    finally:
+        client.close()
+        gw.stop(), sidecar.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--perf-analyzer")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ingest-events", type=int, default=100_000)
+    parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "events")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "events")
+    args = parser.parse_args()
+    pa = find_perf_analyzer(args.perf_analyzer)
+    repo = args.work / "repo"
+    if not (repo / "fraud" / "reference.json").exists():
+        build_demo_repository(repo)
+    started = time.time()
+    results = {
+        # The serving benchmark's repository: the demo model without its contract, so
+        # perf_analyzer's random tensors are servable (the events carry its 22 columns).
+        "throughput": throughput(
+            pa, args.work, build_bench_repositories(ROOT / ".bench")["on"], args.rounds
+        ),
+        "ingestion": ingestion(args.work, args.ingest_events, 512),
+        "time_to_alert": time_to_alert(args.work, repo, chunk_rows=20, max_chunks=50),
+    }
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "minutes": round((time.time() - started) / 60, 1),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"meta": meta, **results}, indent=1)
+    args.out.with_suffix(".json").write_text(body + "\n")
+    t, i, a = results["throughput"], results["ingestion"], results["time_to_alert"]
+    per_round: dict[str, list[float]] = t["infer_per_s"]  # type: ignore[assignment]
+    md = [
+        "# Event streaming benchmark", "", f"`{json.dumps(meta)}`", "",
+        "| measure | value |", "| --- | --- |",
+        f"| gateway infer/s, events on (per round) | {per_round['events on']} |",
+        f"| gateway infer/s, events off (per round) | {per_round['events off']} |",
+        f"| on / off, per round | {t['ratio_per_round']} (median {t['median_ratio']}) |",
+        f"| sidecar ingestion | {i['events_per_s']} events/s "
+        f"({i['events']} events, batches of {i['batch']}) |",
+        f"| shifted rows until the drift alert | {a.get('shifted_rows_to_alert')} "
+        f"({a.get('shift')}, after {a.get('reference_rows')} reference rows) |",
+    ]  # fmt: skip
+    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
