@@ -31,6 +31,18 @@ READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
 SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+)")
 
 
+def stop_process(process: subprocess.Popen[bytes], sig: int, timeout_s: float) -> int:
+    """Signal a child, wait for it (killing it after ``timeout_s``); its exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now, for a process that must come back on the same one."""
     with socket.socket() as sock:
@@ -63,14 +75,7 @@ class SidecarProcess:
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout_s)
 
 
 class GatewayProcess:
@@ -139,14 +144,7 @@ class GatewayProcess:
         return triton_grpc.InferenceServerClient(self.url)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout_s)
 
 
 @pytest.fixture(scope="session")
