@@ -211,6 +211,12 @@ class EvaluationSettings(_Section):
         200_000, gt=0, description="Most recent events a report reads per model (a bound)."
     )
     rules: tuple[AlertRule, ...] = Field(default_factory=_default_rules)
+    evaluate_every_s: float = Field(
+        30.0, gt=0, description="How often the sidecar checks every rule (alert log, metrics)."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="The sidecar's Prometheus port; null: none."
+    )
 
 
 class Settings(_Section):

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.demo import build_demo_repository
 
 READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
-SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+)")
+SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+) metrics=(\S+)")
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int, timeout_s: float) -> int:
@@ -53,16 +53,25 @@ def free_port() -> int:
 class SidecarProcess:
     """``python -m gateway sidecar`` in a child process, on a fixed port (restarts keep it)."""
 
-    def __init__(self, store: Path, port: int, workdir: Path, *args: str) -> None:
+    def __init__(
+        self,
+        store: Path,
+        port: int,
+        workdir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.stderr_path = workdir / f"sidecar-{time.monotonic_ns()}.log"
         command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store),
                    "--port", str(port), *args]  # fmt: skip
         with self.stderr_path.open("wb") as err:
-            self.process = subprocess.Popen(command, stdout=err, stderr=err)
+            self.process = subprocess.Popen(
+                command, stdout=err, stderr=err, env={**os.environ, **(env or {})}
+            )
         deadline = time.monotonic() + 60
-        while not SIDECAR_READY.search(self.stderr()):
+        while not (ready := SIDECAR_READY.search(self.stderr())):
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"sidecar exited with {self.process.returncode}:\n{self.stderr()}"
@@ -70,6 +79,7 @@ class SidecarProcess:
             assert time.monotonic() < deadline, f"sidecar not ready:\n{self.stderr()}"
             time.sleep(0.05)
         self.address = f"127.0.0.1:{port}"
+        self.metrics_url = ready.group(2)  # "off" unless evaluation.metrics_port is set
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

@@ -16,6 +16,7 @@ import numpy as np
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
+from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.report import build_report, fired_alerts
 from gateway.evaluation.store import EventStore
 from gateway.settings import EvaluationSettings
@@ -39,6 +40,7 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
     ) -> None:
         self.store = store
         self.settings = settings
+        self.metrics = SidecarMetrics()
         self.repository = repository
         self.label_window_s = settings.label_window_s
         self.commit_interval_s = commit_interval_s
@@ -96,6 +98,8 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 )
                 self.stored += stored
                 self.duplicates += duplicates
+                self.metrics.events.labels("stored").inc(stored)
+                self.metrics.events.labels("duplicate").inc(duplicates)
                 if duplicates:
                     log.info("%d events were already held (a resend)", duplicates)
                 for batch in group[:-1]:
@@ -166,6 +170,55 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         report["alerts"] = fired_alerts(reports, settings.rules)
         return report
 
+    async def watch(self, alert_log: Path) -> None:
+        """Check every rule on every model with recent events, every ``evaluate_every_s``.
+
+        A rule that starts or stops firing is appended to ``alert_log`` (JSON lines) and the
+        ``sidecar_alert_firing`` gauge follows it.
+        """
+        loop = asyncio.get_running_loop()
+        firing: dict[tuple[str, ...], dict[str, Any]] = {}
+        while True:
+            await asyncio.sleep(self.settings.evaluate_every_s)
+            try:
+                alerts = await loop.run_in_executor(self.db, self._all_alerts)
+            except Exception:  # a failed round must not end the watch
+                log.exception("alert evaluation failed")
+                continue
+            now = {_alert_key(a): a for a in alerts}
+            changes = [{**a, "state": "firing"} for k, a in now.items() if k not in firing]
+            changes += [{**a, "state": "resolved"} for k, a in firing.items() if k not in now]
+            for change in changes:
+                labels = _alert_key(change)
+                if change["state"] == "firing":
+                    self.metrics.alerts.labels(*labels).set(1)
+                else:
+                    self.metrics.alerts.remove(*labels)
+                log.warning(
+                    "alert %s: %s %s on %s version %s segment %s (%s %s, value %.4g): %s",
+                    change["state"], change["rule"], change["feature"] or "-", change["model"],
+                    change["version"], change["segment"], change["direction"],
+                    change["threshold"], change["value"], change["action"],
+                )  # fmt: skip
+            if changes:
+                stamp = time.time()
+                lines = "".join(
+                    json.dumps({"time": stamp, **c}, default=_plain) + "\n" for c in changes
+                )
+                await asyncio.to_thread(_append, alert_log, lines)
+            firing = now
+
+    def _all_alerts(self) -> list[dict[str, Any]]:
+        longest = max([self.settings.window_s, *(r.window_s for r in self.settings.rules)])
+        since_us = time.time_ns() // 1000 - longest * 1_000_000
+        models = self.store.query(
+            "SELECT DISTINCT model FROM events WHERE event_time >= make_timestamp(?)", [since_us]
+        )
+        alerts: list[dict[str, Any]] = []
+        for (model,) in models:
+            alerts += self.evaluate(str(model), self.settings.window_s)["alerts"]
+        return alerts
+
     def close(self) -> None:
         self.db.submit(self.store.close).result()
         self.db.shutdown(wait=True)
@@ -176,3 +229,13 @@ def _plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _alert_key(alert: dict[str, Any]) -> tuple[str, ...]:
+    keys = ("rule", "model", "version", "segment", "feature", "action")
+    return tuple(str(alert[k]) for k in keys)
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as handle:
+        handle.write(text)

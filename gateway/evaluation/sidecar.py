@@ -19,6 +19,7 @@ __all__ = ["run_sidecar"]
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+ALERT_LOG = "alerts.jsonl"
 
 
 async def run_sidecar(
@@ -44,12 +45,17 @@ async def run_sidecar(
     ev_grpc.add_EvaluationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    log.info("sidecar ready grpc=%s:%d store=%s", host, bound, store.path)
+    metrics = "off"
+    if settings.metrics_port is not None:
+        metrics = f"{host}:{servicer.metrics.serve(host, settings.metrics_port)}"
+    watch = asyncio.get_running_loop().create_task(servicer.watch(store_dir / ALERT_LOG))
+    log.info("sidecar ready grpc=%s:%d metrics=%s store=%s", host, bound, metrics, store.path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    watch.cancel()
     await server.stop(5)
     await asyncio.to_thread(servicer.close)
     log.info("sidecar stopped: %d events stored this run", servicer.stored)

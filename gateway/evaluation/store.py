@@ -69,8 +69,8 @@ CREATE TABLE IF NOT EXISTS labels (
 
 # Each label joined to its event: by request id, or by entity key to that entity's latest
 # event at or before the label's time, within the label's window. A label sent again for the
-# same prediction row (request id and row; or entity, row and time) replaces the earlier one. Labels whose event has not arrived yet simply
-# do not join (yet).
+# same prediction row (request id and row; or entity, row and time) replaces the earlier one.
+# Labels whose event has not arrived yet simply do not join (yet).
 _JOINED = """
 WITH latest AS (
     SELECT * FROM labels {label_filter}

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tritonclient.grpc as triton_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo import synthetic_transactions
 from tests.conftest import GatewayProcess, SidecarProcess, free_port
@@ -63,7 +65,11 @@ def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def load(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Load]:
     work = tmp_path_factory.mktemp("evaluation")
     port = free_port()
-    sidecar = SidecarProcess(work / "store", port, work / "logs", "--repository", str(demo_repo))
+    sidecar = SidecarProcess(
+        work / "store", port, work / "logs", "--repository", str(demo_repo),
+        env={"GATEWAY_EVALUATION__EVALUATE_EVERY_S": "0.5",
+             "GATEWAY_EVALUATION__METRICS_PORT": "0"},
+    )  # fmt: skip
     gateway = GatewayProcess(
         demo_repo, work / "gateway", "--sidecar", f"127.0.0.1:{port}",
         "--events-dir", str(work / "events"),
@@ -192,3 +198,33 @@ def test_the_report_prints_as_tables(load):
     assert "feature_drift" in out.stdout and "retrain" in out.stdout
     bad = gateway_cli("labels", "/nonexistent.csv", "--sidecar", load.sidecar.address)
     assert bad.returncode == 2 and "cannot read labels" in bad.stderr
+
+
+def test_fired_alerts_go_to_the_alert_log_and_to_prometheus(load):
+    log_path = load.sidecar.store / "alerts.jsonl"
+    deadline = time.monotonic() + 60
+    while True:
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        entries = [json.loads(line) for line in lines]
+        firing = {
+            (e["rule"], e["segment"], e["feature"]) for e in entries if e["state"] == "firing"
+        }
+        if ("feature_drift", "batch=shifted", "amount") in firing:
+            break
+        assert time.monotonic() < deadline, f"no drift alert logged: {entries}"
+        time.sleep(0.2)
+    assert not {f for f in firing if f[0] == "feature_drift" and f[1] == "batch=reference"}
+    entry = next(e for e in entries if e["segment"] == "batch=shifted" and e["feature"] == "amount")
+    assert entry["action"] == "retrain" and entry["value"] > entry["threshold"]
+    with urllib.request.urlopen(f"http://{load.sidecar.metrics_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    labels = {"rule": "feature_drift", "model": "fraud", "version": "2",
+              "segment": "batch=shifted", "feature": "amount", "action": "retrain"}  # fmt: skip
+    key = frozenset(labels.items())
+    assert samples[("sidecar_alert_firing", key)] == 1
+    assert samples[("sidecar_events_total", frozenset({"outcome": "stored"}.items()))] >= 40
