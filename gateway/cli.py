@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print the JSON itself")
     report.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
 
+    verdict = commands.add_parser("verdict", help="promote, hold or rollback a canary")
+    verdict.add_argument("model")
+    verdict.add_argument("--candidate", default="", help="when the model has several canaries")
+    verdict.add_argument("--json", action="store_true", help="print the evidence as JSON")
+    verdict.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
+
     labels = commands.add_parser("labels", help="send labels (CSV or Parquet) to the sidecar")
     labels.add_argument("file", type=Path)
     labels.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
@@ -183,6 +189,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verdict(args: argparse.Namespace) -> int:
+    from gateway.evaluation.client import fetch_verdict
+
+    reply = fetch_verdict(args.sidecar, args.model, args.candidate)
+    if args.json:
+        print(reply.json)
+    else:
+        print(reply.verdict.upper())
+        print("\n".join(f"  {reason}" for reason in reply.reasons))
+    return 0
+
+
 def _sidecar_call(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     import grpc
 
@@ -210,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "sidecar":
             return _sidecar(args)
-        if args.command in ("labels", "export", "report"):
-            command = {"labels": _labels, "export": _export, "report": _report}[args.command]
+        if args.command in ("labels", "export", "report", "verdict"):
+            command = {"labels": _labels, "export": _export, "report": _report,
+                       "verdict": _verdict}[args.command]  # fmt: skip
             return _sidecar_call(command, args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:

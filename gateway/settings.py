@@ -19,6 +19,7 @@ from gateway.errors import SettingsError
 
 __all__ = [
     "AlertRule",
+    "CanaryPolicy",
     "ContractBinding",
     "DynamicBatching",
     "EvaluationSettings",
@@ -200,6 +201,28 @@ def _default_rules() -> tuple[AlertRule, ...]:
     )  # fmt: skip
 
 
+class CanaryPolicy(_Section):
+    """Promotion criteria for a candidate version against the stable one."""
+
+    model: str
+    stable: str = Field(description="The version serving now.")
+    candidate: str = Field(description="The version asking for promotion.")
+    primary_metric: Literal["auc", "log_loss", "accuracy"] = "auc"
+    min_samples: int = Field(
+        200, gt=0, description="Labelled rows each version needs before a verdict."
+    )
+    max_regression: float = Field(
+        0.02, ge=0, description="Largest relative loss on the primary metric to promote."
+    )
+    max_latency_regression: float = Field(
+        0.25, ge=0, description="Largest relative rise of p95 total latency to promote."
+    )
+    max_cost_regression: float = Field(
+        0.10, ge=0, description="Largest relative rise of mean cost per row to promote."
+    )
+    window_s: int = Field(24 * 3600, gt=0)
+
+
 class EvaluationSettings(_Section):
     """The evaluation sidecar (``gateway sidecar``): windows, label joins, alert rules."""
 
@@ -216,6 +239,9 @@ class EvaluationSettings(_Section):
     )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="The sidecar's Prometheus port; null: none."
+    )
+    canaries: tuple[CanaryPolicy, ...] = Field(
+        (), description="Candidate versions to judge (Verdict RPC, gateway verdict MODEL)."
     )
 
 

@@ -193,8 +193,8 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     """Start sidecars for one test (the same store and port again is a restart)."""
     started: list[SidecarProcess] = []
 
-    def start(store: Path, port: int) -> SidecarProcess:
-        proc = SidecarProcess(store, port, tmp_path / "sidecar-logs")
+    def start(store: Path, port: int, *args: str) -> SidecarProcess:
+        proc = SidecarProcess(store, port, tmp_path / "sidecar-logs", *args)
         started.append(proc)
         return proc
 

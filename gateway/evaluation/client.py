@@ -20,6 +20,7 @@ __all__ = [
     "LabelFileError",
     "export",
     "fetch_report",
+    "fetch_verdict",
     "format_report",
     "read_labels",
     "send_labels",
@@ -99,6 +100,15 @@ def fetch_report(address: str, model: str, window_s: int = 0) -> dict[str, Any]:
         reply = stub.Report(ev.ReportRequest(model=model, window_s=window_s), timeout=600)
     report: dict[str, Any] = json.loads(reply.json)
     return report
+
+
+def fetch_verdict(address: str, model: str, candidate: str = "") -> ev.VerdictResponse:
+    with grpc.insecure_channel(address) as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply: ev.VerdictResponse = stub.Verdict(
+            ev.VerdictRequest(model=model, candidate=candidate), timeout=600
+        )
+        return reply
 
 
 def format_report(report: dict[str, Any]) -> str:

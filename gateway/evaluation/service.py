@@ -19,6 +19,7 @@ from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.report import build_report, fired_alerts
 from gateway.evaluation.store import EventStore
+from gateway.evaluation.verdict import judge
 from gateway.settings import EvaluationSettings
 
 __all__ = ["EvaluationServicer"]
@@ -169,6 +170,31 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         report = reports[window_s]
         report["alerts"] = fired_alerts(reports, settings.rules)
         return report
+
+    async def Verdict(
+        self, request: ev.VerdictRequest, context: grpc.aio.ServicerContext
+    ) -> ev.VerdictResponse:
+        policies = [
+            p
+            for p in self.settings.canaries
+            if p.model == request.model and request.candidate in ("", p.candidate)
+        ]
+        if len(policies) != 1:
+            configured = [f"{p.model} {p.stable}->{p.candidate}" for p in self.settings.canaries]
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND if not policies else grpc.StatusCode.INVALID_ARGUMENT,
+                f"{'no' if not policies else 'more than one'} canary policy for model "
+                f"'{request.model}'{f' candidate {request.candidate}' if request.candidate else ''}"
+                f" (evaluation.canaries: {configured or 'none'})",
+            )
+        verdict = await asyncio.get_running_loop().run_in_executor(
+            self.db, judge, self.store, policies[0], self.settings.max_report_events
+        )
+        return ev.VerdictResponse(
+            verdict=verdict["verdict"],
+            reasons=verdict["reasons"],
+            json=json.dumps(verdict, default=_plain),
+        )
 
     async def watch(self, alert_log: Path) -> None:
         """Check every rule on every model with recent events, every ``evaluate_every_s``.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -227,7 +228,7 @@ class EventStore:
         rows = self._db.execute(sql).fetchall()
         return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
-    def query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    def query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         return self._db.execute(sql, list(parameters)).fetchall()
 
     def close(self) -> None:

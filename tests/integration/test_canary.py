@@ -1,0 +1,103 @@
+"""Canary verdicts from a real sidecar: hold without evidence, rollback when the candidate is
+worse, promote when it is as good, each with its reasons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from gateway import features
+from gateway.api.v1 import events_pb2 as ev
+from gateway.demo import synthetic_transactions, to_onnx
+from gateway.evaluation.client import send_labels
+from tests.conftest import free_port
+from tests.integration.test_evaluation import raw_inputs
+
+ROWS, REQUESTS = 50, 6
+
+
+def add_versions(repo: Path) -> None:
+    """Version 3: version 2 with its output negated (much worse); version 4: a copy of 2."""
+    model_dir = repo / "fraud"
+    params = dict(np.load(model_dir / "2" / "params.npz"))
+    width = features.load_contract(model_dir, "v2").width
+    worse = {**params, "w2": -params["w2"], "b2": -params["b2"]}
+    for version, weights in ((3, worse), (4, params)):
+        (model_dir / str(version)).mkdir()
+        model = to_onnx(weights, width, f"test version {version}")
+        (model_dir / str(version) / "model.onnx").write_bytes(model.SerializeToString())
+    config = yaml.safe_load((model_dir / "config.yaml").read_text())
+    config["contract"]["by_model_version"].update({3: "v2", 4: "v2"})
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def verdict(address: str, candidate: str) -> tuple[int, dict, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "verdict", "fraud", "--candidate", candidate, "--json",
+         "--sidecar", address],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return out.returncode, json.loads(out.stdout) if out.returncode == 0 else {}, out.stderr
+
+
+def test_a_worse_candidate_is_rolled_back_and_an_equal_one_promoted(
+    repo_copy: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    add_versions(repo_copy)
+    policy = {"model": "fraud", "stable": "2", "min_samples": 200,
+              "max_latency_regression": 100.0}  # fmt: skip
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({"evaluation": {"canaries": [
+        {**policy, "candidate": "3"}, {**policy, "candidate": "4"}]}}))  # fmt: skip
+    port = free_port()
+    sidecar = start_sidecar(tmp_path / "store", port, "--config", str(config))
+    gateway = start_gateway(repo_copy, "--sidecar", sidecar.address,
+                            "--events-dir", str(tmp_path / "events"))  # fmt: skip
+
+    code, body, _ = verdict(sidecar.address, "3")
+    assert code == 0 and body["verdict"] == "hold"  # no labelled rows yet
+    assert "has 0 labelled rows of the 200" in body["reasons"][0]
+
+    client = gateway.client()
+    labels = []
+    for version in ("2", "3", "4"):
+        for i in range(REQUESTS):
+            columns, y = synthetic_transactions(ROWS, seed=300 + i)  # the same rows per version
+            request_id = f"v{version}-{i}"
+            client.infer("fraud", raw_inputs(columns), model_version=version, request_id=request_id)
+            labels += [
+                ev.Label(request_id=request_id, row=r, value=float(v)) for r, v in enumerate(y)
+            ]
+    client.close()
+    deadline = time.monotonic() + 60
+    while gateway.metric("gateway_events_total", outcome="acked") < 3 * REQUESTS:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert send_labels(sidecar.address, labels) == (len(labels), 0)
+
+    code, worse, _ = verdict(sidecar.address, "3")
+    assert code == 0 and worse["verdict"] == "rollback"
+    stable_auc = worse["evidence"]["stable"]["auc"]
+    # A negated logit ranks every pair the other way (float32 rounding may move a tie or two).
+    assert abs(worse["evidence"]["candidate"]["auc"] - (1 - stable_auc)) < 1e-3
+    assert worse["reasons"][0].startswith("auc ") and "regression" in worse["reasons"][0]
+
+    code, equal, _ = verdict(sidecar.address, "4")
+    assert code == 0 and equal["verdict"] == "promote"
+    assert equal["evidence"]["candidate"]["auc"] == stable_auc
+    assert equal["evidence"]["candidate"]["labelled"] == REQUESTS * ROWS
+
+    code, _, err = verdict(sidecar.address, "9")
+    assert code == 1 and "no canary policy for model 'fraud' candidate 9" in err
+    plain = subprocess.run(
+        [sys.executable, "-m", "gateway", "verdict", "fraud", "--candidate", "3",
+         "--sidecar", sidecar.address],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert plain.stdout.startswith("ROLLBACK\n  auc ")
