@@ -12,7 +12,7 @@ DEMO := .demo-repo
 PORT ?= 8001
 SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx) $(shell find protos -name '*.proto')
 
-.PHONY: install serve test test-native proto native lint bench clean
+.PHONY: install serve test test-native browser proto native lint bench clean
 
 install: $(STAMP)
 
@@ -33,12 +33,21 @@ serve: $(STAMP) $(DEMO)/fraud/config.yaml
 	$(VENV)/bin/gateway serve --repository $(DEMO) --port $(PORT)
 
 # The whole suite on the native hot loops, then again on their pure-Python twin.
-test: $(STAMP)
+test: $(STAMP) browser
 	GATEWAY_EXPECT_EXTENSIONS=1 $(PY) -m pytest
 	GATEWAY_NO_EXTENSIONS=1 $(PY) -m pytest -q
 
-test-native: $(STAMP)
+test-native: $(STAMP) browser
 	GATEWAY_EXPECT_EXTENSIONS=1 $(PY) -m pytest
+
+# The sidecar's HTML report is checked in Debian's headless Chromium (installed once).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the HTML report test"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null; }
 
 proto: $(STAMP)
 	$(PY) -c 'import setup; setup.generate_protos()'

@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sidecar.add_argument("--repository", type=Path, help="model repository (drift references)")
     sidecar.add_argument("--config", type=Path, help="settings YAML (its evaluation section)")
+    sidecar.add_argument("--http-port", type=int, help="HTML reports (evaluation.http_port)")
 
     report = commands.add_parser("report", help="print a model's evaluation report")
     report.add_argument("model")
@@ -140,7 +141,8 @@ def _sidecar(args: argparse.Namespace) -> int:
     from gateway.settings import load_settings
     from gateway.telemetry import configure_logging
 
-    settings = load_settings(args.config)
+    flags = {"evaluation": {"http_port": args.http_port}} if args.http_port is not None else {}
+    settings = load_settings(args.config, overrides=flags)
     configure_logging(args.log_level or "INFO")
     uvloop.run(run_sidecar(args.store, args.host, args.port, settings.evaluation, args.repository))
     return 0

@@ -240,6 +240,9 @@ class EvaluationSettings(_Section):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="The sidecar's Prometheus port; null: none."
     )
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="The sidecar's HTML report pages; null: none."
+    )
     canaries: tuple[CanaryPolicy, ...] = Field(
         (), description="Candidate versions to judge (Verdict RPC, gateway verdict MODEL)."
     )

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.demo import build_demo_repository
 
 READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
-SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+) metrics=(\S+)")
+SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+) metrics=(\S+) http=(\S+)")
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int, timeout_s: float) -> int:
@@ -80,6 +80,7 @@ class SidecarProcess:
             time.sleep(0.05)
         self.address = f"127.0.0.1:{port}"
         self.metrics_url = ready.group(2)  # "off" unless evaluation.metrics_port is set
+        self.http_url = ready.group(3)  # "off" unless evaluation.http_port is set
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")

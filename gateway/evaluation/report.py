@@ -21,7 +21,7 @@ from gateway.evaluation.profile import (
 from gateway.evaluation.store import EventStore, joined_sql, window_filter
 from gateway.settings import AlertRule
 
-__all__ = ["build_report", "fired_alerts", "quality"]
+__all__ = ["build_report", "drift_timeline", "fired_alerts", "quality"]
 
 ALL = "all"
 _FEATURE_METRICS = {"psi", "js", "wasserstein", "oov", "out_of_range", "missing", "defaulted"}
@@ -35,11 +35,16 @@ def build_report(
     repository: Path | None,
     max_events: int,
     now_us: int | None = None,
+    bounded: bool = False,
 ) -> dict[str, Any]:
-    """Metrics per version and segment for the events of the last ``window_s`` seconds."""
+    """Metrics per version and segment for the events of the last ``window_s`` seconds.
+
+    ``bounded`` leaves out events after ``now_us`` too (a slice of the past); otherwise an
+    event stamped a little ahead by the gateway's clock still counts.
+    """
     now_us = now_us or time.time_ns() // 1000
     start_us = now_us - window_s * 1_000_000
-    where, params = window_filter(model, "", start_us, 0, table="e")
+    where, params = window_filter(model, "", start_us, now_us if bounded else 0, table="e")
     events = store.arrow(
         f"""
         SELECT event_id, version, segments, numeric_names, numeric, strings, hashed, outputs,
@@ -279,3 +284,37 @@ def _values(rule: AlertRule, metrics: dict[str, Any]) -> list[tuple[str, float, 
         q = metrics["quality"]
         return [("", float(q[rule.metric]), int(q["labelled"]))] if rule.metric in q else []
     return []
+
+
+def drift_timeline(
+    store: EventStore,
+    model: str,
+    window_s: int,
+    repository: Path | None,
+    max_events: int,
+    buckets: int = 12,
+    top: int = 6,
+    now_us: int | None = None,
+) -> dict[str, Any]:
+    """PSI per feature over ``buckets`` equal slices of the window, per version (all traffic);
+    the ``top`` features by their largest PSI."""
+    now_us = now_us or time.time_ns() // 1000
+    step_s = max(1, window_s // buckets)
+    labels = [
+        f"-{(buckets - 1 - i) * step_s} s" if i < buckets - 1 else "now" for i in range(buckets)
+    ]
+    out: dict[str, Any] = {}
+    for i in range(buckets):
+        end_us = now_us - (buckets - 1 - i) * step_s * 1_000_000
+        sliced = build_report(store, model, step_s, repository, max_events, end_us, bounded=True)
+        for version, segments in sliced["versions"].items():
+            series = out.setdefault(version, {"labels": labels, "features": {}})["features"]
+            for name, metrics in segments[ALL]["features"].items():
+                if "psi" in metrics:
+                    series.setdefault(name, [None] * buckets)[i] = metrics["psi"]
+    for entry in out.values():
+        ranked = sorted(
+            entry["features"].items(), key=lambda kv: -max(v for v in kv[1] if v is not None)
+        )
+        entry["features"] = dict(ranked[:top])
+    return out

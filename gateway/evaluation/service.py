@@ -17,7 +17,8 @@ import numpy as np
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.evaluation.metrics import SidecarMetrics
-from gateway.evaluation.report import build_report, fired_alerts
+from gateway.evaluation.page import render_index, render_page
+from gateway.evaluation.report import build_report, drift_timeline, fired_alerts
 from gateway.evaluation.store import EventStore
 from gateway.evaluation.verdict import judge
 from gateway.settings import EvaluationSettings
@@ -233,6 +234,23 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 )
                 await asyncio.to_thread(_append, alert_log, lines)
             firing = now
+
+    def index_page(self) -> str:
+        models = self.store.query("SELECT DISTINCT model FROM events ORDER BY model")
+        return render_index([str(m) for (m,) in models])
+
+    def report_page(self, model: str, window_s: int = 0) -> str:
+        window_s = window_s or self.settings.window_s
+        report = self.evaluate(model, window_s)
+        timeline = drift_timeline(
+            self.store, model, window_s, self.repository, self.settings.max_report_events
+        )
+        verdicts = [
+            judge(self.store, policy, self.settings.max_report_events)
+            for policy in self.settings.canaries
+            if policy.model == model
+        ]
+        return render_page(report, timeline, verdicts)
 
     def _all_alerts(self) -> list[dict[str, Any]]:
         longest = max([self.settings.window_s, *(r.window_s for r in self.settings.rules)])

@@ -12,6 +12,7 @@ import grpc
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.evaluation.service import EvaluationServicer
 from gateway.evaluation.store import EventStore
+from gateway.evaluation.web import PageServer
 from gateway.settings import EvaluationSettings
 
 __all__ = ["run_sidecar"]
@@ -45,17 +46,26 @@ async def run_sidecar(
     ev_grpc.add_EvaluationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    metrics = "off"
+    metrics = pages = "off"
     if settings.metrics_port is not None:
         metrics = f"{host}:{servicer.metrics.serve(host, settings.metrics_port)}"
+    web = None
+    if settings.http_port is not None:
+        web = PageServer(servicer, host, settings.http_port)
+        pages = f"{host}:{web.port}"
     watch = asyncio.get_running_loop().create_task(servicer.watch(store_dir / ALERT_LOG))
-    log.info("sidecar ready grpc=%s:%d metrics=%s store=%s", host, bound, metrics, store.path)
+    log.info(
+        "sidecar ready grpc=%s:%d metrics=%s http=%s store=%s",
+        host, bound, metrics, pages, store.path,
+    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     watch.cancel()
+    if web is not None:
+        web.close()
     await server.stop(5)
     await asyncio.to_thread(servicer.close)
     log.info("sidecar stopped: %d events stored this run", servicer.stored)

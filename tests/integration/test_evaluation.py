@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -68,7 +70,7 @@ def load(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     sidecar = SidecarProcess(
         work / "store", port, work / "logs", "--repository", str(demo_repo),
         env={"GATEWAY_EVALUATION__EVALUATE_EVERY_S": "0.5",
-             "GATEWAY_EVALUATION__METRICS_PORT": "0"},
+             "GATEWAY_EVALUATION__METRICS_PORT": "0", "GATEWAY_EVALUATION__HTTP_PORT": "0"},
     )  # fmt: skip
     gateway = GatewayProcess(
         demo_repo, work / "gateway", "--sidecar", f"127.0.0.1:{port}",
@@ -228,3 +230,36 @@ def test_fired_alerts_go_to_the_alert_log_and_to_prometheus(load):
     key = frozenset(labels.items())
     assert samples[("sidecar_alert_firing", key)] == 1
     assert samples[("sidecar_events_total", frozenset({"outcome": "stored"}.items()))] >= 40
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("chromium")
+    assert binary, "the HTML report test needs Debian's chromium (make test installs it)"
+    return subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_the_html_report_renders_in_headless_chromium(load, tmp_path: Path):
+    url = f"http://{load.sidecar.http_url}/report/fraud"
+    dom = chromium("--dump-dom", url, profile=tmp_path / "profile").stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, dom[:2000]
+    assert 'data-rendered="ok"' in body.group(0), body.group(0)  # every chart drew marks
+    assert "data-error" not in body.group(0)  # no script error
+    assert int(re.search(r'data-charts="(\d+)"', body.group(0)).group(1)) >= 3
+    for text in (
+        "Drift over time",
+        "Coverage",
+        "AUC per segment",
+        "batch=shifted",
+        "feature_drift",
+    ):
+        assert text in dom
+    shot = tmp_path / "report.png"
+    chromium(f"--screenshot={shot}", "--window-size=1200,2400", url, profile=tmp_path / "p2")
+    assert shot.exists() and shot.stat().st_size > 10_000
+    index = chromium("--dump-dom", f"http://{load.sidecar.http_url}/", profile=tmp_path / "p3")
+    assert 'href="/report/fraud"' in index.stdout

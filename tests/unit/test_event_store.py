@@ -64,3 +64,29 @@ def test_quality_metrics_match_their_definitions():
     assert q["auc"] == pytest.approx(6.5 / 9)
     assert q["accuracy"] == pytest.approx(4 / 6)
     assert q["labelled"] == 6 and q["positive_rate"] == 0.5
+
+
+def test_the_drift_timeline_puts_each_event_in_its_own_slice_of_the_window(store, tmp_path):
+    from gateway.evaluation.profile import numeric_profile, write_reference
+    from gateway.evaluation.report import drift_timeline
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "m").mkdir()
+    write_reference(
+        tmp_path / "m" / "reference.json",
+        {"features": {"x": numeric_profile(rng.normal(size=5000))}, "versions": {}},
+    )
+    now = 10_000 * SECOND
+    events = []
+    for i in range(12):  # one event of 300 rows per 100 s slice; the last 4 slices shifted
+        e = event(i, rows=300)
+        e.event_time_us = now - (1100 - 100 * i) * SECOND - SECOND // 2
+        shift = 3.0 if i >= 8 else 0.0
+        e.features.numeric_names.append("x")
+        e.features.numbers = (rng.normal(size=300) + shift).astype("<f8").tobytes()
+        events.append(e)
+    store.ingest(events, 0)
+    timeline = drift_timeline(store, "m", 1200, tmp_path, 10_000, buckets=12, now_us=now)
+    psi = timeline["1"]["features"]["x"]
+    assert len(psi) == 12 and all(p is not None for p in psi)
+    assert max(psi[:8]) < 0.2 < min(psi[8:])
