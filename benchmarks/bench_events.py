@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -179,6 +180,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "events")
     args = parser.parse_args()
     pa = find_perf_analyzer(args.perf_analyzer)
+    for stale in [*args.work.glob("store-*"), *args.work.glob("events-*")]:
+        shutil.rmtree(stale)  # a store or log left by an earlier run would count its events
     repo = args.work / "repo"
     if not (repo / "fraud" / "reference.json").exists():
         build_demo_repository(repo)

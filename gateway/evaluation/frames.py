@@ -39,17 +39,29 @@ def build_frame(
     frame = Frame(rows=total)
     frame.event_index = np.repeat(np.arange(len(row_counts)), row_counts)
     frame.scores = np.full(total, np.nan)
-    start = 0
+    starts = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
+    # Runs of events with the same numeric columns (the usual case: one contract or one input
+    # shape per version) are decoded at once: one join, one frombuffer, one copy per column.
+    i = 0
+    while i < len(row_counts):
+        names = tuple(numeric_names[i] or ())
+        j = i + 1
+        while j < len(row_counts) and tuple(numeric_names[j] or ()) == names:
+            j += 1
+        blobs = [numeric[k] or b"" for k in range(i, j)]
+        whole = [
+            len(b) == 8 * len(names) * row_counts[k]
+            for k, b in zip(range(i, j), blobs, strict=True)
+        ]
+        if names and all(whole):
+            _put(frame, names, b"".join(blobs), int(starts[i]), int(starts[j]))
+        elif names:  # a malformed event is left out, not its neighbours
+            for k, ok in zip(range(i, j), whole, strict=True):
+                if ok:
+                    _put(frame, names, blobs[k - i], int(starts[k]), int(starts[k + 1]))
+        i = j
     for i, rows in enumerate(row_counts):
-        names = numeric_names[i] or ()
-        blob = numeric[i]
-        if names and blob:
-            matrix = np.frombuffer(blob, _F64).reshape(rows, len(names))
-            for j, name in enumerate(names):
-                column = frame.numbers.get(name)
-                if column is None:
-                    column = frame.numbers[name] = np.full(total, np.nan)
-                column[start : start + rows] = matrix[:, j]
+        start = int(starts[i])
         entries = strings[i] or ()
         items = entries.items() if isinstance(entries, dict) else entries
         for name, values in items:
@@ -62,5 +74,13 @@ def build_frame(
         if widths and blob_out:
             first = np.frombuffer(blob_out, _F64, count=rows * widths[0])
             frame.scores[start : start + rows] = first.reshape(rows, widths[0])[:, 0]
-        start += rows
     return frame
+
+
+def _put(frame: Frame, names: tuple[str, ...], blob: bytes, start: int, end: int) -> None:
+    matrix = np.frombuffer(blob, _F64).reshape(-1, len(names))
+    for c, name in enumerate(names):
+        column = frame.numbers.get(name)
+        if column is None:
+            column = frame.numbers[name] = np.full(frame.rows, np.nan)
+        column[start:end] = matrix[:, c]

@@ -8,6 +8,7 @@ through Arrow, one statement per batch. All calls come from one thread (the serv
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -290,34 +291,38 @@ def joined_sql(label_filter: str = "") -> str:
 
 
 def _to_arrow(events: Sequence[ev.PredictionEvent], arrival_us: int) -> pa.Table:
-    """Columns for a batch. Feature and output values stay packed bytes: no per-value work."""
-    columns: dict[str, list[object]] = {name: [] for name in EVENT_COLUMNS}
-    for e in events:
-        block = e.features
-        outputs = e.outputs
-        values = (
-            e.event_id,
-            e.request_id,
-            e.event_time_us,
-            arrival_us,
-            e.tenant,
-            e.surface,
-            e.route,
-            e.model,
-            e.version,
-            e.arm,
-            list(e.segments.items()),
-            e.contract_version,
-            list(block.numeric_names),
-            block.numbers,
-            [(c.name, list(c.values)) for c in block.strings],
-            [c.name for c in block.strings if c.hashed],
-            [o.name for o in outputs],
-            [o.width for o in outputs],
-            b"".join(o.values for o in outputs),
-            e.rows,
-            e.cached_rows,
-            e.fallback,
+    """Columns for a batch, column by column (one C-level pass per scalar field). Feature and
+    output values stay packed bytes: no per-value work."""
+
+    def scalar(name: str) -> list[Any]:
+        return list(map(attrgetter(name), events))
+
+    blocks = scalar("features")
+    outputs = scalar("outputs")
+    columns: dict[str, list[Any]] = {
+        "event_id": scalar("event_id"),
+        "request_id": scalar("request_id"),
+        "event_time": scalar("event_time_us"),
+        "arrival_time": [arrival_us] * len(events),
+        "tenant": scalar("tenant"),
+        "surface": scalar("surface"),
+        "route": scalar("route"),
+        "model": scalar("model"),
+        "version": scalar("version"),
+        "arm": scalar("arm"),
+        "segments": [list(m.items()) if m else [] for m in scalar("segments")],
+        "contract_version": scalar("contract_version"),
+        "numeric_names": [list(b.numeric_names) for b in blocks],
+        "numeric": [b.numbers for b in blocks],
+        "strings": [[(c.name, list(c.values)) for c in b.strings] for b in blocks],
+        "hashed": [[c.name for c in b.strings if c.hashed] for b in blocks],
+        "output_names": [[o.name for o in out] for out in outputs],
+        "output_widths": [[o.width for o in out] for out in outputs],
+        "outputs": [b"".join(o.values for o in out) for out in outputs],
+        "rows": scalar("rows"),
+        "cached_rows": scalar("cached_rows"),
+        "fallback": scalar("fallback"),
+        "coverage": [
             [
                 {
                     "feature": c.feature,
@@ -326,14 +331,14 @@ def _to_arrow(events: Sequence[ev.PredictionEvent], arrival_us: int) -> pa.Table
                     "out_of_range": c.out_of_range,
                     "oov": c.oov,
                 }
-                for c in e.coverage
-            ],
-            e.queue_ms,
-            e.compute_ms,
-            e.total_ms,
-            e.cost,
-            e.entity_key,
-        )
-        for name, value in zip(EVENT_COLUMNS, values, strict=True):
-            columns[name].append(value)
+                for c in coverage
+            ]
+            for coverage in scalar("coverage")
+        ],
+        "queue_ms": scalar("queue_ms"),
+        "compute_ms": scalar("compute_ms"),
+        "total_ms": scalar("total_ms"),
+        "cost": scalar("cost"),
+        "entity_key": scalar("entity_key"),
+    }
     return pa.Table.from_pydict(columns, schema=_ARROW_SCHEMA)
