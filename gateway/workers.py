@@ -80,6 +80,10 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
             if metrics_port:
                 env["GATEWAY_TELEMETRY__METRICS_PORT"] = str(metrics_port + index)
             command = [sys.executable, "-m", "gateway", *argv, "--port", str(port)]
+            if settings.events.sidecar is not None:
+                # One write-ahead log per worker: a log has one writer (it is locked).
+                worker_log = Path(settings.events.directory) / f"worker-{index}"
+                command += ["--events-dir", str(worker_log)]
             processes.append(subprocess.Popen(command, env=env))
 
         deadline = time.monotonic() + _START_TIMEOUT_S

@@ -22,10 +22,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway.errors import EventLogFull
+from gateway.errors import EventLogFull, SettingsError
 from gateway.events.builder import Pending, Redact, build_event
 from gateway.events.publisher import Publisher
-from gateway.events.wal import WriteAheadLog
+from gateway.events.wal import LogInUse, WriteAheadLog
 from gateway.settings import EventsSettings
 from gateway.telemetry import GatewayMetrics
 
@@ -72,14 +72,17 @@ class EventRecorder:
 
     async def start(self) -> None:
         s = self.settings
-        self._wal = await asyncio.to_thread(
-            WriteAheadLog,
-            s.directory,
-            s.segment_bytes,
-            s.max_disk_bytes,
-            s.fsync,
-            s.fsync_interval_ms / 1000,
-        )
+        try:
+            self._wal = await asyncio.to_thread(
+                WriteAheadLog,
+                s.directory,
+                s.segment_bytes,
+                s.max_disk_bytes,
+                s.fsync,
+                s.fsync_interval_ms / 1000,
+            )
+        except LogInUse as err:
+            raise SettingsError(f"events.directory: {err}") from None
         self._hash_key = await asyncio.to_thread(_hash_key, s)
         assert s.sidecar is not None
         self._publisher = Publisher(

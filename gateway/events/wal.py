@@ -15,6 +15,7 @@ segment list; readers open their own file handles and see what the writer has fl
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -24,9 +25,9 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
-__all__ = ["Record", "WriteAheadLog"]
+__all__ = ["LogInUse", "Record", "WriteAheadLog"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class WriteAheadLog:
         self._last_fsync = time.monotonic()
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
+        self._owner = _lock_directory(directory)
         self._segments: list[_Segment] = self._recover()
         self._acked = self._segments[0].first - 1 if self._segments else 0
         self._next = self._segments[-1].last + 1 if self._segments else 1
@@ -237,6 +239,8 @@ class WriteAheadLog:
                 os.fsync(self._file.fileno())
                 self._file.close()
                 self._file = None
+            if not self._owner.closed:
+                self._owner.close()  # releases the directory's lock
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -293,6 +297,24 @@ def _scan(handle: object, path: Path, limit: int | None = None) -> Iterable[Reco
         yield Record(sequence, payload)
         if limit is not None and sequence >= limit:
             return
+
+
+class LogInUse(RuntimeError):
+    """Another process (or another log in this one) writes to the directory."""
+
+
+def _lock_directory(directory: Path) -> IO[bytes]:
+    """Hold an exclusive lock on ``directory/.lock`` for as long as the log is open."""
+    handle = (directory / ".lock").open("a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LogInUse(
+            f"event log {directory} is in use by another gateway: give each gateway its own "
+            "events.directory (worker processes get one each)"
+        ) from None
+    return handle
 
 
 def _fsync_directory(directory: Path) -> None:

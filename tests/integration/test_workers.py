@@ -47,3 +47,37 @@ def test_two_workers_share_one_port_and_stop_together(demo_repo, start_gateway):
     assert proc.stop(signal.SIGTERM) == 0
     log = proc.stderr()
     assert log.count("gateway stopped") == 2
+
+
+def test_workers_each_keep_their_own_event_log_and_every_event_arrives_once(
+    demo_repo, start_gateway, start_sidecar, tmp_path
+):
+    import duckdb
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    sidecar = start_sidecar(tmp_path / "store", port)
+    log_dir = tmp_path / "events"
+    proc = start_gateway(demo_repo, "--workers", "2", "--sidecar", sidecar.address,
+                         "--events-dir", str(log_dir))  # fmt: skip
+    request = service_pb2.ModelInferRequest(model_name="fraud")
+    request.inputs.add(name="features", datatype="FP32", shape=[2, DEMO_WIDTH])
+    request.raw_input_contents.append(demo_features(2).tobytes())
+    for i in range(40):
+        request.id = f"w-{i}"
+        with grpc.insecure_channel(proc.url) as channel:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert proc.stop(signal.SIGTERM) == 0  # each worker hands its log to the sidecar first
+    assert sorted(p.name for p in log_dir.iterdir()) == ["worker-0", "worker-1"]
+    assert sidecar.stop() == 0
+    with duckdb.connect(str(tmp_path / "store" / "events.duckdb"), read_only=True) as db:
+        ids = sorted(r[0] for r in db.execute("SELECT request_id FROM events").fetchall())
+    assert ids == sorted(f"w-{i}" for i in range(40))
+
+
+def test_two_gateways_cannot_share_an_event_log(demo_repo, start_gateway, tmp_path):
+    args = ("--sidecar", "127.0.0.1:9", "--events-dir", str(tmp_path / "events"))
+    start_gateway(demo_repo, *args)
+    with pytest.raises(RuntimeError, match="in use by another gateway"):
+        start_gateway(demo_repo, *args)

@@ -133,3 +133,13 @@ def test_reading_on_in_small_steps_and_starting_over_both_see_every_record(open_
     assert [r.sequence for r in wal.read(after=12, max_records=2, max_bytes=1 << 20)] == [13, 14]
     wal.append(payloads(2, start=40))
     assert [r.sequence for r in wal.read(after=40, max_records=9, max_bytes=1 << 20)] == [41, 42]
+
+
+def test_a_log_directory_has_one_writer(open_log, tmp_path: Path):
+    from gateway.events.wal import LogInUse
+
+    first = open_log(tmp_path)
+    with pytest.raises(LogInUse, match="in use by another gateway"):
+        WriteAheadLog(tmp_path, 1000, 100_000)
+    first.close()
+    open_log(tmp_path).append(payloads(1))  # free again once closed
