@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     export.add_argument("--version", default="", help="one model version (default: all)")
     export.add_argument("--labelled", action="store_true", help="training rows: features+label")
+    export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
+    export.add_argument("--until", help="window end, ISO 8601, exclusive (default: now)")
     export.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
 
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
@@ -172,6 +174,8 @@ def _export(args: argparse.Namespace) -> int:
             version=args.version,
             path=str(args.out.resolve()),
             labelled=args.labelled,
+            start_us=_micros(args.since, "--since"),
+            end_us=_micros(args.until, "--until"),
         ),
     )
     print(f"{reply.rows} rows written to {reply.path}")
@@ -212,6 +216,21 @@ def _sidecar_call(command: Callable[[argparse.Namespace], int], args: argparse.N
         details = err.details() if isinstance(err, grpc.Call) else str(err)
         print(f"gateway: error: sidecar at {args.sidecar}: {details}", file=sys.stderr)
         return 1
+
+
+def _micros(text: str | None, flag: str) -> int:
+    """An ISO 8601 time as Unix microseconds (UTC unless it names its zone); 0 when absent."""
+    if not text:
+        return 0
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SettingsError(f"{flag}: {text!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1_000_000)
 
 
 def _demo_repo(args: argparse.Namespace) -> int:

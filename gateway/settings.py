@@ -233,6 +233,9 @@ class EvaluationSettings(_Section):
     max_report_events: int = Field(
         200_000, gt=0, description="Most recent events a report reads per model (a bound)."
     )
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Score at or above which a prediction counts as positive."
+    )
     rules: tuple[AlertRule, ...] = Field(default_factory=_default_rules)
     evaluate_every_s: float = Field(
         30.0, gt=0, description="How often the sidecar checks every rule (alert log, metrics)."

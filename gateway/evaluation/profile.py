@@ -38,6 +38,8 @@ __all__ = [
 
 REFERENCE_FILE = "reference.json"
 _QUANTILES = np.linspace(0.0, 1.0, 101)
+_SHOWN_QUANTILES = (5, 25, 50, 75, 95)  # of the 101 kept, those a report shows
+_SHOWN_CATEGORIES = 10
 _EPS = 1e-4  # floor of a bin's share in PSI / JS: an empty bin must not give infinity
 
 
@@ -83,30 +85,38 @@ def psi(expected: NDArray[np.float64], actual: NDArray[np.float64]) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def numeric_drift(profile: Mapping[str, Any], values: NDArray[np.float64]) -> dict[str, float]:
+def numeric_drift(profile: Mapping[str, Any], values: NDArray[np.float64]) -> dict[str, Any]:
     finite = values[np.isfinite(values)]
     n = int(finite.size)
-    result = {"count": n, "missing": float(1 - n / values.size) if values.size else 0.0}
+    result: dict[str, Any] = {
+        "count": n,
+        "missing": float(1 - n / values.size) if values.size else 0.0,
+    }
     if n == 0 or "edges" not in profile:
         return result
     edges = np.asarray(profile["edges"])
     counts = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=edges.size + 1)
     reference_q = np.asarray(profile["quantiles"])
     scale = profile["std"] or 1.0
+    quantiles = np.quantile(finite, _QUANTILES)
     result.update(
         psi=psi(np.asarray(profile["fractions"]), counts / n),
-        wasserstein=float(np.mean(np.abs(np.quantile(finite, _QUANTILES) - reference_q)) / scale),
+        wasserstein=float(np.mean(np.abs(quantiles - reference_q)) / scale),
         out_of_range=float(np.mean((finite < profile["min"]) | (finite > profile["max"]))),
         mean=float(finite.mean()),
     )
+    # The distribution itself, beside the reference's: quantiles, and shares per reference bin.
+    result["quantiles"] = {f"p{q:02d}": float(quantiles[q]) for q in _SHOWN_QUANTILES}
+    result["reference_quantiles"] = {f"p{q:02d}": float(reference_q[q]) for q in _SHOWN_QUANTILES}
+    result["histogram"] = (counts / n).tolist()
     return result
 
 
-def categorical_drift(profile: Mapping[str, Any], values: Iterable[object]) -> dict[str, float]:
+def categorical_drift(profile: Mapping[str, Any], values: Iterable[object]) -> dict[str, Any]:
     items = [_category(v) for v in values]
     present = [v for v in items if v]
     n = len(present)
-    result = {"count": n, "missing": float(1 - n / len(items)) if items else 0.0}
+    result: dict[str, Any] = {"count": n, "missing": float(1 - n / len(items)) if items else 0.0}
     if n == 0:
         return result
     reference: Mapping[str, float] = profile["frequencies"]
@@ -116,6 +126,9 @@ def categorical_drift(profile: Mapping[str, Any], values: Iterable[object]) -> d
     expected = np.array([reference[c] for c in categories] + [0.0])
     actual = np.array([counts.get(c, 0) / n for c in categories] + [oov / n])
     result.update(psi=psi(expected, actual), js=_jensen_shannon(expected, actual), oov=oov / n)
+    top = counts.most_common(_SHOWN_CATEGORIES)
+    result["frequencies"] = {k: c / n for k, c in top}
+    result["reference_frequencies"] = {k: float(reference.get(k, 0.0)) for k, _ in top}
     return result
 
 

@@ -36,6 +36,7 @@ def build_report(
     max_events: int,
     now_us: int | None = None,
     bounded: bool = False,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Metrics per version and segment for the events of the last ``window_s`` seconds.
 
@@ -85,8 +86,9 @@ def build_report(
         for segment, event_mask in groups.items():
             rows = event_mask[frame.event_index]
             out[segment] = _metrics(
-                frame, rows, event_mask, events["coverage"], label_of, reference, version, hashed
-            )
+                frame, rows, event_mask, events["coverage"], label_of, reference, version, hashed,
+                threshold,
+            )  # fmt: skip
     return report
 
 
@@ -139,6 +141,7 @@ def _metrics(
     reference: dict[str, Any],
     version: str,
     hashed: set[str],
+    threshold: float,
 ) -> dict[str, Any]:
     profiles = dict(reference.get("features", {}))
     versioned = reference.get("versions", {}).get(version, {})
@@ -161,7 +164,7 @@ def _metrics(
         profile = next(iter(outputs.values()))
         result["output"] = numeric_drift(profile, frame.scores[rows])
     labelled = rows & ~np.isnan(label_of)
-    result["quality"] = quality(label_of[labelled], frame.scores[labelled])
+    result["quality"] = quality(label_of[labelled], frame.scores[labelled], threshold)
     return result
 
 
@@ -190,8 +193,11 @@ def _coverage(
     return out
 
 
-def quality(labels: NDArray[np.float64], scores: NDArray[np.float64]) -> dict[str, float]:
-    """AUC, log loss, accuracy at 0.5 and calibration (ECE over 10 bins) of labelled rows."""
+def quality(
+    labels: NDArray[np.float64], scores: NDArray[np.float64], threshold: float = 0.5
+) -> dict[str, float]:
+    """AUC, log loss, accuracy at ``threshold`` and calibration (ECE over 10 bins) of labelled
+    rows."""
     n = int(labels.size)
     out: dict[str, float] = {"labelled": n}
     if n == 0:
@@ -201,7 +207,8 @@ def quality(labels: NDArray[np.float64], scores: NDArray[np.float64]) -> dict[st
     out["positive_rate"] = float(y.mean())
     out["mean_score"] = float(scores.mean())
     out["log_loss"] = float(-np.mean(np.where(y, np.log(p), np.log(1 - p))))
-    out["accuracy"] = float(np.mean((scores >= 0.5) == y))
+    out["accuracy"] = float(np.mean((scores >= threshold) == y))
+    out["threshold"] = threshold
     bins = np.minimum((scores * 10).astype(int), 9)
     ece = 0.0
     for b in range(10):

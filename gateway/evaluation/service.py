@@ -164,7 +164,12 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         settings = self.settings
         reports = {
             window: build_report(
-                self.store, model, window, self.repository, settings.max_report_events
+                self.store,
+                model,
+                window,
+                self.repository,
+                settings.max_report_events,
+                threshold=settings.threshold,
             )
             for window in {window_s, *(rule.window_s for rule in settings.rules)}
         }

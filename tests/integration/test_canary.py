@@ -17,7 +17,7 @@ from gateway.api.v1 import events_pb2 as ev
 from gateway.demo import synthetic_transactions, to_onnx
 from gateway.evaluation.client import send_labels
 from tests.conftest import free_port
-from tests.integration.test_evaluation import raw_inputs
+from tests.integration.test_evaluation import chromium, raw_inputs
 
 ROWS, REQUESTS = 50, 6
 
@@ -56,7 +56,7 @@ def test_a_worse_candidate_is_rolled_back_and_an_equal_one_promoted(
     config.write_text(yaml.safe_dump({"evaluation": {"canaries": [
         {**policy, "candidate": "3"}, {**policy, "candidate": "4"}]}}))  # fmt: skip
     port = free_port()
-    sidecar = start_sidecar(tmp_path / "store", port, "--config", str(config))
+    sidecar = start_sidecar(tmp_path / "store", port, "--config", str(config), "--http-port", "0")
     gateway = start_gateway(repo_copy, "--sidecar", sidecar.address,
                             "--events-dir", str(tmp_path / "events"))  # fmt: skip
 
@@ -101,3 +101,9 @@ def test_a_worse_candidate_is_rolled_back_and_an_equal_one_promoted(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert plain.stdout.startswith("ROLLBACK\n  auc ")
+
+    page = chromium("--dump-dom", f"http://{sidecar.http_url}/report/fraud",
+                    profile=tmp_path / "profile").stdout  # fmt: skip
+    assert 'data-rendered="ok"' in page
+    assert "Canary: version 3 against 2" in page and 'class="verdict rollback"' in page
+    assert "Canary: version 4 against 2" in page and 'class="verdict promote"' in page

@@ -130,6 +130,9 @@ def test_drift_is_flagged_for_the_shifted_feature_and_not_for_a_fresh_reference_
     assert segments["batch=reference"]["rows"] == REQUESTS * ROWS_PER_REQUEST
     assert segments["batch=shifted"]["features"]["amount"]["psi"] > 1.0
     assert segments["batch=reference"]["features"]["amount"]["psi"] < 0.1
+    shifted = segments["batch=shifted"]["features"]["amount"]
+    assert shifted["quantiles"]["p50"] > 4 * shifted["reference_quantiles"]["p50"]
+    assert len(shifted["histogram"]) == 10 and sum(shifted["histogram"]) == pytest.approx(1)
     fired = alerts(body, "feature_drift")
     assert ("batch=shifted", "amount") in fired
     assert not {f for s, f in fired if s == "batch=reference"}
@@ -141,6 +144,9 @@ def test_a_new_category_is_flagged_for_its_segment_only(load):
     segments = body["versions"]["2"]
     assert segments["geo=BR"]["features"]["channel"]["oov"] == pytest.approx(1 / 3, abs=0.01)
     assert segments["geo=US"]["features"]["channel"]["oov"] == 0
+    frequencies = segments["geo=BR"]["features"]["channel"]["frequencies"]
+    assert frequencies["crypto"] == pytest.approx(1 / 3, abs=0.01)
+    assert segments["geo=BR"]["features"]["channel"]["reference_frequencies"]["crypto"] == 0
     fired = alerts(body, "new_categories")
     assert ("geo=BR", "channel") in fired
     assert not {s for s, _ in fired if s.startswith("geo=") and s != "geo=BR"}
@@ -263,3 +269,19 @@ def test_the_html_report_renders_in_headless_chromium(load, tmp_path: Path):
     assert shot.exists() and shot.stat().st_size > 10_000
     index = chromium("--dump-dom", f"http://{load.sidecar.http_url}/", profile=tmp_path / "p3")
     assert 'href="/report/fraud"' in index.stdout
+
+
+def test_the_events_of_a_window_export_to_parquet(load, tmp_path: Path):
+    def export(*window: str) -> int:
+        path = tmp_path / f"events-{len(window)}-{window[-1] if window else 'all'}.parquet"
+        out = gateway_cli("export", "fraud", "--out", str(path), "--sidecar",
+                          load.sidecar.address, *window)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return pq.read_table(path).num_rows
+
+    assert export() == len(load.request_ids)
+    assert export("--since", "2000-01-01T00:00:00") == len(load.request_ids)
+    assert export("--since", "2000-01-01", "--until", "2001-01-01") == 0
+    bad = gateway_cli("export", "fraud", "--out", str(tmp_path / "x.parquet"), "--since", "soon",
+                      "--sidecar", load.sidecar.address)  # fmt: skip
+    assert bad.returncode == 2 and "--since: 'soon' is not an ISO 8601 time" in bad.stderr
