@@ -12,6 +12,8 @@ from gateway.errors import ModelLoadError, SettingsError
 
 __all__ = ["main"]
 
+DEFAULT_SIDECAR = "127.0.0.1:8005"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -29,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
     serve.add_argument("--sidecar", help="stream prediction events to HOST:PORT (events.sidecar)")
     serve.add_argument("--events-dir", type=Path, help="event write-ahead log (events.directory)")
+    serve.add_argument(
+        "--with-sidecar",
+        type=Path,
+        metavar="STORE",
+        help="also run the evaluation sidecar, storing in STORE, at --sidecar (default "
+        f"{DEFAULT_SIDECAR}; HTML reports on the next port), and stream events to it",
+    )
 
     sidecar = commands.add_parser(
         "sidecar", help="run the evaluation sidecar: store prediction events, labels, reports"
@@ -45,17 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("model")
     report.add_argument("--window-s", type=int, default=0, help="window (default: the sidecar's)")
     report.add_argument("--json", action="store_true", help="print the JSON itself")
-    report.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
+    report.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
 
     verdict = commands.add_parser("verdict", help="promote, hold or rollback a canary")
     verdict.add_argument("model")
     verdict.add_argument("--candidate", default="", help="when the model has several canaries")
     verdict.add_argument("--json", action="store_true", help="print the evidence as JSON")
-    verdict.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
+    verdict.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
 
     labels = commands.add_parser("labels", help="send labels (CSV or Parquet) to the sidecar")
     labels.add_argument("file", type=Path)
-    labels.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
+    labels.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
     labels.add_argument(
         "--window-s", type=int, default=0, help="entity-key join window (default: the sidecar's)"
     )
@@ -69,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--labelled", action="store_true", help="training rows: features+label")
     export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
     export.add_argument("--until", help="window end, ISO 8601, exclusive (default: now)")
-    export.add_argument("--sidecar", default="127.0.0.1:8005", help="the sidecar's HOST:PORT")
+    export.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
 
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
     demo.add_argument("directory", type=Path)
@@ -104,33 +113,48 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 
     settings = load_settings(args.config, overrides=_overrides(args))
     configure_logging(settings.telemetry.log_level)
-    if settings.server.workers > 1:
-        from gateway.workers import supervise
+    sidecar = None
+    if args.with_sidecar is not None:
+        from gateway.evaluation.child import start_sidecar
 
-        # Workers get the same command line; the supervisor pins their port and role.
-        return supervise(settings, _without_flag(argv, "--workers"))
+        address = settings.events.sidecar or DEFAULT_SIDECAR
+        sidecar = start_sidecar(args.with_sidecar, address, settings.repository.path)
+        events = settings.events.model_copy(update={"sidecar": address})
+        settings = settings.model_copy(update={"events": events})
+        argv = [*_without_flag(argv, "--with-sidecar", keep_port=True), "--sidecar", address]
+    try:
+        if settings.server.workers > 1:
+            from gateway.workers import supervise
 
-    import uvloop
+            # Workers get the same command line; the supervisor pins their port and role.
+            return supervise(settings, _without_flag(argv, "--workers"))
 
-    from gateway.app import Gateway
+        import uvloop
 
-    gateway = Gateway(settings)
-    uvloop.run(gateway.serve_until_signal())
-    return 0
+        from gateway.app import Gateway
+
+        gateway = Gateway(settings)
+        uvloop.run(gateway.serve_until_signal())
+        return 0
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
 
 
-def _without_flag(argv: list[str], flag: str) -> list[str]:
-    """argv less ``flag VALUE`` / ``flag=VALUE`` and less ``--port`` (the supervisor sets it)."""
+def _without_flag(argv: list[str], flag: str, keep_port: bool = False) -> list[str]:
+    """argv less ``flag VALUE`` / ``flag=VALUE`` and, unless ``keep_port``, less ``--port``
+    (the supervisor sets it)."""
+    dropped = (flag,) if keep_port else (flag, "--port")
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg in (flag, "--port"):
+        if arg in dropped:
             skip = True
             continue
-        if arg.startswith((f"{flag}=", "--port=")):
+        if arg.startswith(tuple(f"{d}=" for d in dropped)):
             continue
         out.append(arg)
     return out

@@ -231,3 +231,30 @@ def test_an_event_carries_features_segments_and_outputs_with_sensitive_values_ha
     scores = np.frombuffer(outputs, "<f8")
     assert scores == pytest.approx(result.as_numpy("probability").ravel(), rel=1e-6)
     assert {c["feature"] for c in coverage} >= {"amount", "channel", "country"}
+
+
+def test_serve_with_sidecar_runs_the_whole_loop_from_one_command(
+    demo_repo: Path, start_gateway, tmp_path: Path
+):
+    import json
+    import subprocess
+    import sys
+
+    port, store = free_port(), tmp_path / "store"
+    gateway = start_gateway(demo_repo, "--with-sidecar", str(store),
+                            "--sidecar", f"127.0.0.1:{port}",
+                            "--events-dir", str(tmp_path / "events"))  # fmt: skip
+    assert f"sidecar ready grpc=127.0.0.1:{port}" in gateway.stderr()
+    assert send(gateway, [f"one-{i}" for i in range(20)], threads=2)
+    wait_for(lambda: acked_all(gateway), "every event acknowledged")
+    report = subprocess.run(
+        [sys.executable, "-m", "gateway", "report", "fraud", "--json",
+         "--sidecar", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["events"] == 20
+    assert gateway.stop() == 0
+    assert "sidecar stopped: 20 events stored" in gateway.stderr()
+    with duckdb.connect(str(store / "events.duckdb"), read_only=True) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchall() == [(20,)]

@@ -1,0 +1,65 @@
+"""``gateway serve --with-sidecar STORE``: the evaluation sidecar as a child of the gateway's
+command, so one command runs the whole loop (the sidecar stays its own process)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from gateway.errors import SettingsError
+
+__all__ = ["SidecarChild", "start_sidecar"]
+
+_READY_TIMEOUT_S = 60.0
+
+
+class SidecarChild:
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_sidecar(store: Path, address: str, repository: Path | None) -> SidecarChild:
+    """Start the sidecar on ``address`` (HTML reports on the next port) and wait until it
+    serves; its log lines go to this process's stderr."""
+    host, _, port_text = address.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise SettingsError(f"events.sidecar: {address!r} is not HOST:PORT")
+    port = int(port_text)
+    command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store),
+               "--host", host, "--port", str(port), "--http-port", str(port + 1)]  # fmt: skip
+    if repository is not None:
+        command += ["--repository", str(repository)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    ready = threading.Event()
+
+    def forward() -> None:  # the child's log, line by line, noting when it is ready
+        assert process.stderr is not None
+        for line in process.stderr:
+            sys.stderr.write(line)
+            if "sidecar ready" in line:
+                ready.set()
+
+    threading.Thread(target=forward, name="sidecar-log", daemon=True).start()
+    child = SidecarChild(process)
+    waited = 0.0
+    while not ready.wait(0.1):
+        waited += 0.1
+        if process.poll() is not None or waited > _READY_TIMEOUT_S:
+            child.stop()
+            raise SettingsError(
+                f"the evaluation sidecar did not start on {address} (exit code "
+                f"{process.returncode}); its log is above"
+            )
+    return child
