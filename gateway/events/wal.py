@@ -117,18 +117,26 @@ class WriteAheadLog:
         The caller keeps the bound: it makes room (``drop_oldest``) or writes only what fits
         (``size`` and ``overhead`` against ``max_bytes``).
         """
+        records = list(payloads)
         with self._lock:
-            for payload in payloads:
+            i = 0
+            while i < len(records):
                 if self._file is None or self._segments[-1].size >= self.segment_bytes:
                     self._roll()
                 assert self._file is not None
-                sequence = self._next
-                self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload), sequence))
-                self._file.write(payload)
                 segment = self._segments[-1]
-                segment.last = sequence
-                segment.size += _HEADER.size + len(payload)
-                self._next += 1
+                # What fits the segment (the record crossing its size included) in one write.
+                parts: list[bytes] = []
+                size = segment.size
+                while i < len(records) and size < self.segment_bytes:
+                    payload = records[i]
+                    parts += (_HEADER.pack(len(payload), zlib.crc32(payload), self._next), payload)
+                    size += _HEADER.size + len(payload)
+                    self._next += 1
+                    i += 1
+                self._file.write(b"".join(parts))
+                segment.last = self._next - 1
+                segment.size = size
             if self._file is not None:
                 self._file.flush()
                 self._sync(self._file.fileno())
