@@ -257,6 +257,7 @@ class EventRecorder:
             return
         await self._write_pending(everything=True)
         if self._pending:
+            self._m_dropped.inc(len(self._pending))
             log.error(
                 "stopping with %d prediction events that do not fit the full event log: lost",
                 len(self._pending),
