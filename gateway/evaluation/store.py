@@ -142,10 +142,10 @@ EVENT_COLUMNS = tuple(_ARROW_SCHEMA.names)
 
 
 class EventStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, threads: int = 1) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / DB_FILE
-        self._db = duckdb.connect(str(self.path))
+        self._db = duckdb.connect(str(self.path), config={"threads": threads})
         self._db.execute(_SCHEMA)
         self._batch = self._scalar("SELECT coalesce(max(batch), 0) FROM labels")
 
