@@ -244,7 +244,10 @@ class EvaluationSettings(_Section):
     )
     rules: tuple[AlertRule, ...] = Field(default_factory=_default_rules)
     evaluate_every_s: float = Field(
-        30.0, gt=0, description="How often the sidecar checks every rule (alert log, metrics)."
+        60.0,
+        gt=0,
+        description="How often the sidecar checks every rule (alert log, metrics); each check "
+        "reads up to max_report_events events per model.",
     )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="The sidecar's Prometheus port; null: none."

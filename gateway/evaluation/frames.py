@@ -3,15 +3,17 @@ per feature (every row of every event), for metrics and for the training-set exp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Frame", "build_frame"]
+__all__ = ["NAMES_SEPARATOR", "Frame", "build_frame"]
 
 _F64 = np.dtype("<f8")
+NAMES_SEPARATOR = "\x1f"  # ASCII unit separator: never in a feature name
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Frame:
 
 def build_frame(
     row_counts: Sequence[int],
-    numeric_names: Sequence[Sequence[str]],
+    numeric_names: Sequence[Sequence[str] | str | None],
     numeric: Sequence[bytes | None],
     strings: Sequence[Sequence[tuple[str, Sequence[str]]] | dict[str, Sequence[str]] | None],
     outputs: Sequence[bytes | None],
@@ -44,10 +46,11 @@ def build_frame(
     # shape per version) are decoded at once: one join, one frombuffer, one copy per column.
     i = 0
     while i < len(row_counts):
-        names = tuple(numeric_names[i] or ())
+        layout = numeric_names[i]
         j = i + 1
-        while j < len(row_counts) and tuple(numeric_names[j] or ()) == names:
+        while j < len(row_counts) and numeric_names[j] == layout:
             j += 1
+        names = _names(layout)
         blobs = [numeric[k] or b"" for k in range(i, j)]
         whole = [
             len(b) == 8 * len(names) * row_counts[k]
@@ -60,21 +63,68 @@ def build_frame(
                 if ok:
                     _put(frame, names, blobs[k - i], int(starts[k]), int(starts[k + 1]))
         i = j
-    for i, rows in enumerate(row_counts):
-        start = int(starts[i])
-        entries = strings[i] or ()
+    for i, entries in enumerate(strings):
+        if not entries:
+            continue
+        start, rows = int(starts[i]), row_counts[i]
         items = entries.items() if isinstance(entries, dict) else entries
         for name, values in items:
             column_s = frame.strings.get(name)
             if column_s is None:
                 column_s = frame.strings[name] = np.full(total, None, dtype=object)
             column_s[start : start + rows] = list(values)[:rows]
-        widths = output_widths[i] or ()
-        blob_out = outputs[i]
-        if widths and blob_out:
-            first = np.frombuffer(blob_out, _F64, count=rows * widths[0])
-            frame.scores[start : start + rows] = first.reshape(rows, widths[0])[:, 0]
+    _scores(frame, row_counts, starts, outputs, output_widths)
     return frame
+
+
+def _scores(
+    frame: Frame,
+    row_counts: Sequence[int],
+    starts: NDArray[np.int64],
+    outputs: Sequence[bytes | None],
+    output_widths: Sequence[Sequence[int] | None],
+) -> None:
+    """The first output's first column. Single-row events with the same output widths (the
+    usual case) are decoded together: their blobs are rows of one matrix."""
+    single = [
+        i for i, rows in enumerate(row_counts)
+        if rows == 1 and output_widths[i] and outputs[i]
+        and len(outputs[i] or b"") == 8 * sum(output_widths[i] or ())
+    ]  # fmt: skip
+    done = np.zeros(len(row_counts), dtype=bool)
+    k = 0
+    while k < len(single):
+        layout = tuple(output_widths[single[k]] or ())
+        m = k + 1
+        while m < len(single) and tuple(output_widths[single[m]] or ()) == layout:
+            m += 1
+        run = single[k:m]
+        matrix = np.frombuffer(b"".join(outputs[i] or b"" for i in run), _F64)
+        frame.scores[starts[run]] = matrix.reshape(len(run), sum(layout))[:, 0]
+        done[run] = True
+        k = m
+    for i, rows in enumerate(row_counts):
+        widths, blob = output_widths[i], outputs[i]
+        if done[i] or not widths or not blob or len(blob) < 8 * rows * widths[0]:
+            continue
+        first = np.frombuffer(blob, _F64, count=rows * widths[0])
+        start = int(starts[i])
+        frame.scores[start : start + rows] = first.reshape(rows, widths[0])[:, 0]
+
+
+def _names(layout: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Column names from a list, or from one string joined with NAMES_SEPARATOR (one Python
+    object per event instead of one per column: what a report reads for many events)."""
+    if not layout:
+        return ()
+    if isinstance(layout, str):
+        return _split(layout)
+    return tuple(layout)
+
+
+@functools.lru_cache(maxsize=256)
+def _split(joined: str) -> tuple[str, ...]:
+    return tuple(joined.split(NAMES_SEPARATOR))
 
 
 def _put(frame: Frame, names: tuple[str, ...], blob: bytes, start: int, end: int) -> None:

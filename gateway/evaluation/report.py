@@ -48,8 +48,9 @@ def build_report(
     where, params = window_filter(model, "", start_us, now_us if bounded else 0, table="e")
     events = store.arrow(
         f"""
-        SELECT event_id, version, segments, numeric_names, numeric, strings, hashed, outputs,
-               output_widths, rows, coverage
+        SELECT event_id, version, segments,
+               array_to_string(numeric_names, chr(31)) AS numeric_names,
+               numeric, strings, hashed, outputs, output_widths, rows, coverage
         FROM events e WHERE {where} ORDER BY event_time DESC LIMIT {int(max_events)}
         """,
         params,

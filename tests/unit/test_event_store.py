@@ -90,3 +90,25 @@ def test_the_drift_timeline_puts_each_event_in_its_own_slice_of_the_window(store
     psi = timeline["1"]["features"]["x"]
     assert len(psi) == 12 and all(p is not None for p in psi)
     assert max(psi[:8]) < 0.2 < min(psi[8:])
+
+
+def test_frames_decode_mixed_layouts_row_by_row():
+    from gateway.evaluation.frames import NAMES_SEPARATOR, build_frame
+
+    def f64(*values: float) -> bytes:
+        return np.array(values, "<f8").tobytes()
+
+    frame = build_frame(
+        row_counts=[1, 1, 2, 1, 1],
+        numeric_names=[["a", "b"], "a\x1fb", ["a", "b"], ["b"], None],
+        numeric=[f64(1, 2), f64(3, 4), f64(5, 6, 7, 8), f64(9), None],
+        strings=[None, [("c", ["x"])], {"c": ["y", "z"]}, None, None],
+        outputs=[f64(0.1, 9), f64(0.2, 9), f64(0.3, 0.4, 9, 9), f64(0.5), b"\x00"],
+        output_widths=[[1, 1], [1, 1], [1, 1], [1], [1]],
+    )
+    assert NAMES_SEPARATOR == "\x1f"
+    assert frame.numbers["a"][:5].tolist()[:4] == [1, 3, 5, 7] and np.isnan(frame.numbers["a"][4])
+    assert frame.numbers["b"].tolist()[:5] == [2, 4, 6, 8, 9]
+    assert frame.strings["c"].tolist() == [None, "x", "y", "z", None, None]
+    assert frame.scores[:5].tolist() == [0.1, 0.2, 0.3, 0.4, 0.5] and np.isnan(frame.scores[5])
+    assert frame.event_index.tolist() == [0, 1, 2, 2, 3, 4]
