@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
+from gateway.evaluation.page import format_number as _num
 
 __all__ = [
     "LabelFileError",
@@ -155,14 +156,6 @@ def format_report(report: dict[str, Any]) -> str:
         ]  # fmt: skip
         lines += _table(rows)
     return "\n".join(lines)
-
-
-def _num(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    return f"{float(value):.3f}"  # type: ignore[arg-type]
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:

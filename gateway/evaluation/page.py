@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["render_index", "render_page"]
+__all__ = ["format_number", "render_index", "render_page"]
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 _STYLE = """
@@ -101,8 +101,11 @@ def _segments(version: str, segments: dict[str, Any]) -> str:
         psi, feature = max(drifts, default=(0.0, "-"))
         rows.append(
             f"<tr><td>{_e(segment)}</td><td>{m['rows']}</td><td>{q.get('labelled', 0)}</td>"
-            + "".join(f"<td>{_n(q.get(k))}</td>" for k in ("auc", "log_loss", "accuracy", "ece"))
-            + f"<td>{_n(psi)} ({_e(feature)})</td></tr>"
+            + "".join(
+                f"<td>{format_number(q.get(k))}</td>"
+                for k in ("auc", "log_loss", "accuracy", "ece")
+            )
+            + f"<td>{format_number(psi)} ({_e(feature)})</td></tr>"
         )
         if "auc" in q:
             aucs.append((segment, float(q["auc"])))
@@ -117,8 +120,8 @@ def _canary(verdict: dict[str, Any]) -> str:
     evidence = verdict["evidence"]
     keys = ("labelled", "auc", "log_loss", "accuracy", "p95_total_ms", "cost_per_row")
     rows = "".join(
-        f"<tr><td>{k}</td><td>{_n(evidence['stable'].get(k))}</td>"
-        f"<td>{_n(evidence['candidate'].get(k))}</td></tr>"
+        f"<tr><td>{k}</td><td>{format_number(evidence['stable'].get(k))}</td>"
+        f"<td>{format_number(evidence['candidate'].get(k))}</td></tr>"
         for k in keys
     )
     reasons = "".join(f"<li>{_e(r)}</li>" for r in verdict["reasons"])
@@ -219,7 +222,8 @@ def _document(title: str, body: str) -> str:
     )
 
 
-def _n(value: object) -> str:
+def format_number(value: object) -> str:
+    """A metric for people: ints as they are, other numbers to 3 decimals, None as '-'."""
     if value is None:
         return "-"
     if isinstance(value, int):
