@@ -18,13 +18,15 @@ NAMES_SEPARATOR = "\x1f"  # ASCII unit separator: never in a feature name
 
 @dataclass
 class Frame:
-    """Rows of many events. ``event_index[i]`` is the event row ``i`` came from."""
+    """Rows of many events. ``event_index[i]`` is the event row ``i`` came from; event ``k``'s
+    rows start at ``starts[k]`` (``starts[-1]`` is ``rows``)."""
 
     rows: int = 0
     numbers: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     strings: dict[str, NDArray[np.object_]] = field(default_factory=dict)
     scores: NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     event_index: NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
+    starts: NDArray[np.int64] = field(default_factory=lambda: np.zeros(1, np.int64))
 
 
 def build_frame(
@@ -41,7 +43,7 @@ def build_frame(
     frame = Frame(rows=total)
     frame.event_index = np.repeat(np.arange(len(row_counts)), row_counts)
     frame.scores = np.full(total, np.nan)
-    starts = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
+    starts = frame.starts = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
     # Runs of events with the same numeric columns (the usual case: one contract or one input
     # shape per version) are decoded at once: one join, one frombuffer, one copy per column.
     i = 0

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.evaluation.frames import Frame, build_frame
+from gateway.evaluation.frames import NAMES_SEPARATOR, Frame, build_frame
 from gateway.evaluation.profile import (
     REFERENCE_FILE,
     categorical_drift,
@@ -49,7 +49,7 @@ def build_report(
     events = store.arrow(
         f"""
         SELECT event_id, version, segments,
-               array_to_string(numeric_names, chr(31)) AS numeric_names,
+               array_to_string(numeric_names, chr({ord(NAMES_SEPARATOR)})) AS numeric_names,
                numeric, strings, hashed, outputs, output_widths, rows, coverage
         FROM events e WHERE {where} ORDER BY event_time DESC LIMIT {int(max_events)}
         """,
@@ -107,7 +107,7 @@ def _labels(
     out = np.full(frame.rows, np.nan)
     if not labels["event_id"]:
         return out
-    starts = np.concatenate([[0], np.cumsum(events["rows"])[:-1]]).astype(np.int64)
+    starts = frame.starts
     position = {event_id: i for i, event_id in enumerate(events["event_id"])}
     for event_id, row, label in zip(
         labels["event_id"], labels["row"], labels["label"], strict=True

@@ -44,13 +44,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         self.settings = settings
         self.metrics = SidecarMetrics()
         self.repository = repository
-        self.label_window_s = settings.label_window_s
         self.commit_interval_s = commit_interval_s
         self.commit_events = commit_events
         # DuckDB work happens on one thread: off the loop, and one writer at a time.
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self.stored = 0
-        self.duplicates = 0
+        self.stored = 0  # this run, for the closing log line
 
     async def Publish(
         self, request_iterator: AsyncIterator[ev.EventBatch], context: grpc.aio.ServicerContext
@@ -99,7 +97,6 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                     self.db, self.store.ingest, events, arrival_us
                 )
                 self.stored += stored
-                self.duplicates += duplicates
                 self.metrics.events.labels("stored").inc(stored)
                 self.metrics.events.labels("duplicate").inc(duplicates)
                 if duplicates:
@@ -124,7 +121,7 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"label {i} has a negative row {label.row}"
                 )
-        window_s = request.window_s or self.label_window_s
+        window_s = request.window_s or self.settings.label_window_s
         joined = await asyncio.get_running_loop().run_in_executor(
             self.db, self.store.put_labels, list(request.labels), window_s, time.time_ns() // 1000
         )

@@ -204,7 +204,7 @@ class EventStore:
                 f"TO '{_quoted(path)}' (FORMAT parquet)",
                 params,
             ).fetchall()
-            return path, self._scalar_params(f"SELECT count(*) FROM events e WHERE {where}", params)
+            return path, self._scalar(f"SELECT count(*) FROM events e WHERE {where}", params)
         table = self.arrow(
             f"""
             SELECT e.request_id, e.event_time, e.model, e.version, e.arm, e.segments,
@@ -221,12 +221,8 @@ class EventStore:
     def arrow(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
         return self._db.sql(sql, params=list(params)).to_arrow_table()
 
-    def _scalar_params(self, sql: str, params: list[object]) -> int:
-        rows = self._db.execute(sql, params).fetchall()
-        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
-
-    def _scalar(self, sql: str) -> int:
-        rows = self._db.execute(sql).fetchall()
+    def _scalar(self, sql: str, params: Sequence[object] = ()) -> int:
+        rows = self._db.execute(sql, list(params)).fetchall()
         return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     def query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -268,8 +264,7 @@ def _training_rows(table: pa.Table) -> pa.Table:
         [dict(m) if m else None for m in data["strings"]], data["outputs"],
         data["output_widths"],
     )  # fmt: skip
-    starts = np.concatenate([[0], np.cumsum(data["rows"])[:-1]]).astype(np.int64)
-    picks = starts[:count] + np.asarray(data["row"], dtype=np.int64) if count else starts[:0]
+    picks = frame.starts[:count] + np.asarray(data["row"], dtype=np.int64)
     out: dict[str, object] = {
         name: data[name] for name in ("request_id", "event_time", "model", "version", "arm")
     }

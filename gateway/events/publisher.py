@@ -42,6 +42,7 @@ class Publisher:
         self._address = address
         self._wal = wal
         self._metrics = metrics
+        self._m_acked = metrics.events.labels("acked")
         self._batch_events = batch_events
         self._max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
@@ -190,7 +191,7 @@ class Publisher:
                 )
             _, count = in_flight.popleft()
             await loop.run_in_executor(self._io, self._wal.ack, ack.sequence)
-            self._metrics.events.labels("acked").inc(count)
+            self._m_acked.inc(count)
             self._acked.set()
 
 
