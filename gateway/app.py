@@ -20,10 +20,13 @@ from numpy.typing import NDArray
 from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
+from gateway.cache import ResponseCache
+from gateway.costs import Ledger
 from gateway.errors import SettingsError
 from gateway.events import EventRecorder
 from gateway.features import redact
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, Traffic
+from gateway.routing import RateLimiter, RouteTable
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server.servicer import InferenceServicer
@@ -58,8 +61,18 @@ class Gateway:
             self.events = EventRecorder(
                 settings.events, self.metrics, redact, settings.server.max_message_bytes
             )
+        self.traffic = Traffic(
+            routes=RouteTable(settings.routing.routes, settings.routing.history),
+            limiter=RateLimiter(settings.routing.rate_limits, settings.routing.max_tenants),
+            ledger=Ledger(settings.costs, self.metrics),
+            cache=ResponseCache(settings.cache, self.metrics) if settings.cache.enabled else None,
+        )
         self.pipeline = Pipeline(
-            self.repository, self.metrics, settings.server.max_message_bytes, self.events
+            self.repository,
+            self.metrics,
+            self.traffic,
+            settings.server.max_message_bytes,
+            self.events,
         )
         self.repository.on_retire = self.pipeline.retire
         self.servicer = InferenceServicer(

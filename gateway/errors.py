@@ -7,7 +7,9 @@
     ├── ModelNotFound       NOT_FOUND            unknown model or version
     ├── ModelNotReady       UNAVAILABLE          known but not loaded, or the server is draining
     ├── ModelLoadError      FAILED_PRECONDITION  the repository holds a model that cannot load
-    ├── Overloaded          RESOURCE_EXHAUSTED   a bounded queue is full
+    ├── Overloaded          RESOURCE_EXHAUSTED   a bounded queue is full, a cap is reached
+    │   ├── RateLimited                          a tenant is over its rate (carries retry_after_s)
+    │   └── BudgetExceeded                       a tenant or surface spent its budget
     ├── DeadlineExceeded    DEADLINE_EXCEEDED    the request's deadline passed
     ├── EventLogFull        UNAVAILABLE          events are at their bound and on_full is shed
     └── RuntimeFailure      INTERNAL             the model runtime failed on valid input
@@ -24,6 +26,7 @@ from typing import ClassVar
 import grpc
 
 __all__ = [
+    "BudgetExceeded",
     "DeadlineExceeded",
     "EventLogFull",
     "GatewayError",
@@ -32,6 +35,7 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "Overloaded",
+    "RateLimited",
     "RuntimeFailure",
     "SettingsError",
 ]
@@ -61,6 +65,18 @@ class ModelLoadError(GatewayError):
 
 class Overloaded(GatewayError):
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class RateLimited(Overloaded):
+    """Over a tenant's rate limit; ``retry_after_s`` goes to the client as a retry hint."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BudgetExceeded(Overloaded):
+    pass
 
 
 class DeadlineExceeded(GatewayError):

@@ -18,19 +18,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gateway.errors import SettingsError
 
 __all__ = [
+    "AdminSettings",
     "AlertRule",
+    "Budget",
+    "CacheSettings",
     "CanaryPolicy",
     "ContractBinding",
+    "CostSettings",
     "DynamicBatching",
     "EvaluationSettings",
     "EventsSettings",
+    "MatchRule",
     "ModelConfig",
+    "Price",
     "QueuePolicy",
+    "RateLimit",
     "RepositorySettings",
+    "RouteSpec",
+    "RoutingSettings",
     "RuntimeSettings",
     "ServerSettings",
     "Settings",
+    "ShadowSpec",
     "TelemetrySettings",
+    "VariantSpec",
     "VersionPolicy",
     "describe_validation_error",
     "load_model_config",
@@ -260,6 +271,186 @@ class EvaluationSettings(_Section):
     )
 
 
+_VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class Price(_Section):
+    """What serving costs, in whatever unit the ledger should report (dollars, credits)."""
+
+    compute_second: float = Field(
+        0.0, ge=0, description="Per second of measured compute on the model's device."
+    )
+    request: float = Field(
+        0.0, ge=0, description="Per request that reached the model (a full cache hit pays none)."
+    )
+
+
+class VariantSpec(_Section):
+    """One way a route can answer: a model version, or a static output."""
+
+    name: str = Field(pattern=_VARIANT_NAME)
+    model: str | None = Field(None, description="The model serving this variant.")
+    version: str = Field("", description="Its version; empty = the newest loaded.")
+    weight: float = Field(0.0, ge=0, description="Share of the route's traffic (relative).")
+    arm: Literal["primary", "canary"] = Field(
+        "primary", description="How its predictions are labelled in events and responses."
+    )
+    deterministic: bool | None = Field(
+        None, description="Cache its responses; default: the model config's `deterministic`."
+    )
+    price: Price | None = Field(None, description="Default: the model config's `price`.")
+    output: dict[str, tuple[float, ...]] | None = Field(
+        None,
+        description="A static variant: these values for every row, per output name (the "
+        "route's last resort when no model can answer).",
+    )
+
+    @model_validator(mode="after")
+    def _model_or_output(self) -> VariantSpec:
+        if (self.model is None) == (self.output is None):
+            raise ValueError(f"variant '{self.name}': set exactly one of model, output")
+        if self.output is not None and any(not values for values in self.output.values()):
+            raise ValueError(f"variant '{self.name}': each static output needs a value")
+        return self
+
+
+class MatchRule(_Section):
+    """Requests whose parameters all equal ``when`` go to ``variant`` (first match wins)."""
+
+    when: dict[str, str] = Field(min_length=1, description='e.g. {"segment.geo": "BR"}')
+    variant: str
+
+
+class ShadowSpec(_Section):
+    """A sampled copy of the route's requests runs on ``variant``; only events see it."""
+
+    variant: str
+    sample: float = Field(1.0, gt=0, le=1, description="Share of requests copied.")
+
+
+class RouteSpec(_Section):
+    """A logical model name clients call, and how its requests are served."""
+
+    variants: tuple[VariantSpec, ...] = Field(min_length=1)
+    match: tuple[MatchRule, ...] = ()
+    shadows: tuple[ShadowSpec, ...] = ()
+    shadow_max_concurrency: int = Field(
+        4, gt=0, description="Shadow copies running at once; past it a copy is skipped."
+    )
+    fallbacks: tuple[str, ...] = Field(
+        (),
+        description="Variants tried in order when the chosen one fails, times out or is "
+        "overloaded; a static variant last answers always.",
+    )
+    timeout_ms: float | None = Field(
+        None, gt=0, description="Per attempt; the client's gRPC deadline wins when shorter."
+    )
+    max_concurrency: int | None = Field(
+        None, gt=0, description="Requests in flight on the route; past it RESOURCE_EXHAUSTED."
+    )
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> RouteSpec:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names repeat: {names}")
+        if not any(v.weight > 0 for v in self.variants):
+            raise ValueError("at least one variant needs a weight above 0")
+        known = set(names)
+        used = [
+            *(("match", r.variant) for r in self.match),
+            *(("shadows", s.variant) for s in self.shadows),
+            *(("fallbacks", f) for f in self.fallbacks),
+        ]
+        for where, name in used:
+            if name not in known:
+                raise ValueError(f"{where}: no variant named '{name}' (variants: {names})")
+        static = {v.name for v in self.variants if v.output is not None}
+        for shadow in self.shadows:
+            if shadow.variant in static:
+                raise ValueError(f"shadows: '{shadow.variant}' is static; shadow a model")
+        return self
+
+
+class RateLimit(_Section):
+    """A token bucket: ``rate`` requests per second on average, bursts up to ``burst``."""
+
+    rate: float = Field(gt=0)
+    burst: int = Field(gt=0)
+
+
+class RoutingSettings(_Section):
+    routes: dict[str, RouteSpec] = Field(
+        default_factory=dict, description="Route name (what clients call) -> its spec."
+    )
+    rate_limits: dict[str, RateLimit] = Field(
+        default_factory=dict,
+        description="Tenant (the `tenant` request parameter) -> its limit; `*` applies to "
+        "each tenant not listed, one bucket each.",
+    )
+    max_tenants: int = Field(
+        10_000, gt=0, description="Rate-limit buckets kept; the least recently used go first."
+    )
+    history: int = Field(16, gt=0, description="Earlier route specs kept for rollback.")
+
+
+class CacheSettings(_Section):
+    """Response rows of deterministic variants, keyed by model version, contract and row bytes."""
+
+    enabled: bool = True
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Bound on cached rows' bytes.")
+    ttl_s: float = Field(300.0, gt=0, description="How long a row stays cached.")
+
+
+class Budget(_Section):
+    """Spend allowed to one tenant or surface per window, and what happens past it."""
+
+    name: str = Field(pattern=_VARIANT_NAME)
+    tenant: str | None = None
+    surface: str | None = None
+    limit: float = Field(gt=0, description="Spend per window, in the prices' unit.")
+    window_s: int = Field(3600, gt=0)
+    policy: Literal["reject", "degrade", "alert"] = Field(
+        description="reject: RESOURCE_EXHAUSTED; degrade: serve `degrade_to` on routes that "
+        "have it; alert: serve, log and raise gateway_budget_exceeded."
+    )
+    degrade_to: str | None = Field(None, description="A variant name (degrade only).")
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> Budget:
+        if (self.tenant is None) == (self.surface is None):
+            raise ValueError(f"budget '{self.name}': set exactly one of tenant, surface")
+        if (self.policy == "degrade") != (self.degrade_to is not None):
+            raise ValueError(f"budget '{self.name}': degrade_to goes with policy degrade")
+        return self
+
+
+class CostSettings(_Section):
+    window_s: int = Field(60, gt=0, description="The ledger's time bucket.")
+    retain_windows: int = Field(1440, gt=0, description="Buckets kept (default: one day).")
+    max_keys: int = Field(
+        10_000, gt=0, description="Rows per bucket; past it new keys add to an `(other)` row."
+    )
+    budgets: tuple[Budget, ...] = ()
+
+
+class AdminSettings(_Section):
+    """The admin service (routes, promote, rollback, costs, cache) on the gRPC port."""
+
+    token: str | None = Field(
+        None, description="Bearer token the admin RPCs require; unset = admin refused."
+    )
+    token_file: Path | None = Field(None, description="Read the token from this file instead.")
+
+    def resolve_token(self) -> str | None:
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text().strip() or None
+            except OSError as err:
+                raise SettingsError(f"admin.token_file: cannot read: {err.strerror}") from None
+        return self.token
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     repository: RepositorySettings = RepositorySettings()
@@ -267,6 +458,10 @@ class Settings(_Section):
     telemetry: TelemetrySettings = TelemetrySettings()
     events: EventsSettings = EventsSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    routing: RoutingSettings = RoutingSettings()
+    cache: CacheSettings = CacheSettings()
+    costs: CostSettings = CostSettings()
+    admin: AdminSettings = AdminSettings()
 
 
 class VersionPolicy(_Section):
@@ -379,6 +574,10 @@ class ModelConfig(_Section):
         description="Feature contract versions, when the model directory has features.yaml.",
     )
     description: str = ""
+    price: Price = Field(Price(), description="Default prices of the variants serving it.")
+    deterministic: bool = Field(
+        False, description="The same row always gives the same output: responses may be cached."
+    )
 
     @model_validator(mode="after")
     def _batching_needs_a_batch_dim(self) -> ModelConfig:

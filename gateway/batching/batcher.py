@@ -56,8 +56,9 @@ class Outcome:
 
     outputs: list[NDArray[np.generic]]
     queue_ns: int
-    compute_ns: int
+    compute_ns: int  # the whole batch's run
     batch_rows: int
+    share_ns: int  # this request's rows' share of compute_ns (what its cost is charged on)
 
 
 @dataclass(eq=False, slots=True)
@@ -191,6 +192,7 @@ class MicroBatcher:
             max(o.queue_ns for o in outcomes),
             sum(o.compute_ns for o in outcomes),
             max(o.batch_rows for o in outcomes),
+            sum(o.share_ns for o in outcomes),
         )
 
     @property
@@ -445,7 +447,8 @@ class MicroBatcher:
                 queue_ns = job.started_ns - item.enqueued_ns
                 self._m_queue.observe(queue_ns / 1e9)
                 if not item.future.done():
-                    item.future.set_result(Outcome(piece, queue_ns, compute_ns, total))
+                    share_ns = compute_ns * item.rows // max(total, 1)
+                    item.future.set_result(Outcome(piece, queue_ns, compute_ns, total, share_ns))
         if pump:
             self._pump()
         self._idle.set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,15 +53,18 @@ def build_event(
         event_time_us=pending.event_time_us,
         tenant=_text(params.get("tenant")),
         surface=_text(params.get("surface")),
-        route=request.model_name,
+        route=_text(answered.get("route")) or request.model_name,
         model=response.model_name,
         version=response.model_version,
-        arm=_text(params.get("arm")) or "primary",
+        arm=_text(answered.get("arm")) or "primary",
         contract_version=assembly.contract.version if assembly is not None else "",
         rows=_rows(request, response),
         queue_ms=float(answered.get("queue_us", 0)) / 1000,
         compute_ms=float(answered.get("compute_us", 0)) / 1000,
         total_ms=pending.total_ms,
+        cost=float(answered.get("cost", 0.0)),
+        cached_rows=int(answered.get("cached_rows", 0)),
+        fallback=_fallback(answered),
         entity_key=_text(params.get("entity_key")),
     )
     for key, value in params.items():
@@ -173,6 +176,14 @@ def _decoded(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return str(value)
+
+
+def _fallback(answered: Mapping[str, object]) -> str:
+    """``variant: why`` when a fallback answered (or a budget degraded the request)."""
+    reason = answered.get("fallback_reason")
+    if not reason:
+        return ""
+    return f"{answered.get('fallback') or answered.get('variant', '')}: {reason}"
 
 
 def _text(value: object) -> str:

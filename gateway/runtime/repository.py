@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -41,6 +42,8 @@ CONFIG_FILE = "config.yaml"
 
 RuntimeFactory = Callable[[Path, SessionOptions], ModelRuntime]
 
+_LOADS = itertools.count(1)
+
 
 @dataclass(eq=False)
 class LoadedVersion:
@@ -53,6 +56,8 @@ class LoadedVersion:
     file_stamp: tuple[object, ...]
     contract: Contract | None = None
     stats: ModelStatistics = field(default_factory=ModelStatistics)
+    # Unique per load in this process: cached responses of an earlier load never match it.
+    generation: int = field(default_factory=lambda: next(_LOADS))
 
     def __post_init__(self) -> None:
         # Feature coverage since load, per contract feature: present, defaulted, out of range,

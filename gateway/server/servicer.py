@@ -24,7 +24,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from gateway import __version__
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, RuntimeFailure
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    RuntimeFailure,
+)
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.server import convert, model_config
@@ -135,6 +141,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._observe(rpc, context, call, model)
         except GatewayError as err:
+            if isinstance(err, RateLimited):
+                # gRPC's own retry hint: a client with a retry policy waits this long.
+                pushback_ms = str(max(1, round(err.retry_after_s * 1000)))
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", pushback_ms),))
             await context.abort(err.grpc_status, str(err))
             raise AssertionError("unreachable: context.abort raises") from err
 

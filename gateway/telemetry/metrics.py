@@ -119,6 +119,64 @@ class GatewayMetrics:
             "1 while the event stream to the sidecar is open, else 0.",
             registry=self.registry,
         )
+        self.routed = Counter(
+            "gateway_routed",
+            "Requests on a route by the variant that answered and its arm (primary, canary, "
+            "shadow).",
+            ["route", "variant", "arm"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Attempts that failed over to the route's next fallback, by the variant that "
+            "failed and why (the gRPC status of its failure).",
+            ["route", "variant", "reason"],
+            registry=self.registry,
+        )
+        self.shadows = Counter(
+            "gateway_shadow_requests",
+            "Shadow copies by outcome: ok, failed, skipped (the shadow concurrency cap).",
+            ["route", "variant", "outcome"],
+            registry=self.registry,
+        )
+        self.limited = Counter(
+            "gateway_limited",
+            "Requests refused before any work: rate (a tenant over its rate limit), "
+            "concurrency (a route at max_concurrency), budget (a spent budget, policy reject).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.cache_events = Counter(
+            "gateway_cache_rows",
+            "Response cache rows by outcome: hit, miss, coalesced (computed once for several "
+            "requests or rows), evicted (for room), collision (a hash met another row).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "gateway_cache_bytes", "Bytes held by the response cache.", registry=self.registry
+        )
+        self.cache_entries = Gauge(
+            "gateway_cache_entries", "Rows held by the response cache.", registry=self.registry
+        )
+        self.cost = Counter(
+            "gateway_cost",
+            "Accounted cost of requests by route and variant, in the prices' unit.",
+            ["route", "variant"],
+            registry=self.registry,
+        )
+        self.budget_spent = Gauge(
+            "gateway_budget_spent",
+            "Spend in the budget's current window, by budget.",
+            ["budget"],
+            registry=self.registry,
+        )
+        self.budget_exceeded = Gauge(
+            "gateway_budget_exceeded",
+            "1 while the budget's current window is spent, else 0.",
+            ["budget", "policy"],
+            registry=self.registry,
+        )
         self._server: object | None = None
         self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
 

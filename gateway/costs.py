@@ -1,0 +1,208 @@
+"""Stage 8, cost: what each request cost, a ledger over time windows, and budgets.
+
+A request's cost is its rows' share of its batch's measured compute time at the variant's
+price per compute-second, plus the variant's price per request. Rows answered from the cache
+cost their lookup only (its measured time at the same price); a request answered wholly from
+the cache pays no per-request price.
+
+The ledger adds costs up by (window, tenant, route, variant, surface), in memory, bounded:
+``retain_windows`` windows of ``max_keys`` rows each (past it, new keys add to one
+``(other)`` row). Budgets cap the spend of one tenant or surface per window.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from gateway.batching.batcher import Outcome
+from gateway.errors import BudgetExceeded
+from gateway.settings import Budget, CostSettings, Price
+from gateway.telemetry import GatewayMetrics
+
+__all__ = ["Charge", "Ledger", "LedgerLine", "charge"]
+
+log = logging.getLogger(__name__)
+
+OTHER = "(other)"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    compute_s: float  # this request's share of its batches' compute time
+    compute: float
+    request: float
+    lookup: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.request + self.lookup
+
+
+def charge(price: Price, outcome: Outcome | None, lookup_ns: int) -> Charge:
+    compute_s = outcome.share_ns / 1e9 if outcome is not None else 0.0
+    return Charge(
+        compute_s,
+        compute_s * price.compute_second,
+        price.request if outcome is not None else 0.0,
+        lookup_ns / 1e9 * price.compute_second,
+    )
+
+
+@dataclass(slots=True)
+class LedgerLine:
+    window_start: int
+    tenant: str
+    route: str
+    variant: str
+    surface: str
+    requests: int = 0
+    rows: int = 0
+    cached_rows: int = 0
+    compute_s: float = 0.0
+    cost: float = 0.0
+
+
+@dataclass(slots=True)
+class _BudgetState:
+    budget: Budget
+    window_start: int = 0
+    spent: float = 0.0
+    exceeded: bool = False
+
+
+class Ledger:
+    """Create and use on the event loop (no locks: one thread adds and reads)."""
+
+    def __init__(self, settings: CostSettings, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self._metrics = metrics
+        self._windows: OrderedDict[int, dict[tuple[str, str, str, str], LedgerLine]] = OrderedDict()
+        self._budgets = [_BudgetState(b) for b in settings.budgets]
+        self._by_tenant = _index(self._budgets, "tenant")
+        self._by_surface = _index(self._budgets, "surface")
+        self._cost_children: dict[tuple[str, str], object] = {}
+        for state in self._budgets:
+            metrics.budget_spent.labels(state.budget.name).set_function(
+                functools.partial(self._spent, state)
+            )
+
+    # -- before serving ----------------------------------------------------------------------
+
+    def check(self, tenant: str, surface: str) -> Budget | None:
+        """Apply spent budgets: raise (reject), or return the budget that asks to degrade."""
+        if not self._budgets:
+            return None
+        degrade = None
+        for state in (*self._by_tenant.get(tenant, ()), *self._by_surface.get(surface, ())):
+            state = self._current(state)
+            if state.spent < state.budget.limit:
+                continue
+            budget = state.budget
+            if not state.exceeded:
+                state.exceeded = True
+                self._metrics.budget_exceeded.labels(budget.name, budget.policy).set(1)
+                log.warning(
+                    "budget '%s' (%s) spent %.6g of %.6g in its %d s window: policy %s",
+                    budget.name,
+                    f"tenant {tenant}" if budget.tenant is not None else f"surface {surface}",
+                    state.spent,
+                    budget.limit,
+                    budget.window_s,
+                    budget.policy,
+                )
+            if budget.policy == "reject":
+                self._metrics.limited.labels("budget").inc()
+                left = state.window_start + budget.window_s - time.time()
+                raise BudgetExceeded(
+                    f"budget '{budget.name}' is spent ({state.spent:.6g} of {budget.limit:.6g} "
+                    f"in its {budget.window_s} s window); it renews in {max(left, 0):.0f} s"
+                )
+            if budget.policy == "degrade" and degrade is None:
+                degrade = budget
+        return degrade
+
+    # -- after serving -----------------------------------------------------------------------
+
+    def add(
+        self,
+        tenant: str,
+        route: str,
+        variant: str,
+        surface: str,
+        rows: int,
+        cached_rows: int,
+        cost: Charge,
+    ) -> None:
+        now = time.time()
+        window_s = self.settings.window_s
+        start = int(now // window_s) * window_s
+        lines = self._windows.get(start)
+        if lines is None:
+            lines = self._windows[start] = {}
+            while len(self._windows) > self.settings.retain_windows:
+                self._windows.popitem(last=False)
+        key = (tenant, route, variant, surface)
+        line = lines.get(key)
+        if line is None:
+            if len(lines) >= self.settings.max_keys:
+                key = (OTHER, OTHER, OTHER, OTHER)
+                line = lines.get(key)
+            if line is None:
+                line = lines[key] = LedgerLine(start, *key)
+        total = cost.total
+        line.requests += 1
+        line.rows += rows
+        line.cached_rows += cached_rows
+        line.compute_s += cost.compute_s
+        line.cost += total
+        child = self._cost_children.get((route, variant))
+        if child is None:
+            child = self._cost_children[(route, variant)] = self._metrics.cost.labels(
+                route, variant
+            )
+        child.inc(total)  # type: ignore[attr-defined]
+        if self._budgets:
+            for state in (*self._by_tenant.get(tenant, ()), *self._by_surface.get(surface, ())):
+                self._current(state).spent += total
+
+    def lines(self, since: float = 0.0) -> list[LedgerLine]:
+        """Ledger rows of the windows that end after ``since`` (Unix seconds), oldest first."""
+        window_s = self.settings.window_s
+        return [
+            line
+            for start, lines in self._windows.items()
+            if start + window_s > since
+            for line in lines.values()
+        ]
+
+    def budgets(self) -> list[tuple[Budget, int, float]]:
+        """Each budget with its current window's start and spend."""
+        return [
+            (s.budget, s.window_start, s.spent) for s in (self._current(b) for b in self._budgets)
+        ]
+
+    def _spent(self, state: _BudgetState) -> float:
+        return self._current(state).spent
+
+    def _current(self, state: _BudgetState) -> _BudgetState:
+        window_s = state.budget.window_s
+        start = int(time.time() // window_s) * window_s
+        if start != state.window_start:
+            state.window_start, state.spent = start, 0.0
+            if state.exceeded:
+                state.exceeded = False
+                self._metrics.budget_exceeded.labels(state.budget.name, state.budget.policy).set(0)
+        return state
+
+
+def _index(states: list[_BudgetState], field: str) -> dict[str, list[_BudgetState]]:
+    index: dict[str, list[_BudgetState]] = {}
+    for state in states:
+        subject = getattr(state.budget, field)
+        if subject is not None:
+            index.setdefault(subject, []).append(state)
+    return index

@@ -1,0 +1,80 @@
+"""Stage 2, limits: a token bucket per tenant, and a cap on a route's requests in flight."""
+
+from __future__ import annotations
+
+import time
+
+from cachetools import LRUCache
+
+from gateway.errors import Overloaded, RateLimited
+from gateway.settings import RateLimit
+
+__all__ = ["ConcurrencyCap", "RateLimiter"]
+
+_ANY = "*"
+
+
+class _Bucket:
+    __slots__ = ("level", "stamp")
+
+    def __init__(self, level: float, stamp: float) -> None:
+        self.level = level
+        self.stamp = stamp
+
+
+class RateLimiter:
+    """Token buckets by tenant: ``limits[tenant]``, else ``limits["*"]`` (a bucket each).
+
+    A tenant with neither is not limited. Buckets are kept for at most ``max_tenants``
+    tenants, least recently seen dropped first (a dropped tenant starts again full).
+    """
+
+    def __init__(self, limits: dict[str, RateLimit], max_tenants: int) -> None:
+        self._limits = limits
+        self._buckets: LRUCache[str, _Bucket] = LRUCache(maxsize=max_tenants)
+        self.enabled = bool(limits)
+
+    def take(self, tenant: str) -> None:
+        """Spend one token of ``tenant``'s bucket, or raise RateLimited with when to retry."""
+        limit = self._limits.get(tenant) or self._limits.get(_ANY)
+        if limit is None:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = _Bucket(float(limit.burst), now)
+        else:
+            bucket.level = min(limit.burst, bucket.level + (now - bucket.stamp) * limit.rate)
+            bucket.stamp = now
+        if bucket.level >= 1.0:
+            bucket.level -= 1.0
+            return
+        retry_s = (1.0 - bucket.level) / limit.rate
+        raise RateLimited(
+            f"tenant '{tenant}' is over its rate limit ({limit.rate:g} requests/s, burst "
+            f"{limit.burst}); retry in {retry_s * 1000:.0f} ms",
+            retry_s,
+        )
+
+
+class ConcurrencyCap:
+    """At most ``limit`` requests at once; one more is refused at once, never queued."""
+
+    __slots__ = ("in_flight", "limit", "what")
+
+    def __init__(self, limit: int | None, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.in_flight = 0
+
+    def __enter__(self) -> ConcurrencyCap:
+        if self.limit is not None and self.in_flight >= self.limit:
+            raise Overloaded(
+                f"{self.what} has {self.in_flight} requests in flight, its max_concurrency; "
+                "retry later"
+            )
+        self.in_flight += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.in_flight -= 1

@@ -1,0 +1,151 @@
+"""Stage 2, routing: a logical model name -> the variant that answers it.
+
+A route's variants split its traffic by weight. The split is sticky: a request with a
+``sticky_key`` parameter lands on the arm its key hashes to (xxh3 of route and key, the same
+across requests, processes and restarts, so long as the weights stay); one without draws at
+random. Match rules on request parameters come first and pick a variant outright.
+
+The table is immutable: set, promote and rollback swap in a new one, so a request in flight
+keeps the route it started with, and every change is one assignment on the loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections import deque
+from collections.abc import Mapping
+
+import xxhash
+
+from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.settings import RouteSpec, VariantSpec
+from gateway.types import ParameterValue
+
+__all__ = ["Route", "RouteTable", "unit_hash"]
+
+_TWO_64 = float(2**64)
+
+
+def unit_hash(route: str, key: str) -> float:
+    """``key``'s place in [0, 1) on ``route``: uniform, and the same on every machine."""
+    return xxhash.xxh3_64_intdigest(f"{route}\x00{key}".encode()) / _TWO_64
+
+
+class Route:
+    """One route as it is in force: its spec, and the weights laid out for a draw."""
+
+    __slots__ = ("_cumulative", "_weighted", "name", "revision", "spec", "variants")
+
+    def __init__(self, name: str, spec: RouteSpec, revision: int) -> None:
+        self.name = name
+        self.spec = spec
+        self.revision = revision  # bumps on every change: tells a client what it looks at
+        self.variants: dict[str, VariantSpec] = {v.name: v for v in spec.variants}
+        self._weighted = [v for v in spec.variants if v.weight > 0]
+        self._cumulative = list(itertools.accumulate(v.weight for v in self._weighted))
+
+    def choose(self, parameters: Mapping[str, ParameterValue]) -> VariantSpec:
+        for rule in self.spec.match:
+            if all(_text(parameters.get(k)) == v for k, v in rule.when.items()):
+                return self.variants[rule.variant]
+        key = parameters.get("sticky_key")
+        if key is None:
+            point = random.random()
+        elif isinstance(key, str | int) and not isinstance(key, bool):
+            point = unit_hash(self.name, str(key))
+        else:
+            raise InvalidRequest(f"parameter 'sticky_key' must be a string, got {key!r}")
+        total = self._cumulative[-1]
+        index = bisect.bisect_right(self._cumulative, point * total)
+        return self._weighted[min(index, len(self._weighted) - 1)]
+
+    def variant(self, name: str) -> VariantSpec:
+        try:
+            return self.variants[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"route '{self.name}' has no variant '{name}' (variants: "
+                f"{', '.join(self.variants)})"
+            ) from None
+
+
+class RouteTable:
+    """The routes in force, and each route's earlier specs for rollback (bounded)."""
+
+    def __init__(self, routes: Mapping[str, RouteSpec], history: int) -> None:
+        self._revisions = itertools.count(1)
+        self._routes: dict[str, Route] = {}
+        self._history: dict[str, deque[RouteSpec | None]] = {}
+        self._keep = history
+        self.replace(routes)
+
+    def get(self, name: str) -> Route | None:
+        return self._routes.get(name)
+
+    def all(self) -> dict[str, Route]:
+        return dict(self._routes)
+
+    def replace(self, routes: Mapping[str, RouteSpec]) -> list[str]:
+        """Put ``routes`` in force (others are removed); returns the names that changed."""
+        changed = []
+        for name in sorted(set(self._routes) | set(routes)):
+            old = self._routes.get(name)
+            new = routes.get(name)
+            if old is not None and new is not None and old.spec == new:
+                continue
+            self._set(name, new)
+            changed.append(name)
+        return changed
+
+    def promote(self, name: str, variant: str) -> Route:
+        """``variant`` takes all of the route's traffic (its match rules go too)."""
+        route = self._existing(name)
+        chosen = route.variant(variant)
+        if chosen.output is not None:
+            raise InvalidRequest(f"variant '{variant}' is static; promote a model variant")
+        variants = tuple(
+            v.model_copy(
+                update={"weight": 1.0, "arm": "primary"} if v.name == variant else {"weight": 0.0}
+            )
+            for v in route.spec.variants
+        )
+        spec = route.spec.model_copy(update={"variants": variants, "match": ()})
+        return self._set(name, spec)
+
+    def rollback(self, name: str) -> Route | None:
+        """Restore the route's previous spec (None: the route did not exist before)."""
+        history = self._history.get(name)
+        if not history:
+            raise ModelNotFound(f"route '{name}' has no earlier spec to roll back to")
+        previous = history.pop()
+        self._install(name, previous)
+        return self._routes.get(name)
+
+    def _set(self, name: str, spec: RouteSpec | None) -> Route:
+        old = self._routes.get(name)
+        history = self._history.setdefault(name, deque(maxlen=self._keep))
+        history.append(None if old is None else old.spec)
+        self._install(name, spec)
+        return self._routes.get(name)  # type: ignore[return-value]
+
+    def _install(self, name: str, spec: RouteSpec | None) -> None:
+        if spec is None:
+            self._routes.pop(name, None)
+        else:
+            self._routes[name] = Route(name, spec, next(self._revisions))
+
+    def _existing(self, name: str) -> Route:
+        route = self._routes.get(name)
+        if route is None:
+            raise ModelNotFound(f"no route named '{name}' (routes: {', '.join(self._routes)})")
+        return route
+
+
+def _text(value: ParameterValue | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
