@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from numpy.typing import NDArray
 
 from gateway import _hotloops
+from gateway.api.v1 import admin_pb2, admin_pb2_grpc
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
 from gateway.cache import ResponseCache
@@ -29,6 +30,7 @@ from gateway.pipeline import Pipeline, Traffic
 from gateway.routing import RateLimiter, RouteTable
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
+from gateway.server.admin import AdminServicer
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Settings
 from gateway.telemetry import GatewayMetrics, Tracing
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _GC_GEN0_THRESHOLD = 20_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name
 
 
 class Gateway:
@@ -78,6 +81,7 @@ class Gateway:
         self.servicer = InferenceServicer(
             self.pipeline, settings.server, self.metrics, self.tracing
         )
+        self.admin = AdminServicer(self.traffic, self.repository, settings.admin.resolve_token())
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -103,6 +107,7 @@ class Gateway:
             await self.events.start()
         if settings.repository.load_at_start:
             await self.repository.load_all()
+            self._check_routes()
         self.metrics.models_ready.set_function(lambda: len(self.repository.loaded()))
         self.metrics.watch_coverage(self._coverage)
         # NOTE: what start-up built lives as long as the process: move it out of the cyclic
@@ -126,9 +131,11 @@ class Gateway:
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
+        admin_pb2_grpc.add_GatewayAdminServicer_to_server(self.admin, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            server,
         )
         address = f"{settings.server.host}:{settings.server.port}"
         try:
@@ -158,6 +165,19 @@ class Gateway:
             else "off",
             len(self.repository.loaded()),
         )
+
+    def _check_routes(self) -> None:
+        """A route naming a model the repository does not serve: said at start, not at the
+        first request (its attempts would fail over to the route's fallbacks)."""
+        for name, route in self.traffic.routes.all().items():
+            for variant in route.spec.variants:
+                if variant.model is not None and not self.repository.versions(variant.model):
+                    log.warning(
+                        "route %s: variant %s names model '%s', which is not loaded",
+                        name,
+                        variant.name,
+                        variant.model,
+                    )
 
     def _coverage(self) -> list[tuple[str, str, str, list[str], NDArray[np.int64]]]:
         return [

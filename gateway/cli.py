@@ -1,9 +1,12 @@
-"""Command line: ``gateway serve``, ``gateway sidecar``, ``gateway demo-repo``."""
+"""Command line: ``gateway serve``, ``gateway sidecar``, the sidecar's clients (``labels``,
+``export``, ``report``, ``verdict``), the admin clients (``routes``, ``promote``, ``rollback``,
+``costs``, ``cache``) and ``gateway demo-repo``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,9 @@ from gateway.errors import ModelLoadError, SettingsError
 __all__ = ["main"]
 
 DEFAULT_SIDECAR = "127.0.0.1:8005"
+DEFAULT_GATEWAY = "127.0.0.1:8001"
+TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
+_GROUPS = ("tenant", "route", "variant", "surface")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +85,30 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
     export.add_argument("--until", help="window end, ISO 8601, exclusive (default: now)")
     export.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
+
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument("--url", default=DEFAULT_GATEWAY, help="the gateway's HOST:PORT")
+    admin.add_argument("--token", help=f"admin bearer token (default: ${TOKEN_ENV})")
+    routes = commands.add_parser("routes", parents=[admin], help="print or set the route table")
+    routes.add_argument("--set", type=Path, metavar="FILE", help="replace it with FILE (YAML)")
+    promote = commands.add_parser(
+        "promote", parents=[admin], help="send all of a route's traffic to one variant"
+    )
+    promote.add_argument("route")
+    promote.add_argument("variant")
+    rollback = commands.add_parser(
+        "rollback", parents=[admin], help="restore a route's previous spec"
+    )
+    rollback.add_argument("route")
+    costs = commands.add_parser("costs", parents=[admin], help="print the cost ledger, budgets")
+    costs.add_argument(
+        "--by",
+        default="tenant,route,variant,surface",
+        help="comma-separated grouping: tenant, route, variant, surface",
+    )
+    costs.add_argument("--since-s", type=float, default=0, help="only the last N seconds")
+    cache = commands.add_parser("cache", parents=[admin], help="response cache stats")
+    cache.add_argument("--flush", action="store_true", help="empty the cache")
 
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
     demo.add_argument("directory", type=Path)
@@ -257,6 +287,42 @@ def _micros(text: str | None, flag: str) -> int:
     return int(moment.timestamp() * 1_000_000)
 
 
+def _admin(args: argparse.Namespace) -> int:
+    import grpc
+
+    from gateway.server.admin_client import AdminClient, format_cache, format_costs
+
+    try:
+        with AdminClient(args.url, args.token) as client:
+            if args.command == "routes":
+                reply = client.set_routes_file(args.set) if args.set else client.routes()
+                print(reply.yaml.rstrip() or "no routes")
+            elif args.command == "promote":
+                client.promote(args.route, args.variant)
+                print(f"{args.route}: {args.variant} takes all traffic")
+            elif args.command == "rollback":
+                reply = client.rollback(args.route)
+                print(f"{args.route}: rolled back")
+                print(reply.yaml.rstrip() or "no routes")
+            elif args.command == "costs":
+                by = tuple(g.strip() for g in args.by.split(",") if g.strip())
+                unknown = set(by) - set(_GROUPS)
+                if unknown or not by:
+                    raise SettingsError(f"--by: choose from {', '.join(_GROUPS)}")
+                since = time.time() - args.since_s if args.since_s else 0.0
+                print(format_costs(client.costs(since), by))
+            else:
+                print(format_cache(client.cache(args.flush)))
+    except grpc.RpcError as err:
+        details = err.details() if isinstance(err, grpc.Call) else str(err)
+        print(f"gateway: error: gateway at {args.url}: {details}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"gateway: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _demo_repo(args: argparse.Namespace) -> int:
     from gateway.demo import build_demo_repository
 
@@ -277,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = {"labels": _labels, "export": _export, "report": _report,
                        "verdict": _verdict}[args.command]  # fmt: skip
             return _sidecar_call(command, args)
+        if args.command in ("routes", "promote", "rollback", "costs", "cache"):
+            return _admin(args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)

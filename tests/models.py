@@ -90,3 +90,61 @@ def write_identity_model(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return _save(model, model_dir, version, config)
+
+
+def write_scorer_model(
+    model_dir: Path,
+    width: int,
+    version: int = 1,
+    *,
+    hidden: int = 0,
+    repeats: int = 0,
+    broken: bool = False,
+    seed: int = 0,
+    config: dict | None = None,
+) -> Path:
+    """``features`` FP32 [batch, width] -> ``probability`` [batch, 1], the demo's signature.
+
+    ``hidden``/``repeats``: a chain of ``repeats`` square MatMuls of size ``hidden`` first,
+    to make it slow. ``broken``: a Reshape to 7 rows fails every batch whose rows are not a
+    multiple of 7 (a model that fails at run time on valid input; load it without warm-up).
+    """
+    rng = np.random.default_rng(seed)
+    inits, nodes, current = [], [], "features"
+    if broken:
+        inits.append(numpy_helper.from_array(np.array([7, -1], np.int64), name="seven"))
+        inits.append(numpy_helper.from_array(np.array([-1, width], np.int64), name="back"))
+        nodes.append(helper.make_node("Reshape", [current, "seven"], ["sevens"]))
+        nodes.append(helper.make_node("Reshape", ["sevens", "back"], ["unbroken"]))
+        current = "unbroken"
+    size = width
+    if hidden:
+        up = (rng.normal(size=(width, hidden)) / np.sqrt(width)).astype(np.float32)
+        square = (rng.normal(size=(hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(up, name="up"),
+            numpy_helper.from_array(square, name="sq"),
+        ]
+        nodes.append(helper.make_node("MatMul", [current, "up"], ["h_up"]))
+        current = "h_up"
+        for i in range(repeats):
+            nodes.append(helper.make_node("MatMul", [current, "sq"], [f"h{i}"]))
+            nodes.append(helper.make_node("Tanh", [f"h{i}"], [f"t{i}"]))
+            current = f"t{i}"
+        size = hidden
+    weight = (rng.normal(size=(size, 1)) / np.sqrt(size)).astype(np.float32)
+    inits.append(numpy_helper.from_array(weight, name="w"))
+    nodes.append(helper.make_node("MatMul", [current, "w"], ["logit"]))
+    nodes.append(helper.make_node("Sigmoid", ["logit"], ["probability"]))
+    graph = helper.make_graph(
+        nodes,
+        "scorer",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    base = {"max_batch_size": 64, "dynamic_batching": {"max_queue_delay_us": 0}}
+    if broken:
+        base["warmup"] = False
+    return _save(model, model_dir, version, {**base, **(config or {})})

@@ -79,7 +79,8 @@ class RouteTable:
         self._routes: dict[str, Route] = {}
         self._history: dict[str, deque[RouteSpec | None]] = {}
         self._keep = history
-        self.replace(routes)
+        for name, spec in routes.items():  # the starting table: nothing before it to restore
+            self._install(name, spec)
 
     def get(self, name: str) -> Route | None:
         return self._routes.get(name)

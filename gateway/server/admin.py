@@ -1,0 +1,198 @@
+"""Stage 1, the admin service: routes (get, set, promote, rollback), the cost ledger, the cache.
+
+Guarded by the bearer token of ``admin.token``: a call without it, or with another, is
+UNAUTHENTICATED (compared in constant time). With no token configured every call is refused.
+Every change is logged with what changed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import NoReturn
+
+import grpc
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from gateway.api.v1 import admin_pb2 as pb
+from gateway.api.v1 import admin_pb2_grpc as pb_grpc
+from gateway.errors import GatewayError
+from gateway.pipeline import Traffic
+from gateway.runtime.repository import ModelRepository
+from gateway.settings import RouteSpec, describe_validation_error
+
+__all__ = ["AdminServicer", "routes_yaml"]
+
+log = logging.getLogger(__name__)
+
+_ROUTES = TypeAdapter(dict[str, RouteSpec])
+_SCHEME = "bearer "
+
+
+def routes_yaml(routes: dict[str, RouteSpec]) -> str:
+    """The route table as the YAML of the ``routing.routes`` settings section."""
+    tree = {
+        name: spec.model_dump(mode="json", exclude_defaults=True) for name, spec in routes.items()
+    }
+    return yaml.safe_dump(tree, sort_keys=False) if tree else ""
+
+
+class AdminServicer(pb_grpc.GatewayAdminServicer):
+    def __init__(self, traffic: Traffic, repository: ModelRepository, token: str | None) -> None:
+        self._traffic = traffic
+        self._repository = repository
+        self._token = token.encode() if token else None
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._token is None:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the admin service is off: the gateway has no admin.token",
+            )
+        given = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                given = value if isinstance(value, str) else value.decode()
+        if not given.lower().startswith(_SCHEME):
+            await _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "admin calls need metadata 'authorization: Bearer <admin.token>'",
+            )
+        assert self._token is not None
+        if not hmac.compare_digest(given[len(_SCHEME) :].strip().encode(), self._token):
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "wrong admin bearer token")
+
+    def _routes(self) -> pb.Routes:
+        routes = self._traffic.routes.all()
+        return pb.Routes(
+            yaml=routes_yaml({name: r.spec for name, r in routes.items()}),
+            revisions={name: r.revision for name, r in routes.items()},
+        )
+
+    async def GetRoutes(
+        self, request: pb.GetRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Routes:
+        await self._authorize(context)
+        return self._routes()
+
+    async def SetRoutes(
+        self, request: pb.SetRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Routes:
+        await self._authorize(context)
+        try:
+            tree = yaml.safe_load(request.yaml) if request.yaml.strip() else {}
+            routes = _ROUTES.validate_python(tree or {})
+        except yaml.YAMLError as err:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"routes: not YAML: {err}")
+        except ValidationError as err:
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, describe_validation_error(err, "routes")
+            )
+        unserved = sorted(
+            {
+                f"{name}.{v.name}: model '{v.model}'"
+                for name, spec in routes.items()
+                for v in spec.variants
+                if v.model is not None and not self._repository.versions(v.model)
+            }
+        )
+        if unserved:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"routes name models this gateway does not serve: {'; '.join(unserved)}",
+            )
+        changed = self._traffic.routes.replace(routes)
+        log.info("admin: routes set; changed: %s", ", ".join(changed) or "none")
+        return self._routes()
+
+    async def Promote(
+        self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Routes:
+        await self._authorize(context)
+        try:
+            self._traffic.routes.promote(request.route, request.variant)
+        except GatewayError as err:
+            await _abort(context, err.grpc_status, str(err))
+        log.info("admin: route %s: %s promoted to 100%%", request.route, request.variant)
+        return self._routes()
+
+    async def Rollback(
+        self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Routes:
+        await self._authorize(context)
+        try:
+            self._traffic.routes.rollback(request.route)
+        except GatewayError as err:
+            await _abort(context, err.grpc_status, str(err))
+        log.info("admin: route %s rolled back to its previous spec", request.route)
+        return self._routes()
+
+    async def Costs(
+        self, request: pb.CostsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CostsResponse:
+        await self._authorize(context)
+        ledger = self._traffic.ledger
+        lines = [
+            pb.CostLine(
+                window_start=line.window_start,
+                tenant=line.tenant,
+                route=line.route,
+                variant=line.variant,
+                surface=line.surface,
+                requests=line.requests,
+                rows=line.rows,
+                cached_rows=line.cached_rows,
+                compute_s=line.compute_s,
+                cost=line.cost,
+            )
+            for line in ledger.lines(request.since)
+        ]
+        budgets = [
+            pb.BudgetState(
+                name=b.name,
+                subject="tenant" if b.tenant is not None else "surface",
+                value=b.tenant if b.tenant is not None else (b.surface or ""),
+                limit=b.limit,
+                window_s=b.window_s,
+                window_start=start,
+                spent=spent,
+                policy=b.policy,
+            )
+            for b, start, spent in ledger.budgets()
+        ]
+        return pb.CostsResponse(lines=lines, budgets=budgets, window_s=ledger.settings.window_s)
+
+    async def Cache(
+        self, request: pb.CacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CacheResponse:
+        await self._authorize(context)
+        cache = self._traffic.cache
+        if cache is None:
+            return pb.CacheResponse(enabled=False)
+        stats = cache.stats()
+        flushed = cache.flush() if request.flush else 0
+        if request.flush:
+            log.info("admin: response cache flushed (%d rows)", flushed)
+        return pb.CacheResponse(
+            enabled=True,
+            entries=stats["entries"],
+            bytes=stats["bytes"],
+            max_bytes=stats["max_bytes"],
+            hits=stats["hits"],
+            misses=stats["misses"],
+            coalesced=stats["coalesced"],
+            evictions=stats["evictions"],
+            collisions=stats["collisions"],
+            flushed=flushed,
+        )
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")

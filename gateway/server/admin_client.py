@@ -1,0 +1,114 @@
+"""Command-line clients of the admin service: ``gateway routes|promote|rollback|costs|cache``.
+
+The token comes from ``--token`` or the ``GATEWAY_ADMIN_TOKEN`` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+
+from gateway.api.v1 import admin_pb2 as pb
+from gateway.api.v1 import admin_pb2_grpc as pb_grpc
+
+__all__ = ["AdminClient", "format_cache", "format_costs"]
+
+TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
+
+
+class AdminClient:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(url)
+        self._stub = pb_grpc.GatewayAdminStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: object) -> object:
+        return getattr(self._stub, method)(
+            request, metadata=self._metadata, timeout=self._timeout_s
+        )
+
+    def routes(self) -> pb.Routes:
+        return self._call("GetRoutes", pb.GetRoutesRequest())  # type: ignore[return-value]
+
+    def set_routes(self, text: str) -> pb.Routes:
+        return self._call("SetRoutes", pb.SetRoutesRequest(yaml=text))  # type: ignore[return-value]
+
+    def set_routes_file(self, path: Path) -> pb.Routes:
+        return self.set_routes(path.read_text())
+
+    def promote(self, route: str, variant: str) -> pb.Routes:
+        request = pb.PromoteRequest(route=route, variant=variant)
+        return self._call("Promote", request)  # type: ignore[return-value]
+
+    def rollback(self, route: str) -> pb.Routes:
+        return self._call("Rollback", pb.RollbackRequest(route=route))  # type: ignore[return-value]
+
+    def costs(self, since: float = 0.0) -> pb.CostsResponse:
+        return self._call("Costs", pb.CostsRequest(since=since))  # type: ignore[return-value]
+
+    def cache(self, flush: bool = False) -> pb.CacheResponse:
+        return self._call("Cache", pb.CacheRequest(flush=flush))  # type: ignore[return-value]
+
+
+def format_costs(reply: pb.CostsResponse, by: tuple[str, ...]) -> str:
+    """The ledger summed by ``by`` (some of tenant, route, variant, surface), and budgets."""
+    sums: dict[tuple[str, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
+    for line in reply.lines:
+        key = tuple(getattr(line, field) or "-" for field in by)
+        acc = sums[key]
+        acc[0] += line.requests
+        acc[1] += line.rows
+        acc[2] += line.cached_rows
+        acc[3] += line.compute_s
+        acc[4] += line.cost
+    header = [*by, "requests", "rows", "cached", "compute_s", "cost"]
+    table = [header]
+    for key, (requests, rows, cached, compute_s, cost) in sorted(sums.items()):
+        table.append([*key, f"{requests:.0f}", f"{rows:.0f}", f"{cached:.0f}",
+                      f"{compute_s:.6f}", f"{cost:.6g}"])  # fmt: skip
+    lines = [_table(table) if len(table) > 1 else "no requests in the ledger"]
+    if reply.budgets:
+        lines.append("")
+        budgets = [["budget", "subject", "spent", "limit", "window_s", "renews_in_s", "policy"]]
+        now = time.time()
+        for b in reply.budgets:
+            budgets.append([b.name, f"{b.subject}={b.value}", f"{b.spent:.6g}", f"{b.limit:.6g}",
+                            str(b.window_s), f"{b.window_start + b.window_s - now:.0f}",
+                            b.policy])  # fmt: skip
+        lines.append(_table(budgets))
+    return "\n".join(lines)
+
+
+def format_cache(reply: pb.CacheResponse) -> str:
+    if not reply.enabled:
+        return "response cache: off (cache.enabled false)"
+    lookups = reply.hits + reply.misses
+    rate = reply.hits / lookups if lookups else 0.0
+    text = (
+        f"rows {reply.entries}, {reply.bytes} of {reply.max_bytes} bytes; hits {reply.hits}, "
+        f"misses {reply.misses} (hit rate {rate:.1%}), coalesced {reply.coalesced}, "
+        f"evictions {reply.evictions}, collisions {reply.collisions}"
+    )
+    if reply.flushed:
+        text += f"\nflushed {reply.flushed} rows"
+    return text
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
