@@ -94,7 +94,7 @@ class Ledger:
 
     def check(self, tenant: str, surface: str) -> Budget | None:
         """Apply spent budgets: raise (reject), or return the budget that asks to degrade."""
-        if not self._budgets:
+        if not self._budgets or not self.settings.enabled:
             return None
         degrade = None
         for state in (*self._by_tenant.get(tenant, ()), *self._by_surface.get(surface, ())):
@@ -137,6 +137,8 @@ class Ledger:
         cached_rows: int,
         cost: Charge,
     ) -> None:
+        if not self.settings.enabled:
+            return
         now = time.time()
         window_s = self.settings.window_s
         start = int(now // window_s) * window_s

@@ -126,6 +126,19 @@ class Pipeline:
             self._record(request, served, started)
         return response
 
+    def describe(self, name: str, version: str = "") -> LoadedVersion:
+        """The model version behind ``name`` for metadata: a model, or a route's main variant
+        (the model variant of most weight), so OIP clients that read metadata first work on
+        routes too."""
+        route = self.traffic.routes.get(name) if not version else None
+        if route is None:
+            return self.repository.get(name, version)
+        models = [v for v in route.spec.variants if v.model is not None]
+        if not models:
+            raise ModelNotFound(f"route '{name}' has only static variants: no model to describe")
+        main = max(models, key=lambda v: v.weight)
+        return self.repository.get(main.model or "", main.version)
+
     # -- routes ------------------------------------------------------------------------------
 
     async def _route(

@@ -426,6 +426,11 @@ class Budget(_Section):
 
 
 class CostSettings(_Section):
+    enabled: bool = Field(
+        True,
+        description="Keep the ledger and apply budgets (each request's cost is still "
+        "computed and returned).",
+    )
     window_s: int = Field(60, gt=0, description="The ledger's time bucket.")
     retain_windows: int = Field(1440, gt=0, description="Buckets kept (default: one day).")
     max_keys: int = Field(

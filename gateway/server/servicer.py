@@ -164,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         try:
-            self._repository.get(request.name, request.version)
+            self._pipeline.describe(request.name, request.version)
         except GatewayError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -178,8 +178,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         async def call(span: trace.Span) -> pb.ModelMetadataResponse:
-            loaded = self._repository.get(request.name, request.version)
-            return model_config.metadata_to_pb(loaded, self._repository.versions(loaded.name))
+            loaded = self._pipeline.describe(request.name, request.version)
+            reply = model_config.metadata_to_pb(loaded, self._repository.versions(loaded.name))
+            reply.name = request.name  # a route answers under its own name
+            return reply
 
         return await self._rpc("ModelMetadata", context, call, request.name)
 
@@ -187,8 +189,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         async def call(span: trace.Span) -> pb.ModelConfigResponse:
-            loaded = self._repository.get(request.name, request.version)
-            return pb.ModelConfigResponse(config=model_config.config_to_pb(loaded))
+            loaded = self._pipeline.describe(request.name, request.version)
+            config = model_config.config_to_pb(loaded)
+            config.name = request.name
+            return pb.ModelConfigResponse(config=config)
 
         return await self._rpc("ModelConfig", context, call, request.name)
 

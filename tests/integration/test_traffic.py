@@ -70,6 +70,10 @@ ROUTES = {
     "coalesced": {
         "variants": [{"name": "slow", "model": "slow", "weight": 1, "deterministic": True}],
     },
+    "capped": {
+        "variants": [{"name": "slow", "model": "slow", "weight": 1}],
+        "max_concurrency": 1,
+    },
     "priced": {
         "variants": [
             {
@@ -202,6 +206,17 @@ def test_a_match_rule_sends_a_segment_to_its_variant(client):
         assert result.get_response().model_version == "2"
 
 
+def test_a_route_describes_itself_as_its_main_variant_for_oip_clients(client):
+    assert client.is_model_ready("scorer")
+    metadata = client.get_model_metadata("scorer")
+    assert metadata.name == "scorer" and metadata.versions == ["1", "2"]
+    stable = client.get_model_metadata("fraud", "1")  # the variant of most weight
+    assert metadata.inputs == stable.inputs and metadata.outputs == stable.outputs
+    config = client.get_model_config("scorer").config
+    assert config.name == "scorer" and config.max_batch_size == 1024
+    assert not client.is_model_ready("no-such-route")
+
+
 def test_a_pinned_version_bypasses_the_route(client):
     with pytest.raises(InferenceServerException, match="scorer"):
         client.infer("scorer", features(1), model_version="1")  # a route is not a model
@@ -269,6 +284,26 @@ def test_rate_limits_are_per_tenant_with_a_retry_hint(gateway, client):
         infer(client, "fraud", tenant="someone-else")
         infer(client, "fraud")
     assert gateway.metric("gateway_limited_total", reason="rate") >= 1
+
+
+def test_a_route_at_its_concurrency_cap_refuses_at_once(gateway):
+    def send(rows: int):
+        client = gateway.client()
+        try:
+            return infer(client, "capped", rows=rows)[1]
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(send, 8)  # a few hundred ms on the slow model
+        gateway.wait_in_flight(1)
+        with pytest.raises(InferenceServerException) as info:
+            send(1)
+        assert "RESOURCE_EXHAUSTED" in str(info.value.status())
+        assert "route 'capped' has 1 requests in flight" in info.value.message()
+        assert running.result()["variant"] == "slow"
+    assert send(1)["variant"] == "slow"  # the slot is back
+    assert gateway.metric("gateway_limited_total", reason="concurrency") == 1
 
 
 # -- the cache -------------------------------------------------------------------------------
@@ -531,7 +566,8 @@ def test_shadow_results_reach_events_never_responses_and_shadow_failures_fail_no
 ):
     routes = {"shadowed": {
         "variants": [
-            {"name": "live", "model": "fraud", "version": "1", "weight": 1},
+            {"name": "live", "model": "fraud", "version": "1", "weight": 1,
+             "price": {"compute_second": 1.0, "request": 0.5}},
             {"name": "challenger", "model": "fraud", "version": "2"},
             {"name": "wrong", "model": "echo"},  # fails on every request: not its inputs
         ],
@@ -543,11 +579,14 @@ def test_shadow_results_reach_events_never_responses_and_shadow_failures_fail_no
     gateway = start_gateway(repo, "--config", str(config), *events_args(port, tmp_path / "ev"))
     client = gateway.client()
     ids = [f"req-{i}" for i in range(20)]
+    costs = {}
     for request_id in ids:
         result = client.infer("shadowed", features(2), request_id=request_id)
         answered = params(result)
         assert result.get_response().model_version == "1"
         assert answered["variant"] == "live" and answered["arm"] == "primary"
+        assert answered["cost"] > 0.5
+        costs[request_id] = answered["cost"]
     client.close()
     wait_for(
         lambda: (
@@ -562,6 +601,10 @@ def test_shadow_results_reach_events_never_responses_and_shadow_failures_fail_no
         stored = db.execute(
             "SELECT request_id, route, version, arm FROM events ORDER BY request_id, arm"
         ).fetchall()
+        charged = dict(
+            db.execute("SELECT request_id, cost FROM events WHERE arm = 'primary'").fetchall()
+        )
+    assert charged == pytest.approx(costs)  # the response's cost is the event's
     assert sorted(stored) == sorted(
         [(i, "shadowed", "1", "primary") for i in ids]
         + [(i, "shadowed", "2", "shadow") for i in ids]
