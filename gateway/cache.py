@@ -10,7 +10,8 @@ to the batcher, and the response is stitched back in row order. A row already be
 for another request (or twice in one request) is computed once: the later ones wait for it
 (coalesced).
 
-Bounded by bytes (cachetools' TTLCache, least recently used out first) and by age.
+Bounded by bytes (cachetools' LRUCache: the least recently used rows make room) and by age: an
+entry past ``ttl_s`` is a miss when next looked up, and goes.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import xxhash
-from cachetools import TTLCache
+from cachetools import LRUCache
 from numpy.typing import NDArray
 
 from gateway.batching.batcher import Outcome
 from gateway.settings import CacheSettings
 from gateway.telemetry import GatewayMetrics
 
-__all__ = ["CacheResult", "ResponseCache", "cacheable", "identity"]
+if TYPE_CHECKING:
+    from gateway.runtime.repository import LoadedVersion
+
+__all__ = ["CacheResult", "Identity", "ResponseCache", "cacheable", "identity"]
 
 Feeds = dict[str, NDArray[np.generic]]
 Compute = Callable[[Feeds, int], Awaitable[Outcome]]
@@ -42,6 +47,7 @@ class _Entry:
     row: bytes
     outputs: tuple[NDArray[np.generic], ...]
     nbytes: int
+    expires: float  # time.monotonic()
 
 
 @dataclass(slots=True)
@@ -53,21 +59,29 @@ class _Flight:
     waiters: list[asyncio.Future[tuple[NDArray[np.generic], ...]]] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class CacheResult:
+class CacheResult(NamedTuple):
     outputs: list[NDArray[np.generic]]  # every model output, in model order, for all rows
     outcome: Outcome | None  # the batcher's, when any row was computed for this request
     cached_rows: int  # rows answered from the cache or by another request's computation
     lookup_ns: int
 
 
-class _Store(TTLCache[int, _Entry]):
-    """TTLCache counting what it evicts for room (expired entries are not evictions)."""
+class Identity(NamedTuple):
+    """What a cached row must have been computed by, and the hash seed derived from it."""
+
+    who: bytes
+    seed: int
+
+
+class _Store(LRUCache[int, _Entry]):
+    """An LRUCache bounded by entry bytes, counting what it evicts for room.
+
+    (Not cachetools' TTLCache: its clock and expiry bookkeeping on every get and set cost
+    more than the lookup itself; an entry's age is checked when it is read instead.)
+    """
 
     def __init__(self, settings: CacheSettings, on_evict: Callable[[], None]) -> None:
-        super().__init__(
-            maxsize=settings.max_bytes, ttl=settings.ttl_s, getsizeof=lambda e: e.nbytes
-        )
+        super().__init__(maxsize=settings.max_bytes, getsizeof=_entry_size)
         self._on_evict = on_evict
 
     def popitem(self) -> tuple[int, _Entry]:
@@ -76,32 +90,47 @@ class _Store(TTLCache[int, _Entry]):
         return item
 
 
-def identity(name: str, version: str, contract_version: str, generation: int) -> bytes:
-    """What a cached row must have been computed by."""
-    return f"{name}\x00{version}\x00{contract_version}\x00{generation}".encode()
+def _entry_size(entry: _Entry) -> int:
+    return entry.nbytes
+
+
+def identity(name: str, version: str, contract_version: str, generation: int) -> Identity:
+    """A model version's identity: its name, version, contract version and load."""
+    who = f"{name}\x00{version}\x00{contract_version}\x00{generation}".encode()
+    return Identity(who, xxhash.xxh3_64_intdigest(who))
 
 
 def cacheable(feeds: Feeds) -> bool:
     """Rows of fixed-width types have bytes to key on; BYTES (object) inputs do not."""
-    return all(a.dtype != object for a in feeds.values())
+    return all(not a.dtype.hasobject for a in feeds.values())
 
 
 class ResponseCache:
     def __init__(self, settings: CacheSettings, metrics: GatewayMetrics) -> None:
         self.settings = settings
         self._flights: dict[int, _Flight] = {}
-        m = metrics.cache_events
-        self._m_hit, self._m_miss = m.labels("hit"), m.labels("miss")
-        self._m_coalesced, self._m_evicted = m.labels("coalesced"), m.labels("evicted")
-        self._m_collision = m.labels("collision")
+        self._identities: dict[tuple[int, str], Identity] = {}
+        # Plain counters, read at scrape time (no metric lock per row).
         self.hits = self.misses = self.coalesced = self.evictions = self.collisions = 0
         self._store = _Store(settings, self._evicted)
         metrics.cache_bytes.set_function(lambda: self._store.currsize)
         metrics.cache_entries.set_function(lambda: len(self._store))
+        metrics.counter_function(
+            "gateway_cache_rows",
+            "Response cache rows by outcome: hit, miss, coalesced (computed once for several "
+            "requests or rows), evicted (for room), collision (a hash met another row).",
+            ["outcome"],
+            lambda: [
+                (("hit",), self.hits),
+                (("miss",), self.misses),
+                (("coalesced",), self.coalesced),
+                (("evicted",), self.evictions),
+                (("collision",), self.collisions),
+            ],
+        )
 
     def _evicted(self) -> None:
         self.evictions += 1
-        self._m_evicted.inc()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -121,12 +150,40 @@ class ResponseCache:
         self._store.clear()
         return count
 
-    async def infer(self, who: bytes, feeds: Feeds, rows: int, compute: Compute) -> CacheResult:
+    def identity(self, loaded: LoadedVersion, contract_version: str) -> Identity:
+        """The identity of ``loaded`` under a contract version (made once, then looked up)."""
+        key = (loaded.generation, contract_version)
+        found = self._identities.get(key)
+        if found is None:
+            if len(self._identities) > 4096:  # versions come and go: keep the map small
+                self._identities.clear()
+            found = self._identities[key] = identity(
+                loaded.name, loaded.version_label, contract_version, loaded.generation
+            )
+        return found
+
+    def _lookup(self, who: bytes, row: bytes, key: int) -> _Entry | None:
+        entry = self._store.get(key)
+        if entry is None:
+            return None
+        if entry.expires < time.monotonic():
+            del self._store[key]
+            return None
+        if entry.row == row and entry.identity == who:
+            return entry
+        self.collisions += 1
+        return None
+
+    async def infer(
+        self, identity: Identity, feeds: Feeds, rows: int, compute: Compute
+    ) -> CacheResult:
         """``rows`` rows of ``feeds`` through the cache; ``compute`` runs the missing ones."""
+        if rows == 1:
+            return await self._infer_one(identity, feeds, compute)
         started = time.perf_counter_ns()
-        seed = xxhash.xxh3_64_intdigest(who)
+        who, seed = identity
         matrix = _row_bytes(feeds, rows)
-        store, flights = self._store, self._flights
+        flights = self._flights
         found: dict[int, tuple[NDArray[np.generic], ...]] = {}  # row -> outputs
         waiting: list[tuple[int, asyncio.Future[tuple[NDArray[np.generic], ...]]]] = []
         missing: list[int] = []  # rows this request computes
@@ -137,13 +194,10 @@ class ResponseCache:
         for i in range(rows):
             row = matrix[i].tobytes()
             key = xxhash.xxh3_128_intdigest(row, seed)
-            entry = store.get(key)
+            entry = self._lookup(who, row, key)
             if entry is not None:
-                if entry.row == row and entry.identity == who:
-                    found[i] = entry.outputs
-                    continue
-                self.collisions += 1
-                self._m_collision.inc()
+                found[i] = entry.outputs
+                continue
             flight = flights.get(key)
             if flight is not None and flight.row == row and flight.identity == who:
                 if key in owned:
@@ -159,17 +213,9 @@ class ResponseCache:
             owned[key] = i
             missing.append(i)
             mine.append((key, flight))
-        hit_count = len(found)
-        self.hits += hit_count
-        if hit_count:
-            self._m_hit.inc(hit_count)
-        shared = len(waiting) + len(duplicates)
-        if shared:
-            self.coalesced += shared
-            self._m_coalesced.inc(shared)
-        if missing:
-            self.misses += len(missing)
-            self._m_miss.inc(len(missing))
+        self.hits += len(found)
+        self.coalesced += len(waiting) + len(duplicates)
+        self.misses += len(missing)
         lookup_ns = time.perf_counter_ns() - started
 
         outcome = None
@@ -190,9 +236,45 @@ class ResponseCache:
         positions = {row: j for j, row in enumerate(missing)}
         for i, earlier in duplicates:
             j = positions[earlier]
-            found[i] = tuple(o[j] for o in computed)
+            found[i] = tuple(o[j : j + 1] for o in computed)
         return CacheResult(_stitch(rows, found, missing, computed), outcome, rows - len(missing),
                            lookup_ns)  # fmt: skip
+
+    async def _infer_one(self, identity: Identity, feeds: Feeds, compute: Compute) -> CacheResult:
+        """The online case, one row: the same steps without the bookkeeping of many."""
+        started = time.perf_counter_ns()
+        who, seed = identity
+        if len(feeds) == 1:
+            row = next(iter(feeds.values())).tobytes()
+        else:
+            row = b"".join(feeds[name].tobytes() for name in sorted(feeds))
+        key = xxhash.xxh3_128_intdigest(row, seed)
+        entry = self._lookup(who, row, key)
+        if entry is not None:
+            self.hits += 1
+            return CacheResult(list(entry.outputs), None, 1, time.perf_counter_ns() - started)
+        flight = self._flights.get(key)
+        if flight is not None and flight.row == row and flight.identity == who:
+            self.coalesced += 1
+            future: asyncio.Future[tuple[NDArray[np.generic], ...]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            flight.waiters.append(future)
+            lookup_ns = time.perf_counter_ns() - started
+            return CacheResult(list(await future), None, 1, lookup_ns)
+        self.misses += 1
+        flight = _Flight(who, row)
+        if key not in self._flights:
+            self._flights[key] = flight
+        mine = [(key, flight)]
+        lookup_ns = time.perf_counter_ns() - started
+        try:
+            outcome = await compute(feeds, 1)
+        except BaseException as err:
+            self._land(mine, None, err)
+            raise
+        self._land(mine, outcome.outputs, None)
+        return CacheResult(outcome.outputs, outcome, 0, lookup_ns)
 
     def _land(
         self,
@@ -202,6 +284,7 @@ class ResponseCache:
     ) -> None:
         """Store computed rows, hand them to whoever waits, and end their flights."""
         flights, store = self._flights, self._store
+        expires = time.monotonic() + self.settings.ttl_s
         for j, (key, flight) in enumerate(mine):
             if flights.get(key) is flight:
                 del flights[key]
@@ -212,10 +295,13 @@ class ResponseCache:
                             error if isinstance(error, Exception) else asyncio.CancelledError()
                         )
                 continue
-            row_outputs = tuple(o[j].copy() for o in outputs)
-            nbytes = len(flight.row) + sum(o.nbytes for o in row_outputs) + _ENTRY_OVERHEAD
+            # Each output's row, kept with its batch dimension: a one-row hit is served as is.
+            row_outputs = tuple([o[j : j + 1].copy() for o in outputs])
+            nbytes = len(flight.row) + _ENTRY_OVERHEAD
+            for o in row_outputs:
+                nbytes += o.nbytes
             if nbytes <= store.maxsize:
-                store[key] = _Entry(flight.identity, flight.row, row_outputs, nbytes)
+                store[key] = _Entry(flight.identity, flight.row, row_outputs, nbytes, expires)
             for future in flight.waiters:
                 if not future.done():
                     future.set_result(row_outputs)
@@ -235,12 +321,13 @@ def _stitch(
     missing: list[int],
     computed: list[NDArray[np.generic]],
 ) -> list[NDArray[np.generic]]:
-    sample = next(iter(found.values())) if found else tuple(o[0] for o in computed)
+    """The response's outputs in row order: rows found (each kept as [1, ...]) and computed."""
+    sample = next(iter(found.values())) if found else tuple(o[:1] for o in computed)
     outputs = []
     for k, first in enumerate(sample):
-        out = np.empty((rows, *first.shape), dtype=first.dtype)
+        out = np.empty((rows, *first.shape[1:]), dtype=first.dtype)
         for i, values in found.items():
-            out[i] = values[k]
+            out[i] = values[k][0]
         if missing:
             out[missing] = computed[k]
         outputs.append(out)

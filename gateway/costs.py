@@ -23,33 +23,35 @@ from gateway.errors import BudgetExceeded
 from gateway.settings import Budget, CostSettings, Price
 from gateway.telemetry import GatewayMetrics
 
-__all__ = ["Charge", "Ledger", "LedgerLine", "charge"]
+__all__ = ["FREE", "Charge", "Ledger", "LedgerLine", "charge"]
 
 log = logging.getLogger(__name__)
 
 OTHER = "(other)"
 
 
-@dataclass(frozen=True, slots=True)
 class Charge:
-    compute_s: float  # this request's share of its batches' compute time
-    compute: float
-    request: float
-    lookup: float
+    """One request's cost and its parts (made per request: a plain slotted class)."""
 
-    @property
-    def total(self) -> float:
-        return self.compute + self.request + self.lookup
+    __slots__ = ("compute", "compute_s", "lookup", "request", "total")
+
+    def __init__(self, compute_s: float, compute: float, request: float, lookup: float) -> None:
+        self.compute_s = compute_s  # this request's share of its batches' compute time
+        self.compute = compute
+        self.request = request
+        self.lookup = lookup
+        self.total = compute + request + lookup
+
+
+FREE = Charge(0.0, 0.0, 0.0, 0.0)
 
 
 def charge(price: Price, outcome: Outcome | None, lookup_ns: int) -> Charge:
-    compute_s = outcome.share_ns / 1e9 if outcome is not None else 0.0
-    return Charge(
-        compute_s,
-        compute_s * price.compute_second,
-        price.request if outcome is not None else 0.0,
-        lookup_ns / 1e9 * price.compute_second,
-    )
+    if outcome is None:
+        return Charge(0.0, 0.0, 0.0, lookup_ns * 1e-9 * price.compute_second)
+    compute_s = outcome.share_ns * 1e-9
+    per_second = price.compute_second
+    return Charge(compute_s, compute_s * per_second, price.request, lookup_ns * 1e-9 * per_second)
 
 
 @dataclass(slots=True)
@@ -70,6 +72,7 @@ class LedgerLine:
 class _BudgetState:
     budget: Budget
     window_start: int = 0
+    window_end: float = 0.0
     spent: float = 0.0
     exceeded: bool = False
 
@@ -81,10 +84,19 @@ class Ledger:
         self.settings = settings
         self._metrics = metrics
         self._windows: OrderedDict[int, dict[tuple[str, str, str, str], LedgerLine]] = OrderedDict()
+        self._lines: dict[tuple[str, str, str, str], LedgerLine] = {}  # the current window's
+        self._window_end = 0.0
         self._budgets = [_BudgetState(b) for b in settings.budgets]
         self._by_tenant = _index(self._budgets, "tenant")
         self._by_surface = _index(self._budgets, "surface")
-        self._cost_children: dict[tuple[str, str], object] = {}
+        # Cost so far by (route, variant), read at scrape time (no metric lock per request).
+        self._totals: dict[tuple[str, str], float] = {}
+        metrics.counter_function(
+            "gateway_cost",
+            "Accounted cost of requests by route and variant, in the prices' unit.",
+            ["route", "variant"],
+            lambda: list(self._totals.items()),
+        )
         for state in self._budgets:
             metrics.budget_spent.labels(state.budget.name).set_function(
                 functools.partial(self._spent, state)
@@ -97,9 +109,8 @@ class Ledger:
         if not self._budgets or not self.settings.enabled:
             return None
         degrade = None
-        for state in (*self._by_tenant.get(tenant, ()), *self._by_surface.get(surface, ())):
-            state = self._current(state)
-            if state.spent < state.budget.limit:
+        for state in self._subject(tenant, surface):
+            if self._current(state).spent < state.budget.limit:
                 continue
             budget = state.budget
             if not state.exceeded:
@@ -140,11 +151,12 @@ class Ledger:
         if not self.settings.enabled:
             return
         now = time.time()
-        window_s = self.settings.window_s
-        start = int(now // window_s) * window_s
-        lines = self._windows.get(start)
-        if lines is None:
-            lines = self._windows[start] = {}
+        lines = self._lines
+        if now >= self._window_end:
+            window_s = self.settings.window_s
+            start = int(now // window_s) * window_s
+            self._window_end = start + window_s
+            lines = self._lines = self._windows.setdefault(start, {})
             while len(self._windows) > self.settings.retain_windows:
                 self._windows.popitem(last=False)
         key = (tenant, route, variant, surface)
@@ -154,6 +166,7 @@ class Ledger:
                 key = (OTHER, OTHER, OTHER, OTHER)
                 line = lines.get(key)
             if line is None:
+                start = int(self._window_end) - self.settings.window_s
                 line = lines[key] = LedgerLine(start, *key)
         total = cost.total
         line.requests += 1
@@ -161,15 +174,19 @@ class Ledger:
         line.cached_rows += cached_rows
         line.compute_s += cost.compute_s
         line.cost += total
-        child = self._cost_children.get((route, variant))
-        if child is None:
-            child = self._cost_children[(route, variant)] = self._metrics.cost.labels(
-                route, variant
-            )
-        child.inc(total)  # type: ignore[attr-defined]
+        totals = self._totals
+        totals[(route, variant)] = totals.get((route, variant), 0.0) + total
         if self._budgets:
-            for state in (*self._by_tenant.get(tenant, ()), *self._by_surface.get(surface, ())):
+            for state in self._subject(tenant, surface):
                 self._current(state).spent += total
+
+    def _subject(self, tenant: str, surface: str) -> list[_BudgetState]:
+        """The budgets on this tenant or this surface (usually none)."""
+        by_tenant = self._by_tenant.get(tenant)
+        by_surface = self._by_surface.get(surface)
+        if by_surface is None:
+            return by_tenant or []
+        return by_surface if by_tenant is None else by_tenant + by_surface
 
     def lines(self, since: float = 0.0) -> list[LedgerLine]:
         """Ledger rows of the windows that end after ``since`` (Unix seconds), oldest first."""
@@ -191,10 +208,13 @@ class Ledger:
         return self._current(state).spent
 
     def _current(self, state: _BudgetState) -> _BudgetState:
+        now = time.time()
+        if now < state.window_end:
+            return state
         window_s = state.budget.window_s
-        start = int(time.time() // window_s) * window_s
+        start = int(now // window_s) * window_s
         if start != state.window_start:
-            state.window_start, state.spent = start, 0.0
+            state.window_start, state.window_end, state.spent = start, start + window_s, 0.0
             if state.exceeded:
                 state.exceeded = False
                 self._metrics.budget_exceeded.labels(state.budget.name, state.budget.policy).set(0)

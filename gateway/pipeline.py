@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.batching import MicroBatcher
-from gateway.cache import ResponseCache, cacheable, identity
+from gateway.cache import ResponseCache, cacheable
 from gateway.costs import Charge, Ledger, charge
 from gateway.errors import (
     DeadlineExceeded,
@@ -84,7 +84,15 @@ class Pipeline:
         self._caps: dict[str, ConcurrencyCap] = {}
         self._shadow_caps: dict[str, ConcurrencyCap] = {}
         self._shadows: set[asyncio.Task[None]] = set()
-        self._routed: dict[tuple[str, str, str], object] = {}
+        # Requests by (route, variant, arm), read at scrape time (no metric lock per request).
+        self._routed: dict[tuple[str, str, str], int] = {}
+        metrics.counter_function(
+            "gateway_routed",
+            "Requests on a route by the variant that answered and its arm (primary, canary, "
+            "shadow).",
+            ["route", "variant", "arm"],
+            lambda: list(self._routed.items()),
+        )
 
     async def predict(self, request: InferRequest) -> InferResponse:
         started = time.perf_counter_ns()
@@ -106,12 +114,7 @@ class Pipeline:
         if route is None:
             loaded = self.repository.get(request.model_name, request.model_version)
             served = await self._serve(
-                request,
-                loaded,
-                None,
-                _deadline(request),
-                started,
-                self._use_cache(loaded, None, params),
+                request, loaded, None, _deadline(request), started, loaded.config.deterministic
             )
             variant = f"{loaded.name}@{loaded.version}"
             route_name = request.model_name
@@ -139,6 +142,22 @@ class Pipeline:
         main = max(models, key=lambda v: v.weight)
         return self.repository.get(main.model or "", main.version)
 
+    def route_versions(self, name: str) -> list[LoadedVersion] | None:
+        """The loaded model versions a route's variants serve on (None: not a route)."""
+        route = self.traffic.routes.get(name)
+        if route is None:
+            return None
+        found: dict[int, LoadedVersion] = {}
+        for variant in route.spec.variants:
+            if variant.model is None:
+                continue
+            try:
+                loaded = self.repository.get(variant.model, variant.version)
+            except GatewayError:
+                continue
+            found.setdefault(id(loaded), loaded)
+        return list(found.values())
+
     # -- routes ------------------------------------------------------------------------------
 
     async def _route(
@@ -146,24 +165,24 @@ class Pipeline:
     ) -> tuple[_Served, str]:
         """Serve on the chosen variant, or down the route's fallbacks; returns the variant."""
         spec = route.spec
-        cap = self._cap(self._caps, route.name, spec.max_concurrency, f"route '{route.name}'")
+        cap = None
+        if spec.max_concurrency is not None:
+            cap = self._cap(self._caps, route.name, spec.max_concurrency, f"route '{route.name}'")
+            try:
+                cap.__enter__()
+            except Overloaded:
+                self._metrics.limited.labels("concurrency").inc()
+                raise
         try:
-            cap.__enter__()
-        except Overloaded:
-            self._metrics.limited.labels("concurrency").inc()
-            raise
-        try:
-            params = request.parameters
             reason = ""
             if degrade is not None and degrade.degrade_to in route.variants:
                 chosen = route.variants[degrade.degrade_to]
                 reason = f"budget '{degrade.name}' spent: degraded"
             else:
-                chosen = route.choose(params)
-            chain = [chosen, *(route.variants[n] for n in spec.fallbacks if n != chosen.name)]
+                chosen = route.choose(request.parameters)
             client_deadline = _deadline(request)
             failure: GatewayError | None = None
-            for attempt, variant in enumerate(chain):
+            for attempt, variant in enumerate(route.chains[chosen.name]):
                 try:
                     served = await self._attempt(request, route, variant, client_deadline, started)
                 except _FALLBACK_ON as err:
@@ -196,7 +215,8 @@ class Pipeline:
             assert failure is not None
             raise failure
         finally:
-            cap.__exit__()
+            if cap is not None:
+                cap.__exit__()
 
     async def _attempt(
         self,
@@ -213,8 +233,10 @@ class Pipeline:
         if route.spec.timeout_ms is not None:
             own = asyncio.get_running_loop().time() + route.spec.timeout_ms / 1000
             deadline = own if deadline is None else min(deadline, own)
-        use_cache = self._use_cache(loaded, variant, request.parameters)
-        return await self._serve(request, loaded, variant, deadline, started, use_cache)
+        deterministic = variant.deterministic
+        if deterministic is None:
+            deterministic = loaded.config.deterministic
+        return await self._serve(request, loaded, variant, deadline, started, deterministic)
 
     def _static(self, request: InferRequest, route: Route, variant: VariantSpec) -> _Served:
         """A static variant's outputs for every row: the chain's last resort."""
@@ -299,22 +321,9 @@ class Pipeline:
 
     def _count(self, route: str, variant: str, arm: str) -> None:
         key = (route, variant, arm)
-        child = self._routed.get(key)
-        if child is None:
-            child = self._routed[key] = self._metrics.routed.labels(*key)
-        child.inc()  # type: ignore[attr-defined]
+        self._routed[key] = self._routed.get(key, 0) + 1
 
     # -- one model version -------------------------------------------------------------------
-
-    def _use_cache(
-        self, loaded: LoadedVersion, variant: VariantSpec | None, params: dict[str, ParameterValue]
-    ) -> bool:
-        if self.traffic.cache is None:
-            return False
-        deterministic = variant.deterministic if variant is not None else None
-        if deterministic is None:
-            deterministic = loaded.config.deterministic
-        return deterministic and params.get("cache") not in ("false", False)
 
     async def _serve(
         self,
@@ -352,18 +361,18 @@ class Pipeline:
                     ) from None
 
             cache = self.traffic.cache
-            if use_cache and cache is not None and rows and cacheable(feeds):
+            if (
+                use_cache
+                and cache is not None
+                and rows
+                and (not given or _cache_wanted(given))
+                and cacheable(feeds)
+            ):
                 contract_version = assembly.contract.version if assembly is not None else ""
-                who = identity(
-                    loaded.name, loaded.version_label, contract_version, loaded.generation
+                who = cache.identity(loaded, contract_version)
+                model_outputs, outcome, cached_rows, lookup_ns = await cache.infer(
+                    who, feeds, rows, compute
                 )
-                result = await cache.infer(who, feeds, rows, compute)
-                model_outputs, outcome, cached_rows = (
-                    result.outputs,
-                    result.outcome,
-                    result.cached_rows,
-                )
-                lookup_ns = result.lookup_ns
             else:
                 outcome = await compute(feeds, rows)
                 model_outputs, cached_rows, lookup_ns = outcome.outputs, 0, 0
@@ -390,8 +399,6 @@ class Pipeline:
             "batch_rows": outcome.batch_rows if outcome is not None else 0,
             "cached_rows": cached_rows,
             "cost": cost.total,
-            "cost_compute": cost.compute,
-            "cost_request": cost.request,
         }
         if assembly is not None:
             parameters["contract_version"] = assembly.contract.version
@@ -487,6 +494,16 @@ def _sends_model_inputs(loaded: LoadedVersion, inputs: list[Tensor]) -> bool:
     specs = loaded.input_specs
     features = loaded.contract.index if loaded.contract is not None else {}
     return any(t.name in specs and t.name not in features for t in inputs)
+
+
+def _cache_wanted(parameters: dict[str, ParameterValue]) -> bool:
+    """The ``cache`` parameter: absent or true uses the cache, false bypasses it."""
+    value = parameters.get("cache")
+    if value is None or value is True or value == "true":
+        return True
+    if value is False or value == "false":
+        return False
+    raise InvalidRequest(f"parameter 'cache' must be true or false, got {value!r}")
 
 
 def _rows(request: InferRequest) -> int:

@@ -36,7 +36,7 @@ def unit_hash(route: str, key: str) -> float:
 class Route:
     """One route as it is in force: its spec, and the weights laid out for a draw."""
 
-    __slots__ = ("_cumulative", "_weighted", "name", "revision", "spec", "variants")
+    __slots__ = ("_cumulative", "_weighted", "chains", "name", "revision", "spec", "variants")
 
     def __init__(self, name: str, spec: RouteSpec, revision: int) -> None:
         self.name = name
@@ -45,6 +45,11 @@ class Route:
         self.variants: dict[str, VariantSpec] = {v.name: v for v in spec.variants}
         self._weighted = [v for v in spec.variants if v.weight > 0]
         self._cumulative = list(itertools.accumulate(v.weight for v in self._weighted))
+        # Per variant: it, then the route's fallbacks in order (without it).
+        self.chains: dict[str, tuple[VariantSpec, ...]] = {
+            v.name: (v, *(self.variants[n] for n in spec.fallbacks if n != v.name))
+            for v in spec.variants
+        }
 
     def choose(self, parameters: Mapping[str, ParameterValue]) -> VariantSpec:
         for rule in self.spec.match:

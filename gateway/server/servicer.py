@@ -200,10 +200,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         async def call(span: trace.Span) -> pb.ModelStatisticsResponse:
-            versions = self._select_versions(request.name, request.version)
-            return pb.ModelStatisticsResponse(
-                model_stats=[model_config.statistics_to_pb(v) for v in versions]
-            )
+            routed = self._pipeline.route_versions(request.name) if not request.version else None
+            versions = routed or self._select_versions(request.name, request.version)
+            stats = [model_config.statistics_to_pb(v) for v in versions]
+            if routed:
+                for entry in stats:  # a route reports its variants' versions under its name
+                    entry.name = request.name
+            return pb.ModelStatisticsResponse(model_stats=stats)
 
         return await self._rpc("ModelStatistics", context, call, request.name)
 

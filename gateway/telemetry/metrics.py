@@ -12,10 +12,13 @@ from prometheus_client.registry import Collector
 
 from gateway.features import OUTCOMES
 
-__all__ = ["CoverageSource", "GatewayMetrics"]
+__all__ = ["CounterSource", "CoverageSource", "GatewayMetrics"]
 
 # (model, version, contract version, feature names, counts[feature, outcome]) per served version.
 CoverageSource = Callable[[], Iterable[tuple[str, str, str, Sequence[str], NDArray[np.int64]]]]
+
+# (label values, value) per sample of a counter read at scrape time.
+CounterSource = Callable[[], Iterable[tuple[Sequence[str], float]]]
 
 # Latency buckets from 100 us to 10 s: inference on small models is sub-millisecond.
 _LATENCY_BUCKETS_S = (
@@ -119,13 +122,6 @@ class GatewayMetrics:
             "1 while the event stream to the sidecar is open, else 0.",
             registry=self.registry,
         )
-        self.routed = Counter(
-            "gateway_routed",
-            "Requests on a route by the variant that answered and its arm (primary, canary, "
-            "shadow).",
-            ["route", "variant", "arm"],
-            registry=self.registry,
-        )
         self.fallbacks = Counter(
             "gateway_fallbacks",
             "Attempts that failed over to the route's next fallback, by the variant that "
@@ -146,24 +142,11 @@ class GatewayMetrics:
             ["reason"],
             registry=self.registry,
         )
-        self.cache_events = Counter(
-            "gateway_cache_rows",
-            "Response cache rows by outcome: hit, miss, coalesced (computed once for several "
-            "requests or rows), evicted (for room), collision (a hash met another row).",
-            ["outcome"],
-            registry=self.registry,
-        )
         self.cache_bytes = Gauge(
             "gateway_cache_bytes", "Bytes held by the response cache.", registry=self.registry
         )
         self.cache_entries = Gauge(
             "gateway_cache_entries", "Rows held by the response cache.", registry=self.registry
-        )
-        self.cost = Counter(
-            "gateway_cost",
-            "Accounted cost of requests by route and variant, in the prices' unit.",
-            ["route", "variant"],
-            registry=self.registry,
         )
         self.budget_spent = Gauge(
             "gateway_budget_spent",
@@ -193,6 +176,14 @@ class GatewayMetrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def counter_function(
+        self, name: str, documentation: str, labels: Sequence[str], source: CounterSource
+    ) -> None:
+        """A counter whose samples ``source`` gives at scrape time: the request path keeps
+        plain numbers and pays no metric lock (``source`` is read on the scrape thread; a
+        dict it iterates must be copied by it)."""
+        self.registry.register(_FunctionCounter(name, documentation, labels, source))
 
     def watch_coverage(self, source: CoverageSource) -> None:
         """Export feature coverage, read from ``source`` at scrape time (no per-request cost)."""
@@ -231,4 +222,20 @@ class _CoverageCollector(Collector):
             for name, row in zip(names, counts.tolist(), strict=True):
                 for outcome, value in zip(OUTCOMES, row, strict=True):
                     family.add_metric([model, version, contract, name, outcome], value)
+        yield family
+
+
+class _FunctionCounter(Collector):
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], source: CounterSource
+    ) -> None:
+        self._name, self._doc, self._labels, self._source = name, documentation, labels, source
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labels)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for labels, value in self._source():
+            family.add_metric(list(labels), value)
         yield family

@@ -229,3 +229,23 @@ def test_the_cache_is_bounded_by_bytes_and_counts_evictions():
         assert stats["entries"] + stats["evictions"] == 100
 
     asyncio.run(scenario())
+
+
+def test_a_cached_row_past_its_ttl_is_a_miss():
+    async def scenario() -> None:
+        cache = ResponseCache(CacheSettings(ttl_s=0.05), GatewayMetrics())
+        calls: list[int] = []
+
+        async def same(feeds, rows):
+            calls.append(rows)
+            return Outcome([feeds["x"].copy()], 0, 0, rows, 0)
+
+        who = identity("m", "1", "", 1)
+        row = {"x": np.ones((1, 4), np.float32)}
+        assert (await cache.infer(who, row, 1, same)).cached_rows == 0
+        assert (await cache.infer(who, row, 1, same)).cached_rows == 1
+        await asyncio.sleep(0.1)
+        assert (await cache.infer(who, row, 1, same)).cached_rows == 0  # expired: computed
+        assert calls == [1, 1]
+
+    asyncio.run(scenario())

@@ -1,0 +1,244 @@
+"""Traffic: what routing, cost accounting and a cold cache cost, and what a warm cache buys.
+
+    PERF_ANALYZER=... .venv/bin/python benchmarks/bench_traffic.py
+
+perf_analyzer (``-b 1``, concurrency 64, unary) sends rows from an ``--input-data`` file, so the
+cache sees real row contents: perf_analyzer hands the file's steps out across its threads, so
+a file of distinct rows is a cold cache (misses only) as long as a round sends fewer requests
+than it has rows, and the cache is flushed between rounds.
+
+1. Overhead: the demo model through a route (two weighted variants, sticky draw), a rate
+   limit, a budget, the cost ledger and the cache, all on, the cache cold; against the same
+   model called directly with the cache and the ledger off.
+2. Cache: a workload where 90% of the rows repeat (ten hot rows) and 10% are new, with the
+   cache on and off, on the demo model and on the heavier MLP (about 1 ms a row).
+
+Rounds alternate between the two gateways of a comparison (this machine is noisy: compare
+within a round). Writes ``benchmarks/results/traffic.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_serving import find_perf_analyzer  # noqa: E402
+from benchmarks.models import build_bench_repositories, onnx_path  # noqa: E402
+from gateway.server.admin_client import AdminClient  # noqa: E402
+from tests.conftest import GatewayProcess  # noqa: E402
+
+TOKEN = "bench"
+PRICE = {"compute_second": 1.0, "request": 0.0001}
+
+
+def route(model: str, deterministic: bool) -> dict[str, object]:
+    return {"variants": [
+        {"name": "stable", "model": model, "weight": 90, "deterministic": deterministic,
+         "price": PRICE},
+        {"name": "canary", "model": model, "weight": 10, "arm": "canary",
+         "deterministic": deterministic, "price": PRICE},
+    ]}  # fmt: skip
+
+
+SETTINGS = {
+    # Everything on: route, limits, budget, ledger, cache.
+    "on": {
+        "routing": {
+            "routes": {"live": route("fraud", True)},
+            "rate_limits": {"*": {"rate": 1e9, "burst": 1_000_000_000}},
+        },
+        "costs": {"budgets": [{"name": "all", "tenant": "", "limit": 1e12, "policy": "alert"}]},
+        "admin": {"token": TOKEN},
+    },
+    "off": {"cache": {"enabled": False}, "costs": {"enabled": False}},
+    "cache": {
+        "routing": {"routes": {"live": route("fraud", True), "heavy-live": route("heavy", True)}},
+        "admin": {"token": TOKEN},
+    },
+    "nocache": {
+        "routing": {"routes": {"live": route("fraud", True), "heavy-live": route("heavy", True)}},
+        "cache": {"enabled": False},
+        "admin": {"token": TOKEN},
+    },
+}
+
+
+def input_data(path: Path, width: int, steps: int, hot_share: float, seed: int) -> Path:
+    """perf_analyzer steps: ``hot_share`` of them one of ten hot rows, the rest all new."""
+    rng = np.random.default_rng(seed)
+    hot = rng.normal(size=(10, width))
+    data = []
+    for _ in range(steps):
+        row = hot[rng.integers(10)] if rng.random() < hot_share else rng.normal(size=width)
+        data.append({"features": row.tolist()})
+    path.write_text(json.dumps({"data": data}))
+    return path
+
+
+def run_pa(pa: str, url: str, model: str, data: Path, interval_ms: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pa.csv"
+        command = [
+            pa, "-m", model, "-i", "grpc", "-u", url, "-b", "1",
+            "--concurrency-range", "64", "--measurement-interval", str(interval_ms),
+            "--stability-percentage", "50", "--max-trials", "6", "--input-data", str(data),
+            "-f", str(out),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError((done.stdout + done.stderr).strip().splitlines()[-1])
+        import csv
+
+        return float(next(csv.DictReader(out.open()))["Inferences/Second"])
+
+
+def hit_share(gateway: GatewayProcess) -> tuple[float, int]:
+    """Rows answered without computing them, since the last flush; and rows looked up."""
+    with AdminClient(gateway.url, TOKEN) as admin:
+        stats = admin.cache(flush=True)
+    rows = stats.hits + stats.misses + stats.coalesced
+    return ((stats.hits + stats.coalesced) / rows if rows else 0.0), rows
+
+
+def compare(
+    pa: str,
+    gateways: dict[str, GatewayProcess],
+    models: dict[str, str],
+    data: Path,
+    rounds: int,
+    interval_ms: int,
+) -> dict[str, object]:
+    """Alternating rounds of perf_analyzer on each gateway; the cache is flushed between."""
+    names = list(gateways)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    hits: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            gateway = gateways[name]
+            if "admin" in SETTINGS[name]:
+                hit_share(gateway)  # flush: every round starts cold
+            per_round[name].append(round(run_pa(pa, gateway.url, models[name], data, interval_ms)))
+            if "admin" in SETTINGS[name]:
+                share, rows = hit_share(gateway)
+                if rows:
+                    hits[name].append(round(share, 3))
+    first, second = names
+    ratios = [a / b for a, b in zip(per_round[first], per_round[second], strict=True)]
+    return {
+        "infer_per_s": per_round,
+        "cache_answered_share": {k: v for k, v in hits.items() if v},
+        "ratio_per_round": [round(r, 3) for r in ratios],
+        "median_ratio": round(statistics.median(ratios), 3),
+    }
+
+
+def _width(model: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return int(graph.input[0].type.tensor_type.shape.dim[1].dim_value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--perf-analyzer")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--interval-ms", type=int, default=3000)
+    parser.add_argument(
+        "--parts", default="overhead,cache_demo,cache_heavy", help="which comparisons to run"
+    )
+    parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "traffic")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "traffic")
+    args = parser.parse_args()
+    pa = find_perf_analyzer(args.perf_analyzer)
+    repo = build_bench_repositories(ROOT / ".bench")["on"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    widths = {model: _width(onnx_path(repo, model)) for model in ("fraud", "heavy")}
+    # More distinct rows than a round sends (a few thousand requests a second).
+    cold = input_data(args.work / "cold.json", widths["fraud"], 60_000, 0.0, seed=1)
+    hot = {m: input_data(args.work / f"hot-{m}.json", w, 60_000, 0.9, seed=2)
+           for m, w in widths.items()}  # fmt: skip
+    started = time.time()
+    gateways: dict[str, GatewayProcess] = {}
+    try:
+        parts = args.parts.split(",")
+        needed = {"on", "off"} if "overhead" in parts else set()
+        if any(part.startswith("cache") for part in parts):
+            needed |= {"cache", "nocache"}
+        for name, settings in SETTINGS.items():
+            if name not in needed:
+                continue
+            config = args.work / f"{name}.yaml"
+            config.write_text(yaml.safe_dump(settings))
+            gateways[name] = GatewayProcess(repo, args.work / f"gw-{name}", "--config", str(config))
+        plans = {
+            "overhead": (("on", "off"), {"on": "live", "off": "fraud"}, cold),
+            "cache_demo": (("cache", "nocache"), {"cache": "live", "nocache": "live"},
+                           hot["fraud"]),
+            "cache_heavy": (("cache", "nocache"), {"cache": "heavy-live",
+                            "nocache": "heavy-live"}, hot["heavy"]),
+        }  # fmt: skip
+        results = {}
+        for part in parts:
+            names, models, data = plans[part]
+            results[part] = compare(
+                pa, {k: gateways[k] for k in names}, models, data, args.rounds, args.interval_ms
+            )
+    finally:
+        for gateway in gateways.values():
+            gateway.stop()
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "minutes": round((time.time() - started) / 60, 1),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=1) + "\n")
+    rows = [
+        ("routing + limits + budget + ledger + cold cache / all off (demo model)", "overhead",
+         "on", "off", ">= 0.90"),
+        ("90% repeated rows: cache on / off (demo model)", "cache_demo", "cache", "nocache",
+         ">= 3"),
+        ("90% repeated rows: cache on / off (heavy MLP, ~1 ms a row)", "cache_heavy", "cache",
+         "nocache", ">= 3"),
+    ]  # fmt: skip
+    md = [
+        "# Traffic benchmark", "", f"`{json.dumps(meta)}`", "",
+        "perf_analyzer `-b 1 --concurrency-range 64`, rows from `--input-data`, alternating "
+        "rounds; the cache is flushed before each round.", "",
+        "| comparison | infer/s (per round) | rows the cache answered | ratio per round "
+        "(median) | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for title, key, a, b, target in rows:
+        if key not in results:
+            continue
+        r = results[key]
+        speeds = r["infer_per_s"]  # type: ignore[index]
+        shares = r["cache_answered_share"]  # type: ignore[index]
+        md.append(
+            f"| {title} | {a}: {speeds[a]}<br>{b}: {speeds[b]} | "
+            f"{', '.join(f'{k}: {v}' for k, v in shares.items()) or '-'} | "
+            f"{r['ratio_per_round']} ({r['median_ratio']}) | {target} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
