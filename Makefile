@@ -29,10 +29,12 @@ $(DEMO)/fraud/config.yaml: gateway/demo.py gateway/features/contract.py | $(STAM
 	rm -rf $(DEMO)
 	$(VENV)/bin/gateway demo-repo $(DEMO)
 
-# The whole loop: the gateway, and the evaluation sidecar it streams prediction events to
+# The whole loop: the gateway (with the demo's route fraud-live, prices, budget and admin
+# token from $(DEMO)/gateway.yaml), and the evaluation sidecar it streams prediction events to
 # (gRPC on 8005, HTML reports on http://127.0.0.1:8006/report/fraud).
 serve: $(STAMP) $(DEMO)/fraud/config.yaml
-	$(VENV)/bin/gateway serve --repository $(DEMO) --port $(PORT) --with-sidecar .sidecar
+	$(VENV)/bin/gateway serve --repository $(DEMO) --config $(DEMO)/gateway.yaml --port $(PORT) \
+	  --with-sidecar .sidecar
 
 # The whole suite on the native hot loops, then again on their pure-Python twin.
 test: $(STAMP) browser

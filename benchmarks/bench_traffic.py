@@ -11,7 +11,11 @@ than it has rows, and the cache is flushed between rounds.
    limit, a budget, the cost ledger and the cache, all on, the cache cold; against the same
    model called directly with the cache and the ledger off.
 2. Cache: a workload where 90% of the rows repeat (ten hot rows) and 10% are new, with the
-   cache on and off, on the demo model and on the heavier MLP (about 1 ms a row).
+   cache on and off, on the demo model, on the heavier MLP (about 1 ms a row, cheap per row
+   once batched) and on a compute-bound model (about 30 ms a row, batched or not).
+
+Beside throughput, the gateway's own CPU time per request (from /proc) is reported: under a
+load generator sharing the machine it is the steadier measure of what a feature costs.
 
 Rounds alternate between the two gateways of a comparison (this machine is noisy: compare
 within a round). Writes ``benchmarks/results/traffic.{json,md}``.
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +45,7 @@ from benchmarks.bench_serving import find_perf_analyzer  # noqa: E402
 from benchmarks.models import build_bench_repositories, onnx_path  # noqa: E402
 from gateway.server.admin_client import AdminClient  # noqa: E402
 from tests.conftest import GatewayProcess  # noqa: E402
+from tests.models import write_scorer_model  # noqa: E402
 
 TOKEN = "bench"
 PRICE = {"compute_second": 1.0, "request": 0.0001}
@@ -66,11 +72,23 @@ SETTINGS = {
     },
     "off": {"cache": {"enabled": False}, "costs": {"enabled": False}},
     "cache": {
-        "routing": {"routes": {"live": route("fraud", True), "heavy-live": route("heavy", True)}},
+        "routing": {
+            "routes": {
+                "live": route("fraud", True),
+                "heavy-live": route("heavy", True),
+                "costly-live": route("costly", True),
+            }
+        },
         "admin": {"token": TOKEN},
     },
     "nocache": {
-        "routing": {"routes": {"live": route("fraud", True), "heavy-live": route("heavy", True)}},
+        "routing": {
+            "routes": {
+                "live": route("fraud", True),
+                "heavy-live": route("heavy", True),
+                "costly-live": route("costly", True),
+            }
+        },
         "cache": {"enabled": False},
         "admin": {"token": TOKEN},
     },
@@ -125,13 +143,18 @@ def compare(
     """Alternating rounds of perf_analyzer on each gateway; the cache is flushed between."""
     names = list(gateways)
     per_round: dict[str, list[float]] = {name: [] for name in names}
+    cpu_us: dict[str, list[float]] = {name: [] for name in names}
     hits: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
             gateway = gateways[name]
             if "admin" in SETTINGS[name]:
                 hit_share(gateway)  # flush: every round starts cold
+            cpu, served = _cpu_s(gateway), _served(gateway)
             per_round[name].append(round(run_pa(pa, gateway.url, models[name], data, interval_ms)))
+            cpu_us[name].append(
+                round((_cpu_s(gateway) - cpu) / max(_served(gateway) - served, 1) * 1e6, 1)
+            )
             if "admin" in SETTINGS[name]:
                 share, rows = hit_share(gateway)
                 if rows:
@@ -140,10 +163,39 @@ def compare(
     ratios = [a / b for a, b in zip(per_round[first], per_round[second], strict=True)]
     return {
         "infer_per_s": per_round,
+        "gateway_cpu_us_per_request": cpu_us,
+        "cpu_ratio": round(statistics.median(cpu_us[first]) / statistics.median(cpu_us[second]), 3),
         "cache_answered_share": {k: v for k, v in hits.items() if v},
         "ratio_per_round": [round(r, 3) for r in ratios],
         "median_ratio": round(statistics.median(ratios), 3),
     }
+
+
+def _cpu_s(gateway: GatewayProcess) -> float:
+    """The gateway process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{gateway.process.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _served(gateway: GatewayProcess) -> float:
+    return gateway.metric("gateway_requests_total", rpc="ModelInfer")
+
+
+MODELS = ("fraud", "heavy", "costly")
+COSTLY_WIDTH = 19
+
+
+def traffic_repository(target: Path) -> Path:
+    """The serving benchmark's models (the demo scorer, the heavy MLP), and a compute-bound
+    scorer: a chain of 1024-wide MatMuls, about 30 ms a row on one thread, batched or not."""
+    if (target / "costly" / "config.yaml").exists():
+        return target
+    source = build_bench_repositories(ROOT / ".bench")["on"]
+    for model in ("fraud", "heavy"):
+        shutil.copytree(source / model, target / model, dirs_exist_ok=True)
+    config = {"max_batch_size": 64, "instances": 2, "intra_op_threads": 1}
+    write_scorer_model(target / "costly", COSTLY_WIDTH, hidden=1024, repeats=400, config=config)
+    return target
 
 
 def _width(model: Path) -> int:
@@ -159,15 +211,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--interval-ms", type=int, default=3000)
     parser.add_argument(
-        "--parts", default="overhead,cache_demo,cache_heavy", help="which comparisons to run"
+        "--parts",
+        default="overhead,cache_demo,cache_heavy,cache_costly",
+        help="which comparisons to run",
     )
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "traffic")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "traffic")
     args = parser.parse_args()
     pa = find_perf_analyzer(args.perf_analyzer)
-    repo = build_bench_repositories(ROOT / ".bench")["on"]
-    args.work.mkdir(parents=True, exist_ok=True)
-    widths = {model: _width(onnx_path(repo, model)) for model in ("fraud", "heavy")}
+    repo = traffic_repository(args.work / "repo")
+    widths = {model: _width(onnx_path(repo, model)) for model in MODELS}
     # More distinct rows than a round sends (a few thousand requests a second).
     cold = input_data(args.work / "cold.json", widths["fraud"], 60_000, 0.0, seed=1)
     hot = {m: input_data(args.work / f"hot-{m}.json", w, 60_000, 0.9, seed=2)
@@ -191,6 +244,8 @@ def main() -> None:
                            hot["fraud"]),
             "cache_heavy": (("cache", "nocache"), {"cache": "heavy-live",
                             "nocache": "heavy-live"}, hot["heavy"]),
+            "cache_costly": (("cache", "nocache"), {"cache": "costly-live",
+                             "nocache": "costly-live"}, hot["costly"]),
         }  # fmt: skip
         results = {}
         for part in parts:
@@ -208,7 +263,14 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=1) + "\n")
+    for part in results.values():
+        part["command"] = meta["command"]  # type: ignore[index]
+    # A run of some parts keeps the others' last results (each says which command made it).
+    earlier = args.out.with_suffix(".json")
+    if earlier.exists():
+        kept = {k: v for k, v in json.loads(earlier.read_text()).items() if k != "meta"}
+        results = {**kept, **results}
+    earlier.write_text(json.dumps({"meta": meta, **results}, indent=1) + "\n")
     rows = [
         ("routing + limits + budget + ledger + cold cache / all off (demo model)", "overhead",
          "on", "off", ">= 0.90"),
@@ -216,14 +278,16 @@ def main() -> None:
          ">= 3"),
         ("90% repeated rows: cache on / off (heavy MLP, ~1 ms a row)", "cache_heavy", "cache",
          "nocache", ">= 3"),
+        ("90% repeated rows: cache on / off (compute-bound scorer, ~30 ms a row)",
+         "cache_costly", "cache", "nocache", ">= 3"),
     ]  # fmt: skip
     md = [
         "# Traffic benchmark", "", f"`{json.dumps(meta)}`", "",
         "perf_analyzer `-b 1 --concurrency-range 64`, rows from `--input-data`, alternating "
         "rounds; the cache is flushed before each round.", "",
         "| comparison | infer/s (per round) | rows the cache answered | ratio per round "
-        "(median) | target |",
-        "| --- | --- | --- | --- | --- |",
+        "(median) | gateway CPU us/request (median ratio) | target |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for title, key, a, b, target in rows:
         if key not in results:
@@ -232,9 +296,12 @@ def main() -> None:
         speeds = r["infer_per_s"]  # type: ignore[index]
         shares = r["cache_answered_share"]  # type: ignore[index]
         md.append(
-            f"| {title} | {a}: {speeds[a]}<br>{b}: {speeds[b]} | "
+            f"| {title} (`{r.get('command', meta['command'])}`) | "
+            f"{a}: {speeds[a]}<br>{b}: {speeds[b]} | "
             f"{', '.join(f'{k}: {v}' for k, v in shares.items()) or '-'} | "
-            f"{r['ratio_per_round']} ({r['median_ratio']}) | {target} |"
+            f"{r['ratio_per_round']} ({r['median_ratio']}) | "
+            f"{a}: {r['gateway_cpu_us_per_request'][a]}<br>"
+            f"{b}: {r['gateway_cpu_us_per_request'][b]} ({r['cpu_ratio']}) | {target} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -9,10 +9,17 @@ synthetic data (deterministic given the seed) and exported to ONNX with ``onnx.h
 Raw transactions have numeric and categorical features. ``features.yaml`` holds the two
 contract versions that turn them into the dense ``features`` matrix (v1 for model version 1,
 v2 for version 2); ``training.yaml`` records the seed and each version's held-out AUC.
+
+Beside the model it writes ``DIR/gateway.yaml``, the settings ``make serve`` runs with: a route
+``fraud-live`` (version 2 stable, version 1 as a 10% canary, a static last resort), prices, a
+budget, and the admin service's token in ``DIR/admin.token`` (random, readable by the owner
+only).
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,6 +43,7 @@ __all__ = [
     "build_demo_repository",
     "contract_file",
     "synthetic_transactions",
+    "write_demo_settings",
 ]
 
 NUMERIC: Final = ("amount", "hour", "account_age_days", "tx_count_24h", "distance_km")
@@ -306,9 +314,50 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         "instances": 2,
         "dynamic_batching": {"max_queue_delay_us": 0},
         "contract": {"by_model_version": {1: "v1", 2: "v2"}},
+        # What a second of this CPU and a request cost, in dollars: the ledger's unit.
+        "price": {"compute_second": 0.0001, "request": 0.000001},
     }
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     write_reference(model_dir / REFERENCE_FILE, reference)
     training = {"seed": seed, "rows": rows, "versions": summary}
     (model_dir / "training.yaml").write_text(yaml.safe_dump(training, sort_keys=False))
+    write_demo_settings(root)
     return model_dir
+
+
+def write_demo_settings(root: Path) -> Path:
+    """``root/gateway.yaml``: the demo's routes, limits, budget and admin token file."""
+    token = root / "admin.token"
+    if not token.exists():
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(24) + "\n")
+    settings = {
+        "routing": {
+            "routes": {
+                "fraud-live": {
+                    "variants": [
+                        {"name": "stable", "model": MODEL_NAME, "version": "2", "weight": 90,
+                         "deterministic": True},
+                        {"name": "canary", "model": MODEL_NAME, "version": "1", "weight": 10,
+                         "arm": "canary", "deterministic": True},
+                        {"name": "safe-default", "output": {"probability": [0.0]}},
+                    ],
+                    "fallbacks": ["stable", "safe-default"],
+                    "timeout_ms": 250,
+                }
+            },
+            "rate_limits": {"*": {"rate": 2000, "burst": 4000}},
+        },
+        "costs": {
+            "budgets": [
+                {"name": "demo-tenant", "tenant": "demo", "limit": 0.01, "window_s": 3600,
+                 "policy": "alert"},
+            ]
+        },
+        "admin": {"token_file": str(token.resolve())},
+    }  # fmt: skip
+    path = root / "gateway.yaml"
+    header = "# The demo's settings (gateway demo-repo writes them; make serve uses them).\n"
+    path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
+    return path

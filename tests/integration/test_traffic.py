@@ -609,3 +609,17 @@ def test_shadow_results_reach_events_never_responses_and_shadow_failures_fail_no
         [(i, "shadowed", "1", "primary") for i in ids]
         + [(i, "shadowed", "2", "shadow") for i in ids]
     )
+
+
+def test_the_demo_settings_serve_their_route_and_admin_token(demo_repo: Path, start_gateway):
+    """What `make serve` runs: the demo builder's gateway.yaml and admin.token."""
+    token_file = demo_repo / "admin.token"
+    assert token_file.stat().st_mode & 0o077 == 0  # the owner's alone
+    proc = start_gateway(demo_repo, "--config", str(demo_repo / "gateway.yaml"))
+    client = proc.client()
+    variants = {infer(client, "fraud-live", sticky_key=f"k{i}")[1]["variant"] for i in range(60)}
+    assert variants == {"stable", "canary"}
+    client.close()
+    with AdminClient(proc.url, token_file.read_text().strip()) as admin:
+        assert admin.costs().budgets[0].name == "demo-tenant"
+        assert admin.cache().enabled
