@@ -81,7 +81,12 @@ class Gateway:
         self.servicer = InferenceServicer(
             self.pipeline, settings.server, self.metrics, self.tracing
         )
-        self.admin = AdminServicer(self.traffic, self.repository, settings.admin.resolve_token())
+        self.admin = AdminServicer(
+            self.traffic,
+            self.repository,
+            settings.admin.resolve_token(),
+            worker=bool(os.environ.get(READY_FILE_ENV)),
+        )
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0

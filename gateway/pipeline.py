@@ -225,6 +225,7 @@ class Pipeline:
         variant: VariantSpec,
         client_deadline: float | None,
         started: int,
+        shadow: bool = False,
     ) -> _Served:
         if variant.output is not None:
             return self._static(request, route, variant)
@@ -236,7 +237,9 @@ class Pipeline:
         deterministic = variant.deterministic
         if deterministic is None:
             deterministic = loaded.config.deterministic
-        return await self._serve(request, loaded, variant, deadline, started, deterministic)
+        return await self._serve(
+            request, loaded, variant, deadline, started, deterministic, lowest=shadow
+        )
 
     def _static(self, request: InferRequest, route: Route, variant: VariantSpec) -> _Served:
         """A static variant's outputs for every row: the chain's last resort."""
@@ -289,7 +292,7 @@ class Pipeline:
     ) -> None:
         started = time.perf_counter_ns()
         try:
-            served = await self._attempt(request, route, variant, None, started)
+            served = await self._attempt(request, route, variant, None, started, shadow=True)
         except Exception as err:  # a shadow never fails anything but itself
             self._metrics.shadows.labels(route.name, variant.name, "failed").inc()
             log.debug("shadow %s of route %s failed: %s", variant.name, route.name, err)
@@ -333,7 +336,10 @@ class Pipeline:
         deadline: float | None,
         started: int,
         use_cache: bool,
+        lowest: bool = False,
     ) -> _Served:
+        """One attempt on one model version; ``lowest``: queue at its lowest priority (a
+        shadow copy: primary requests go first)."""
         try:
             inputs = request.inputs
             assembly = None
@@ -343,7 +349,10 @@ class Pipeline:
             feeds, rows = bind_inputs(loaded, inputs)
             output_specs = select_outputs(loaded, request.requested_outputs)
             given = request.parameters
-            priority = _priority(given, loaded.config.queue) if given else None
+            if lowest:
+                priority: int | None = loaded.config.queue.priority_levels
+            else:
+                priority = _priority(given, loaded.config.queue) if given else None
             batcher = self._batcher(loaded)
 
             async def compute(part: dict[str, np.ndarray], count: int):  # type: ignore[no-untyped-def]

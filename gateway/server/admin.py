@@ -3,6 +3,11 @@
 Guarded by the bearer token of ``admin.token``: a call without it, or with another, is
 UNAUTHENTICATED (compared in constant time). With no token configured every call is refused.
 Every change is logged with what changed.
+
+Routes, the cache and the ledger live in each gateway process. In multi-process mode
+(``server.workers`` > 1) a call reaches whichever worker its connection landed on, so every
+call but GetRoutes is refused there (FAILED_PRECONDITION) rather than changing or reporting
+one worker of several.
 """
 
 from __future__ import annotations
@@ -39,10 +44,29 @@ def routes_yaml(routes: dict[str, RouteSpec]) -> str:
 
 
 class AdminServicer(pb_grpc.GatewayAdminServicer):
-    def __init__(self, traffic: Traffic, repository: ModelRepository, token: str | None) -> None:
+    def __init__(
+        self,
+        traffic: Traffic,
+        repository: ModelRepository,
+        token: str | None,
+        worker: bool = False,
+    ) -> None:
         self._traffic = traffic
         self._repository = repository
         self._token = token.encode() if token else None
+        self._worker = worker  # one of several processes on the port
+
+    async def _whole(self, context: grpc.aio.ServicerContext) -> None:
+        """Authorized, and this process is the whole gateway (not one worker of several)."""
+        await self._authorize(context)
+        if self._worker:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this gateway runs several worker processes (server.workers), each with its "
+                "own routes, cache and ledger: change routes in the settings and restart; "
+                "read costs and cache counters from each worker's metrics port",
+            )
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self._token is None:
@@ -81,7 +105,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def SetRoutes(
         self, request: pb.SetRoutesRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
-        await self._authorize(context)
+        await self._whole(context)
         try:
             tree = yaml.safe_load(request.yaml) if request.yaml.strip() else {}
             routes = _ROUTES.validate_python(tree or {})
@@ -112,7 +136,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def Promote(
         self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
-        await self._authorize(context)
+        await self._whole(context)
         try:
             self._traffic.routes.promote(request.route, request.variant)
         except GatewayError as err:
@@ -123,7 +147,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def Rollback(
         self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
-        await self._authorize(context)
+        await self._whole(context)
         try:
             self._traffic.routes.rollback(request.route)
         except GatewayError as err:
@@ -134,7 +158,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def Costs(
         self, request: pb.CostsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CostsResponse:
-        await self._authorize(context)
+        await self._whole(context)
         ledger = self._traffic.ledger
         lines = [
             pb.CostLine(
@@ -169,7 +193,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def Cache(
         self, request: pb.CacheRequest, context: grpc.aio.ServicerContext
     ) -> pb.CacheResponse:
-        await self._authorize(context)
+        await self._whole(context)
         cache = self._traffic.cache
         if cache is None:
             return pb.CacheResponse(enabled=False)

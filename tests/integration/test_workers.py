@@ -81,3 +81,19 @@ def test_two_gateways_cannot_share_an_event_log(demo_repo, start_gateway, tmp_pa
     start_gateway(demo_repo, *args)
     with pytest.raises(RuntimeError, match="in use by another gateway"):
         start_gateway(demo_repo, *args)
+
+
+def test_workers_refuse_admin_changes_that_would_reach_one_worker_of_several(
+    demo_repo, start_gateway
+):
+    from gateway.server.admin_client import AdminClient
+
+    token = (demo_repo / "admin.token").read_text().strip()
+    proc = start_gateway(demo_repo, "--workers", "2", "--config", str(demo_repo / "gateway.yaml"))
+    with AdminClient(proc.url, token) as admin:
+        assert "fraud-live" in admin.routes().yaml  # the same on every worker: answered
+        for call in (lambda: admin.promote("fraud-live", "canary"), admin.costs, admin.cache):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "several worker processes" in info.value.details()
