@@ -17,8 +17,8 @@ than it has rows, and the cache is flushed between rounds.
 Beside throughput, the gateway's own CPU time per request (from /proc) is reported: under a
 load generator sharing the machine it is the steadier measure of what a feature costs.
 
-Rounds alternate between the two gateways of a comparison (this machine is noisy: compare
-within a round). Writes ``benchmarks/results/traffic.{json,md}``.
+Rounds alternate between the two gateways of a comparison, the first of each round swapping
+(this machine is noisy: compare within a round). Writes ``benchmarks/results/traffic.{json,md}``.
 """
 
 from __future__ import annotations
@@ -145,8 +145,9 @@ def compare(
     per_round: dict[str, list[float]] = {name: [] for name in names}
     cpu_us: dict[str, list[float]] = {name: [] for name in names}
     hits: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for name in names:
+    for round_ in range(rounds):
+        # ABBA: which gateway goes first alternates, so neither gains from its place.
+        for name in names if round_ % 2 == 0 else names[::-1]:
             gateway = gateways[name]
             if "admin" in SETTINGS[name]:
                 hit_share(gateway)  # flush: every round starts cold

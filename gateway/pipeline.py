@@ -16,7 +16,7 @@ import numpy as np
 
 from gateway.batching import MicroBatcher
 from gateway.cache import ResponseCache, cacheable
-from gateway.costs import Charge, Ledger, charge
+from gateway.costs import FREE, Charge, Ledger, charge
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -264,7 +264,7 @@ class Pipeline:
         response = InferResponse(
             route.name, "", request.id, outputs, {"queue_us": 0, "compute_us": 0}
         )
-        return _Served(response, Charge(0.0, 0.0, 0.0, 0.0), 0, None)
+        return _Served(response, FREE, 0, None)
 
     def _shadow(self, request: InferRequest, route: Route, primary: _Served) -> None:
         """Copy the request onto the route's shadow variants, after the primary answered."""
@@ -478,6 +478,11 @@ class Pipeline:
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        # Shadow copies still running are dropped: they answer nobody.
+        for task in list(self._shadows):
+            task.cancel()
+        if self._shadows:
+            await asyncio.gather(*self._shadows, return_exceptions=True)
         for loaded in list(self._batchers):
             self.retire(loaded)
         if self._closing:
