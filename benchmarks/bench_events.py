@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -33,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import find_perf_analyzer, perf_analyzer  # noqa: E402
+from benchmarks.bench_serving import find_perf_analyzer, perf_analyzer, run_meta  # noqa: E402
 from benchmarks.models import build_bench_repositories  # noqa: E402
 from gateway.api.v1 import events_pb2 as ev  # noqa: E402
 from gateway.demo import build_demo_repository, synthetic_transactions  # noqa: E402
@@ -195,12 +193,7 @@ def main() -> None:
         "ingestion": ingestion(args.work, args.ingest_events, 512),
         "time_to_alert": time_to_alert(args.work, repo, chunk_rows=20, max_chunks=50),
     }
-    meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "minutes": round((time.time() - started) / 60, 1),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
+    meta = run_meta(started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"meta": meta, **results}, indent=1)
     args.out.with_suffix(".json").write_text(body + "\n")

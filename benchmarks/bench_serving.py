@@ -103,6 +103,16 @@ def find_perf_analyzer(explicit: str | None) -> str:
     sys.exit("perf_analyzer not found: pass --perf-analyzer PATH or set PERF_ANALYZER")
 
 
+def run_meta(started: float) -> dict[str, object]:
+    """What a results file says about its run: machine, Python, duration, command."""
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "minutes": round((time.time() - started) / 60, 1),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
 def perf_analyzer(
     pa: str, url: str, model: str, batch: int, concurrency: int, streaming: bool, interval_ms: int
 ) -> dict[str, float] | str:
@@ -222,12 +232,9 @@ def main() -> None:
                             rows.append(row)
                             print(json.dumps(row), flush=True)
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
+        **run_meta(started),
         "perf_analyzer": "2.51 (grpc, raw binary tensors, random data)",
         "interval_ms": args.interval_ms,
-        "minutes": round((time.time() - started) / 60, 1),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(

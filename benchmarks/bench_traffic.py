@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import find_perf_analyzer  # noqa: E402
+from benchmarks.bench_serving import find_perf_analyzer, run_meta  # noqa: E402
 from benchmarks.models import build_bench_repositories, onnx_path  # noqa: E402
 from gateway.server.admin_client import AdminClient  # noqa: E402
 from tests.conftest import GatewayProcess  # noqa: E402
@@ -257,12 +256,7 @@ def main() -> None:
     finally:
         for gateway in gateways.values():
             gateway.stop()
-    meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "minutes": round((time.time() - started) / 60, 1),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
+    meta = run_meta(started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for part in results.values():
         part["command"] = meta["command"]  # type: ignore[index]
