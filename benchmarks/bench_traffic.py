@@ -33,9 +33,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
+
+if TYPE_CHECKING:
+    from tests.conftest import GatewayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_serving import find_perf_analyzer, run_meta  # noqa: E402
 from benchmarks.models import build_bench_repositories, onnx_path  # noqa: E402
 from gateway.server.admin_client import AdminClient  # noqa: E402
-from tests.conftest import GatewayProcess  # noqa: E402
 from tests.models import write_scorer_model  # noqa: E402
 
 TOKEN = "bench"
@@ -219,6 +222,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "traffic")
     args = parser.parse_args()
     pa = find_perf_analyzer(args.perf_analyzer)
+    # NOTE: imported here, not at the top: it brings tritonclient, whose protos may not share a
+    # process with the gateway's (bench_pipeline.py imports this module's settings).
+    from tests.conftest import GatewayProcess
+
     repo = traffic_repository(args.work / "repo")
     widths = {model: _width(onnx_path(repo, model)) for model in MODELS}
     # More distinct rows than a round sends (a few thousand requests a second).
