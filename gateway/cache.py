@@ -28,6 +28,7 @@ from cachetools import LRUCache
 from numpy.typing import NDArray
 
 from gateway.batching.batcher import Outcome
+from gateway.errors import RuntimeFailure
 from gateway.settings import CacheSettings
 from gateway.telemetry import GatewayMetrics
 
@@ -48,6 +49,11 @@ class _Entry:
     outputs: tuple[NDArray[np.generic], ...]
     nbytes: int
     expires: float  # time.monotonic()
+
+
+class _OwnerGone(Exception):
+    """The request computing a row left (cancelled, past its own deadline, refused): those
+    waiting for the row compute it themselves."""
 
 
 @dataclass(slots=True)
@@ -232,7 +238,18 @@ class ResponseCache:
             if len(missing) == rows:
                 return CacheResult(computed, outcome, 0, lookup_ns)
         for i, future in waiting:
-            found[i] = await future
+            try:
+                found[i] = await future
+            except _OwnerGone:
+                # Rare: compute the whole request here (the rows already computed for it are
+                # cached; this outcome is the one charged). The other waits are let go.
+                for _, other in waiting:
+                    if not other.done():
+                        other.cancel()
+                    elif not other.cancelled():
+                        other.exception()  # retrieved: no "never retrieved" at collection
+                outcome = await compute(feeds, rows)
+                return CacheResult(outcome.outputs, outcome, 0, lookup_ns)
         positions = {row: j for j, row in enumerate(missing)}
         for i, earlier in duplicates:
             j = positions[earlier]
@@ -261,7 +278,12 @@ class ResponseCache:
             )
             flight.waiters.append(future)
             lookup_ns = time.perf_counter_ns() - started
-            return CacheResult(list(await future), None, 1, lookup_ns)
+            try:
+                return CacheResult(list(await future), None, 1, lookup_ns)
+            except _OwnerGone:
+                pass  # compute it here after all (not counted as a second miss)
+            outcome = await compute(feeds, 1)
+            return CacheResult(outcome.outputs, outcome, 0, lookup_ns)
         self.misses += 1
         flight = _Flight(who, row)
         if key not in self._flights:
@@ -289,11 +311,12 @@ class ResponseCache:
             if flights.get(key) is flight:
                 del flights[key]
             if outputs is None:
+                # A model failure is the row's; anything else (a cancel, the owner's own
+                # deadline or admission) is the owner's, and the waiters go on without it.
+                failure = error if isinstance(error, RuntimeFailure) else _OwnerGone()
                 for future in flight.waiters:
                     if not future.done():
-                        future.set_exception(
-                            error if isinstance(error, Exception) else asyncio.CancelledError()
-                        )
+                        future.set_exception(failure)
                 continue
             # Each output's row, kept with its batch dimension: a one-row hit is served as is.
             row_outputs = tuple([o[j : j + 1].copy() for o in outputs])

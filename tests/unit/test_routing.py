@@ -249,3 +249,32 @@ def test_a_cached_row_past_its_ttl_is_a_miss():
         assert calls == [1, 1]
 
     asyncio.run(scenario())
+
+
+def test_rows_waiting_on_a_request_that_left_are_computed_by_the_waiters():
+    async def scenario() -> None:
+        cache = ResponseCache(CacheSettings(), GatewayMetrics())
+        started = asyncio.Event()
+        calls: list[int] = []
+
+        async def slow(feeds, rows):
+            calls.append(rows)
+            started.set()
+            await asyncio.sleep(0.05)
+            return Outcome([feeds["x"] * 3], 0, 0, rows, 0)
+
+        who = identity("m", "1", "", 1)
+        row = {"x": np.full((1, 2), 2, np.float32)}
+        owner = asyncio.create_task(cache.infer(who, row, 1, slow))
+        await started.wait()
+        waiter = asyncio.create_task(cache.infer(who, row, 1, slow))
+        two = {"x": np.full((2, 2), 2, np.float32)}  # the same row twice: waits on it too
+        both = asyncio.create_task(cache.infer(who, two, 2, slow))
+        await asyncio.sleep(0)
+        owner.cancel()  # the client left: its row is not computed for it
+        one = await waiter
+        np.testing.assert_array_equal(one.outputs[0], np.full((1, 2), 6))
+        np.testing.assert_array_equal((await both).outputs[0], np.full((2, 2), 6))
+        assert calls[0] == 1 and len(calls) >= 2  # computed again, by those who waited
+
+    asyncio.run(scenario())
