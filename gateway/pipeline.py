@@ -29,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.events import EventRecorder, Pending
 from gateway.features.assembly import Assembly, assemble_tensors
+from gateway.features.contract import Contract
 from gateway.routing import ConcurrencyCap, RateLimiter, Route, RouteTable
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.runtime.signature import bind_inputs, select_outputs, to_output_tensor
@@ -62,7 +63,7 @@ class _Served:
     response: InferResponse
     cost: Charge
     cached_rows: int
-    contract: object | None  # the version's Contract, when the request was assembled
+    contract: Contract | None  # the version's, when the request was assembled
 
 
 class Pipeline:
@@ -438,7 +439,7 @@ class Pipeline:
                 request,
                 served.response,
                 str(request_id),
-                served.contract,  # type: ignore[arg-type]
+                served.contract,
                 time.time_ns() // 1000,
                 (time.perf_counter_ns() - started) / 1e6,
                 _nbytes(request.inputs),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.evaluation.page import format_number as _num
+from gateway.tables import format_table
 
 __all__ = [
     "LabelFileError",
@@ -129,7 +129,7 @@ def format_report(report: dict[str, Any]) -> str:
                     (name, *(_num(m.get(k)) for k in ("psi",)), _num(second),
                      *(_num(m.get(k)) for k in ("oov", "out_of_range", "missing", "defaulted")))
                 )  # fmt: skip
-            lines += _table(rows)
+            lines += format_table(rows, indent="  ")
             output = metrics.get("output")
             if output:
                 lines.append(
@@ -154,10 +154,5 @@ def format_report(report: dict[str, Any]) -> str:
              f"{a['direction']} {a['threshold']}", a["action"])
             for a in alerts
         ]  # fmt: skip
-        lines += _table(rows)
+        lines += format_table(rows, indent="  ")
     return "\n".join(lines)
-
-
-def _table(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

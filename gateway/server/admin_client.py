@@ -14,6 +14,7 @@ import grpc
 
 from gateway.api.v1 import admin_pb2 as pb
 from gateway.api.v1 import admin_pb2_grpc as pb_grpc
+from gateway.tables import format_table
 
 __all__ = ["AdminClient", "format_cache", "format_costs"]
 
@@ -81,7 +82,7 @@ def format_costs(reply: pb.CostsResponse, by: tuple[str, ...]) -> str:
     for key, (requests, rows, cached, compute_s, cost) in sorted(sums.items()):
         table.append([*key, f"{requests:.0f}", f"{rows:.0f}", f"{cached:.0f}",
                       f"{compute_s:.6f}", f"{cost:.6g}"])  # fmt: skip
-    lines = [_table(table) if len(table) > 1 else "no requests in the ledger"]
+    lines = format_table(table) if len(table) > 1 else ["no requests in the ledger"]
     if reply.budgets:
         lines.append("")
         budgets = [["budget", "subject", "spent", "limit", "window_s", "renews_in_s", "policy"]]
@@ -90,7 +91,7 @@ def format_costs(reply: pb.CostsResponse, by: tuple[str, ...]) -> str:
             budgets.append([b.name, f"{b.subject}={b.value}", f"{b.spent:.6g}", f"{b.limit:.6g}",
                             str(b.window_s), f"{b.window_start + b.window_s - now:.0f}",
                             b.policy])  # fmt: skip
-        lines.append(_table(budgets))
+        lines += format_table(budgets)
     return "\n".join(lines)
 
 
@@ -107,8 +108,3 @@ def format_cache(reply: pb.CacheResponse) -> str:
     if reply.flushed:
         text += f"\nflushed {reply.flushed} rows"
     return text
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
