@@ -57,6 +57,7 @@ class EventRecorder:
         self._full_size = 0  # log size when it was last found full
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-writer")
         self._wake = asyncio.Event()
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
         # Event ids: unique per run (a random prefix) and per event; a resend keeps its id.
         self._run_id = secrets.token_hex(6)
@@ -147,7 +148,7 @@ class EventRecorder:
 
     async def _flush(self) -> None:
         interval_s = self.settings.flush_interval_ms / 1000
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval_s):
                     await self._wake.wait()
@@ -249,9 +250,11 @@ class EventRecorder:
         What it does not acknowledge stays in the log and is sent after the next start.
         """
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # NOTE: not cancelled: a write cut at its await would leave its batch landing in
+            # the log after the drain below had already looked, unsent until the next start.
+            self._closing = True
+            self._wake.set()
+            await self._task
             self._task = None
         if self._wal is None or self._publisher is None:
             return

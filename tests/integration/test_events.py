@@ -258,3 +258,43 @@ def test_serve_with_sidecar_runs_the_whole_loop_from_one_command(
     assert "sidecar stopped: 20 events stored" in gateway.stderr()
     with duckdb.connect(str(store / "events.duckdb"), read_only=True) as db:
         assert db.execute("SELECT count(*) FROM events").fetchall() == [(20,)]
+
+
+def test_a_stop_during_a_log_write_still_hands_that_batch_to_the_sidecar(
+    start_sidecar, tmp_path: Path
+):
+    """SIGTERM can land while the writer thread appends a batch: the drain must wait for it.
+
+    The writer thread is held busy so the stop comes while the batch is on its way to the log;
+    a drain that looked before the batch landed would leave it unsent until the next start.
+    """
+    import asyncio
+    import threading
+
+    from gateway.events.builder import Pending
+    from gateway.events.recorder import EventRecorder
+    from gateway.features import redact
+    from gateway.settings import EventsSettings
+    from gateway.telemetry import GatewayMetrics
+    from gateway.types import InferRequest, InferResponse
+
+    sidecar = start_sidecar(tmp_path / "store", free_port())
+    settings = EventsSettings(
+        sidecar=sidecar.address, directory=tmp_path / "events", batch_events=4
+    )
+    ids = [f"stop-{i}" for i in range(4)]
+
+    async def serve_then_stop() -> None:
+        recorder = EventRecorder(settings, GatewayMetrics(), redact, 1 << 20)
+        await recorder.start()
+        writing = threading.Event()
+        recorder._writer.submit(writing.wait)  # the batch below queues behind this
+        for request_id in ids:
+            request, response = InferRequest("fraud"), InferResponse("fraud", "1", "", [])
+            recorder.record(Pending(request, response, request_id, None, 0, 1.0, 0))
+        await asyncio.sleep(0.05)  # the writer task has handed the batch to the thread
+        asyncio.get_running_loop().call_later(0.2, writing.set)
+        await recorder.close(grace_s=20)
+
+    asyncio.run(serve_then_stop())
+    assert sorted(request_id for request_id, _ in stored(sidecar)) == ids
