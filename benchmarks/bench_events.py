@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -31,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import find_perf_analyzer, perf_analyzer, run_meta  # noqa: E402
+from benchmarks.bench_serving import cpu_seconds, find_perf_analyzer, perf_analyzer, run_meta  # noqa: E402
 from benchmarks.models import build_bench_repositories  # noqa: E402
 from gateway.api.v1 import events_pb2 as ev  # noqa: E402
 from gateway.demo import build_demo_repository, synthetic_transactions  # noqa: E402
@@ -39,19 +40,30 @@ from tests.conftest import GatewayProcess, SidecarProcess, free_port  # noqa: E4
 
 
 def throughput(pa: str, work: Path, repo: Path, rounds: int) -> dict[str, object]:
+    """Alternating rounds on two gateways, events on and off; besides infer/s, the CPU each
+    gateway spends per request and the sidecar per event (the steadier measure here, where
+    perf_analyzer, both gateways and the sidecar share two cores)."""
     port = free_port()
     sidecar = SidecarProcess(work / "store-throughput", port, work / "logs")
     on = GatewayProcess(repo, work / "gw-on", "--sidecar", f"127.0.0.1:{port}",
                         "--events-dir", str(work / "events-on"))  # fmt: skip
     off = GatewayProcess(repo, work / "gw-off")
     results: dict[str, list[float]] = {"events on": [], "events off": []}
+    cpu_us: dict[str, list[float]] = {"events on": [], "events off": [], "sidecar": []}
     try:
         for _ in range(rounds):
             for name, gw in (("events on", on), ("events off", off)):
+                served = gw.metric("gateway_requests_total", rpc="ModelInfer")
+                cpu, sidecar_cpu = cpu_seconds(gw.process.pid), cpu_seconds(sidecar.process.pid)
                 cell = perf_analyzer(pa, gw.url, "fraud", 1, 64, False, 3000)
                 if isinstance(cell, str):
                     raise RuntimeError(f"perf_analyzer on {name}: {cell}")
                 results[name].append(cell["infer_per_s"])
+                count = max(gw.metric("gateway_requests_total", rpc="ModelInfer") - served, 1)
+                cpu_us[name].append(round((cpu_seconds(gw.process.pid) - cpu) / count * 1e6))
+                if name == "events on":  # its acks may trail into the next round: close enough
+                    sidecar_cpu = cpu_seconds(sidecar.process.pid) - sidecar_cpu
+                    cpu_us["sidecar"].append(round(sidecar_cpu / count * 1e6))
         acked = on.metric("gateway_events_total", outcome="acked")
     finally:
         on.stop(), off.stop(), sidecar.stop()
@@ -60,6 +72,8 @@ def throughput(pa: str, work: Path, repo: Path, rounds: int) -> dict[str, object
         "infer_per_s": results,
         "ratio_per_round": [round(r, 3) for r in ratios],
         "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "cpu_us_per_request": cpu_us,
+        "median_cpu_us": {k: statistics.median(v) for k, v in cpu_us.items() if v},
         "events_acked": acked,
     }
 
@@ -174,6 +188,9 @@ def main() -> None:
     parser.add_argument("--perf-analyzer")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ingest-events", type=int, default=100_000)
+    parser.add_argument(
+        "--parts", default="throughput,ingestion,time_to_alert", help="which measures to run"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "events")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "events")
     args = parser.parse_args()
@@ -184,32 +201,44 @@ def main() -> None:
     if not (repo / "fraud" / "reference.json").exists():
         build_demo_repository(repo)
     started = time.time()
-    results = {
+    parts = args.parts.split(",")
+    measures = {
         # The serving benchmark's repository: the demo model without its contract, so
         # perf_analyzer's random tensors are servable (the events carry its 22 columns).
-        "throughput": throughput(
+        "throughput": lambda: throughput(
             pa, args.work, build_bench_repositories(ROOT / ".bench")["on"], args.rounds
         ),
-        "ingestion": ingestion(args.work, args.ingest_events, 512),
-        "time_to_alert": time_to_alert(args.work, repo, chunk_rows=20, max_chunks=50),
+        "ingestion": lambda: ingestion(args.work, args.ingest_events, 512),
+        "time_to_alert": lambda: time_to_alert(args.work, repo, chunk_rows=20, max_chunks=50),
     }
+    results: dict[str, Any] = {part: measures[part]() for part in parts}
     meta = run_meta(started)
+    for part in parts:
+        results[part]["command"] = meta["command"]
+    # A run of some parts keeps the others' last results (each says which command made it).
+    earlier = args.out.with_suffix(".json")
+    if earlier.exists():
+        kept = {k: v for k, v in json.loads(earlier.read_text()).items() if k != "meta"}
+        results = {**kept, **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"meta": meta, **results}, indent=1)
-    args.out.with_suffix(".json").write_text(body + "\n")
-    t, i, a = results["throughput"], results["ingestion"], results["time_to_alert"]
-    per_round: dict[str, list[float]] = t["infer_per_s"]  # type: ignore[assignment]
-    md = [
-        "# Event streaming benchmark", "", f"`{json.dumps(meta)}`", "",
-        "| measure | value |", "| --- | --- |",
-        f"| gateway infer/s, events on (per round) | {per_round['events on']} |",
-        f"| gateway infer/s, events off (per round) | {per_round['events off']} |",
-        f"| on / off, per round | {t['ratio_per_round']} (median {t['median_ratio']}) |",
-        f"| sidecar ingestion | {i['events_per_s']} events/s "
-        f"({i['events']} events, batches of {i['batch']}) |",
-        f"| shifted rows until the drift alert | {a.get('shifted_rows_to_alert')} "
-        f"({a.get('shift')}, after {a.get('reference_rows')} reference rows) |",
-    ]  # fmt: skip
+    earlier.write_text(body + "\n")
+    md = ["# Event streaming benchmark", "", f"`{json.dumps(meta)}`", "",
+          "| measure | value |", "| --- | --- |"]  # fmt: skip
+    if t := results.get("throughput"):
+        md += [
+            f"| gateway infer/s, events on (per round) | {t['infer_per_s']['events on']} |",
+            f"| gateway infer/s, events off (per round) | {t['infer_per_s']['events off']} |",
+            f"| on / off, per round | {t['ratio_per_round']} (median {t['median_ratio']}) |",
+            "| CPU per request (us): gateway events on, off; sidecar per event (median) | "
+            f"{t.get('cpu_us_per_request')} ({t.get('median_cpu_us')}) |",
+        ]
+    if i := results.get("ingestion"):
+        md.append(f"| sidecar ingestion | {i['events_per_s']} events/s "
+                  f"({i['events']} events, batches of {i['batch']}) |")  # fmt: skip
+    if a := results.get("time_to_alert"):
+        md.append(f"| shifted rows until the drift alert | {a.get('shifted_rows_to_alert')} "
+                  f"({a.get('shift')}, after {a.get('reference_rows')} reference rows) |")
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

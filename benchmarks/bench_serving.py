@@ -113,6 +113,12 @@ def run_meta(started: float) -> dict[str, object]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system, all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def perf_analyzer(
     pa: str, url: str, model: str, batch: int, concurrency: int, streaming: bool, interval_ms: int
 ) -> dict[str, float] | str:

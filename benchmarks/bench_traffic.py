@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import find_perf_analyzer, run_meta  # noqa: E402
+from benchmarks.bench_serving import cpu_seconds, find_perf_analyzer, run_meta  # noqa: E402
 from benchmarks.models import build_bench_repositories, onnx_path  # noqa: E402
 from gateway.server.admin_client import AdminClient  # noqa: E402
 from tests.models import write_scorer_model  # noqa: E402
@@ -175,9 +174,7 @@ def compare(
 
 
 def _cpu_s(gateway: GatewayProcess) -> float:
-    """The gateway process's CPU time so far (user + system), from /proc."""
-    fields = Path(f"/proc/{gateway.process.pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(gateway.process.pid)
 
 
 def _served(gateway: GatewayProcess) -> float:

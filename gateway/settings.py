@@ -253,6 +253,18 @@ class EvaluationSettings(_Section):
         description="DuckDB threads. Ingestion is many small statements, where more threads "
         "cost CPU (about 15% per event with 2 than with 1); raise it for heavy queries.",
     )
+    commit_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Events arriving within this long of the first are stored in one DuckDB "
+        "statement (group commit), and acknowledged then. A statement costs milliseconds "
+        "whatever its rows: longer groups cost less CPU per event and hold events longer in "
+        "the gateway's log.",
+    )
+    commit_events: int = Field(
+        8192, gt=0, description="A group is stored at once when it holds this many events."
+    )
     rules: tuple[AlertRule, ...] = Field(default_factory=_default_rules)
     evaluate_every_s: float = Field(
         60.0,

@@ -37,15 +37,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         store: EventStore,
         settings: EvaluationSettings,
         repository: Path | None = None,
-        commit_interval_s: float = 0.2,
-        commit_events: int = 8192,
     ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = SidecarMetrics()
         self.repository = repository
-        self.commit_interval_s = commit_interval_s
-        self.commit_events = commit_events
         # DuckDB work happens on one thread: off the loop, and one writer at a time.
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.stored = 0  # this run, for the closing log line
@@ -77,11 +73,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 group: list[ev.EventBatch] = []
                 count = 0
                 item = await arrived.get()
-                due = loop.time() + self.commit_interval_s
+                due = loop.time() + self.settings.commit_interval_s
                 while item is not None:
                     group.append(item)
                     count += len(item.events)
-                    if len(group) >= _READ_AHEAD or count >= self.commit_events:
+                    if len(group) >= _READ_AHEAD or count >= self.settings.commit_events:
                         break
                     try:
                         async with asyncio.timeout_at(due):
