@@ -237,8 +237,10 @@ def main() -> None:
         md.append(f"| sidecar ingestion | {i['events_per_s']} events/s "
                   f"({i['events']} events, batches of {i['batch']}) |")  # fmt: skip
     if a := results.get("time_to_alert"):
-        md.append(f"| shifted rows until the drift alert | {a.get('shifted_rows_to_alert')} "
-                  f"({a.get('shift')}, after {a.get('reference_rows')} reference rows) |")
+        md.append(
+            f"| shifted rows until the drift alert | {a.get('shifted_rows_to_alert')} "
+            f"({a.get('shift')}, after {a.get('reference_rows')} reference rows) |"
+        )
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
