@@ -9,7 +9,8 @@ than it has rows, and the cache is flushed between rounds.
 
 1. Overhead: the demo model through a route (two weighted variants, sticky draw), a rate
    limit, a budget, the cost ledger and the cache, all on, the cache cold; against the same
-   model called directly with the cache and the ledger off.
+   model called directly with the cache and the ledger off. ``overhead_nocache``: the same
+   with the cache off, to tell the cache's part from the rest.
 2. Cache: a workload where 90% of the rows repeat (ten hot rows) and 10% are new, with the
    cache on and off, on the demo model, on the heavier MLP (about 1 ms a row, cheap per row
    once batched) and on a compute-bound model (about 30 ms a row, batched or not).
@@ -72,6 +73,15 @@ SETTINGS = {
         "admin": {"token": TOKEN},
     },
     "off": {"cache": {"enabled": False}, "costs": {"enabled": False}},
+    # Everything on but the cache: what routing, limits, budget and ledger cost alone.
+    "on_nocache": {
+        "routing": {
+            "routes": {"live": route("fraud", True)},
+            "rate_limits": {"*": {"rate": 1e9, "burst": 1_000_000_000}},
+        },
+        "costs": {"budgets": [{"name": "all", "tenant": "", "limit": 1e12, "policy": "alert"}]},
+        "cache": {"enabled": False},
+    },
     "cache": {
         "routing": {
             "routes": {
@@ -229,28 +239,26 @@ def main() -> None:
     cold = input_data(args.work / "cold.json", widths["fraud"], 60_000, 0.0, seed=1)
     hot = {m: input_data(args.work / f"hot-{m}.json", w, 60_000, 0.9, seed=2)
            for m, w in widths.items()}  # fmt: skip
+    plans = {
+        "overhead": (("on", "off"), {"on": "live", "off": "fraud"}, cold),
+        "overhead_nocache": (("on_nocache", "off"), {"on_nocache": "live", "off": "fraud"},
+                             cold),
+        "cache_demo": (("cache", "nocache"), {"cache": "live", "nocache": "live"},
+                       hot["fraud"]),
+        "cache_heavy": (("cache", "nocache"), {"cache": "heavy-live",
+                        "nocache": "heavy-live"}, hot["heavy"]),
+        "cache_costly": (("cache", "nocache"), {"cache": "costly-live",
+                         "nocache": "costly-live"}, hot["costly"]),
+    }  # fmt: skip
+    parts = args.parts.split(",")
+    needed = {name for part in parts for name in plans[part][0]}
     started = time.time()
     gateways: dict[str, GatewayProcess] = {}
     try:
-        parts = args.parts.split(",")
-        needed = {"on", "off"} if "overhead" in parts else set()
-        if any(part.startswith("cache") for part in parts):
-            needed |= {"cache", "nocache"}
-        for name, settings in SETTINGS.items():
-            if name not in needed:
-                continue
+        for name in sorted(needed):
             config = args.work / f"{name}.yaml"
-            config.write_text(yaml.safe_dump(settings))
+            config.write_text(yaml.safe_dump(SETTINGS[name]))
             gateways[name] = GatewayProcess(repo, args.work / f"gw-{name}", "--config", str(config))
-        plans = {
-            "overhead": (("on", "off"), {"on": "live", "off": "fraud"}, cold),
-            "cache_demo": (("cache", "nocache"), {"cache": "live", "nocache": "live"},
-                           hot["fraud"]),
-            "cache_heavy": (("cache", "nocache"), {"cache": "heavy-live",
-                            "nocache": "heavy-live"}, hot["heavy"]),
-            "cache_costly": (("cache", "nocache"), {"cache": "costly-live",
-                             "nocache": "costly-live"}, hot["costly"]),
-        }  # fmt: skip
         results = {}
         for part in parts:
             names, models, data = plans[part]
@@ -273,6 +281,8 @@ def main() -> None:
     rows = [
         ("routing + limits + budget + ledger + cold cache / all off (demo model)", "overhead",
          "on", "off", ">= 0.90"),
+        ("routing + limits + budget + ledger, no cache / all off (demo model)",
+         "overhead_nocache", "on_nocache", "off", "-"),
         ("90% repeated rows: cache on / off (demo model)", "cache_demo", "cache", "nocache",
          ">= 3"),
         ("90% repeated rows: cache on / off (heavy MLP, ~1 ms a row)", "cache_heavy", "cache",
