@@ -62,26 +62,21 @@ def route(model: str, deterministic: bool) -> dict[str, object]:
     ]}  # fmt: skip
 
 
+# Route, rate limit, budget and ledger: what "on" turns on besides the cache.
+ROUTED = {
+    "routing": {
+        "routes": {"live": route("fraud", True)},
+        "rate_limits": {"*": {"rate": 1e9, "burst": 1_000_000_000}},
+    },
+    "costs": {"budgets": [{"name": "all", "tenant": "", "limit": 1e12, "policy": "alert"}]},
+}
+
 SETTINGS = {
     # Everything on: route, limits, budget, ledger, cache.
-    "on": {
-        "routing": {
-            "routes": {"live": route("fraud", True)},
-            "rate_limits": {"*": {"rate": 1e9, "burst": 1_000_000_000}},
-        },
-        "costs": {"budgets": [{"name": "all", "tenant": "", "limit": 1e12, "policy": "alert"}]},
-        "admin": {"token": TOKEN},
-    },
+    "on": {**ROUTED, "admin": {"token": TOKEN}},
     "off": {"cache": {"enabled": False}, "costs": {"enabled": False}},
     # Everything on but the cache: what routing, limits, budget and ledger cost alone.
-    "on_nocache": {
-        "routing": {
-            "routes": {"live": route("fraud", True)},
-            "rate_limits": {"*": {"rate": 1e9, "burst": 1_000_000_000}},
-        },
-        "costs": {"budgets": [{"name": "all", "tenant": "", "limit": 1e12, "policy": "alert"}]},
-        "cache": {"enabled": False},
-    },
+    "on_nocache": {**ROUTED, "cache": {"enabled": False}},
     "cache": {
         "routing": {
             "routes": {
