@@ -32,7 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import cpu_seconds, find_perf_analyzer, perf_analyzer, run_meta  # noqa: E402
+from benchmarks.bench_serving import (  # noqa: E402
+    cpu_seconds,
+    find_perf_analyzer,
+    perf_analyzer,
+    run_meta,
+    save_parts,
+)
 from benchmarks.models import build_bench_repositories  # noqa: E402
 from gateway.api.v1 import events_pb2 as ev  # noqa: E402
 from gateway.demo import build_demo_repository, synthetic_transactions  # noqa: E402
@@ -213,16 +219,7 @@ def main() -> None:
     }
     results: dict[str, Any] = {part: measures[part]() for part in parts}
     meta = run_meta(started)
-    for part in parts:
-        results[part]["command"] = meta["command"]
-    # A run of some parts keeps the others' last results (each says which command made it).
-    earlier = args.out.with_suffix(".json")
-    if earlier.exists():
-        kept = {k: v for k, v in json.loads(earlier.read_text()).items() if k != "meta"}
-        results = {**kept, **results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"meta": meta, **results}, indent=1)
-    earlier.write_text(body + "\n")
+    results = save_parts(args.out, meta, results)
     md = ["# Event streaming benchmark", "", f"`{json.dumps(meta)}`", "",
           "| measure | value |", "| --- | --- |"]  # fmt: skip
     if t := results.get("throughput"):

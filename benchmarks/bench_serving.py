@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,6 +112,20 @@ def run_meta(started: float) -> dict[str, object]:
         "minutes": round((time.time() - started) / 60, 1),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+
+
+def save_parts(out: Path, meta: dict[str, object], results: dict[str, Any]) -> dict[str, Any]:
+    """Write ``out``.json: this run's parts, each stamped with its command, over the parts an
+    earlier run left (a run of some parts keeps the others). Returns every part."""
+    for part in results.values():
+        part["command"] = meta["command"]
+    path = out.with_suffix(".json")
+    if path.exists():
+        kept = {k: v for k, v in json.loads(path.read_text()).items() if k != "meta"}
+        results = {**kept, **results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, **results}, indent=1) + "\n")
+    return results
 
 
 def cpu_seconds(pid: int) -> float:

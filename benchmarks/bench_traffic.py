@@ -44,7 +44,12 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import cpu_seconds, find_perf_analyzer, run_meta  # noqa: E402
+from benchmarks.bench_serving import (  # noqa: E402
+    cpu_seconds,
+    find_perf_analyzer,
+    run_meta,
+    save_parts,
+)
 from benchmarks.models import build_bench_repositories, onnx_path  # noqa: E402
 from gateway.server.admin_client import AdminClient  # noqa: E402
 from tests.models import write_scorer_model  # noqa: E402
@@ -264,15 +269,7 @@ def main() -> None:
         for gateway in gateways.values():
             gateway.stop()
     meta = run_meta(started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for part in results.values():
-        part["command"] = meta["command"]  # type: ignore[index]
-    # A run of some parts keeps the others' last results (each says which command made it).
-    earlier = args.out.with_suffix(".json")
-    if earlier.exists():
-        kept = {k: v for k, v in json.loads(earlier.read_text()).items() if k != "meta"}
-        results = {**kept, **results}
-    earlier.write_text(json.dumps({"meta": meta, **results}, indent=1) + "\n")
+    results = save_parts(args.out, meta, results)
     rows = [
         ("routing + limits + budget + ledger + cold cache / all off (demo model)", "overhead",
          "on", "off", ">= 0.90"),
