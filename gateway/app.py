@@ -159,7 +159,7 @@ class Gateway:
         ready_file = os.environ.get(READY_FILE_ENV)
         if ready_file:
             state = {"pid": os.getpid(), "port": self.port, "metrics": self.metrics_port}
-            await asyncio.to_thread(Path(ready_file).write_text, json.dumps(state))
+            await asyncio.to_thread(_write_atomically, Path(ready_file), json.dumps(state))
         log.info(
             "%s ready grpc=%s:%d metrics=%s models=%d",
             "worker" if os.environ.get(READY_FILE_ENV) else "gateway",
@@ -218,3 +218,10 @@ class Gateway:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write then rename, so a reader polling for ``path`` never sees it half written."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
