@@ -152,6 +152,9 @@ class Publisher:
                 continue
             sent = max(sent, self._wal.acked)  # records dropped meanwhile are skipped
             self._new_data.clear()
+            if self._wal.last <= sent:  # nothing new: no read (a thread handoff) to find that
+                await self._wait(self._new_data, receiver, timeout_s=1.0)
+                continue
             records = await loop.run_in_executor(
                 self._io, self._wal.read, sent, self._batch_events, _MAX_BATCH_BYTES
             )
