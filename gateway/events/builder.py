@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway._hotloops import NO_EXTENSIONS
 from gateway.api.v1 import events_pb2 as ev
 from gateway.types import InferRequest, InferResponse, Tensor
 
 if TYPE_CHECKING:
     from gateway.features.contract import Contract
 
-__all__ = ["Pending", "Redact", "build_event"]
+__all__ = ["USING_EXTENSION", "Pending", "Redact", "build_event", "encode_event"]
 
 # A keyed hash standing in for a sensitive value (gateway.features.redact).
 Redact = Callable[[bytes | str | float, bytes], str]
@@ -38,6 +39,16 @@ class Pending:
     event_time_us: int
     total_ms: float
     nbytes: int  # request data held, for the memory bound
+
+
+def encode_event_py(
+    pending: Pending, event_id: str, hash_key: bytes, redact: Redact, max_columns: int
+) -> bytes:
+    """The event's wire bytes: the reference the native encoder is tested against."""
+    encoded: bytes = build_event(
+        pending, event_id, hash_key, redact, max_columns
+    ).SerializeToString()
+    return encoded
 
 
 def build_event(
@@ -188,3 +199,16 @@ def _fallback(answered: Mapping[str, object]) -> str:
 
 def _text(value: object) -> str:
     return "" if value is None else str(value)
+
+
+# The writer encodes every prediction: natively (native/_events_c.pyx, the same event written
+# straight to the wire format, about twice as fast) unless extensions are off or not built.
+if TYPE_CHECKING or NO_EXTENSIONS:
+    encode_event, USING_EXTENSION = encode_event_py, False
+else:
+    try:
+        from gateway._events_c import encode_event
+
+        USING_EXTENSION = True
+    except ImportError:  # pragma: no cover - exercised when the build is absent
+        encode_event, USING_EXTENSION = encode_event_py, False

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.errors import EventLogFull, SettingsError
-from gateway.events.builder import Pending, Redact, build_event
+from gateway.events.builder import Pending, Redact, encode_event
 from gateway.events.publisher import Publisher
 from gateway.events.wal import LogInUse, WriteAheadLog
 from gateway.settings import EventsSettings
@@ -186,10 +186,10 @@ class EventRecorder:
     def _serialize(self, batch: list[Pending]) -> list[bytes]:
         max_columns = self.settings.max_columns
         return [
-            build_event(
+            encode_event(
                 p, f"{self._run_id}-{next(self._events)}", self._hash_key, self._redact,
                 max_columns,
-            ).SerializeToString()
+            )
             for p in batch
         ]  # fmt: skip
 

@@ -1,0 +1,163 @@
+"""The native event encoder writes the same PredictionEvent as the protobuf runtime does from
+the same answer: raw-feature requests under the demo contract (a sensitive feature included)
+and requests that sent the model's own input, with every optional part present or not."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.api.v1 import events_pb2 as ev
+from gateway.demo import contract_file, synthetic_transactions
+from gateway.events import builder
+from gateway.features import redact
+from gateway.features.assembly import assemble_tensors
+from gateway.features.contract import Contract, load_contract
+from gateway.types import InferRequest, InferResponse, Tensor
+
+try:
+    from gateway._events_c import encode_event as native_encode
+except ImportError:  # the parity tests below then fail loudly instead of being skipped
+    native_encode = None
+
+KEY = b"k" * 32
+MAX_COLUMNS = 64
+COLUMNS, _ = synthetic_transactions(64, seed=11)
+TEXT = st.text(max_size=12)
+
+
+def test_native_encoder_is_built():
+    assert native_encode is not None, "gateway._events_c is not built: run `make native`"
+
+
+def test_selector_uses_the_extension_when_expected():
+    if os.environ.get("GATEWAY_EXPECT_EXTENSIONS"):
+        assert builder.USING_EXTENSION
+    if os.environ.get("GATEWAY_NO_EXTENSIONS"):
+        assert not builder.USING_EXTENSION
+
+
+def raw_tensor(name: str, kind: str, start: int, rows: int) -> Tensor:
+    """Rows of a demo feature, sent as a client would."""
+    values = COLUMNS[name][start : start + rows]
+    if kind == "categorical":
+        return Tensor(name, "BYTES", np.array([v.encode() for v in values], dtype=object))
+    if kind == "int":
+        return Tensor(name, "INT64", values.astype(np.int64))
+    return Tensor(name, "FP64", values.astype(np.float64))
+
+
+@pytest.fixture(scope="module")
+def contract(tmp_path_factory: pytest.TempPathFactory) -> Contract:
+    path = tmp_path_factory.mktemp("contract") / "features.yaml"
+    path.write_text(yaml.safe_dump(contract_file(COLUMNS)))
+    return load_contract(path)
+
+
+@st.composite
+def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
+    rows = draw(st.integers(1, 4))
+    parameters: dict[str, object] = {}
+    for name in ("tenant", "surface", "entity_key"):
+        if draw(st.booleans()):
+            parameters[name] = draw(TEXT)
+    for name in draw(st.lists(TEXT, max_size=2, unique=True)):
+        parameters[f"segment.{name}"] = draw(st.one_of(TEXT, st.integers(-5, 5)))
+    assembly = None
+    used_contract = None
+    if draw(st.booleans()):  # raw features under the contract
+        start = draw(st.integers(0, 64 - rows))
+        inputs = []
+        inputs = [raw_tensor(f.name, f.kind, start, rows) for f in contract.features]
+        assembly = assemble_tensors(contract, inputs, "fraud", 1 << 20)
+        used_contract = contract
+    else:  # the model's own input
+        width = draw(st.sampled_from([1, 3, 19, MAX_COLUMNS + 1]))
+        inputs = [Tensor("features", "FP32", np.arange(rows * width, dtype=np.float32)
+                         .reshape(rows, width))]  # fmt: skip
+        if draw(st.booleans()):
+            inputs.append(Tensor("ids", "INT64", np.arange(rows, dtype=np.int64)))
+        if draw(st.booleans()):
+            inputs.append(Tensor("notes", "BYTES", np.array([b"n%d" % i for i in range(rows)],
+                                                            dtype=object)))  # fmt: skip
+        if draw(st.booleans()):
+            inputs.append(Tensor("scalar", "FP32", np.array(1.5, dtype=np.float32)))
+    outputs = []
+    for index in range(draw(st.integers(0, 2))):
+        kind = draw(st.sampled_from(["probability", "class", "label", "other_rows"]))
+        if kind == "probability":
+            data = np.linspace(0, 1, rows * 2, dtype=np.float32).reshape(rows, 2)
+        elif kind == "class":
+            data = np.arange(rows, dtype=np.int64)
+        elif kind == "label":
+            data = np.array([b"x"] * rows, dtype=object)
+        else:
+            data = np.zeros((rows + 1, 1), dtype=np.float32)
+        outputs.append(Tensor(f"{kind}{index}", "FP32", data))
+    answered: dict[str, object] = {
+        "queue_us": draw(st.integers(0, 10**6)),
+        "compute_us": draw(st.integers(0, 10**6)),
+        "cost": draw(st.floats(0, 1e3)),
+        "cached_rows": draw(st.integers(0, rows)),
+    }
+    for name in ("route", "arm", "variant", "fallback", "fallback_reason"):
+        if draw(st.booleans()):
+            answered[name] = draw(TEXT)
+    request = InferRequest("fraud", inputs=inputs, parameters=parameters)  # type: ignore[arg-type]
+    response = InferResponse(
+        "fraud",
+        draw(st.sampled_from(["1", "2"])),
+        "",
+        outputs,
+        answered,  # type: ignore[arg-type]
+        assembly,
+    )
+    return builder.Pending(
+        request,
+        response,
+        draw(TEXT),
+        used_contract,
+        draw(st.integers(0, 2**62)),
+        draw(st.floats(0, 1e4)),
+        0,
+    )
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_native_and_protobuf_encodings_parse_to_the_same_event(contract: Contract, data):
+    assert native_encode is not None
+    pending = data.draw(answers(contract))
+    event_id = data.draw(TEXT)
+    expected = builder.build_event(pending, event_id, KEY, redact, MAX_COLUMNS)
+    encoded = native_encode(pending, event_id, KEY, redact, MAX_COLUMNS)
+    assert ev.PredictionEvent.FromString(encoded) == expected
+
+
+def test_a_sensitive_feature_travels_hashed_in_the_native_encoding(contract: Contract):
+    """The parity above would hide a shared mistake: check the sensitive value directly."""
+    assert native_encode is not None
+    sensitive = [f.name for f in contract.features if f.sensitive]
+    assert sensitive
+    inputs = [raw_tensor(f.name, f.kind, 0, 2) for f in contract.features]
+    assembly = assemble_tensors(contract, inputs, "fraud", 1 << 20)
+    pending = builder.Pending(InferRequest("fraud", inputs=inputs),
+                              InferResponse("fraud", "2", "", [], {}, assembly),
+                              "r1", contract, 1, 1.0, 0)  # fmt: skip
+    event = ev.PredictionEvent.FromString(native_encode(pending, "e1", KEY, redact, MAX_COLUMNS))
+    columns = {c.name: c for c in event.features.strings}
+    for name in sensitive:
+        clear = COLUMNS[name][:2]
+        assert columns[name].hashed
+        assert list(columns[name].values) == [
+            redact(v if isinstance(v, str) else float(v), KEY) for v in clear
+        ]
+        assert name not in event.features.numeric_names
+    assert [c.feature for c in event.coverage] == [f.name for f in contract.features]
