@@ -136,6 +136,58 @@ def ingestion(work: Path, events: int, batch: int) -> dict[str, object]:
             "events_per_s": round(events / seconds)}  # fmt: skip
 
 
+def encoding(repo: Path, reps: int = 5, count: int = 5000) -> dict[str, object]:
+    """In process: microseconds to encode one event, native encoder against the protobuf
+    runtime (alternating, best of ``reps``), for the throughput part's event (the model's own
+    input, 19 columns) and a raw-feature event under the demo contract (8 features)."""
+    from gateway._events_c import encode_event as native
+
+    from gateway.events.builder import Pending, encode_event_py
+    from gateway.features import redact
+    from gateway.features.assembly import assemble_tensors
+    from gateway.features.contract import load_contract
+    from gateway.types import InferRequest, InferResponse, Tensor
+
+    contract = load_contract(repo / "fraud", "v2")
+    columns, _ = synthetic_transactions(1, seed=3)
+    raw = [
+        Tensor(f.name, "BYTES", np.array([str(columns[f.name][0]).encode()], dtype=object))
+        if f.kind == "categorical"
+        else Tensor(f.name, "INT64", np.asarray(columns[f.name][:1], np.int64))
+        if f.kind == "int"
+        else Tensor(f.name, "FP64", np.asarray(columns[f.name][:1], np.float64))
+        for f in contract.features
+    ]  # fmt: skip
+    probability = [Tensor("probability", "FP32", np.full((1, 1), 0.25, np.float32))]
+    answered = {"queue_us": 40, "compute_us": 25, "cost": 1e-6, "cached_rows": 0}
+    cases = {
+        "model input (19 columns)": Pending(
+            InferRequest("fraud", inputs=[Tensor("features", "FP32", np.ones((1, 19), "f4"))]),
+            InferResponse("fraud", "1", "", probability, dict(answered)),
+            "r1", None, time.time_ns() // 1000, 0.8, 76,
+        ),
+        "raw features (contract v2)": Pending(
+            InferRequest("fraud", inputs=raw, parameters={"segment.country": "DE"}),
+            InferResponse("fraud", "2", "", probability, dict(answered),
+                          assemble_tensors(contract, raw, "fraud", 1 << 20)),
+            "r2", contract, time.time_ns() // 1000, 0.8, 76,
+        ),
+    }  # fmt: skip
+    key = b"k" * 32
+    out: dict[str, dict[str, float]] = {}
+    for name, pending in cases.items():
+        best = {"native": float("inf"), "protobuf": float("inf")}
+        for _ in range(reps):
+            for impl, encode in (("native", native), ("protobuf", encode_event_py)):
+                started = time.perf_counter()
+                for _ in range(count):
+                    encode(pending, "e1", key, redact, 64)
+                best[impl] = min(best[impl], (time.perf_counter() - started) / count * 1e6)
+        out[name] = {k: round(v, 2) for k, v in best.items()}
+        out[name]["speedup"] = round(best["protobuf"] / best["native"], 2)
+    return {"us_per_event": out}
+
+
 def time_to_alert(work: Path, repo: Path, chunk_rows: int, max_chunks: int) -> dict[str, object]:
     import tritonclient.grpc as triton_grpc
 
@@ -195,19 +247,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ingest-events", type=int, default=100_000)
     parser.add_argument(
-        "--parts", default="throughput,ingestion,time_to_alert", help="which measures to run"
+        "--parts",
+        default="throughput,ingestion,encoding,time_to_alert",
+        help="which measures to run",
     )
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "events")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "events")
     args = parser.parse_args()
-    pa = find_perf_analyzer(args.perf_analyzer)
+    parts = args.parts.split(",")
+    pa = find_perf_analyzer(args.perf_analyzer) if "throughput" in parts else ""
     for stale in [*args.work.glob("store-*"), *args.work.glob("events-*")]:
         shutil.rmtree(stale)  # a store or log left by an earlier run would count its events
     repo = args.work / "repo"
     if not (repo / "fraud" / "reference.json").exists():
         build_demo_repository(repo)
     started = time.time()
-    parts = args.parts.split(",")
     measures = {
         # The serving benchmark's repository: the demo model without its contract, so
         # perf_analyzer's random tensors are servable (the events carry its 22 columns).
@@ -215,6 +269,7 @@ def main() -> None:
             pa, args.work, build_bench_repositories(ROOT / ".bench")["on"], args.rounds
         ),
         "ingestion": lambda: ingestion(args.work, args.ingest_events, 512),
+        "encoding": lambda: encoding(repo),
         "time_to_alert": lambda: time_to_alert(args.work, repo, chunk_rows=20, max_chunks=50),
     }
     results: dict[str, Any] = {part: measures[part]() for part in parts}
@@ -233,6 +288,9 @@ def main() -> None:
     if i := results.get("ingestion"):
         md.append(f"| sidecar ingestion | {i['events_per_s']} events/s "
                   f"({i['events']} events, batches of {i['batch']}) |")  # fmt: skip
+    for case, e in (results.get("encoding") or {}).get("us_per_event", {}).items():
+        md.append(f"| event encoding, {case}: us per event | native {e['native']}, "
+                  f"protobuf {e['protobuf']} ({e['speedup']}x) |")  # fmt: skip
     if a := results.get("time_to_alert"):
         md.append(
             f"| shifted rows until the drift alert | {a.get('shifted_rows_to_alert')} "
