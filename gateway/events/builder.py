@@ -1,5 +1,5 @@
-"""Stage 7, shape: an answered request -> one PredictionEvent (on the writer thread, never on
-the request path)."""
+"""Stage 7, shape: an answered request -> one PredictionEvent, encoded in the writer's batches,
+never on the request path."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def _text(value: object) -> str:
 
 
 # The writer encodes every prediction: natively (native/_events_c.pyx, the same event written
-# straight to the wire format, about twice as fast) unless extensions are off or not built.
+# straight to the wire format, 2-3x faster) unless extensions are off or not built.
 if TYPE_CHECKING or NO_EXTENSIONS:
     encode_event, USING_EXTENSION = encode_event_py, False
 else:
