@@ -4,23 +4,20 @@ event: parsing either's bytes gives equal messages, tested for parity).
 
 The writer encodes every answered prediction, so this writes the PredictionEvent's wire
 format (https://protobuf.dev/programming-guides/encoding/) straight into one growing buffer
-instead of building a message object field by field. Parts that repeat (a version's
-identity, a layout's column names) are encoded once and reused.
+instead of building a message object field by field. What goes into the event (features,
+sensitive values hashed, outputs) is the builder's ``event_columns``; only the writing is
+here. Parts that repeat (a version's identity, a layout's column names) are encoded once and
+reused.
 """
 
-import math
-
-import numpy as np
+from gateway.events.builder import event_columns, fallback_text
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy, memmove
 
-cdef object _F64 = np.dtype("<f8")
-cdef tuple _NUMERIC_KINDS = ("b", "i", "u", "f")
 cdef dict _identities = {}  # bounded: cleared when it reaches _CACHE_LIMIT
 cdef dict _layouts = {}
-cdef dict _columns = {}
 cdef Py_ssize_t _CACHE_LIMIT = 1024
 
 # Keys (field number << 3 | wire type). 0: varint, 1: 64-bit, 2: length-delimited.
@@ -207,12 +204,6 @@ cdef int _string_column(_Buffer out, str name, list values, bint hashed) except 
     return 0
 
 
-cdef str _decoded(object value):
-    if isinstance(value, bytes):
-        return (<bytes>value).decode("utf-8", errors="replace")
-    return str(value)
-
-
 def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_columns):
     request = pending.request
     response = pending.response
@@ -220,7 +211,8 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
     cdef dict answered = response.parameters
     assembly = response.assembly
     contract = pending.contract
-    cdef Py_ssize_t rows = _rows(request, response)
+    columns = event_columns(pending, hash_key, redact, max_columns)
+    cdef Py_ssize_t rows = columns.rows
     cdef _Buffer out = _Buffer()
     cdef Py_ssize_t start, block_start
 
@@ -246,7 +238,7 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
     if cached:
         out.key2(CACHED_ROWS)
         out.varint(<uint64_t>cached)
-    fallback = _fallback(answered)
+    fallback = fallback_text(answered)
     if fallback:
         out.key2(FALLBACK)
         out.text(fallback)
@@ -271,27 +263,6 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
             out.byte(F2_LEN)
             out.text(_text(value))
             out.close_message(start)
-
-    cdef list names = []
-    cdef list columns = []
-    out.byte(FEATURES)
-    block_start = out.mark()
-    if assembly is not None and contract is not None:
-        _contract_features(out, request, contract, hash_key, redact, names, columns)
-    else:
-        for tensor in request.inputs:
-            _input_columns(out, tensor, rows, max_columns, names, columns)
-    if columns:
-        matrix = columns[0] if len(columns) == 1 else np.hstack(columns)
-        numbers = matrix.astype(_F64, copy=False).tobytes()
-        layout = _layout(tuple(names))
-        out.raw(layout, len(layout))
-        out.byte(F2_LEN)
-        out.blob(numbers)
-    if out.size == block_start:
-        out.size -= 1  # no features: no FeatureBlock (its key is taken back)
-    else:
-        out.close_message(block_start)
     if assembly is not None and contract is not None:
         for feature, counts in zip(contract.features, assembly.counts.tolist(), strict=True):
             out.key2(COVERAGE)
@@ -303,89 +274,26 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
                     out.byte(<unsigned char>((field + 2) << 3))
                     out.varint(<uint64_t><long long>count)
             out.close_message(start)
-    for tensor in response.outputs:
-        data = tensor.data
-        if data.dtype.kind not in _NUMERIC_KINDS or not data.ndim or data.shape[0] != rows:
-            continue
+    if columns.strings or columns.numeric_names:
+        out.byte(FEATURES)
+        block_start = out.mark()
+        for name, values, hashed in columns.strings:
+            _string_column(out, name, values, hashed)
+        if columns.numeric_names:
+            layout = _layout(tuple(columns.numeric_names))
+            out.raw(layout, len(layout))
+            out.byte(F2_LEN)
+            out.blob(columns.numbers)
+        out.close_message(block_start)
+    for name, data, width in columns.outputs:
         out.byte(OUTPUTS)
         start = out.mark()
         out.byte(F1_LEN)
-        out.text(tensor.name)
+        out.text(name)
         out.byte(F2_LEN)
-        out.blob(data.astype(_F64).tobytes())
-        width = math.prod(data.shape[1:])
+        out.blob(data)
         if width:
             out.byte(F3_VARINT)
             out.varint(<uint64_t><long long>width)
         out.close_message(start)
     return out.result()
-
-
-cdef _contract_features(_Buffer out, request, contract, bytes hash_key, redact, list names,
-                        list columns):
-    specs = {f.name: f for f in contract.features}
-    cdef list numeric = []
-    for tensor in request.inputs:
-        spec = specs.get(tensor.name)
-        if spec is None:
-            continue
-        if tensor.datatype == "BYTES":
-            values = [_decoded(v) for v in tensor.data.ravel().tolist()]
-            if spec.sensitive:
-                values = [redact(v, hash_key) for v in values]
-            _string_column(out, tensor.name, values, spec.sensitive)
-            continue
-        column = tensor.data.astype(np.float64).ravel()
-        if spec.sensitive:
-            hashed = [redact(v, hash_key) for v in column.tolist()]
-            _string_column(out, tensor.name, hashed, True)
-            continue
-        names.append(tensor.name)
-        numeric.append(column)
-    if numeric:
-        columns.append(np.column_stack(numeric))
-
-
-cdef _input_columns(_Buffer out, tensor, Py_ssize_t rows, Py_ssize_t max_columns, list names,
-                    list columns):
-    shape = tensor.shape
-    if not shape or shape[0] != rows:
-        return
-    if tensor.datatype == "BYTES":
-        if len(shape) == 1:
-            values = [_decoded(v) for v in tensor.data.tolist()]
-            _string_column(out, tensor.name, values, False)
-        return
-    matrix = tensor.data.reshape(rows, -1)
-    if matrix.shape[1] > max_columns:
-        return
-    if len(shape) == 1:
-        names.append(tensor.name)
-    else:
-        names.extend(_column_names(tensor.name, matrix.shape[1]))
-    columns.append(matrix.astype(np.float64))
-
-
-cdef tuple _column_names(str name, Py_ssize_t width):
-    cache_key = (name, width)
-    found = _columns.get(cache_key)
-    if found is None:
-        if len(_columns) >= _CACHE_LIMIT:
-            _columns.clear()
-        found = _columns[cache_key] = tuple([f"{name}[{j}]" for j in range(width)])
-    return found
-
-
-cdef Py_ssize_t _rows(request, response):
-    for tensor in (*response.outputs, *request.inputs):
-        shape = tensor.shape
-        if shape:
-            return int(shape[0])
-    return 1
-
-
-cdef str _fallback(dict answered):
-    reason = answered.get("fallback_reason")
-    if not reason:
-        return ""
-    return f"{answered.get('fallback') or answered.get('variant', '')}: {reason}"

@@ -19,7 +19,16 @@ from gateway.types import InferRequest, InferResponse, Tensor
 if TYPE_CHECKING:
     from gateway.features.contract import Contract
 
-__all__ = ["USING_EXTENSION", "Pending", "Redact", "build_event", "encode_event"]
+__all__ = [
+    "USING_EXTENSION",
+    "Columns",
+    "Pending",
+    "Redact",
+    "build_event",
+    "encode_event",
+    "event_columns",
+    "fallback_text",
+]
 
 # A keyed hash standing in for a sensitive value (gateway.features.redact).
 Redact = Callable[[bytes | str | float, bytes], str]
@@ -51,6 +60,43 @@ def encode_event_py(
     return encoded
 
 
+@dataclass(slots=True)
+class Columns:
+    """What an event carries of an answer, decided once for both encoders: numeric features as
+    one float64 matrix (little-endian, row-major), string features (sensitive values already
+    hashed), and the numeric outputs (``name, float64 bytes, width``)."""
+
+    rows: int
+    numeric_names: list[str]
+    numbers: bytes
+    strings: list[tuple[str, list[str], bool]]  # name, values, hashed
+    outputs: list[tuple[str, bytes, int]]
+
+
+def event_columns(pending: Pending, hash_key: bytes, redact: Redact, max_columns: int) -> Columns:
+    request, response = pending.request, pending.response
+    rows = _rows(request, response)
+    names: list[str] = []
+    blocks: list[NDArray[np.float64]] = []
+    strings: list[tuple[str, list[str], bool]] = []
+    if response.assembly is not None and pending.contract is not None:
+        _contract_features(request, pending.contract, hash_key, redact, names, blocks, strings)
+    else:
+        for tensor in request.inputs:
+            _input_columns(tensor, rows, max_columns, names, blocks, strings)
+    numbers = b""
+    if blocks:
+        matrix = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
+        numbers = matrix.astype(_F64, copy=False).tobytes()
+    outputs = []
+    for tensor in response.outputs:
+        data = tensor.data
+        if data.dtype.kind not in _NUMERIC_KINDS or not data.ndim or data.shape[0] != rows:
+            continue
+        outputs.append((tensor.name, data.astype(_F64).tobytes(), math.prod(data.shape[1:])))
+    return Columns(rows, names, numbers, strings, outputs)
+
+
 def build_event(
     pending: Pending, event_id: str, hash_key: bytes, redact: Redact, max_columns: int
 ) -> ev.PredictionEvent:
@@ -58,6 +104,7 @@ def build_event(
     params = request.parameters
     answered = response.parameters
     assembly = response.assembly
+    columns = event_columns(pending, hash_key, redact, max_columns)
     event = ev.PredictionEvent(
         event_id=event_id,
         request_id=pending.request_id,
@@ -69,23 +116,19 @@ def build_event(
         version=response.model_version,
         arm=_text(answered.get("arm")) or "primary",
         contract_version=assembly.contract.version if assembly is not None else "",
-        rows=_rows(request, response),
+        rows=columns.rows,
         queue_ms=float(answered.get("queue_us", 0)) / 1000,
         compute_ms=float(answered.get("compute_us", 0)) / 1000,
         total_ms=pending.total_ms,
         cost=float(answered.get("cost", 0.0)),
         cached_rows=int(answered.get("cached_rows", 0)),
-        fallback=_fallback(answered),
+        fallback=fallback_text(answered),
         entity_key=_text(params.get("entity_key")),
     )
     for key, value in params.items():
         if key.startswith("segment."):
             event.segments[key[len("segment.") :]] = _text(value)
-    rows = event.rows
-    blocks: list[NDArray[np.float64]] = []
-    names: list[str] = []
     if assembly is not None and pending.contract is not None:
-        _contract_features(event, request, pending.contract, hash_key, redact, names, blocks)
         for feature, counts in zip(pending.contract.features, assembly.counts, strict=True):
             present, defaulted, out_of_range, oov = (int(c) for c in counts)
             event.coverage.add(
@@ -95,30 +138,24 @@ def build_event(
                 out_of_range=out_of_range,
                 oov=oov,
             )
-    else:
-        for tensor in request.inputs:
-            _input_columns(event, tensor, rows, max_columns, names, blocks)
-    if blocks:
-        matrix = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
-        event.features.numeric_names.extend(names)
-        event.features.numbers = matrix.astype(_F64, copy=False).tobytes()
-    for tensor in response.outputs:
-        data = tensor.data
-        if data.dtype.kind not in _NUMERIC_KINDS or not data.ndim or data.shape[0] != rows:
-            continue
-        width = math.prod(data.shape[1:])
-        event.outputs.add(name=tensor.name, values=data.astype(_F64).tobytes(), width=width)
+    for name, values, hashed in columns.strings:
+        event.features.strings.add(name=name, values=values, hashed=hashed)
+    if columns.numeric_names:
+        event.features.numeric_names.extend(columns.numeric_names)
+        event.features.numbers = columns.numbers
+    for name, data, width in columns.outputs:
+        event.outputs.add(name=name, values=data, width=width)
     return event
 
 
 def _contract_features(
-    event: ev.PredictionEvent,
     request: InferRequest,
     contract: Contract,
     hash_key: bytes,
     redact: Redact,
     names: list[str],
     blocks: list[NDArray[np.float64]],
+    strings: list[tuple[str, list[str], bool]],
 ) -> None:
     specs = {f.name: f for f in contract.features}
     numeric: list[NDArray[np.float64]] = []
@@ -130,12 +167,11 @@ def _contract_features(
             values = [_decoded(v) for v in tensor.data.ravel().tolist()]
             if spec.sensitive:
                 values = [redact(v, hash_key) for v in values]
-            event.features.strings.add(name=tensor.name, values=values, hashed=spec.sensitive)
+            strings.append((tensor.name, values, spec.sensitive))
             continue
         column = tensor.data.astype(np.float64).ravel()
         if spec.sensitive:
-            hashed = [redact(v, hash_key) for v in column.tolist()]
-            event.features.strings.add(name=tensor.name, values=hashed, hashed=True)
+            strings.append((tensor.name, [redact(v, hash_key) for v in column.tolist()], True))
             continue
         names.append(tensor.name)
         numeric.append(column)
@@ -144,12 +180,12 @@ def _contract_features(
 
 
 def _input_columns(
-    event: ev.PredictionEvent,
     tensor: Tensor,
     rows: int,
     max_columns: int,
     names: list[str],
     blocks: list[NDArray[np.float64]],
+    strings: list[tuple[str, list[str], bool]],
 ) -> None:
     """A request that sent the model's own input: its columns, named ``input[j]``."""
     shape = tensor.shape
@@ -157,8 +193,7 @@ def _input_columns(
         return
     if tensor.datatype == "BYTES":
         if len(shape) == 1:
-            values = [_decoded(v) for v in tensor.data.tolist()]
-            event.features.strings.add(name=tensor.name, values=values)
+            strings.append((tensor.name, [_decoded(v) for v in tensor.data.tolist()], False))
         return
     matrix = tensor.data.reshape(rows, -1)
     if matrix.shape[1] > max_columns:
@@ -189,7 +224,7 @@ def _decoded(value: object) -> str:
     return str(value)
 
 
-def _fallback(answered: Mapping[str, object]) -> str:
+def fallback_text(answered: Mapping[str, object]) -> str:
     """``variant: why`` when a fallback answered (or a budget degraded the request)."""
     reason = answered.get("fallback_reason")
     if not reason:
@@ -201,6 +236,7 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+# Last in the module: the native encoder imports event_columns and fallback_text from here.
 # The writer encodes every prediction: natively (native/_events_c.pyx, the same event written
 # straight to the wire format, 2-3x faster) unless extensions are off or not built.
 if TYPE_CHECKING or NO_EXTENSIONS:
