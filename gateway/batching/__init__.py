@@ -1,5 +1,5 @@
 """Stage 5: per model version queues, dynamic batches, admission control."""
 
-from gateway.batching.batcher import MicroBatcher, Outcome
+from gateway.batching.batcher import BatcherConfig, MicroBatcher
 
-__all__ = ["MicroBatcher", "Outcome"]
+__all__ = ["BatcherConfig", "MicroBatcher"]

@@ -30,12 +30,12 @@ from numpy.typing import NDArray
 
 from gateway.batching.batch import Feeds, chunk, join, merge, split
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
-from gateway.runtime.session import ModelRuntime
-from gateway.settings import DynamicBatching, Execution, QueuePolicy
-from gateway.statistics import ModelStatistics
-from gateway.telemetry.metrics import GatewayMetrics
+from gateway.settings import DynamicBatching, Execution, ModelConfig, QueuePolicy
+from gateway.telemetry import GatewayMetrics
+from gateway.telemetry.statistics import ModelStatistics
+from gateway.types import ModelRuntime, Outcome
 
-__all__ = ["MicroBatcher", "Outcome"]
+__all__ = ["BatcherConfig", "MicroBatcher"]
 
 # Weight of the newest batch in the moving average of batch time (for expected waits).
 _EWMA_ALPHA = 0.2
@@ -51,14 +51,28 @@ _REPROBE_EVERY = 1000
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """A request's outputs (all model outputs, in model order) and where its time went."""
+class BatcherConfig:
+    """How one model version is scheduled (from its model config)."""
 
-    outputs: list[NDArray[np.generic]]
-    queue_ns: int
-    compute_ns: int  # the whole batch's run
-    batch_rows: int
-    share_ns: int  # this request's rows' share of compute_ns (what its cost is charged on)
+    name: str
+    version: str
+    max_batch_size: int
+    batching: DynamicBatching | None
+    queue: QueuePolicy
+    execution: Execution = "thread"
+    inline_below_us: int = 0
+
+    @classmethod
+    def of(cls, name: str, version: str, config: ModelConfig) -> BatcherConfig:
+        return cls(
+            name=name,
+            version=version,
+            max_batch_size=config.max_batch_size,
+            batching=config.dynamic_batching,
+            queue=config.queue,
+            execution=config.execution,
+            inline_below_us=config.inline_below_us,
+        )
 
 
 @dataclass(eq=False, slots=True)
@@ -112,17 +126,14 @@ class MicroBatcher:
 
     def __init__(
         self,
-        name: str,
-        version: str,
+        config: BatcherConfig,
         runtimes: Sequence[ModelRuntime],
-        max_batch_size: int,
-        batching: DynamicBatching | None,
-        queue: QueuePolicy,
         stats: ModelStatistics,
         metrics: GatewayMetrics,
-        execution: Execution = "thread",
-        inline_below_us: int = 0,
     ) -> None:
+        name, version = config.name, config.version
+        max_batch_size, batching, queue = config.max_batch_size, config.batching, config.queue
+        execution, inline_below_us = config.execution, config.inline_below_us
         self.name = name
         self.version = version
         self._loop = asyncio.get_running_loop()
@@ -165,7 +176,16 @@ class MicroBatcher:
         self, feeds: Feeds, rows: int, priority: int | None = None, deadline: float | None = None
     ) -> Outcome:
         """Queue a request (admission first) and wait for its rows' outputs."""
-        level = self._policy.default_level if priority is None else priority
+        levels = self._policy.priority_levels
+        if priority is None:
+            level = self._policy.default_level
+        elif 1 <= priority <= levels:
+            level = priority
+        else:
+            raise InvalidRequest(
+                f"parameter 'priority' must be an integer from 1 (first) to {levels} for model "
+                f"'{self.name}', got {priority}"
+            )
         pieces = chunk(feeds, rows, self._max_rows) if self._max_rows else [(dict(feeds), rows)]
         self._admit(rows, len(pieces), deadline)
         now_ns = time.perf_counter_ns()

@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from gateway.batching import MicroBatcher
+from gateway.batching import BatcherConfig, MicroBatcher
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from gateway.settings import DynamicBatching, QueuePolicy
-from gateway.statistics import ModelStatistics
 from gateway.telemetry import GatewayMetrics
+from gateway.telemetry.statistics import ModelStatistics
 from gateway.types import TensorSpec
 
 
@@ -61,9 +61,8 @@ class Harness:
         self.runtimes = [GatedRuntime(self.log, self.gate) for _ in range(instances)]
         self.stats = ModelStatistics()
         self.metrics = GatewayMetrics()
-        self.batcher = MicroBatcher(
-            "m", "1", self.runtimes, max_batch_size, batching, queue, self.stats, self.metrics
-        )
+        config = BatcherConfig("m", "1", max_batch_size, batching, queue)
+        self.batcher = MicroBatcher(config, self.runtimes, self.stats, self.metrics)
 
     def submit(self, rows: int, start: float = 0.0, **kwargs) -> tuple[asyncio.Task, np.ndarray]:
         x = (start + np.arange(rows * 2, dtype=np.float32)).reshape(rows, 2)
@@ -332,10 +331,16 @@ def _spin(seconds: float) -> None:
 
 def timed_batcher(execution: str, inline_below_us: int = 100) -> tuple[MicroBatcher, TimedRuntime]:
     runtime = TimedRuntime()
-    batcher = MicroBatcher(
-        "m", "1", [runtime], 16, BATCHING, QUEUE, ModelStatistics(), GatewayMetrics(),
-        execution, inline_below_us,
-    )  # fmt: skip
+    config = BatcherConfig(
+        name="m",
+        version="1",
+        max_batch_size=16,
+        batching=BATCHING,
+        queue=QUEUE,
+        execution=execution,  # type: ignore[arg-type]
+        inline_below_us=inline_below_us,
+    )
+    batcher = MicroBatcher(config, [runtime], ModelStatistics(), GatewayMetrics())
     return batcher, runtime
 
 
