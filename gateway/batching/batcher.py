@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from gateway.batching.average import MovingAverage
 from gateway.batching.batch import Feeds, chunk, join, merge, split
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
 from gateway.settings import DynamicBatching, Execution, ModelConfig, QueuePolicy
@@ -37,8 +38,6 @@ from gateway.types import ModelRuntime, Outcome
 
 __all__ = ["BatcherConfig", "MicroBatcher"]
 
-# Weight of the newest batch in the moving average of batch time (for expected waits).
-_EWMA_ALPHA = 0.2
 # execution "auto" decides from inline runs, timed per batch size (powers of two): on an
 # instance thread a run's time, wall or CPU, includes handing the GIL back and forth with the
 # busy event loop (the demo model: 19 us inline, 230 us of thread CPU and 5 ms of wall under
@@ -144,9 +143,9 @@ class MicroBatcher:
         self._policy = queue
         self._queue = _Queue([deque() for _ in range(queue.priority_levels)])
         self._stats = stats
-        self._batch_s = 0.0  # moving average of one batch's wall time
-        self._row_ns = 0.0  # moving average of thread CPU time per row, on the threads
-        self._inline_ns: dict[int, float] = {}  # rows.bit_length() -> moving average, inline
+        self._batch_s = MovingAverage()  # one batch's wall time (for expected waits)
+        self._row_ns = MovingAverage()  # thread CPU time per row, on the threads
+        self._inline_ns: dict[int, MovingAverage] = {}  # rows.bit_length() -> run time, inline
         self._since_probe = 0
         self._execution = execution
         self._inline_budget_ns = inline_below_us * 1000
@@ -251,7 +250,7 @@ class MicroBatcher:
                 f"({q.requests} requests, {q.rows} rows queued; limits {policy.max_requests} "
                 f"requests, {policy.max_rows} rows)"
             )
-        if deadline is not None and self._batch_s > 0:
+        if deadline is not None and self._batch_s.value > 0:
             expected = self.expected_wait_s(rows)
             remaining = deadline - self._loop.time()
             if expected > remaining:
@@ -269,7 +268,7 @@ class MicroBatcher:
         else:
             batches = math.ceil((self._queue.rows + rows) / self._max_rows)
         busy = sum(i.busy for i in self._instances)
-        return math.ceil((batches + busy) / len(self._instances)) * self._batch_s
+        return math.ceil((batches + busy) / len(self._instances)) * self._batch_s.value
 
     def _enqueue(self, item: _Item) -> None:
         self._queue.levels[item.priority - 1].append(item)
@@ -348,12 +347,12 @@ class MicroBatcher:
             return True
         # auto: a thread first, then inline runs timed per size (see _PROBE_FACTOR).
         budget = self._inline_budget_ns
-        if budget <= 0 or not self._row_ns:
+        if budget <= 0 or not self._row_ns.value:
             return False
         size = rows.bit_length()
         known = self._inline_ns.get(size)
         if known is not None:
-            if known < budget:
+            if known.value < budget:
                 return True
             self._since_probe += 1
             if self._since_probe < _REPROBE_EVERY:
@@ -363,9 +362,9 @@ class MicroBatcher:
         smaller = [s for s in self._inline_ns if s < size]
         if smaller:
             nearest = max(smaller)
-            estimate = self._inline_ns[nearest] * 2 ** (size - nearest)  # as if all per row
+            estimate = self._inline_ns[nearest].value * 2 ** (size - nearest)  # as if all per row
         else:
-            estimate = self._row_ns * rows
+            estimate = self._row_ns.value * rows
         return bool(estimate < _PROBE_FACTOR * budget)
 
     def _should_wait(self) -> bool:
@@ -450,16 +449,15 @@ class MicroBatcher:
         else:
             compute_ns = job.end_ns - job.begin_ns
             wall_s = (finished_ns - job.started_ns) / 1e9
-            self._batch_s = (
-                wall_s
-                if not self._batch_s
-                else (_EWMA_ALPHA * wall_s + (1 - _EWMA_ALPHA) * self._batch_s)
-            )
+            self._batch_s.add(wall_s)
             if job.inline:
                 size = total.bit_length()
-                self._inline_ns[size] = _ewma(self._inline_ns.get(size, 0.0), compute_ns)
+                inline_ns = self._inline_ns.get(size)
+                if inline_ns is None:
+                    inline_ns = self._inline_ns[size] = MovingAverage()
+                inline_ns.add(compute_ns)
             else:
-                self._row_ns = _ewma(self._row_ns, max(job.cpu_ns, 1) / max(total, 1))
+                self._row_ns.add(max(job.cpu_ns, 1) / max(total, 1))
             self._stats.record_execution(total, job.begin_ns - job.started_ns, compute_ns, 0)
             self._m_compute.observe(compute_ns / 1e9)
             self._m_batch.observe(total)
@@ -472,7 +470,3 @@ class MicroBatcher:
         if pump:
             self._pump()
         self._idle.set()
-
-
-def _ewma(average: float, sample: float) -> float:
-    return sample if not average else _EWMA_ALPHA * sample + (1 - _EWMA_ALPHA) * average
