@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from gateway.batching.average import MovingAverage
 from gateway.batching.batch import Feeds, chunk, join, merge, split
+from gateway.batching.inline import InlinePolicy
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
 from gateway.settings import DynamicBatching, Execution, ModelConfig, QueuePolicy
 from gateway.telemetry import GatewayMetrics
@@ -37,16 +38,6 @@ from gateway.telemetry.statistics import ModelStatistics
 from gateway.types import ModelRuntime, Outcome
 
 __all__ = ["BatcherConfig", "MicroBatcher"]
-
-# execution "auto" decides from inline runs, timed per batch size (powers of two): on an
-# instance thread a run's time, wall or CPU, includes handing the GIL back and forth with the
-# busy event loop (the demo model: 19 us inline, 230 us of thread CPU and 5 ms of wall under
-# load), and a small model's run is mostly fixed cost, not cost per row. A size not yet
-# measured inline is probed (run inline once) when its estimate, from a smaller size measured
-# inline or else from the threads, is within this factor of the budget; a size measured too
-# slow is probed again after this many batches.
-_PROBE_FACTOR = 4
-_REPROBE_EVERY = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +135,7 @@ class MicroBatcher:
         self._queue = _Queue([deque() for _ in range(queue.priority_levels)])
         self._stats = stats
         self._batch_s = MovingAverage()  # one batch's wall time (for expected waits)
-        self._row_ns = MovingAverage()  # thread CPU time per row, on the threads
-        self._inline_ns: dict[int, MovingAverage] = {}  # rows.bit_length() -> run time, inline
-        self._since_probe = 0
-        self._execution = execution
-        self._inline_budget_ns = inline_below_us * 1000
+        self._inline = InlinePolicy(execution, inline_below_us)
         self._delay_timer: asyncio.TimerHandle | None = None
         self._pump_pending = False
         self._closed = False
@@ -327,7 +314,7 @@ class MicroBatcher:
             if not batch:
                 return
             job = _Job(batch, [item.rows for item in batch], time.perf_counter_ns())
-            if self._runs_inline(sum(job.sizes)):
+            if self._inline.should_run_inline(sum(job.sizes)):
                 job.inline = True
                 self._run(instance.runtime, job)
                 self._finish(instance, job, pump=False)
@@ -338,34 +325,6 @@ class MicroBatcher:
                 return
             instance.busy = True
             instance.jobs.put(job)
-
-    def _runs_inline(self, rows: int) -> bool:
-        """Inline only where a thread hop would cost more than the run itself."""
-        if self._execution == "thread":
-            return False
-        if self._execution == "inline":
-            return True
-        # auto: a thread first, then inline runs timed per size (see _PROBE_FACTOR).
-        budget = self._inline_budget_ns
-        if budget <= 0 or not self._row_ns.value:
-            return False
-        size = rows.bit_length()
-        known = self._inline_ns.get(size)
-        if known is not None:
-            if known.value < budget:
-                return True
-            self._since_probe += 1
-            if self._since_probe < _REPROBE_EVERY:
-                return False
-            self._since_probe = 0
-            return True
-        smaller = [s for s in self._inline_ns if s < size]
-        if smaller:
-            nearest = max(smaller)
-            estimate = self._inline_ns[nearest].value * 2 ** (size - nearest)  # as if all per row
-        else:
-            estimate = self._row_ns.value * rows
-        return bool(estimate < _PROBE_FACTOR * budget)
 
     def _should_wait(self) -> bool:
         """Wait (up to max_queue_delay_us from the oldest request) for a preferred size."""
@@ -451,13 +410,9 @@ class MicroBatcher:
             wall_s = (finished_ns - job.started_ns) / 1e9
             self._batch_s.add(wall_s)
             if job.inline:
-                size = total.bit_length()
-                inline_ns = self._inline_ns.get(size)
-                if inline_ns is None:
-                    inline_ns = self._inline_ns[size] = MovingAverage()
-                inline_ns.add(compute_ns)
+                self._inline.observe_inline(total, compute_ns)
             else:
-                self._row_ns.add(max(job.cpu_ns, 1) / max(total, 1))
+                self._inline.observe_thread(total, job.cpu_ns)
             self._stats.record_execution(total, job.begin_ns - job.started_ns, compute_ns, 0)
             self._m_compute.observe(compute_ns / 1e9)
             self._m_batch.observe(total)
