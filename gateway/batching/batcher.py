@@ -46,7 +46,7 @@ class BatcherConfig:
 
     name: str
     version: str
-    max_batch_size: int
+    max_batch_size: int  # rows per batch; 0: the model has no batch dim (validated >= 0)
     batching: DynamicBatching | None
     queue: QueuePolicy
     execution: Execution = "thread"
@@ -121,26 +121,19 @@ class MicroBatcher:
         stats: ModelStatistics,
         metrics: GatewayMetrics,
     ) -> None:
-        name, version = config.name, config.version
-        max_batch_size, batching, queue = config.max_batch_size, config.batching, config.queue
-        execution, inline_below_us = config.execution, config.inline_below_us
-        self.name = name
-        self.version = version
+        self._config = config
         self._loop = asyncio.get_running_loop()
         self._instances = [_Instance(rt) for rt in runtimes]
         self._output_names = [spec.name for spec in runtimes[0].outputs]
-        self._max_rows = max_batch_size if max_batch_size > 0 else 0
-        self._batching = batching
-        self._policy = queue
-        self._queue = _Queue([deque() for _ in range(queue.priority_levels)])
+        self._queue = _Queue([deque() for _ in range(config.queue.priority_levels)])
         self._stats = stats
         self._batch_s = MovingAverage()  # one batch's wall time (for expected waits)
-        self._inline = InlinePolicy(execution, inline_below_us)
+        self._inline = InlinePolicy(config.execution, config.inline_below_us)
         self._delay_timer: asyncio.TimerHandle | None = None
         self._pump_pending = False
         self._closed = False
         self._idle = asyncio.Event()  # set after every batch: lets close() wait for a drain
-        labels = (name, version)
+        labels = (config.name, config.version)
         self._m_queue = metrics.queue_seconds.labels(*labels)
         self._m_compute = metrics.compute_seconds.labels(*labels)
         self._m_batch = metrics.batch_rows.labels(*labels)
@@ -152,7 +145,10 @@ class MicroBatcher:
         }
         for i, instance in enumerate(self._instances):
             instance.thread = threading.Thread(
-                target=self._work, args=(instance,), name=f"{name}-{version}-{i}", daemon=True
+                target=self._work,
+                args=(instance,),
+                name=f"{config.name}-{config.version}-{i}",
+                daemon=True,
             )
             instance.thread.start()
 
@@ -162,17 +158,18 @@ class MicroBatcher:
         self, feeds: Feeds, rows: int, priority: int | None = None, deadline: float | None = None
     ) -> Outcome:
         """Queue a request (admission first) and wait for its rows' outputs."""
-        levels = self._policy.priority_levels
+        config = self._config
         if priority is None:
-            level = self._policy.default_level
-        elif 1 <= priority <= levels:
+            level = config.queue.default_level
+        elif 1 <= priority <= config.queue.priority_levels:
             level = priority
         else:
             raise InvalidRequest(
-                f"parameter 'priority' must be an integer from 1 (first) to {levels} for model "
-                f"'{self.name}', got {priority}"
+                "parameter 'priority' must be an integer from 1 (first) to "
+                f"{config.queue.priority_levels} for model '{config.name}', got {priority}"
             )
-        pieces = chunk(feeds, rows, self._max_rows) if self._max_rows else [(dict(feeds), rows)]
+        max_rows = config.max_batch_size
+        pieces = chunk(feeds, rows, max_rows) if max_rows else [(dict(feeds), rows)]
         self._admit(rows, len(pieces), deadline)
         now_ns = time.perf_counter_ns()
         items = [
@@ -223,17 +220,18 @@ class MicroBatcher:
     # -- admission and queue -----------------------------------------------------------------
 
     def _admit(self, rows: int, pieces: int, deadline: float | None) -> None:
-        q, policy = self._queue, self._policy
+        config, q = self._config, self._queue
+        policy = config.queue
         if rows > policy.max_rows or pieces > policy.max_requests:
             raise InvalidRequest(
-                f"a request of {rows} rows can never fit the queue of model '{self.name}' "
-                f"version {self.version} (queue.max_rows {policy.max_rows}, "
-                f"queue.max_requests {policy.max_requests} batches of {self._max_rows} rows)"
+                f"a request of {rows} rows can never fit the queue of model '{config.name}' "
+                f"version {config.version} (queue.max_rows {policy.max_rows}, queue.max_requests "
+                f"{policy.max_requests} batches of {config.max_batch_size} rows)"
             )
         if q.requests + pieces > policy.max_requests or q.rows + rows > policy.max_rows:
             self._m_rejected["queue_full"].inc()
             raise Overloaded(
-                f"model '{self.name}' version {self.version} queue is full "
+                f"model '{config.name}' version {config.version} queue is full "
                 f"({q.requests} requests, {q.rows} rows queued; limits {policy.max_requests} "
                 f"requests, {policy.max_rows} rows)"
             )
@@ -243,17 +241,18 @@ class MicroBatcher:
             if expected > remaining:
                 self._m_rejected["expected_wait"].inc()
                 raise Overloaded(
-                    f"model '{self.name}' version {self.version}: expected wait "
+                    f"model '{config.name}' version {config.version}: expected wait "
                     f"{expected * 1000:.1f} ms exceeds the request's remaining deadline "
                     f"{max(remaining, 0) * 1000:.1f} ms"
                 )
 
     def expected_wait_s(self, rows: int) -> float:
         """Time until ``rows`` more rows would be answered: batches ahead, over the instances."""
-        if self._batching is None:
+        config = self._config
+        if config.batching is None:
             batches = self._queue.requests + 1
         else:
-            batches = math.ceil((self._queue.rows + rows) / self._max_rows)
+            batches = math.ceil((self._queue.rows + rows) / config.max_batch_size)
         busy = sum(i.busy for i in self._instances)
         return math.ceil((batches + busy) / len(self._instances)) * self._batch_s.value
 
@@ -291,7 +290,7 @@ class MicroBatcher:
         item.future.set_exception(
             DeadlineExceeded(
                 f"deadline passed after {waited_ms:.1f} ms in the queue of model "
-                f"'{self.name}' version {self.version}; no compute was spent on it"
+                f"'{self._config.name}' version {self._config.version}; no compute was spent on it"
             )
         )
 
@@ -328,7 +327,7 @@ class MicroBatcher:
 
     def _should_wait(self) -> bool:
         """Wait (up to max_queue_delay_us from the oldest request) for a preferred size."""
-        batching = self._batching
+        batching = self._config.batching
         if (
             batching is None
             or not batching.preferred_batch_sizes
@@ -354,7 +353,8 @@ class MicroBatcher:
 
     def _take_batch(self) -> list[_Item]:
         """Highest priority first, FIFO within a level, up to max_batch_size rows."""
-        limit = self._max_rows if self._batching is not None else 0
+        config = self._config
+        limit = config.max_batch_size if config.batching is not None else 0
         batch: list[_Item] = []
         rows = 0
         for level in self._queue.levels:
@@ -398,9 +398,10 @@ class MicroBatcher:
         finished_ns = time.perf_counter_ns()
         batch, total = job.batch, sum(job.sizes)
         if job.error is not None or job.outputs is None:
+            config = self._config
             failure = RuntimeFailure(
-                f"model '{self.name}' version {self.version} failed on a batch of {total} rows: "
-                f"{job.error}"
+                f"model '{config.name}' version {config.version} failed on a batch of {total} "
+                f"rows: {job.error}"
             )
             for item in batch:
                 if not item.future.done():

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.batching import BatcherConfig, MicroBatcher
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded
-from gateway.settings import DynamicBatching, QueuePolicy
+from gateway.settings import DynamicBatching, Execution, QueuePolicy
 from gateway.telemetry import GatewayMetrics
 from gateway.telemetry.statistics import ModelStatistics
 from gateway.types import TensorSpec
@@ -61,7 +61,9 @@ class Harness:
         self.runtimes = [GatedRuntime(self.log, self.gate) for _ in range(instances)]
         self.stats = ModelStatistics()
         self.metrics = GatewayMetrics()
-        config = BatcherConfig("m", "1", max_batch_size, batching, queue)
+        config = BatcherConfig(
+            name="m", version="1", max_batch_size=max_batch_size, batching=batching, queue=queue
+        )
         self.batcher = MicroBatcher(config, self.runtimes, self.stats, self.metrics)
 
     def submit(self, rows: int, start: float = 0.0, **kwargs) -> tuple[asyncio.Task, np.ndarray]:
@@ -329,7 +331,9 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def timed_batcher(execution: str, inline_below_us: int = 100) -> tuple[MicroBatcher, TimedRuntime]:
+def timed_batcher(
+    execution: Execution, inline_below_us: int = 100
+) -> tuple[MicroBatcher, TimedRuntime]:
     runtime = TimedRuntime()
     config = BatcherConfig(
         name="m",
@@ -337,7 +341,7 @@ def timed_batcher(execution: str, inline_below_us: int = 100) -> tuple[MicroBatc
         max_batch_size=16,
         batching=BATCHING,
         queue=QUEUE,
-        execution=execution,  # type: ignore[arg-type]
+        execution=execution,
         inline_below_us=inline_below_us,
     )
     batcher = MicroBatcher(config, [runtime], ModelStatistics(), GatewayMetrics())
