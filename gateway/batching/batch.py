@@ -19,10 +19,12 @@ def chunk(
     if rows <= max_rows:
         return [(dict(feeds), rows)]
     return [
-        ({name: array[start : start + max_rows] for name, array in feeds.items()},
-         min(max_rows, rows - start))
+        (
+            {name: array[start : start + max_rows] for name, array in feeds.items()},
+            min(max_rows, rows - start),
+        )
         for start in range(0, rows, max_rows)
-    ]  # fmt: skip
+    ]
 
 
 def merge(parts: Sequence[Feeds], rows: int) -> dict[str, NDArray[np.generic]]:
