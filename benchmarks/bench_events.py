@@ -144,9 +144,8 @@ def encoding(repo: Path, reps: int = 5, count: int = 5000) -> dict[str, object]:
 
     from gateway.events.builder import Pending, encode_event_py
     from gateway.features import redact
-    from gateway.features.assembly import assemble_tensors
     from gateway.features.contract import load_contract
-    from gateway.types import InferRequest, InferResponse, Tensor
+    from gateway.types import InferRequest, InferResponse, RequestOptions, Tensor
 
     contract = load_contract(repo / "fraud", "v2")
     columns, _ = synthetic_transactions(1, seed=3)
@@ -162,17 +161,28 @@ def encoding(repo: Path, reps: int = 5, count: int = 5000) -> dict[str, object]:
     answered = {"queue_us": 40, "compute_us": 25, "cost": 1e-6, "cached_rows": 0}
     cases = {
         "model input (19 columns)": Pending(
-            InferRequest("fraud", inputs=[Tensor("features", "FP32", np.ones((1, 19), "f4"))]),
-            InferResponse("fraud", "1", "", probability, dict(answered)),
-            "r1", None, time.time_ns() // 1000, 0.8, 76,
+            request=InferRequest(
+                "fraud", inputs=[Tensor("features", "FP32", np.ones((1, 19), "f4"))]
+            ),
+            response=InferResponse("fraud", "1", "", probability, dict(answered)),
+            request_id="r1",
+            coverage=None,
+            event_time_us=time.time_ns() // 1000,
+            total_ms=0.8,
+            nbytes=76,
         ),
         "raw features (contract v2)": Pending(
-            InferRequest("fraud", inputs=raw, parameters={"segment.country": "DE"}),
-            InferResponse("fraud", "2", "", probability, dict(answered),
-                          assemble_tensors(contract, raw, "fraud", 1 << 20)),
-            "r2", contract, time.time_ns() // 1000, 0.8, 76,
+            request=InferRequest(
+                "fraud", inputs=raw, options=RequestOptions.parse({"segment.country": "DE"})
+            ),
+            response=InferResponse("fraud", "2", "", probability, dict(answered)),
+            request_id="r2",
+            coverage=contract.assemble(raw, "fraud", 1 << 20).coverage,
+            event_time_us=time.time_ns() // 1000,
+            total_ms=0.8,
+            nbytes=76,
         ),
-    }  # fmt: skip
+    }
     key = b"k" * 32
     out: dict[str, dict[str, float]] = {}
     for name, pending in cases.items():

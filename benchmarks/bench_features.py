@@ -39,7 +39,6 @@ from benchmarks.bench_serving import find_perf_analyzer, running  # noqa: E402
 from benchmarks.models import write_feature_model  # noqa: E402
 from gateway._hotloops import encode_bytes  # noqa: E402
 from gateway.features import Contract, _kernel_py, load_contract  # noqa: E402
-from gateway.features.assembly import assemble_tensors  # noqa: E402
 from gateway.types import Tensor  # noqa: E402
 
 try:
@@ -125,7 +124,7 @@ def bench_rows(
         return _kernel_py.run(twin_plan, columns, rows, out, counts)
 
     def e2e() -> object:
-        return assemble_tensors(contract, tensors, "bench", 1 << 30)
+        return contract.assemble(tensors, "bench", 1 << 30)
 
     native, twin, e2e_rates, ratios = [], [], [], []
     for _ in range(pairs):

@@ -18,15 +18,15 @@ from grpc_reflection.v1alpha import reflection
 from numpy.typing import NDArray
 
 from gateway import _hotloops
+from gateway.accounting import Ledger
 from gateway.api.v1 import admin_pb2, admin_pb2_grpc
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
 from gateway.cache import ResponseCache
-from gateway.costs import Ledger
 from gateway.errors import SettingsError
 from gateway.events import EventRecorder
-from gateway.features import redact
-from gateway.pipeline import Pipeline, Traffic
+from gateway.features import model_contracts, redact
+from gateway.pipeline import Pipeline
 from gateway.routing import RateLimiter, RouteTable
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
@@ -57,32 +57,35 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.tracing = Tracing(settings.telemetry)
         self.repository = ModelRepository(
-            Path(settings.repository.path), settings.runtime, self._loader
+            Path(settings.repository.path),
+            settings.runtime,
+            self._loader,
+            contracts=model_contracts,
         )
         self.events: EventRecorder | None = None
         if settings.events.sidecar is not None:
             self.events = EventRecorder(
                 settings.events, self.metrics, redact, settings.server.max_message_bytes
             )
-        self.traffic = Traffic(
-            routes=RouteTable(settings.routing.routes, settings.routing.history),
-            limiter=RateLimiter(settings.routing.rate_limits, settings.routing.max_tenants),
-            ledger=Ledger(settings.costs, self.metrics),
-            cache=ResponseCache(settings.cache, self.metrics) if settings.cache.enabled else None,
-        )
+        rate_limited = self.metrics.limited.labels("rate")
         self.pipeline = Pipeline(
             self.repository,
             self.metrics,
-            self.traffic,
-            settings.server.max_message_bytes,
-            self.events,
+            routes=RouteTable(settings.routing.routes, settings.routing.history),
+            limiter=RateLimiter(
+                settings.routing.rate_limits, settings.routing.max_tenants, rate_limited.inc
+            ),
+            ledger=Ledger(settings.costs, self.metrics),
+            cache=ResponseCache(settings.cache, self.metrics) if settings.cache.enabled else None,
+            events=self.events,
+            max_input_bytes=settings.server.max_message_bytes,
         )
         self.repository.on_retire = self.pipeline.retire
         self.servicer = InferenceServicer(
             self.pipeline, settings.server, self.metrics, self.tracing
         )
         self.admin = AdminServicer(
-            self.traffic,
+            self.pipeline,
             self.repository,
             settings.admin.resolve_token(),
             worker=bool(os.environ.get(READY_FILE_ENV)),
@@ -174,7 +177,7 @@ class Gateway:
     def _check_routes(self) -> None:
         """A route naming a model the repository does not serve: said at start, not at the
         first request (its attempts would fail over to the route's fallbacks)."""
-        for name, route in self.traffic.routes.all().items():
+        for name, route in self.pipeline.routes.all().items():
             for variant in route.spec.variants:
                 if variant.model is not None and not self.repository.versions(variant.model):
                     log.warning(

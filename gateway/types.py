@@ -1,18 +1,67 @@
-"""Transport-free value types shared by the stages of the request path."""
+"""Transport-free value types shared by the stages of the request path.
+
+Every stage may import this module and no stage imports another, so what two stages exchange
+is defined here: the request and its parsed options, tensors and model signatures, the
+``ModelRuntime`` seam, a batch's ``Outcome``, a request's ``Charge``, the ``Coverage`` of an
+assembly, and the ``FeatureContract`` a model version serves under.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from types import MappingProxyType
+from typing import Final, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-if TYPE_CHECKING:
-    from gateway.features.assembly import Assembly
+from gateway.errors import InvalidRequest
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "FREE",
+    "MAX_TEXT_CHARS",
+    "NUMPY_DTYPES",
+    "OUTCOMES",
+    "Answer",
+    "AssembledInput",
+    "Charge",
+    "Coverage",
+    "FeatureContract",
+    "InferRequest",
+    "InferResponse",
+    "ModelIndexEntry",
+    "ModelRuntime",
+    "ModelState",
+    "Outcome",
+    "ParameterValue",
+    "RequestOptions",
+    "Tensor",
+    "TensorSpec",
+]
 
 ParameterValue = bool | int | float | str
+
+# OIP datatype -> numpy dtype. BYTES elements are Python ``bytes`` in an object array.
+NUMPY_DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +121,121 @@ class Tensor:
             return self._shape
         return self._data.shape
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.raw) if self.raw is not None else int(self.data.nbytes)
+
     def __repr__(self) -> str:
         return f"Tensor({self.name!r}, {self.datatype}, shape={list(self.shape)})"
+
+
+# -- request options: parsed once, at the edge ----------------------------------------------
+
+_EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+_SEGMENT = "segment."
+_DIGITS = re.compile(r"[0-9]{1,9}")
+MAX_TEXT_CHARS: Final = 1024  # a tenant, surface, sticky key, entity key or segment value
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """What a request asks of the gateway beyond its tensors, parsed from its parameters.
+
+    ``labels`` is every parameter as text: what route match rules compare (``segment.geo``,
+    ``tier``, ...). Parameters the gateway does not know are kept there and otherwise ignored,
+    as Triton ignores them.
+    """
+
+    tenant: str = ""
+    surface: str = ""
+    sticky_key: str | None = None
+    segments: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    priority: int | None = None  # 1 is first; checked against the model's levels per attempt
+    timeout_ms: float | None = None
+    cache: bool = True
+    entity_key: str = ""
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    @classmethod
+    def parse(cls, parameters: Mapping[str, ParameterValue]) -> RequestOptions:
+        """Validate request parameters; a bad one is INVALID_ARGUMENT naming it."""
+        if not parameters:
+            return DEFAULT_OPTIONS
+        segments: dict[str, str] = {}
+        labels: dict[str, str] = {}
+        for key, value in parameters.items():
+            text = _label(value)
+            labels[key] = text
+            if key.startswith(_SEGMENT):
+                segments[key[len(_SEGMENT) :]] = _bounded(key, text)
+        sticky = parameters.get("sticky_key")
+        if sticky is not None and (isinstance(sticky, bool) or not isinstance(sticky, str | int)):
+            raise InvalidRequest(f"parameter 'sticky_key' must be a string, got {sticky!r}")
+        return cls(
+            tenant=_bounded("tenant", _text(parameters.get("tenant"))),
+            surface=_bounded("surface", _text(parameters.get("surface"))),
+            sticky_key=None if sticky is None else _bounded("sticky_key", str(sticky)),
+            segments=segments or _EMPTY,
+            priority=_priority(parameters.get("priority")),
+            timeout_ms=_timeout_ms(parameters.get("timeout_ms")),
+            cache=_cache(parameters.get("cache")),
+            entity_key=_bounded("entity_key", _text(parameters.get("entity_key"))),
+            labels=labels,
+        )
+
+
+DEFAULT_OPTIONS: Final = RequestOptions()
+
+
+def _text(value: ParameterValue | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _label(value: ParameterValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _bounded(name: str, text: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidRequest(
+            f"parameter '{name}' has {len(text)} characters; at most {MAX_TEXT_CHARS} are kept"
+        )
+    return text
+
+
+def _priority(value: ParameterValue | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(
+            f"parameter 'priority' must be an integer from 1 (first), got {value!r}"
+        )
+    return value
+
+
+def _timeout_ms(value: ParameterValue | None) -> float | None:
+    if value is None:
+        return None
+    timeout_ms = -1.0
+    if not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            timeout_ms = float(value)
+    if not 0 < timeout_ms < math.inf:
+        raise InvalidRequest(f"parameter 'timeout_ms' must be a positive number, got {value!r}")
+    return timeout_ms
+
+
+def _cache(value: ParameterValue | None) -> bool:
+    """The ``cache`` parameter: absent or true uses the cache, false bypasses it."""
+    if value is None or value is True or value == "true":
+        return True
+    if value is False or value == "false":
+        return False
+    raise InvalidRequest(f"parameter 'cache' must be true or false, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -83,8 +245,17 @@ class InferRequest:
     id: str = ""
     inputs: list[Tensor] = field(default_factory=list)
     requested_outputs: list[str] = field(default_factory=list)
-    parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    options: RequestOptions = DEFAULT_OPTIONS
     timeout_s: float | None = None  # what the transport's deadline leaves, at arrival
+
+    @property
+    def rows(self) -> int:
+        """The batch dimension of the first input that has one (1 for scalars)."""
+        for tensor in self.inputs:
+            shape = tensor.shape
+            if shape:
+                return int(shape[0])
+        return 1
 
 
 @dataclass(slots=True)
@@ -94,9 +265,117 @@ class InferResponse:
     id: str
     outputs: list[Tensor]
     parameters: dict[str, ParameterValue] = field(default_factory=dict)
-    # The request's features as assembled (contract version, per-feature coverage counts),
-    # when it sent raw features: kept for the prediction event.
-    assembly: Assembly | None = None
+
+
+# -- what stages hand each other -------------------------------------------------------------
+
+
+class ModelRuntime(Protocol):
+    """What the scheduler needs from a loaded model: its signature and a blocking run."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    provider: str
+
+    def run(
+        self, feeds: Mapping[str, NDArray[np.generic]], output_names: Sequence[str]
+    ) -> list[NDArray[np.generic]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A request's outputs (all model outputs, in model order) and where its time went."""
+
+    outputs: list[NDArray[np.generic]]
+    queue_ns: int
+    compute_ns: int  # the whole batch's run
+    batch_rows: int
+    share_ns: int  # this request's rows' share of compute_ns (what its cost is charged on)
+
+
+class Charge:
+    """One request's cost and its parts (made per request: a plain slotted class)."""
+
+    __slots__ = ("compute", "compute_s", "lookup", "request", "total")
+
+    def __init__(self, compute_s: float, compute: float, request: float, lookup: float) -> None:
+        self.compute_s = compute_s  # this request's share of its batches' compute time
+        self.compute = compute
+        self.request = request
+        self.lookup = lookup
+        self.total = compute + request + lookup
+
+
+FREE: Final = Charge(0.0, 0.0, 0.0, 0.0)
+
+# What became of each raw feature value in an assembly, in the order of a coverage row.
+OUTCOMES: Final = ("present", "defaulted", "out_of_range", "oov")
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """How a request's raw features were assembled: per feature (contract order), how many
+    values were present, defaulted, out of range and out of vocabulary."""
+
+    contract_version: str
+    features: Sequence[str]
+    sensitive: frozenset[str]  # features whose values never leave in clear
+    counts: NDArray[np.int64]  # [feature, OUTCOMES]
+
+    def total(self, outcome: str) -> int:
+        return int(self.counts[:, OUTCOMES.index(outcome)].sum())
+
+
+@dataclass(frozen=True, slots=True)
+class AssembledInput:
+    """A contract's output for one request: the model's input matrix and its coverage."""
+
+    matrix: NDArray[np.float32]
+    coverage: Coverage
+
+
+@dataclass(slots=True)
+class Answer:
+    """A response and what it cost: what one attempt hands back up the request path.
+
+    ``route`` and ``variant`` say what answered, for the ledger: the route (or the model
+    asked for) and the variant (or ``model@version``).
+    """
+
+    response: InferResponse
+    cost: Charge
+    cached_rows: int = 0
+    coverage: Coverage | None = None  # when the request's raw features were assembled
+    route: str = ""
+    variant: str = ""
+
+
+class FeatureContract(Protocol):
+    """A compiled feature contract as the other stages see it (gateway.features makes them)."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def input_name(self) -> str | None: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def feature_names(self) -> list[str]: ...
+
+    def takes(self, name: str) -> bool:
+        """Whether ``name`` is one of the contract's raw features."""
+        ...
+
+    def advertised_inputs(self) -> list[TensorSpec]:
+        """The raw features as metadata lists them: one [-1, 1] input each."""
+        ...
+
+    def assemble(self, tensors: Sequence[Tensor], label: object, max_bytes: int) -> AssembledInput:
+        """The model input for a request's raw feature tensors; ``label`` names the model
+        version in errors (formatted only when one is raised)."""
+        ...
 
 
 ModelState = Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]

@@ -207,10 +207,9 @@ cdef int _string_column(_Buffer out, str name, list values, bint hashed) except 
 def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_columns):
     request = pending.request
     response = pending.response
-    cdef dict params = request.parameters
+    options = request.options
     cdef dict answered = response.parameters
-    assembly = response.assembly
-    contract = pending.contract
+    coverage = pending.coverage
     columns = event_columns(pending, hash_key, redact, max_columns)
     cdef Py_ssize_t rows = columns.rows
     cdef _Buffer out = _Buffer()
@@ -222,13 +221,13 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
         out.byte(EVENT_TIME)
         out.varint(<uint64_t><long long>pending.event_time_us)
     identity = _identity(
-        _text(params.get("tenant")),
-        _text(params.get("surface")),
+        options.tenant,
+        options.surface,
         _text(answered.get("route")) or request.model_name,
         response.model_name,
         response.model_version,
         _text(answered.get("arm")) or "primary",
-        assembly.contract.version if assembly is not None else "",
+        coverage.contract_version if coverage is not None else "",
     )
     out.raw(identity, len(identity))
     if rows:
@@ -250,25 +249,24 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
     out.double(pending.total_ms)
     out.key2(COST)
     out.double(float(answered.get("cost", 0.0)))
-    entity = _text(params.get("entity_key"))
+    entity = options.entity_key
     if entity:
         out.key2(ENTITY_KEY)
         out.text(entity)
-    for key, value in params.items():
-        if key.startswith("segment."):
-            out.byte(SEGMENTS)
-            start = out.mark()
-            out.byte(F1_LEN)
-            out.text(key[len("segment."):])
-            out.byte(F2_LEN)
-            out.text(_text(value))
-            out.close_message(start)
-    if assembly is not None and contract is not None:
-        for feature, counts in zip(contract.features, assembly.counts.tolist(), strict=True):
+    for key, value in options.segments.items():
+        out.byte(SEGMENTS)
+        start = out.mark()
+        out.byte(F1_LEN)
+        out.text(key)
+        out.byte(F2_LEN)
+        out.text(value)
+        out.close_message(start)
+    if coverage is not None:
+        for feature, counts in zip(coverage.features, coverage.counts.tolist(), strict=True):
             out.key2(COVERAGE)
             start = out.mark()
             out.byte(F1_LEN)
-            out.text(feature.name)
+            out.text(feature)
             for field, count in enumerate(counts):
                 if count:
                     out.byte(<unsigned char>((field + 2) << 3))

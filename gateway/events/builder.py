@@ -14,10 +14,7 @@ from numpy.typing import NDArray
 
 from gateway._hotloops import NO_EXTENSIONS
 from gateway.api.v1 import events_pb2 as ev
-from gateway.types import InferRequest, InferResponse, Tensor
-
-if TYPE_CHECKING:
-    from gateway.features.contract import Contract
+from gateway.types import Coverage, InferRequest, InferResponse, Tensor
 
 __all__ = [
     "USING_EXTENSION",
@@ -44,7 +41,7 @@ class Pending:
     request: InferRequest
     response: InferResponse
     request_id: str
-    contract: Contract | None  # the version's contract, when the request was assembled
+    coverage: Coverage | None  # how its raw features were assembled (None: model inputs sent)
     event_time_us: int
     total_ms: float
     nbytes: int  # request data held, for the memory bound
@@ -79,8 +76,8 @@ def event_columns(pending: Pending, hash_key: bytes, redact: Redact, max_columns
     names: list[str] = []
     blocks: list[NDArray[np.float64]] = []
     strings: list[tuple[str, list[str], bool]] = []
-    if response.assembly is not None and pending.contract is not None:
-        _contract_features(request, pending.contract, hash_key, redact, names, blocks, strings)
+    if pending.coverage is not None:
+        _contract_features(request, pending.coverage, hash_key, redact, names, blocks, strings)
     else:
         for tensor in request.inputs:
             _input_columns(tensor, rows, max_columns, names, blocks, strings)
@@ -101,21 +98,21 @@ def build_event(
     pending: Pending, event_id: str, hash_key: bytes, redact: Redact, max_columns: int
 ) -> ev.PredictionEvent:
     request, response = pending.request, pending.response
-    params = request.parameters
+    options = request.options
     answered = response.parameters
-    assembly = response.assembly
+    coverage = pending.coverage
     columns = event_columns(pending, hash_key, redact, max_columns)
     event = ev.PredictionEvent(
         event_id=event_id,
         request_id=pending.request_id,
         event_time_us=pending.event_time_us,
-        tenant=_text(params.get("tenant")),
-        surface=_text(params.get("surface")),
+        tenant=options.tenant,
+        surface=options.surface,
         route=_text(answered.get("route")) or request.model_name,
         model=response.model_name,
         version=response.model_version,
         arm=_text(answered.get("arm")) or "primary",
-        contract_version=assembly.contract.version if assembly is not None else "",
+        contract_version=coverage.contract_version if coverage is not None else "",
         rows=columns.rows,
         queue_ms=float(answered.get("queue_us", 0)) / 1000,
         compute_ms=float(answered.get("compute_us", 0)) / 1000,
@@ -123,16 +120,15 @@ def build_event(
         cost=float(answered.get("cost", 0.0)),
         cached_rows=int(answered.get("cached_rows", 0)),
         fallback=fallback_text(answered),
-        entity_key=_text(params.get("entity_key")),
+        entity_key=options.entity_key,
     )
-    for key, value in params.items():
-        if key.startswith("segment."):
-            event.segments[key[len("segment.") :]] = _text(value)
-    if assembly is not None and pending.contract is not None:
-        for feature, counts in zip(pending.contract.features, assembly.counts, strict=True):
+    for key, value in options.segments.items():
+        event.segments[key] = value
+    if coverage is not None:
+        for feature, counts in zip(coverage.features, coverage.counts, strict=True):
             present, defaulted, out_of_range, oov = (int(c) for c in counts)
             event.coverage.add(
-                feature=feature.name,
+                feature=feature,
                 present=present,
                 defaulted=defaulted,
                 out_of_range=out_of_range,
@@ -150,27 +146,27 @@ def build_event(
 
 def _contract_features(
     request: InferRequest,
-    contract: Contract,
+    coverage: Coverage,
     hash_key: bytes,
     redact: Redact,
     names: list[str],
     blocks: list[NDArray[np.float64]],
     strings: list[tuple[str, list[str], bool]],
 ) -> None:
-    specs = {f.name: f for f in contract.features}
+    features, sensitive = coverage.features, coverage.sensitive
     numeric: list[NDArray[np.float64]] = []
     for tensor in request.inputs:
-        spec = specs.get(tensor.name)
-        if spec is None:
+        if tensor.name not in features:
             continue
+        hidden = tensor.name in sensitive
         if tensor.datatype == "BYTES":
             values = [_decoded(v) for v in tensor.data.ravel().tolist()]
-            if spec.sensitive:
+            if hidden:
                 values = [redact(v, hash_key) for v in values]
-            strings.append((tensor.name, values, spec.sensitive))
+            strings.append((tensor.name, values, hidden))
             continue
         column = tensor.data.astype(np.float64).ravel()
-        if spec.sensitive:
+        if hidden:
             strings.append((tensor.name, [redact(v, hash_key) for v in column.tolist()], True))
             continue
         names.append(tensor.name)

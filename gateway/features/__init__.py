@@ -20,15 +20,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.features.assembly import OUTCOMES, Assembly, ContractViolation, assemble_columns
+from gateway.features.assembly import Assembly, assemble_columns
 from gateway.features.contract import (
     CONTRACT_FILE,
     Contract,
-    FeatureSpec,
+    ContractViolation,
     load_contract,
     load_contracts,
+    model_contracts,
     redact,
 )
+from gateway.features.spec import FeatureSpec
+from gateway.types import OUTCOMES
 
 __all__ = [
     "CONTRACT_FILE",
@@ -41,6 +44,7 @@ __all__ = [
     "assemble_columns",
     "load_contract",
     "load_contracts",
+    "model_contracts",
     "redact",
 ]
 

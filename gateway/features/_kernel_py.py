@@ -33,8 +33,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway import _hotloops_py
-from gateway.features.contract import (
+from gateway.features._plan import (
     CATEGORICAL,
+    COUNT_DEFAULTED,
+    COUNT_OOV,
+    COUNT_OUT_OF_RANGE,
+    COUNT_PRESENT,
+    ERROR_NOT_BYTES,
+    ERROR_NULL_REJECTED,
+    ERROR_OUT_OF_RANGE,
     RANGE_CLIP,
     RANGE_NONE,
     RANGE_REJECT,
@@ -45,8 +52,13 @@ from gateway.features.contract import (
     KernelPlan,
 )
 
-NULL_REJECTED, OUT_OF_RANGE, NOT_BYTES = 1, 2, 3
-PRESENT, DEFAULTED, OUT_OF_RANGE_COUNT, OOV = 0, 1, 2, 3
+NULL_REJECTED, OUT_OF_RANGE, NOT_BYTES = ERROR_NULL_REJECTED, ERROR_OUT_OF_RANGE, ERROR_NOT_BYTES
+PRESENT, DEFAULTED, OUT_OF_RANGE_COUNT, OOV = (
+    COUNT_PRESENT,
+    COUNT_DEFAULTED,
+    COUNT_OUT_OF_RANGE,
+    COUNT_OOV,
+)
 
 Error = tuple[int, int, int] | None
 

@@ -1,34 +1,31 @@
-"""Raw named columns -> the model's dense FP32 input, under a contract: online and offline.
+"""Stage 3, offline: named columns -> the model's dense FP32 input, as the server builds it.
 
-Both paths end in ``_assemble``: the same type checks, the same kernel, the same errors. The
-server hands it request tensors (``assemble_tensors``); training and backfills hand it numpy
-arrays, lists or a pyarrow Table (``assemble_columns``), and get the matrix the server builds.
+Training and backfills hand ``assemble_columns`` numpy arrays, lists or a pyarrow Table; it
+ends where a request does (``Contract.assemble``): in ``build_input``, with the same type
+checks, the same kernel and the same errors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.errors import InvalidRequest
-from gateway.features import kernel
-from gateway.features.contract import ACCEPTED_DATATYPES, Contract, FeatureSpec
-from gateway.types import Tensor
+from gateway.features.contract import (
+    Contract,
+    ContractViolation,
+    build_input,
+    checked_column,
+    listing,
+)
+from gateway.features.spec import FeatureSpec
+from gateway.types import OUTCOMES
 
-__all__ = ["OUTCOMES", "Assembly", "ContractViolation", "assemble_columns", "assemble_tensors"]
-
-OUTCOMES: Final = ("present", "defaulted", "out_of_range", "oov")
-_NULL_REJECTED, _OUT_OF_RANGE, _NOT_BYTES = 1, 2, 3
-_LISTED_FEATURES: Final = 20
-
-
-class ContractViolation(InvalidRequest):
-    """Input that breaks a feature contract; the message names the feature and first bad row."""
+__all__ = ["Assembly", "assemble_columns"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,67 +52,6 @@ class Assembly:
         }
 
 
-# -- online: request tensors -----------------------------------------------------------------
-
-
-def assemble_tensors(
-    contract: Contract, tensors: Sequence[Tensor], label: object, max_bytes: int
-) -> Assembly:
-    """Assemble a request that sends one tensor ([N] or [N, 1]) per raw feature.
-
-    On the request path of every such request: the loop does only what it must per tensor
-    (the kernel reads each column in its own dtype); ``label`` names the model in errors and
-    is formatted only when one is raised.
-    """
-    index = contract.index
-    accepted = contract.accepted_datatypes
-    columns: list[Any] = [None] * len(contract.features)
-    rows = -1
-    for tensor in tensors:
-        f = index.get(tensor.name)
-        if f is None:
-            if contract.ignore_unknown:
-                continue
-            raise ContractViolation(
-                f"unknown feature '{tensor.name}': {label} takes {_listing(contract)}"
-            )
-        shape = tensor.shape
-        if len(shape) != 1 and (len(shape) != 2 or shape[1] != 1):
-            raise ContractViolation(
-                f"feature '{tensor.name}' has shape {list(shape)}; a raw feature is sent "
-                "as [N] or [N, 1], one value per row"
-            )
-        # Raw BYTES go to the kernel as the wire buffer: no object per value.
-        data: Any = tensor.raw if tensor.raw is not None else tensor.data
-        if len(shape) != 1 and tensor.raw is None:
-            data = data.reshape(-1)
-        if tensor.datatype not in accepted[f]:
-            _checked(contract.features[f], tensor.datatype, data, label)  # raises, naming it
-        if columns[f] is not None:
-            raise ContractViolation(f"feature '{tensor.name}' is given more than once")
-        if shape[0] != rows:
-            if rows >= 0:
-                first = next(
-                    contract.features[g].name for g, c in enumerate(columns) if c is not None
-                )
-                raise ContractViolation(
-                    f"feature '{tensor.name}' has {shape[0]} rows but '{first}' has {rows}"
-                )
-            rows = shape[0]
-        columns[f] = data
-    if rows < 0:
-        raise ContractViolation(
-            f"the request sends none of the features {label} takes: {_listing(contract)}"
-        )
-    size = rows * contract.width * 4
-    if size > max_bytes:
-        raise ContractViolation(
-            f"{rows} rows assemble into {size} bytes of model input, over "
-            f"server.max_message_bytes {max_bytes}; send fewer rows per request"
-        )
-    return _assemble(contract, columns, rows, label)
-
-
 # -- offline: arrays, lists, pyarrow ---------------------------------------------------------
 
 
@@ -135,7 +71,7 @@ def assemble_columns(contract: Contract, columns: Mapping[str, Any] | Any) -> As
         if f is None:
             if contract.ignore_unknown:
                 continue
-            raise ContractViolation(f"unknown feature '{name}': {label} takes {_listing(contract)}")
+            raise ContractViolation(f"unknown feature '{name}': {label} takes {listing(contract)}")
         feature = contract.features[f]
         datatype, array = _offline_column(feature, values)
         if rows is None:
@@ -144,10 +80,11 @@ def assemble_columns(contract: Contract, columns: Mapping[str, Any] | Any) -> As
             raise ContractViolation(
                 f"feature '{name}' has {len(array)} rows but '{first}' has {rows}"
             )
-        prepared[f] = _checked(feature, datatype, array, label)
+        prepared[f] = checked_column(feature, datatype, array, label)
     if rows is None:
         raise ContractViolation(f"no column of {label} was given")
-    return _assemble(contract, prepared, rows, label)
+    matrix, counts = build_input(contract, prepared, rows, label)
+    return Assembly(contract, matrix, counts)
 
 
 def _named_columns(columns: Mapping[str, Any] | Any) -> Mapping[str, Any]:
@@ -217,61 +154,3 @@ def _as_bytes(feature: FeatureSpec, array: NDArray[Any]) -> NDArray[Any]:
                 f"feature '{feature.name}' row {row} is {type(value).__name__}, not a string"
             )
     return out
-
-
-# -- shared ----------------------------------------------------------------------------------
-
-
-def _checked(
-    feature: FeatureSpec, datatype: str, data: NDArray[Any], label: object
-) -> NDArray[Any]:
-    """The column, when its datatype suits the feature's kind (the kernel reads it as is)."""
-    accepted = ACCEPTED_DATATYPES[feature.kind]
-    if datatype not in accepted:
-        raise ContractViolation(
-            f"feature '{feature.name}' is {feature.kind} in {label} and is sent as "
-            f"{' or '.join(accepted)}, got {datatype}"
-        )
-    return data
-
-
-def _assemble(contract: Contract, columns: list[Any], rows: int, label: object) -> Assembly:
-    for f in contract.required:
-        if columns[f] is None:
-            raise ContractViolation(
-                f"feature '{contract.features[f].name}' is missing; {label} requires it "
-                "(null_policy: reject)"
-            )
-    out = np.zeros((rows, contract.width), dtype=np.float32)
-    counts = np.zeros((len(contract.features), len(OUTCOMES)), dtype=np.int64)
-    error = kernel.run(contract.kernel, columns, rows, out, counts)
-    if error is not None:
-        raise _violation(contract, columns, error, label)
-    return Assembly(contract, out, counts)
-
-
-def _violation(
-    contract: Contract, columns: list[Any], error: tuple[int, int, int], label: object
-) -> ContractViolation:
-    f, row, code = error
-    feature = contract.features[f]
-    where = f"feature '{feature.name}' row {row}"
-    if code == _NULL_REJECTED:
-        what = "empty" if feature.kind == "categorical" else "NaN"
-        return ContractViolation(f"{where} is null ({what}) and {label} forbids nulls for it")
-    if code == _OUT_OF_RANGE:
-        assert feature.range is not None
-        value = contract.shown(feature, float(columns[f][row]))
-        lo, hi = feature.range.bounds
-        return ContractViolation(
-            f"{where}: {value} is outside the range [{lo:g}, {hi:g}] that {label} enforces"
-        )
-    item = columns[f][row]
-    return ContractViolation(f"{where} is {type(item).__name__}, not bytes")
-
-
-def _listing(contract: Contract) -> str:
-    names = [f.name for f in contract.features]
-    shown = ", ".join(names[:_LISTED_FEATURES])
-    more = len(names) - _LISTED_FEATURES
-    return shown + (f" and {more} more" if more > 0 else "")

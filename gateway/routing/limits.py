@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from cachetools import LRUCache
 
@@ -29,17 +30,27 @@ class RateLimiter:
     tenants, least recently seen dropped first (a dropped tenant starts again full).
     """
 
-    def __init__(self, limits: dict[str, RateLimit], max_tenants: int) -> None:
+    def __init__(
+        self,
+        limits: dict[str, RateLimit],
+        max_tenants: int,
+        on_limited: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._limits = limits
         self._buckets: LRUCache[str, _Bucket] = LRUCache(maxsize=max_tenants)
+        self._on_limited = on_limited  # told of every refusal, to count it
+        self._clock = clock  # seconds
         self.enabled = bool(limits)
 
     def take(self, tenant: str) -> None:
         """Spend one token of ``tenant``'s bucket, or raise RateLimited with when to retry."""
+        if not self.enabled:
+            return
         limit = self._limits.get(tenant) or self._limits.get(_ANY)
         if limit is None:
             return
-        now = time.monotonic()
+        now = self._clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
             bucket = self._buckets[tenant] = _Bucket(float(limit.burst), now)
@@ -50,6 +61,8 @@ class RateLimiter:
             bucket.level -= 1.0
             return
         retry_s = (1.0 - bucket.level) / limit.rate
+        if self._on_limited is not None:
+            self._on_limited()
         raise RateLimited(
             f"tenant '{tenant}' is over its rate limit ({limit.rate:g} requests/s, burst "
             f"{limit.burst}); retry in {retry_s * 1000:.0f} ms",
@@ -58,17 +71,23 @@ class RateLimiter:
 
 
 class ConcurrencyCap:
-    """At most ``limit`` requests at once; one more is refused at once, never queued."""
+    """At most ``limit`` requests at once; one more is refused at once, never queued
+    (``on_refused`` is told, to count it)."""
 
-    __slots__ = ("in_flight", "limit", "what")
+    __slots__ = ("in_flight", "limit", "on_refused", "what")
 
-    def __init__(self, limit: int | None, what: str) -> None:
+    def __init__(
+        self, limit: int | None, what: str, on_refused: Callable[[], None] | None = None
+    ) -> None:
         self.limit = limit
         self.what = what
+        self.on_refused = on_refused
         self.in_flight = 0
 
     def __enter__(self) -> ConcurrencyCap:
         if self.limit is not None and self.in_flight >= self.limit:
+            if self.on_refused is not None:
+                self.on_refused()
             raise Overloaded(
                 f"{self.what} has {self.in_flight} requests in flight, its max_concurrency; "
                 "retry later"

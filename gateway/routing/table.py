@@ -21,7 +21,7 @@ import xxhash
 
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.settings import RouteSpec, VariantSpec
-from gateway.types import ParameterValue
+from gateway.types import RequestOptions
 
 __all__ = ["Route", "RouteTable", "unit_hash"]
 
@@ -51,17 +51,13 @@ class Route:
             for v in spec.variants
         }
 
-    def choose(self, parameters: Mapping[str, ParameterValue]) -> VariantSpec:
+    def choose(self, options: RequestOptions) -> VariantSpec:
+        labels = options.labels
         for rule in self.spec.match:
-            if all(_text(parameters.get(k)) == v for k, v in rule.when.items()):
+            if all(labels.get(k) == v for k, v in rule.when.items()):
                 return self.variants[rule.variant]
-        key = parameters.get("sticky_key")
-        if key is None:
-            point = random.random()
-        elif isinstance(key, str | int) and not isinstance(key, bool):
-            point = unit_hash(self.name, str(key))
-        else:
-            raise InvalidRequest(f"parameter 'sticky_key' must be a string, got {key!r}")
+        key = options.sticky_key
+        point = random.random() if key is None else unit_hash(self.name, key)
         total = self._cumulative[-1]
         index = bisect.bisect_right(self._cumulative, point * total)
         return self._weighted[min(index, len(self._weighted) - 1)]
@@ -147,11 +143,3 @@ class RouteTable:
         if route is None:
             raise ModelNotFound(f"no route named '{name}' (routes: {', '.join(self._routes)})")
         return route
-
-
-def _text(value: ParameterValue | None) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)

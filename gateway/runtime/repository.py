@@ -17,7 +17,7 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +26,20 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.errors import ModelLoadError, ModelNotFound, ModelNotReady, SettingsError
-from gateway.features import CONTRACT_FILE, OUTCOMES, Contract, load_contracts
-from gateway.runtime.session import ModelRuntime, OnnxRuntimeSession, SessionOptions
+from gateway.runtime.session import OnnxRuntimeSession, SessionOptions
 from gateway.runtime.warmup import warm_up
 from gateway.settings import ModelConfig, RuntimeSettings, load_model_config
-from gateway.statistics import ModelStatistics
-from gateway.types import ModelIndexEntry, ModelState, TensorSpec
+from gateway.telemetry.statistics import ModelStatistics
+from gateway.types import (
+    OUTCOMES,
+    FeatureContract,
+    ModelIndexEntry,
+    ModelRuntime,
+    ModelState,
+    TensorSpec,
+)
 
-__all__ = ["LoadedVersion", "ModelRepository", "RuntimeFactory"]
+__all__ = ["ContractSource", "LoadedVersion", "ModelRepository", "RuntimeFactory"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,10 @@ MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.yaml"
 
 RuntimeFactory = Callable[[Path, SessionOptions], ModelRuntime]
+# A model directory's feature contracts by version, and the file they came from (None: the
+# model has none). gateway.features.model_contracts reads features.yaml; it is handed in by
+# whoever builds the repository, so this stage never imports another.
+ContractSource = Callable[[Path], tuple[Mapping[str, FeatureContract], Path] | None]
 
 _LOADS = itertools.count(1)
 
@@ -54,7 +64,7 @@ class LoadedVersion:
     config: ModelConfig
     runtimes: tuple[ModelRuntime, ...]
     file_stamp: tuple[object, ...]
-    contract: Contract | None = None
+    contract: FeatureContract | None = None
     stats: ModelStatistics = field(default_factory=ModelStatistics)
     # Unique per load in this process: cached responses of an earlier load never match it.
     generation: int = field(default_factory=lambda: next(_LOADS))
@@ -62,7 +72,7 @@ class LoadedVersion:
     def __post_init__(self) -> None:
         # Feature coverage since load, per contract feature: present, defaulted, out of range,
         # out of vocabulary. Added to on the event loop; read by the metrics endpoint.
-        rows = len(self.contract.features) if self.contract is not None else 0
+        rows = len(self.contract.feature_names) if self.contract is not None else 0
         self.coverage: NDArray[np.int64] = np.zeros((rows, len(OUTCOMES)), dtype=np.int64)
 
     @functools.cached_property
@@ -99,7 +109,7 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_mtime_ns, st.st_size
 
 
-def _check_contract(contract: Contract, runtime: ModelRuntime) -> None:
+def _check_contract(contract: FeatureContract, runtime: ModelRuntime) -> None:
     """The contract must build exactly the model's input: same name, FP32, same width."""
     inputs = runtime.inputs
     names = ", ".join(f"'{s.name}' {s.datatype} {list(s.shape)}" for s in inputs)
@@ -114,7 +124,7 @@ def _check_contract(contract: Contract, runtime: ModelRuntime) -> None:
     if spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[1] not in (-1, contract.width):
         raise ModelLoadError(
             f"{where} builds '{target}' as FP32 [-1,{contract.width}] from "
-            f"{len(contract.features)} features, but the ONNX model takes {names}"
+            f"{len(contract.feature_names)} features, but the ONNX model takes {names}"
         )
 
 
@@ -128,11 +138,13 @@ class ModelRepository:
         executor: Executor,
         runtime_factory: RuntimeFactory = OnnxRuntimeSession,
         on_retire: Callable[[LoadedVersion], None] | None = None,
+        contracts: ContractSource | None = None,
     ) -> None:
         self.root = root
         self._settings = settings
         self._executor = executor
         self._factory = runtime_factory
+        self._contract_source = contracts
         self.on_retire = on_retire
         self._models: dict[str, _Model] = {}
 
@@ -264,27 +276,29 @@ class ModelRepository:
             if id(old) not in live and self.on_retire is not None:
                 self.on_retire(old)
 
-    @staticmethod
     def _contracts(
-        model_dir: Path, config: ModelConfig
-    ) -> tuple[dict[str, Contract] | None, tuple[int, int] | None]:
-        file = model_dir / CONTRACT_FILE
-        if not file.exists():
+        self, model_dir: Path, config: ModelConfig
+    ) -> tuple[Mapping[str, FeatureContract] | None, tuple[int, int] | None]:
+        found = None if self._contract_source is None else self._contract_source(model_dir)
+        if found is None:
             if config.contract.version or config.contract.by_model_version:
-                raise SettingsError(f"config.yaml names contract versions but {file} is missing")
+                raise SettingsError(
+                    f"config.yaml names contract versions but {model_dir} has no features.yaml"
+                )
             return None, None
-        return load_contracts(file), _stamp(file)
+        contracts, file = found
+        return contracts, _stamp(file)
 
     @staticmethod
     def _pick_contract(
-        contracts: dict[str, Contract] | None, config: ModelConfig, version: int
-    ) -> Contract | None:
+        contracts: Mapping[str, FeatureContract] | None, config: ModelConfig, version: int
+    ) -> FeatureContract | None:
         if contracts is None:
             return None
         wanted = config.contract.for_version(version) or list(contracts)[-1]
         if wanted not in contracts:
             raise ModelLoadError(
-                f"contract version '{wanted}' is not in {CONTRACT_FILE} "
+                f"contract version '{wanted}' is not in features.yaml "
                 f"(it has {', '.join(contracts)})"
             )
         return contracts[wanted]
@@ -296,7 +310,7 @@ class ModelRepository:
         config: ModelConfig,
         path: Path,
         stamp: tuple[object, ...],
-        contract: Contract | None,
+        contract: FeatureContract | None,
     ) -> LoadedVersion:
         # NOTE: instances run concurrently, one thread each; by default their intra-op threads
         # share the cores rather than each taking all of them.

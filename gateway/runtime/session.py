@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
 import numpy as np
 import onnxruntime as ort
@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from gateway.errors import ModelLoadError
 from gateway.settings import Device, GraphOptimization
-from gateway.types import TensorSpec
+from gateway.types import ModelRuntime, TensorSpec
 
 __all__ = [
     "ModelRuntime",
@@ -64,18 +64,6 @@ _OPTIMIZATION: Final = {
 _ORT_LOG_ERROR: Final = 3
 _ORT_LOG_FATAL: Final = 4
 ort.set_default_logger_severity(_ORT_LOG_ERROR)
-
-
-class ModelRuntime(Protocol):
-    """What the scheduler needs from a loaded model: its signature and a blocking run."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    provider: str
-
-    def run(
-        self, feeds: Mapping[str, NDArray[np.generic]], output_names: Sequence[str]
-    ) -> list[NDArray[np.generic]]: ...
 
 
 @dataclass(frozen=True, slots=True)

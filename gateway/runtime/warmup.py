@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.datatypes import NUMPY_DTYPES
 from gateway.errors import ModelLoadError
-from gateway.runtime.session import ModelRuntime
+from gateway.types import NUMPY_DTYPES, ModelRuntime
 
 __all__ = ["warm_up"]
 

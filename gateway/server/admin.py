@@ -23,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 from gateway.api.v1 import admin_pb2 as pb
 from gateway.api.v1 import admin_pb2_grpc as pb_grpc
 from gateway.errors import GatewayError
-from gateway.pipeline import Traffic
+from gateway.pipeline import Pipeline
 from gateway.runtime.repository import ModelRepository
 from gateway.settings import RouteSpec, describe_validation_error
 
@@ -46,12 +46,12 @@ def routes_yaml(routes: dict[str, RouteSpec]) -> str:
 class AdminServicer(pb_grpc.GatewayAdminServicer):
     def __init__(
         self,
-        traffic: Traffic,
+        pipeline: Pipeline,
         repository: ModelRepository,
         token: str | None,
         worker: bool = False,
     ) -> None:
-        self._traffic = traffic
+        self._pipeline = pipeline
         self._repository = repository
         self._token = token.encode() if token else None
         self._worker = worker  # one of several processes on the port
@@ -90,7 +90,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "wrong admin bearer token")
 
     def _routes(self) -> pb.Routes:
-        routes = self._traffic.routes.all()
+        routes = self._pipeline.routes.all()
         return pb.Routes(
             yaml=routes_yaml({name: r.spec for name, r in routes.items()}),
             revisions={name: r.revision for name, r in routes.items()},
@@ -129,7 +129,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"routes name models this gateway does not serve: {'; '.join(unserved)}",
             )
-        changed = self._traffic.routes.replace(routes)
+        changed = self._pipeline.routes.replace(routes)
         log.info("admin: routes set; changed: %s", ", ".join(changed) or "none")
         return self._routes()
 
@@ -138,7 +138,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     ) -> pb.Routes:
         await self._whole(context)
         try:
-            self._traffic.routes.promote(request.route, request.variant)
+            self._pipeline.routes.promote(request.route, request.variant)
         except GatewayError as err:
             await _abort(context, err.grpc_status, str(err))
         log.info("admin: route %s: %s promoted to 100%%", request.route, request.variant)
@@ -149,7 +149,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     ) -> pb.Routes:
         await self._whole(context)
         try:
-            self._traffic.routes.rollback(request.route)
+            self._pipeline.routes.rollback(request.route)
         except GatewayError as err:
             await _abort(context, err.grpc_status, str(err))
         log.info("admin: route %s rolled back to its previous spec", request.route)
@@ -159,7 +159,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         self, request: pb.CostsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CostsResponse:
         await self._whole(context)
-        ledger = self._traffic.ledger
+        ledger = self._pipeline.ledger
         lines = [
             pb.CostLine(
                 window_start=line.window_start,
@@ -194,7 +194,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         self, request: pb.CacheRequest, context: grpc.aio.ServicerContext
     ) -> pb.CacheResponse:
         await self._whole(context)
-        cache = self._traffic.cache
+        cache = self._pipeline.cache
         if cache is None:
             return pb.CacheResponse(enabled=False)
         stats = cache.stats()

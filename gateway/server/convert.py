@@ -10,9 +10,17 @@ import numpy as np
 
 from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
-from gateway.datatypes import NUMPY_DTYPES
 from gateway.errors import InvalidRequest
-from gateway.types import InferRequest, InferResponse, ParameterValue, Tensor
+from gateway.types import (
+    DEFAULT_OPTIONS,
+    MAX_TEXT_CHARS,
+    NUMPY_DTYPES,
+    InferRequest,
+    InferResponse,
+    ParameterValue,
+    RequestOptions,
+    Tensor,
+)
 
 __all__ = ["parameters_from_pb", "parameters_to_pb", "request_from_pb", "response_to_pb"]
 
@@ -34,6 +42,9 @@ _CONTENTS_FIELD: Final[dict[str, str]] = {
     "BYTES": "bytes_contents",
 }
 
+
+# A request id is echoed in the response and kept in its prediction event: bounded.
+MAX_ID_CHARS: Final = MAX_TEXT_CHARS
 
 # Raw contents are little-endian whatever the host; built once, not per request.
 _LITTLE_ENDIAN: Final = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
@@ -72,8 +83,11 @@ def _input_sizes(request: pb.ModelInferRequest) -> dict[str, int]:
     return sizes
 
 
-def request_from_pb(request: pb.ModelInferRequest, max_message_bytes: int) -> InferRequest:
-    """Decode a ModelInferRequest; every failure is an InvalidRequest naming the input."""
+def request_from_pb(
+    request: pb.ModelInferRequest, max_message_bytes: int, timeout_s: float | None = None
+) -> InferRequest:
+    """Decode a ModelInferRequest; every failure is an InvalidRequest naming the input or the
+    parameter. ``timeout_s``: what the call's deadline leaves, at arrival."""
     raw = request.raw_input_contents
     # NOTE: raw payloads are sized for free; typed contents only when present.
     size = sum(len(r) for r in raw) if raw else request.ByteSize()
@@ -93,13 +107,23 @@ def request_from_pb(request: pb.ModelInferRequest, max_message_bytes: int) -> In
         inputs = [_tensor_from_pb(t, r) for t, r in zip(request.inputs, raw, strict=True)]
     else:
         inputs = [_tensor_from_pb(t, None) for t in request.inputs]
+    if len(request.id) > MAX_ID_CHARS:
+        raise InvalidRequest(
+            f"request id has {len(request.id)} characters; at most {MAX_ID_CHARS} are kept"
+        )
+    options = (
+        RequestOptions.parse(parameters_from_pb(request.parameters))
+        if request.parameters
+        else DEFAULT_OPTIONS
+    )
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
         inputs=inputs,
         requested_outputs=[out.name for out in request.outputs] if request.outputs else [],
-        parameters=parameters_from_pb(request.parameters) if request.parameters else {},
+        options=options,
+        timeout_s=timeout_s,
     )
 
 

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import model_config_pb2 as mc
-from gateway.datatypes import TRITON_CONFIG_TYPES
-from gateway.features.contract import ADVERTISED_DATATYPE
 from gateway.runtime.repository import LoadedVersion
-from gateway.statistics import Duration
+from gateway.telemetry.statistics import Duration
 from gateway.types import TensorSpec
 
 __all__ = ["config_to_pb", "metadata_to_pb", "statistics_to_pb"]
 
 PLATFORM = "onnxruntime_onnx"
+
+# OIP datatype -> Triton model-config DataType enum name.
+TRITON_CONFIG_TYPES: Final[dict[str, str]] = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
 
 
 def advertised_inputs(loaded: LoadedVersion) -> list[TensorSpec]:
@@ -27,9 +42,7 @@ def advertised_inputs(loaded: LoadedVersion) -> list[TensorSpec]:
     """
     if loaded.contract is None:
         return list(loaded.runtime.inputs)
-    return [
-        TensorSpec(f.name, ADVERTISED_DATATYPE[f.kind], (-1, 1)) for f in loaded.contract.features
-    ]
+    return loaded.contract.advertised_inputs()
 
 
 def metadata_to_pb(

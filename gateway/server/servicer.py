@@ -264,10 +264,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, span: trace.Span, timeout_s: float | None
     ) -> pb.ModelInferResponse:
-        infer_request = convert.request_from_pb(request, self._settings.max_message_bytes)
-        infer_request.timeout_s = timeout_s
-        first = infer_request.inputs[0].shape if infer_request.inputs else ()
-        span.set_attribute("gateway.rows", first[0] if first else 1)
+        infer_request = convert.request_from_pb(
+            request, self._settings.max_message_bytes, timeout_s
+        )
+        span.set_attribute("gateway.rows", infer_request.rows)
         response = await self._pipeline.predict(infer_request)
         span.set_attribute("gateway.model_version", response.model_version)
         return convert.response_to_pb(response)

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.features import OUTCOMES
+from gateway.types import OUTCOMES
 
 __all__ = ["CounterSource", "CoverageSource", "GatewayMetrics"]
 

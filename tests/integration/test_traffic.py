@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.routing import RouteTable
 from gateway.server.admin_client import AdminClient
 from gateway.settings import RouteSpec
+from gateway.types import RequestOptions
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features, free_port
 from tests.integration.test_events import acked_all, events_args, wait_for
 from tests.models import write_echo_model, write_scorer_model
@@ -191,7 +192,7 @@ def test_sticky_keys_land_on_the_arm_the_route_hashes_them_to(client):
         key = f"user-{i}"
         _, first = infer(client, "scorer", sticky_key=key)
         _, second = infer(client, "scorer", sticky_key=key)
-        assert first["variant"] == second["variant"] == expected.choose({"sticky_key": key}).name
+        assert first["variant"] == second["variant"] == expected.choose(RequestOptions(sticky_key=key)).name
         assert first["route"] == "scorer"
         arm = "canary" if first["variant"] == "canary" else "primary"
         assert first["arm"] == arm

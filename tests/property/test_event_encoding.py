@@ -16,9 +16,8 @@ from gateway.api.v1 import events_pb2 as ev
 from gateway.demo import contract_file, synthetic_transactions
 from gateway.events import builder
 from gateway.features import redact
-from gateway.features.assembly import assemble_tensors
 from gateway.features.contract import Contract, load_contract
-from gateway.types import InferRequest, InferResponse, Tensor
+from gateway.types import RequestOptions, InferRequest, InferResponse, Tensor
 
 try:
     from gateway._events_c import encode_event as native_encode
@@ -62,20 +61,17 @@ def contract(tmp_path_factory: pytest.TempPathFactory) -> Contract:
 @st.composite
 def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
     rows = draw(st.integers(1, 4))
-    parameters: dict[str, object] = {}
+    parameters: dict[str, str | int] = {}
     for name in ("tenant", "surface", "entity_key"):
         if draw(st.booleans()):
             parameters[name] = draw(TEXT)
     for name in draw(st.lists(TEXT, max_size=2, unique=True)):
         parameters[f"segment.{name}"] = draw(st.one_of(TEXT, st.integers(-5, 5)))
-    assembly = None
-    used_contract = None
+    coverage = None
     if draw(st.booleans()):  # raw features under the contract
         start = draw(st.integers(0, 64 - rows))
-        inputs = []
         inputs = [raw_tensor(f.name, f.kind, start, rows) for f in contract.features]
-        assembly = assemble_tensors(contract, inputs, "fraud", 1 << 20)
-        used_contract = contract
+        coverage = contract.assemble(inputs, "fraud", 1 << 20).coverage
     else:  # the model's own input
         width = draw(st.sampled_from([1, 3, 19, MAX_COLUMNS + 1]))
         inputs = [Tensor("features", "FP32", np.arange(rows * width, dtype=np.float32)
@@ -108,23 +104,22 @@ def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
     for name in ("route", "arm", "variant", "fallback", "fallback_reason"):
         if draw(st.booleans()):
             answered[name] = draw(TEXT)
-    request = InferRequest("fraud", inputs=inputs, parameters=parameters)  # type: ignore[arg-type]
+    request = InferRequest("fraud", inputs=inputs, options=RequestOptions.parse(parameters))
     response = InferResponse(
         "fraud",
         draw(st.sampled_from(["1", "2"])),
         "",
         outputs,
         answered,  # type: ignore[arg-type]
-        assembly,
     )
     return builder.Pending(
-        request,
-        response,
-        draw(TEXT),
-        used_contract,
-        draw(st.integers(0, 2**62)),
-        draw(st.floats(0, 1e4)),
-        0,
+        request=request,
+        response=response,
+        request_id=draw(TEXT),
+        coverage=coverage,
+        event_time_us=draw(st.integers(0, 2**62)),
+        total_ms=draw(st.floats(0, 1e4)),
+        nbytes=0,
     )
 
 
@@ -147,10 +142,15 @@ def test_a_sensitive_feature_travels_hashed_in_the_native_encoding(contract: Con
     sensitive = [f.name for f in contract.features if f.sensitive]
     assert sensitive
     inputs = [raw_tensor(f.name, f.kind, 0, 2) for f in contract.features]
-    assembly = assemble_tensors(contract, inputs, "fraud", 1 << 20)
-    pending = builder.Pending(InferRequest("fraud", inputs=inputs),
-                              InferResponse("fraud", "2", "", [], {}, assembly),
-                              "r1", contract, 1, 1.0, 0)  # fmt: skip
+    pending = builder.Pending(
+        request=InferRequest("fraud", inputs=inputs),
+        response=InferResponse("fraud", "2", "", [], {}),
+        request_id="r1",
+        coverage=contract.assemble(inputs, "fraud", 1 << 20).coverage,
+        event_time_us=1,
+        total_ms=1.0,
+        nbytes=0,
+    )
     event = ev.PredictionEvent.FromString(native_encode(pending, "e1", KEY, redact, MAX_COLUMNS))
     columns = {c.name: c for c in event.features.strings}
     for name in sensitive:

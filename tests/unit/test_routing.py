@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from gateway.batching.batcher import Outcome
+from gateway.types import Outcome
 from gateway.cache import ResponseCache, identity
-from gateway.costs import Ledger, charge
+from gateway.accounting import Ledger, charge
 from gateway.errors import BudgetExceeded, InvalidRequest, ModelNotFound, RateLimited
 from gateway.routing import RateLimiter, RouteTable, unit_hash
 from gateway.settings import (
@@ -24,6 +24,11 @@ from gateway.settings import (
     load_settings,
 )
 from gateway.telemetry import GatewayMetrics
+from gateway.types import RequestOptions
+
+
+def options(parameters):
+    return RequestOptions.parse(parameters)
 
 
 def spec(**extra: object) -> RouteSpec:
@@ -43,7 +48,7 @@ def test_the_split_over_10000_sticky_keys_is_within_binomial_tolerance_and_stick
     route = RouteTable({"scorer": spec()}, history=4).get("scorer")
     assert route is not None
     n, p = 10_000, 0.10
-    arms = [route.choose({"sticky_key": f"user-{i}"}).name for i in range(n)]
+    arms = [route.choose(options({"sticky_key": f"user-{i}"})).name for i in range(n)]
     canary = arms.count("canary")
     sigma = math.sqrt(n * p * (1 - p))  # 30 rows
     assert abs(canary - n * p) < 4 * sigma, canary
@@ -51,9 +56,12 @@ def test_the_split_over_10000_sticky_keys_is_within_binomial_tolerance_and_stick
     # The same key, asked again (and by a fresh table, as after a restart): the same arm.
     again = RouteTable({"scorer": spec()}, history=4).get("scorer")
     assert again is not None
-    assert [again.choose({"sticky_key": f"user-{i}"}).name for i in range(n)] == arms
+    assert [again.choose(options({"sticky_key": f"user-{i}"})).name for i in range(n)] == arms
     # Integer keys are keys too; the hash is xxh3 of route and key, stable across runs.
-    assert route.choose({"sticky_key": 42}).name == route.choose({"sticky_key": "42"}).name
+    assert (
+        route.choose(options({"sticky_key": 42})).name
+        == route.choose(options({"sticky_key": "42"})).name
+    )
     assert unit_hash("scorer", "user-1") == unit_hash("scorer", "user-1")
     assert 0.0 <= unit_hash("scorer", "user-1") < 1.0
 
@@ -62,7 +70,7 @@ def test_without_a_key_the_draw_is_random_with_the_weights():
     route = RouteTable({"scorer": spec()}, history=4).get("scorer")
     assert route is not None
     n = 10_000
-    canary = sum(route.choose({}).name == "canary" for _ in range(n))
+    canary = sum(route.choose(options({})).name == "canary" for _ in range(n))
     assert abs(canary - 1000) < 4 * math.sqrt(n * 0.09)
 
 
@@ -73,12 +81,16 @@ def test_match_rules_come_first_and_compare_text():
     )
     route = routes.get("scorer")
     assert route is not None
-    assert route.choose({"segment.geo": "BR", "tier": 1, "sticky_key": "k"}).name == "canary"
+    assert (
+        route.choose(options({"segment.geo": "BR", "tier": 1, "sticky_key": "k"})).name == "canary"
+    )
     keys = [f"k{i}" for i in range(200)]
-    others = {route.choose({"segment.geo": "US", "tier": 1, "sticky_key": k}).name for k in keys}
+    others = {
+        route.choose(options({"segment.geo": "US", "tier": 1, "sticky_key": k})).name for k in keys
+    }
     assert others == {"stable", "canary"}  # no match: the weighted split
     with pytest.raises(InvalidRequest, match="sticky_key"):
-        route.choose({"sticky_key": 1.5})
+        route.choose(options({"sticky_key": 1.5}))
 
 
 def test_promote_then_rollback_restores_the_previous_spec():
@@ -87,7 +99,7 @@ def test_promote_then_rollback_restores_the_previous_spec():
     assert before is not None
     promoted = routes.promote("scorer", "canary")
     assert {v.name: v.weight for v in promoted.spec.variants}["canary"] == 1.0
-    assert all(promoted.choose({"sticky_key": f"k{i}", "a": "b"}).name == "canary"
+    assert all(promoted.choose(options({"sticky_key": f"k{i}", "a": "b"})).name == "canary"
                for i in range(100))  # fmt: skip
     assert promoted.revision > before.revision
     with pytest.raises(InvalidRequest, match="static"):
@@ -162,13 +174,15 @@ def test_the_ledger_groups_by_window_and_key_and_budgets_apply_their_policy():
     ]
     ledger = Ledger(CostSettings(max_keys=2, budgets=budgets), GatewayMetrics())
     one = charge(Price(request=0.6), Outcome([], 0, 0, 1, 0), 0)
-    ledger.add("t1", "r", "v", "app", 2, 0, one)
+    ledger.add(tenant="t1", route="r", variant="v", surface="app", rows=2, cached_rows=0, cost=one)
     assert ledger.check("t1", "app") is None
-    ledger.add("t1", "r", "v", "app", 2, 1, one)
+    ledger.add(tenant="t1", route="r", variant="v", surface="app", rows=2, cached_rows=1, cost=one)
     with pytest.raises(BudgetExceeded, match="budget 'r' is spent"):
         ledger.check("t1", "app")
-    ledger.add("t2", "r", "v", "web", 1, 0, one)
-    ledger.add("t3", "r", "v", "web", 1, 0, one)  # a third key past max_keys: into (other)
+    ledger.add(tenant="t2", route="r", variant="v", surface="web", rows=1, cached_rows=0, cost=one)
+    ledger.add(
+        tenant="t3", route="r", variant="v", surface="web", rows=1, cached_rows=0, cost=one
+    )  # a third key past max_keys: into (other)
     degrade = ledger.check("t2", "web")
     assert degrade is not None and degrade.name == "d"
     lines = {(ln.tenant, ln.surface): ln for ln in ledger.lines()}

@@ -41,7 +41,7 @@ def test_signature_comes_from_the_graph(echo_path: Path):
 
 
 def _zeros(session: OnnxRuntimeSession) -> dict[str, np.ndarray]:
-    from gateway.datatypes import NUMPY_DTYPES
+    from gateway.types import NUMPY_DTYPES
 
     return {
         s.name: np.full((3, 2), "", object)

@@ -20,20 +20,17 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
 from cachetools import LRUCache
 from numpy.typing import NDArray
 
-from gateway.batching.batcher import Outcome
 from gateway.errors import RuntimeFailure
 from gateway.settings import CacheSettings
 from gateway.telemetry import GatewayMetrics
-
-if TYPE_CHECKING:
-    from gateway.runtime.repository import LoadedVersion
+from gateway.types import Outcome
 
 __all__ = ["CacheResult", "Identity", "ResponseCache", "cacheable", "identity"]
 
@@ -48,7 +45,7 @@ class _Entry:
     row: bytes
     outputs: tuple[NDArray[np.generic], ...]
     nbytes: int
-    expires: float  # time.monotonic()
+    expires: float  # on the cache's clock
 
 
 class _OwnerGone(Exception):
@@ -112,8 +109,14 @@ def cacheable(feeds: Feeds) -> bool:
 
 
 class ResponseCache:
-    def __init__(self, settings: CacheSettings, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
+        self._clock = clock  # seconds; entries expire on it
         self._flights: dict[int, _Flight] = {}
         self._identities: dict[tuple[int, str], Identity] = {}
         # Plain counters, read at scrape time (no metric lock per row).
@@ -156,23 +159,22 @@ class ResponseCache:
         self._store.clear()
         return count
 
-    def identity(self, loaded: LoadedVersion, contract_version: str) -> Identity:
-        """The identity of ``loaded`` under a contract version (made once, then looked up)."""
-        key = (loaded.generation, contract_version)
+    def identity(self, name: str, version: str, contract_version: str, generation: int) -> Identity:
+        """A model version's identity under a contract version (made once, then looked up);
+        ``generation`` is unique to one load of the version."""
+        key = (generation, contract_version)
         found = self._identities.get(key)
         if found is None:
             if len(self._identities) > 4096:  # versions come and go: keep the map small
                 self._identities.clear()
-            found = self._identities[key] = identity(
-                loaded.name, loaded.version_label, contract_version, loaded.generation
-            )
+            found = self._identities[key] = identity(name, version, contract_version, generation)
         return found
 
     def _lookup(self, who: bytes, row: bytes, key: int) -> _Entry | None:
         entry = self._store.get(key)
         if entry is None:
             return None
-        if entry.expires < time.monotonic():
+        if entry.expires < self._clock():
             del self._store[key]
             return None
         if entry.row == row and entry.identity == who:
@@ -184,11 +186,8 @@ class ResponseCache:
         self, identity: Identity, feeds: Feeds, rows: int, compute: Compute
     ) -> CacheResult:
         """``rows`` rows of ``feeds`` through the cache; ``compute`` runs the missing ones."""
-        if rows == 1:
-            return await self._infer_one(identity, feeds, compute)
         started = time.perf_counter_ns()
         who, seed = identity
-        matrix = _row_bytes(feeds, rows)
         flights = self._flights
         found: dict[int, tuple[NDArray[np.generic], ...]] = {}  # row -> outputs
         waiting: list[tuple[int, asyncio.Future[tuple[NDArray[np.generic], ...]]]] = []
@@ -196,9 +195,7 @@ class ResponseCache:
         mine: list[tuple[int, _Flight]] = []  # and the flights it owns, in that order
         duplicates: list[tuple[int, int]] = []  # (row, the earlier row of this request)
         owned: dict[int, int] = {}  # key -> the row of this request computing it
-        loop = asyncio.get_running_loop()
-        for i in range(rows):
-            row = matrix[i].tobytes()
+        for i, row in enumerate(_row_bytes(feeds, rows)):
             key = xxhash.xxh3_128_intdigest(row, seed)
             entry = self._lookup(who, row, key)
             if entry is not None:
@@ -209,7 +206,9 @@ class ResponseCache:
                 if key in owned:
                     duplicates.append((i, owned[key]))
                 else:
-                    future: asyncio.Future[tuple[NDArray[np.generic], ...]] = loop.create_future()
+                    future: asyncio.Future[tuple[NDArray[np.generic], ...]] = (
+                        asyncio.get_running_loop().create_future()
+                    )
                     flight.waiters.append(future)
                     waiting.append((i, future))
                 continue
@@ -237,6 +236,8 @@ class ResponseCache:
             self._land(mine, computed, None)
             if len(missing) == rows:
                 return CacheResult(computed, outcome, 0, lookup_ns)
+        elif len(found) == rows == 1:  # the online hit: served as stored
+            return CacheResult(list(found[0]), None, 1, lookup_ns)
         for i, future in waiting:
             try:
                 found[i] = await future
@@ -254,49 +255,8 @@ class ResponseCache:
         for i, earlier in duplicates:
             j = positions[earlier]
             found[i] = tuple(o[j : j + 1] for o in computed)
-        return CacheResult(_stitch(rows, found, missing, computed), outcome, rows - len(missing),
-                           lookup_ns)  # fmt: skip
-
-    async def _infer_one(self, identity: Identity, feeds: Feeds, compute: Compute) -> CacheResult:
-        """The online case, one row: the same steps without the bookkeeping of many."""
-        started = time.perf_counter_ns()
-        who, seed = identity
-        if len(feeds) == 1:
-            row = next(iter(feeds.values())).tobytes()
-        else:
-            row = b"".join(feeds[name].tobytes() for name in sorted(feeds))
-        key = xxhash.xxh3_128_intdigest(row, seed)
-        entry = self._lookup(who, row, key)
-        if entry is not None:
-            self.hits += 1
-            return CacheResult(list(entry.outputs), None, 1, time.perf_counter_ns() - started)
-        flight = self._flights.get(key)
-        if flight is not None and flight.row == row and flight.identity == who:
-            self.coalesced += 1
-            future: asyncio.Future[tuple[NDArray[np.generic], ...]] = (
-                asyncio.get_running_loop().create_future()
-            )
-            flight.waiters.append(future)
-            lookup_ns = time.perf_counter_ns() - started
-            try:
-                return CacheResult(list(await future), None, 1, lookup_ns)
-            except _OwnerGone:
-                pass  # compute it here after all (not counted as a second miss)
-            outcome = await compute(feeds, 1)
-            return CacheResult(outcome.outputs, outcome, 0, lookup_ns)
-        self.misses += 1
-        flight = _Flight(who, row)
-        if key not in self._flights:
-            self._flights[key] = flight
-        mine = [(key, flight)]
-        lookup_ns = time.perf_counter_ns() - started
-        try:
-            outcome = await compute(feeds, 1)
-        except BaseException as err:
-            self._land(mine, None, err)
-            raise
-        self._land(mine, outcome.outputs, None)
-        return CacheResult(outcome.outputs, outcome, 0, lookup_ns)
+        outputs = _stitch(rows, found, missing, computed)
+        return CacheResult(outputs, outcome, rows - len(missing), lookup_ns)
 
     def _land(
         self,
@@ -306,7 +266,7 @@ class ResponseCache:
     ) -> None:
         """Store computed rows, hand them to whoever waits, and end their flights."""
         flights, store = self._flights, self._store
-        expires = time.monotonic() + self.settings.ttl_s
+        expires = self._clock() + self.settings.ttl_s
         for j, (key, flight) in enumerate(mine):
             if flights.get(key) is flight:
                 del flights[key]
@@ -330,12 +290,17 @@ class ResponseCache:
                     future.set_result(row_outputs)
 
 
-def _row_bytes(feeds: Feeds, rows: int) -> NDArray[np.uint8]:
-    """Each row's bytes over every input (in name order), as one uint8 matrix."""
+def _row_bytes(feeds: Feeds, rows: int) -> list[bytes]:
+    """Each row's bytes over every input (in name order)."""
+    if rows == 1:  # the online case: no matrix to build
+        if len(feeds) == 1:
+            return [next(iter(feeds.values())).tobytes()]
+        return [b"".join(feeds[name].tobytes() for name in sorted(feeds))]
     views = [
         np.ascontiguousarray(feeds[name]).reshape(rows, -1).view(np.uint8) for name in sorted(feeds)
     ]
-    return views[0] if len(views) == 1 else np.hstack(views)
+    matrix = views[0] if len(views) == 1 else np.hstack(views)
+    return [row.tobytes() for row in matrix]
 
 
 def _stitch(

@@ -1,4 +1,4 @@
-"""Stage 8, cost: what each request cost, a ledger over time windows, and budgets.
+"""Stage 8, accounting: what each request cost, a ledger over time windows, and budgets.
 
 A request's cost is its rows' share of its batch's measured compute time at the variant's
 price per compute-second, plus the variant's price per request. Rows answered from the cache
@@ -16,34 +16,19 @@ import functools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.batching.batcher import Outcome
 from gateway.errors import BudgetExceeded
 from gateway.settings import Budget, CostSettings, Price
 from gateway.telemetry import GatewayMetrics
+from gateway.types import Charge, Outcome
 
-__all__ = ["FREE", "Charge", "Ledger", "LedgerLine", "charge"]
+__all__ = ["Ledger", "LedgerLine", "charge"]
 
 log = logging.getLogger(__name__)
 
 OTHER = "(other)"
-
-
-class Charge:
-    """One request's cost and its parts (made per request: a plain slotted class)."""
-
-    __slots__ = ("compute", "compute_s", "lookup", "request", "total")
-
-    def __init__(self, compute_s: float, compute: float, request: float, lookup: float) -> None:
-        self.compute_s = compute_s  # this request's share of its batches' compute time
-        self.compute = compute
-        self.request = request
-        self.lookup = lookup
-        self.total = compute + request + lookup
-
-
-FREE = Charge(0.0, 0.0, 0.0, 0.0)
 
 
 def charge(price: Price, outcome: Outcome | None, lookup_ns: int) -> Charge:
@@ -80,8 +65,14 @@ class _BudgetState:
 class Ledger:
     """Create and use on the event loop (no locks: one thread adds and reads)."""
 
-    def __init__(self, settings: CostSettings, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        settings: CostSettings,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        self._clock = clock  # Unix seconds: windows start on whole multiples of their length
         self._metrics = metrics
         self._windows: OrderedDict[int, dict[tuple[str, str, str, str], LedgerLine]] = OrderedDict()
         self._lines: dict[tuple[str, str, str, str], LedgerLine] = {}  # the current window's
@@ -127,7 +118,7 @@ class Ledger:
                 )
             if budget.policy == "reject":
                 self._metrics.limited.labels("budget").inc()
-                left = state.window_start + budget.window_s - time.time()
+                left = state.window_start + budget.window_s - self._clock()
                 raise BudgetExceeded(
                     f"budget '{budget.name}' is spent ({state.spent:.6g} of {budget.limit:.6g} "
                     f"in its {budget.window_s} s window); it renews in {max(left, 0):.0f} s"
@@ -140,6 +131,7 @@ class Ledger:
 
     def add(
         self,
+        *,
         tenant: str,
         route: str,
         variant: str,
@@ -147,10 +139,13 @@ class Ledger:
         rows: int,
         cached_rows: int,
         cost: Charge,
+        budgeted: bool = True,
     ) -> None:
+        """Add one answered request; ``budgeted=False`` (a shadow copy): in the ledger, never
+        on a budget, since the tenant did not ask for it."""
         if not self.settings.enabled:
             return
-        now = time.time()
+        now = self._clock()
         lines = self._lines
         if now >= self._window_end:
             window_s = self.settings.window_s
@@ -176,7 +171,7 @@ class Ledger:
         line.cost += total
         totals = self._totals
         totals[(route, variant)] = totals.get((route, variant), 0.0) + total
-        if self._budgets:
+        if self._budgets and budgeted:
             for state in self._subject(tenant, surface):
                 self._current(state).spent += total
 
@@ -208,7 +203,7 @@ class Ledger:
         return self._current(state).spent
 
     def _current(self, state: _BudgetState) -> _BudgetState:
-        now = time.time()
+        now = self._clock()
         if now < state.window_end:
             return state
         window_s = state.budget.window_s
