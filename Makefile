@@ -59,10 +59,14 @@ proto: $(STAMP)
 native: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# Style, types (strict on gateway/, every body checked in tests/ and benchmarks/) and the
+# architecture: the import contracts in pyproject.toml (stages never import each other).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests benchmarks
 	$(VENV)/bin/ruff format --check gateway tests benchmarks
 	$(VENV)/bin/mypy gateway
+	$(VENV)/bin/mypy tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_serving.py

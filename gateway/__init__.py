@@ -19,12 +19,11 @@ from gateway.errors import (
     RuntimeFailure,
     SettingsError,
 )
+from gateway._version import __version__
 from gateway.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DeadlineExceeded",
