@@ -14,7 +14,7 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 from tritonclient.grpc import service_pb2
 
-PROTOS = Path(__file__).resolve().parents[2] / "protos"
+PROTOS = Path(__file__).resolve().parents[3] / "protos"
 
 
 @pytest.fixture(scope="module")
