@@ -159,6 +159,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
             # Workers get the same command line; the supervisor pins their port and role.
             return supervise(settings, _without_flag(argv, "--workers"))
 
+        from gateway.workers import watch_supervisor
+
+        watch_supervisor()  # a worker of a supervisor stops once that is gone; else a no-op
         import uvloop
 
         from gateway.app import Gateway

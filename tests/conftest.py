@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,72 @@ def stop_process(process: subprocess.Popen[bytes], sig: int, timeout_s: float) -
             process.kill()
             process.wait()
     return process.returncode
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name (state first), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> str | None:
+    """When ``pid`` started (ticks since boot): tells it from a later process of that number."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether ``pid`` runs (a zombie does not) and, given its ``start_time``, is that one."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in "ZXx" and started in (None, fields[19])
+
+
+def wait_gone(pids: Mapping[int, str | None], timeout_s: float) -> list[int]:
+    """Poll until none of ``pids`` (pid -> start_time) runs, or ``timeout_s`` passes: the pids
+    still running."""
+    deadline = time.monotonic() + timeout_s
+    while alive := [pid for pid, started in pids.items() if process_alive(pid, started)]:
+        if time.monotonic() > deadline:
+            return alive
+        time.sleep(0.01)
+    return []
+
+
+def _group_members(pgid: int) -> list[int] | None:
+    """Running processes of process group ``pgid`` (None: no ``/proc`` here to tell)."""
+    if not Path("/proc/self/stat").exists():
+        return None
+    members = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat(entry.name) if entry.name.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] not in "ZXx":
+            members.append(int(entry.name))
+    return members
+
+
+def kill_group(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGKILL ``process`` (started with ``start_new_session``) and every process still in its
+    process group, whoever their parent is now, and wait until they are gone."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    if _group_members(process.pid) == []:
+        return  # nothing left (and the group's number may go to someone else later)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while members := _group_members(process.pid) or []:
+        assert time.monotonic() < deadline, f"processes {members} survived SIGKILL"
+        time.sleep(0.01)
 
 
 def free_port() -> int:
@@ -90,7 +156,11 @@ class SidecarProcess:
 
 
 class GatewayProcess:
-    """``python -m gateway serve`` in a child process, logs to files, port chosen by the OS."""
+    """``python -m gateway serve`` in a child process, logs to files, port chosen by the OS.
+
+    It leads a process group of its own, so that ``kill_all`` also finds what it started (the
+    workers of ``--workers``) even once they have another parent.
+    """
 
     def __init__(
         self, repository: Path, workdir: Path, *args: str, env: dict[str, str] | None = None
@@ -105,9 +175,17 @@ class GatewayProcess:
         ]  # fmt: skip
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=err, env={**os.environ, **(env or {})}
+                command,
+                stdout=out,
+                stderr=err,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
             )
-        self.url, self.metrics_url = self._wait_ready()
+        try:
+            self.url, self.metrics_url = self._wait_ready()
+        except BaseException:
+            self.kill_all()
+            raise
 
     def _wait_ready(self, timeout_s: float = 60.0) -> tuple[str, str]:
         deadline = time.monotonic() + timeout_s
@@ -120,7 +198,6 @@ class GatewayProcess:
                     f"gateway exited with {self.process.returncode}:\n{self.stderr()}"
                 )
             time.sleep(0.05)
-        self.process.kill()
         raise RuntimeError(f"gateway not ready in {timeout_s} s:\n{self.stderr()}")
 
     def stderr(self) -> str:
@@ -157,6 +234,10 @@ class GatewayProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         return stop_process(self.process, sig, timeout_s)
 
+    def kill_all(self) -> None:
+        """SIGKILL the gateway and anything it started that still runs; wait until all are gone."""
+        kill_group(self.process)
+
 
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -186,7 +267,7 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
 
     yield start
     for proc in started:
-        proc.stop(signal.SIGKILL, timeout_s=10)
+        proc.kill_all()
 
 
 @pytest.fixture
@@ -211,6 +292,7 @@ def serving(repository: Path, workdir: Path) -> Iterator[GatewayProcess]:
         yield proc
     finally:
         code = proc.stop()
+        proc.kill_all()
     assert code == 0, proc.stderr()
 
 

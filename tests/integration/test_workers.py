@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.conftest import DEMO_WIDTH, demo_features
+from gateway.workers import SUPERVISOR_FD_ENV, SUPERVISOR_PID_ENV
+from tests.conftest import (
+    DEMO_WIDTH,
+    GatewayProcess,
+    demo_features,
+    parent_pid,
+    start_time,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.integration
+
+READY = re.compile(r"gateway ready .* metrics=(\S+) workers=(\d+) pids=(\S+)")
+ROOT = Path(__file__).resolve().parents[2]
+# How long a worker may take to notice its supervisor is gone, drain (nothing in flight) and
+# exit; it takes about a second. Only a bound: the test polls and goes on as soon as they are.
+GONE_WITHIN_S = 30.0
+linux_only = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="reads processes from /proc"
+)
+
+
+def _workers(proc: GatewayProcess) -> tuple[list[str], list[int]]:
+    """The supervisor's ready line: each worker's metrics address and its pid."""
+    line = READY.search(proc.stderr())
+    assert line, proc.stderr()
+    metrics, pids = line.group(1).split(","), [int(p) for p in line.group(3).split(",")]
+    assert len(metrics) == len(pids) == int(line.group(2)) and len(set(pids)) == len(pids)
+    return metrics, pids
 
 
 def _served(metrics_url: str) -> float:
@@ -27,11 +57,8 @@ def _served(metrics_url: str) -> float:
 
 def test_two_workers_share_one_port_and_stop_together(demo_repo, start_gateway):
     proc = start_gateway(demo_repo, "--workers", "2")
-    line = re.search(r"gateway ready .* metrics=(\S+) workers=2 pids=(\S+)", proc.stderr())
-    assert line, proc.stderr()
-    metrics = line.group(1).split(",")
-    pids = [int(p) for p in line.group(2).split(",")]
-    assert len(metrics) == 2 and len(set(pids)) == 2
+    metrics, _ = _workers(proc)
+    assert len(metrics) == 2
 
     request = service_pb2.ModelInferRequest(model_name="fraud")
     request.inputs.add(name="features", datatype="FP32", shape=[2, DEMO_WIDTH])
@@ -97,3 +124,112 @@ def test_workers_refuse_admin_changes_that_would_reach_one_worker_of_several(
                 call()
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "several worker processes" in info.value.details()
+
+
+@linux_only
+def test_workers_stop_when_their_supervisor_is_killed(demo_repo, start_gateway):
+    proc = start_gateway(demo_repo, "--workers", "2")
+    try:
+        _, pids = _workers(proc)
+        assert [parent_pid(pid) for pid in pids] == [proc.process.pid] * 2
+        started = {pid: start_time(pid) for pid in pids}
+        proc.process.kill()  # nothing can forward this one
+        proc.process.wait()
+        alive = wait_gone(started, GONE_WITHIN_S)
+        assert not alive, f"workers {alive} outlived their supervisor:\n{proc.stderr()}"
+        assert proc.stderr().count("gateway stopped") == 2  # each drained, then stopped
+    finally:
+        proc.kill_all()
+
+
+# A stand-in worker: watch_supervisor(), then wait to be stopped.
+WATCHER = """
+import sys, time
+from gateway.workers import watch_supervisor
+watch_supervisor()
+print("watching", flush=True)
+time.sleep(60)
+sys.exit("never stopped")
+"""
+# A stand-in supervisor: starts a stand-in worker, says its pid once it watches, then waits.
+SUPERVISOR = """
+import os, subprocess, sys, time
+from gateway.workers import SUPERVISOR_FD_ENV, SUPERVISOR_PID_ENV
+lifeline = int(os.environ[SUPERVISOR_FD_ENV])
+env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=env, pass_fds=(lifeline,),
+                         stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "watching\\n"
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _start(code: str, lifeline: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env={**os.environ, **env, SUPERVISOR_FD_ENV: str(lifeline)},
+        pass_fds=(lifeline,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_worker_stops_when_its_lifeline_reaches_eof():
+    """The pipe alone (no parent-death signal: the parent, this process, lives on)."""
+    lifeline, writer = os.pipe()
+    child = _start(WATCHER, lifeline, {SUPERVISOR_PID_ENV: str(os.getpid())})
+    os.close(lifeline)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "watching\n"
+        os.close(writer)  # what the supervisor's exit does, however it ends
+        writer = -1
+        assert child.wait(GONE_WITHIN_S) == -signal.SIGTERM
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        child.kill()
+        child.communicate()
+
+
+def test_a_worker_whose_supervisor_is_already_gone_exits_at_once():
+    lifeline, writer = os.pipe()
+    # Its parent is not the supervisor named: as if that had died and it had been re-parented.
+    gone = os.getpid() + 1
+    child = _start(WATCHER, lifeline, {SUPERVISOR_PID_ENV: str(gone)})
+    os.close(lifeline)
+    try:
+        out, err = child.communicate(timeout=GONE_WITHIN_S)
+        assert child.returncode == 1 and out == ""
+        assert f"the supervisor (pid {gone}) is gone" in err
+    finally:
+        os.close(writer)
+        child.kill()
+        child.communicate()
+
+
+@linux_only
+def test_a_worker_gets_sigterm_when_its_supervisor_dies():
+    """The parent-death signal alone: the lifeline's write end stays open, here."""
+    lifeline, writer = os.pipe()
+    supervisor = _start(SUPERVISOR, lifeline, {}, WATCHER)
+    os.close(lifeline)
+    worker: dict[int, str | None] = {}
+    try:
+        assert supervisor.stdout is not None
+        pid = int(supervisor.stdout.readline())
+        worker[pid] = start_time(pid)
+        assert parent_pid(pid) == supervisor.pid
+        supervisor.kill()
+        supervisor.wait()  # not communicate(): the worker holds its stderr until it exits
+        assert not wait_gone(worker, GONE_WITHIN_S), "the worker outlived its supervisor"
+    finally:
+        os.close(writer)
+        supervisor.kill()
+        supervisor.wait()
+        for pid in wait_gone(worker, 0):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(worker, GONE_WITHIN_S)
+        supervisor.communicate()
