@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gateway._version import __version__
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -19,7 +20,6 @@ from gateway.errors import (
     RuntimeFailure,
     SettingsError,
 )
-from gateway._version import __version__
 from gateway.settings import Settings, load_settings
 
 if TYPE_CHECKING:

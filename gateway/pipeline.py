@@ -95,21 +95,22 @@ class Pipeline:
             inputs, coverage = self._assemble(loaded, request.inputs)
             feeds, rows = bind_inputs(loaded, inputs)
             specs = select_outputs(loaded, request.requested_outputs)
-            computed, outcome, cached_rows, lookup_ns = await self._compute(
-                loaded, attempt, request, feeds, rows, coverage
-            )
-            outputs = self._shape(loaded, specs, computed)
+            computed = await self._compute(loaded, attempt, request, feeds, rows, coverage)
+            outputs = self._shape(loaded, specs, computed.outputs)
         except GatewayError:
             loaded.stats.record_failure(time.perf_counter_ns() - started)
             raise
         price = loaded.config.price if attempt.price is None else attempt.price
-        cost = charge(price, outcome, lookup_ns)
-        response = _response(request, loaded, outputs, outcome, cached_rows, cost.total, coverage)
+        outcome = computed.outcome
+        cost = charge(price, outcome, computed.lookup_ns)
+        response = _response(
+            request, loaded, outputs, outcome, computed.cached_rows, cost.total, coverage
+        )
         queue_ns, compute_ns = (outcome.queue_ns, outcome.compute_ns) if outcome else (0, 0)
         loaded.stats.record_request(
             rows, time.perf_counter_ns() - started, queue_ns, 0, compute_ns, 0
         )
-        return Answer(response, cost, cached_rows, coverage)
+        return Answer(response, cost, computed.cached_rows, coverage)
 
     # -- the stages of an attempt ------------------------------------------------------------
 

@@ -62,7 +62,8 @@ class _Flight:
     waiters: list[asyncio.Future[tuple[NDArray[np.generic], ...]]] = field(default_factory=list)
 
 
-class CacheResult(NamedTuple):
+@dataclass(slots=True)  # made per request: slotted, not frozen (see gateway.types)
+class CacheResult:
     outputs: list[NDArray[np.generic]]  # every model output, in model order, for all rows
     outcome: Outcome | None  # the batcher's, when any row was computed for this request
     cached_rows: int  # rows answered from the cache or by another request's computation

@@ -45,7 +45,7 @@ _FALLBACK_ON = (Overloaded, DeadlineExceeded, RuntimeFailure, ModelNotReady, Mod
 _MAX_REASON = 200
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request (see gateway.types)
 class Attempt:
     """One try at answering a request: a model version, by when, at what price."""
 
