@@ -142,11 +142,23 @@ def test_unknown_requested_output_is_named(stub):
 
 
 def test_bad_scheduling_parameters_are_named(stub):
-    for key, value in [("priority", "urgent"), ("priority", 3), ("timeout_ms", -5)]:
+    for key, value in [
+        ("priority", "urgent"),
+        ("priority", 3),
+        ("priority", "²"),  # a digit to str.isdigit(), not to int(): was INTERNAL
+        ("priority", 0),
+        ("timeout_ms", -5),
+        ("timeout_ms", "inf"),
+        ("cache", "maybe"),
+        ("sticky_key", 1.5),
+        ("tenant", "t" * 2000),
+    ]:
         message = request()
         param = message.parameters[key]
         if isinstance(value, int):
             param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
         else:
             param.string_param = value
         err = call_fails(stub, message)
@@ -185,3 +197,11 @@ def test_server_keeps_serving_after_bad_requests(small_gateway: GatewayProcess):
     client.close()
     assert small_gateway.process.poll() is None
     assert "Traceback" not in small_gateway.stderr()
+
+
+def test_an_overlong_request_id_is_refused_naming_it(stub):
+    """The id is echoed back and kept in the prediction event: it is bounded."""
+    err = call_fails(stub, request(id="r" * 5000))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request id" in err.details()
+    assert stub.ModelInfer(request(id="r" * 64)).id == "r" * 64
