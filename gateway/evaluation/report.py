@@ -73,10 +73,13 @@ def build_report(
     if not events["event_id"]:
         return report
     frame = build_frame(
-        events["rows"], events["numeric_names"], events["numeric"],
-        [dict(m) if m else None for m in events["strings"]], events["outputs"],
-        events["output_widths"],
-    )  # fmt: skip
+        row_counts=events["rows"],
+        numeric_names=events["numeric_names"],
+        numeric=events["numeric"],
+        strings=[dict(m) if m else None for m in events["strings"]],
+        outputs=events["outputs"],
+        output_widths=events["output_widths"],
+    )
     label_of = _labels(frame, events, labels)
     hashed = {name for names in events["hashed"] if names for name in names}
     versions = np.asarray(events["version"], dtype=object)
@@ -87,9 +90,16 @@ def build_report(
         for segment, event_mask in groups.items():
             rows = event_mask[frame.event_index]
             out[segment] = _metrics(
-                frame, rows, event_mask, events["coverage"], label_of, reference, version, hashed,
-                threshold,
-            )  # fmt: skip
+                frame,
+                rows=rows,
+                event_mask=event_mask,
+                coverage=events["coverage"],
+                label_of=label_of,
+                reference=reference,
+                version=version,
+                hashed=hashed,
+                threshold=threshold,
+            )
     return report
 
 

@@ -260,10 +260,13 @@ def _training_rows(table: pa.Table) -> pa.Table:
     data = table.to_pydict()
     count = len(data["request_id"])
     frame = build_frame(
-        data["rows"], data["numeric_names"], data["numeric"],
-        [dict(m) if m else None for m in data["strings"]], data["outputs"],
-        data["output_widths"],
-    )  # fmt: skip
+        row_counts=data["rows"],
+        numeric_names=data["numeric_names"],
+        numeric=data["numeric"],
+        strings=[dict(m) if m else None for m in data["strings"]],
+        outputs=data["outputs"],
+        output_widths=data["output_widths"],
+    )
     picks = frame.starts[:count] + np.asarray(data["row"], dtype=np.int64)
     out: dict[str, object] = {
         name: data[name] for name in ("request_id", "event_time", "model", "version", "arm")
