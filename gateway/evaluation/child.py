@@ -37,8 +37,8 @@ def start_sidecar(store: Path, address: str, repository: Path | None) -> Sidecar
     if not host or not port_text.isdigit():
         raise SettingsError(f"events.sidecar: {address!r} is not HOST:PORT")
     port = int(port_text)
-    command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store),
-               "--host", host, "--port", str(port), "--http-port", str(port + 1)]  # fmt: skip
+    command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store), "--host", host]
+    command += ["--port", str(port), "--http-port", str(port + 1)]
     if repository is not None:
         command += ["--repository", str(repository)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)

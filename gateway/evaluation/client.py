@@ -124,11 +124,12 @@ def format_report(report: dict[str, Any]) -> str:
             header = ("feature", "psi", "js|wass", "oov", "out_rng", "missing", "defaulted")
             rows = [header]
             for name, m in sorted(metrics["features"].items()):
-                second = m.get("js", m.get("wasserstein"))
-                rows.append(
-                    (name, *(_num(m.get(k)) for k in ("psi",)), _num(second),
-                     *(_num(m.get(k)) for k in ("oov", "out_of_range", "missing", "defaulted")))
-                )  # fmt: skip
+                values = (
+                    m.get("psi"),
+                    m.get("js", m.get("wasserstein")),
+                    *(m.get(k) for k in ("oov", "out_of_range", "missing", "defaulted")),
+                )
+                rows.append((name, *(_num(v) for v in values)))
             lines += format_table(rows, indent="  ")
             output = metrics.get("output")
             if output:
@@ -150,9 +151,16 @@ def format_report(report: dict[str, Any]) -> str:
     if alerts:
         rows = [("rule", "version", "segment", "feature", "value", "threshold", "action")]
         rows += [
-            (a["rule"], a["version"], a["segment"], a["feature"] or "-", _num(a["value"]),
-             f"{a['direction']} {a['threshold']}", a["action"])
+            (
+                a["rule"],
+                a["version"],
+                a["segment"],
+                a["feature"] or "-",
+                _num(a["value"]),
+                f"{a['direction']} {a['threshold']}",
+                a["action"],
+            )
             for a in alerts
-        ]  # fmt: skip
+        ]
         lines += format_table(rows, indent="  ")
     return "\n".join(lines)

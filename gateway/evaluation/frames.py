@@ -89,10 +89,13 @@ def _scores(
     """The first output's first column. Single-row events with the same output widths (the
     usual case) are decoded together: their blobs are rows of one matrix."""
     single = [
-        i for i, rows in enumerate(row_counts)
-        if rows == 1 and output_widths[i] and outputs[i]
+        i
+        for i, rows in enumerate(row_counts)
+        if rows == 1
+        and output_widths[i]
+        and outputs[i]
         and len(outputs[i] or b"") == 8 * sum(output_widths[i] or ())
-    ]  # fmt: skip
+    ]
     done = np.zeros(len(row_counts), dtype=bool)
     k = 0
     while k < len(single):

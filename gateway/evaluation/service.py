@@ -220,11 +220,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 else:
                     self.metrics.alerts.remove(*labels)
                 log.warning(
-                    "alert %s: %s %s on %s version %s segment %s (%s %s, value %.4g): %s",
-                    change["state"], change["rule"], change["feature"] or "-", change["model"],
-                    change["version"], change["segment"], change["direction"],
-                    change["threshold"], change["value"], change["action"],
-                )  # fmt: skip
+                    "alert %(state)s: %(rule)s %(feature)s on %(model)s version %(version)s "
+                    "segment %(segment)s (%(direction)s %(threshold)s, value %(value).4g): "
+                    "%(action)s",
+                    {**change, "feature": change["feature"] or "-"},
+                )
             if changes:
                 stamp = time.time()
                 lines = "".join(

@@ -56,8 +56,12 @@ async def run_sidecar(
     watch = asyncio.get_running_loop().create_task(servicer.watch(store_dir / ALERT_LOG))
     log.info(
         "sidecar ready grpc=%s:%d metrics=%s http=%s store=%s",
-        host, bound, metrics, pages, store.path,
-    )  # fmt: skip
+        host,
+        bound,
+        metrics,
+        pages,
+        store.path,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

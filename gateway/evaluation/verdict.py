@@ -45,8 +45,11 @@ def judge(
     metric = policy.primary_metric
     stable_q, candidate_q = evidence["stable"].get(metric), evidence["candidate"].get(metric)
     if stable_q is None or candidate_q is None:
-        return {**verdict, "verdict": "hold",
-                "reasons": [f"{metric} is undefined for a version (one class only)"]}  # fmt: skip
+        return {
+            **verdict,
+            "verdict": "hold",
+            "reasons": [f"{metric} is undefined for a version (one class only)"],
+        }
     loss = _relative(stable_q, candidate_q, higher_is_better=_HIGHER_IS_BETTER[metric])
     line = f"{metric} {candidate_q:.4f} vs {stable_q:.4f}: {loss:+.1%} regression"
     (failed if loss > policy.max_regression else passed).append(
