@@ -106,14 +106,25 @@ def contract_file(train: Columns) -> dict[str, Any]:
     different matrices, and served side by side.
     """
 
-    def numeric(name: str, kind: str, description: str, **extra: Any) -> dict[str, Any]:
-        return {"name": name, "kind": kind, "owner": "risk-data", "description": description,
-                **extra}  # fmt: skip
+    def numeric(*, name: str, kind: str, description: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "kind": kind,
+            "owner": "risk-data",
+            "description": description,
+            **extra,
+        }
 
-    def categorical(name: str, description: str, **extra: Any) -> dict[str, Any]:
-        return {"name": name, "kind": "categorical", "owner": "risk-data",
-                "description": description, "vocabulary": list(CATEGORIES[name]),
-                "encoding": "one_hot", **extra}  # fmt: skip
+    def categorical(*, name: str, description: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "kind": "categorical",
+            "owner": "risk-data",
+            "description": description,
+            "vocabulary": list(CATEGORIES[name]),
+            "encoding": "one_hot",
+            **extra,
+        }
 
     amount = _log_stats(train["amount"])
     age = _log_stats(train["account_age_days"])
@@ -125,27 +136,58 @@ def contract_file(train: Columns) -> dict[str, Any]:
             "input": "features",
             "unknown_features": "reject",
             "features": [
-                numeric("amount", "float", "Transaction amount, USD.",
-                        range={"min": 0, "max": 50_000, "policy": amount_policy},
-                        transform=["log1p", {"standardize": {**amount}}]),
-                numeric("hour", "int", "Local hour of the transaction, 0-23.",
-                        range={"min": 0, "max": 23, "policy": "reject"}, transform=[hour]),
-                numeric("account_age_days", "float", "Days since the account opened.",
-                        null_policy={"default": 0.0}, range={"min": 0, "policy": "flag"},
-                        transform=["log1p", {"standardize": {**age}}]),
-                numeric("tx_count_24h", "int", "Card transactions in the previous 24 hours.",
-                        null_policy={"default": 0}, range={"min": 0, "max": 500, "policy": "clip"},
-                        transform=[{"standardize": _stats(train["tx_count_24h"])}]),
-                numeric("distance_km", "float", "Distance from the cardholder's home.",
-                        null_policy={"default": 0.0}, range={"min": 0, "policy": "flag"},
-                        transform=["log1p", {"standardize": {**distance}}]),
-                categorical("merchant_category", "Merchant category group.",
-                            null_policy={"default": None}),
-                categorical("channel", "Where the card was used."),
-                categorical("country", "Issuing country of the card.",
-                            null_policy={"default": None}, sensitive=True),
+                numeric(
+                    name="amount",
+                    kind="float",
+                    description="Transaction amount, USD.",
+                    range={"min": 0, "max": 50_000, "policy": amount_policy},
+                    transform=["log1p", {"standardize": {**amount}}],
+                ),
+                numeric(
+                    name="hour",
+                    kind="int",
+                    description="Local hour of the transaction, 0-23.",
+                    range={"min": 0, "max": 23, "policy": "reject"},
+                    transform=[hour],
+                ),
+                numeric(
+                    name="account_age_days",
+                    kind="float",
+                    description="Days since the account opened.",
+                    null_policy={"default": 0.0},
+                    range={"min": 0, "policy": "flag"},
+                    transform=["log1p", {"standardize": {**age}}],
+                ),
+                numeric(
+                    name="tx_count_24h",
+                    kind="int",
+                    description="Card transactions in the previous 24 hours.",
+                    null_policy={"default": 0},
+                    range={"min": 0, "max": 500, "policy": "clip"},
+                    transform=[{"standardize": _stats(train["tx_count_24h"])}],
+                ),
+                numeric(
+                    name="distance_km",
+                    kind="float",
+                    description="Distance from the cardholder's home.",
+                    null_policy={"default": 0.0},
+                    range={"min": 0, "policy": "flag"},
+                    transform=["log1p", {"standardize": {**distance}}],
+                ),
+                categorical(
+                    name="merchant_category",
+                    description="Merchant category group.",
+                    null_policy={"default": None},
+                ),
+                categorical(name="channel", description="Where the card was used."),
+                categorical(
+                    name="country",
+                    description="Issuing country of the card.",
+                    null_policy={"default": None},
+                    sensitive=True,
+                ),
             ],
-        }  # fmt: skip
+        }
 
     return {
         "versions": {
@@ -282,8 +324,10 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
         },
         "versions": {},
     }
-    for version, contract_version, kind in ((1, "v1", "logistic regression"),
-                                            (2, "v2", "MLP, 16 tanh units")):  # fmt: skip
+    for version, contract_version, kind in (
+        (1, "v1", "logistic regression"),
+        (2, "v2", "MLP, 16 tanh units"),
+    ):
         contract = contracts[contract_version]
         x_train, x_held = assemble(contract, train), assemble(contract, held)
         if version == 1:
@@ -337,10 +381,21 @@ def write_demo_settings(root: Path) -> Path:
             "routes": {
                 "fraud-live": {
                     "variants": [
-                        {"name": "stable", "model": MODEL_NAME, "version": "2", "weight": 90,
-                         "deterministic": True},
-                        {"name": "canary", "model": MODEL_NAME, "version": "1", "weight": 10,
-                         "arm": "canary", "deterministic": True},
+                        {
+                            "name": "stable",
+                            "model": MODEL_NAME,
+                            "version": "2",
+                            "weight": 90,
+                            "deterministic": True,
+                        },
+                        {
+                            "name": "canary",
+                            "model": MODEL_NAME,
+                            "version": "1",
+                            "weight": 10,
+                            "arm": "canary",
+                            "deterministic": True,
+                        },
                         {"name": "safe-default", "output": {"probability": [0.0]}},
                     ],
                     "fallbacks": ["stable", "safe-default"],
@@ -351,12 +406,17 @@ def write_demo_settings(root: Path) -> Path:
         },
         "costs": {
             "budgets": [
-                {"name": "demo-tenant", "tenant": "demo", "limit": 0.01, "window_s": 3600,
-                 "policy": "alert"},
+                {
+                    "name": "demo-tenant",
+                    "tenant": "demo",
+                    "limit": 0.01,
+                    "window_s": 3600,
+                    "policy": "alert",
+                },
             ]
         },
         "admin": {"token_file": str(token.resolve())},
-    }  # fmt: skip
+    }
     path = root / "gateway.yaml"
     header = "# The demo's settings (gateway demo-repo writes them; make serve uses them).\n"
     path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
