@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -66,31 +67,60 @@ class AdminClient:
         return self._call("Cache", pb.CacheRequest(flush=flush))  # type: ignore[return-value]
 
 
+@dataclass
+class _Spend:
+    """What the ledger lines of one group add up to."""
+
+    requests: int = 0
+    rows: int = 0
+    cached_rows: int = 0
+    compute_s: float = 0.0
+    cost: float = 0.0
+
+    def add(self, line: pb.CostLine) -> None:
+        self.requests += line.requests
+        self.rows += line.rows
+        self.cached_rows += line.cached_rows
+        self.compute_s += line.compute_s
+        self.cost += line.cost
+
+    def cells(self) -> list[str]:
+        """The table cells, in the header's order: requests, rows, cached, compute_s, cost."""
+        return [
+            f"{self.requests:.0f}",
+            f"{self.rows:.0f}",
+            f"{self.cached_rows:.0f}",
+            f"{self.compute_s:.6f}",
+            f"{self.cost:.6g}",
+        ]
+
+
 def format_costs(reply: pb.CostsResponse, by: tuple[str, ...]) -> str:
     """The ledger summed by ``by`` (some of tenant, route, variant, surface), and budgets."""
-    sums: dict[tuple[str, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
+    sums: dict[tuple[str, ...], _Spend] = defaultdict(_Spend)
     for line in reply.lines:
-        key = tuple(getattr(line, field) or "-" for field in by)
-        acc = sums[key]
-        acc[0] += line.requests
-        acc[1] += line.rows
-        acc[2] += line.cached_rows
-        acc[3] += line.compute_s
-        acc[4] += line.cost
+        sums[tuple(getattr(line, field) or "-" for field in by)].add(line)
     header = [*by, "requests", "rows", "cached", "compute_s", "cost"]
     table = [header]
-    for key, (requests, rows, cached, compute_s, cost) in sorted(sums.items()):
-        table.append([*key, f"{requests:.0f}", f"{rows:.0f}", f"{cached:.0f}",
-                      f"{compute_s:.6f}", f"{cost:.6g}"])  # fmt: skip
+    for key in sorted(sums):
+        table.append([*key, *sums[key].cells()])
     lines = format_table(table) if len(table) > 1 else ["no requests in the ledger"]
     if reply.budgets:
         lines.append("")
         budgets = [["budget", "subject", "spent", "limit", "window_s", "renews_in_s", "policy"]]
         now = time.time()
         for b in reply.budgets:
-            budgets.append([b.name, f"{b.subject}={b.value}", f"{b.spent:.6g}", f"{b.limit:.6g}",
-                            str(b.window_s), f"{b.window_start + b.window_s - now:.0f}",
-                            b.policy])  # fmt: skip
+            budgets.append(
+                [
+                    b.name,
+                    f"{b.subject}={b.value}",
+                    f"{b.spent:.6g}",
+                    f"{b.limit:.6g}",
+                    str(b.window_s),
+                    f"{b.window_start + b.window_s - now:.0f}",
+                    b.policy,
+                ]
+            )
         lines += format_table(budgets)
     return "\n".join(lines)
 
