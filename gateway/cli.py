@@ -343,8 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sidecar":
             return _sidecar(args)
         if args.command in ("labels", "export", "report", "verdict"):
-            command = {"labels": _labels, "export": _export, "report": _report,
-                       "verdict": _verdict}[args.command]  # fmt: skip
+            command = {
+                "labels": _labels,
+                "export": _export,
+                "report": _report,
+                "verdict": _verdict,
+            }[args.command]
             return _sidecar_call(command, args)
         if args.command in ("routes", "promote", "rollback", "costs", "cache"):
             return _admin(args)

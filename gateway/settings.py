@@ -168,9 +168,19 @@ class EventsSettings(_Section):
 
 
 AlertMetric = Literal[
-    "psi", "js", "wasserstein", "oov", "out_of_range", "missing", "defaulted",
-    "output_psi", "auc", "log_loss", "accuracy", "ece",
-]  # fmt: skip
+    "psi",
+    "js",
+    "wasserstein",
+    "oov",
+    "out_of_range",
+    "missing",
+    "defaulted",
+    "output_psi",
+    "auc",
+    "log_loss",
+    "accuracy",
+    "ece",
+]
 PlaybookAction = Literal["retrain", "rollback", "human_review", "tighten_thresholds"]
 
 
@@ -205,13 +215,13 @@ def _default_rules() -> tuple[AlertRule, ...]:
         AlertRule(name="feature_drift", metric="psi", above=0.2, action="retrain"),
         AlertRule(name="new_categories", metric="oov", above=0.05, action="human_review"),
         AlertRule(
-            name="outside_training_range", metric="out_of_range", above=0.05,
+            name="outside_training_range",
+            metric="out_of_range",
+            above=0.05,
             action="tighten_thresholds",
         ),
-        AlertRule(
-            name="quality_drop", metric="auc", below=0.6, min_samples=200, action="rollback"
-        ),
-    )  # fmt: skip
+        AlertRule(name="quality_drop", metric="auc", below=0.6, min_samples=200, action="rollback"),
+    )
 
 
 class CanaryPolicy(_Section):
