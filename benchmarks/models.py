@@ -31,10 +31,12 @@ def write_heavy_mlp(model_dir: Path, layers: int = 3, seed: int = 0) -> None:
             current = f"h{i}"
     nodes.append(helper.make_node("Sigmoid", [current], ["probability"]))
     graph = helper.make_graph(
-        nodes,
-        "heavy",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", HEAVY_WIDTH])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        nodes=nodes,
+        name="heavy",
+        inputs=[
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", HEAVY_WIDTH])
+        ],
+        outputs=[helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -81,30 +83,45 @@ def feature_contract(numeric: int = 24, categorical: int = 8) -> dict[str, objec
     """
     feats: list[dict[str, object]] = []
     for i in range(numeric):
-        base = {"name": f"n{i:02d}", "owner": "bench", "description": "numeric"}
+        base: dict[str, object] = {"name": f"n{i:02d}", "owner": "bench", "description": "numeric"}
         shape = i % 4
         if shape == 0:
             scale = {"standardize": {"mean": 3.0, "std": 1.5}}
-            base |= {"kind": "float", "null_policy": {"default": 0.0},
-                     "range": {"min": 0, "max": 1e6, "policy": "clip"},
-                     "transform": ["log1p", scale]}  # fmt: skip
+            base |= {
+                "kind": "float",
+                "null_policy": {"default": 0.0},
+                "range": {"min": 0, "max": 1e6, "policy": "clip"},
+                "transform": ["log1p", scale],
+            }
         elif shape == 1:
-            base |= {"kind": "int", "range": {"min": 0, "max": 100, "policy": "clip"},
-                     "transform": {"bucketize": {"boundaries": [1, 2, 5, 10, 20, 50]}}}  # fmt: skip
+            base |= {
+                "kind": "int",
+                "range": {"min": 0, "max": 100, "policy": "clip"},
+                "transform": {"bucketize": {"boundaries": [1, 2, 5, 10, 20, 50]}},
+            }
         elif shape == 2:
-            base |= {"kind": "float", "null_policy": {"default": 0.0},
-                     "range": {"min": -10, "max": 10, "policy": "flag"},
-                     "transform": {"standardize": {"mean": 0.0, "std": 2.0}}}  # fmt: skip
+            base |= {
+                "kind": "float",
+                "null_policy": {"default": 0.0},
+                "range": {"min": -10, "max": 10, "policy": "flag"},
+                "transform": {"standardize": {"mean": 0.0, "std": 2.0}},
+            }
         else:
             base |= {"kind": "bool", "null_policy": {"default": 0}}
         feats.append(base)
     sizes = [4, 8, 16, 32, 64, 128, 256, 1000][:categorical]
     for i, size in enumerate(sizes):
-        feats.append({
-            "name": f"c{i}", "kind": "categorical", "owner": "bench", "description": "category",
-            "vocabulary": [f"value-{v}" for v in range(size)],
-            "encoding": "one_hot" if size <= 16 else "index", "null_policy": {"default": None},
-        })  # fmt: skip
+        feats.append(
+            {
+                "name": f"c{i}",
+                "kind": "categorical",
+                "owner": "bench",
+                "description": "category",
+                "vocabulary": [f"value-{v}" for v in range(size)],
+                "encoding": "one_hot" if size <= 16 else "index",
+                "null_policy": {"default": None},
+            }
+        )
     return {"versions": {"v1": {"input": "features", "features": feats}}}
 
 
@@ -118,13 +135,15 @@ def write_feature_model(model_dir: Path) -> int:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(width, 1)).astype(np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["features", "w"], ["z"]),
-         helper.make_node("Sigmoid", ["z"], ["probability"])],
-        "features_bench",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        nodes=[
+            helper.make_node("MatMul", ["features", "w"], ["z"]),
+            helper.make_node("Sigmoid", ["z"], ["probability"]),
+        ],
+        name="features_bench",
+        inputs=[helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        outputs=[helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
         initializer=[w],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     (model_dir / "1").mkdir(exist_ok=True)
