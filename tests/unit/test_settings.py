@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from gateway.errors import SettingsError
 from gateway.runtime.session import resolve_device
-from gateway.settings import VersionPolicy, load_model_config, load_settings
+from gateway.settings import RouteSpec, VersionPolicy, load_model_config, load_settings
 
 
 def test_defaults():
@@ -135,3 +135,40 @@ def test_serve_on_cuda_without_a_gpu_stops_with_a_message(tmp_path: Path):
     result = run_cli("serve", "--repository", str(tmp_path), "--device", "cuda", "--port", "0")
     assert result.returncode == 2
     assert "runtime.device is 'cuda' but" in result.stderr
+
+
+def _route(**extra: object) -> RouteSpec:
+    return RouteSpec.model_validate(
+        {
+            "variants": [
+                {"name": "stable", "model": "fraud", "weight": 1},
+                {"name": "default", "output": {"probability": [0.5]}},
+            ],
+            **extra,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"fallbacks": ["nope"]}, "fallbacks: no variant named 'nope'"),
+        ({"shadows": [{"variant": "default"}]}, "static; shadow a model"),
+        ({"match": [{"when": {"x": "y"}, "variant": "ghost"}]}, "match: no variant"),
+    ],
+)
+def test_route_specs_name_what_is_wrong(extra: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        _route(**extra)
+
+
+def test_settings_errors_name_the_route_key():
+    with pytest.raises(SettingsError, match=r"routing\.routes\.scorer\.variants\.0\.weight"):
+        load_settings(
+            environ={},
+            overrides={"routing": {"routes": {"scorer": {"variants": [
+                {"name": "a", "model": "m", "weight": -1}]}}}},
+        )  # fmt: skip
+    with pytest.raises(SettingsError, match="exactly one of tenant, surface"):
+        load_settings(environ={}, overrides={"costs": {"budgets": [
+            {"name": "b", "limit": 1, "policy": "alert"}]}})  # fmt: skip
