@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from google.protobuf import descriptor_pb2
-from grpc_tools import protoc
+from google.protobuf import descriptor_pb2  # type: ignore[import-untyped]
+from grpc_tools import protoc  # type: ignore[import-untyped]
 from tritonclient.grpc import service_pb2
 
 PROTOS = Path(__file__).resolve().parents[3] / "protos"
