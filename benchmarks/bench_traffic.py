@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import numpy as np
 import yaml
@@ -59,16 +60,29 @@ PRICE = {"compute_second": 1.0, "request": 0.0001}
 
 
 def route(model: str, deterministic: bool) -> dict[str, object]:
-    return {"variants": [
-        {"name": "stable", "model": model, "weight": 90, "deterministic": deterministic,
-         "price": PRICE},
-        {"name": "canary", "model": model, "weight": 10, "arm": "canary",
-         "deterministic": deterministic, "price": PRICE},
-    ]}  # fmt: skip
+    return {
+        "variants": [
+            {
+                "name": "stable",
+                "model": model,
+                "weight": 90,
+                "deterministic": deterministic,
+                "price": PRICE,
+            },
+            {
+                "name": "canary",
+                "model": model,
+                "weight": 10,
+                "arm": "canary",
+                "deterministic": deterministic,
+                "price": PRICE,
+            },
+        ]
+    }
 
 
 # Route, rate limit, budget and ledger: what "on" turns on besides the cache.
-ROUTED = {
+ROUTED: dict[str, object] = {
     "routing": {
         "routes": {"live": route("fraud", True)},
         "rate_limits": {"*": {"rate": 1e9, "burst": 1_000_000_000}},
@@ -76,7 +90,7 @@ ROUTED = {
     "costs": {"budgets": [{"name": "all", "tenant": "", "limit": 1e12, "policy": "alert"}]},
 }
 
-SETTINGS = {
+SETTINGS: dict[str, dict[str, object]] = {
     # Everything on: route, limits, budget, ledger, cache.
     "on": {**ROUTED, "admin": {"token": TOKEN}},
     "off": {"cache": {"enabled": False}, "costs": {"enabled": False}},
@@ -106,6 +120,30 @@ SETTINGS = {
 }
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One comparison: two gateways (``SETTINGS`` names), the model each is called as, the rows
+    perf_analyzer sends; and its line in the results table."""
+
+    title: str
+    gateways: tuple[str, str]
+    models: dict[str, str]
+    data: Path
+    target: str
+
+
+class Comparison(TypedDict):
+    """What ``compare`` measures; ``command`` is stamped on by ``save_parts``."""
+
+    infer_per_s: dict[str, list[float]]
+    gateway_cpu_us_per_request: dict[str, list[float]]
+    cpu_ratio: float
+    cache_answered_share: dict[str, list[float]]
+    ratio_per_round: list[float]
+    median_ratio: float
+    command: NotRequired[str]
+
+
 def input_data(path: Path, width: int, steps: int, hot_share: float, seed: int) -> Path:
     """perf_analyzer steps: ``hot_share`` of them one of ten hot rows, the rest all new."""
     rng = np.random.default_rng(seed)
@@ -121,12 +159,10 @@ def input_data(path: Path, width: int, steps: int, hot_share: float, seed: int) 
 def run_pa(pa: str, url: str, model: str, data: Path, interval_ms: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
-        command = [
-            pa, "-m", model, "-i", "grpc", "-u", url, "-b", "1",
-            "--concurrency-range", "64", "--measurement-interval", str(interval_ms),
-            "--stability-percentage", "50", "--max-trials", "6", "--input-data", str(data),
-            "-f", str(out),
-        ]  # fmt: skip
+        command = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", "1"]
+        command += ["--concurrency-range", "64", "--measurement-interval", str(interval_ms)]
+        command += ["--stability-percentage", "50", "--max-trials", "6", "--input-data", str(data)]
+        command += ["-f", str(out)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=240)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError((done.stdout + done.stderr).strip().splitlines()[-1])
@@ -150,7 +186,7 @@ def compare(
     data: Path,
     rounds: int,
     interval_ms: int,
-) -> dict[str, object]:
+) -> Comparison:
     """Alternating rounds of perf_analyzer on each gateway; the cache is flushed between."""
     names = list(gateways)
     per_round: dict[str, list[float]] = {name: [] for name in names}
@@ -237,21 +273,49 @@ def main() -> None:
     widths = {model: _width(onnx_path(repo, model)) for model in MODELS}
     # More distinct rows than a round sends (a few thousand requests a second).
     cold = input_data(args.work / "cold.json", widths["fraud"], 60_000, 0.0, seed=1)
-    hot = {m: input_data(args.work / f"hot-{m}.json", w, 60_000, 0.9, seed=2)
-           for m, w in widths.items()}  # fmt: skip
+    hot = {
+        m: input_data(args.work / f"hot-{m}.json", w, 60_000, 0.9, seed=2)
+        for m, w in widths.items()
+    }
     plans = {
-        "overhead": (("on", "off"), {"on": "live", "off": "fraud"}, cold),
-        "overhead_nocache": (("on_nocache", "off"), {"on_nocache": "live", "off": "fraud"},
-                             cold),
-        "cache_demo": (("cache", "nocache"), {"cache": "live", "nocache": "live"},
-                       hot["fraud"]),
-        "cache_heavy": (("cache", "nocache"), {"cache": "heavy-live",
-                        "nocache": "heavy-live"}, hot["heavy"]),
-        "cache_costly": (("cache", "nocache"), {"cache": "costly-live",
-                         "nocache": "costly-live"}, hot["costly"]),
-    }  # fmt: skip
+        "overhead": Plan(
+            title="routing + limits + budget + ledger + cold cache / all off (demo model)",
+            gateways=("on", "off"),
+            models={"on": "live", "off": "fraud"},
+            data=cold,
+            target=">= 0.90",
+        ),
+        "overhead_nocache": Plan(
+            title="routing + limits + budget + ledger, no cache / all off (demo model)",
+            gateways=("on_nocache", "off"),
+            models={"on_nocache": "live", "off": "fraud"},
+            data=cold,
+            target="-",
+        ),
+        "cache_demo": Plan(
+            title="90% repeated rows: cache on / off (demo model)",
+            gateways=("cache", "nocache"),
+            models={"cache": "live", "nocache": "live"},
+            data=hot["fraud"],
+            target=">= 3",
+        ),
+        "cache_heavy": Plan(
+            title="90% repeated rows: cache on / off (heavy MLP, ~1 ms a row)",
+            gateways=("cache", "nocache"),
+            models={"cache": "heavy-live", "nocache": "heavy-live"},
+            data=hot["heavy"],
+            target=">= 3",
+        ),
+        "cache_costly": Plan(
+            title="90% repeated rows: cache on / off (compute-bound scorer, ~30 ms a row)",
+            gateways=("cache", "nocache"),
+            models={"cache": "costly-live", "nocache": "costly-live"},
+            data=hot["costly"],
+            target=">= 3",
+        ),
+    }
     parts = args.parts.split(",")
-    needed = {name for part in parts for name in plans[part][0]}
+    needed = {name for part in parts for name in plans[part].gateways}
     started = time.time()
     gateways: dict[str, GatewayProcess] = {}
     try:
@@ -259,50 +323,48 @@ def main() -> None:
             config = args.work / f"{name}.yaml"
             config.write_text(yaml.safe_dump(SETTINGS[name]))
             gateways[name] = GatewayProcess(repo, args.work / f"gw-{name}", "--config", str(config))
-        results = {}
+        results: dict[str, Comparison] = {}
         for part in parts:
-            names, models, data = plans[part]
+            plan = plans[part]
             results[part] = compare(
-                pa, {k: gateways[k] for k in names}, models, data, args.rounds, args.interval_ms
+                pa,
+                gateways={k: gateways[k] for k in plan.gateways},
+                models=plan.models,
+                data=plan.data,
+                rounds=args.rounds,
+                interval_ms=args.interval_ms,
             )
     finally:
         for gateway in gateways.values():
             gateway.stop()
     meta = run_meta(started)
     results = save_parts(args.out, meta, results)
-    rows = [
-        ("routing + limits + budget + ledger + cold cache / all off (demo model)", "overhead",
-         "on", "off", ">= 0.90"),
-        ("routing + limits + budget + ledger, no cache / all off (demo model)",
-         "overhead_nocache", "on_nocache", "off", "-"),
-        ("90% repeated rows: cache on / off (demo model)", "cache_demo", "cache", "nocache",
-         ">= 3"),
-        ("90% repeated rows: cache on / off (heavy MLP, ~1 ms a row)", "cache_heavy", "cache",
-         "nocache", ">= 3"),
-        ("90% repeated rows: cache on / off (compute-bound scorer, ~30 ms a row)",
-         "cache_costly", "cache", "nocache", ">= 3"),
-    ]  # fmt: skip
     md = [
-        "# Traffic benchmark", "", f"`{json.dumps(meta)}`", "",
+        "# Traffic benchmark",
+        "",
+        f"`{json.dumps(meta)}`",
+        "",
         "perf_analyzer `-b 1 --concurrency-range 64`, rows from `--input-data`, alternating "
-        "rounds; the cache is flushed before each round.", "",
+        "rounds; the cache is flushed before each round.",
+        "",
         "| comparison | infer/s (per round) | rows the cache answered | ratio per round "
         "(median) | gateway CPU us/request (median ratio) | target |",
         "| --- | --- | --- | --- | --- | --- |",
-    ]  # fmt: skip
-    for title, key, a, b, target in rows:
+    ]
+    for key, plan in plans.items():
         if key not in results:
             continue
         r = results[key]
-        speeds = r["infer_per_s"]  # type: ignore[index]
-        shares = r["cache_answered_share"]  # type: ignore[index]
+        a, b = plan.gateways
+        speeds = r["infer_per_s"]
+        shares = r["cache_answered_share"]
         md.append(
-            f"| {title} (`{r.get('command', meta['command'])}`) | "
+            f"| {plan.title} (`{r.get('command', meta['command'])}`) | "
             f"{a}: {speeds[a]}<br>{b}: {speeds[b]} | "
             f"{', '.join(f'{k}: {v}' for k, v in shares.items()) or '-'} | "
             f"{r['ratio_per_round']} ({r['median_ratio']}) | "
             f"{a}: {r['gateway_cpu_us_per_request'][a]}<br>"
-            f"{b}: {r['gateway_cpu_us_per_request'][b]} ({r['cpu_ratio']}) | {target} |"
+            f"{b}: {r['gateway_cpu_us_per_request'][b]} ({r['cpu_ratio']}) | {plan.target} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
