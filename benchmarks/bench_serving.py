@@ -149,12 +149,11 @@ def _perf_analyzer_once(
 ) -> dict[str, float] | str:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
-        command = [
-            pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch),
-            "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
-            "--stability-percentage", "50", "--max-trials", "8", "--percentile", "99",
-            "-f", str(out),
-        ]  # fmt: skip
+        command = [pa, "-m", model, "-i", "grpc", "-u", url, "-b", str(batch)]
+        command += ["--concurrency-range", str(concurrency)]
+        command += ["--measurement-interval", str(interval_ms)]
+        command += ["--stability-percentage", "50", "--max-trials", "8", "--percentile", "99"]
+        command += ["-f", str(out)]
         if streaming:
             command.append("--streaming")
         result = subprocess.run(command, capture_output=True, text=True, timeout=240)
@@ -172,11 +171,11 @@ def _perf_analyzer_once(
 def server_command(kind: str, model: str, repos: dict[str, Path]) -> list[str]:
     if kind.startswith("gateway"):
         repo = repos["on" if kind == "gateway-batching" else "off"]
-        return [sys.executable, "-m", "gateway", "serve", "--repository", str(repo),
-                "--port", "0", "--metrics-port", "0"]  # fmt: skip
+        serve = [sys.executable, "-m", "gateway", "serve"]
+        return [*serve, "--repository", str(repo), "--port", "0", "--metrics-port", "0"]
     mode = "echo" if kind == "echo" else "naive"
-    return [sys.executable, str(ROOT / "benchmarks" / "baselines.py"), mode,
-            "--model", str(onnx_path(repos["on"], model)), "--name", model]  # fmt: skip
+    baseline = [sys.executable, str(ROOT / "benchmarks" / "baselines.py"), mode]
+    return [*baseline, "--model", str(onnx_path(repos["on"], model)), "--name", model]
 
 
 def measure(
@@ -198,10 +197,14 @@ def measure(
     rows_after, runs_after = server.batch_rows(model)
     runs = runs_after - runs_before
     row: dict[str, object] = {
-        "server": kind, "model": model, "mode": mode, "batch": batch,
-        "concurrency": concurrency, "server_cpu_cores": round(cpu, 2),
+        "server": kind,
+        "model": model,
+        "mode": mode,
+        "batch": batch,
+        "concurrency": concurrency,
+        "server_cpu_cores": round(cpu, 2),
         "mean_batch_rows": round((rows_after - rows_before) / runs, 1) if runs else float(batch),
-    }  # fmt: skip
+    }
     if isinstance(stats, str):
         row["error"] = stats
     else:
