@@ -149,29 +149,32 @@ def profile(pa: str, seconds: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         write_feature_model(repo / "features_bench")
-        command = [sys.executable, "-m", "gateway", "serve", "--repository", str(repo),
-                   "--port", "0", "--metrics-port", "0"]  # fmt: skip
+        command = [sys.executable, "-m", "gateway", "serve", "--repository", str(repo)]
+        command += ["--port", "0", "--metrics-port", "0"]
         with running(command, Path(tmp) / "gateway.log") as server:
+            load_command = [pa, "-m", "features_bench", "-i", "grpc", "-u", server.url, "-b", "1"]
+            load_command += ["--concurrency-range", "64"]
+            load_command += ["--measurement-interval", str(seconds * 1000)]
+            load_command += ["--stability-percentage", "100", "--max-trials", "3"]
+            load_command += ["-f", str(Path(tmp) / "pa.csv")]
             load = subprocess.Popen(
-                [pa, "-m", "features_bench", "-i", "grpc", "-u", server.url, "-b", "1",
-                 "--concurrency-range", "64", "--measurement-interval", str(seconds * 1000),
-                 "--stability-percentage", "100", "--max-trials", "3",
-                 "-f", str(Path(tmp) / "pa.csv")],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
+                load_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             time.sleep(3)  # past perf_analyzer's warm-up
             samples = Path(tmp) / "samples.txt"
-            spy = subprocess.run(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                 str(server.process.pid), "--duration", str(seconds), "--rate", "200",
-                 "--format", "raw", "--output", str(samples), "--nonblocking"],
-                capture_output=True, text=True,
-            )  # fmt: skip
+            spy_command = [str(Path(sys.executable).parent / "py-spy"), "record"]
+            spy_command += ["--pid", str(server.process.pid), "--duration", str(seconds)]
+            spy_command += ["--rate", "200", "--format", "raw", "--output", str(samples)]
+            spy_command += ["--nonblocking"]
+            spy = subprocess.run(spy_command, capture_output=True, text=True)
             output, _ = load.communicate(timeout=600)
             if spy.returncode != 0:
                 sys.exit(f"py-spy failed: {spy.stderr.strip()}")
-        shares = {"assembly": "Pipeline._assemble (", "decode": "request_from_pb (",
-                  "model_run": "Session.run ("}  # fmt: skip
+        shares = {
+            "assembly": "Pipeline._assemble (",
+            "decode": "request_from_pb (",
+            "model_run": "Session.run (",
+        }
         total = 0
         counted = dict.fromkeys(shares, 0)
         for line in samples.read_text().splitlines():
@@ -219,14 +222,17 @@ def main() -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "# Feature assembly benchmark", "",
-        f"`{report['machine']}, Python {report['python']}; contract: {report['contract']}`", "",
+        "# Feature assembly benchmark",
+        "",
+        f"`{report['machine']}, Python {report['python']}; contract: {report['contract']}`",
+        "",
         "Strings: `wire` = categorical values as the request's raw BYTES buffer (the server's "
-        "form); `objects` = an array of bytes objects (the offline form).", "",
+        "form); `objects` = an array of bytes objects (the offline form).",
+        "",
         "| strings | rows | native rows/s | twin rows/s | native / twin (IQR) | "
         "server path rows/s | server path us/request |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]  # fmt: skip
+    ]
     for row in report["kernel"]:
         lines.append(
             f"| {row['strings']} | {row['rows']} | {row['native_rows_per_s']:,} | "
@@ -238,13 +244,15 @@ def markdown(report: dict[str, Any]) -> str:
     if "profile" in report:
         p = report["profile"]
         lines += [
-            "", "## Server CPU under load (perf_analyzer -b 1, concurrency 64, py-spy)", "",
+            "",
+            "## Server CPU under load (perf_analyzer -b 1, concurrency 64, py-spy)",
+            "",
             f"- py-spy samples of the server (every thread, idle excluded): {p['samples']}",
             f"- feature assembly (`Pipeline._assemble`): {100 * p['assembly_share']:.1f}%",
             f"- decoding the request's tensors (`request_from_pb`): {100 * p['decode_share']:.1f}%",
             f"- ONNX Runtime (`Session.run`): {100 * p['model_run_share']:.1f}%",
             f"- perf_analyzer: {p['perf_analyzer']}",
-        ]  # fmt: skip
+        ]
     return "\n".join(lines) + "\n"
 
 

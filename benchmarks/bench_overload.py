@@ -160,11 +160,9 @@ def main() -> None:
         (repo / "heavy" / "config.yaml").write_text(yaml.safe_dump(config))
         log = Path(tmp) / "gateway.log"
         with log.open("wb") as err:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--repository", str(repo),
-                 "--port", "0", "--metrics-port", "0"],
-                stdout=subprocess.DEVNULL, stderr=err,
-            )  # fmt: skip
+            command = [sys.executable, "-m", "gateway", "serve", "--repository", str(repo)]
+            command += ["--port", "0", "--metrics-port", "0"]
+            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
         try:
             while not (match := re.search(r"gateway ready grpc=(\S+)", log.read_text())):
                 if server.poll() is not None:
