@@ -188,7 +188,13 @@ class Router:
             datatype = spec.datatype if spec is not None and spec.datatype == "FP64" else "FP32"
             row = np.asarray(values, dtype=np.float64 if datatype == "FP64" else np.float32)
             outputs.append(Tensor(name, datatype, np.tile(row, (rows, 1))))
-        parameters: dict[str, bool | int | float | str] = {"queue_us": 0, "compute_us": 0}
+        parameters: dict[str, bool | int | float | str] = {
+            "queue_us": 0,
+            "compute_us": 0,
+            "batch_rows": 0,
+            "cached_rows": 0,
+            "cost": 0.0,
+        }
         return Answer(InferResponse(route.name, "", request.id, outputs, parameters), FREE)
 
     # -- shadows -----------------------------------------------------------------------------
