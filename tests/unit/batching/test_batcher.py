@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from gateway.batching import BatcherConfig, MicroBatcher
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded
@@ -25,8 +26,8 @@ from gateway.types import TensorSpec
 class GatedRuntime:
     """Doubles its input; each run waits until the test opens the gate (or the gate is open)."""
 
-    inputs = (TensorSpec("x", "FP32", (-1, 2)),)
-    outputs = (TensorSpec("y", "FP32", (-1, 2)),)
+    inputs: tuple[TensorSpec, ...] = (TensorSpec("x", "FP32", (-1, 2)),)
+    outputs: tuple[TensorSpec, ...] = (TensorSpec("y", "FP32", (-1, 2)),)
     provider = "CPUExecutionProvider"
 
     def __init__(self, log: list[int], gate: threading.Event) -> None:
@@ -34,7 +35,9 @@ class GatedRuntime:
         self.gate = gate
         self.started = threading.Semaphore(0)
 
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, NDArray[np.generic]], output_names: Sequence[str]
+    ) -> list[NDArray[np.generic]]:
         self.log.append(len(feeds["x"]))
         self.started.release()
         assert self.gate.wait(10), "gate never opened"
@@ -305,8 +308,8 @@ async def test_close_drains_the_queue_first():
 class TimedRuntime:
     """Doubles its input after ``delay_s``; records which thread ran each batch."""
 
-    inputs = GatedRuntime.inputs
-    outputs = GatedRuntime.outputs
+    inputs: tuple[TensorSpec, ...] = GatedRuntime.inputs
+    outputs: tuple[TensorSpec, ...] = GatedRuntime.outputs
     provider = "CPUExecutionProvider"
 
     def __init__(self) -> None:
@@ -315,7 +318,9 @@ class TimedRuntime:
         self.threads: list[str] = []
         self.loop_thread = threading.current_thread().name
 
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, NDArray[np.generic]], output_names: Sequence[str]
+    ) -> list[NDArray[np.generic]]:
         name = threading.current_thread().name
         self.threads.append(name)
         if self.delay_s:
