@@ -130,9 +130,11 @@ def traffic_repo(root: Path, demo_repo: Path) -> Path:
     shutil.copytree(demo_repo, root)
     # About 80 ms a row on one thread: past the 20 ms route timeout, and long enough for
     # identical rows to meet in flight.
-    write_scorer_model(root / "slow", DEMO_WIDTH, hidden=1024, repeats=1000,
-                       config={"intra_op_threads": 1, "graph_optimization": "disable"})  # fmt: skip
-    write_scorer_model(root / "broken", DEMO_WIDTH, broken=True)
+    one_thread = {"intra_op_threads": 1, "graph_optimization": "disable"}
+    write_scorer_model(
+        root / "slow", width=DEMO_WIDTH, hidden=1024, repeats=1000, config=one_thread
+    )
+    write_scorer_model(root / "broken", width=DEMO_WIDTH, broken=True)
     write_echo_model(root / "echo")
     return root
 
@@ -173,6 +175,12 @@ def infer(client, model: str, rows: int = 2, seed: int = 3, **parameters):
     return result, params(result)
 
 
+def gateway_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway <args>``, as an operator runs it, with exactly ``env``."""
+    command = [sys.executable, "-m", "gateway", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+
+
 def params(result) -> dict:
     """The response's parameters as plain values."""
     out = {}
@@ -187,12 +195,13 @@ def params(result) -> dict:
 def test_sticky_keys_land_on_the_arm_the_route_hashes_them_to(client):
     expected = RouteTable({"scorer": RouteSpec.model_validate(ROUTES["scorer"])}, 1).get("scorer")
     assert expected is not None
-    seen = Counter()
+    seen: Counter[str] = Counter()
     for i in range(150):
         key = f"user-{i}"
         _, first = infer(client, "scorer", sticky_key=key)
         _, second = infer(client, "scorer", sticky_key=key)
-        assert first["variant"] == second["variant"] == expected.choose(RequestOptions(sticky_key=key)).name
+        hashed_to = expected.choose(RequestOptions(sticky_key=key)).name
+        assert first["variant"] == second["variant"] == hashed_to
         assert first["route"] == "scorer"
         arm = "canary" if first["variant"] == "canary" else "primary"
         assert first["arm"] == arm
@@ -202,7 +211,10 @@ def test_sticky_keys_land_on_the_arm_the_route_hashes_them_to(client):
 
 def test_a_match_rule_sends_a_segment_to_its_variant(client):
     for i in range(20):
-        result, answered = infer(client, "scorer", sticky_key=f"user-{i}", **{"segment.geo": "BR"})
+        # "segment.geo" is no Python name, so these parameters go to the client as a dict.
+        parameters = {"sticky_key": f"user-{i}", "segment.geo": "BR"}
+        result = client.infer("scorer", features(2, 3), parameters=parameters)
+        answered = params(result)
         assert answered["variant"] == "canary"
         assert result.get_response().model_version == "2"
 
@@ -374,9 +386,11 @@ def test_identical_rows_in_flight_are_computed_once(gateway, admin):
 
 
 def test_a_new_version_never_serves_an_old_entry(repo_copy: Path, start_gateway):
-    settings = {"routing": {"routes": {"latest": {"variants": [
-        {"name": "newest", "model": "fraud", "weight": 1, "deterministic": True}]}}},
-        "admin": {"token": TOKEN}}  # fmt: skip
+    newest = {"name": "newest", "model": "fraud", "weight": 1, "deterministic": True}
+    settings = {
+        "routing": {"routes": {"latest": {"variants": [newest]}}},
+        "admin": {"token": TOKEN},
+    }
     config = write_settings(repo_copy / "gateway.yaml", settings)
     proc = start_gateway(repo_copy, "--config", str(config))
     client = proc.client()
@@ -409,8 +423,14 @@ def test_the_ledger_adds_up_per_request_costs_and_matches_batch_compute_times_pr
         try:
             total = 0.0
             for i in range(10):
-                _, answered = infer(client, "priced", rows=1 + i % 3, seed=seed * 100 + i,
-                                    tenant="ledger-t", surface="checkout")  # fmt: skip
+                _, answered = infer(
+                    client,
+                    "priced",
+                    rows=1 + i % 3,
+                    seed=seed * 100 + i,
+                    tenant="ledger-t",
+                    surface="checkout",
+                )
                 assert answered["cost"] > 0.002  # the request price and some compute
                 total += answered["cost"]
             return total
@@ -484,7 +504,7 @@ def test_set_routes_validates_and_names_what_is_wrong(admin):
 def test_promote_and_rollback_while_traffic_flows_fail_no_request(gateway, admin):
     stop = threading.Event()
     failures: list[str] = []
-    answered = Counter()
+    answered: Counter[str] = Counter()
 
     def load(worker: int) -> None:
         client = gateway.client()
@@ -513,11 +533,8 @@ def test_promote_and_rollback_while_traffic_flows_fail_no_request(gateway, admin
         assert promoted == {"canary"}
         time.sleep(0.3)
         # `gateway rollback` from the command line, as an operator would.
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway", "rollback", "scorer", "--url", gateway.url],
-            capture_output=True, text=True, env={"GATEWAY_ADMIN_TOKEN": TOKEN, "PATH": ""},
-            timeout=60,
-        )  # fmt: skip
+        operator_env = {"GATEWAY_ADMIN_TOKEN": TOKEN, "PATH": ""}
+        done = gateway_cli("rollback", "scorer", "--url", gateway.url, env=operator_env)
         assert done.returncode == 0, done.stderr
         assert "rolled back" in done.stdout
         restored = {infer(client, "scorer", sticky_key=f"p{i}")[1]["variant"] for i in range(60)}
@@ -530,32 +547,22 @@ def test_promote_and_rollback_while_traffic_flows_fail_no_request(gateway, admin
             thread.join()
     assert failures == []
     assert sum(answered.values()) > 50
-    assert yaml.safe_load(admin.routes().yaml)["scorer"] == yaml.safe_load(
-        yaml.safe_dump(RouteSpec.model_validate(ROUTES["scorer"]).model_dump(
-            mode="json", exclude_defaults=True))
-    )  # fmt: skip
+    served = yaml.safe_load(admin.routes().yaml)["scorer"]
+    spec = RouteSpec.model_validate(ROUTES["scorer"]).model_dump(mode="json", exclude_defaults=True)
+    assert served == yaml.safe_load(yaml.safe_dump(spec))
 
 
 def test_the_costs_and_cache_commands_print_tables(gateway):
     env = {"GATEWAY_ADMIN_TOKEN": TOKEN, "PATH": ""}
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "costs", "--by", "route,variant", "--url", gateway.url],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+    done = gateway_cli("costs", "--by", "route,variant", "--url", gateway.url, env=env)
     assert done.returncode == 0, done.stderr
     header, *rows = done.stdout.splitlines()
     assert header.split()[:3] == ["route", "variant", "requests"]
     assert any(row.split()[:2] == ["priced", "v1"] for row in rows)
     assert "acme-cap" in done.stdout  # the budgets table
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "cache", "--url", gateway.url],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+    done = gateway_cli("cache", "--url", gateway.url, env=env)
     assert done.returncode == 0 and "hit rate" in done.stdout
-    denied = subprocess.run(
-        [sys.executable, "-m", "gateway", "costs", "--url", gateway.url, "--token", "nope"],
-        capture_output=True, text=True, env={"PATH": ""}, timeout=60,
-    )  # fmt: skip
+    denied = gateway_cli("costs", "--url", gateway.url, "--token", "nope", env={"PATH": ""})
     assert denied.returncode == 1 and "wrong admin bearer token" in denied.stderr
 
 
@@ -565,15 +572,16 @@ def test_the_costs_and_cache_commands_print_tables(gateway):
 def test_shadow_results_reach_events_never_responses_and_shadow_failures_fail_nothing(
     repo: Path, start_gateway, start_sidecar, tmp_path: Path
 ):
-    routes = {"shadowed": {
+    price = {"compute_second": 1.0, "request": 0.5}
+    shadowed = {
         "variants": [
-            {"name": "live", "model": "fraud", "version": "1", "weight": 1,
-             "price": {"compute_second": 1.0, "request": 0.5}},
+            {"name": "live", "model": "fraud", "version": "1", "weight": 1, "price": price},
             {"name": "challenger", "model": "fraud", "version": "2"},
             {"name": "wrong", "model": "echo"},  # fails on every request: not its inputs
         ],
         "shadows": [{"variant": "challenger"}, {"variant": "wrong"}],
-    }}  # fmt: skip
+    }
+    routes = {"shadowed": shadowed}
     config = write_settings(tmp_path / "gateway.yaml", {"routing": {"routes": routes}})
     port = free_port()
     sidecar = start_sidecar(tmp_path / "store", port)
