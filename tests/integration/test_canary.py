@@ -38,11 +38,9 @@ def add_versions(repo: Path) -> None:
 
 
 def verdict(address: str, candidate: str) -> tuple[int, dict, str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "verdict", "fraud", "--candidate", candidate, "--json",
-         "--sidecar", address],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "gateway", "verdict", "fraud", "--candidate", candidate]
+    command += ["--json", "--sidecar", address]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     return out.returncode, json.loads(out.stdout) if out.returncode == 0 else {}, out.stderr
 
 
@@ -50,15 +48,14 @@ def test_a_worse_candidate_is_rolled_back_and_an_equal_one_promoted(
     repo_copy: Path, start_gateway, start_sidecar, tmp_path: Path
 ):
     add_versions(repo_copy)
-    policy = {"model": "fraud", "stable": "2", "min_samples": 200,
-              "max_latency_regression": 100.0}  # fmt: skip
+    policy = {"model": "fraud", "stable": "2", "min_samples": 200, "max_latency_regression": 100.0}
+    canaries = [{**policy, "candidate": "3"}, {**policy, "candidate": "4"}]
     config = tmp_path / "sidecar.yaml"
-    config.write_text(yaml.safe_dump({"evaluation": {"canaries": [
-        {**policy, "candidate": "3"}, {**policy, "candidate": "4"}]}}))  # fmt: skip
+    config.write_text(yaml.safe_dump({"evaluation": {"canaries": canaries}}))
     port = free_port()
     sidecar = start_sidecar(tmp_path / "store", port, "--config", str(config), "--http-port", "0")
-    gateway = start_gateway(repo_copy, "--sidecar", sidecar.address,
-                            "--events-dir", str(tmp_path / "events"))  # fmt: skip
+    events = ["--sidecar", sidecar.address, "--events-dir", str(tmp_path / "events")]
+    gateway = start_gateway(repo_copy, *events)
 
     code, body, _ = verdict(sidecar.address, "3")
     assert code == 0 and body["verdict"] == "hold"  # no labelled rows yet
@@ -95,15 +92,13 @@ def test_a_worse_candidate_is_rolled_back_and_an_equal_one_promoted(
 
     code, _, err = verdict(sidecar.address, "9")
     assert code == 1 and "no canary policy for model 'fraud' candidate 9" in err
-    plain = subprocess.run(
-        [sys.executable, "-m", "gateway", "verdict", "fraud", "--candidate", "3",
-         "--sidecar", sidecar.address],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "gateway", "verdict", "fraud", "--candidate", "3"]
+    command += ["--sidecar", sidecar.address]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert plain.stdout.startswith("ROLLBACK\n  auc ")
 
-    page = chromium("--dump-dom", f"http://{sidecar.http_url}/report/fraud",
-                    profile=tmp_path / "profile").stdout  # fmt: skip
+    report_url = f"http://{sidecar.http_url}/report/fraud"
+    page = chromium("--dump-dom", report_url, profile=tmp_path / "profile").stdout
     assert 'data-rendered="ok"' in page
     assert "Canary: version 3 against 2" in page and 'class="verdict rollback"' in page
     assert "Canary: version 4 against 2" in page and 'class="verdict promote"' in page

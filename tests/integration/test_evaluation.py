@@ -57,6 +57,13 @@ def raw_inputs(columns: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
     return inputs
 
 
+def with_new_channel(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every third row's channel becomes "crypto", a category the reference never saw."""
+    every_third = np.arange(len(columns["channel"])) % 3 == 0
+    channel = np.where(every_third, "crypto", columns["channel"]).astype(object)
+    return {**columns, "channel": channel}
+
+
 def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=120
@@ -67,25 +74,24 @@ def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def load(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Load]:
     work = tmp_path_factory.mktemp("evaluation")
     port = free_port()
-    sidecar = SidecarProcess(
-        work / "store", port, work / "logs", "--repository", str(demo_repo),
-        env={"GATEWAY_EVALUATION__EVALUATE_EVERY_S": "0.5",
-             "GATEWAY_EVALUATION__METRICS_PORT": "0", "GATEWAY_EVALUATION__HTTP_PORT": "0"},
-    )  # fmt: skip
-    gateway = GatewayProcess(
-        demo_repo, work / "gateway", "--sidecar", f"127.0.0.1:{port}",
-        "--events-dir", str(work / "events"),
-    )  # fmt: skip
+    sidecar_env = {
+        "GATEWAY_EVALUATION__EVALUATE_EVERY_S": "0.5",
+        "GATEWAY_EVALUATION__METRICS_PORT": "0",
+        "GATEWAY_EVALUATION__HTTP_PORT": "0",
+    }
+    sidecar_args = ["--repository", str(demo_repo)]
+    sidecar = SidecarProcess(work / "store", port, work / "logs", *sidecar_args, env=sidecar_env)
+    gateway_args = ["--sidecar", f"127.0.0.1:{port}", "--events-dir", str(work / "events")]
+    gateway = GatewayProcess(demo_repo, work / "gateway", *gateway_args)
     result = Load(gateway, sidecar)
     client = gateway.client()
     try:
         segments = {
             "batch=reference": lambda c: c,
             "batch=shifted": lambda c: {**c, "amount": c["amount"] * 8},
-            "geo=BR": lambda c: {**c, "channel": np.where(np.arange(len(c["channel"])) % 3 == 0,
-                                                          "crypto", c["channel"]).astype(object)},
+            "geo=BR": with_new_channel,
             "geo=US": lambda c: c,
-        }  # fmt: skip
+        }
         for s, (segment, change) in enumerate(segments.items()):
             key, value = segment.split("=")
             for i in range(REQUESTS):
@@ -231,8 +237,14 @@ def test_fired_alerts_go_to_the_alert_log_and_to_prometheus(load):
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-    labels = {"rule": "feature_drift", "model": "fraud", "version": "2",
-              "segment": "batch=shifted", "feature": "amount", "action": "retrain"}  # fmt: skip
+    labels = {
+        "rule": "feature_drift",
+        "model": "fraud",
+        "version": "2",
+        "segment": "batch=shifted",
+        "feature": "amount",
+        "action": "retrain",
+    }
     key = frozenset(labels.items())
     assert samples[("sidecar_alert_firing", key)] == 1
     assert samples[("sidecar_events_total", frozenset({"outcome": "stored"}.items()))] >= 40
@@ -241,11 +253,9 @@ def test_fired_alerts_go_to_the_alert_log_and_to_prometheus(load):
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("chromium")
     assert binary, "the HTML report test needs Debian's chromium (make test installs it)"
-    return subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    command += [f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 def test_the_html_report_renders_in_headless_chromium(load, tmp_path: Path):
@@ -255,7 +265,9 @@ def test_the_html_report_renders_in_headless_chromium(load, tmp_path: Path):
     assert body, dom[:2000]
     assert 'data-rendered="ok"' in body.group(0), body.group(0)  # every chart drew marks
     assert "data-error" not in body.group(0)  # no script error
-    assert int(re.search(r'data-charts="(\d+)"', body.group(0)).group(1)) >= 3
+    charts = re.search(r'data-charts="(\d+)"', body.group(0))
+    assert charts, body.group(0)
+    assert int(charts.group(1)) >= 3
     for text in (
         "Drift over time",
         "Coverage",
@@ -272,16 +284,18 @@ def test_the_html_report_renders_in_headless_chromium(load, tmp_path: Path):
 
 
 def test_the_events_of_a_window_export_to_parquet(load, tmp_path: Path):
+    sidecar = ("--sidecar", load.sidecar.address)
+
     def export(*window: str) -> int:
         path = tmp_path / f"events-{len(window)}-{window[-1] if window else 'all'}.parquet"
-        out = gateway_cli("export", "fraud", "--out", str(path), "--sidecar",
-                          load.sidecar.address, *window)  # fmt: skip
+        out = gateway_cli("export", "fraud", "--out", str(path), *sidecar, *window)
         assert out.returncode == 0, out.stderr
         return pq.read_table(path).num_rows
 
     assert export() == len(load.request_ids)
     assert export("--since", "2000-01-01T00:00:00") == len(load.request_ids)
     assert export("--since", "2000-01-01", "--until", "2001-01-01") == 0
-    bad = gateway_cli("export", "fraud", "--out", str(tmp_path / "x.parquet"), "--since", "soon",
-                      "--sidecar", load.sidecar.address)  # fmt: skip
+    bad = gateway_cli(
+        "export", "fraud", "--out", str(tmp_path / "x.parquet"), "--since", "soon", *sidecar
+    )
     assert bad.returncode == 2 and "--since: 'soon' is not an ISO 8601 time" in bad.stderr
