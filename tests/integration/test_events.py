@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
@@ -182,6 +183,26 @@ def test_at_the_disk_bound_drop_oldest_keeps_serving_and_counts_the_loss(
     assert kept == ids[len(ids) - len(kept) :]  # the oldest went, the newest stayed
 
 
+class StoredEvent(NamedTuple):
+    """One row of the sidecar's events table, in the order the test below selects it."""
+
+    request_id: str
+    tenant: str
+    geo: str  # segments['geo']
+    entity_key: str
+    rows: int
+    contract_version: str
+    numeric_names: list[str]
+    numeric: bytes  # little-endian float64, rows x numeric_names
+    channel: list[str]  # strings['channel']
+    country: list[str]  # strings['country']
+    hashed: list[str]
+    output_names: list[str]
+    output_widths: list[int]
+    outputs: bytes
+    coverage: list[dict]
+
+
 def test_an_event_carries_features_segments_and_outputs_with_sensitive_values_hashed(
     demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
 ):
@@ -217,20 +238,22 @@ def test_an_event_carries_features_segments_and_outputs_with_sensitive_values_ha
             "numeric_names, numeric, strings['channel'], strings['country'], hashed, "
             "output_names, output_widths, outputs, coverage FROM events"
         ).fetchone()
-    (rid, tenant, geo, entity, rows, contract, names, numeric, channel, country, hashed,
-     output_names, widths, outputs, coverage) = row  # fmt: skip
-    assert (rid, tenant, geo, entity, rows) == (request_id, "acme", "BR", "card-9", 3)
-    assert contract == "v2"
-    matrix = np.frombuffer(numeric, "<f8").reshape(3, len(names))
+    assert row is not None
+    event = StoredEvent._make(row)
+    identity = (event.request_id, event.tenant, event.geo, event.entity_key, event.rows)
+    assert identity == (request_id, "acme", "BR", "card-9", 3)
+    assert event.contract_version == "v2"
+    names = event.numeric_names
+    matrix = np.frombuffer(event.numeric, "<f8").reshape(3, len(names))
     for name in ("amount", "hour", "account_age_days", "tx_count_24h", "distance_km"):
         assert matrix[:, names.index(name)] == pytest.approx(columns[name].astype(float))
-    assert channel == list(columns["channel"])
-    assert hashed == ["country"] and "country" not in names
-    assert len(country) == 3 and not set(country) & set(columns["country"])
-    assert output_names == ["probability"] and widths == [1]
-    scores = np.frombuffer(outputs, "<f8")
+    assert event.channel == list(columns["channel"])
+    assert event.hashed == ["country"] and "country" not in names
+    assert len(event.country) == 3 and not set(event.country) & set(columns["country"])
+    assert event.output_names == ["probability"] and event.output_widths == [1]
+    scores = np.frombuffer(event.outputs, "<f8")
     assert scores == pytest.approx(result.as_numpy("probability").ravel(), rel=1e-6)
-    assert {c["feature"] for c in coverage} >= {"amount", "channel", "country"}
+    assert {c["feature"] for c in event.coverage} >= {"amount", "channel", "country"}
 
 
 def test_serve_with_sidecar_runs_the_whole_loop_from_one_command(
@@ -241,17 +264,14 @@ def test_serve_with_sidecar_runs_the_whole_loop_from_one_command(
     import sys
 
     port, store = free_port(), tmp_path / "store"
-    gateway = start_gateway(demo_repo, "--with-sidecar", str(store),
-                            "--sidecar", f"127.0.0.1:{port}",
-                            "--events-dir", str(tmp_path / "events"))  # fmt: skip
+    events = events_args(port, tmp_path / "events")  # --sidecar and --events-dir
+    gateway = start_gateway(demo_repo, "--with-sidecar", str(store), *events)
     assert f"sidecar ready grpc=127.0.0.1:{port}" in gateway.stderr()
     assert send(gateway, [f"one-{i}" for i in range(20)], threads=2)
     wait_for(lambda: acked_all(gateway), "every event acknowledged")
-    report = subprocess.run(
-        [sys.executable, "-m", "gateway", "report", "fraud", "--json",
-         "--sidecar", f"127.0.0.1:{port}"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "gateway", "report", "fraud", "--json"]
+    command += ["--sidecar", f"127.0.0.1:{port}"]
+    report = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["events"] == 20
     assert gateway.stop() == 0
