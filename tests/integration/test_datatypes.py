@@ -99,9 +99,8 @@ def test_tritonclient_bytes_and_fp16_round_trip(echo_gateway: GatewayProcess):
         inp = triton_grpc.InferInput(f"in_{datatype}", [2, 2], datatype)
         inp.set_data_from_numpy(sample(datatype))
         inputs.append(inp)
-    result = client.infer("echo", inputs, outputs=[
-        triton_grpc.InferRequestedOutput("out_BYTES"), triton_grpc.InferRequestedOutput("out_FP16")
-    ])  # fmt: skip
+    requested = [triton_grpc.InferRequestedOutput(name) for name in ("out_BYTES", "out_FP16")]
+    result = client.infer(model_name="echo", inputs=inputs, outputs=requested)
     assert result.as_numpy("out_BYTES").tolist() == sample("BYTES").tolist()
     np.testing.assert_array_equal(result.as_numpy("out_FP16"), sample("FP16"))
     assert result.as_numpy("out_FP32") is None  # not requested, not sent

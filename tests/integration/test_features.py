@@ -27,34 +27,73 @@ FEATURES = {
     "versions": {
         "v1": {
             "features": [
-                {"name": "amount", "kind": "float", "owner": "risk", "description": "USD",
-                 "range": {"min": 0, "max": 1000, "policy": "reject"}, "transform": "log1p"},
-                {"name": "hour", "kind": "int", "owner": "risk", "description": "0-23",
-                 "range": {"min": 0, "max": 23, "policy": "clip"},
-                 "transform": {"bucketize": {"boundaries": [6, 12, 18]}}},
-                {"name": "vip", "kind": "bool", "owner": "crm", "description": "flag",
-                 "null_policy": {"default": 0}},
-                {"name": "country", "kind": "categorical", "owner": "risk", "description": "ISO",
-                 "vocabulary": ["US", "BR", "DE"], "null_policy": {"default": None},
-                 "sensitive": True},
-                {"name": "channel", "kind": "categorical", "owner": "risk", "description": "where",
-                 "vocabulary": ["pos", "web"], "encoding": "index"},
+                {
+                    "name": "amount",
+                    "kind": "float",
+                    "owner": "risk",
+                    "description": "USD",
+                    "range": {"min": 0, "max": 1000, "policy": "reject"},
+                    "transform": "log1p",
+                },
+                {
+                    "name": "hour",
+                    "kind": "int",
+                    "owner": "risk",
+                    "description": "0-23",
+                    "range": {"min": 0, "max": 23, "policy": "clip"},
+                    "transform": {"bucketize": {"boundaries": [6, 12, 18]}},
+                },
+                {
+                    "name": "vip",
+                    "kind": "bool",
+                    "owner": "crm",
+                    "description": "flag",
+                    "null_policy": {"default": 0},
+                },
+                {
+                    "name": "country",
+                    "kind": "categorical",
+                    "owner": "risk",
+                    "description": "ISO",
+                    "vocabulary": ["US", "BR", "DE"],
+                    "null_policy": {"default": None},
+                    "sensitive": True,
+                },
+                {
+                    "name": "channel",
+                    "kind": "categorical",
+                    "owner": "risk",
+                    "description": "where",
+                    "vocabulary": ["pos", "web"],
+                    "encoding": "index",
+                },
             ]
         },
         "v2": {
             "unknown_features": "ignore",
             "features": [
-                {"name": "amount", "kind": "float", "owner": "risk", "description": "USD",
-                 "null_policy": {"default": 0.0},
-                 "transform": {"standardize": {"mean": 10, "std": 5}}},
+                {
+                    "name": "amount",
+                    "kind": "float",
+                    "owner": "risk",
+                    "description": "USD",
+                    "null_policy": {"default": 0.0},
+                    "transform": {"standardize": {"mean": 10, "std": 5}},
+                },
                 {"name": "hour", "kind": "int", "owner": "risk", "description": "0-23"},
-                {"name": "country", "kind": "categorical", "owner": "risk", "description": "ISO",
-                 "vocabulary": ["US", "BR"], "encoding": "index",
-                 "null_policy": {"default": "US"}},
+                {
+                    "name": "country",
+                    "kind": "categorical",
+                    "owner": "risk",
+                    "description": "ISO",
+                    "vocabulary": ["US", "BR"],
+                    "encoding": "index",
+                    "null_policy": {"default": "US"},
+                },
             ],
         },
     }
-}  # fmt: skip
+}
 WIDTH = {"v1": 8, "v2": 3}
 
 
@@ -135,7 +174,7 @@ def test_the_server_builds_the_matrix_the_offline_api_builds(client, feature_rep
 
 
 def test_two_contract_versions_are_served_side_by_side(client, feature_repo: Path):
-    columns = {
+    columns: dict[str, np.ndarray] = {
         "amount": np.array([3.0, np.nan], dtype=np.float32),
         "hour": np.array([[5], [9]], dtype=np.int64),  # [N, 1] is a raw feature too
         "country": strings("BR", "NZ"),

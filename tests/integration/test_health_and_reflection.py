@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.protobuf.descriptor_pool import DescriptorPool
+from google.protobuf import descriptor_pool  # type: ignore[import-untyped]  # no types-protobuf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -43,14 +43,23 @@ def test_reflection_lists_and_describes_the_services(gateway: GatewayProcess):
             "grpc.reflection.v1alpha.ServerReflection",
         } <= services
         # A private pool: the descriptors come over the wire, not from any local module.
-        pool = DescriptorPool(database)
+        pool = descriptor_pool.DescriptorPool(database)
         service = pool.FindServiceByName(OIP)
         methods = {m.name: m for m in service.methods}
     assert {
-        "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
-        "ModelConfig", "ModelInfer", "ModelStreamInfer", "ModelStatistics",
-        "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
-    } <= methods.keys()  # fmt: skip
+        "ServerLive",
+        "ServerReady",
+        "ServerMetadata",
+        "ModelReady",
+        "ModelMetadata",
+        "ModelConfig",
+        "ModelInfer",
+        "ModelStreamInfer",
+        "ModelStatistics",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+    } <= methods.keys()
     infer = methods["ModelInfer"]
     assert infer.input_type.full_name == "inference.ModelInferRequest"
     assert infer.input_type.fields_by_name["raw_input_contents"].number == 7
