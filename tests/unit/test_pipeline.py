@@ -396,9 +396,8 @@ async def test_the_cache_parameter_false_bypasses_the_cache(build: Build):
 
 
 async def test_a_model_not_known_to_be_deterministic_is_never_cached(build: Build):
-    stack = await build({"m": FakeRuntime()}, routes={
-        "r": {"variants": [{"name": "v", "model": "m", "weight": 1, "deterministic": True}]}
-    })  # fmt: skip
+    deterministic = {"name": "v", "model": "m", "weight": 1, "deterministic": True}
+    stack = await build({"m": FakeRuntime()}, routes={"r": {"variants": [deterministic]}})
     for _ in range(2):
         assert (await stack.predict(request("m", 1.0))).parameters["cached_rows"] == 0
     assert stack.runtimes["m"].runs == [1, 1]

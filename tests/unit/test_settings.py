@@ -164,11 +164,9 @@ def test_route_specs_name_what_is_wrong(extra: dict, message: str):
 
 def test_settings_errors_name_the_route_key():
     with pytest.raises(SettingsError, match=r"routing\.routes\.scorer\.variants\.0\.weight"):
-        load_settings(
-            environ={},
-            overrides={"routing": {"routes": {"scorer": {"variants": [
-                {"name": "a", "model": "m", "weight": -1}]}}}},
-        )  # fmt: skip
+        negative = {"name": "a", "model": "m", "weight": -1}
+        routes = {"scorer": {"variants": [negative]}}
+        load_settings(environ={}, overrides={"routing": {"routes": routes}})
     with pytest.raises(SettingsError, match="exactly one of tenant, surface"):
-        load_settings(environ={}, overrides={"costs": {"budgets": [
-            {"name": "b", "limit": 1, "policy": "alert"}]}})  # fmt: skip
+        neither = {"name": "b", "limit": 1, "policy": "alert"}
+        load_settings(environ={}, overrides={"costs": {"budgets": [neither]}})

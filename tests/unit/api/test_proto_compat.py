@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from google.protobuf import descriptor_pb2  # type: ignore[import-untyped]
-from grpc_tools import protoc  # type: ignore[import-untyped]
+from google.protobuf import descriptor_pb2  # type: ignore[import-untyped]  # no types-protobuf
+from grpc_tools import protoc  # type: ignore[import-untyped]  # grpcio-tools ships no stubs
 from tritonclient.grpc import service_pb2
 
 PROTOS = Path(__file__).resolve().parents[3] / "protos"
@@ -20,10 +20,8 @@ PROTOS = Path(__file__).resolve().parents[3] / "protos"
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.FileDescriptorSet:
     out = tmp_path_factory.mktemp("descriptors") / "oip.pb"
-    code = protoc.main([
-        "protoc", f"-I{PROTOS}", "--include_imports", f"--descriptor_set_out={out}",
-        str(PROTOS / "gateway/api/v1/inference.proto"),
-    ])  # fmt: skip
+    argv = ["protoc", f"-I{PROTOS}", "--include_imports", f"--descriptor_set_out={out}"]
+    code = protoc.main([*argv, str(PROTOS / "gateway/api/v1/inference.proto")])
     assert code == 0
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 

@@ -16,9 +16,14 @@ SECOND = 1_000_000
 
 def event(i: int, entity: str = "", rows: int = 1) -> ev.PredictionEvent:
     return ev.PredictionEvent(
-        event_id=f"e{i}", request_id=f"r{i}", entity_key=entity, model="m", version="1",
-        event_time_us=1_000 * SECOND + i * SECOND, rows=rows,
-    )  # fmt: skip
+        event_id=f"e{i}",
+        request_id=f"r{i}",
+        entity_key=entity,
+        model="m",
+        version="1",
+        event_time_us=1_000 * SECOND + i * SECOND,
+        rows=rows,
+    )
 
 
 @pytest.fixture

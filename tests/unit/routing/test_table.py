@@ -84,8 +84,10 @@ def test_promote_then_rollback_restores_the_previous_spec():
     assert before is not None
     promoted = routes.promote("scorer", "canary")
     assert {v.name: v.weight for v in promoted.spec.variants}["canary"] == 1.0
-    assert all(promoted.choose(options({"sticky_key": f"k{i}", "a": "b"})).name == "canary"
-               for i in range(100))  # fmt: skip
+    assert all(
+        promoted.choose(options({"sticky_key": f"k{i}", "a": "b"})).name == "canary"
+        for i in range(100)
+    )
     assert promoted.revision > before.revision
     with pytest.raises(InvalidRequest, match="static"):
         routes.promote("scorer", "default")
