@@ -1,9 +1,19 @@
-"""The scheduler end to end: deadlines, admission control, overload and recovery, batching."""
+"""The scheduler end to end: deadlines, admission control, overload and recovery, batching.
+
+Nothing here races the clock. The slow model's batches wait for ``SLOW_ROWS`` rows (its
+preferred batch size, for up to a minute): requests with fewer rows in all stay queued, with
+the instance idle, until the test itself sends the rows that let the batch go. Whether a
+request is still queued at some moment is thus decided by the test, not by how long a run
+takes on a busy host; and what the test waits for (a request queued, a call in flight) it reads
+from the gateway's own gauges.
+"""
 
 from __future__ import annotations
 
+import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
+import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -19,13 +29,16 @@ from tests.models import write_slow_model
 
 pytestmark = pytest.mark.integration
 
-SLOW_ROWS = 256  # about a third of a second per run of the slow model on one thread
+# A whole batch: about a third of a second per run of the slow model on one thread.
+SLOW_ROWS = 256
+# The slow model's gate: a batch goes once SLOW_ROWS rows wait (or after a minute).
+GATE = {"preferred_batch_sizes": [SLOW_ROWS], "max_queue_delay_us": 60_000_000}
 
 
-def slow_request(timeout_ms: int | None = None, priority: int | None = None):
+def slow_request(timeout_ms: int | None = None, priority: int | None = None, rows: int = SLOW_ROWS):
     message = service_pb2.ModelInferRequest(model_name="slow")
-    message.inputs.add(name="x", datatype="FP32", shape=[SLOW_ROWS, 512])
-    message.raw_input_contents.append(np.ones((SLOW_ROWS, 512), np.float32).tobytes())
+    message.inputs.add(name="x", datatype="FP32", shape=[rows, 512])
+    message.raw_input_contents.append(np.ones((rows, 512), np.float32).tobytes())
     if timeout_ms is not None:
         message.parameters["timeout_ms"].int64_param = timeout_ms
     if priority is not None:
@@ -35,63 +48,114 @@ def slow_request(timeout_ms: int | None = None, priority: int | None = None):
 
 @pytest.fixture
 def slow_gateway(tmp_path: Path, start_gateway):
-    write_slow_model(tmp_path / "repo" / "slow", queue={"max_requests": 4})
+    """The gated slow model; its queue holds one batch (SLOW_ROWS rows) at most."""
+    write_slow_model(
+        tmp_path / "repo" / "slow", queue={"max_rows": SLOW_ROWS}, dynamic_batching=GATE
+    )
     return start_gateway(tmp_path / "repo")
+
+
+def wait_queued(gateway: GatewayProcess, count: int, timeout_s: float = 30) -> None:
+    """Block until ``count`` requests wait in the slow model's queue (its gauge says so)."""
+    deadline = time.monotonic() + timeout_s
+    while (depth := gateway.metric("gateway_queue_depth", model="slow")) != count:
+        assert time.monotonic() < deadline, f"{depth} requests queued, never {count}"
+        time.sleep(0.005)
+
+
+def code_of(call: grpc.Future) -> grpc.StatusCode:
+    try:
+        call.result()
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def statistics(channel: grpc.Channel):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    return stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="slow")).model_stats[0]
 
 
 def test_deadline_in_the_queue_then_expected_wait_admission(slow_gateway: GatewayProcess):
     with grpc.insecure_channel(slow_gateway.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        busy = stub.ModelInfer.future(slow_request())
-        slow_gateway.wait_in_flight(1)
+        ahead = stub.ModelInfer.future(slow_request(rows=SLOW_ROWS // 2))
+        wait_queued(slow_gateway, 1)  # held: half a batch
         # No batch time measured yet: admitted, then its deadline passes in the queue.
         with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(slow_request(timeout_ms=50))
+            stub.ModelInfer(slow_request(timeout_ms=50, rows=SLOW_ROWS // 4))
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "in the queue" in info.value.details()
-        assert not busy.done()  # answered before the running batch finished
-        busy.result()
-        stats = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            service_pb2.ModelStatisticsRequest(name="slow")
-        )
-        assert stats.model_stats[0].execution_count == 1  # no compute spent on it
-        assert stats.model_stats[0].inference_stats.fail.count == 1
+        assert not ahead.done()  # answered while the request ahead of it still waited
+        assert statistics(channel).execution_count == 0
+        rest = stub.ModelInfer.future(slow_request(rows=SLOW_ROWS // 2))  # the batch goes
+        ahead.result()
+        rest.result()
+        stats = statistics(channel)
+        assert stats.execution_count == 1  # no compute spent on it
+        assert stats.inference_count == SLOW_ROWS
+        assert stats.inference_stats.fail.count == 1
 
-        # Now a batch time is known: a deadline shorter than the expected wait is refused.
-        busy = stub.ModelInfer.future(slow_request())
-        slow_gateway.wait_in_flight(1)
+        # Now a batch time is known (a whole run, over 50 ms on any host): a deadline shorter
+        # than the expected wait is refused.
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(slow_request(timeout_ms=50))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "expected wait" in info.value.details()
-        busy.result()
     assert slow_gateway.metric("gateway_rejections_total", reason="deadline") == 1
     assert slow_gateway.metric("gateway_rejections_total", reason="expected_wait") == 1
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="gateway race: the pipeline's guard for a request still running at its deadline "
+    "(pipeline._compute, asyncio.timeout_at(deadline + 2 ms)) fires in the same loop turn as "
+    "the batcher's queue expiry once the loop wakes 2 ms late, and the guard's cancellation "
+    "wins: the answer says 'still running' (on a loaded 2-core host about 1 run in 3 of the "
+    "deadline test as it was, a request queued behind a running batch). Remove this mark "
+    "once the queue's verdict wins.",
+)
+def test_a_deadline_in_the_queue_is_reported_so_when_the_gateway_wakes_late(
+    slow_gateway: GatewayProcess,
+):
+    timeout_ms = 300
+    with grpc.insecure_channel(slow_gateway.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        ahead = stub.ModelInfer.future(slow_request(rows=SLOW_ROWS // 2))
+        late = stub.ModelInfer.future(slow_request(timeout_ms=timeout_ms, rows=SLOW_ROWS // 4))
+        wait_queued(slow_gateway, 2)  # admitted: its deadline is at most timeout_ms away
+        deadline = time.monotonic() + timeout_ms / 1000
+        # A loaded host, made certain: the gateway gets no CPU until its deadline has passed.
+        os.kill(slow_gateway.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(max(deadline + 0.05 - time.monotonic(), 0))
+        finally:
+            os.kill(slow_gateway.process.pid, signal.SIGCONT)
+        with pytest.raises(grpc.RpcError) as info:
+            late.result()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "in the queue" in info.value.details()
+        stub.ModelInfer(slow_request(rows=SLOW_ROWS // 2))
+        ahead.result()
+
+
 def test_overload_is_refused_fast_and_the_server_recovers(slow_gateway: GatewayProcess):
-    codes: queue.Queue = queue.Queue()
-
-    def one(_: int) -> None:
-        with grpc.insecure_channel(slow_gateway.url) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            try:
-                stub.ModelInfer(slow_request(), timeout=60)
-                codes.put(grpc.StatusCode.OK)
-            except grpc.RpcError as err:
-                codes.put(err.code())
-
-    with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(one, i) for i in range(16)]
+    with grpc.insecure_channel(slow_gateway.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        # Four requests, 3/4 of a batch, held; then eleven that do not fit the queue's rows.
+        held = [stub.ModelInfer.future(slow_request(rows=SLOW_ROWS * 3 // 16)) for _ in range(4)]
+        wait_queued(slow_gateway, 4)
+        over = [stub.ModelInfer.future(slow_request(rows=SLOW_ROWS // 2)) for _ in range(11)]
+        refused = [code_of(call) for call in over]  # each at once: nothing has run yet
         # While the queue is full the server still answers at once.
         client = slow_gateway.client()
         assert client.is_server_live()
         client.close()
-        for f in futures:
-            f.result()
-    results = [codes.get() for _ in range(16)]
+        last = stub.ModelInfer.future(slow_request(rows=SLOW_ROWS // 4))  # fits: the batch goes
+        results = [code_of(call) for call in [*held, last]] + refused
     assert results.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
-    assert results.count(grpc.StatusCode.OK) >= 5  # one running + four queued at least
+    assert results.count(grpc.StatusCode.OK) >= 5  # four held + the one that let them go
     assert set(results) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert slow_gateway.metric("gateway_rejections_total", reason="queue_full") >= 1
 
@@ -104,18 +168,29 @@ def test_overload_is_refused_fast_and_the_server_recovers(slow_gateway: GatewayP
 
 
 def test_rpcs_over_the_server_cap_are_refused_by_the_transport(tmp_path: Path, start_gateway):
-    write_slow_model(tmp_path / "repo" / "slow")
+    write_slow_model(tmp_path / "repo" / "slow", dynamic_batching=GATE)
     proc = start_gateway(tmp_path / "repo", env={"GATEWAY_SERVER__MAX_CONCURRENT_RPCS": "2"})
     with grpc.insecure_channel(proc.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        calls = [stub.ModelInfer.future(slow_request()) for _ in range(6)]
-        codes = []
-        for call in calls:
-            try:
-                call.result()
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as err:
-                codes.append(err.code())
+        # The cap's two calls, held: a stream (one call, however many requests it carries)
+        # and a unary call, each with a quarter of a batch.
+        stream_requests: queue.SimpleQueue = queue.SimpleQueue()
+        stream = stub.ModelStreamInfer(iter(stream_requests.get, None))
+        try:
+            stream_requests.put(slow_request(rows=SLOW_ROWS // 4))
+            unary = stub.ModelInfer.future(slow_request(rows=SLOW_ROWS // 4))
+            proc.wait_in_flight(1, rpc="ModelStreamInfer")
+            proc.wait_in_flight(1)
+            over = [code_of(stub.ModelInfer.future(slow_request())) for _ in range(4)]
+            # The rest of the batch on the stream, not a new call: it goes, both calls end.
+            stream_requests.put(slow_request(rows=SLOW_ROWS // 2))
+        finally:
+            stream_requests.put(None)
+        answers = list(stream)
+        codes = [code_of(unary), *over] + [
+            grpc.StatusCode.OK if not a.error_message else grpc.StatusCode.UNKNOWN for a in answers
+        ]
+    assert len(answers) == 2
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
     assert codes.count(grpc.StatusCode.OK) >= 2
 
@@ -132,11 +207,14 @@ def test_an_oversize_request_is_split_and_answered_whole(client, demo_repo):
 
 
 def test_concurrent_stream_requests_share_batches(repo_copy: Path, start_gateway):
-    # On threads: a tiny model run inline (execution: auto) finishes before the next request
-    # is read, so there would be nothing to batch; on threads requests queue while it runs.
+    # A batch waits (up to half a second) for a second row. Stream requests in flight together
+    # therefore share one whatever the speed of client and server; read one at a time, each
+    # would wait alone. (Without the wait it is a race: the tiny model's run can finish before
+    # the next request is read, and on a loaded host most of 400 runs were single rows.)
     config = repo_copy / "fraud" / "config.yaml"
     settings = yaml.safe_load(config.read_text())
-    config.write_text(yaml.safe_dump({**settings, "execution": "thread", "instances": 1}))
+    batching = {"preferred_batch_sizes": [2], "max_queue_delay_us": 500_000}
+    config.write_text(yaml.safe_dump({**settings, "instances": 1, "dynamic_batching": batching}))
     gateway = start_gateway(repo_copy)
     results: queue.Queue = queue.Queue()
     client = gateway.client()
