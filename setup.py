@@ -41,6 +41,8 @@ def extensions() -> list[Extension]:
     import numpy
     from Cython.Build import cythonize
 
+    # Headers every module cimports (native/_wire.pxd): a change to one rebuilds them all.
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "native").glob("*.pxd"))
     # The kernels read numpy arrays through numpy's C API (raw pointers, no per-call views).
     modules = [
         Extension(
@@ -48,11 +50,13 @@ def extensions() -> list[Extension]:
             [str(pyx.relative_to(ROOT))],
             include_dirs=[numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            depends=headers,
         )
         for pyx in sorted((ROOT / "native").glob("*.pyx"))
     ]
     return cythonize(
         modules,
+        include_path=["native"],
         language_level="3",
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
         quiet=True,

@@ -17,6 +17,8 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
+from _wire cimport next_element, walk_bytes
+
 import numpy as np
 
 cnp.import_array()
@@ -397,11 +399,7 @@ cdef int _categorical(
     for r in range(rows):
         length = 0
         if kind == COL_RAW:
-            length = (<Py_ssize_t>buffer[cursor[0]] | (<Py_ssize_t>buffer[cursor[0] + 1] << 8)
-                      | (<Py_ssize_t>buffer[cursor[0] + 2] << 16)
-                      | (<Py_ssize_t>buffer[cursor[0] + 3] << 24))
-            value = buffer + cursor[0] + 4
-            cursor[0] += 4 + length
+            length = next_element(buffer, cursor, &value)
         elif kind == COL_OBJECTS:
             if first + r + PREFETCH_AHEAD <= last:
                 _prefetch(items[first + r + PREFETCH_AHEAD])
@@ -429,22 +427,6 @@ cdef int _categorical(
     counts[0] += present
     counts[1] += defaulted
     counts[3] += oov
-    return 0
-
-
-cdef int _check_raw(bytes buffer, Py_ssize_t rows) except -1:
-    """A raw BYTES buffer must hold exactly ``rows`` values: reads then stay within it."""
-    cdef const unsigned char* p = <const unsigned char*><const char*>buffer
-    cdef Py_ssize_t size = len(buffer), position = 0, r
-    for r in range(rows):
-        if position + 4 > size:
-            raise ValueError(f"raw BYTES column ends before value {r} of {rows}")
-        position += 4 + (<Py_ssize_t>p[position] | (<Py_ssize_t>p[position + 1] << 8)
-                         | (<Py_ssize_t>p[position + 2] << 16) | (<Py_ssize_t>p[position + 3] << 24))
-        if position > size:
-            raise ValueError(f"raw BYTES value {r} runs past the end of its buffer")
-    if position != size:
-        raise ValueError(f"raw BYTES column has {size - position} bytes after its {rows} values")
     return 0
 
 
@@ -543,7 +525,8 @@ def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarr
                 sources[f] = NULL
                 continue
             if prep.kinds[f] == K_CATEGORICAL and isinstance(column, bytes):
-                _check_raw(column, rows)
+                # Exactly the column's values: reads then stay within the buffer.
+                walk_bytes(<const unsigned char*><const char*>column, len(column), rows, None)
                 keep.append(column)
                 kinds[f] = COL_RAW
                 sources[f] = <const void*><const char*>column

@@ -1,0 +1,95 @@
+# cython: language_level=3
+"""Wire helpers shared by the native modules, each written once (``from _wire cimport ...``).
+
+Everything here is inline: a header, compiled into each module that cimports it (there is no
+``_wire`` module). setup.py lists this file in every extension's ``depends``, so changing it
+rebuilds them all.
+
+* OIP BYTES (raw_input_contents / raw_output_contents): each element is a 4-byte little-endian
+  unsigned length, then that many bytes. ``walk_bytes`` checks a buffer holds exactly
+  ``count`` elements, raising the errors of gateway/_hotloops_py.py (the reference);
+  ``next_element`` reads one element of a checked buffer.
+* Protobuf: base-128 varints and little-endian 64-bit values.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy
+
+cdef enum:
+    LENGTH_BYTES = 4  # an OIP BYTES element's length prefix
+    MAX_VARINT_BYTES = 10  # a 64-bit value as a protobuf varint
+
+
+cdef inline uint32_t load_u32le(const unsigned char* p) noexcept nogil:
+    """An OIP BYTES length prefix (4 bytes, little-endian, whatever the host)."""
+    return (<uint32_t>p[0]) | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline void store_u32le(unsigned char* p, uint32_t value) noexcept nogil:
+    """Write an OIP BYTES length prefix."""
+    p[0] = value & 0xFF
+    p[1] = (value >> 8) & 0xFF
+    p[2] = (value >> 16) & 0xFF
+    p[3] = (value >> 24) & 0xFF
+
+
+cdef inline Py_ssize_t next_element(
+    const unsigned char* base, Py_ssize_t* offset, const unsigned char** value
+) noexcept nogil:
+    """The element at ``offset[0]`` of a buffer walk_bytes has checked: its length, with
+    ``value[0]`` at its bytes; ``offset[0]`` moves to the next element."""
+    cdef Py_ssize_t length = load_u32le(base + offset[0])
+    value[0] = base + offset[0] + LENGTH_BYTES
+    offset[0] += LENGTH_BYTES + length
+    return length
+
+
+cdef inline int walk_bytes(
+    const unsigned char* base, Py_ssize_t size, Py_ssize_t count, list items
+) except -1:
+    """Check that ``base[:size]`` holds exactly ``count`` elements, appending each (as bytes)
+    to ``items`` unless it is None; ValueError, naming the element at fault, otherwise."""
+    if count < 0:
+        raise ValueError(f"element count must be >= 0, got {count}")
+    cdef Py_ssize_t offset = 0
+    cdef Py_ssize_t index
+    cdef Py_ssize_t length
+    for index in range(count):
+        if offset + LENGTH_BYTES > size:
+            raise ValueError(
+                f"BYTES buffer ends before element {index} of {count} (at byte {offset} of {size})"
+            )
+        length = load_u32le(base + offset)
+        offset += LENGTH_BYTES
+        if offset + length > size:
+            raise ValueError(
+                f"BYTES element {index} declares {length} bytes but only "
+                f"{size - offset} remain"
+            )
+        if items is not None:
+            items.append(PyBytes_FromStringAndSize(<const char*>(base + offset), length))
+        offset += length
+    if offset != size:
+        raise ValueError(f"BYTES buffer holds {size - offset} bytes after its {count} elements")
+    return 0
+
+
+cdef inline Py_ssize_t store_varint(unsigned char* p, uint64_t value) noexcept nogil:
+    """Write ``value`` as a protobuf varint (room for MAX_VARINT_BYTES); its length."""
+    cdef Py_ssize_t n = 0
+    while value >= 0x80:
+        p[n] = <unsigned char>((value & 0x7F) | 0x80)
+        value >>= 7
+        n += 1
+    p[n] = <unsigned char>value
+    return n + 1
+
+
+cdef inline void store_f64le(unsigned char* p, double value) noexcept nogil:
+    """A protobuf double (wire type 1): its IEEE bits, little-endian whatever the host."""
+    cdef uint64_t bits
+    cdef int i
+    memcpy(&bits, &value, 8)
+    for i in range(8):
+        p[i] = (bits >> (8 * i)) & 0xFF
