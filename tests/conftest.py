@@ -178,7 +178,9 @@ class GatewayProcess:
                 command,
                 stdout=out,
                 stderr=err,
-                env={**os.environ, **(env or {})},
+                # TMPDIR: what a killed gateway leaves there (a supervisor's ready files) stays
+                # with the test's files.
+                env={**os.environ, "TMPDIR": str(workdir), **(env or {})},
                 start_new_session=True,
             )
         try:
