@@ -34,22 +34,54 @@ cdef extern from "Python.h":
     void* _type_of "Py_TYPE"(PyObject* o) nogil
     void* _bytes_type "(&PyBytes_Type)"
 
-# The codes of gateway/features/contract.py and _kernel_py.py (checked by the parity tests).
+# The kernel's codes: the values of gateway/features/_plan.py, where each is defined (exposed
+# as CODES below; tests/unit/test_native_codes.py checks them against _plan's).
 cdef enum:
-    K_CATEGORICAL = 1
-    NULL_REJECTED = 1
-    OUT_OF_RANGE = 2
-    NOT_BYTES = 3
+    NUMERIC = 0
+    CATEGORICAL = 1
     RANGE_NONE = 0
     RANGE_REJECT = 1
     RANGE_CLIP = 2
+    RANGE_FLAG = 3  # counted out of range, kept as is
     STEP_STANDARDIZE = 1
     STEP_LOG1P = 2
     STEP_CLIP = 3
     STEP_BUCKETIZE = 4
+    ERROR_NULL_REJECTED = 1
+    ERROR_OUT_OF_RANGE = 2
+    ERROR_NOT_BYTES = 3
+    COUNT_PRESENT = 0
+    COUNT_DEFAULTED = 1
+    COUNT_OUT_OF_RANGE = 2
+    COUNT_OOV = 3
+
+CODES = {
+    "NUMERIC": NUMERIC,
+    "CATEGORICAL": CATEGORICAL,
+    "RANGE_NONE": RANGE_NONE,
+    "RANGE_REJECT": RANGE_REJECT,
+    "RANGE_CLIP": RANGE_CLIP,
+    "RANGE_FLAG": RANGE_FLAG,
+    "STEP_STANDARDIZE": STEP_STANDARDIZE,
+    "STEP_LOG1P": STEP_LOG1P,
+    "STEP_CLIP": STEP_CLIP,
+    "STEP_BUCKETIZE": STEP_BUCKETIZE,
+    "ERROR_NULL_REJECTED": ERROR_NULL_REJECTED,
+    "ERROR_OUT_OF_RANGE": ERROR_OUT_OF_RANGE,
+    "ERROR_NOT_BYTES": ERROR_NOT_BYTES,
+    "COUNT_PRESENT": COUNT_PRESENT,
+    "COUNT_DEFAULTED": COUNT_DEFAULTED,
+    "COUNT_OUT_OF_RANGE": COUNT_OUT_OF_RANGE,
+    "COUNT_OOV": COUNT_OOV,
+}
+
+# The kernel's own sizes (the parity tests draw cases past both).
+cdef enum:
     LINEAR_BUCKETS = 32  # up to this many boundaries, count them branch-free
     PREFETCH_AHEAD = 8  # categorical rows: each value is its own heap object
     BLOCK = 256  # rows per pass over the features: the block's output stays in L1
+
+SIZES = {"block_rows": BLOCK, "linear_buckets": LINEAR_BUCKETS}
 
 # How a column is read.
 cdef enum:
@@ -317,12 +349,12 @@ cdef int _load(
         # A rejected null wins a tie: its row then holds the placeholder, not a value.
         if range_row < 0 or (null_row >= 0 and null_row <= range_row):
             bad_row[0] = first + null_row
-            return NULL_REJECTED
+            return ERROR_NULL_REJECTED
         bad_row[0] = first + range_row
-        return OUT_OF_RANGE
-    counts[0] += rows - defaulted
-    counts[1] += defaulted
-    counts[2] += outside
+        return ERROR_OUT_OF_RANGE
+    counts[COUNT_PRESENT] += rows - defaulted
+    counts[COUNT_DEFAULTED] += defaulted
+    counts[COUNT_OUT_OF_RANGE] += outside
     return 0
 
 
@@ -407,13 +439,13 @@ cdef int _categorical(
             if item != _none:
                 if _type_of(item) != _bytes_type and not _is_bytes(item):  # exact type first
                     bad_row[0] = first + r
-                    return NOT_BYTES
+                    return ERROR_NOT_BYTES
                 length = _bytes_size(item)
                 value = <const unsigned char*>_bytes_data(item)
         if length == 0:
             if reject_null:
                 bad_row[0] = first + r
-                return NULL_REJECTED
+                return ERROR_NULL_REJECTED
             bucket = default
             defaulted += 1
         else:
@@ -424,9 +456,9 @@ cdef int _categorical(
             out[r * width + offset + bucket] = 1.0
         else:
             out[r * width + offset] = <float>bucket
-    counts[0] += present
-    counts[1] += defaulted
-    counts[3] += oov
+    counts[COUNT_PRESENT] += present
+    counts[COUNT_DEFAULTED] += defaulted
+    counts[COUNT_OOV] += oov
     return 0
 
 
@@ -467,7 +499,7 @@ cdef int _block(
     cdef int code, found = 0
     cdef float* block = out + first * width
     for f in range(prep.n_features):
-        if prep.kinds[f] == K_CATEGORICAL:
+        if prep.kinds[f] == CATEGORICAL:
             code = _categorical(
                 prep, f, kinds[f], sources[f], cursors + f, first, rows, block, width,
                 counts + 4 * f, &row,
@@ -524,14 +556,14 @@ def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarr
                 kinds[f] = COL_ABSENT
                 sources[f] = NULL
                 continue
-            if prep.kinds[f] == K_CATEGORICAL and isinstance(column, bytes):
+            if prep.kinds[f] == CATEGORICAL and isinstance(column, bytes):
                 # Exactly the column's values: reads then stay within the buffer.
                 walk_bytes(<const unsigned char*><const char*>column, len(column), rows, None)
                 keep.append(column)
                 kinds[f] = COL_RAW
                 sources[f] = <const void*><const char*>column
                 continue
-            if prep.kinds[f] == K_CATEGORICAL:
+            if prep.kinds[f] == CATEGORICAL:
                 if not (cnp.PyArray_TYPE(<cnp.ndarray>column) == cnp.NPY_OBJECT and _plain(column)):
                     column = np.ascontiguousarray(column, dtype=object).reshape(-1)
                 kind = COL_OBJECTS

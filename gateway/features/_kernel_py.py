@@ -1,8 +1,8 @@
 """Feature assembly kernel, pure-Python/numpy reference: the specification of native/_features_c.
 
 ``run(prepared, columns, rows, out, counts)`` fills ``out`` (float32 [rows, width], zeroed by
-the caller) and ``counts`` (int64 [features, 4]: present, defaulted, out_of_range, oov) from
-one column per feature, in contract order:
+the caller) and ``counts`` (int64 [features, 4], columns ``COUNT_*``: present, defaulted,
+out_of_range, oov) from one column per feature, in contract order:
 
 * numeric: a float64 array of ``rows`` values, NaN meaning null; or None (every row null);
 * categorical: an object array of ``bytes`` (or None), or the raw OIP BYTES buffer of the
@@ -10,10 +10,11 @@ one column per feature, in contract order:
   carries them, already checked), ``b""``/None meaning null; or None.
 
 A bad value fails the run, returned as ``(feature, row, code)`` for the lowest bad row (the
-first feature in contract order among those bad in that row): ``NULL_REJECTED``,
-``OUT_OF_RANGE`` (reject policy) or ``NOT_BYTES`` (a categorical element that is neither bytes
-nor None). ``None`` means success; after a failure ``out`` and ``counts`` are unspecified.
-Numeric columns may be float64, float32, int64, int32 or bool arrays.
+first feature in contract order among those bad in that row): ``ERROR_NULL_REJECTED``,
+``ERROR_OUT_OF_RANGE`` (reject policy) or ``ERROR_NOT_BYTES`` (a categorical element that is
+neither bytes nor None); every code is _plan's. ``None`` means success; after a failure ``out``
+and ``counts`` are unspecified. Numeric columns may be float64, float32, int64, int32 or bool
+arrays.
 
 Numeric per row: null -> default (counted ``defaulted``, no range check) else ``present``, and
 outside [lo, hi] -> rejected / clipped / flagged (counted ``out_of_range``); then the steps:
@@ -50,14 +51,6 @@ from gateway.features._plan import (
     STEP_LOG1P,
     STEP_STANDARDIZE,
     KernelPlan,
-)
-
-NULL_REJECTED, OUT_OF_RANGE, NOT_BYTES = ERROR_NULL_REJECTED, ERROR_OUT_OF_RANGE, ERROR_NOT_BYTES
-PRESENT, DEFAULTED, OUT_OF_RANGE_COUNT, OOV = (
-    COUNT_PRESENT,
-    COUNT_DEFAULTED,
-    COUNT_OUT_OF_RANGE,
-    COUNT_OOV,
 )
 
 Error = tuple[int, int, int] | None
@@ -122,10 +115,10 @@ def _numeric(
         bad |= outside
     if bad.any():
         row = int(np.argmax(bad))
-        return f, row, NULL_REJECTED if null[row] else OUT_OF_RANGE
-    counts[f, PRESENT] += int(rows - null.sum())
-    counts[f, DEFAULTED] += int(null.sum())
-    counts[f, OUT_OF_RANGE_COUNT] += int(outside.sum())
+        return f, row, ERROR_NULL_REJECTED if null[row] else ERROR_OUT_OF_RANGE
+    counts[f, COUNT_PRESENT] += int(rows - null.sum())
+    counts[f, COUNT_DEFAULTED] += int(null.sum())
+    counts[f, COUNT_OUT_OF_RANGE] += int(outside.sum())
     v[null] = plan.defaults[f]
     if policy == RANGE_CLIP:
         v = np.where(outside & (v < lo), lo, np.where(outside & (v > hi), hi, v))
@@ -156,21 +149,21 @@ def _categorical(
         item = None if column is None else column[row]
         if item is None or item == b"":
             if item is not None and not isinstance(item, bytes):
-                return f, row, NOT_BYTES
+                return f, row, ERROR_NOT_BYTES
             if reject:
-                return f, row, NULL_REJECTED
+                return f, row, ERROR_NULL_REJECTED
             buckets[row] = default
             defaulted += 1
             continue
         if not isinstance(item, bytes):
-            return f, row, NOT_BYTES
+            return f, row, ERROR_NOT_BYTES
         bucket = lookup.get(item, 0)
         buckets[row] = bucket
         present += 1
         oov += bucket == 0
-    counts[f, PRESENT] += present
-    counts[f, DEFAULTED] += defaulted
-    counts[f, OOV] += oov
+    counts[f, COUNT_PRESENT] += present
+    counts[f, COUNT_DEFAULTED] += defaulted
+    counts[f, COUNT_OOV] += oov
     offset = int(plan.offsets[f])
     if plan.one_hot[f]:
         out[np.arange(rows), offset + buckets] = 1.0
