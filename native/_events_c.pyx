@@ -4,54 +4,122 @@ event: parsing either's bytes gives equal messages, tested for parity).
 
 The writer encodes every answered prediction, so this writes the PredictionEvent's wire
 format (https://protobuf.dev/programming-guides/encoding/) straight into one growing buffer
-instead of building a message object field by field. What goes into the event (features,
-sensitive values hashed, outputs) is the builder's ``event_columns``; only the writing is
-here. Parts that repeat (a version's identity, a layout's column names) are encoded once and
+instead of building a message object field by field. What an event says is the builder's:
+``EventHeader`` (identity, timings, cost, fallback, segments, coverage) and
+``event_columns`` (features, sensitive values hashed, outputs); only the writing is here.
+Parts that repeat (a version's identity, a layout's column names) are encoded once and
 reused.
 """
 
-from gateway.events.builder import event_columns, fallback_text
+from gateway.events.builder import EventHeader, event_columns
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy, memmove
 
+from _wire cimport MAX_VARINT_BYTES, store_f64le, store_varint
+
 cdef dict _identities = {}  # bounded: cleared when it reaches _CACHE_LIMIT
 cdef dict _layouts = {}
 cdef Py_ssize_t _CACHE_LIMIT = 1024
 
-# Keys (field number << 3 | wire type). 0: varint, 1: 64-bit, 2: length-delimited.
+# Keys: field number << 3 | wire type (exposed as FIELD_KEYS below; tests/unit/
+# test_native_codes.py checks each against events.proto's descriptors).
 cdef enum:
-    EVENT_ID = 0x0A
-    REQUEST_ID = 0x12
-    EVENT_TIME = 0x18
-    TENANT = 0x2A
-    SURFACE = 0x32
-    ROUTE = 0x3A
-    MODEL = 0x42
-    VERSION = 0x4A
-    ARM = 0x52
-    SEGMENTS = 0x5A
-    CONTRACT_VERSION = 0x62
-    FEATURES = 0x6A
-    OUTPUTS = 0x72
-    ROWS = 0x78
-# two-byte keys (fields 16 and up): first byte, then 0x01
+    VARINT = 0
+    I64 = 1
+    LEN = 2
+
+# PredictionEvent
 cdef enum:
-    CACHED_ROWS = 0x80
-    FALLBACK = 0x8A
-    COVERAGE = 0x92
-    QUEUE_MS = 0x99
-    COMPUTE_MS = 0xA1
-    TOTAL_MS = 0xA9
-    COST = 0xB1
-    ENTITY_KEY = 0xBA
-# inside FeatureBlock, StringColumn, OutputColumn, FeatureCoverage and map entries
+    EVENT_ID = 1 << 3 | LEN
+    REQUEST_ID = 2 << 3 | LEN
+    EVENT_TIME = 3 << 3 | VARINT
+    TENANT = 5 << 3 | LEN
+    SURFACE = 6 << 3 | LEN
+    ROUTE = 7 << 3 | LEN
+    MODEL = 8 << 3 | LEN
+    VERSION = 9 << 3 | LEN
+    ARM = 10 << 3 | LEN
+    SEGMENTS = 11 << 3 | LEN
+    CONTRACT_VERSION = 12 << 3 | LEN
+    FEATURES = 13 << 3 | LEN
+    OUTPUTS = 14 << 3 | LEN
+    ROWS = 15 << 3 | VARINT
+    CACHED_ROWS = 16 << 3 | VARINT
+    FALLBACK = 17 << 3 | LEN
+    COVERAGE = 18 << 3 | LEN
+    QUEUE_MS = 19 << 3 | I64
+    COMPUTE_MS = 20 << 3 | I64
+    TOTAL_MS = 21 << 3 | I64
+    COST = 22 << 3 | I64
+    ENTITY_KEY = 23 << 3 | LEN
+
+# The nested messages: FeatureBlock, StringColumn, OutputColumn, FeatureCoverage and the
+# segments map's entries
 cdef enum:
-    F1_LEN = 0x0A
-    F2_LEN = 0x12
-    F3_LEN = 0x1A
-    F3_VARINT = 0x18
+    BLOCK_NUMERIC_NAMES = 1 << 3 | LEN
+    BLOCK_NUMBERS = 2 << 3 | LEN
+    BLOCK_STRINGS = 3 << 3 | LEN
+    STRING_NAME = 1 << 3 | LEN
+    STRING_VALUES = 2 << 3 | LEN
+    STRING_HASHED = 3 << 3 | VARINT
+    OUTPUT_NAME = 1 << 3 | LEN
+    OUTPUT_VALUES = 2 << 3 | LEN
+    OUTPUT_WIDTH = 3 << 3 | VARINT
+    COVERAGE_FEATURE = 1 << 3 | LEN
+    COVERAGE_PRESENT = 2 << 3 | VARINT
+    COVERAGE_DEFAULTED = 3 << 3 | VARINT
+    COVERAGE_OUT_OF_RANGE = 4 << 3 | VARINT
+    COVERAGE_OOV = 5 << 3 | VARINT
+    SEGMENT_KEY = 1 << 3 | LEN
+    SEGMENT_VALUE = 2 << 3 | LEN
+
+# A coverage row's counts come in gateway.types.OUTCOMES order.
+cdef unsigned char[4] _COUNT_KEYS = [
+    COVERAGE_PRESENT, COVERAGE_DEFAULTED, COVERAGE_OUT_OF_RANGE, COVERAGE_OOV
+]
+
+FIELD_KEYS = {
+    "PredictionEvent.event_id": EVENT_ID,
+    "PredictionEvent.request_id": REQUEST_ID,
+    "PredictionEvent.event_time_us": EVENT_TIME,
+    "PredictionEvent.tenant": TENANT,
+    "PredictionEvent.surface": SURFACE,
+    "PredictionEvent.route": ROUTE,
+    "PredictionEvent.model": MODEL,
+    "PredictionEvent.version": VERSION,
+    "PredictionEvent.arm": ARM,
+    "PredictionEvent.segments": SEGMENTS,
+    "PredictionEvent.contract_version": CONTRACT_VERSION,
+    "PredictionEvent.features": FEATURES,
+    "PredictionEvent.outputs": OUTPUTS,
+    "PredictionEvent.rows": ROWS,
+    "PredictionEvent.cached_rows": CACHED_ROWS,
+    "PredictionEvent.fallback": FALLBACK,
+    "PredictionEvent.coverage": COVERAGE,
+    "PredictionEvent.queue_ms": QUEUE_MS,
+    "PredictionEvent.compute_ms": COMPUTE_MS,
+    "PredictionEvent.total_ms": TOTAL_MS,
+    "PredictionEvent.cost": COST,
+    "PredictionEvent.entity_key": ENTITY_KEY,
+    "FeatureBlock.numeric_names": BLOCK_NUMERIC_NAMES,
+    "FeatureBlock.numbers": BLOCK_NUMBERS,
+    "FeatureBlock.strings": BLOCK_STRINGS,
+    "StringColumn.name": STRING_NAME,
+    "StringColumn.values": STRING_VALUES,
+    "StringColumn.hashed": STRING_HASHED,
+    "OutputColumn.name": OUTPUT_NAME,
+    "OutputColumn.values": OUTPUT_VALUES,
+    "OutputColumn.width": OUTPUT_WIDTH,
+    "FeatureCoverage.feature": COVERAGE_FEATURE,
+    "FeatureCoverage.present": _COUNT_KEYS[0],
+    "FeatureCoverage.defaulted": _COUNT_KEYS[1],
+    "FeatureCoverage.out_of_range": _COUNT_KEYS[2],
+    "FeatureCoverage.oov": _COUNT_KEYS[3],
+    "PredictionEvent.SegmentsEntry.key": SEGMENT_KEY,
+    "PredictionEvent.SegmentsEntry.value": SEGMENT_VALUE,
+}
 
 
 cdef class _Buffer:
@@ -65,35 +133,33 @@ cdef class _Buffer:
         self.data = bytearray(1024)
         self.size = 0
 
-    cdef inline char* _room(self, Py_ssize_t n) except NULL:
+    cdef inline unsigned char* _room(self, Py_ssize_t n) except NULL:
         cdef Py_ssize_t capacity = PyByteArray_GET_SIZE(self.data)
         if self.size + n > capacity:
             while self.size + n > capacity:
                 capacity *= 2
             PyByteArray_Resize(self.data, capacity)
-        return PyByteArray_AS_STRING(self.data) + self.size
+        return <unsigned char*>PyByteArray_AS_STRING(self.data) + self.size
+
+    cdef inline int key(self, unsigned int key) except -1:
+        """A field's key: one byte for fields 1-15, two for 16-2047 (folded for a constant)."""
+        cdef unsigned char* p = self._room(2)
+        if key < 0x80:
+            p[0] = <unsigned char>key
+            self.size += 1
+        else:
+            p[0] = <unsigned char>((key & 0x7F) | 0x80)
+            p[1] = <unsigned char>(key >> 7)
+            self.size += 2
+        return 0
 
     cdef inline int byte(self, unsigned char value) except -1:
-        self._room(1)[0] = <char>value
+        self._room(1)[0] = value
         self.size += 1
         return 0
 
-    cdef inline int key2(self, unsigned char first) except -1:
-        cdef char* p = self._room(2)
-        p[0] = <char>first
-        p[1] = 0x01
-        self.size += 2
-        return 0
-
     cdef inline int varint(self, uint64_t value) except -1:
-        cdef char* p = self._room(10)
-        cdef Py_ssize_t n = 0
-        while value >= 0x80:
-            p[n] = <char>((value & 0x7F) | 0x80)
-            value >>= 7
-            n += 1
-        p[n] = <char>value
-        self.size += n + 1
+        self.size += store_varint(self._room(MAX_VARINT_BYTES), value)
         return 0
 
     cdef inline int raw(self, const char* data, Py_ssize_t n) except -1:
@@ -111,7 +177,7 @@ cdef class _Buffer:
         return self.blob(value.encode("utf-8"))
 
     cdef inline int double(self, double value) except -1:
-        memcpy(self._room(8), &value, 8)  # x86-64 and aarch64: little-endian, as the wire
+        store_f64le(self._room(8), value)
         self.size += 8
         return 0
 
@@ -121,15 +187,8 @@ cdef class _Buffer:
     cdef int close_message(self, Py_ssize_t start) except -1:
         """Prefix the bytes written since ``start`` with their length (a varint)."""
         cdef Py_ssize_t body = self.size - start
-        cdef unsigned char prefix[10]
-        cdef Py_ssize_t n = 0
-        cdef uint64_t value = body
-        while value >= 0x80:
-            prefix[n] = <unsigned char>((value & 0x7F) | 0x80)
-            value >>= 7
-            n += 1
-        prefix[n] = <unsigned char>value
-        n += 1
+        cdef unsigned char prefix[MAX_VARINT_BYTES]
+        cdef Py_ssize_t n = store_varint(prefix, <uint64_t>body)
         self._room(n)
         cdef char* base = PyByteArray_AS_STRING(self.data)
         memmove(base + start + n, base + start, body)
@@ -141,31 +200,35 @@ cdef class _Buffer:
         return PyByteArray_AS_STRING(self.data)[: self.size]
 
 
-cdef inline str _text(object value):
-    return "" if value is None else str(value)
-
-
-cdef inline int _string_field(_Buffer out, unsigned char key, str value) except -1:
+cdef inline int _string_field(_Buffer out, unsigned int key, str value) except -1:
     if value:
-        out.byte(key)
+        out.key(key)
         out.text(value)
     return 0
 
 
-cdef bytes _identity(str tenant, str surface, str route, str model, str version, str arm,
-                     str contract):
-    cache_key = (tenant, surface, route, model, version, arm, contract)
+cdef bytes _identity(header):
+    """The header's identity fields, encoded (cached: they repeat across a version's events)."""
+    cache_key = (
+        header.tenant,
+        header.surface,
+        header.route,
+        header.model,
+        header.version,
+        header.arm,
+        header.contract_version,
+    )
     found = _identities.get(cache_key)
     if found is not None:
         return found
     cdef _Buffer out = _Buffer()
-    _string_field(out, TENANT, tenant)
-    _string_field(out, SURFACE, surface)
-    _string_field(out, ROUTE, route)
-    _string_field(out, MODEL, model)
-    _string_field(out, VERSION, version)
-    _string_field(out, ARM, arm)
-    _string_field(out, CONTRACT_VERSION, contract)
+    _string_field(out, TENANT, header.tenant)
+    _string_field(out, SURFACE, header.surface)
+    _string_field(out, ROUTE, header.route)
+    _string_field(out, MODEL, header.model)
+    _string_field(out, VERSION, header.version)
+    _string_field(out, ARM, header.arm)
+    _string_field(out, CONTRACT_VERSION, header.contract_version)
     encoded = out.result()
     if len(_identities) >= _CACHE_LIMIT:
         _identities.clear()
@@ -180,7 +243,7 @@ cdef bytes _layout(tuple names):
         return found
     cdef _Buffer out = _Buffer()
     for name in names:
-        out.byte(F1_LEN)
+        out.key(BLOCK_NUMERIC_NAMES)
         out.text(name)
     encoded = out.result()
     if len(_layouts) >= _CACHE_LIMIT:
@@ -190,108 +253,100 @@ cdef bytes _layout(tuple names):
 
 
 cdef int _string_column(_Buffer out, str name, list values, bint hashed) except -1:
-    out.byte(F3_LEN)  # FeatureBlock.strings
+    out.key(BLOCK_STRINGS)
     cdef Py_ssize_t start = out.mark()
-    out.byte(F1_LEN)
+    out.key(STRING_NAME)
     out.text(name)
     for value in values:
-        out.byte(F2_LEN)
+        out.key(STRING_VALUES)
         out.text(value)
     if hashed:
-        out.byte(F3_VARINT)
+        out.key(STRING_HASHED)
         out.byte(1)
     out.close_message(start)
     return 0
 
 
 def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_columns):
-    request = pending.request
-    response = pending.response
-    options = request.options
-    cdef dict answered = response.parameters
-    coverage = pending.coverage
+    """The event's wire bytes: parsed, the message build_event makes of the same arguments."""
+    header = EventHeader(pending)
     columns = event_columns(pending, hash_key, redact, max_columns)
-    cdef Py_ssize_t rows = columns.rows
     cdef _Buffer out = _Buffer()
-    cdef Py_ssize_t start, block_start
+    cdef Py_ssize_t start, block_start, field, row
+    cdef long long count
 
     _string_field(out, EVENT_ID, event_id)
-    _string_field(out, REQUEST_ID, pending.request_id)
-    if pending.event_time_us:
-        out.byte(EVENT_TIME)
-        out.varint(<uint64_t><long long>pending.event_time_us)
-    identity = _identity(
-        options.tenant,
-        options.surface,
-        _text(answered.get("route")) or request.model_name,
-        response.model_name,
-        response.model_version,
-        _text(answered.get("arm")) or "primary",
-        coverage.contract_version if coverage is not None else "",
-    )
+    _string_field(out, REQUEST_ID, header.request_id)
+    cdef long long event_time_us = header.event_time_us
+    if event_time_us:
+        out.key(EVENT_TIME)
+        out.varint(<uint64_t>event_time_us)
+    identity = _identity(header)
     out.raw(identity, len(identity))
+    cdef long long rows = columns.rows
     if rows:
-        out.byte(ROWS)
-        out.varint(<uint64_t><long long>rows)
-    cdef long long cached = int(answered.get("cached_rows", 0))
+        out.key(ROWS)
+        out.varint(<uint64_t>rows)
+    cdef long long cached = header.cached_rows
     if cached:
-        out.key2(CACHED_ROWS)
+        out.key(CACHED_ROWS)
         out.varint(<uint64_t>cached)
-    fallback = fallback_text(answered)
-    if fallback:
-        out.key2(FALLBACK)
-        out.text(fallback)
-    out.key2(QUEUE_MS)
-    out.double(float(answered.get("queue_us", 0)) / 1000)
-    out.key2(COMPUTE_MS)
-    out.double(float(answered.get("compute_us", 0)) / 1000)
-    out.key2(TOTAL_MS)
-    out.double(pending.total_ms)
-    out.key2(COST)
-    out.double(float(answered.get("cost", 0.0)))
-    entity = options.entity_key
-    if entity:
-        out.key2(ENTITY_KEY)
-        out.text(entity)
-    for key, value in options.segments.items():
-        out.byte(SEGMENTS)
+    _string_field(out, FALLBACK, header.fallback)
+    out.key(QUEUE_MS)
+    out.double(header.queue_ms)
+    out.key(COMPUTE_MS)
+    out.double(header.compute_ms)
+    out.key(TOTAL_MS)
+    out.double(header.total_ms)
+    out.key(COST)
+    out.double(header.cost)
+    _string_field(out, ENTITY_KEY, header.entity_key)
+    segments = header.segments
+    for key, value in segments.items() if segments else ():
+        out.key(SEGMENTS)
         start = out.mark()
-        out.byte(F1_LEN)
+        out.key(SEGMENT_KEY)
         out.text(key)
-        out.byte(F2_LEN)
+        out.key(SEGMENT_VALUE)
         out.text(value)
         out.close_message(start)
-    if coverage is not None:
-        for feature, counts in zip(coverage.features, coverage.counts.tolist(), strict=True):
-            out.key2(COVERAGE)
-            start = out.mark()
-            out.byte(F1_LEN)
-            out.text(feature)
-            for field, count in enumerate(counts):
-                if count:
-                    out.byte(<unsigned char>((field + 2) << 3))
-                    out.varint(<uint64_t><long long>count)
-            out.close_message(start)
+    cdef list coverage_counts = header.coverage_counts
+    cdef list counts
+    coverage_features = header.coverage_features
+    if len(coverage_counts) != len(coverage_features):
+        raise ValueError("coverage: a row of counts per feature")
+    for row in range(len(coverage_counts)):
+        out.key(COVERAGE)
+        start = out.mark()
+        out.key(COVERAGE_FEATURE)
+        out.text(coverage_features[row])
+        counts = coverage_counts[row]
+        for field in range(<Py_ssize_t>sizeof(_COUNT_KEYS)):
+            count = counts[field]
+            if count:
+                out.key(_COUNT_KEYS[field])
+                out.varint(<uint64_t>count)
+        out.close_message(start)
     if columns.strings or columns.numeric_names:
-        out.byte(FEATURES)
+        out.key(FEATURES)
         block_start = out.mark()
         for name, values, hashed in columns.strings:
             _string_column(out, name, values, hashed)
         if columns.numeric_names:
             layout = _layout(tuple(columns.numeric_names))
             out.raw(layout, len(layout))
-            out.byte(F2_LEN)
+            out.key(BLOCK_NUMBERS)
             out.blob(columns.numbers)
         out.close_message(block_start)
     for name, data, width in columns.outputs:
-        out.byte(OUTPUTS)
+        out.key(OUTPUTS)
         start = out.mark()
-        out.byte(F1_LEN)
+        out.key(OUTPUT_NAME)
         out.text(name)
-        out.byte(F2_LEN)
+        out.key(OUTPUT_VALUES)
         out.blob(data)
         if width:
-            out.byte(F3_VARINT)
+            out.key(OUTPUT_WIDTH)
             out.varint(<uint64_t><long long>width)
         out.close_message(start)
     return out.result()

@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.errors import EventLogFull, SettingsError
-from gateway.events.builder import Pending, Redact, encode_event
+from gateway.events._encoder import encode_event
+from gateway.events.builder import Pending, Redact
 from gateway.events.publisher import Publisher
 from gateway.events.wal import LogInUse, WriteAheadLog
 from gateway.settings import EventsSettings

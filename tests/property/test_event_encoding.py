@@ -5,22 +5,26 @@ and requests that sent the model's own input, with every optional part present o
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.demo import contract_file, synthetic_transactions
-from gateway.events import builder
+from gateway.events import _encoder, builder
 from gateway.features import redact
 from gateway.features.contract import Contract, load_contract
-from gateway.types import RequestOptions, InferRequest, InferResponse, Tensor
+from gateway.types import InferRequest, InferResponse, RequestOptions, Tensor
 
 try:
-    from gateway._events_c import encode_event as native_encode
+    from gateway import _events_c
+
+    native_encode = _events_c.encode_event
 except ImportError:  # the parity tests below then fail loudly instead of being skipped
     native_encode = None
 
@@ -36,9 +40,9 @@ def test_native_encoder_is_built():
 
 def test_selector_uses_the_extension_when_expected():
     if os.environ.get("GATEWAY_EXPECT_EXTENSIONS"):
-        assert builder.USING_EXTENSION
+        assert _encoder.USING_EXTENSION
     if os.environ.get("GATEWAY_NO_EXTENSIONS"):
-        assert not builder.USING_EXTENSION
+        assert not _encoder.USING_EXTENSION
 
 
 def raw_tensor(name: str, kind: str, start: int, rows: int) -> Tensor:
@@ -74,18 +78,20 @@ def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
         coverage = contract.assemble(inputs, "fraud", 1 << 20).coverage
     else:  # the model's own input
         width = draw(st.sampled_from([1, 3, 19, MAX_COLUMNS + 1]))
-        inputs = [Tensor("features", "FP32", np.arange(rows * width, dtype=np.float32)
-                         .reshape(rows, width))]  # fmt: skip
+        matrix = np.arange(rows * width, dtype=np.float32).reshape(rows, width)
+        inputs = [Tensor(name="features", datatype="FP32", data=matrix)]
         if draw(st.booleans()):
-            inputs.append(Tensor("ids", "INT64", np.arange(rows, dtype=np.int64)))
+            ids = np.arange(rows, dtype=np.int64)
+            inputs.append(Tensor(name="ids", datatype="INT64", data=ids))
         if draw(st.booleans()):
-            inputs.append(Tensor("notes", "BYTES", np.array([b"n%d" % i for i in range(rows)],
-                                                            dtype=object)))  # fmt: skip
+            notes = np.array([b"n%d" % i for i in range(rows)], dtype=object)
+            inputs.append(Tensor(name="notes", datatype="BYTES", data=notes))
         if draw(st.booleans()):
             inputs.append(Tensor("scalar", "FP32", np.array(1.5, dtype=np.float32)))
     outputs = []
     for index in range(draw(st.integers(0, 2))):
         kind = draw(st.sampled_from(["probability", "class", "label", "other_rows"]))
+        data: NDArray[Any]
         if kind == "probability":
             data = np.linspace(0, 1, rows * 2, dtype=np.float32).reshape(rows, 2)
         elif kind == "class":
