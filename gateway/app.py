@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from numpy.typing import NDArray
 
-from gateway import _hotloops
+from gateway._extensions import native_modules
 from gateway.accounting import Ledger
 from gateway.api.v1 import admin_pb2, admin_pb2_grpc
 from gateway.api.v1 import inference_pb2 as pb
@@ -105,12 +105,13 @@ class Gateway:
             )
         device = resolve_device(settings.runtime.device)
         log.info(
-            "execution provider: %s (runtime.device=%s); hot loops: %s",
+            "execution provider: %s (runtime.device=%s)",
             "CUDA" if device == "cuda" else "CPU",
             settings.runtime.device,
-            "native" if _hotloops.USING_EXTENSION else "pure Python",
         )
-        self.metrics.native.set(1 if _hotloops.USING_EXTENSION else 0)
+        for module, native in native_modules().items():
+            log.info("%s: %s", module, "native" if native else "pure-Python twin")
+            self.metrics.native.labels(module=module).set(1 if native else 0)
         if self.events is not None:
             await self.events.start()
         if settings.repository.load_at_start:

@@ -95,7 +95,8 @@ class GatewayMetrics:
         )
         self.native = Gauge(
             "gateway_native_extension",
-            "1 when the Cython hot loops are in use, 0 for the pure-Python fallback.",
+            "Per native module (Cython): 1 when it is in use, 0 when its pure-Python twin runs.",
+            ["module"],
             registry=self.registry,
         )
         self.events = Counter(
