@@ -3,26 +3,37 @@
 Random contracts (every kind, null policy, range policy and transform) over random columns
 (NaN, +-inf, -0.0, empty strings, non-UTF-8 bytes, None, absent features, empty batches;
 categorical values as objects or as a raw OIP buffer): the same matrix bits, the same coverage
-counts, and the same first error.
+counts, and the same first error. Some cases reach past the native kernel's own sizes: more
+rows than one block (the first error may lie in a later block), and bucketize steps with more
+boundaries than it counts branch-free (it binary-searches those).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import _hotloops_py
 from gateway.features import _kernel_py, kernel
-from gateway.features.contract import Contract, ContractVersionSpec
+from gateway.features._plan import ERROR_NULL_REJECTED
+from gateway.features.contract import Contract
+from gateway.features.spec import ContractVersionSpec
 
 try:
     from gateway import _features_c
 except ImportError:  # the parity tests below then fail loudly instead of being skipped
-    _features_c = None  # type: ignore[assignment]
+    _features_c = None
+
+# The native kernel's sizes (rows per block, boundaries counted branch-free), as built.
+SIZES = {"block_rows": 256, "linear_buckets": 32} if _features_c is None else _features_c.SIZES
+BLOCK_ROWS = SIZES["block_rows"]
+LINEAR_BUCKETS = SIZES["linear_buckets"]
+SMALL_ROWS = 12  # up to this many rows, every value is drawn by Hypothesis
 
 
 def test_native_kernel_is_built():
@@ -37,11 +48,23 @@ def test_selector_uses_the_extension_when_expected():
 
 
 WORDS = ["a", "b", "grocery", "日本", "x" * 40, "US", "BR"]
-FLOATS = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0.0, -0.0, -1.0, -2.0, 1e308, 5.0, 1.0]),
-)
+SPECIAL = [0.0, -0.0, -1.0, -2.0, 1e308, 5.0, 1.0]
+FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(SPECIAL))
 BOUND = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+# Whole numbers as boundaries, so values land exactly on them (bucketize counts b <= v).
+GRID = st.integers(-64, 64).map(float)
+CATEGORIES = [*(w.encode() for w in WORDS), b"", b"\xff\xfe", b"zz", None]
+
+
+@st.composite
+def boundaries(draw):
+    """A bucketize step's boundaries: a few, or more than the native kernel counts branch-free."""
+    if draw(st.booleans()):
+        size = st.integers(LINEAR_BUCKETS + 1, LINEAR_BUCKETS + 24)
+        count = draw(size)
+        edges = draw(st.lists(GRID | BOUND, min_size=count, max_size=count, unique=True))
+        return sorted(edges)
+    return sorted(set(draw(st.lists(GRID | BOUND, min_size=1, max_size=6))))
 
 
 @st.composite
@@ -54,8 +77,7 @@ def steps(draw):
     if kind == "clip":
         lo, hi = sorted([draw(BOUND), draw(BOUND)])
         return {"clip": {"min": lo, "max": hi}}
-    edges = sorted(set(draw(st.lists(BOUND, min_size=1, max_size=6))))
-    return {"bucketize": {"boundaries": edges}}
+    return {"bucketize": {"boundaries": draw(boundaries())}}
 
 
 @st.composite
@@ -87,41 +109,180 @@ def feature(draw, index):
 
 
 @st.composite
+def many_rows(draw, rows, first, drawn, background):
+    """``rows`` values past what Hypothesis should draw one by one: a seeded background, and a
+    few drawn values at drawn rows from ``first`` on (a bad value may sit in any block)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = background(rng, rows)
+    for _ in range(draw(st.integers(0, 3))):
+        values[draw(st.integers(first, rows - 1))] = draw(drawn)
+    return values
+
+
+def numbers(rng, rows, special_share, bounds=None):
+    """Wide floats and whole numbers (ties with GRID), a share of them special (NaN, +-inf);
+    clipped to ``bounds`` when given (so some lie exactly on them)."""
+    values = np.where(
+        rng.random(rows) < 0.5,
+        rng.integers(-70, 70, rows).astype(np.float64),
+        rng.uniform(-2e6, 2e6, rows),
+    )
+    if bounds is not None:
+        values = np.clip(values, *bounds)
+    special = rng.random(rows) < special_share
+    values[special] = rng.choice([np.nan, np.inf, -np.inf, *SPECIAL], int(special.sum()))
+    return values
+
+
+def categories(rng, rows, pool):
+    values = np.empty(rows, dtype=object)
+    values[:] = [pool[i] for i in rng.integers(0, len(pool), rows)]
+    return values
+
+
+@st.composite
+def column(draw, spec, rows, clean, first):
+    """A feature's column: drawn value by value for a few rows; past that, many_rows over a
+    background, ``clean`` (no nulls, in range, in vocabulary) or not. Over a clean background
+    the few drawn values (nulls likely, from row ``first`` on) decide whether and in which
+    block the run fails."""
+    kind = spec["kind"]
+    if kind == "categorical":
+        pool = st.one_of(
+            st.sampled_from([w.encode() for w in WORDS]),
+            st.just(b""),
+            st.just(b"\xff\xfe"),
+            st.binary(max_size=6),
+            st.none(),
+        )
+        if rows <= SMALL_ROWS:
+            values = np.empty(rows, dtype=object)
+            values[:] = draw(st.lists(pool, min_size=rows, max_size=rows))
+        else:
+            words = [w.encode() for w in spec["vocabulary"]] if clean else CATEGORIES
+            drawn = st.one_of(st.sampled_from([b"", None]), pool)
+            values = draw(many_rows(rows, first, drawn, lambda rng, n: categories(rng, n, words)))
+        if draw(st.booleans()):  # as the wire carries them: one length-prefixed buffer
+            return _hotloops_py.encode_bytes([v or b"" for v in values])
+        return values
+    if kind == "bool":
+        if rows <= SMALL_ROWS:
+            return np.array(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)), float)
+        return draw(
+            many_rows(rows, first, st.booleans(), lambda rng, n: rng.random(n) < 0.5)
+        ).astype(np.float64)
+    if rows <= SMALL_ROWS:
+        return np.array(draw(st.lists(FLOATS, min_size=rows, max_size=rows)), dtype=np.float64)
+    if clean:
+        share, bounds = (
+            0.0,
+            (spec["range"]["min"], spec["range"]["max"]) if "range" in spec else None,
+        )
+    else:
+        share, bounds = draw(st.sampled_from([0.0, 0.002, 0.2])), None
+    drawn = st.one_of(st.just(np.nan), FLOATS)
+    return draw(many_rows(rows, first, drawn, lambda rng, n: numbers(rng, n, share, bounds)))
+
+
+class Case(NamedTuple):
+    """A contract, a column per feature and the row count. Printed in full for a few rows and
+    summarised past that: a failing case of a few hundred rows would print tens of kB."""
+
+    contract: Contract
+    columns: list[Any]
+    rows: int
+
+    def __repr__(self) -> str:
+        features = [f.model_dump(exclude_defaults=True) for f in self.contract.features]
+        if self.rows <= SMALL_ROWS:
+            columns = repr(self.columns)
+        else:
+            columns = "[" + ", ".join(_summary(c) for c in self.columns) + "]"
+        return f"Case(features={features!r}, rows={self.rows}, columns={columns})"
+
+
+def _summary(column: Any) -> str:
+    if isinstance(column, bytes):
+        return f"<raw BYTES, {len(column)} bytes: {column[:24]!r}...>"
+    if column is None:
+        return "None"
+    return np.array2string(column, threshold=8, edgeitems=3)
+
+
+@st.composite
 def case(draw):
     n_features = draw(st.integers(1, 5))
     specs = [draw(feature(i)) for i in range(n_features)]
     contract = Contract("v1", ContractVersionSpec.model_validate({"features": specs}))
-    rows = draw(st.integers(0, 12))
-    columns = []
+    clean, first = False, 0
+    if draw(st.integers(0, 3)) == 0:  # past one block of the native kernel
+        rows = draw(st.integers(BLOCK_ROWS - 1, 2 * BLOCK_ROWS + 1))
+        clean = draw(st.booleans())
+        if clean:  # and every drawn (maybe bad) value past the first block
+            first = min(BLOCK_ROWS, rows - 1)
+    else:
+        rows = draw(st.integers(0, SMALL_ROWS))
+    columns: list[Any] = []
     for spec in specs:
-        if draw(st.integers(0, 5)) == 0:
+        if not clean and draw(st.integers(0, 5)) == 0:
             columns.append(None)  # absent from the request: every row null
-        elif spec["kind"] == "categorical":
-            pool = st.one_of(
-                st.sampled_from([w.encode() for w in WORDS]),
-                st.just(b""),
-                st.just(b"\xff\xfe"),
-                st.binary(max_size=6),
-                st.none(),
-            )
-            drawn = draw(st.lists(pool, min_size=rows, max_size=rows))
-            if draw(st.booleans()):  # as the wire carries them: one length-prefixed buffer
-                columns.append(_hotloops_py.encode_bytes([v or b"" for v in drawn]))
-                continue
-            values = np.empty(rows, dtype=object)
-            values[:] = drawn
-            columns.append(values)
-        elif spec["kind"] == "bool":
-            columns.append(
-                np.array(
-                    draw(st.lists(st.booleans(), min_size=rows, max_size=rows)), dtype=np.float64
-                )
-            )
         else:
-            columns.append(
-                np.array(draw(st.lists(FLOATS, min_size=rows, max_size=rows)), dtype=np.float64)
-            )
-    return contract, columns, rows
+            columns.append(draw(column(spec, rows, clean, first)))
+    return Case(contract, columns, rows)
+
+
+def many_boundaries_over_blocks(bad_row: int | None):
+    """Three blocks of rows through a bucketize step the native kernel binary-searches, a raw
+    categorical column, and (when ``bad_row`` is set) a rejected null in a later block."""
+    rows = 2 * BLOCK_ROWS + 3
+    edges = [float(e) for e in range(-(LINEAR_BUCKETS + 8), LINEAR_BUCKETS + 8, 2)]
+    specs = [
+        {
+            "name": "n",
+            "kind": "float",
+            "owner": "o",
+            "description": "d",
+            "null_policy": {"default": 0.5},
+            "transform": [{"bucketize": {"boundaries": edges}}],
+        },
+        {
+            "name": "c",
+            "kind": "categorical",
+            "owner": "o",
+            "description": "d",
+            "vocabulary": ["a", "b"],
+            "encoding": "one_hot",
+            "null_policy": {"default": None},
+        },
+        {"name": "r", "kind": "float", "owner": "o", "description": "d", "null_policy": "reject"},
+    ]
+    contract = Contract("v1", ContractVersionSpec.model_validate({"features": specs}))
+    values = np.arange(rows, dtype=np.float64) % 97 - 48.0
+    values[::7] = np.nan
+    words = [b"a", b"b", b"", b"c"]
+    raw = _hotloops_py.encode_bytes([words[i % 4] for i in range(rows)])
+    required = np.ones(rows)
+    if bad_row is not None:
+        required[bad_row] = np.nan
+    return Case(contract, [values, raw, required], rows)
+
+
+def test_a_bad_value_in_a_later_block_is_found_there():
+    contract, columns, rows = many_boundaries_over_blocks(bad_row=BLOCK_ROWS + 5)
+    for module in (_kernel_py, _features_c):
+        assert run(module, contract, columns, rows)[2] == (2, BLOCK_ROWS + 5, ERROR_NULL_REJECTED)
+
+
+def test_many_boundaries_bucketize_as_a_count_of_boundaries_at_or_below():
+    contract, columns, rows = many_boundaries_over_blocks(bad_row=None)
+    edges = np.array(contract.features[0].transform[0].bucketize.boundaries)
+    assert len(edges) > LINEAR_BUCKETS
+    values = np.where(np.isnan(columns[0]), 0.5, columns[0])
+    expected = (edges[None, :] <= values[:, None]).sum(axis=1).astype(np.float32)
+    for module in (_kernel_py, _features_c):
+        out, _, error = run(module, contract, columns, rows)
+        assert error is None
+        assert out[:, 0].tolist() == expected.tolist()
 
 
 def run(module, contract, columns, rows):
@@ -133,10 +294,15 @@ def run(module, contract, columns, rows):
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case())
+@example(many_boundaries_over_blocks(bad_row=None))
+@example(many_boundaries_over_blocks(bad_row=BLOCK_ROWS + 5))
 def test_native_and_python_kernels_agree(data):
     contract, columns, rows = data
+    event(f"rows past one block: {rows > BLOCK_ROWS}")
+    event(f"binary-searched boundaries: {bool((contract.plan.bound_count > LINEAR_BUCKETS).any())}")
     out_py, counts_py, error_py = run(_kernel_py, contract, columns, rows)
     out_c, counts_c, error_c = run(_features_c, contract, columns, rows)
+    event(f"failed in a later block: {error_py is not None and error_py[1] >= BLOCK_ROWS}")
     assert error_c == error_py
     if error_py is None:
         assert out_c.view(np.uint32).tolist() == out_py.view(np.uint32).tolist()
@@ -145,14 +311,22 @@ def test_native_and_python_kernels_agree(data):
         assert (counts_py[:, 0] + counts_py[:, 1] == rows).all()
 
 
-def test_a_malformed_raw_buffer_is_refused_by_both():
-    spec = {"name": "c", "kind": "categorical", "owner": "o", "description": "d"}
-    spec["vocabulary"] = ["a"]
+def test_a_malformed_raw_buffer_is_refused_by_both_with_the_same_error():
+    spec = {
+        "name": "c",
+        "kind": "categorical",
+        "owner": "o",
+        "description": "d",
+        "vocabulary": ["a"],
+    }
     contract = Contract("v1", ContractVersionSpec.model_validate({"features": [spec]}))
-    for module in (_kernel_py, _features_c):
-        for buffer in (b"\x05\x00\x00\x00ab", b"\x01\x00\x00\x00a" * 3):
-            with pytest.raises(ValueError):
+    for buffer in (b"\x05\x00\x00\x00ab", b"\x01\x00\x00\x00a" * 3, b"\x01\x00"):
+        messages = []
+        for module in (_kernel_py, _features_c):
+            with pytest.raises(ValueError) as raised:
                 run(module, contract, [buffer], 2)
+            messages.append(str(raised.value))
+        assert messages[0] == messages[1]
 
 
 def test_a_non_bytes_categorical_element_is_an_error_in_both():

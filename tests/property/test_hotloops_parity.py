@@ -13,7 +13,7 @@ from gateway import _hotloops, _hotloops_py
 try:
     from gateway import _hotloops_c
 except ImportError:  # the parity tests below then fail loudly instead of being skipped
-    _hotloops_c = None  # type: ignore[assignment]
+    _hotloops_c = None
 
 IMPLEMENTATIONS = {"python": _hotloops_py, "native": _hotloops_c}
 
