@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,7 +38,6 @@ from gateway.types import (
 
 __all__ = ["Pipeline"]
 
-_RUNNING_GRACE_S = 0.002
 Feeds = dict[str, NDArray[np.generic]]
 
 
@@ -144,19 +143,9 @@ class Pipeline:
         )
         deadline = attempt.deadline
 
-        async def compute(part: Feeds, count: int) -> Outcome:
-            if deadline is None:
-                return await batcher.infer(part, count, priority, deadline)
-            # The batcher drops a request still queued at its deadline; this stops the wait
-            # for one already running (its result is discarded).
-            try:
-                async with asyncio.timeout_at(deadline + _RUNNING_GRACE_S):
-                    return await batcher.infer(part, count, priority, deadline)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"model '{loaded.name}' version {loaded.version} was still running the "
-                    "request at its deadline"
-                ) from None
+        def compute(part: Feeds, count: int) -> Awaitable[Outcome]:
+            # The batcher answers DEADLINE_EXCEEDED at the deadline, queued or running.
+            return batcher.infer(part, count, priority, deadline)
 
         cache = self.cache
         deterministic = attempt.deterministic

@@ -65,6 +65,10 @@ class BatcherConfig:
         )
 
 
+# How long past its deadline a running request's result is still waited for.
+_RUNNING_GRACE_S = 0.002
+
+
 @dataclass(eq=False, slots=True)
 class _Item:
     """One queued piece of a request (a whole request, or one chunk of an oversize one)."""
@@ -75,7 +79,7 @@ class _Item:
     deadline: float | None  # loop.time() seconds
     enqueued_ns: int
     future: asyncio.Future[Outcome]
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = None  # its deadline, queued or running
     queued: bool = True
 
 
@@ -266,31 +270,49 @@ class MicroBatcher:
 
     def _on_answered(self, item: _Item, _future: asyncio.Future[Outcome]) -> None:
         self._dequeue(item)  # a no-op unless the caller left while it was queued
+        if item.timer is not None:
+            item.timer.cancel()
+            item.timer = None
 
     def _dequeue(self, item: _Item) -> None:
         """An item leaves the queue (to run, expired, or its caller left): release its space.
 
-        Its deque entry stays until batch formation reaches it and skips it: O(1) here.
+        Its deque entry stays until batch formation reaches it and skips it: O(1) here. Its
+        deadline timer stays: a running item is answered at its deadline too.
         """
         if not item.queued:
             return
         item.queued = False
         self._queue.requests -= 1
         self._queue.rows -= item.rows
-        if item.timer is not None:
-            item.timer.cancel()
-            item.timer = None
 
     def _expire(self, item: _Item) -> None:
-        if not item.queued:
+        """The item's deadline: the one timer that decides, so however late the loop wakes,
+        an item still queued is reported as queued, and one running as running."""
+        item.timer = None
+        if item.future.done():
             return
-        self._m_rejected["deadline"].inc()
-        waited_ms = (time.perf_counter_ns() - item.enqueued_ns) / 1e6
-        self._dequeue(item)
+        config = self._config
+        if item.queued:
+            self._m_rejected["deadline"].inc()
+            waited_ms = (time.perf_counter_ns() - item.enqueued_ns) / 1e6
+            self._dequeue(item)
+            item.future.set_exception(
+                DeadlineExceeded(
+                    f"deadline passed after {waited_ms:.1f} ms in the queue of model "
+                    f"'{config.name}' version {config.version}; no compute was spent on it"
+                )
+            )
+            return
+        # Running: a result landing just after the deadline is still taken (the grace), then
+        # the wait ends and the result, when it comes, is dropped.
+        if item.deadline is not None and self._loop.time() < item.deadline + _RUNNING_GRACE_S:
+            item.timer = self._loop.call_at(item.deadline + _RUNNING_GRACE_S, self._expire, item)
+            return
         item.future.set_exception(
             DeadlineExceeded(
-                f"deadline passed after {waited_ms:.1f} ms in the queue of model "
-                f"'{self._config.name}' version {self._config.version}; no compute was spent on it"
+                f"model '{config.name}' version {config.version} was still running the request "
+                "at its deadline"
             )
         )
 

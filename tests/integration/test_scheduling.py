@@ -106,16 +106,6 @@ def test_deadline_in_the_queue_then_expected_wait_admission(slow_gateway: Gatewa
     assert slow_gateway.metric("gateway_rejections_total", reason="expected_wait") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="gateway race: the pipeline's guard for a request still running at its deadline "
-    "(pipeline._compute, asyncio.timeout_at(deadline + 2 ms)) fires in the same loop turn as "
-    "the batcher's queue expiry once the loop wakes 2 ms late, and the guard's cancellation "
-    "wins: the answer says 'still running' (on a loaded 2-core host about 1 run in 3 of the "
-    "deadline test as it was, a request queued behind a running batch). Remove this mark "
-    "once the queue's verdict wins.",
-)
 def test_a_deadline_in_the_queue_is_reported_so_when_the_gateway_wakes_late(
     slow_gateway: GatewayProcess,
 ):

@@ -8,6 +8,7 @@ row sums); each model has its own scale, so an answer shows which model computed
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -354,6 +355,26 @@ async def test_an_attempt_past_the_route_timeout_with_nothing_to_fall_back_on_fa
     stack = await build({"held": held}, routes={"r": HELD})
     with pytest.raises(DeadlineExceeded, match="still running the request at its deadline"):
         await stack.predict(request("r", 1.0))
+
+
+async def test_a_deadline_passed_in_the_queue_is_reported_so_however_late_the_loop_wakes(
+    build: Build,
+):
+    """One timer decides at the deadline: queued or running. (A second guard for a running
+    request, 2 ms later, used to win whenever the loop woke that late: "still running".)"""
+    held = FakeRuntime()
+    held.gate.clear()
+    stack = await build({"held": held})
+    first = asyncio.create_task(stack.predict(request("held", 1.0)))
+    assert await asyncio.to_thread(held.started.wait, 10)  # the only instance is busy
+    queued = asyncio.create_task(stack.predict(request("held", 2.0, timeout_s=0.02)))
+    await asyncio.sleep(0)  # admitted and queued behind the first
+    time.sleep(0.1)  # the loop stalls past the deadline (a loaded host, made certain)
+    with pytest.raises(DeadlineExceeded, match="in the queue"):
+        await queued
+    held.gate.set()
+    await first
+    assert held.runs == [1]  # no compute was spent on the expired request
 
 
 async def test_a_route_at_max_concurrency_refuses_one_more(build: Build):
