@@ -10,7 +10,7 @@ OTHER := $(if $(filter gpu,$(FLAVOUR)),onnxruntime,onnxruntime-gpu)
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 DEMO := .demo-repo
 PORT ?= 8001
-SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx) $(shell find protos -name '*.proto')
+SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd) $(shell find protos -name '*.proto')
 
 .PHONY: install serve test test-native browser proto native lint bench clean
 

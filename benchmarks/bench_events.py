@@ -51,8 +51,8 @@ def throughput(pa: str, work: Path, repo: Path, rounds: int) -> dict[str, object
     perf_analyzer, both gateways and the sidecar share two cores)."""
     port = free_port()
     sidecar = SidecarProcess(work / "store-throughput", port, work / "logs")
-    on = GatewayProcess(repo, work / "gw-on", "--sidecar", f"127.0.0.1:{port}",
-                        "--events-dir", str(work / "events-on"))  # fmt: skip
+    events = ["--sidecar", f"127.0.0.1:{port}", "--events-dir", str(work / "events-on")]
+    on = GatewayProcess(repo, work / "gw-on", *events)
     off = GatewayProcess(repo, work / "gw-off")
     results: dict[str, list[float]] = {"events on": [], "events off": []}
     cpu_us: dict[str, list[float]] = {"events on": [], "events off": [], "sidecar": []}
@@ -87,9 +87,15 @@ def throughput(pa: str, work: Path, repo: Path, rounds: int) -> dict[str, object
 def demo_event(i: int, rng: np.random.Generator) -> ev.PredictionEvent:
     """An event as the demo model's pass-through requests make them (22 columns, 1 row)."""
     event = ev.PredictionEvent(
-        event_id=f"bench-{i}", request_id=f"r{i}", event_time_us=time.time_ns() // 1000,
-        route="fraud", model="fraud", version="2", arm="primary", rows=1,
-    )  # fmt: skip
+        event_id=f"bench-{i}",
+        request_id=f"r{i}",
+        event_time_us=time.time_ns() // 1000,
+        route="fraud",
+        model="fraud",
+        version="2",
+        arm="primary",
+        rows=1,
+    )
     event.features.numeric_names.extend(f"features[{j}]" for j in range(22))
     event.features.numbers = rng.normal(size=22).astype("<f8").tobytes()
     event.outputs.add(name="probability", values=np.array([0.1]).tobytes(), width=1)
@@ -132,31 +138,38 @@ def ingestion(work: Path, events: int, batch: int) -> dict[str, object]:
         seconds = asyncio.run(_stream(sidecar.address, batches, window=32))
     finally:
         sidecar.stop()
-    return {"events": events, "batch": batch, "seconds": round(seconds, 2),
-            "events_per_s": round(events / seconds)}  # fmt: skip
+    return {
+        "events": events,
+        "batch": batch,
+        "seconds": round(seconds, 2),
+        "events_per_s": round(events / seconds),
+    }
 
 
 def encoding(repo: Path, reps: int = 5, count: int = 5000) -> dict[str, object]:
     """In process: microseconds to encode one event, native encoder against the protobuf
     runtime (alternating, best of ``reps``), for the throughput part's event (the model's own
     input, 19 columns) and a raw-feature event under the demo contract (8 features)."""
-    from gateway._events_c import encode_event as native
-
+    from gateway.events import _encoder
     from gateway.events.builder import Pending, encode_event_py
     from gateway.features import redact
     from gateway.features.contract import load_contract
     from gateway.types import InferRequest, InferResponse, RequestOptions, Tensor
 
+    assert _encoder.USING_EXTENSION, "the native encoder is not built (make native)"
+    native = _encoder.encode_event
     contract = load_contract(repo / "fraud", "v2")
     columns, _ = synthetic_transactions(1, seed=3)
-    raw = [
-        Tensor(f.name, "BYTES", np.array([str(columns[f.name][0]).encode()], dtype=object))
-        if f.kind == "categorical"
-        else Tensor(f.name, "INT64", np.asarray(columns[f.name][:1], np.int64))
-        if f.kind == "int"
-        else Tensor(f.name, "FP64", np.asarray(columns[f.name][:1], np.float64))
-        for f in contract.features
-    ]  # fmt: skip
+
+    def first_row(name: str, kind: str) -> Tensor:
+        if kind == "categorical":
+            text = np.array([str(columns[name][0]).encode()], dtype=object)
+            return Tensor(name, "BYTES", text)
+        if kind == "int":
+            return Tensor(name, "INT64", np.asarray(columns[name][:1], np.int64))
+        return Tensor(name, "FP64", np.asarray(columns[name][:1], np.float64))
+
+    raw = [first_row(f.name, f.kind) for f in contract.features]
     probability = [Tensor("probability", "FP32", np.full((1, 1), 0.25, np.float32))]
     answered = {"queue_us": 40, "compute_us": 25, "cost": 1e-6, "cached_rows": 0}
     cases = {
@@ -205,15 +218,16 @@ def time_to_alert(work: Path, repo: Path, chunk_rows: int, max_chunks: int) -> d
 
     port = free_port()
     sidecar = SidecarProcess(work / "store-alert", port, work / "logs", "--repository", str(repo))
-    gw = GatewayProcess(repo, work / "gw-alert", "--sidecar", f"127.0.0.1:{port}",
-                        "--events-dir", str(work / "events-alert"))  # fmt: skip
+    events = ["--sidecar", f"127.0.0.1:{port}", "--events-dir", str(work / "events-alert")]
+    gw = GatewayProcess(repo, work / "gw-alert", *events)
     client = gw.client()
 
     def send(columns: dict[str, np.ndarray], count: int) -> None:
         inputs = []
         for name, values in columns.items():
-            array = np.array([str(v).encode() for v in values], dtype=object) \
-                if values.dtype == object else values  # fmt: skip
+            array = values
+            if values.dtype == object:
+                array = np.array([str(v).encode() for v in values], dtype=object)
             datatype = (
                 "BYTES" if array.dtype == object else triton_grpc.np_to_triton_dtype(array.dtype)
             )
@@ -238,13 +252,20 @@ def time_to_alert(work: Path, repo: Path, chunk_rows: int, max_chunks: int) -> d
             sent += 1
             send(columns, sent)
             report = fetch_report(sidecar.address, "fraud")
-            fired = [a for a in report["alerts"]
-                     if a["rule"] == "feature_drift" and a["feature"] == "amount"
-                     and a["segment"] == "all"]  # fmt: skip
+            fired = [
+                a
+                for a in report["alerts"]
+                if (a["rule"], a["feature"], a["segment"]) == ("feature_drift", "amount", "all")
+            ]
             if fired:
-                return {"reference_rows": 10 * chunk_rows, "shifted_rows_to_alert":
-                        chunk * chunk_rows, "shifted_requests": chunk, "psi": fired[0]["value"],
-                        "shift": "amount x 3", "rule": "psi > 0.2 over >= 200 rows"}  # fmt: skip
+                return {
+                    "reference_rows": 10 * chunk_rows,
+                    "shifted_rows_to_alert": chunk * chunk_rows,
+                    "shifted_requests": chunk,
+                    "psi": fired[0]["value"],
+                    "shift": "amount x 3",
+                    "rule": "psi > 0.2 over >= 200 rows",
+                }
         return {"shifted_rows_to_alert": None, "note": f"no alert after {max_chunks} chunks"}
     finally:
         client.close()
@@ -285,8 +306,8 @@ def main() -> None:
     results: dict[str, Any] = {part: measures[part]() for part in parts}
     meta = run_meta(started)
     results = save_parts(args.out, meta, results)
-    md = ["# Event streaming benchmark", "", f"`{json.dumps(meta)}`", "",
-          "| measure | value |", "| --- | --- |"]  # fmt: skip
+    md = ["# Event streaming benchmark", "", f"`{json.dumps(meta)}`", ""]
+    md += ["| measure | value |", "| --- | --- |"]
     if t := results.get("throughput"):
         md += [
             f"| gateway infer/s, events on (per round) | {t['infer_per_s']['events on']} |",
@@ -296,11 +317,11 @@ def main() -> None:
             f"{t.get('cpu_us_per_request')} ({t.get('median_cpu_us')}) |",
         ]
     if i := results.get("ingestion"):
-        md.append(f"| sidecar ingestion | {i['events_per_s']} events/s "
-                  f"({i['events']} events, batches of {i['batch']}) |")  # fmt: skip
+        batches = f"({i['events']} events, batches of {i['batch']})"
+        md.append(f"| sidecar ingestion | {i['events_per_s']} events/s {batches} |")
     for case, e in (results.get("encoding") or {}).get("us_per_event", {}).items():
-        md.append(f"| event encoding, {case}: us per event | native {e['native']}, "
-                  f"protobuf {e['protobuf']} ({e['speedup']}x) |")  # fmt: skip
+        speeds = f"native {e['native']}, protobuf {e['protobuf']} ({e['speedup']}x)"
+        md.append(f"| event encoding, {case}: us per event | {speeds} |")
     if a := results.get("time_to_alert"):
         md.append(
             f"| shifted rows until the drift alert | {a.get('shifted_rows_to_alert')} "

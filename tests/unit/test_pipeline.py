@@ -369,7 +369,7 @@ async def test_a_deadline_passed_in_the_queue_is_reported_so_however_late_the_lo
     assert await asyncio.to_thread(held.started.wait, 10)  # the only instance is busy
     queued = asyncio.create_task(stack.predict(request("held", 2.0, timeout_s=0.02)))
     await asyncio.sleep(0)  # admitted and queued behind the first
-    time.sleep(0.1)  # the loop stalls past the deadline (a loaded host, made certain)
+    time.sleep(0.1)  # noqa: ASYNC251 - the loop stalls past the deadline, as on a loaded host
     with pytest.raises(DeadlineExceeded, match="in the queue"):
         await queued
     held.gate.set()
