@@ -159,9 +159,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
             # Workers get the same command line; the supervisor pins their port and role.
             return supervise(settings, _without_flag(argv, "--workers"))
 
-        from gateway.workers import watch_supervisor
+        from gateway.lifeline import watch_parent
 
-        watch_supervisor()  # a worker of a supervisor stops once that is gone; else a no-op
+        watch_parent("worker")  # a supervisor's worker stops once it is gone; else a no-op
         import uvloop
 
         from gateway.app import Gateway
@@ -197,9 +197,11 @@ def _sidecar(args: argparse.Namespace) -> int:
     import uvloop
 
     from gateway.evaluation.sidecar import run_sidecar
+    from gateway.lifeline import watch_parent
     from gateway.settings import load_settings
     from gateway.telemetry import configure_logging
 
+    watch_parent("sidecar")  # started by `serve --with-sidecar`: stops once that is gone
     flags = {"evaluation": {"http_port": args.http_port}} if args.http_port is not None else {}
     settings = load_settings(args.config, overrides=flags)
     configure_logging(args.log_level or "INFO")

@@ -3,6 +3,7 @@ command, so one command runs the whole loop (the sidecar stays its own process).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 
 from gateway.errors import SettingsError
+from gateway.lifeline import Lifeline
 
 __all__ = ["SidecarChild", "start_sidecar"]
 
@@ -17,10 +19,12 @@ _READY_TIMEOUT_S = 60.0
 
 
 class SidecarChild:
-    def __init__(self, process: subprocess.Popen[str]) -> None:
+    def __init__(self, process: subprocess.Popen[str], lifeline: Lifeline) -> None:
         self.process = process
+        self._lifeline = lifeline
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        self._lifeline.close()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -41,7 +45,15 @@ def start_sidecar(store: Path, address: str, repository: Path | None) -> Sidecar
     command += ["--port", str(port), "--http-port", str(port + 1)]
     if repository is not None:
         command += ["--repository", str(repository)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lifeline = Lifeline()  # the sidecar stops once this process is gone, however it ends
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=lifeline.env(os.environ),
+        pass_fds=(lifeline.fd,),
+    )
+    lifeline.started()
     ready = threading.Event()
 
     def forward() -> None:  # the child's log, line by line, noting when it is ready
@@ -52,7 +64,7 @@ def start_sidecar(store: Path, address: str, repository: Path | None) -> Sidecar
                 ready.set()
 
     threading.Thread(target=forward, name="sidecar-log", daemon=True).start()
-    child = SidecarChild(process)
+    child = SidecarChild(process, lifeline)
     waited = 0.0
     while not ready.wait(0.1):
         waited += 0.1

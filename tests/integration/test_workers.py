@@ -14,11 +14,12 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gateway.workers import SUPERVISOR_FD_ENV, SUPERVISOR_PID_ENV
+from gateway.lifeline import PARENT_FD_ENV, PARENT_PID_ENV
 from tests.conftest import (
     DEMO_WIDTH,
     GatewayProcess,
     demo_features,
+    free_port,
     parent_pid,
     start_time,
     wait_gone,
@@ -146,11 +147,39 @@ def test_workers_stop_when_their_supervisor_is_killed(demo_repo, start_gateway):
         proc.kill_all()
 
 
-# A stand-in worker: watch_supervisor(), then wait to be stopped.
+def _children(pid: int) -> list[int]:
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and parent_pid(int(entry.name)) == pid
+    ]
+
+
+@linux_only
+def test_the_sidecar_of_serve_with_sidecar_stops_when_its_gateway_is_killed(
+    demo_repo, start_gateway, tmp_path
+):
+    port = free_port()
+    events = ["--sidecar", f"127.0.0.1:{port}", "--events-dir", str(tmp_path / "events")]
+    proc = start_gateway(demo_repo, "--with-sidecar", str(tmp_path / "store"), *events)
+    try:
+        assert f"sidecar ready grpc=127.0.0.1:{port}" in proc.stderr()
+        children = _children(proc.process.pid)
+        assert len(children) == 1, children  # the sidecar
+        started = {pid: start_time(pid) for pid in children}
+        proc.process.kill()  # no chance to stop its sidecar itself
+        proc.process.wait()
+        alive = wait_gone(started, GONE_WITHIN_S)
+        assert not alive, f"the sidecar {alive} outlived its gateway:\n{proc.stderr()}"
+    finally:
+        proc.kill_all()
+
+
+# A stand-in worker: watch_parent(), then wait to be stopped.
 WATCHER = """
 import sys, time
-from gateway.workers import watch_supervisor
-watch_supervisor()
+from gateway.lifeline import watch_parent
+watch_parent("worker")
 print("watching", flush=True)
 time.sleep(60)
 sys.exit("never stopped")
@@ -158,9 +187,9 @@ sys.exit("never stopped")
 # A stand-in supervisor: starts a stand-in worker, says its pid once it watches, then waits.
 SUPERVISOR = """
 import os, subprocess, sys, time
-from gateway.workers import SUPERVISOR_FD_ENV, SUPERVISOR_PID_ENV
-lifeline = int(os.environ[SUPERVISOR_FD_ENV])
-env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
+from gateway.lifeline import PARENT_FD_ENV, PARENT_PID_ENV
+lifeline = int(os.environ[PARENT_FD_ENV])
+env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
 child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=env, pass_fds=(lifeline,),
                          stdout=subprocess.PIPE, text=True)
 assert child.stdout.readline() == "watching\\n"
@@ -173,7 +202,7 @@ def _start(code: str, lifeline: int, env: dict[str, str], *args: str) -> subproc
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         cwd=ROOT,
-        env={**os.environ, **env, SUPERVISOR_FD_ENV: str(lifeline)},
+        env={**os.environ, **env, PARENT_FD_ENV: str(lifeline)},
         pass_fds=(lifeline,),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -184,7 +213,7 @@ def _start(code: str, lifeline: int, env: dict[str, str], *args: str) -> subproc
 def test_a_worker_stops_when_its_lifeline_reaches_eof():
     """The pipe alone (no parent-death signal: the parent, this process, lives on)."""
     lifeline, writer = os.pipe()
-    child = _start(WATCHER, lifeline, {SUPERVISOR_PID_ENV: str(os.getpid())})
+    child = _start(WATCHER, lifeline, {PARENT_PID_ENV: str(os.getpid())})
     os.close(lifeline)
     try:
         assert child.stdout is not None and child.stdout.readline() == "watching\n"
@@ -202,12 +231,12 @@ def test_a_worker_whose_supervisor_is_already_gone_exits_at_once():
     lifeline, writer = os.pipe()
     # Its parent is not the supervisor named: as if that had died and it had been re-parented.
     gone = os.getpid() + 1
-    child = _start(WATCHER, lifeline, {SUPERVISOR_PID_ENV: str(gone)})
+    child = _start(WATCHER, lifeline, {PARENT_PID_ENV: str(gone)})
     os.close(lifeline)
     try:
         out, err = child.communicate(timeout=GONE_WITHIN_S)
         assert child.returncode == 1 and out == ""
-        assert f"the supervisor (pid {gone}) is gone" in err
+        assert f"the process that started it (pid {gone}) is gone" in err
     finally:
         os.close(writer)
         child.kill()
