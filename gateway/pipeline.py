@@ -109,7 +109,8 @@ class Pipeline:
         loaded.stats.record_request(
             rows, time.perf_counter_ns() - started, queue_ns, 0, compute_ns, 0
         )
-        return Answer(response, cost, computed.cached_rows, coverage)
+        variant = f"{loaded.name}@{loaded.version_label}"  # a route's runner names its own
+        return Answer(response, cost, computed.cached_rows, coverage, request.model_name, variant)
 
     # -- the stages of an attempt ------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class Pipeline:
         model_input = Tensor(loaded.runtime.inputs[0].name, "FP32", assembled.matrix)
         return [model_input], assembled.coverage
 
-    async def _compute(
+    def _compute(
         self,
         loaded: LoadedVersion,
         attempt: Attempt,
@@ -134,7 +135,7 @@ class Pipeline:
         feeds: Feeds,
         rows: int,
         coverage: Coverage | None,
-    ) -> CacheResult:
+    ) -> Awaitable[CacheResult]:
         """The rows' outputs, from the cache where it may answer, else from the batcher."""
         batcher = self._batcher(loaded)
         # A shadow copy queues behind every primary request.
@@ -158,11 +159,10 @@ class Pipeline:
             or not request.options.cache
             or not cacheable(feeds)
         ):
-            outcome = await compute(feeds, rows)
-            return CacheResult(outcome.outputs, outcome, 0, 0)
+            return _uncached(compute(feeds, rows))
         contract_version = coverage.contract_version if coverage is not None else ""
         who = cache.identity(loaded.name, loaded.version_label, contract_version, loaded.generation)
-        return await cache.infer(who, feeds, rows, compute)
+        return cache.infer(who, feeds, rows, compute)
 
     def _shape(
         self,
@@ -322,6 +322,11 @@ def _response(
         parameters["features_oov"] = coverage.total("oov")
         parameters["features_out_of_range"] = coverage.total("out_of_range")
     return InferResponse(loaded.name, loaded.version_label, request.id, outputs, parameters)
+
+
+async def _uncached(computing: Awaitable[Outcome]) -> CacheResult:
+    outcome = await computing
+    return CacheResult(outcome.outputs, outcome, 0, 0)
 
 
 def _deadline(request: InferRequest) -> float | None:

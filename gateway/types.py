@@ -142,7 +142,7 @@ MAX_TEXT_CHARS: Final = 1024  # a tenant, surface, sticky key, entity key or seg
 # not mutated once made.
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class RequestOptions:
     """What a request asks of the gateway beyond its tensors, parsed from its parameters.
 
@@ -250,7 +250,7 @@ class InferRequest:
     id: str = ""
     inputs: list[Tensor] = field(default_factory=list)
     requested_outputs: list[str] = field(default_factory=list)
-    options: RequestOptions = field(default_factory=lambda: DEFAULT_OPTIONS)
+    options: RequestOptions = DEFAULT_OPTIONS  # never changed once made: shared
     timeout_s: float | None = None  # what the transport's deadline leaves, at arrival
 
     @property

@@ -93,21 +93,24 @@ class Router:
             lambda: list(self._routed.items()),
         )
 
-    async def answer(
+    def answer(
         self, request: InferRequest, deadline: float | None, degrade: Budget | None
-    ) -> Answer:
-        """Answer ``request`` on its route, or on the model it names when it is no route."""
+    ) -> Awaitable[Answer]:
+        """Answer ``request`` on its route, or on the model it names when it is no route (the
+        attempt's answer then names that model and version)."""
         route = self.routes.get(request.model_name) if not request.model_version else None
         if route is None:
-            attempt = Attempt(request.model_name, request.model_version, deadline)
-            answer = await self._serve(request, attempt)
-            response = answer.response
-            answer.route = request.model_name
-            answer.variant = f"{response.model_name}@{response.model_version}"
-            return answer
+            return self._serve(
+                request, Attempt(request.model_name, request.model_version, deadline)
+            )
+        if route.spec.max_concurrency is None:  # uncapped: no bookkeeping per request
+            return self._on_route(request, route, deadline, degrade)
+        return self._capped(request, route, deadline, degrade)
+
+    async def _capped(
+        self, request: InferRequest, route: Route, deadline: float | None, degrade: Budget | None
+    ) -> Answer:
         limit = route.spec.max_concurrency
-        if limit is None:  # uncapped: no bookkeeping per request
-            return await self._on_route(request, route, deadline, degrade)
         with self._cap(self._caps, route.name, limit, f"route '{route.name}'"):
             return await self._on_route(request, route, deadline, degrade)
 
@@ -123,7 +126,10 @@ class Router:
         failure: GatewayError | None = None
         for tried, variant in enumerate(route.chains[chosen.name]):
             try:
-                answer = await self._try(request, route, variant, deadline)
+                if variant.output is not None:
+                    answer = self._static(request, route, variant)
+                else:
+                    answer = await self._serve(request, self._attempt(route, variant, deadline))
             except _FALLBACK_ON as err:
                 self._metrics.fallbacks.labels(route.name, variant.name, err.grpc_status.name).inc()
                 if failure is None:
@@ -147,28 +153,18 @@ class Router:
         assert failure is not None
         raise failure
 
-    async def _try(
-        self,
-        request: InferRequest,
-        route: Route,
-        variant: VariantSpec,
-        deadline: float | None,
-        shadow: bool = False,
-    ) -> Answer:
-        if variant.output is not None:
-            return self._static(request, route, variant)
+    def _attempt(
+        self, route: Route, variant: VariantSpec, deadline: float | None, shadow: bool = False
+    ) -> Attempt:
+        """An attempt on a model variant, under the route's own timeout within ``deadline``."""
         if route.spec.timeout_ms is not None:
             own = asyncio.get_running_loop().time() + route.spec.timeout_ms / 1000
             deadline = own if deadline is None else min(deadline, own)
-        attempt = Attempt(
-            model=variant.model or "",
-            version=variant.version,
-            deadline=deadline,
-            price=variant.price,
-            deterministic=variant.deterministic,
-            shadow=shadow,
+        # (model, version, deadline, price, deterministic, shadow): positional, made per request
+        model = variant.model or ""
+        return Attempt(
+            model, variant.version, deadline, variant.price, variant.deterministic, shadow
         )
-        return await self._serve(request, attempt)
 
     def _static(self, request: InferRequest, route: Route, variant: VariantSpec) -> Answer:
         """A static variant's outputs for every row: the chain's last resort."""
@@ -225,7 +221,7 @@ class Router:
     ) -> None:
         started = time.perf_counter_ns()
         try:
-            answer = await self._try(request, route, variant, None, shadow=True)
+            answer = await self._serve(request, self._attempt(route, variant, None, shadow=True))
         except Exception as err:  # a shadow never fails anything but itself
             self._metrics.shadows.labels(route.name, variant.name, "failed").inc()
             log.debug("shadow %s of route %s failed: %s", variant.name, route.name, err)

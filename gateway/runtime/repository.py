@@ -88,7 +88,7 @@ class LoadedVersion:
         """The first instance: every instance has the same signature."""
         return self.runtimes[0]
 
-    @property
+    @functools.cached_property
     def version_label(self) -> str:
         return str(self.version)
 
