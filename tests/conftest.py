@@ -130,8 +130,8 @@ class SidecarProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.stderr_path = workdir / f"sidecar-{time.monotonic_ns()}.log"
-        command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store),
-                   "--port", str(port), *args]  # fmt: skip
+        command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store)]
+        command += ["--port", str(port), *args]
         with self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
                 command, stdout=err, stderr=err, env={**os.environ, **(env or {})}
@@ -169,10 +169,8 @@ class GatewayProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = workdir / "stdout.log"
         self.stderr_path = workdir / "stderr.log"
-        command = [
-            sys.executable, "-m", "gateway", "serve",
-            "--repository", str(repository), "--port", "0", "--metrics-port", "0", *args,
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "gateway", "serve", "--repository", str(repository)]
+        command += ["--port", "0", "--metrics-port", "0", *args]
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
                 command,

@@ -188,11 +188,14 @@ class EventRecorder:
         max_columns = self.settings.max_columns
         return [
             encode_event(
-                p, f"{self._run_id}-{next(self._events)}", self._hash_key, self._redact,
-                max_columns,
+                pending=p,
+                event_id=f"{self._run_id}-{next(self._events)}",
+                hash_key=self._hash_key,
+                redact=self._redact,
+                max_columns=max_columns,
             )
             for p in batch
-        ]  # fmt: skip
+        ]
 
     def _store(self, payloads: list[bytes]) -> int:
         """On the writer thread: append serialized events; returns how many.

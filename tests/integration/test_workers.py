@@ -91,8 +91,8 @@ def test_workers_each_keep_their_own_event_log_and_every_event_arrives_once(
     port = free_port()
     sidecar = start_sidecar(tmp_path / "store", port)
     log_dir = tmp_path / "events"
-    proc = start_gateway(demo_repo, "--workers", "2", "--sidecar", sidecar.address,
-                         "--events-dir", str(log_dir))  # fmt: skip
+    events = ["--sidecar", sidecar.address, "--events-dir", str(log_dir)]
+    proc = start_gateway(demo_repo, "--workers", "2", *events)
     request = service_pb2.ModelInferRequest(model_name="fraud")
     request.inputs.add(name="features", datatype="FP32", shape=[2, DEMO_WIDTH])
     request.raw_input_contents.append(demo_features(2).tobytes())
