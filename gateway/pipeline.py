@@ -1,7 +1,7 @@
 """The request path, top to bottom: each step is a call into one stage.
 
 ``predict`` takes a request through the limits (rate, budget, the event log's room), then its
-route (gateway.routing), which makes one or more attempts; ``_attempt`` is one of them: resolve
+route (gateway.routing), which makes one or more attempts; ``_serve`` carries one out: resolve
 the model version, assemble raw features under its contract, bind the inputs to its signature,
 look the rows up in the cache and batch the rest, shape the outputs and charge the cost. The
 answer is then accounted in the ledger and recorded as a prediction event.
@@ -28,6 +28,7 @@ from gateway.telemetry import GatewayMetrics
 from gateway.types import (
     Answer,
     Coverage,
+    Feeds,
     InferRequest,
     InferResponse,
     Outcome,
@@ -37,8 +38,6 @@ from gateway.types import (
 )
 
 __all__ = ["Pipeline"]
-
-Feeds = dict[str, NDArray[np.generic]]
 
 
 class Pipeline:
@@ -63,7 +62,13 @@ class Pipeline:
         self._metrics = metrics
         self._events = events
         self._max_input_bytes = max_input_bytes
-        self.router = Router(routes, metrics, self._attempt, self._shadow_answered, self._outputs)
+        self.router = Router(
+            routes,
+            metrics,
+            serve=self._serve,
+            on_shadow=self._on_shadow,
+            output_specs=self._output_specs,
+        )
         self._batchers: dict[LoadedVersion, MicroBatcher] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -72,20 +77,21 @@ class Pipeline:
         return self.router.routes
 
     async def predict(self, request: InferRequest) -> InferResponse:
-        """Limits -> route -> attempts (``_attempt``) -> account -> record."""
+        """Limits -> route -> attempts (``_serve``) -> account -> record."""
         started = time.perf_counter_ns()
         options = request.options
         self.limiter.take(options.tenant)
         degrade = self.ledger.check(options.tenant, options.surface)
         if self._events is not None:
             self._events.admit()
-        answer = await self.router.answer(request, _deadline(request), degrade)
+        deadline = _deadline(request)
+        answer = await self.router.answer(request, deadline, degrade)
         self._account(request, answer, budgeted=True)
         if self._events is not None:
             self._record(request, answer, started)
         return answer.response
 
-    async def _attempt(self, request: InferRequest, attempt: Attempt) -> Answer:
+    async def _serve(self, request: InferRequest, attempt: Attempt) -> Answer:
         """One attempt on one model version: version -> assemble -> bind -> cache/batch ->
         outputs -> charge."""
         started = time.perf_counter_ns()
@@ -103,14 +109,26 @@ class Pipeline:
         outcome = computed.outcome
         cost = charge(price, outcome, computed.lookup_ns)
         response = _response(
-            request, loaded, outputs, outcome, computed.cached_rows, cost.total, coverage
+            request=request,
+            loaded=loaded,
+            outputs=outputs,
+            outcome=outcome,
+            cached_rows=computed.cached_rows,
+            cost=cost.total,
+            coverage=coverage,
         )
         queue_ns, compute_ns = (outcome.queue_ns, outcome.compute_ns) if outcome else (0, 0)
         loaded.stats.record_request(
             rows, time.perf_counter_ns() - started, queue_ns, 0, compute_ns, 0
         )
-        variant = f"{loaded.name}@{loaded.version_label}"  # a route's runner names its own
-        return Answer(response, cost, computed.cached_rows, coverage, request.model_name, variant)
+        return Answer(
+            response=response,
+            cost=cost,
+            cached_rows=computed.cached_rows,
+            coverage=coverage,
+            route=request.model_name,  # a route's runner names itself and its variant
+            variant=f"{loaded.name}@{loaded.version_label}",
+        )
 
     # -- the stages of an attempt ------------------------------------------------------------
 
@@ -127,6 +145,8 @@ class Pipeline:
         model_input = Tensor(loaded.runtime.inputs[0].name, "FP32", assembled.matrix)
         return [model_input], assembled.coverage
 
+    # NOTE: a plain function handing back the cache's (or the batcher's) coroutine, not a
+    # coroutine of its own: one frame less on every request (measured in bench_pipeline).
     def _compute(
         self,
         loaded: LoadedVersion,
@@ -138,10 +158,9 @@ class Pipeline:
     ) -> Awaitable[CacheResult]:
         """The rows' outputs, from the cache where it may answer, else from the batcher."""
         batcher = self._batcher(loaded)
-        # A shadow copy queues behind every primary request.
-        priority = (
-            loaded.config.queue.priority_levels if attempt.shadow else request.options.priority
-        )
+        # A shadow copy queues behind every primary request. The level is checked here, before
+        # the cache, so that a bad priority is refused whether or not the cache answers.
+        priority = batcher.level(request.options.priority, lowest=attempt.shadow)
         deadline = attempt.deadline
 
         def compute(part: Feeds, count: int) -> Awaitable[Outcome]:
@@ -183,7 +202,7 @@ class Pipeline:
             )
         return batcher
 
-    def _outputs(self, model: str, version: str) -> Mapping[str, TensorSpec]:
+    def _output_specs(self, model: str, version: str) -> Mapping[str, TensorSpec]:
         return self.repository.get(model, version).output_specs
 
     # -- after the answer --------------------------------------------------------------------
@@ -220,7 +239,7 @@ class Pipeline:
             )
         )
 
-    def _shadow_answered(
+    def _on_shadow(
         self, request: InferRequest, shadow: Answer, primary: Answer, started: int
     ) -> None:
         """A shadow copy answered: in the ledger apart from any budget (the tenant did not
@@ -301,6 +320,7 @@ def _sends_model_inputs(loaded: LoadedVersion, inputs: list[Tensor]) -> bool:
 
 
 def _response(
+    *,
     request: InferRequest,
     loaded: LoadedVersion,
     outputs: list[Tensor],

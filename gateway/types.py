@@ -32,6 +32,7 @@ __all__ = [
     "Charge",
     "Coverage",
     "FeatureContract",
+    "Feeds",
     "InferRequest",
     "InferResponse",
     "ModelIndexEntry",
@@ -45,6 +46,8 @@ __all__ = [
 ]
 
 ParameterValue = bool | int | float | str
+# A model's inputs by name, as they go to the batcher, the cache and the runtime.
+Feeds = Mapping[str, NDArray[np.generic]]
 
 # OIP datatype -> numpy dtype. BYTES elements are Python ``bytes`` in an object array.
 NUMPY_DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
@@ -169,10 +172,9 @@ class RequestOptions:
         segments: dict[str, str] = {}
         labels: dict[str, str] = {}
         for key, value in parameters.items():
-            text = _label(value)
-            labels[key] = text
-            if key.startswith(_SEGMENT):
-                segments[key[len(_SEGMENT) :]] = _bounded(key, text)
+            labels[key] = _label(value)
+            if key.startswith(_SEGMENT):  # kept as sent (a bool as True), as events store it
+                segments[key[len(_SEGMENT) :]] = _bounded(key, str(value))
         sticky = parameters.get("sticky_key")
         if sticky is not None and (isinstance(sticky, bool) or not isinstance(sticky, str | int)):
             raise InvalidRequest(f"parameter 'sticky_key' must be a string, got {sticky!r}")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Feeds", "chunk", "join", "merge", "split"]
+from gateway.types import Feeds
 
-Feeds = Mapping[str, NDArray[np.generic]]
+__all__ = ["chunk", "join", "merge", "split"]
 
 
 def chunk(

@@ -29,13 +29,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.batching.average import MovingAverage
-from gateway.batching.batch import Feeds, chunk, join, merge, split
+from gateway.batching.batch import chunk, join, merge, split
 from gateway.batching.inline import InlinePolicy
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, RuntimeFailure
 from gateway.settings import DynamicBatching, Execution, ModelConfig, QueuePolicy
 from gateway.telemetry import GatewayMetrics
 from gateway.telemetry.statistics import ModelStatistics
-from gateway.types import ModelRuntime, Outcome
+from gateway.types import Feeds, ModelRuntime, Outcome
 
 __all__ = ["BatcherConfig", "MicroBatcher"]
 
@@ -163,15 +163,7 @@ class MicroBatcher:
     ) -> Outcome:
         """Queue a request (admission first) and wait for its rows' outputs."""
         config = self._config
-        if priority is None:
-            level = config.queue.default_level
-        elif 1 <= priority <= config.queue.priority_levels:
-            level = priority
-        else:
-            raise InvalidRequest(
-                "parameter 'priority' must be an integer from 1 (first) to "
-                f"{config.queue.priority_levels} for model '{config.name}', got {priority}"
-            )
+        level = self.level(priority)
         max_rows = config.max_batch_size
         pieces = chunk(feeds, rows, max_rows) if max_rows else [(dict(feeds), rows)]
         self._admit(rows, len(pieces), deadline)
@@ -200,6 +192,21 @@ class MicroBatcher:
             sum(o.compute_ns for o in outcomes),
             max(o.batch_rows for o in outcomes),
             sum(o.share_ns for o in outcomes),
+        )
+
+    def level(self, priority: int | None, lowest: bool = False) -> int:
+        """The queue level of a request's ``priority`` (None: the default level; ``lowest``:
+        the last, for a shadow copy); InvalidRequest for a level this queue does not have."""
+        queue = self._config.queue
+        if lowest:
+            return queue.priority_levels
+        if priority is None:
+            return queue.default_level
+        if 1 <= priority <= queue.priority_levels:
+            return priority
+        raise InvalidRequest(
+            "parameter 'priority' must be an integer from 1 (first) to "
+            f"{queue.priority_levels} for model '{self._config.name}', got {priority}"
         )
 
     @property

@@ -30,11 +30,10 @@ from numpy.typing import NDArray
 from gateway.errors import RuntimeFailure
 from gateway.settings import CacheSettings
 from gateway.telemetry import GatewayMetrics
-from gateway.types import Outcome
+from gateway.types import Feeds, Outcome
 
 __all__ = ["CacheResult", "Identity", "ResponseCache", "cacheable", "identity"]
 
-Feeds = dict[str, NDArray[np.generic]]
 Compute = Callable[[Feeds, int], Awaitable[Outcome]]
 _ENTRY_OVERHEAD = 160  # bytes of Python objects around an entry's arrays
 

@@ -84,16 +84,25 @@ class ConcurrencyCap:
         self.on_refused = on_refused
         self.in_flight = 0
 
-    def __enter__(self) -> ConcurrencyCap:
+    def try_acquire(self) -> bool:
+        """Take a place if there is one (``release`` gives it back)."""
         if self.limit is not None and self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def __enter__(self) -> ConcurrencyCap:
+        if not self.try_acquire():
             if self.on_refused is not None:
                 self.on_refused()
             raise Overloaded(
                 f"{self.what} has {self.in_flight} requests in flight, its max_concurrency; "
                 "retry later"
             )
-        self.in_flight += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.in_flight -= 1
+        self.release()

@@ -13,6 +13,7 @@ An attempt is carried out by the pipeline (``serve``); this stage knows only whi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -93,6 +94,8 @@ class Router:
             lambda: list(self._routed.items()),
         )
 
+    # NOTE: a plain function handing back the attempt's (or the route's) coroutine, not a
+    # coroutine of its own: one frame less on every request (measured in bench_pipeline).
     def answer(
         self, request: InferRequest, deadline: float | None, degrade: Budget | None
     ) -> Awaitable[Answer]:
@@ -129,7 +132,9 @@ class Router:
                 if variant.output is not None:
                     answer = self._static(request, route, variant)
                 else:
-                    answer = await self._serve(request, self._attempt(route, variant, deadline))
+                    answer = await self._serve(
+                        request, self._make_attempt(route, variant, deadline)
+                    )
             except _FALLBACK_ON as err:
                 self._metrics.fallbacks.labels(route.name, variant.name, err.grpc_status.name).inc()
                 if failure is None:
@@ -153,7 +158,7 @@ class Router:
         assert failure is not None
         raise failure
 
-    def _attempt(
+    def _make_attempt(
         self, route: Route, variant: VariantSpec, deadline: float | None, shadow: bool = False
     ) -> Attempt:
         """An attempt on a model variant, under the route's own timeout within ``deadline``."""
@@ -201,33 +206,35 @@ class Router:
         """Copy the request onto a shadow variant, after the primary answered."""
         limit = route.spec.shadow_max_concurrency
         cap = self._cap(self._shadow_caps, route.name, limit, "")
-        if cap.limit is not None and cap.in_flight >= cap.limit:
+        if not cap.try_acquire():  # past the cap a copy is skipped, never queued
             self._metrics.shadows.labels(route.name, variant.name, "skipped").inc()
             return
-        cap.in_flight += 1
         task = asyncio.get_running_loop().create_task(
-            self._run_shadow(request, route, variant, cap, primary)
+            self._run_shadow(request, route, variant, primary)
         )
         self._shadows.add(task)
-        task.add_done_callback(self._shadows.discard)
+        task.add_done_callback(functools.partial(self._shadow_done, cap))
+
+    def _shadow_done(self, cap: ConcurrencyCap, task: asyncio.Task[None]) -> None:
+        """A shadow task ended, however: even one cancelled before its first step."""
+        self._shadows.discard(task)
+        cap.release()
 
     async def _run_shadow(
         self,
         request: InferRequest,
         route: Route,
         variant: VariantSpec,
-        cap: ConcurrencyCap,
         primary: Answer,
     ) -> None:
         started = time.perf_counter_ns()
+        attempt = self._make_attempt(route, variant, None, shadow=True)
         try:
-            answer = await self._serve(request, self._attempt(route, variant, None, shadow=True))
+            answer = await self._serve(request, attempt)
         except Exception as err:  # a shadow never fails anything but itself
             self._metrics.shadows.labels(route.name, variant.name, "failed").inc()
             log.debug("shadow %s of route %s failed: %s", variant.name, route.name, err)
             return
-        finally:
-            cap.in_flight -= 1
         self._metrics.shadows.labels(route.name, variant.name, "ok").inc()
         self._label(answer, route, variant, "shadow")
         self._on_shadow(request, answer, primary, started)

@@ -409,6 +409,14 @@ async def test_a_deterministic_model_answers_the_same_request_from_the_cache(bui
     np.testing.assert_array_equal(output(partly, "y"), scaled(2.0, 2.0, 7.0))
 
 
+async def test_a_priority_the_queue_lacks_is_refused_even_when_the_cache_answers(build: Build):
+    stack = await build({"m": FakeRuntime()}, configs={"m": {"deterministic": True}})
+    await stack.predict(request("m", 1.0))
+    with pytest.raises(InvalidRequest, match="'priority' must be an integer from 1"):
+        await stack.predict(request("m", 1.0, priority=99))  # the row is in the cache
+    assert stack.runtimes["m"].runs == [1]
+
+
 async def test_the_cache_parameter_false_bypasses_the_cache(build: Build):
     stack = await build({"m": FakeRuntime()}, configs={"m": {"deterministic": True}})
     await stack.predict(request("m", 1.0))
@@ -522,3 +530,21 @@ async def test_shadow_copies_are_in_the_ledger_but_never_on_the_tenants_budget(b
     # Under the limit still: the next request is not degraded.
     response = await stack.predict(request("r", 1.0, tenant="t"))
     assert response.parameters["variant"] == "primary"
+
+
+async def test_a_shadow_copy_cancelled_before_it_ran_gives_its_place_back(build: Build):
+    route = {
+        "variants": [
+            {"name": "primary", "model": "m", "weight": 1},
+            {"name": "copy", "model": "s"},
+        ],
+        "shadows": [{"variant": "copy"}],
+        "shadow_max_concurrency": 1,
+    }
+    stack = await build({"m": FakeRuntime(), "s": FakeRuntime()}, routes={"r": route})
+    await stack.predict(request("r", 1.0))  # its shadow task is made, not yet started
+    await stack.pipeline.router.close()  # cancels it before its first step
+    assert stack.pipeline.router._shadow_caps["r"].in_flight == 0
+    await stack.predict(request("r", 2.0))
+    await stack.shadows_done()
+    assert stack.runtimes["s"].runs == [1]  # the place was free for the next copy

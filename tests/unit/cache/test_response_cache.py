@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from gateway.telemetry import GatewayMetrics
 from gateway.types import Outcome
 from tests.fakes import FakeClock
 
-Feeds = dict[str, np.ndarray]
+Feeds = Mapping[str, np.ndarray]
 WHO = identity("m", "1", "v1", 1)
 
 
