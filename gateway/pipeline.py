@@ -122,12 +122,7 @@ class Pipeline:
             rows, time.perf_counter_ns() - started, queue_ns, 0, compute_ns, 0
         )
         return Answer(
-            response=response,
-            cost=cost,
-            cached_rows=computed.cached_rows,
-            coverage=coverage,
-            route=request.model_name,  # a route's runner names itself and its variant
-            variant=f"{loaded.name}@{loaded.version_label}",
+            response=response, cost=cost, cached_rows=computed.cached_rows, coverage=coverage
         )
 
     # -- the stages of an attempt ------------------------------------------------------------
@@ -208,11 +203,12 @@ class Pipeline:
     # -- after the answer --------------------------------------------------------------------
 
     def _account(self, request: InferRequest, answer: Answer, *, budgeted: bool) -> None:
-        options = request.options
+        options, response = request.options, answer.response
         self.ledger.add(
             tenant=options.tenant,
-            route=answer.route,
-            variant=answer.variant,
+            # A route's runner names the route and variant; a model asked for names itself.
+            route=answer.route or request.model_name,
+            variant=answer.variant or f"{response.model_name}@{response.model_version}",
             surface=options.surface,
             rows=request.rows,
             cached_rows=answer.cached_rows,

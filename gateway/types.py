@@ -345,8 +345,8 @@ class AssembledInput:
 class Answer:
     """A response and what it cost: what one attempt hands back up the request path.
 
-    ``route`` and ``variant`` say what answered, for the ledger: the route (or the model
-    asked for) and the variant (or ``model@version``).
+    ``route`` and ``variant`` say what answered on a route (set by its runner); for a model
+    asked for by name they stay empty, its response names it.
     """
 
     response: InferResponse

@@ -99,8 +99,7 @@ class Router:
     def answer(
         self, request: InferRequest, deadline: float | None, degrade: Budget | None
     ) -> Awaitable[Answer]:
-        """Answer ``request`` on its route, or on the model it names when it is no route (the
-        attempt's answer then names that model and version)."""
+        """Answer ``request`` on its route, or on the model it names when it is no route."""
         route = self.routes.get(request.model_name) if not request.model_version else None
         if route is None:
             return self._serve(
@@ -165,10 +164,13 @@ class Router:
         if route.spec.timeout_ms is not None:
             own = asyncio.get_running_loop().time() + route.spec.timeout_ms / 1000
             deadline = own if deadline is None else min(deadline, own)
-        # (model, version, deadline, price, deterministic, shadow): positional, made per request
-        model = variant.model or ""
         return Attempt(
-            model, variant.version, deadline, variant.price, variant.deterministic, shadow
+            model=variant.model or "",
+            version=variant.version,
+            deadline=deadline,
+            price=variant.price,
+            deterministic=variant.deterministic,
+            shadow=shadow,
         )
 
     def _static(self, request: InferRequest, route: Route, variant: VariantSpec) -> Answer:
