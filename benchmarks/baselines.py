@@ -2,12 +2,17 @@
 
     python benchmarks/baselines.py echo  --model M.onnx --name fraud --port 0
     python benchmarks/baselines.py naive --model M.onnx --name fraud --port 0
+    python benchmarks/baselines.py echo  --model M.onnx --name mlp --transport native
 
 ``echo``: no model; answers every ModelInfer with zeros of the output's shape: the floor of a
 Python gRPC server. ``naive``: one ONNX Runtime run per request, inline in the handler, no
 batching or queue: what a first version of a model server looks like. Both serve just enough
-of the protocol (metadata, config, live/ready, unary and streaming infer) for perf_analyzer.
-Prints ``ready grpc=HOST:PORT`` on stderr once serving.
+of the protocol (metadata, config, statistics, live/ready, unary and streaming infer) for
+perf_analyzer; ModelStatistics counts the requests answered (``inference_stats.success``).
+``--transport``: ``grpcio`` (default) serves on ``grpc.aio.server()``, ``native`` on
+``pygrpc_native.aio.server()`` (HTTP/2 in Rust; ModelStreamInfer, a bidi stream, is forwarded
+to the grpc.aio server behind it). Prints ``ready grpc=HOST:PORT transport=T`` on stderr once
+serving.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
             (o.name, [d.dim_value for d in o.type.tensor_type.shape.dim][1:]) for o in graph.output
         ]
         self.session = None
+        self.requests = 0  # answered, for ModelStatistics
         if mode == "naive":
             import onnxruntime as ort
 
@@ -85,7 +91,14 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
         )
         return pb.ModelConfigResponse(config=config)
 
+    async def ModelStatistics(self, request, context):
+        stats = pb.ModelStatistics(name=self.name, version="1", inference_count=self.requests)
+        stats.execution_count = self.requests
+        stats.inference_stats.success.count = self.requests
+        return pb.ModelStatisticsResponse(model_stats=[stats])
+
     def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        self.requests += 1
         rows = request.inputs[0].shape[0]
         response = pb.ModelInferResponse(model_name=self.name, model_version="1", id=request.id)
         if self.session is None:
@@ -112,13 +125,19 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    options = [("grpc.so_reuseport", 0)]
+    if args.transport == "native":
+        import pygrpc_native.aio
+
+        server = pygrpc_native.aio.server(options=options)
+    else:
+        server = grpc.aio.server(options=options)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         Baseline(args.mode, args.model, args.name), server
     )
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     await server.start()
-    print(f"ready grpc=127.0.0.1:{port}", file=sys.stderr, flush=True)
+    print(f"ready grpc=127.0.0.1:{port} transport={args.transport}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -133,6 +152,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--transport", choices=["grpcio", "native"], default="grpcio")
     uvloop.run(serve(parser.parse_args()))
 
 

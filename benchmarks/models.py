@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,24 @@ HEAVY_HIDDEN = 1536
 
 def write_heavy_mlp(model_dir: Path, layers: int = 3, seed: int = 0) -> None:
     """19 -> 1536 x ``layers`` -> 1, ReLU: about 1 ms at batch 1 on one thread (weight-bound)."""
+    write_mlp(model_dir, [HEAVY_WIDTH, *[HEAVY_HIDDEN] * layers, 1], name="heavy", seed=seed)
+
+
+MLP_DIMS = (32, 256, 256, 1)
+
+
+def write_mlp(
+    model_dir: Path,
+    dims: Sequence[int] = MLP_DIMS,
+    *,
+    name: str = "mlp",
+    version: int = 1,
+    seed: int = 0,
+) -> None:
+    """An FP32 MLP ``features`` [batch, dims[0]] -> Gemm+ReLU per hidden layer -> Gemm ->
+    Sigmoid ``probability`` [batch, dims[-1]], at ``model_dir/version/model.onnx``. The default,
+    32 -> 256 -> 256 -> 1, is the transport benchmark's model (tens of microseconds a row)."""
     rng = np.random.default_rng(seed)
-    dims = [HEAVY_WIDTH, *[HEAVY_HIDDEN] * layers, 1]
     nodes, inits, current = [], [], "features"
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(dims)):
         w = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
@@ -32,17 +49,17 @@ def write_heavy_mlp(model_dir: Path, layers: int = 3, seed: int = 0) -> None:
     nodes.append(helper.make_node("Sigmoid", [current], ["probability"]))
     graph = helper.make_graph(
         nodes=nodes,
-        name="heavy",
-        inputs=[
-            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", HEAVY_WIDTH])
+        name=name,
+        inputs=[helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dims[0]])],
+        outputs=[
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", dims[-1]])
         ],
-        outputs=[helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    (model_dir / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+    (model_dir / str(version) / "model.onnx").write_bytes(model.SerializeToString())
 
 
 def build_bench_repositories(root: Path) -> dict[str, Path]:
