@@ -36,13 +36,14 @@ serve: $(STAMP) $(DEMO)/fraud/config.yaml
 	$(VENV)/bin/gateway serve --repository $(DEMO) --config $(DEMO)/gateway.yaml --port $(PORT) \
 	  --with-sidecar .sidecar
 
-# The whole suite on the native hot loops, then again on their pure-Python twin.
+# The whole suite twice, the matrices paired: the native hot loops on the native transport,
+# then their pure-Python twins on grpcio (each transport named, so neither run falls back).
 test: $(STAMP) browser
-	GATEWAY_EXPECT_EXTENSIONS=1 $(PY) -m pytest
-	GATEWAY_NO_EXTENSIONS=1 $(PY) -m pytest -q
+	GATEWAY_EXPECT_EXTENSIONS=1 GATEWAY_SERVER__TRANSPORT=native $(PY) -m pytest
+	GATEWAY_NO_EXTENSIONS=1 GATEWAY_SERVER__TRANSPORT=grpcio $(PY) -m pytest -q
 
 test-native: $(STAMP) browser
-	GATEWAY_EXPECT_EXTENSIONS=1 $(PY) -m pytest
+	GATEWAY_EXPECT_EXTENSIONS=1 GATEWAY_SERVER__TRANSPORT=native $(PY) -m pytest
 
 # The sidecar's HTML report is checked in Debian's headless Chromium (installed once).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -11,17 +11,13 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from numpy.typing import NDArray
 
 from gateway._extensions import native_modules
 from gateway.accounting import Ledger
-from gateway.api.v1 import admin_pb2, admin_pb2_grpc
 from gateway.api.v1 import inference_pb2 as pb
-from gateway.api.v1 import inference_pb2_grpc as pb_grpc
 from gateway.cache import ResponseCache
 from gateway.errors import SettingsError
 from gateway.events import EventRecorder
@@ -30,6 +26,7 @@ from gateway.pipeline import Pipeline
 from gateway.routing import RateLimiter, RouteTable
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
+from gateway.server import transports
 from gateway.server.admin import AdminServicer
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Settings
@@ -42,7 +39,6 @@ log = logging.getLogger(__name__)
 
 _GC_GEN0_THRESHOLD = 20_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name
 
 
 class Gateway:
@@ -91,7 +87,7 @@ class Gateway:
             worker=bool(os.environ.get(READY_FILE_ENV)),
         )
         self._health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self._transport: transports.Transport | None = None
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -126,33 +122,14 @@ class Gateway:
         gc.freeze()
         gc.set_threshold(_GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
-        limit = settings.server.max_message_bytes
-        server = grpc.aio.server(
-            maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
-            options=[
-                # The transport refuses only gross excess; up to the limit we answer
-                # INVALID_ARGUMENT naming the input (convert.request_from_pb).
-                ("grpc.max_receive_message_length", 2 * limit),
-                ("grpc.max_send_message_length", 2 * limit),
-                # Off unless multi-process mode asks: two gateways must not share a port
-                # by accident.
-                ("grpc.so_reuseport", 1 if settings.server.reuse_port else 0),
-            ],
+        name, why = transports.choose(settings.server)
+        log.info("transport: %s (%s)", name, why)
+        transport = transports.create(
+            name, settings.server, transports.Services(self.servicer, self.admin, self._health)
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
-        admin_pb2_grpc.add_GatewayAdminServicer_to_server(self.admin, server)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
-            server,
-        )
-        address = f"{settings.server.host}:{settings.server.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as err:
-            raise SettingsError(f"server.port: cannot bind {address}: {err}") from None
-        await server.start()
-        self._server = server
+        await transport.start()
+        self._transport = transport
+        self.port = transport.port
         if settings.telemetry.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 settings.telemetry.metrics_host, settings.telemetry.metrics_port
@@ -165,7 +142,7 @@ class Gateway:
             state = {"pid": os.getpid(), "port": self.port, "metrics": self.metrics_port}
             await asyncio.to_thread(_write_atomically, Path(ready_file), json.dumps(state))
         log.info(
-            "%s ready grpc=%s:%d metrics=%s models=%d",
+            "%s ready grpc=%s:%d metrics=%s models=%d transport=%s",
             "worker" if os.environ.get(READY_FILE_ENV) else "gateway",
             settings.server.host,
             self.port,
@@ -173,6 +150,7 @@ class Gateway:
             if self.metrics_port
             else "off",
             len(self.repository.loaded()),
+            transport.name,
         )
 
     def _check_routes(self) -> None:
@@ -197,14 +175,14 @@ class Gateway:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace period), then close."""
-        if self._server is None:
+        if self._transport is None:
             return
         grace = self.settings.server.shutdown_grace_s if grace_s is None else grace_s
         log.info("draining: no new requests, %.1f s for in-flight ones", grace)
         self.servicer.is_ready = False
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
-        self._server = None
+        await self._transport.stop(grace)
+        self._transport = None
         await self.pipeline.close()
         if self.events is not None:
             await self.events.close(grace_s=min(grace, 5.0))

@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tracing", choices=["off", "console", "otlp"], help="telemetry.tracing")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
+    serve.add_argument(
+        "--transport",
+        choices=["auto", "native", "grpcio"],
+        help="gRPC transport (server.transport)",
+    )
     serve.add_argument("--sidecar", help="stream prediction events to HOST:PORT (events.sidecar)")
     serve.add_argument("--events-dir", type=Path, help="event write-ahead log (events.directory)")
     serve.add_argument(
@@ -123,6 +128,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("server", "host"): args.host,
         ("server", "port"): args.port,
         ("server", "workers"): args.workers,
+        ("server", "transport"): args.transport,
         ("events", "sidecar"): args.sidecar,
         ("events", "directory"): args.events_dir,
         ("telemetry", "metrics_port"): args.metrics_port,

@@ -60,6 +60,12 @@ class _Section(BaseModel):
 
 
 class ServerSettings(_Section):
+    transport: Literal["auto", "native", "grpcio"] = Field(
+        "auto",
+        description="gRPC transport: native (HTTP/2 in Rust, outside the GIL: pygrpc-native), "
+        "grpcio (grpc.aio), or auto: native where it is installed and can serve these "
+        "settings, grpcio otherwise (the log says why).",
+    )
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     max_message_bytes: int = Field(

@@ -3,7 +3,9 @@
 Every RPC, and every request on a stream, runs inside ``_observe``: the one place that opens
 the server span and records metrics; anything unexpected is logged there and becomes a generic
 INTERNAL error, never a traceback. ``_rpc`` turns a GatewayError into the call's status; on a
-stream it rides in the response's ``error_message``.
+stream it rides in the response's ``error_message``. ``infer_bytes`` is ModelInfer without a
+grpc.aio context, for a transport that hands over the request's bytes and answers by itself
+(``error_trailers`` gives it what a GatewayError adds to the status).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import NoReturn, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -37,11 +40,13 @@ from gateway.server import convert, model_config
 from gateway.settings import ServerSettings
 from gateway.telemetry import GatewayMetrics, Tracing
 
-__all__ = ["InferenceServicer"]
+__all__ = ["InferenceServicer", "Metadata", "error_trailers"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# The call's metadata, read only when something needs it (tracing).
+Metadata: TypeAlias = Callable[[], Iterable[tuple[str, str | bytes]]]
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
 
@@ -74,7 +79,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _observe(
         self,
         rpc: str,
-        context: grpc.aio.ServicerContext,
+        metadata: Metadata,
         call: Callable[[trace.Span], Awaitable[T]],
         model: str = "",
     ) -> T:
@@ -87,7 +92,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         code = "OK"
         version = ""
         self._in_flight[rpc] += 1
-        with self._span(rpc, context) as span:
+        with self._span(rpc, metadata) as span:
             if model:
                 span.set_attribute("gateway.model", model)
             try:
@@ -116,14 +121,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._in_flight[rpc] -= 1
                 self._metrics.observe(rpc, model, version, code, time.perf_counter() - started)
 
-    def _span(
-        self, rpc: str, context: grpc.aio.ServicerContext
-    ) -> contextlib.AbstractContextManager[trace.Span]:
+    def _span(self, rpc: str, metadata: Metadata) -> contextlib.AbstractContextManager[trace.Span]:
         if not self._tracing.enabled:
             return contextlib.nullcontext(trace.INVALID_SPAN)  # no context work per request
         return self._tracing.tracer.start_as_current_span(
             f"{SERVICE}/{rpc}",
-            context=self._tracing.extract(context.invocation_metadata()),
+            context=self._tracing.extract(metadata()),
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": rpc},
             record_exception=False,
@@ -139,14 +142,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> T:
         """A unary RPC: the one place a GatewayError becomes the call's gRPC status."""
         try:
-            return await self._observe(rpc, context, call, model)
+            return await self._observe(rpc, context.invocation_metadata, call, model)
         except GatewayError as err:
-            if isinstance(err, RateLimited):
-                # gRPC's own retry hint: a client with a retry policy waits this long.
-                pushback_ms = str(max(1, round(err.retry_after_s * 1000)))
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", pushback_ms),))
-            await context.abort(err.grpc_status, str(err))
-            raise AssertionError("unreachable: context.abort raises") from err
+            await _abort(context, err)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -272,15 +270,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         span.set_attribute("gateway.model_version", response.model_version)
         return convert.response_to_pb(response)
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await self._rpc(
+    async def infer_bytes(
+        self, payload: bytes, metadata: Metadata, time_remaining: float | None
+    ) -> bytes:
+        """ModelInfer from the request's bytes to the response's; a failure leaves as a
+        GatewayError (bytes that are not a ModelInferRequest: InvalidRequest)."""
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError as err:
+            invalid = InvalidRequest(f"request: not a valid ModelInferRequest message ({err})")
+            return await self._observe("ModelInfer", metadata, functools.partial(_fail, invalid))
+        response = await self._observe(
             "ModelInfer",
-            context,
-            lambda span: self._infer(request, span, context.time_remaining()),
+            metadata,
+            lambda span: self._infer(request, span, time_remaining),
             request.model_name,
         )
+        reply: bytes = response.SerializeToString()
+        return reply
+
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Registered without (de)serializers (``transports.grpcio.add_services``): bytes that
+        are not a ModelInferRequest are INVALID_ARGUMENT here, as on every transport."""
+        try:
+            return await self.infer_bytes(
+                request, context.invocation_metadata, context.time_remaining()
+            )
+        except GatewayError as err:
+            await _abort(context, err)
 
     async def ModelStreamInfer(
         self,
@@ -299,7 +316,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self._observe(
                     "ModelStreamInfer",
-                    context,
+                    context.invocation_metadata,
                     lambda span: self._infer(request, span, context.time_remaining()),
                     request.model_name,
                 )
@@ -328,6 +345,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+
+def error_trailers(err: GatewayError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata a failed call carries beside its status."""
+    if isinstance(err, RateLimited):
+        wait_ms = str(max(1, round(err.retry_after_s * 1000)))
+        # gRPC's own retry hint (a client with a retry policy waits this long), and the same
+        # under a name of ours for transports that keep grpc-* keys to themselves (native).
+        return (("grpc-retry-pushback-ms", wait_ms), ("retry-after-ms", wait_ms))
+    return ()
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoReturn:
+    """End the call with ``err``'s status (grpc.aio's abort raises)."""
+    if trailers := error_trailers(err):
+        context.set_trailing_metadata(trailers)
+    await context.abort(err.grpc_status, str(err))
+    raise AssertionError("unreachable: context.abort raises") from err
+
+
+async def _fail(err: GatewayError, span: trace.Span) -> NoReturn:
+    raise err
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

@@ -205,3 +205,12 @@ def test_an_overlong_request_id_is_refused_naming_it(stub):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request id" in err.details()
     assert stub.ModelInfer(request(id="r" * 64)).id == "r" * 64
+
+
+def test_bytes_that_are_not_a_request_are_invalid_argument(small_gateway: GatewayProcess):
+    with grpc.insecure_channel(small_gateway.url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\x0a\xff\xff\xff\xff")  # a string field whose length runs past the end
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInferRequest" in info.value.details()
