@@ -10,6 +10,7 @@ from __future__ import annotations
 from gateway import _hotloops
 from gateway.events import _encoder
 from gateway.features import kernel
+from gateway.server import codec
 
 __all__ = ["native_modules"]
 
@@ -21,4 +22,5 @@ def native_modules() -> dict[str, bool]:
         "gateway._hotloops_c": _hotloops.USING_EXTENSION,
         "gateway._features_c": kernel.USING_EXTENSION,
         "gateway._events_c": _encoder.USING_EXTENSION,
+        "gateway._oip_c": codec.USING_EXTENSION,
     }

@@ -37,8 +37,10 @@ from gateway.errors import (
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.server import convert, model_config
+from gateway.server.codec import decode_fast
 from gateway.settings import ServerSettings
 from gateway.telemetry import GatewayMetrics, Tracing
+from gateway.types import InferRequest, InferResponse
 
 __all__ = ["InferenceServicer", "Metadata", "error_trailers"]
 
@@ -265,28 +267,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         infer_request = convert.request_from_pb(
             request, self._settings.max_message_bytes, timeout_s
         )
-        span.set_attribute("gateway.rows", infer_request.rows)
-        response = await self._pipeline.predict(infer_request)
+        return convert.response_to_pb(await self._predict(infer_request, span))
+
+    async def _predict(self, request: InferRequest, span: trace.Span) -> InferResponse:
+        span.set_attribute("gateway.rows", request.rows)
+        response = await self._pipeline.predict(request)
         span.set_attribute("gateway.model_version", response.model_version)
-        return convert.response_to_pb(response)
+        return response
 
     async def infer_bytes(
         self, payload: bytes, metadata: Metadata, time_remaining: float | None
     ) -> bytes:
         """ModelInfer from the request's bytes to the response's; a failure leaves as a
-        GatewayError (bytes that are not a ModelInferRequest: InvalidRequest)."""
+        GatewayError (bytes that are not a ModelInferRequest: InvalidRequest).
+
+        The native decoder takes what it can (codec.decode_fast); the rest, and every error,
+        goes the protobuf way."""
+        request = decode_fast(payload, self._settings.max_message_bytes, time_remaining)
+        if request is not None:
+            fast = request
+            answer = await self._observe(
+                "ModelInfer", metadata, lambda span: self._predict(fast, span), fast.model_name
+            )
+            reply: bytes = convert.response_to_pb(answer).SerializeToString()
+            return reply
         try:
-            request = pb.ModelInferRequest.FromString(payload)
+            message = pb.ModelInferRequest.FromString(payload)
         except DecodeError as err:
             invalid = InvalidRequest(f"request: not a valid ModelInferRequest message ({err})")
             return await self._observe("ModelInfer", metadata, functools.partial(_fail, invalid))
         response = await self._observe(
             "ModelInfer",
             metadata,
-            lambda span: self._infer(request, span, time_remaining),
-            request.model_name,
+            lambda span: self._infer(message, span, time_remaining),
+            message.model_name,
         )
-        reply: bytes = response.SerializeToString()
+        reply = response.SerializeToString()
         return reply
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:

@@ -13,6 +13,7 @@ from gateway import _hotloops
 from gateway._extensions import native_modules
 from gateway.events import _encoder
 from gateway.features import kernel
+from gateway.server import codec
 from gateway.telemetry import GatewayMetrics
 
 NATIVE = Path(__file__).resolve().parents[2] / "native"
@@ -29,6 +30,7 @@ def test_each_report_is_its_selectors_choice(monkeypatch: pytest.MonkeyPatch):
         "gateway._hotloops_c": _hotloops,
         "gateway._features_c": kernel,
         "gateway._events_c": _encoder,
+        "gateway._oip_c": codec,
     }
     for selector in [None, *selectors.values()]:
         if selector is not None:  # flip one: only its own report follows
