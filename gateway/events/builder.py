@@ -217,7 +217,7 @@ def _contract_features(
     strings: list[tuple[str, list[str], bool]],
 ) -> None:
     features, sensitive = coverage.features, coverage.sensitive
-    numeric: list[NDArray[np.float64]] = []
+    numeric: list[NDArray[np.generic]] = []
     for tensor in request.inputs:
         if tensor.name not in features:
             continue
@@ -228,13 +228,14 @@ def _contract_features(
                 values = [redact(v, hash_key) for v in values]
             strings.append((tensor.name, values, hidden))
             continue
-        column = tensor.data.astype(np.float64).ravel()
         if hidden:
+            column = tensor.data.astype(np.float64).ravel()
             strings.append((tensor.name, [redact(v, hash_key) for v in column.tolist()], True))
             continue
         names.append(tensor.name)
-        numeric.append(column)
+        numeric.append(tensor.data.reshape(-1))
     if numeric:
+        # One cast for all columns (their common type, then float64), not one per feature.
         blocks.append(np.column_stack(numeric).astype(_F64, copy=False))
 
 
