@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import accumulate
 
 import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.types import OUTCOMES
@@ -27,7 +29,8 @@ _LATENCY_BUCKETS_S = (
 )  # fmt: skip
 
 
-_MAX_CACHED_CHILDREN = 10_000
+_MAX_SERIES = 10_000
+_OTHER = "(other)"
 
 
 class GatewayMetrics:
@@ -35,19 +38,10 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "gateway_requests",
-            "OIP requests by RPC, model, version and gRPC status code.",
-            ["rpc", "model", "version", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "gateway_request_duration_seconds",
-            "Time from receiving an OIP request to answering it.",
-            ["rpc", "model", "version"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
+        # Every answered request, counted in plain numbers and read at scrape time: the
+        # request path takes no metric lock (``observe``).
+        self._answered = _Answered()
+        self.registry.register(self._answered)
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "OIP requests received and not yet answered, by RPC.",
@@ -162,21 +156,10 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self._server: object | None = None
-        self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
 
     def observe(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
-        key = (rpc, model, version, code)
-        children = self._children.get(key)
-        if children is None:
-            # NOTE: labels() costs a lock and a tuple per call; keep the children instead.
-            if len(self._children) > _MAX_CACHED_CHILDREN:
-                self._children.clear()
-            children = self._children[key] = (
-                self.requests.labels(rpc, model, version, code),
-                self.latency.labels(rpc, model, version),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        """An answered request: ``gateway_requests_total`` and its latency histogram."""
+        self._answered.add(rpc, model, version, code, seconds)
 
     def counter_function(
         self, name: str, documentation: str, labels: Sequence[str], source: CounterSource
@@ -240,3 +223,57 @@ class _FunctionCounter(Collector):
         for labels, value in self._source():
             family.add_metric(list(labels), value)
         yield family
+
+
+class _Answered(Collector):
+    """``gateway_requests_total`` (rpc, model, version, code) and
+    ``gateway_request_duration_seconds`` (rpc, model, version), kept as lists of numbers the
+    loop adds to and the scrape thread copies. At most ``_MAX_SERIES`` label sets: a model
+    name is what the client sent, so past that the rest count under model ``(other)``."""
+
+    def __init__(self) -> None:
+        # (rpc, model, version, code) -> [count per latency bucket..., +Inf count, sum]
+        self._series: dict[tuple[str, str, str, str], list[float]] = {}
+
+    def add(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
+        key = (rpc, model, version, code)
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= _MAX_SERIES:
+                key = (rpc, _OTHER, "", code)
+            series = self._series.setdefault(key, [0.0] * (len(_LATENCY_BUCKETS_S) + 2))
+        series[bisect_left(_LATENCY_BUCKETS_S, seconds)] += 1
+        series[-1] += seconds
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(self._series.copy()))
+
+    @staticmethod
+    def _families(
+        series: dict[tuple[str, str, str, str], list[float]] | None = None,
+    ) -> tuple[Metric, Metric]:
+        requests = CounterMetricFamily(
+            "gateway_requests",
+            "OIP requests by RPC, model, version and gRPC status code.",
+            labels=["rpc", "model", "version", "code"],
+        )
+        latency = HistogramMetricFamily(
+            "gateway_request_duration_seconds",
+            "Time from receiving an OIP request to answering it.",
+            labels=["rpc", "model", "version"],
+        )
+        merged: dict[tuple[str, str, str], list[float]] = {}
+        for key, values in (series or {}).items():
+            values = list(values)  # a copy: the loop may add while this reads
+            requests.add_metric(list(key), sum(values[:-1]))
+            into = merged.setdefault(key[:3], [0.0] * len(values))
+            for i, value in enumerate(values):
+                into[i] += value
+        for labels, values in merged.items():
+            cumulative = list(accumulate(values[:-1]))
+            bounds = [str(bound) for bound in _LATENCY_BUCKETS_S] + ["+Inf"]
+            latency.add_metric(list(labels), list(zip(bounds, cumulative, strict=True)), values[-1])
+        return requests, latency

@@ -178,8 +178,9 @@ class NativeTransport:
                 return
 
     def _on_events(self, events: Sequence[tuple[Any, ...]]) -> None:
-        front = self._front
-        assert front is not None and self._loop is not None
+        front, loop = self._front, self._loop
+        if front is None or loop is None:  # handed over as the transport closed: gone with it
+            return
         calls = self._calls
         for kind, call_id, _method, payload, _key, details in events:
             if kind == EVENT_CANCEL:  # the client left, or its deadline passed
@@ -197,7 +198,7 @@ class NativeTransport:
                 front.fail(call_id, _EXHAUSTED, _OVER_CAP)
             else:
                 metadata, _peer, time_remaining = details
-                calls[call_id] = self._loop.create_task(
+                calls[call_id] = loop.create_task(
                     self._answer(front, call_id, payload, metadata, time_remaining)
                 )
 
