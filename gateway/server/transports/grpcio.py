@@ -22,13 +22,14 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_
 
 
 def make_server(
-    settings: ServerSettings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    settings: ServerSettings, cap: grpc.aio.ServerInterceptor | None = None
 ) -> grpc.aio.Server:
-    """The server, bounded by ``settings``; with ``interceptors``, they hold the call cap."""
+    """The server, bounded by ``settings``; ``cap``, where given, holds the call cap in
+    grpcio's place (the native front counts its calls and the ones behind it together)."""
     limit = settings.max_message_bytes
     return grpc.aio.server(
-        interceptors=interceptors or None,
-        maximum_concurrent_rpcs=None if interceptors else settings.max_concurrent_rpcs,
+        interceptors=None if cap is None else [cap],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs if cap is None else None,
         options=[
             # The transport refuses only gross excess; up to the limit we answer
             # INVALID_ARGUMENT naming the input (convert.request_from_pb).

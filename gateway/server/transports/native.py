@@ -9,7 +9,7 @@ front to a grpcio server on a Unix socket in a private directory: the same servi
 
 Bounds as on grpcio: at most ``server.max_concurrent_rpcs`` calls at once, counted together
 on both sides (a stream counts once), and a request over twice ``max_message_bytes`` is
-RESOURCE_EXHAUSTED unread.
+RESOURCE_EXHAUSTED undecoded (the front has read it whole by then: it hands over messages).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class NativeTransport:
         address = f"{settings.host}:{settings.port}"
         self._directory = tempfile.mkdtemp(prefix="gateway-grpc-")
         socket = str(Path(self._directory) / "behind.sock")
-        server = behind.make_server(settings, interceptors=[_CapBehind(self._cap)])
+        server = behind.make_server(settings, cap=_CapBehind(self._cap))
         behind.add_services(server, self._services)
         behind.bind(server, f"unix:{socket}")
         await server.start()
