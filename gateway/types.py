@@ -27,6 +27,7 @@ __all__ = [
     "MAX_TEXT_CHARS",
     "NUMPY_DTYPES",
     "OUTCOMES",
+    "WIRE_DTYPES",
     "Answer",
     "AssembledInput",
     "Charge",
@@ -65,6 +66,8 @@ NUMPY_DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
+# Raw contents (raw_input_contents, raw_output_contents) are little-endian whatever the host.
+WIRE_DTYPES: Final = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,11 +23,8 @@ from _wire cimport walk_bytes
 import numpy as np
 
 from gateway.errors import InvalidRequest
-from gateway.types import DEFAULT_OPTIONS, MAX_TEXT_CHARS, NUMPY_DTYPES, InferRequest, RequestOptions, Tensor
+from gateway.types import DEFAULT_OPTIONS, MAX_TEXT_CHARS, WIRE_DTYPES, InferRequest, RequestOptions, Tensor
 
-# Raw contents are little-endian whatever the host (as convert._LITTLE_ENDIAN).
-cdef dict _LITTLE_ENDIAN = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
-cdef dict _ITEMSIZE = {name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items()}
 cdef object _ndarray = np.ndarray
 
 
@@ -245,8 +242,8 @@ cdef object _tensor(tuple spec, bytes raw):
     cdef tuple shape = spec[2]
     cdef dict params = spec[3]
     cdef object count = 1
-    cdef object itemsize = _ITEMSIZE.get(datatype)
-    if itemsize is None:
+    cdef object dtype = WIRE_DTYPES.get(datatype)
+    if dtype is None:
         raise _NotFast()
     for dim in shape:
         if dim < 0:
@@ -258,9 +255,9 @@ cdef object _tensor(tuple spec, bytes raw):
         except ValueError:
             raise _NotFast()
         return Tensor(name, "BYTES", None, params, raw=raw, shape=shape)
-    if len(raw) != count * itemsize:
+    if len(raw) != count * dtype.itemsize:
         raise _NotFast()
-    return Tensor(name, datatype, _ndarray(shape, _LITTLE_ENDIAN[datatype], raw), params)
+    return Tensor(name, datatype, _ndarray(shape, dtype, raw), params)
 
 
 def decode_request(bytes data not None, Py_ssize_t max_message_bytes, timeout_s=None):

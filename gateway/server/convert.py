@@ -15,6 +15,7 @@ from gateway.types import (
     DEFAULT_OPTIONS,
     MAX_TEXT_CHARS,
     NUMPY_DTYPES,
+    WIRE_DTYPES,
     InferRequest,
     InferResponse,
     ParameterValue,
@@ -45,9 +46,6 @@ _CONTENTS_FIELD: Final[dict[str, str]] = {
 
 # A request id is echoed in the response and kept in its prediction event: bounded.
 MAX_ID_CHARS: Final = MAX_TEXT_CHARS
-
-# Raw contents are little-endian whatever the host; built once, not per request.
-_LITTLE_ENDIAN: Final = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}
 
 
 def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
@@ -165,7 +163,7 @@ def _from_raw(
             f"{datatype} elements ({expected} bytes)"
         )
     # Zero-copy view; ONNX Runtime only reads its inputs.
-    return np.frombuffer(raw, dtype=_LITTLE_ENDIAN[datatype])
+    return np.frombuffer(raw, dtype=WIRE_DTYPES[datatype])
 
 
 def _from_contents(
@@ -207,6 +205,6 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
                 _hotloops.encode_bytes(tensor.data.reshape(-1).tolist())
             )
         else:
-            array = np.ascontiguousarray(tensor.data, dtype=_LITTLE_ENDIAN[tensor.datatype])
+            array = np.ascontiguousarray(tensor.data, dtype=WIRE_DTYPES[tensor.datatype])
             message.raw_output_contents.append(array.tobytes())
     return message
