@@ -283,26 +283,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         The native decoder takes what it can (codec.decode_fast); the rest, and every error,
         goes the protobuf way."""
-        request = decode_fast(payload, self._settings.max_message_bytes, time_remaining)
-        if request is not None:
-            fast = request
-            answer = await self._observe(
-                "ModelInfer", metadata, lambda span: self._predict(fast, span), fast.model_name
-            )
-            reply: bytes = convert.response_to_pb(answer).SerializeToString()
-            return reply
-        try:
-            message = pb.ModelInferRequest.FromString(payload)
-        except DecodeError as err:
-            invalid = InvalidRequest(f"request: not a valid ModelInferRequest message ({err})")
-            return await self._observe("ModelInfer", metadata, functools.partial(_fail, invalid))
+        limit = self._settings.max_message_bytes
+        decode: Callable[[], InferRequest]
+        fast = decode_fast(payload, limit, time_remaining)
+        if fast is not None:
+            model, decode = fast.model_name, lambda: fast
+        else:
+            try:
+                message = pb.ModelInferRequest.FromString(payload)
+            except DecodeError as err:
+                invalid = InvalidRequest(f"request: not a valid ModelInferRequest message ({err})")
+                model, decode = "", functools.partial(_raise, invalid)
+            else:  # decoded inside _observe: its InvalidRequest is counted under the model
+                model = message.model_name
+                decode = functools.partial(convert.request_from_pb, message, limit, time_remaining)
         response = await self._observe(
-            "ModelInfer",
-            metadata,
-            lambda span: self._infer(message, span, time_remaining),
-            message.model_name,
+            "ModelInfer", metadata, lambda span: self._predict(decode(), span), model
         )
-        reply = response.SerializeToString()
+        reply: bytes = convert.response_to_pb(response).SerializeToString()
         return reply
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -381,7 +379,7 @@ async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoRetu
     raise AssertionError("unreachable: context.abort raises") from err
 
 
-async def _fail(err: GatewayError, span: trace.Span) -> NoReturn:
+def _raise(err: GatewayError) -> NoReturn:
     raise err
 
 
