@@ -329,11 +329,9 @@ class Coverage:
 
     contract_version: str
     features: Sequence[str]
+    positions: Mapping[str, int]  # feature -> its place in ``features`` (the contract's own)
     sensitive: frozenset[str]  # features whose values never leave in clear
     counts: NDArray[np.int64]  # [feature, OUTCOMES]
-
-    def total(self, outcome: str) -> int:
-        return int(self.counts[:, OUTCOMES.index(outcome)].sum())
 
 
 @dataclass(slots=True)

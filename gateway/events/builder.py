@@ -216,7 +216,7 @@ def _contract_features(
     blocks: list[NDArray[np.float64]],
     strings: list[tuple[str, list[str], bool]],
 ) -> None:
-    features, sensitive = coverage.features, coverage.sensitive
+    features, sensitive = coverage.positions, coverage.sensitive
     numeric: list[NDArray[np.generic]] = []
     for tensor in request.inputs:
         if tensor.name not in features:

@@ -159,7 +159,8 @@ class Contract:
             )
         matrix, counts = build_input(self, columns, rows, label)
         return AssembledInput(
-            matrix, Coverage(self.version, self.feature_names, self.sensitive, counts)
+            matrix,
+            Coverage(self.version, self.feature_names, self.index, self.sensitive, counts),
         )
 
     def shown(self, feature: FeatureSpec, value: object) -> str:
