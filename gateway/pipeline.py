@@ -334,9 +334,11 @@ def _response(
     }
     if coverage is not None:
         parameters["contract_version"] = coverage.contract_version
-        parameters["features_defaulted"] = coverage.total("defaulted")
-        parameters["features_oov"] = coverage.total("oov")
-        parameters["features_out_of_range"] = coverage.total("out_of_range")
+        # One sum over the features, columns in OUTCOMES order.
+        _present, defaulted, out_of_range, oov = coverage.counts.sum(axis=0).tolist()
+        parameters["features_defaulted"] = defaulted
+        parameters["features_oov"] = oov
+        parameters["features_out_of_range"] = out_of_range
     return InferResponse(loaded.name, loaded.version_label, request.id, outputs, parameters)
 
 
