@@ -21,10 +21,9 @@ from numpy.typing import NDArray
 
 from gateway.errors import ModelLoadError
 from gateway.settings import Device, GraphOptimization
-from gateway.types import ModelRuntime, TensorSpec
+from gateway.types import TensorSpec
 
 __all__ = [
-    "ModelRuntime",
     "OnnxRuntimeSession",
     "SessionOptions",
     "installed_flavours",
