@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""ModelInferRequest bytes straight to an InferRequest, without protobuf objects between.
+"""ModelInferRequest bytes straight to an InferRequest, and an InferResponse straight to
+ModelInferResponse bytes, without protobuf objects between.
 
 The twin is the protobuf path (``ModelInferRequest.FromString`` then
 ``convert.request_from_pb``), and it stays the reference: ``decode_request`` returns None for
@@ -11,6 +12,11 @@ failure, and on every success the property test compares them field by field.
 Protobuf semantics kept: fields in any order, the last of a repeated scalar wins, packed and
 unpacked ``shape``, map entries with a missing key or value, unknown fields skipped (groups
 are not taken), strings checked as UTF-8.
+
+``encode_response`` has the same arrangement the other way: its twin is
+``convert.response_to_pb(...).SerializeToString()``; it returns None for what it does not take
+(an integer parameter outside int64, text that is not UTF-8, an output the twin would refuse),
+and the property test parses its bytes back and compares them with the twin's message.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -18,11 +24,15 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
-from _wire cimport walk_bytes
+from _wire cimport (
+    Out, out_blob, out_bytes, out_close, out_close_message, out_open, out_varint, store_f64le,
+    out_room, walk_bytes,
+)
 
 import numpy as np
 
 from gateway.errors import InvalidRequest
+from gateway import _hotloops
 from gateway.types import DEFAULT_OPTIONS, MAX_TEXT_CHARS, WIRE_DTYPES, InferRequest, RequestOptions, Tensor
 
 cdef object _ndarray = np.ndarray
@@ -320,3 +330,123 @@ def decode_request(bytes data not None, Py_ssize_t max_message_bytes, timeout_s=
         options=options,
         timeout_s=timeout_s,
     )
+
+
+# -- responses -------------------------------------------------------------------------------
+
+# Field keys (field number << 3 | wire type) of ModelInferResponse and what it nests.
+cdef enum:
+    RESPONSE_MODEL_NAME = (1 << 3) | 2
+    RESPONSE_MODEL_VERSION = (2 << 3) | 2
+    RESPONSE_ID = (3 << 3) | 2
+    RESPONSE_PARAMETERS = (4 << 3) | 2
+    RESPONSE_OUTPUTS = (5 << 3) | 2
+    RESPONSE_RAW_OUTPUT = (6 << 3) | 2
+    OUTPUT_NAME = (1 << 3) | 2
+    OUTPUT_DATATYPE = (2 << 3) | 2
+    OUTPUT_SHAPE = (3 << 3) | 2  # packed
+    OUTPUT_PARAMETERS = (4 << 3) | 2
+    ENTRY_KEY = (1 << 3) | 2
+    ENTRY_VALUE = (2 << 3) | 2
+    PARAM_BOOL = (1 << 3) | 0
+    PARAM_INT64 = (2 << 3) | 0
+    PARAM_STRING = (3 << 3) | 2
+    PARAM_DOUBLE = (4 << 3) | 1
+
+cdef object _INT64_MIN = -(1 << 63)
+cdef object _INT64_MAX = (1 << 63) - 1
+
+
+cdef inline int _out_text(Out* out, uint64_t key, str value) except -1:
+    """A string field (proto3: left out when empty)."""
+    if value:
+        _out_utf8(out, key, value)
+    return 0
+
+
+cdef inline int _out_utf8(Out* out, uint64_t key, str value) except -1:
+    cdef bytes data
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _NotFast()
+    out_blob(out, key, data, len(data))
+    return 0
+
+
+cdef int _out_parameters(Out* out, uint64_t key, dict params) except -1:
+    """A map<string, InferParameter>, typed as ``convert.parameters_to_pb`` types it."""
+    cdef Py_ssize_t entry, value_start
+    cdef unsigned char* p
+    for name, value in params.items():
+        if type(name) is not str:
+            raise _NotFast()
+        out_varint(out, key)
+        entry = out.size
+        _out_utf8(out, ENTRY_KEY, name)
+        out_varint(out, ENTRY_VALUE)
+        value_start = out.size
+        if type(value) is bool:
+            out_varint(out, PARAM_BOOL)
+            out_varint(out, 1 if value else 0)
+        elif isinstance(value, int):
+            if value < _INT64_MIN or value > _INT64_MAX:
+                raise _NotFast()
+            out_varint(out, PARAM_INT64)
+            out_varint(out, <uint64_t><int64_t>value)
+        elif isinstance(value, float):
+            out_varint(out, PARAM_DOUBLE)
+            p = out_room(out, 8)
+            store_f64le(p, <double>value)
+            out.size += 8
+        else:
+            _out_utf8(out, PARAM_STRING, str(value))
+        out_close_message(out, value_start)
+        out_close_message(out, entry)
+    return 0
+
+
+def encode_response(response):
+    """ModelInferResponse bytes for an InferResponse, or None: leave it to the twin."""
+    cdef Out out
+    cdef Py_ssize_t start, shape_start
+    cdef list contents = []
+    cdef bytes data
+    out_open(&out, 512)
+    try:
+        _out_text(&out, RESPONSE_MODEL_NAME, response.model_name)
+        _out_text(&out, RESPONSE_MODEL_VERSION, response.model_version)
+        _out_text(&out, RESPONSE_ID, response.id)
+        _out_parameters(&out, RESPONSE_PARAMETERS, response.parameters)
+        for tensor in response.outputs:
+            datatype = tensor.datatype
+            array = tensor.data
+            if datatype == "BYTES":
+                data = _hotloops.encode_bytes(array.reshape(-1).tolist())
+            else:
+                dtype = WIRE_DTYPES.get(datatype)
+                if dtype is None:
+                    raise _NotFast()
+                data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+            contents.append(data)
+            out_varint(&out, RESPONSE_OUTPUTS)
+            start = out.size
+            _out_text(&out, OUTPUT_NAME, tensor.name)
+            _out_text(&out, OUTPUT_DATATYPE, datatype)
+            shape = tensor.shape
+            if shape:
+                out_varint(&out, OUTPUT_SHAPE)
+                shape_start = out.size
+                for dim in shape:
+                    out_varint(&out, <uint64_t><int64_t>dim)
+                out_close_message(&out, shape_start)
+            if tensor.parameters:
+                _out_parameters(&out, OUTPUT_PARAMETERS, tensor.parameters)
+            out_close_message(&out, start)
+        for data in contents:
+            out_blob(&out, RESPONSE_RAW_OUTPUT, data, len(data))
+        return out_bytes(&out)
+    except (_NotFast, OverflowError, TypeError, ValueError):
+        return None
+    finally:
+        out_close(&out)

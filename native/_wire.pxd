@@ -9,12 +9,15 @@ rebuilds them all.
   unsigned length, then that many bytes. ``walk_bytes`` checks a buffer holds exactly
   ``count`` elements, raising the errors of gateway/_hotloops_py.py (the reference);
   ``next_element`` reads one element of a checked buffer.
-* Protobuf: base-128 varints and little-endian 64-bit values.
+* Protobuf: base-128 varints and little-endian 64-bit values, and ``Out``, a growing buffer
+  that encoders write messages into (``out_close_message`` puts a nested message's length in
+  front of it once its body is written).
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t, uint64_t
-from libc.string cimport memcpy
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.string cimport memcpy, memmove
 
 cdef enum:
     LENGTH_BYTES = 4  # an OIP BYTES element's length prefix
@@ -93,3 +96,75 @@ cdef inline void store_f64le(unsigned char* p, double value) noexcept nogil:
     memcpy(&bits, &value, 8)
     for i in range(8):
         p[i] = (bits >> (8 * i)) & 0xFF
+
+
+# -- a growing output buffer, for the encoders ----------------------------------------------
+
+cdef struct Out:
+    unsigned char* data
+    Py_ssize_t size
+    Py_ssize_t capacity
+
+
+cdef inline int out_open(Out* out, Py_ssize_t capacity) except -1:
+    out.data = <unsigned char*>PyMem_Malloc(capacity)
+    if out.data == NULL:
+        raise MemoryError()
+    out.size = 0
+    out.capacity = capacity
+    return 0
+
+
+cdef inline unsigned char* out_room(Out* out, Py_ssize_t n) except NULL:
+    """Room for ``n`` more bytes at ``out.data + out.size`` (the buffer doubles as needed)."""
+    cdef Py_ssize_t capacity = out.capacity
+    cdef void* grown
+    if out.size + n > capacity:
+        while out.size + n > capacity:
+            capacity *= 2
+        grown = PyMem_Realloc(out.data, capacity)
+        if grown == NULL:
+            raise MemoryError()
+        out.data = <unsigned char*>grown
+        out.capacity = capacity
+    return out.data + out.size
+
+
+cdef inline int out_varint(Out* out, uint64_t value) except -1:
+    out.size += store_varint(out_room(out, MAX_VARINT_BYTES), value)
+    return 0
+
+
+cdef inline int out_raw(Out* out, const char* data, Py_ssize_t n) except -1:
+    memcpy(out_room(out, n), data, n)
+    out.size += n
+    return 0
+
+
+cdef inline int out_blob(Out* out, uint64_t key, const char* data, Py_ssize_t n) except -1:
+    """A length-delimited field: its key, its length, its bytes."""
+    out_varint(out, key)
+    out_varint(out, <uint64_t>n)
+    out_raw(out, data, n)
+    return 0
+
+
+cdef inline int out_close_message(Out* out, Py_ssize_t start) except -1:
+    """Prefix the bytes written since ``start`` with their length (a varint)."""
+    cdef Py_ssize_t body = out.size - start
+    cdef unsigned char prefix[MAX_VARINT_BYTES]
+    cdef Py_ssize_t n = store_varint(prefix, <uint64_t>body)
+    out_room(out, n)
+    memmove(out.data + start + n, out.data + start, body)
+    memcpy(out.data + start, prefix, n)
+    out.size += n
+    return 0
+
+
+cdef inline bytes out_bytes(Out* out):
+    return PyBytes_FromStringAndSize(<const char*>out.data, out.size)
+
+
+cdef inline void out_close(Out* out) noexcept:
+    PyMem_Free(out.data)
+    out.data = NULL

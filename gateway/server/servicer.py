@@ -37,7 +37,7 @@ from gateway.errors import (
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.server import convert, model_config
-from gateway.server.codec import decode_fast
+from gateway.server.codec import decode_fast, encode_response
 from gateway.settings import ServerSettings
 from gateway.telemetry import GatewayMetrics, Tracing
 from gateway.types import InferRequest, InferResponse
@@ -281,8 +281,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """ModelInfer from the request's bytes to the response's; a failure leaves as a
         GatewayError (bytes that are not a ModelInferRequest: InvalidRequest).
 
-        The native decoder takes what it can (codec.decode_fast); the rest, and every error,
-        goes the protobuf way."""
+        The native codec takes what it can (codec.decode_fast, codec.encode_response); the
+        rest, and every error, goes the protobuf way."""
         limit = self._settings.max_message_bytes
         decode: Callable[[], InferRequest]
         fast = decode_fast(payload, limit, time_remaining)
@@ -300,8 +300,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = await self._observe(
             "ModelInfer", metadata, lambda span: self._predict(decode(), span), model
         )
-        reply: bytes = convert.response_to_pb(response).SerializeToString()
-        return reply
+        return encode_response(response)
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Registered without (de)serializers (``transports.grpcio.add_services``): bytes that

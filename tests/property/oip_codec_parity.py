@@ -1,4 +1,4 @@
-"""The native ModelInferRequest decoder (gateway._oip_c) against its twin, the protobuf path.
+"""The native OIP codec (gateway._oip_c) against its twin, the protobuf path.
 
 Run by test_oip_codec.py in a child pytest without the suite's conftest: the twin needs the
 gateway's generated ``inference`` messages, which cannot share a process with tritonclient's.
@@ -7,6 +7,10 @@ For requests of every datatype, shape, parameter kind and layout (valid or not, 
 cut short or corrupted): where the native decoder answers, it answers exactly what the twin
 does; where it does not (None), the twin runs, so errors are the twin's by construction. And
 it does answer every well-formed request with raw contents: the fast path is not empty.
+
+The response encoder likewise: for responses of every output datatype, shape and parameter
+kind, its bytes parse back to exactly the twin's message, or it declines (None) and the twin
+runs; it declines only what protobuf itself would refuse.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from hypothesis import strategies as st
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.errors import InvalidRequest
 from gateway.server import codec, convert
-from gateway.types import NUMPY_DTYPES, InferRequest
+from gateway.types import NUMPY_DTYPES, InferRequest, InferResponse, Tensor
 
 try:
     from gateway import _oip_c
 
     decode_request = _oip_c.decode_request
+    encode_response = _oip_c.encode_response
 except ImportError:  # then the tests below fail loudly instead of being skipped
-    decode_request = None
+    decode_request = encode_response = None
 
 LIMIT = 4096
 DATATYPES = [*NUMPY_DTYPES, "BAD"]
@@ -207,3 +212,84 @@ def test_errors_are_the_twins():
     assert check(message.SerializeToString()) is None
     with pytest.raises(InvalidRequest, match="input 'x' has 5 bytes of raw contents"):
         convert.request_from_pb(message, LIMIT)
+
+
+# -- responses -------------------------------------------------------------------------------
+
+RESPONSE_VALUES = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**70), 2**70),  # outside int64 now and then: protobuf refuses those
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.sampled_from([np.float32(0.25), np.int64(7), None, b"raw"]),  # as str() makes them
+)
+
+
+@st.composite
+def output_tensors(draw: st.DrawFn, index: int) -> Tensor:
+    datatype = draw(st.sampled_from(list(NUMPY_DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
+    count = int(np.prod(shape)) if shape else 1
+    if datatype == "BYTES":
+        items = draw(st.lists(st.binary(max_size=5), min_size=count, max_size=count))
+        data = np.empty(count, dtype=object)
+        data[:] = items
+    else:
+        dtype = NUMPY_DTYPES[datatype]
+        raw = draw(st.binary(min_size=count * dtype.itemsize, max_size=count * dtype.itemsize))
+        data = np.frombuffer(raw, dtype)
+        if draw(st.booleans()):  # big-endian or strided arrays are cast by both sides
+            data = data.astype(dtype.newbyteorder(">"))
+    params = draw(st.dictionaries(st.text(max_size=4), RESPONSE_VALUES, max_size=2))
+    return Tensor(f"out{index}", datatype, data.reshape(shape), params)
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> InferResponse:
+    outputs = [draw(output_tensors(i)) for i in range(draw(st.integers(0, 3)))]
+    return InferResponse(
+        draw(st.text(max_size=6)),
+        draw(st.sampled_from(["", "1", "22"])),
+        draw(st.text(max_size=6)),
+        outputs,
+        draw(st.dictionaries(st.text(max_size=6), RESPONSE_VALUES, max_size=5)),
+    )
+
+
+def twin_response(response: InferResponse) -> bytes | str:
+    try:
+        return convert.response_to_pb(response).SerializeToString()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(responses())
+def test_native_encoder_writes_what_the_twin_writes(response: InferResponse):
+    assert encode_response is not None, "gateway._oip_c is not built: run `make native`"
+    fast = encode_response(response)
+    slow = twin_response(response)
+    if fast is None:  # declined: only what protobuf refuses too
+        assert isinstance(slow, str), "the native encoder declined a response protobuf takes"
+        return
+    assert isinstance(slow, bytes), slow
+    assert pb.ModelInferResponse.FromString(fast) == pb.ModelInferResponse.FromString(slow)
+
+
+def test_native_encoder_takes_a_gateway_response():
+    response = InferResponse(
+        "mlp",
+        "1",
+        "req-7",
+        [Tensor("y", "FP32", np.array([[0.5], [1.5]], np.float32))],
+        {"queue_us": 12, "cached_rows": 0, "cost": 1.5e-6, "route": "live", "fallback": False},
+    )
+    fast = encode_response(response)
+    assert fast is not None
+    assert fast == codec.encode_response(response) or not codec.USING_EXTENSION
+    decoded = pb.ModelInferResponse.FromString(fast)
+    assert decoded == convert.response_to_pb(response)
+    assert decoded.parameters["queue_us"].int64_param == 12
+    assert decoded.parameters["fallback"].WhichOneof("parameter_choice") == "bool_param"
+    assert np.frombuffer(decoded.raw_output_contents[0], "<f4").tolist() == [0.5, 1.5]
