@@ -6,18 +6,31 @@ The writer encodes every answered prediction, so this writes the PredictionEvent
 format (https://protobuf.dev/programming-guides/encoding/) straight into one growing buffer
 instead of building a message object field by field. What an event says is the builder's:
 ``EventHeader`` (identity, timings, cost, fallback, segments, coverage) and
-``event_columns`` (features, sensitive values hashed, outputs); only the writing is here.
-Parts that repeat (a version's identity, a layout's column names) are encoded once and
-reused.
+``event_columns`` (features, sensitive values hashed, outputs); only the writing is here,
+and, for raw features under a contract (every feature its own tensor, the common request),
+the reading of their columns: ``_contract_columns`` reads each tensor's buffer as it arrived
+(a BYTES tensor's wire buffer, a numeric one's array) straight into the event's float64
+matrix and text columns, what builder._contract_features does with numpy arrays and
+object lists. Parts that repeat (a version's identity, a layout's column names) are encoded
+once and reused.
 """
 
-from gateway.events.builder import EventHeader, event_columns
+from gateway.events.builder import EventHeader, event_columns, event_rows, output_columns
 
+cimport numpy as cnp
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from libc.stdint cimport uint64_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memcpy, memmove
 
-from _wire cimport MAX_VARINT_BYTES, store_f64le, store_varint
+from _wire cimport MAX_VARINT_BYTES, next_element, store_f64le, store_varint, walk_bytes
+
+import numpy as np
+
+cnp.import_array()
+
+cdef object _F64 = np.dtype("<f8")
 
 cdef dict _identities = {}  # bounded: cleared when it reaches _CACHE_LIMIT
 cdef dict _layouts = {}
@@ -267,10 +280,113 @@ cdef int _string_column(_Buffer out, str name, list values, bint hashed) except 
     return 0
 
 
+cdef list _texts(tensor):
+    """A BYTES feature's values as text (UTF-8, bad bytes replaced), from its wire buffer when
+    it kept one."""
+    cdef bytes raw = tensor.raw
+    cdef const unsigned char* base
+    cdef const unsigned char* value
+    cdef Py_ssize_t offset = 0, length, index, count
+    if raw is None:
+        return [
+            v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+            for v in tensor.data.ravel().tolist()
+        ]
+    count = 1
+    for dim in tensor.shape:
+        count *= dim
+    base = <const unsigned char*>PyBytes_AS_STRING(raw)
+    walk_bytes(base, len(raw), count, None)  # checked at decoding; a guard, not a cost
+    values = [None] * count
+    for index in range(count):
+        length = next_element(base, &offset, &value)
+        values[index] = PyUnicode_DecodeUTF8(<const char*>value, length, "replace")
+    return values
+
+
+cdef tuple _contract_columns(request, coverage, bytes hash_key, redact):
+    """Raw features under a contract: (numeric names, float64 row-major matrix bytes, string
+    columns), as builder._contract_features and event_columns make them."""
+    cdef dict positions = coverage.positions
+    sensitive = coverage.sensitive
+    cdef list names = []
+    cdef list arrays = []
+    cdef list strings = []
+    cdef Py_ssize_t rows = -1, n, j, r, length
+    cdef cnp.ndarray array
+    cdef int kind
+    for tensor in request.inputs:
+        name = tensor.name
+        if name not in positions:
+            continue
+        hidden = name in sensitive
+        if tensor.datatype == "BYTES":
+            values = _texts(tensor)
+            if hidden:
+                values = [redact(v, hash_key) for v in values]
+            strings.append((name, values, hidden))
+            continue
+        data = tensor.data
+        if hidden:
+            column = data.astype(np.float64).ravel()
+            strings.append((name, [redact(v, hash_key) for v in column.tolist()], True))
+            continue
+        array = np.ascontiguousarray(data.reshape(-1))
+        kind = cnp.PyArray_TYPE(array)
+        if not cnp.PyArray_ISNOTSWAPPED(array) or kind not in (
+            cnp.NPY_FLOAT32, cnp.NPY_FLOAT64, cnp.NPY_INT32, cnp.NPY_INT64, cnp.NPY_BOOL
+        ):
+            array = np.ascontiguousarray(array, dtype=np.float64)
+        length = cnp.PyArray_DIM(array, 0)
+        if rows < 0:
+            rows = length
+        elif length != rows:
+            raise ValueError(f"feature '{name}' has {length} values, others {rows}")
+        names.append(name)
+        arrays.append(array)
+    n = len(arrays)
+    if not n:
+        return names, b"", strings
+    numbers = PyBytes_FromStringAndSize(NULL, rows * n * 8)
+    cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(numbers)
+    cdef const void* p
+    cdef double number
+    for j in range(n):
+        array = arrays[j]
+        kind = cnp.PyArray_TYPE(array)
+        p = cnp.PyArray_DATA(array)
+        for r in range(rows):
+            if kind == cnp.NPY_FLOAT64:
+                number = (<const double*>p)[r]
+            elif kind == cnp.NPY_FLOAT32:
+                number = (<const float*>p)[r]
+            elif kind == cnp.NPY_INT64:
+                number = <double>(<const int64_t*>p)[r]
+            elif kind == cnp.NPY_INT32:
+                number = (<const int32_t*>p)[r]
+            else:  # bool: any byte but 0 is True, as numpy reads it
+                number = 1.0 if (<const unsigned char*>p)[r] else 0.0
+            store_f64le(out + (r * n + j) * 8, number)
+    return names, numbers, strings
+
+
 def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_columns):
     """The event's wire bytes: parsed, the message build_event makes of the same arguments."""
     header = EventHeader(pending)
-    columns = event_columns(pending, hash_key, redact, max_columns)
+    cdef list numeric_names, strings, outputs
+    cdef bytes numbers
+    cdef long long rows
+    if pending.coverage is not None:
+        request, response = pending.request, pending.response
+        rows = event_rows(request, response)
+        numeric_names, numbers, strings = _contract_columns(
+            request, pending.coverage, hash_key, redact
+        )
+        outputs = output_columns(response, rows)
+    else:
+        columns = event_columns(pending, hash_key, redact, max_columns)
+        rows, numeric_names, numbers = columns.rows, columns.numeric_names, columns.numbers
+        strings, outputs = columns.strings, columns.outputs
     cdef _Buffer out = _Buffer()
     cdef Py_ssize_t start, block_start, field, row
     cdef long long count
@@ -283,7 +399,6 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
         out.varint(<uint64_t>event_time_us)
     identity = _identity(header)
     out.raw(identity, len(identity))
-    cdef long long rows = columns.rows
     if rows:
         out.key(ROWS)
         out.varint(<uint64_t>rows)
@@ -327,18 +442,18 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
                 out.key(_COUNT_KEYS[field])
                 out.varint(<uint64_t>count)
         out.close_message(start)
-    if columns.strings or columns.numeric_names:
+    if strings or numeric_names:
         out.key(FEATURES)
         block_start = out.mark()
-        for name, values, hashed in columns.strings:
+        for name, values, hashed in strings:
             _string_column(out, name, values, hashed)
-        if columns.numeric_names:
-            layout = _layout(tuple(columns.numeric_names))
+        if numeric_names:
+            layout = _layout(tuple(numeric_names))
             out.raw(layout, len(layout))
             out.key(BLOCK_NUMBERS)
-            out.blob(columns.numbers)
+            out.blob(numbers)
         out.close_message(block_start)
-    for name, data, width in columns.outputs:
+    for name, data, width in outputs:
         out.key(OUTPUTS)
         start = out.mark()
         out.key(OUTPUT_NAME)

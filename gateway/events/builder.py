@@ -28,7 +28,9 @@ __all__ = [
     "build_event",
     "encode_event_py",
     "event_columns",
+    "event_rows",
     "fallback_text",
+    "output_columns",
 ]
 
 # A keyed hash standing in for a sensitive value (gateway.features.redact).
@@ -138,7 +140,7 @@ class Columns:
 
 def event_columns(pending: Pending, hash_key: bytes, redact: Redact, max_columns: int) -> Columns:
     request, response = pending.request, pending.response
-    rows = _rows(request, response)
+    rows = event_rows(request, response)
     names: list[str] = []
     blocks: list[NDArray[np.float64]] = []
     strings: list[tuple[str, list[str], bool]] = []
@@ -152,13 +154,18 @@ def event_columns(pending: Pending, hash_key: bytes, redact: Redact, max_columns
         numbers = blocks[0].tobytes()
     elif blocks:
         numbers = np.hstack(blocks).astype(_F64, copy=False).tobytes()
+    return Columns(rows, names, numbers, strings, output_columns(response, rows))
+
+
+def output_columns(response: InferResponse, rows: int) -> list[tuple[str, bytes, int]]:
+    """The numeric outputs of one value row per request row: ``name, float64 bytes, width``."""
     outputs = []
     for tensor in response.outputs:
         data = tensor.data
         if data.dtype.kind not in _NUMERIC_KINDS or not data.ndim or data.shape[0] != rows:
             continue
         outputs.append((tensor.name, data.astype(_F64).tobytes(), math.prod(data.shape[1:])))
-    return Columns(rows, names, numbers, strings, outputs)
+    return outputs
 
 
 def build_event(
@@ -270,7 +277,8 @@ def _column_names(name: str, width: int) -> tuple[str, ...]:
     return tuple(f"{name}[{j}]" for j in range(width))
 
 
-def _rows(request: InferRequest, response: InferResponse) -> int:
+def event_rows(request: InferRequest, response: InferResponse) -> int:
+    """The rows an event counts: the first output's (or input's) leading dimension."""
     for tensor in (*response.outputs, *request.inputs):
         shape = tensor.shape
         if shape:

@@ -1,6 +1,8 @@
 """The native event encoder writes the same PredictionEvent as the protobuf runtime does from
-the same answer: raw-feature requests under the demo contract (a sensitive feature included)
-and requests that sent the model's own input, with every optional part present or not."""
+the same answer: raw-feature requests under the demo contract (a sensitive feature included;
+features in any order, some left out, each in any datatype its kind accepts, [N] or [N, 1],
+BYTES as the wire buffer or as objects, text that is not UTF-8) and requests that sent the
+model's own input, with every optional part present or not."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from gateway.demo import contract_file, synthetic_transactions
 from gateway.events import _encoder, builder
 from gateway.features import redact
 from gateway.features.contract import Contract, load_contract
-from gateway.types import InferRequest, InferResponse, RequestOptions, Tensor
+from gateway.features.spec import ACCEPTED_DATATYPES
+from gateway.types import NUMPY_DTYPES, InferRequest, InferResponse, RequestOptions, Tensor
 
 try:
     from gateway import _events_c
@@ -55,6 +58,27 @@ def raw_tensor(name: str, kind: str, start: int, rows: int) -> Tensor:
     return Tensor(name, "FP64", values.astype(np.float64))
 
 
+@st.composite
+def sent_tensor(draw: st.DrawFn, name: str, kind: str, start: int, rows: int) -> Tensor:
+    """A demo feature in any datatype its kind accepts, shaped [N] or [N, 1]; BYTES as the
+    wire buffer (as the native decoder keeps it) or as objects, now and then not UTF-8."""
+    values = COLUMNS[name][start : start + rows]
+    shape = (rows,) if draw(st.booleans()) else (rows, 1)
+    if kind == "categorical":
+        items = [v.encode() for v in values]
+        if draw(st.integers(0, 4)) == 0:
+            items[0] = b"\xff" + items[0]
+        if draw(st.booleans()):
+            raw = b"".join(len(i).to_bytes(4, "little") + i for i in items)
+            return Tensor(name, "BYTES", raw=raw, shape=shape)
+        return Tensor(name, "BYTES", np.array(items, dtype=object).reshape(shape))
+    datatype = draw(st.sampled_from(ACCEPTED_DATATYPES[kind]))
+    data = np.asarray(values).astype(NUMPY_DTYPES[datatype])
+    if draw(st.integers(0, 4)) == 0:  # big-endian, as numpy may hand a client's array
+        data = data.astype(data.dtype.newbyteorder(">"))
+    return Tensor(name, datatype, data.reshape(shape))
+
+
 @pytest.fixture(scope="module")
 def contract(tmp_path_factory: pytest.TempPathFactory) -> Contract:
     path = tmp_path_factory.mktemp("contract") / "features.yaml"
@@ -74,7 +98,15 @@ def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
     coverage = None
     if draw(st.booleans()):  # raw features under the contract
         start = draw(st.integers(0, 64 - rows))
-        inputs = [raw_tensor(f.name, f.kind, start, rows) for f in contract.features]
+        required = set(contract.required)
+        sent = [
+            f
+            for i, f in enumerate(contract.features)
+            if i in required or draw(st.integers(0, 5)) > 0
+        ]
+        inputs = [
+            draw(sent_tensor(f.name, f.kind, start, rows)) for f in draw(st.permutations(sent))
+        ]
         coverage = contract.assemble(inputs, "fraud", 1 << 20).coverage
     else:  # the model's own input
         width = draw(st.sampled_from([1, 3, 19, MAX_COLUMNS + 1]))
