@@ -43,6 +43,42 @@ def test_a_resent_event_is_stored_once(store: EventStore):
     assert store.query("SELECT count(*) FROM events") == [(3,)]
 
 
+def test_every_field_of_an_event_is_stored_as_sent(store: EventStore):
+    full = event(1, entity="card", rows=2)
+    full.segments["geo"] = "BR"
+    full.features.numeric_names.extend(["a", "b"])
+    full.features.numbers = np.arange(4, dtype="<f8").tobytes()
+    full.features.strings.add(name="channel", values=["web", "app"])
+    full.features.strings.add(name="card", values=["h1", "h2"], hashed=True)
+    full.outputs.add(name="p", values=np.array([0.1, 0.2], "<f8").tobytes(), width=1)
+    full.outputs.add(name="q", values=np.array([1, 2, 3, 4], "<f8").tobytes(), width=2)
+    full.coverage.add(feature="a", present=2)
+    full.coverage.add(feature="channel", present=1, defaulted=1, out_of_range=0, oov=1)
+    store.ingest([full, event(2)], arrival_us=5 * SECOND)
+    columns = (
+        "segments, numeric_names, numeric, strings, hashed, output_names, output_widths, "
+        "outputs, coverage, epoch_us(arrival_time)"
+    )
+    assert store.query(f"SELECT {columns} FROM events ORDER BY event_id") == [
+        (
+            {"geo": "BR"},
+            ["a", "b"],
+            full.features.numbers,
+            {"channel": ["web", "app"], "card": ["h1", "h2"]},
+            ["card"],
+            ["p", "q"],
+            [1, 2],
+            full.outputs[0].values + full.outputs[1].values,
+            [
+                {"feature": "a", "present": 2, "defaulted": 0, "out_of_range": 0, "oov": 0},
+                {"feature": "channel", "present": 1, "defaulted": 1, "out_of_range": 0, "oov": 1},
+            ],
+            5 * SECOND,
+        ),
+        ({}, [], b"", {}, [], [], [], b"", [], 5 * SECOND),
+    ]
+
+
 def test_an_entity_label_joins_the_latest_event_before_it_within_the_window(store: EventStore):
     store.ingest([event(1, "card"), event(5, "card"), event(9, "card"), event(6, "other")], 0)
     label = ev.Label(entity_key="card", value=1, event_time_us=1_000 * SECOND + 7 * SECOND)
