@@ -11,7 +11,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.server import convert
 from gateway.types import InferRequest, InferResponse
 
 __all__ = ["USING_EXTENSION", "decode_fast", "encode_response"]
@@ -49,6 +48,10 @@ def encode_response(response: InferResponse) -> bytes:
     """The response's ModelInferResponse bytes (outputs as raw contents, as Triton sends)."""
     data = _encode_fast(response)
     if data is None:
+        # NOTE: imported here, not at the top: this module is imported where the gateway's
+        # protobuf messages must not be (gateway._extensions, in a process with tritonclient).
+        from gateway.server import convert
+
         encoded: bytes = convert.response_to_pb(response).SerializeToString()
         return encoded
     return data
