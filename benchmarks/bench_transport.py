@@ -33,12 +33,22 @@ bounded (three windows of ``--interval-ms``: the stability check is off unless
 and a hot row is not: the hit rate is about the hot share at any speed (reported per cell).
 Echo and passthrough cells send perf_analyzer's random tensors.
 
+On a small machine the load generator is a large part of the load: perf_analyzer spends about
+300 us of CPU per every-feature request (32 named inputs from the file, a thread per
+concurrent request in its synchronous mode), more than the gateway does, and with 64 of its
+threads runnable the scheduler shares the cores among them and the server's event loop. Its
+CPU per request is reported per cell (``client``). ``--server-cpus`` / ``--client-cpus`` pin
+the servers (with their sidecars) and perf_analyzer to separate CPUs (``taskset -c``), so a
+cell measures what the server does on the CPUs it has rather than how the scheduler shares
+them with its client.
+
 Rounds (``--rounds``, default 2) alternate: in round r every cell is measured on every server,
 back to back, in an order rotated by r (this machine is noisy: compare within a round).
 
 Per server and cell: throughput (infer/s), p50 and p99 latency, the server's CPU microseconds
 per request (the process group's CPU from /proc over the perf_analyzer run, over the requests
-it answered: the gateway's ``gateway_requests_total``, a baseline's ModelStatistics), for
+it answered: the gateway's ``gateway_requests_total``, a baseline's ModelStatistics), the
+client's (perf_analyzer's own CPU over the same requests), for
 ``features-*`` the sidecar's CPU microseconds per event (its CPU from the cell's start until
 the gateway's events are acknowledged, over ``sidecar_events_total{outcome="stored"}``) and
 the share of rows the cache answered; and which transport actually served (a ``-native``
@@ -60,6 +70,7 @@ import csv
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -185,12 +196,14 @@ def started(
     ready: re.Pattern[str],
     env: dict[str, str] | None = None,
     timeout_s: float = 180,
+    cpus: str | None = None,
 ) -> Iterator[tuple[Proc, re.Match[str]]]:
-    """Start ``command`` (its output to ``log``), wait for ``ready`` in the log; stop it after."""
+    """Start ``command`` (its output to ``log``; on ``cpus`` when given), wait for ``ready`` in
+    the log; stop it after."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = subprocess.Popen(
-            command,
+            pinned(command, cpus),
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -206,6 +219,11 @@ def started(
         yield proc, match
     finally:
         proc.stop()
+
+
+def pinned(command: list[str], cpus: str | None) -> list[str]:
+    """``command`` run on ``cpus`` only (a taskset list such as ``0`` or ``2-3``)."""
+    return ["taskset", "-c", cpus, *command] if cpus else command
 
 
 def scrape(address: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -361,6 +379,7 @@ def _gateway(
     settings: dict[str, object],
     work: Path,
     extra: list[str],
+    cpus: str | None,
 ) -> tuple[Proc, str, str]:
     transport = name.rsplit("-", 1)[1]
     config = work / f"{name}.yaml"
@@ -369,13 +388,25 @@ def _gateway(
     command += ["--port", "0", "--metrics-port", "0", "--transport", transport]
     command += ["--config", str(config), *extra]
     proc, ready = stack.enter_context(
-        started(name, command, work / "logs" / f"{name}.log", GATEWAY_READY, {"TMPDIR": str(work)})
+        started(
+            name,
+            command,
+            work / "logs" / f"{name}.log",
+            GATEWAY_READY,
+            {"TMPDIR": str(work)},
+            cpus=cpus,
+        )
     )
     return proc, ready.group(1), ready.group(2)
 
 
 def start_target(
-    stack: ExitStack, name: str, repos: dict[str, Path], work: Path, data: Path
+    stack: ExitStack,
+    name: str,
+    repos: dict[str, Path],
+    work: Path,
+    data: Path,
+    cpus: str | None = None,
 ) -> Target:
     if name.startswith("echo-"):
         transport = name.split("-", 1)[1]
@@ -383,12 +414,12 @@ def start_target(
         command += ["--model", str(repos["passthrough"] / "mlp" / "1" / "model.onnx")]
         command += ["--name", "mlp", "--transport", transport]
         proc, ready = stack.enter_context(
-            started(name, command, work / "logs" / f"{name}.log", BASELINE_READY)
+            started(name, command, work / "logs" / f"{name}.log", BASELINE_READY, cpus=cpus)
         )
         return Target(name, proc, ready.group(1), "mlp", transport_log=f"baseline {transport}")
     if name.startswith("passthrough-"):
         proc, url, metrics = _gateway(
-            stack, name, repos["passthrough"], PASSTHROUGH_SETTINGS, work, []
+            stack, name, repos["passthrough"], PASSTHROUGH_SETTINGS, work, [], cpus
         )
         return Target(
             name, proc, url, "mlp", metrics_url=metrics, transport_log=transport_line(proc.text())
@@ -403,7 +434,11 @@ def start_target(
         command += ["--port", "0", "--config", str(sidecar_config)]
         sidecar, ready = stack.enter_context(
             started(
-                f"sidecar-{name}", command, work / "logs" / f"sidecar-{name}.log", SIDECAR_READY
+                f"sidecar-{name}",
+                command,
+                work / "logs" / f"sidecar-{name}.log",
+                SIDECAR_READY,
+                cpus=cpus,
             )
         )
         proc, url, metrics = _gateway(
@@ -413,6 +448,7 @@ def start_target(
             feature_settings(),
             work,
             ["--sidecar", ready.group(1), "--events-dir", str(events)],
+            cpus,
         )
         target = Target(
             name,
@@ -431,7 +467,9 @@ def start_target(
     model = repos["passthrough"] / "mlp" / "1" / "model.onnx"
     command = peer_command(name, model, model_config(model, work / "mlp-config.pb"))
     proc, ready = stack.enter_context(
-        started(name, command, work / "logs" / f"{name}.log", BASELINE_READY, timeout_s=300)
+        started(
+            name, command, work / "logs" / f"{name}.log", BASELINE_READY, timeout_s=300, cpus=cpus
+        )
     )
     return Target(name, proc, ready.group(1), "mlp", transport_log=name)
 
@@ -508,15 +546,24 @@ def _perf_analyzer_once(
             command.append("--streaming")
         # Three windows and the warm-up take a few intervals; past this perf_analyzer hangs.
         timeout_s = 30 + 10 * interval_ms / 1000
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(
+                pinned(command, args.client_cpus),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
         except subprocess.TimeoutExpired:
             return f"perf_analyzer hung (killed after {timeout_s:.0f} s)"
         if done.returncode != 0 or not out.exists():
             lines = (done.stdout + done.stderr).strip().splitlines()
             return lines[-1] if lines else f"perf_analyzer exited {done.returncode}"
         row = next(csv.DictReader(out.open()))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
+        "client_cpu_s": client_cpu,
         "infer_per_s": round(float(row["Inferences/Second"]), 1),
         "p50_ms": round(float(row["p50 latency"]) / 1000, 3),
         "p99_ms": round(float(row["p99 latency"]) / 1000, 3),
@@ -566,13 +613,16 @@ def measure(
         "concurrency": concurrency,
         "round": round_,
     }
+    client_cpu = 0.0
     if isinstance(stats, str):
         row["error"] = stats
     else:
+        client_cpu = stats.pop("client_cpu_s")
         row.update(stats)
     if served is not None and served_after is not None and served_after > served:
         row["requests"] = int(served_after - served)
         row["server_cpu_us_per_request"] = round(cpu / (served_after - served) * 1e6, 1)
+        row["client_cpu_us_per_request"] = round(client_cpu / (served_after - served) * 1e6, 1)
     elif not isinstance(stats, str):  # no counter (a peer): estimated from the rate
         row["server_cpu_us_per_request_est"] = round(cpu / (stats["infer_per_s"] * wall) * 1e6, 1)
     row["server_cpu_cores"] = round(cpu / wall, 2)
@@ -598,6 +648,7 @@ METRICS = (
     "p99_ms",
     "server_cpu_us_per_request",
     "server_cpu_us_per_request_est",
+    "client_cpu_us_per_request",
     "sidecar_cpu_us_per_event",
     "cache_answered_share",
 )
@@ -784,7 +835,8 @@ def markdown(meta: dict[str, Any], cells: list[dict[str, Any]], goals: list[dict
         "perf_analyzer `-b 1`, bounded cells (three windows each), alternating rounds; medians "
         "over rounds with the range in brackets. CPU: the server's process group from /proc "
         "over the perf_analyzer run, per request it answered (`est`: from the rate, no "
-        "counter); sidecar: its CPU per event stored. Transport: what served (Rust "
+        "counter); client: perf_analyzer's CPU per request; sidecar: its CPU per event stored. "
+        "Transport: what served (Rust "
         f"`{NATIVE_THREAD}` threads seen, or not).",
         "",
         "## Targets",
@@ -802,8 +854,8 @@ def markdown(meta: dict[str, Any], cells: list[dict[str, Any]], goals: list[dict
         "## Cells",
         "",
         "| server | transport seen | mode | conc | infer/s | p50 ms | p99 ms | server CPU us/req "
-        "| sidecar CPU us/event | cache answered | errors |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| client CPU us/req | sidecar CPU us/event | cache answered | errors |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     seen = meta.get("transport_seen", {})
     for c in cells:
@@ -813,7 +865,8 @@ def markdown(meta: dict[str, Any], cells: list[dict[str, Any]], goals: list[dict
         lines.append(
             f"| {c['server']} | {seen.get(c['server'], '-')} | {c['mode']} | {c['concurrency']} | "
             f"{_fmt(c.get('infer_per_s'), 0)} | {_fmt(c.get('p50_ms'), 3)} | "
-            f"{_fmt(c.get('p99_ms'), 2)} | {cpu} | {_fmt(c.get('sidecar_cpu_us_per_event'))} | "
+            f"{_fmt(c.get('p99_ms'), 2)} | {cpu} | {_fmt(c.get('client_cpu_us_per_request'))} | "
+            f"{_fmt(c.get('sidecar_cpu_us_per_event'))} | "
             f"{_fmt(c.get('cache_answered_share'), 2)} | {'; '.join(c.get('errors', [])) or ''} |"
         )
     return "\n".join(lines) + "\n"
@@ -838,6 +891,8 @@ def main() -> None:
     parser.add_argument("--hot-share", type=float, default=0.4, help="features: repeated rows")
     parser.add_argument("--data-rows", type=int, default=3000, help="features: rows in the file")
     parser.add_argument("--perf-analyzer")
+    parser.add_argument("--server-cpus", help="taskset CPU list for the servers and sidecars")
+    parser.add_argument("--client-cpus", help="taskset CPU list for perf_analyzer")
     parser.add_argument("--note", default="", help="a line for the results' header")
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "transport")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "transport")
@@ -870,7 +925,10 @@ def main() -> None:
     with ExitStack() as stack:
         # Every server runs for the whole benchmark (an idle one costs next to nothing), so
         # each cell is measured on all of them back to back.
-        servers = {name: start_target(stack, name, repos, args.work, data) for name in names}
+        servers = {
+            name: start_target(stack, name, repos, args.work, data, args.server_cpus)
+            for name in names
+        }
         for name, target in servers.items():
             threads = target.proc.native_threads()
             seen[name] = "native" if threads else "grpcio"
@@ -902,6 +960,7 @@ def main() -> None:
         "transport_seen": seen,
         "transport_logged": logged,
         "skipped": skipped,
+        "cpus": {"servers": args.server_cpus or "all", "client": args.client_cpus or "all"},
     }
     if args.note:
         meta["note"] = args.note
