@@ -22,7 +22,7 @@ and the property test parses its bytes back and compares them with the twin's me
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from _wire cimport (
     Out, out_blob, out_bytes, out_close, out_close_message, out_open, out_varint, store_f64le,
@@ -36,6 +36,14 @@ from gateway import _hotloops
 from gateway.types import DEFAULT_OPTIONS, MAX_TEXT_CHARS, WIRE_DTYPES, InferRequest, RequestOptions, Tensor
 
 cdef object _ndarray = np.ndarray
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+
+# The datatype names as str, and as the bytes they arrive in: a known name is matched in place
+# and its one str object reused, not decoded per tensor.
+cdef tuple _DATATYPES = tuple(WIRE_DTYPES)
+cdef tuple _DATATYPE_BYTES = tuple(name.encode() for name in _DATATYPES)
 
 
 cdef struct Cursor:
@@ -107,6 +115,24 @@ cdef inline str _text(Cursor* c):
         raise _NotFast()
 
 
+cdef inline str _datatype(Cursor* c):
+    """A tensor's datatype: a known name as its shared str, anything else decoded."""
+    cdef Py_ssize_t n = _length(c)
+    cdef const unsigned char* at = c.base + c.pos
+    cdef Py_ssize_t i
+    cdef bytes known
+    for i in range(len(_DATATYPE_BYTES)):
+        known = _DATATYPE_BYTES[i]
+        if len(known) == n and memcmp(<const char*>known, at, n) == 0:
+            c.pos += n
+            return _DATATYPES[i]
+    c.pos += n
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>at, n, NULL)
+    except UnicodeDecodeError:
+        raise _NotFast()
+
+
 cdef inline bytes _bytes(Cursor* c):
     cdef Py_ssize_t n = _length(c)
     cdef Py_ssize_t at = c.pos
@@ -128,7 +154,7 @@ cdef inline Cursor _sub(Cursor* c):
 cdef object _parameter(Cursor c):
     """An InferParameter: its oneof's value (the last one set), or None when none is."""
     cdef object value = None
-    cdef uint64_t tag, wire, bits
+    cdef uint64_t tag, wire, bits, field
     cdef double number
     while c.pos < c.end:
         tag = _tag(&c)
@@ -164,7 +190,7 @@ cdef int _map_entry(Cursor c, dict into) except -1:
     cdef str key = ""
     cdef object value = None
     cdef bint valued = False
-    cdef uint64_t tag, wire
+    cdef uint64_t tag, wire, field
     while c.pos < c.end:
         tag = _tag(&c)
         wire = tag & 7
@@ -206,7 +232,7 @@ cdef tuple _input(Cursor c):
     cdef str datatype = ""
     cdef list shape = []
     cdef dict params = {}
-    cdef uint64_t tag, wire
+    cdef uint64_t tag, wire, field
     while c.pos < c.end:
         tag = _tag(&c)
         wire = tag & 7
@@ -214,7 +240,7 @@ cdef tuple _input(Cursor c):
         if field == 1 and wire == 2:
             name = _text(&c)
         elif field == 2 and wire == 2:
-            datatype = _text(&c)
+            datatype = _datatype(&c)
         elif field == 3:
             _shape(&c, wire, shape)
         elif field == 4 and wire == 2:
@@ -230,7 +256,7 @@ cdef str _output(Cursor c):
     """An InferRequestedOutputTensor's name (its parameters are read, and not used)."""
     cdef str name = ""
     cdef dict ignored = {}
-    cdef uint64_t tag, wire
+    cdef uint64_t tag, wire, field
     while c.pos < c.end:
         tag = _tag(&c)
         wire = tag & 7
@@ -251,13 +277,15 @@ cdef object _tensor(tuple spec, bytes raw):
     cdef str datatype = spec[1]
     cdef tuple shape = spec[2]
     cdef dict params = spec[3]
-    cdef object count = 1
+    cdef Py_ssize_t count = 1
+    cdef int64_t dim
     cdef object dtype = WIRE_DTYPES.get(datatype)
     if dtype is None:
         raise _NotFast()
-    for dim in shape:
-        if dim < 0:
-            raise _NotFast()
+    for item in shape:
+        dim = item
+        if dim < 0 or (dim and count > PY_SSIZE_T_MAX // 8 // dim):
+            raise _NotFast()  # negative, or more elements than memory holds: the twin says
         count *= dim
     if datatype == "BYTES":
         try:
@@ -284,7 +312,7 @@ def decode_request(bytes data not None, Py_ssize_t max_message_bytes, timeout_s=
     cdef list outputs = []
     cdef list raw = []
     cdef Py_ssize_t size = 0
-    cdef uint64_t tag, wire
+    cdef uint64_t tag, wire, field
     try:
         while c.pos < c.end:
             tag = _tag(&c)
