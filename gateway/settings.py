@@ -320,7 +320,9 @@ class VariantSpec(_Section):
 
     name: str = Field(pattern=_VARIANT_NAME)
     model: str | None = Field(None, description="The model serving this variant.")
-    version: str = Field("", description="Its version; empty = the newest loaded.")
+    version: str = Field(
+        "", pattern=r"^[0-9]{0,18}$", description="Its version; empty = the newest loaded."
+    )
     weight: float = Field(0.0, ge=0, description="Share of the route's traffic (relative).")
     arm: Literal["primary", "canary"] = Field(
         "primary", description="How its predictions are labelled in events and responses."

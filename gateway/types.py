@@ -141,6 +141,17 @@ _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 _SEGMENT = "segment."
 _DIGITS = re.compile(r"[0-9]{1,9}")
 MAX_TEXT_CHARS: Final = 1024  # a tenant, surface, sticky key, entity key or segment value
+MAX_DIMS: Final = 64  # dimensions of a tensor (numpy's limit)
+_ASCII_INT = re.compile(r"[0-9]{1,18}")
+
+
+def ascii_int(text: str) -> int | None:
+    """The number ``text`` writes in ASCII digits (at most 18, so within int64), or None.
+
+    The one parser of numbers in client and file text: ``str.isdigit()`` also accepts digits
+    such as '²' that ``int()`` then refuses.
+    """
+    return int(text) if _ASCII_INT.fullmatch(text) else None
 
 
 # NOTE: the values made per request are slotted dataclasses, not frozen ones: a frozen

@@ -38,7 +38,7 @@ def start_sidecar(store: Path, address: str, repository: Path | None) -> Sidecar
     """Start the sidecar on ``address`` (HTML reports on the next port) and wait until it
     serves; its log lines go to this process's stderr."""
     host, _, port_text = address.rpartition(":")
-    if not host or not port_text.isdigit():
+    if not host or not (port_text.isascii() and port_text.isdigit()):
         raise SettingsError(f"events.sidecar: {address!r} is not HOST:PORT")
     port = int(port_text)
     command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store), "--host", host]

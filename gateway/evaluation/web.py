@@ -54,7 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif url.path.startswith("/report/"):
                 model = unquote(url.path[len("/report/") :])
                 window = parse_qs(url.query).get("window_s", ["0"])[0]
-                window_s = int(window) if window.isdigit() else 0
+                window_s = int(window) if window.isascii() and window.isdigit() else 0
                 body = db.submit(self.servicer.report_page, model, window_s).result(_TIMEOUT_S)
             else:
                 self.send_error(404, "no such page: try / or /report/MODEL")

@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.errors import ModelLoadError, ModelNotFound, ModelNotReady, SettingsError
+from gateway.errors import (
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    SettingsError,
+)
 from gateway.runtime.session import OnnxRuntimeSession, SessionOptions
 from gateway.runtime.warmup import warm_up
 from gateway.settings import ModelConfig, RuntimeSettings, load_model_config
@@ -37,6 +43,7 @@ from gateway.types import (
     ModelRuntime,
     ModelState,
     TensorSpec,
+    ascii_int,
 )
 
 __all__ = ["ContractSource", "LoadedVersion", "ModelRepository", "RuntimeFactory"]
@@ -165,8 +172,9 @@ class ModelRepository:
     @staticmethod
     def _version_dirs(model_dir: Path) -> Iterator[tuple[int, Path]]:
         for child in model_dir.iterdir():
-            if child.is_dir() and child.name.isdigit():
-                yield int(child.name), child
+            number = ascii_int(child.name)
+            if number is not None and child.is_dir():
+                yield number, child
 
     # -- load / unload -----------------------------------------------------------------------
 
@@ -184,7 +192,7 @@ class ModelRepository:
         unloaded only when every selected version loaded. Raises ModelLoadError listing the
         failures (after keeping whatever did load).
         """
-        model_dir = self.root / name
+        model_dir = self.root / _checked_name(name)
         if not name or os.sep in name or name.startswith(".") or not model_dir.is_dir():
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         model = self._models.setdefault(name, _Model(name))
@@ -342,7 +350,7 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         model = self._models.get(name)
         if model is None:
-            if (self.root / name).is_dir() and name in self.discover():
+            if (self.root / _checked_name(name)).is_dir() and name in self.discover():
                 return
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         async with model.lock:
@@ -366,7 +374,8 @@ class ModelRepository:
                 why = model.reason or "; ".join(model.failures.values()) or "not loaded"
                 raise ModelNotReady(f"model '{name}' has no ready version ({why})")
             return model.versions[max(model.versions)]
-        loaded = model.versions.get(int(version)) if version.isdigit() else None
+        number = ascii_int(version)
+        loaded = model.versions.get(number) if number is not None else None
         if loaded is None:
             raise ModelNotFound(f"model '{name}' version '{version}' is not loaded")
         return loaded
@@ -397,3 +406,19 @@ class ModelRepository:
                 state = "LOADING" if model.busy else "UNAVAILABLE"
                 entries.append(ModelIndexEntry(name, "", state, model.reason))
         return entries
+
+
+MAX_NAME_BYTES = 255  # a model's directory name (NAME_MAX)
+
+
+def _checked_name(name: str) -> str:
+    """A model name a client sent, before it touches the file system: one that no directory
+    could have is INVALID_ARGUMENT, not the OSError looking it up would raise."""
+    size = len(name.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise InvalidRequest(
+            f"model name has {size} bytes; a model's directory name has at most {MAX_NAME_BYTES}"
+        )
+    if "\x00" in name:
+        raise InvalidRequest("model name contains a NUL character")
+    return name

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.types import DEFAULT_OPTIONS, MAX_TEXT_CHARS, InferRequest, RequestOptions, Tensor
+from gateway.types import (
+    DEFAULT_OPTIONS,
+    MAX_TEXT_CHARS,
+    InferRequest,
+    RequestOptions,
+    Tensor,
+    ascii_int,
+)
 
 
 def test_no_parameters_share_the_default_options():
@@ -75,3 +82,16 @@ def test_the_row_count_is_the_first_batched_input():
     batch = Tensor("x", "FP32", np.zeros((3, 2), dtype=np.float32))
     assert InferRequest("m", inputs=[scalar, batch]).rows == 3
     assert InferRequest("m", inputs=[scalar]).rows == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("0", 0), ("7", 7), ("0012", 12), ("9" * 18, 10**18 - 1)],
+)
+def test_ascii_int_reads_ascii_digits(text, number):
+    assert ascii_int(text) == number
+
+
+@pytest.mark.parametrize("text", ["", "²", "1²", "٣", "-1", "+1", " 1", "1 ", "1.0", "9" * 19])
+def test_ascii_int_refuses_what_int_would_misread_or_refuse(text):
+    assert ascii_int(text) is None
