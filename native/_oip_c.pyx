@@ -33,12 +33,11 @@ import numpy as np
 
 from gateway.errors import InvalidRequest
 from gateway import _hotloops
-from gateway.types import DEFAULT_OPTIONS, MAX_TEXT_CHARS, WIRE_DTYPES, InferRequest, RequestOptions, Tensor
+from gateway.types import DEFAULT_OPTIONS, MAX_DIMS, MAX_TEXT_CHARS, WIRE_DTYPES, InferRequest, RequestOptions, Tensor
 
 cdef object _ndarray = np.ndarray
 
-cdef extern from "Python.h":
-    const Py_ssize_t PY_SSIZE_T_MAX
+cdef int64_t _MAX_EXTENT = 2**48  # as convert._MAX_EXTENT
 
 # The datatype names as str, and as the bytes they arrive in: a known name is matched in place
 # and its one str object reused, not decoded per tensor.
@@ -278,14 +277,17 @@ cdef object _tensor(tuple spec, bytes raw):
     cdef tuple shape = spec[2]
     cdef dict params = spec[3]
     cdef Py_ssize_t count = 1
-    cdef int64_t dim
+    cdef int64_t dim, extent = 1
     cdef object dtype = WIRE_DTYPES.get(datatype)
-    if dtype is None:
+    if dtype is None or len(shape) > MAX_DIMS:
         raise _NotFast()
+    # Negative dimensions, or an extent (zeros aside) past _MAX_EXTENT: the twin says why.
     for item in shape:
         dim = item
-        if dim < 0 or (dim and count > PY_SSIZE_T_MAX // 8 // dim):
-            raise _NotFast()  # negative, or more elements than memory holds: the twin says
+        if dim < 0 or (dim and extent > _MAX_EXTENT // dim):
+            raise _NotFast()
+        if dim:
+            extent *= dim
         count *= dim
     if datatype == "BYTES":
         try:
