@@ -58,7 +58,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
 
     async def _whole(self, context: grpc.aio.ServicerContext) -> None:
         """Authorized, and this process is the whole gateway (not one worker of several)."""
-        await self._authorize(context)
+        await self.authorize(context)
         if self._worker:
             await _abort(
                 context,
@@ -68,7 +68,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
                 "read costs and cache counters from each worker's metrics port",
             )
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    async def authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self._token is None:
             await _abort(
                 context,
@@ -99,7 +99,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def GetRoutes(
         self, request: pb.GetRoutesRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
-        await self._authorize(context)
+        await self.authorize(context)
         return self._routes()
 
     async def SetRoutes(

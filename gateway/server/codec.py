@@ -7,13 +7,21 @@ the native codec (native/_oip_c.pyx) where it takes the message, the protobuf pa
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+
+from gateway.errors import InvalidRequest
 from gateway.types import InferRequest, InferResponse
 
-__all__ = ["USING_EXTENSION", "decode_fast", "encode_response"]
+__all__ = ["USING_EXTENSION", "BadMessages", "decode_fast", "encode_response"]
+
+log = logging.getLogger(__name__)
 
 DecodeFast = Callable[[bytes, int, float | None], InferRequest | None]
 EncodeFast = Callable[[InferResponse], bytes | None]
@@ -55,3 +63,36 @@ def encode_response(response: InferResponse) -> bytes:
         encoded: bytes = convert.response_to_pb(response).SerializeToString()
         return encoded
     return data
+
+
+class BadMessages:
+    """Messages that did not parse: counted, and logged at most once per ``interval_s`` with
+    the count and the last one's error (a client sending garbage must not flood the log)."""
+
+    def __init__(
+        self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._due = -math.inf
+        self.count = 0  # since the last log line
+        self.total = 0
+
+    def note(self, rpc: str, message: str, err: DecodeError) -> InvalidRequest:
+        """Count one; the InvalidRequest to answer it with."""
+        self.count += 1
+        self.total += 1
+        invalid = InvalidRequest(f"request: not a valid {message} message ({err})")
+        now = self._clock()
+        if now >= self._due:
+            log.warning(
+                "undecodable request messages: %d since the last report (one at most every "
+                "%.0f s), the last on %s: %s",
+                self.count,
+                self._interval_s,
+                rpc,
+                invalid,
+            )
+            self.count = 0
+            self._due = now + self._interval_s
+        return invalid

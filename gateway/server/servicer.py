@@ -6,6 +6,11 @@ INTERNAL error, never a traceback. ``_rpc`` turns a GatewayError into the call's
 stream it rides in the response's ``error_message``. ``infer_bytes`` is ModelInfer without a
 grpc.aio context, for a transport that hands over the request's bytes and answers by itself
 (``error_trailers`` gives it what a GatewayError adds to the status).
+
+Every request arrives as bytes and is decoded here (ModelInfer, ModelStreamInfer) or by
+``decoded`` around the other methods: a message that does not parse is INVALID_ARGUMENT naming
+its type, counted in ``codec.BadMessages`` and logged at most once a minute, never a traceback each.
+On a stream it is answered in its turn and the stream goes on.
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ from gateway.errors import (
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.server import convert, model_config
-from gateway.server.codec import decode_fast, encode_response
+from gateway.server.codec import BadMessages, decode_fast, encode_response
 from gateway.settings import ServerSettings
 from gateway.telemetry import GatewayMetrics, Tracing
 from gateway.types import InferRequest, InferResponse
 
-__all__ = ["InferenceServicer", "Metadata", "error_trailers"]
+__all__ = ["InferenceServicer", "Metadata", "decoded", "error_trailers"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,38 @@ T = TypeVar("T")
 Metadata: TypeAlias = Callable[[], Iterable[tuple[str, str | bytes]]]
 SERVICE = "inference.GRPCInferenceService"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
+_STREAM_INFER_RESPONSE = b"\x12"  # ModelStreamInferResponse.infer_response: field 2, bytes
+
+
+def decoded(
+    rpc: str,
+    decode: Callable[[bytes], T],
+    behavior: Callable[[T, grpc.aio.ServicerContext], Awaitable[object]],
+    bad: BadMessages,
+    guard: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None = None,
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[object]]:
+    """A unary method taking its request's bytes: parsed here, INVALID_ARGUMENT if they do not
+    (grpcio's own deserializer would answer UNKNOWN and log a traceback per message).
+    ``guard`` (the admin service's token check) runs first: nothing is parsed for a caller
+    it refuses."""
+    name = rpc.rsplit("/", 1)[-1]
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> object:
+        if guard is not None:
+            await guard(context)
+        try:
+            message = decode(request)
+        except DecodeError as err:
+            await _abort(context, bad.note(name, type_name(decode), err))
+        return await behavior(message, context)
+
+    return unary
+
+
+def type_name(decode: Callable[[bytes], object]) -> str:
+    """The message type a generated ``FromString`` parses."""
+    owner = getattr(decode, "__self__", None)
+    return getattr(owner, "__name__", "request")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -67,6 +104,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
         self._tracing = tracing
         self.is_ready = False
+        self.bad_messages = BadMessages()
         # Plain counters read at scrape time: no metric lock taken twice per request.
         self._in_flight = dict.fromkeys(
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name, 0
@@ -261,14 +299,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, span: trace.Span, timeout_s: float | None
-    ) -> pb.ModelInferResponse:
-        infer_request = convert.request_from_pb(
-            request, self._settings.max_message_bytes, timeout_s
-        )
-        return convert.response_to_pb(await self._predict(infer_request, span))
-
     async def _predict(self, request: InferRequest, span: trace.Span) -> InferResponse:
         span.set_attribute("gateway.rows", request.rows)
         response = await self._pipeline.predict(request)
@@ -276,7 +306,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def infer_bytes(
-        self, payload: bytes, metadata: Metadata, time_remaining: float | None
+        self,
+        payload: bytes,
+        metadata: Metadata,
+        time_remaining: float | None,
+        rpc: str = "ModelInfer",
     ) -> bytes:
         """ModelInfer from the request's bytes to the response's; a failure leaves as a
         GatewayError (bytes that are not a ModelInferRequest: InvalidRequest).
@@ -292,13 +326,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 message = pb.ModelInferRequest.FromString(payload)
             except DecodeError as err:
-                invalid = InvalidRequest(f"request: not a valid ModelInferRequest message ({err})")
+                invalid = self.bad_messages.note(rpc, "ModelInferRequest", err)
                 model, decode = "", functools.partial(_raise, invalid)
             else:  # decoded inside _observe: its InvalidRequest is counted under the model
                 model = message.model_name
                 decode = functools.partial(convert.request_from_pb, message, limit, time_remaining)
         response = await self._observe(
-            "ModelInfer", metadata, lambda span: self._predict(decode(), span), model
+            rpc, metadata, lambda span: self._predict(decode(), span), model
         )
         return encode_response(response)
 
@@ -313,38 +347,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, err)
 
     async def ModelStreamInfer(
-        self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         """Many requests in flight per stream; each answered as soon as it is done.
 
-        A slot is taken per request read and given back once its response is written, so a
-        slow reader of responses stops the stream from reading more (bounded memory).
+        Registered without (de)serializers (``transports.grpcio.add_services``): each message
+        is decoded as ModelInfer's are, and one that fails, even one that is not a
+        ModelInferRequest at all, gets its error on the stream while the stream goes on
+        (Triton's convention). A slot is taken per request read and given back once its
+        response is written, so a slow reader of responses stops the stream from reading more
+        (bounded memory).
         """
         slots = asyncio.Semaphore(self._settings.stream_max_in_flight)
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        done: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(payload: bytes) -> None:
             try:
-                response = await self._observe(
-                    "ModelStreamInfer",
+                response = await self.infer_bytes(
+                    payload,
                     context.invocation_metadata,
-                    lambda span: self._infer(request, span, context.time_remaining()),
-                    request.model_name,
+                    context.time_remaining(),
+                    "ModelStreamInfer",
                 )
-                reply = pb.ModelStreamInferResponse(infer_response=response)
+                reply = _STREAM_INFER_RESPONSE + _varint(len(response)) + response
             except GatewayError as err:
-                # Triton's convention: the stream goes on, the error rides in the response.
-                reply = _stream_error(request, str(err))
+                reply = _stream_error(payload, str(err)).SerializeToString()
             await done.put(reply)
 
         async def read() -> None:
             try:
                 async with asyncio.TaskGroup() as group:
-                    async for request in request_iterator:
+                    async for payload in request_iterator:
                         await slots.acquire()
-                        group.create_task(answer(request))
+                        group.create_task(answer(payload))
             finally:
                 await done.put(None)
 
@@ -382,10 +417,26 @@ def _raise(err: GatewayError) -> NoReturn:
     raise err
 
 
-def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+def _stream_error(payload: bytes, message: str) -> pb.ModelStreamInferResponse:
+    """The error, with the request's model, version and id where its bytes parse (a client
+    matches answers to requests by id)."""
+    try:
+        request = pb.ModelInferRequest.FromString(payload)
+    except DecodeError:
+        request = pb.ModelInferRequest()
     return pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
+
+
+def _varint(value: int) -> bytes:
+    """A protobuf varint (a length prefix)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -12,6 +12,7 @@ from gateway.api.v1 import admin_pb2, admin_pb2_grpc
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
 from gateway.errors import SettingsError
+from gateway.server.servicer import decoded
 from gateway.server.transports.base import Services
 from gateway.settings import ServerSettings
 
@@ -57,18 +58,36 @@ class _Handlers:
 
 
 def add_services(server: grpc.aio.Server, services: Services) -> None:
-    inference = _Handlers()
+    inference, admin = _Handlers(), _Handlers()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(services.inference, inference)  # type: ignore[no-untyped-call]
-    # ModelInfer's bytes reach the servicer undecoded: a message that does not parse is its
-    # INVALID_ARGUMENT, not grpcio's INTERNAL "Exception deserializing request!".
-    inference.methods["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        services.inference.ModelInfer
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, inference.methods),)
-    )
-    server.add_registered_method_handlers(SERVICE_NAME, inference.methods)
-    admin_pb2_grpc.add_GatewayAdminServicer_to_server(services.admin, server)  # type: ignore[no-untyped-call]
+    admin_pb2_grpc.add_GatewayAdminServicer_to_server(services.admin, admin)  # type: ignore[no-untyped-call]
+    bad = services.inference.bad_messages
+    # Every request's bytes reach the servicer undecoded: a message that does not parse is
+    # INVALID_ARGUMENT naming its type, not grpcio's UNKNOWN with a traceback logged per call.
+    # ModelInfer and ModelStreamInfer decode their own (natively where they can); the rest are
+    # parsed by servicer.decoded.
+    guards = {SERVICE_NAME: None, ADMIN_SERVICE_NAME: services.admin.authorize}
+    for service, handlers in ((SERVICE_NAME, inference), (ADMIN_SERVICE_NAME, admin)):
+        guard = guards[service]
+        methods = {
+            name: grpc.unary_unary_rpc_method_handler(
+                decoded(name, handler.request_deserializer, handler.unary_unary, bad, guard),
+                response_serializer=handler.response_serializer,
+            )
+            for name, handler in handlers.methods.items()
+            if handler.unary_unary is not None
+        }
+        if service == SERVICE_NAME:
+            methods["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+                services.inference.ModelInfer
+            )
+            methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+                services.inference.ModelStreamInfer
+            )
+        unknown = set(handlers.methods) - set(methods)
+        assert not unknown, f"{service}: no undecoded handler for {sorted(unknown)}"
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
+        server.add_registered_method_handlers(service, methods)
     health_pb2_grpc.add_HealthServicer_to_server(services.health, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

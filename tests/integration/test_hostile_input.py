@@ -1,0 +1,276 @@
+"""A hostile client gets a clear status for every malformed message, on every RPC and every
+transport: INVALID_ARGUMENT, NOT_FOUND and the like naming what is wrong, never INTERNAL or
+UNKNOWN; a stream answers each bad message in its turn and goes on; the log counts undecodable
+messages instead of printing a traceback for each; and the server keeps serving."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
+
+from gateway.api.v1 import admin_pb2
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
+
+pytestmark = pytest.mark.integration
+
+INFERENCE = "/inference.GRPCInferenceService/"
+ADMIN = "/gateway.v1.GatewayAdmin/"
+TOKEN = "hostile-input-test-token"
+# What a client may be told about its own bad input; INTERNAL and UNKNOWN never.
+CLEAR = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAVAILABLE,  # a model known but not ready
+}
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_repo, tmp_path_factory: pytest.TempPathFactory):
+    proc = GatewayProcess(
+        demo_repo,
+        tmp_path_factory.mktemp("hostile"),
+        env={"GATEWAY_ADMIN__TOKEN": TOKEN},
+    )
+    yield proc
+    assert proc.stop() == 0, proc.stderr()
+
+
+@pytest.fixture(scope="module")
+def channel(gateway: GatewayProcess):
+    with grpc.insecure_channel(gateway.url) as channel:
+        yield channel
+
+
+def call(channel: grpc.Channel, method: str, payload: bytes, **kwargs) -> grpc.RpcError | bytes:
+    """The raw call: its answer's bytes, or its error."""
+    try:
+        answer: bytes = channel.unary_unary(method)(payload, timeout=30, **kwargs)
+    except grpc.RpcError as err:
+        return err
+    return answer
+
+
+def infer(model: str = "fraud", version: str = "", **tensor) -> bytes:
+    message = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    spec = {"name": "features", "datatype": "FP32", "shape": [1, DEMO_WIDTH], **tensor}
+    raw = spec.pop("raw", demo_features(1).tobytes())
+    message.inputs.add(**spec)
+    message.raw_input_contents.append(raw)
+    return message.SerializeToString()
+
+
+def assert_clear(result: grpc.RpcError | bytes, code: grpc.StatusCode, *words: str) -> None:
+    assert isinstance(result, grpc.RpcError), "the call was answered OK"
+    assert result.code() == code, (result.code(), result.details())
+    details = result.details() or ""
+    assert "Traceback" not in details and "internal error" not in details
+    for word in words:
+        assert word in details, details
+
+
+HOSTILE = {
+    # str.isdigit() is true for '²'; int('²') fails
+    "a version of superscript digits": (
+        infer(version="²"),
+        grpc.StatusCode.NOT_FOUND,
+        ["version '²'"],
+    ),
+    "more dimensions than an array has": (
+        infer(shape=[1] * 65, raw=b"\0\0\0\0"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'features'", "65 dimensions"],
+    ),
+    "a BYTES shape of 2^80 elements": (
+        infer(datatype="BYTES", shape=[2**40, 2**40], raw=b""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'features'", "2^48"],
+    ),
+    "an empty shape no array can hold": (
+        infer(shape=[0, 2**62], raw=b""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'features'", "2^48"],
+    ),
+    "BYTES elements the contents cannot hold": (
+        infer(datatype="BYTES", shape=[1000], raw=b"\0" * 12),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'features'", "element 3 of 1000"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_infer_request_gets_a_clear_status(channel, case):
+    payload, code, words = HOSTILE[case]
+    assert_clear(call(channel, INFERENCE + "ModelInfer", payload), code, *words)
+
+
+def test_metadata_of_a_superscript_version_is_not_found(channel):
+    payload = service_pb2.ModelMetadataRequest(name="fraud", version="²").SerializeToString()
+    assert_clear(call(channel, INFERENCE + "ModelMetadata", payload), grpc.StatusCode.NOT_FOUND)
+
+
+@pytest.mark.parametrize("name", ["m" * 5000, "bad\0name"])
+def test_loading_a_name_no_directory_can_have_is_invalid_argument(channel, name):
+    payload = service_pb2.RepositoryModelLoadRequest(model_name=name).SerializeToString()
+    result = call(channel, INFERENCE + "RepositoryModelLoad", payload)
+    assert_clear(result, grpc.StatusCode.INVALID_ARGUMENT, "model name")
+
+
+UNARY_INFERENCE = [
+    ("ServerLive", "ServerLiveRequest"),
+    ("ServerReady", "ServerReadyRequest"),
+    ("ModelReady", "ModelReadyRequest"),
+    ("ServerMetadata", "ServerMetadataRequest"),
+    ("ModelMetadata", "ModelMetadataRequest"),
+    ("ModelInfer", "ModelInferRequest"),
+    ("ModelConfig", "ModelConfigRequest"),
+    ("ModelStatistics", "ModelStatisticsRequest"),
+    ("RepositoryIndex", "RepositoryIndexRequest"),
+    ("RepositoryModelLoad", "RepositoryModelLoadRequest"),
+    ("RepositoryModelUnload", "RepositoryModelUnloadRequest"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "message"), UNARY_INFERENCE)
+def test_bytes_that_do_not_parse_are_invalid_argument_on_every_rpc(channel, rpc, message):
+    # A string field (1) whose length runs past the end.
+    result = call(channel, INFERENCE + rpc, b"\x0a\xff\xff\xff\xff")
+    assert_clear(result, grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {message} message")
+
+
+def test_admin_bytes_that_do_not_parse_are_invalid_argument_once_authorized(channel):
+    garbage = b"\x0a\xff\xff\xff\xff"
+    refused = call(channel, ADMIN + "SetRoutes", garbage)
+    assert isinstance(refused, grpc.RpcError)
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED  # nothing is parsed before
+    authorized = call(
+        channel, ADMIN + "SetRoutes", garbage, metadata=[("authorization", f"Bearer {TOKEN}")]
+    )
+    assert_clear(authorized, grpc.StatusCode.INVALID_ARGUMENT, "not a valid SetRoutesRequest")
+
+
+def test_a_route_variant_of_superscript_digits_is_refused(channel):
+    routes = "live:\n  variants:\n  - {name: a, model: fraud, version: '²', weight: 1}\n"
+    payload = admin_pb2.SetRoutesRequest(yaml=routes).SerializeToString()
+    result = call(
+        channel, ADMIN + "SetRoutes", payload, metadata=[("authorization", f"Bearer {TOKEN}")]
+    )
+    assert_clear(result, grpc.StatusCode.INVALID_ARGUMENT, "version")
+
+
+def test_a_stream_answers_each_bad_message_in_turn_and_goes_on(channel):
+    good = [service_pb2.ModelInferRequest(model_name="fraud", id=f"good-{i}") for i in range(3)]
+    for message in good:
+        message.inputs.add(name="features", datatype="FP32", shape=[1, DEMO_WIDTH])
+        message.raw_input_contents.append(demo_features(1).tobytes())
+    bad_version = infer(version="²")
+    sent = [
+        good[0].SerializeToString(),
+        b"\x0a\xff\xff\xff\xff",  # not a ModelInferRequest at all
+        good[1].SerializeToString(),
+        bad_version,
+        infer(shape=[1] * 65, raw=b""),
+        good[2].SerializeToString(),
+    ]
+    stream = channel.stream_stream(
+        INFERENCE + "ModelStreamInfer",
+        response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+    )
+    answers = list(stream(iter(sent), timeout=30))
+    assert len(answers) == len(sent)
+    errors = sorted(a.error_message for a in answers if a.error_message)
+    assert len(errors) == 3, errors
+    assert any("not a valid ModelInferRequest" in e for e in errors)
+    assert any("version '²'" in e for e in errors)
+    assert any("65 dimensions" in e for e in errors)
+    answered = {a.infer_response.id: a for a in answers if not a.error_message}
+    assert sorted(answered) == ["good-0", "good-1", "good-2"]
+    for answer in answered.values():
+        assert answer.infer_response.outputs[0].name == "probability"
+
+
+def test_undecodable_messages_are_counted_in_the_log_not_traced(gateway, channel):
+    for _ in range(50):
+        call(channel, INFERENCE + "ModelReady", b"\xff\xff\xff")
+    log = gateway.stderr()
+    assert "Traceback" not in log
+    assert "Exception deserializing" not in log
+    reports = re.findall(r"undecodable request messages: (\d+) since the last report", log)
+    assert reports, log[-2000:]
+    assert len(reports) <= 3, reports  # at most one a minute, not one per message
+
+
+# -- fuzzing the wire ---------------------------------------------------------------------------
+
+DATATYPES = ["FP32", "FP64", "INT64", "INT8", "UINT8", "BOOL", "BYTES", "FP16", "BF16", "BAD", ""]
+DIMS = st.one_of(st.integers(-3, 4), st.sampled_from([0, 2**31, 2**40, 2**62, 2**63 - 1, -(2**63)]))
+
+
+@st.composite
+def hostile_requests(draw: st.DrawFn) -> bytes:
+    message = service_pb2.ModelInferRequest(
+        model_name=draw(st.sampled_from(["fraud", "", "nope", "fraud\0", "²"])),
+        model_version=draw(st.sampled_from(["", "1", "²", "01", "9" * 30, "-1"])),
+        id=draw(st.text(max_size=8)),
+    )
+    for key in draw(st.lists(st.sampled_from(["priority", "timeout_ms", "cache", "tenant"]))):
+        slot = message.parameters[key]
+        value = draw(st.one_of(st.text(max_size=6), st.integers(-(2**63), 2**63 - 1)))
+        if isinstance(value, str):
+            slot.string_param = value
+        else:
+            slot.int64_param = value
+    for index in range(draw(st.integers(0, 3))):
+        tensor = message.inputs.add(
+            name=draw(st.sampled_from(["features", "features", f"x{index}", ""])),
+            datatype=draw(st.sampled_from(DATATYPES)),
+            shape=draw(st.lists(DIMS, max_size=draw(st.sampled_from([3, 3, 70])))),
+        )
+        if draw(st.booleans()):
+            tensor.contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=4)))
+        message.raw_input_contents.append(draw(st.binary(max_size=64)))
+    wire = bytearray(message.SerializeToString())
+    if wire and draw(st.booleans()):  # cut short or corrupted
+        at = draw(st.integers(0, len(wire) - 1))
+        if draw(st.booleans()):
+            del wire[at:]
+        else:
+            wire[at] = draw(st.integers(0, 255))
+    return bytes(wire)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(payload=st.one_of(hostile_requests(), st.binary(max_size=256)))
+def test_fuzzed_messages_get_only_clear_statuses(channel, payload):
+    result = call(channel, INFERENCE + "ModelInfer", payload)
+    if isinstance(result, grpc.RpcError):
+        assert result.code() in CLEAR, (result.code(), result.details())
+    stream = channel.stream_stream(
+        INFERENCE + "ModelStreamInfer",
+        response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+    )
+    answers = list(stream(iter([payload, infer()]), timeout=30))
+    assert len(answers) == 2  # the stream answered both, and stayed open for the second
+    for answer in answers:
+        assert "internal error" not in answer.error_message
+
+
+def test_the_gateway_still_serves_after_the_fuzzing(gateway, channel):
+    answer = call(channel, INFERENCE + "ModelInfer", infer())
+    assert isinstance(answer, bytes), answer
+    reply = service_pb2.ModelInferResponse.FromString(answer)
+    assert reply.outputs[0].name == "probability"
+    assert gateway.process.poll() is None
+    assert "Traceback" not in gateway.stderr()
