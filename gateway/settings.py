@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -301,7 +301,12 @@ class EvaluationSettings(_Section):
     )
 
 
-_VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# A route's size: what one route (and the admin service's SetRoutes) may hold.
+MAX_VARIANTS: Final = 64
+MAX_RULES: Final = 256
+MAX_STATIC_VALUES: Final = 4096  # per static output: a row's values, repeated per row served
+MAX_ROUTES: Final = 1024
 
 
 class Price(_Section):
@@ -343,6 +348,15 @@ class VariantSpec(_Section):
             raise ValueError(f"variant '{self.name}': set exactly one of model, output")
         if self.output is not None and any(not values for values in self.output.values()):
             raise ValueError(f"variant '{self.name}': each static output needs a value")
+        if self.output is not None:
+            sizes = {name: len(values) for name, values in self.output.items()}
+            too_big = {name: n for name, n in sizes.items() if n > MAX_STATIC_VALUES}
+            if too_big or len(sizes) > MAX_VARIANTS:
+                raise ValueError(
+                    f"variant '{self.name}': a static variant has at most {MAX_VARIANTS} "
+                    f"outputs of at most {MAX_STATIC_VALUES} values each (got {len(sizes)} "
+                    f"outputs, the largest of {max(sizes.values())} values)"
+                )
         return self
 
 
@@ -363,14 +377,15 @@ class ShadowSpec(_Section):
 class RouteSpec(_Section):
     """A logical model name clients call, and how its requests are served."""
 
-    variants: tuple[VariantSpec, ...] = Field(min_length=1)
-    match: tuple[MatchRule, ...] = ()
-    shadows: tuple[ShadowSpec, ...] = ()
+    variants: tuple[VariantSpec, ...] = Field(min_length=1, max_length=MAX_VARIANTS)
+    match: tuple[MatchRule, ...] = Field((), max_length=MAX_RULES)
+    shadows: tuple[ShadowSpec, ...] = Field((), max_length=MAX_VARIANTS)
     shadow_max_concurrency: int = Field(
         4, gt=0, description="Shadow copies running at once; past it a copy is skipped."
     )
     fallbacks: tuple[str, ...] = Field(
         (),
+        max_length=MAX_VARIANTS,
         description="Variants tried in order when the chosen one fails, times out or is "
         "overloaded; a static variant last answers always.",
     )
@@ -413,7 +428,9 @@ class RateLimit(_Section):
 
 class RoutingSettings(_Section):
     routes: dict[str, RouteSpec] = Field(
-        default_factory=dict, description="Route name (what clients call) -> its spec."
+        default_factory=dict,
+        max_length=MAX_ROUTES,
+        description="Route name (what clients call) -> its spec.",
     )
     rate_limits: dict[str, RateLimit] = Field(
         default_factory=dict,
@@ -643,6 +660,61 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{source}: {key}: {item['msg']}{shown}")
     return "\n".join(lines)
+
+
+# What YAML from a client (the admin service's routes) may be: bounded before it is built, so
+# that neither a deep nesting (the composer recurses) nor an alias bomb (a few hundred bytes
+# that expand to millions of nodes once validated or printed) can stall or grow the gateway.
+MAX_YAML_BYTES: Final = 1024 * 1024
+MAX_YAML_DEPTH: Final = 32
+MAX_YAML_NODES: Final = 100_000
+
+
+def bounded_yaml(
+    text: str,
+    what: str,
+    *,
+    max_bytes: int = MAX_YAML_BYTES,
+    max_depth: int = MAX_YAML_DEPTH,
+    max_nodes: int = MAX_YAML_NODES,
+) -> Any:
+    """``text`` loaded safely, once it is known to be at most ``max_bytes``, ``max_depth``
+    levels deep and ``max_nodes`` nodes with every alias expanded; ValueError naming ``what``
+    and the bound otherwise (yaml.YAMLError for what is not YAML)."""
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > max_bytes:
+        raise ValueError(f"{what}: {size} bytes of YAML, over the {max_bytes} accepted")
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events: no recursion
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"{what}: YAML nested deeper than {max_depth} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        _expanded_nodes(root, {}, max_nodes, what)
+    return yaml.safe_load(text)
+
+
+def _expanded_nodes(node: yaml.Node, seen: dict[int, int], limit: int, what: str) -> int:
+    """Nodes under ``node`` with aliases expanded (a shared node counts each time it is used;
+    each is counted once, so a bomb is measured without being expanded)."""
+    known = seen.get(id(node))
+    if known is not None:
+        return known
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_nodes(item, seen, limit, what) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            total += _expanded_nodes(key, seen, limit, what)
+            total += _expanded_nodes(value, seen, limit, what)
+    if total > limit:
+        raise ValueError(f"{what}: YAML of more than {limit} nodes once its aliases expand")
+    seen[id(node)] = total
+    return total
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ one worker of several.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import NoReturn
@@ -25,7 +26,7 @@ from gateway.api.v1 import admin_pb2_grpc as pb_grpc
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
 from gateway.runtime.repository import ModelRepository
-from gateway.settings import RouteSpec, describe_validation_error
+from gateway.settings import MAX_ROUTES, RouteSpec, bounded_yaml, describe_validation_error
 
 __all__ = ["AdminServicer", "routes_yaml"]
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _ROUTES = TypeAdapter(dict[str, RouteSpec])
 _SCHEME = "bearer "
+_MAX_MESSAGE_CHARS = 4096
 
 
 def routes_yaml(routes: dict[str, RouteSpec]) -> str:
@@ -107,14 +109,17 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     ) -> pb.Routes:
         await self._whole(context)
         try:
-            tree = yaml.safe_load(request.yaml) if request.yaml.strip() else {}
-            routes = _ROUTES.validate_python(tree or {})
+            # Off the loop: bounded (settings.bounded_yaml, the route limits), but still work
+            # that requests should not wait behind.
+            routes = await asyncio.to_thread(_parse_routes, request.yaml)
         except yaml.YAMLError as err:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"routes: not YAML: {err}")
         except ValidationError as err:
             await _abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, describe_validation_error(err, "routes")
             )
+        except ValueError as err:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         unserved = sorted(
             {
                 f"{name}.{v.name}: model '{v.model}'"
@@ -215,8 +220,17 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         )
 
 
+def _parse_routes(text: str) -> dict[str, RouteSpec]:
+    tree = bounded_yaml(text, "routes") if text.strip() else {}
+    if isinstance(tree, dict) and len(tree) > MAX_ROUTES:  # before pydantic builds them all
+        raise ValueError(f"routes: {len(tree)} routes, over the {MAX_ROUTES} accepted")
+    return _ROUTES.validate_python(tree or {})
+
+
 async def _abort(
     context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
 ) -> NoReturn:
+    if len(message) > _MAX_MESSAGE_CHARS:  # a status echoes client input: bounded
+        message = message[:_MAX_MESSAGE_CHARS] + " [...]"
     await context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")

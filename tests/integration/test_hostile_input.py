@@ -274,3 +274,41 @@ def test_the_gateway_still_serves_after_the_fuzzing(gateway, channel):
     assert reply.outputs[0].name == "probability"
     assert gateway.process.poll() is None
     assert "Traceback" not in gateway.stderr()
+
+
+# -- the admin service's input is bounded ------------------------------------------------------
+
+BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9 if prev else ['x'] * 9)}]\n"
+    for prev, name in zip(["", "a", "b", "c", "d", "e", "f", "g"], "abcdefgh", strict=True)
+)
+ONE_VARIANT = "live:\n  variants:\n  - {name: a, model: fraud, weight: 1}\n"
+ADMIN_YAML = {
+    "nested 1,000 deep": ("[" * 1000 + "]" * 1000, "nested deeper than 32"),
+    "an alias bomb": (BOMB, "once its aliases expand"),
+    "over a MiB": (ONE_VARIANT + "#" * (1024 * 1024) + "\n", "bytes of YAML"),
+    "a static output of 10,000 values": (
+        "live:\n  variants:\n  - {name: s, output: {probability: [" + "0.5," * 10_000 + "]}}\n",
+        "at most 4096 values",
+    ),
+    "65 variants": (
+        "live:\n  variants:\n"
+        + "".join(f"  - {{name: v{i}, model: fraud, weight: 1}}\n" for i in range(65)),
+        "variants",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ADMIN_YAML))
+def test_admin_routes_past_a_bound_are_refused_quickly_and_briefly(gateway, channel, case):
+    text, words = ADMIN_YAML[case]
+    payload = admin_pb2.SetRoutesRequest(yaml=text).SerializeToString()
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    result = call(channel, ADMIN + "SetRoutes", payload, metadata=auth)
+    assert_clear(result, grpc.StatusCode.INVALID_ARGUMENT, words)
+    assert isinstance(result, grpc.RpcError)
+    assert len(result.details() or "") < 5000  # a status does not echo a bomb back
+    # Inference went on meanwhile, and the routes are as they were.
+    assert isinstance(call(channel, INFERENCE + "ModelInfer", infer()), bytes)
+    routes = admin_pb2.Routes.FromString(call(channel, ADMIN + "GetRoutes", b"", metadata=auth))
+    assert "live" not in routes.revisions

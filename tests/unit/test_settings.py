@@ -11,7 +11,13 @@ from pydantic import ValidationError
 
 from gateway.errors import SettingsError
 from gateway.runtime.session import resolve_device
-from gateway.settings import RouteSpec, VersionPolicy, load_model_config, load_settings
+from gateway.settings import (
+    RouteSpec,
+    VersionPolicy,
+    bounded_yaml,
+    load_model_config,
+    load_settings,
+)
 
 
 def test_defaults():
@@ -170,3 +176,34 @@ def test_settings_errors_name_the_route_key():
     with pytest.raises(SettingsError, match="exactly one of tenant, surface"):
         neither = {"name": "b", "limit": 1, "policy": "alert"}
         load_settings(environ={}, overrides={"costs": {"budgets": [neither]}})
+
+
+def test_bounded_yaml_loads_what_is_within_its_bounds_aliases_included():
+    text = "a: &p {x: 1}\nb: *p\nc: [1, 2]\n"
+    assert bounded_yaml(text, "routes") == {"a": {"x": 1}, "b": {"x": 1}, "c": [1, 2]}
+    assert bounded_yaml("[" * 32 + "]" * 32, "routes", max_depth=32) is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "bounds", "words"),
+    [
+        ("[" * 33 + "]" * 33, {"max_depth": 32}, "nested deeper than 32 levels"),
+        ("{a: " * 5000 + "1" + "}" * 5000, {}, "nested deeper than 32 levels"),
+        ("a: &a [1, 1, 1]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n", {"max_nodes": 30}, "30 nodes"),
+        ("x" * 101, {"max_bytes": 100}, "101 bytes of YAML, over the 100 accepted"),
+    ],
+)
+def test_bounded_yaml_refuses_past_a_bound_before_building_it(text, bounds, words):
+    with pytest.raises(ValueError, match=r"^routes: ") as info:
+        bounded_yaml(text, "routes", **bounds)
+    assert words in str(info.value)
+
+
+def test_a_static_variant_is_bounded():
+    too_big = {"name": "s", "output": {"p": [0.5] * 4097}}
+    with pytest.raises(ValidationError, match="at most 4096 values"):
+        RouteSpec.model_validate({"variants": [too_big]})
+    with pytest.raises(ValidationError, match="variants"):
+        RouteSpec.model_validate(
+            {"variants": [{"name": f"v{i}", "model": "m", "weight": 1} for i in range(65)]}
+        )
