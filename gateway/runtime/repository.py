@@ -251,12 +251,11 @@ class ModelRepository:
         for version, reason in failures.items():
             log.error("model %r version %d did not load: %s", model.name, version, reason)
 
+        # A failure anywhere keeps every version that was serving, the failed ones included
+        # (their last good load), as Triton does; only a clean load retires what the policy
+        # no longer selects.
         keep = (
-            {}
-            if not failures
-            else {
-                v: lv for v, lv in model.versions.items() if v not in loaded and v not in failures
-            }
+            {} if not failures else {v: lv for v, lv in model.versions.items() if v not in loaded}
         )
         previous = model.versions
         model.versions = {**keep, **loaded}
@@ -397,11 +396,14 @@ class ModelRepository:
                 continue
             for version in sorted(model.versions):
                 state: ModelState = "LOADING" if model.busy == "LOADING" else "READY"
-                entries.append(ModelIndexEntry(name, str(version), state))
+                failed = model.failures.get(version) or model.reason
+                why = f"the last load failed, the version loaded before serves: {failed}"
+                entries.append(ModelIndexEntry(name, str(version), state, why if failed else ""))
             if ready_only:
                 continue
             for version, reason in sorted(model.failures.items()):
-                entries.append(ModelIndexEntry(name, str(version), "UNAVAILABLE", reason))
+                if version not in model.versions:
+                    entries.append(ModelIndexEntry(name, str(version), "UNAVAILABLE", reason))
             if not model.versions and not model.failures:
                 state = "LOADING" if model.busy else "UNAVAILABLE"
                 entries.append(ModelIndexEntry(name, "", state, model.reason))

@@ -94,6 +94,45 @@ def test_a_broken_new_version_leaves_the_loaded_one_serving(repo_copy: Path, sta
     assert proc.stop() == 0
 
 
+def test_a_failed_reload_keeps_the_version_serving_with_the_reason(repo_copy: Path, start_gateway):
+    """Overwriting a serving version's model with garbage and loading again fails the load and
+    keeps what was serving (clients pinned to it included); the index says why."""
+    proc = start_gateway(repo_copy)
+    client = proc.client()
+    before = infer(client, version="2")
+    (repo_copy / "fraud" / "2" / "model.onnx").write_bytes(b"\x08\x01garbage")
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("fraud")
+    assert status_of(info.value) == "FAILED_PRECONDITION"
+    assert "version 2" in info.value.message()
+
+    state, reason = index(client)[("fraud", "2")]
+    assert state == "READY"
+    assert "the last load failed" in reason and "ONNX Runtime cannot load" in reason
+    assert index(client)[("fraud", "1")] == ("READY", "")
+    np.testing.assert_array_equal(infer(client, version="2"), before)  # pinned: still served
+    assert client.get_model_metadata("fraud").versions == ["1", "2"]
+
+    # A config that no longer parses fails the load too, and changes nothing either.
+    config = repo_copy / "fraud" / "config.yaml"
+    good_config = config.read_text()
+    config.write_text(good_config + "max_batchsize: 9\n")
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("fraud")
+    assert status_of(info.value) == "FAILED_PRECONDITION"
+    state, reason = index(client)[("fraud", "1")]
+    assert state == "READY" and "max_batchsize" in reason
+    np.testing.assert_array_equal(infer(client, version="2"), before)
+
+    # Fixed, it loads clean again.
+    config.write_text(good_config)
+    shutil.copy(repo_copy / "fraud" / "1" / "model.onnx", repo_copy / "fraud" / "2")
+    client.load_model("fraud")
+    assert index(client)[("fraud", "2")] == ("READY", "")
+    client.close()
+    assert proc.stop() == 0
+
+
 def _input() -> triton_grpc.InferInput:
     inp = triton_grpc.InferInput("features", [2, DEMO_WIDTH], "FP32")
     inp.set_data_from_numpy(demo_features(2))
