@@ -86,6 +86,12 @@ class Pipeline:
             self._events.admit()
         deadline = _deadline(request)
         answer = await self.router.answer(request, deadline, degrade)
+        if deadline is not None and asyncio.get_running_loop().time() > deadline:
+            # Answered, but only after the loop came back to it: late is not OK.
+            raise DeadlineExceeded(
+                "the answer was ready after the request's deadline (the gateway is "
+                "saturated); it is dropped"
+            )
         self._account(request, answer, budgeted=True)
         if self._events is not None:
             self._record(request, answer, started)
@@ -348,13 +354,18 @@ async def _uncached(computing: Awaitable[Outcome]) -> CacheResult:
 
 
 def _deadline(request: InferRequest) -> float | None:
-    """The request's deadline on the loop clock: the gRPC deadline or ``timeout_ms``."""
-    timeout_s = request.timeout_s
-    timeout_ms = request.options.timeout_ms
-    if timeout_ms is not None and (timeout_s is None or timeout_ms / 1000 < timeout_s):
-        timeout_s = timeout_ms / 1000
-    if timeout_s is None:
+    """The request's deadline on the loop clock: the gRPC deadline or ``timeout_ms``, counted
+    from the request's arrival at the transport, not from when the loop got to it."""
+    left = request.time_left(time.monotonic())
+    if left is None:
         return None
-    if timeout_s <= 0:
-        raise DeadlineExceeded("the request's deadline had passed when it arrived")
-    return asyncio.get_running_loop().time() + timeout_s
+    if left <= 0:
+        waited = (
+            ""
+            if request.arrived is None
+            else (
+                f" (it waited {(time.monotonic() - request.arrived) * 1000:.0f} ms to be taken up)"
+            )
+        )
+        raise DeadlineExceeded(f"the request's deadline had passed before it was served{waited}")
+    return asyncio.get_running_loop().time() + left

@@ -268,6 +268,20 @@ class InferRequest:
     requested_outputs: list[str] = field(default_factory=list)
     options: RequestOptions = DEFAULT_OPTIONS  # never changed once made: shared
     timeout_s: float | None = None  # what the transport's deadline leaves, at arrival
+    arrived: float | None = None  # time.monotonic() when the transport received it
+
+    def time_left(self, now: float) -> float | None:
+        """Seconds left at ``now`` (time.monotonic()) of the request's deadline, the gRPC
+        deadline's or ``timeout_ms``'s (the sooner), counted from its arrival; None: none."""
+        timeout_s = self.timeout_s
+        timeout_ms = self.options.timeout_ms
+        if timeout_ms is not None and (timeout_s is None or timeout_ms / 1000 < timeout_s):
+            timeout_s = timeout_ms / 1000
+        if timeout_s is None:
+            return None
+        if self.arrived is not None:
+            timeout_s -= now - self.arrived
+        return timeout_s
 
     @property
     def rows(self) -> int:

@@ -311,6 +311,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata: Metadata,
         time_remaining: float | None,
         rpc: str = "ModelInfer",
+        arrived: float | None = None,
     ) -> bytes:
         """ModelInfer from the request's bytes to the response's; a failure leaves as a
         GatewayError (bytes that are not a ModelInferRequest: InvalidRequest).
@@ -318,9 +319,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         The native codec takes what it can (codec.decode_fast, codec.encode_response); the
         rest, and every error, goes the protobuf way."""
         limit = self._settings.max_message_bytes
+        if arrived is None:
+            arrived = time.monotonic()
         decode: Callable[[], InferRequest]
         fast = decode_fast(payload, limit, time_remaining)
         if fast is not None:
+            fast.arrived = arrived
             model, decode = fast.model_name, lambda: fast
         else:
             try:
@@ -330,7 +334,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model, decode = "", functools.partial(_raise, invalid)
             else:  # decoded inside _observe: its InvalidRequest is counted under the model
                 model = message.model_name
-                decode = functools.partial(convert.request_from_pb, message, limit, time_remaining)
+                decode = functools.partial(_from_pb, message, limit, time_remaining, arrived)
         response = await self._observe(
             rpc, metadata, lambda span: self._predict(decode(), span), model
         )
@@ -361,13 +365,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(self._settings.stream_max_in_flight)
         done: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-        async def answer(payload: bytes) -> None:
+        async def answer(payload: bytes, arrived: float, remaining: float | None) -> None:
             try:
                 response = await self.infer_bytes(
-                    payload,
-                    context.invocation_metadata,
-                    context.time_remaining(),
-                    "ModelStreamInfer",
+                    payload, context.invocation_metadata, remaining, "ModelStreamInfer", arrived
                 )
                 reply = _STREAM_INFER_RESPONSE + _varint(len(response)) + response
             except GatewayError as err:
@@ -378,8 +379,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async with asyncio.TaskGroup() as group:
                     async for payload in request_iterator:
+                        arrived, remaining = time.monotonic(), context.time_remaining()
                         await slots.acquire()
-                        group.create_task(answer(payload))
+                        group.create_task(answer(payload, arrived, remaining))
             finally:
                 await done.put(None)
 
@@ -415,6 +417,14 @@ async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoRetu
 
 def _raise(err: GatewayError) -> NoReturn:
     raise err
+
+
+def _from_pb(
+    message: pb.ModelInferRequest, limit: int, time_remaining: float | None, arrived: float
+) -> InferRequest:
+    request = convert.request_from_pb(message, limit, time_remaining)
+    request.arrived = arrived
+    return request
 
 
 def _stream_error(payload: bytes, message: str) -> pb.ModelStreamInferResponse:

@@ -180,9 +180,28 @@ async def test_requested_outputs_come_back_in_the_order_asked(build: Build):
 
 async def test_a_deadline_already_passed_at_arrival_is_refused_before_any_work(build: Build):
     stack = await build({"m": FakeRuntime()})
-    with pytest.raises(DeadlineExceeded, match="had passed when it arrived"):
+    with pytest.raises(DeadlineExceeded, match="had passed before it was served"):
         await stack.predict(request("m", 1.0, timeout_s=0.0))
     assert stack.runtimes["m"].runs == []
+
+
+async def test_a_deadline_counts_from_arrival_not_from_when_the_loop_takes_it_up(build: Build):
+    """A request that waited at the transport longer than its timeout_ms is refused before
+    any work, naming the wait; one that waited less keeps what is left of it."""
+    stack = await build({"m": FakeRuntime()})
+    late = request("m", 1.0, timeout_ms=100)
+    late.arrived = time.monotonic() - 0.25  # received 250 ms ago, by the transport's clock
+    with pytest.raises(DeadlineExceeded, match=r"it waited (2[5-9]\d|[3-9]\d\d) ms"):
+        await stack.predict(late)
+    assert stack.runtimes["m"].runs == []
+    grpc_late = request("m", 1.0, timeout_s=0.1)
+    grpc_late.arrived = time.monotonic() - 0.25
+    with pytest.raises(DeadlineExceeded):
+        await stack.predict(grpc_late)
+    on_time = request("m", 1.0, timeout_ms=60_000)
+    on_time.arrived = time.monotonic() - 0.25
+    response = await stack.predict(on_time)
+    assert output(response, "y").shape == (1, 2)
 
 
 # -- routes: choice, fallback, static, timeout, cap --------------------------------------------

@@ -95,3 +95,15 @@ def test_ascii_int_reads_ascii_digits(text, number):
 @pytest.mark.parametrize("text", ["", "²", "1²", "٣", "-1", "+1", " 1", "1 ", "1.0", "9" * 19])
 def test_ascii_int_refuses_what_int_would_misread_or_refuse(text):
     assert ascii_int(text) is None
+
+
+def test_time_left_counts_from_arrival_and_takes_the_sooner_deadline():
+    grpc_only = InferRequest("m", timeout_s=2.0, arrived=100.0)
+    assert grpc_only.time_left(100.5) == pytest.approx(1.5)
+    both = InferRequest(
+        "m", timeout_s=2.0, arrived=100.0, options=RequestOptions.parse({"timeout_ms": 500})
+    )
+    assert both.time_left(100.2) == pytest.approx(0.3)
+    assert both.time_left(101.0) == pytest.approx(-0.5)
+    assert InferRequest("m", timeout_s=2.0).time_left(1e9) == 2.0  # no arrival: as given
+    assert InferRequest("m", arrived=100.0).time_left(200.0) is None

@@ -172,12 +172,13 @@ class NativeTransport:
         """Wait for calls without the GIL; hand each batch to the loop in one wake-up."""
         while (events := front.recv_batch_details(_BATCH)) is not None:
             try:
-                loop.call_soon_threadsafe(self._on_events, events)
+                # Stamped here: a deadline counts from arrival, not from the loop's turn.
+                loop.call_soon_threadsafe(self._on_events, events, time.monotonic())
             except RuntimeError:  # the loop closed without stop()
                 front.close()
                 return
 
-    def _on_events(self, events: Sequence[tuple[Any, ...]]) -> None:
+    def _on_events(self, events: Sequence[tuple[Any, ...]], received: float) -> None:
         front, loop = self._front, self._loop
         if front is None or loop is None:  # handed over as the transport closed: gone with it
             return
@@ -199,7 +200,7 @@ class NativeTransport:
             else:
                 metadata, _peer, time_remaining = details
                 calls[call_id] = loop.create_task(
-                    self._answer(front, call_id, payload, metadata, time_remaining)
+                    self._answer(front, call_id, payload, metadata, time_remaining, received)
                 )
 
     async def _answer(
@@ -209,9 +210,12 @@ class NativeTransport:
         payload: bytes,
         metadata: tuple[tuple[str, str | bytes], ...],
         time_remaining: float | None,
+        received: float,
     ) -> None:
         try:
-            reply = await self._infer(payload, metadata.__iter__, time_remaining)
+            reply = await self._infer(
+                payload, metadata.__iter__, time_remaining, "ModelInfer", received
+            )
             front.respond(call_id, reply)
         except GatewayError as err:
             # The front sends grpc-* keys itself and refuses them from us.
