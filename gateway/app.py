@@ -30,7 +30,7 @@ from gateway.server import transports
 from gateway.server.admin import AdminServicer
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Settings
-from gateway.telemetry import GatewayMetrics, Tracing
+from gateway.telemetry import GatewayMetrics, LoopLag, Tracing
 from gateway.workers import READY_FILE_ENV
 
 __all__ = ["Gateway"]
@@ -64,6 +64,7 @@ class Gateway:
                 settings.events, self.metrics, redact, settings.server.max_message_bytes
             )
         rate_limited = self.metrics.limited.labels("rate")
+        self.loop_lag = LoopLag()
         self.pipeline = Pipeline(
             self.repository,
             self.metrics,
@@ -75,6 +76,7 @@ class Gateway:
             cache=ResponseCache(settings.cache, self.metrics) if settings.cache.enabled else None,
             events=self.events,
             max_input_bytes=settings.server.max_message_bytes,
+            loop_lag=self.loop_lag,
         )
         self.repository.on_retire = self.pipeline.retire
         self.servicer = InferenceServicer(
@@ -110,6 +112,8 @@ class Gateway:
             self.metrics.native.labels(module=module).set(1 if native else 0)
         if self.events is not None:
             await self.events.start()
+        self.loop_lag.start()
+        self.metrics.loop_lag.set_function(self.loop_lag)
         if settings.repository.load_at_start:
             await self.repository.load_all()
             self._check_routes()
@@ -184,6 +188,7 @@ class Gateway:
         await self._transport.stop(grace)
         self._transport = None
         await self.pipeline.close()
+        await self.loop_lag.close()
         if self.events is not None:
             await self.events.close(grace_s=min(grace, 5.0))
         self._loader.shutdown(wait=True)

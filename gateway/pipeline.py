@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,6 +54,7 @@ class Pipeline:
         cache: ResponseCache | None = None,
         events: EventRecorder | None = None,
         max_input_bytes: int = 64 * 1024 * 1024,
+        loop_lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.repository = repository
         self.limiter = limiter
@@ -62,6 +63,7 @@ class Pipeline:
         self._metrics = metrics
         self._events = events
         self._max_input_bytes = max_input_bytes
+        self._loop_lag = loop_lag
         self.router = Router(
             routes,
             metrics,
@@ -199,7 +201,7 @@ class Pipeline:
         if batcher is None:
             config = BatcherConfig.of(loaded.name, loaded.version_label, loaded.config)
             batcher = self._batchers[loaded] = MicroBatcher(
-                config, loaded.runtimes, loaded.stats, self._metrics
+                config, loaded.runtimes, loaded.stats, self._metrics, self._loop_lag
             )
         return batcher
 

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +38,10 @@ from gateway.telemetry.statistics import ModelStatistics
 from gateway.types import Feeds, ModelRuntime, Outcome
 
 __all__ = ["BatcherConfig", "MicroBatcher"]
+
+# Below this the event loop is taken to keep up (timer slack, a scheduling hiccup); above it
+# the measured lag counts in admission, with the expected queue wait.
+_LAG_FLOOR_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +128,10 @@ class MicroBatcher:
         runtimes: Sequence[ModelRuntime],
         stats: ModelStatistics,
         metrics: GatewayMetrics,
+        loop_lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._config = config
+        self._loop_lag = loop_lag  # seconds the event loop runs behind (telemetry.LoopLag)
         self._loop = asyncio.get_running_loop()
         self._instances = [_Instance(rt) for rt in runtimes]
         self._output_names = [spec.name for spec in runtimes[0].outputs]
@@ -145,7 +151,7 @@ class MicroBatcher:
         metrics.queue_depth.labels(*labels).set_function(lambda: self._queue.requests)
         self._m_rejected = {
             reason: metrics.rejections.labels(*labels, reason)
-            for reason in ("queue_full", "expected_wait", "deadline")
+            for reason in ("queue_full", "expected_wait", "deadline", "loop_lag")
         }
         for i, instance in enumerate(self._instances):
             instance.thread = threading.Thread(
@@ -246,9 +252,20 @@ class MicroBatcher:
                 f"({q.requests} requests, {q.rows} rows queued; limits {policy.max_requests} "
                 f"requests, {policy.max_rows} rows)"
             )
-        if deadline is not None and self._batch_s.value > 0:
-            expected = self.expected_wait_s(rows)
-            remaining = deadline - self._loop.time()
+        if deadline is None:
+            return
+        remaining = deadline - self._loop.time()
+        lag = self._loop_lag()
+        if lag < _LAG_FLOOR_S:
+            lag = 0.0  # a loop that keeps up: timer slack and scheduling noise, not a backlog
+        elif lag >= remaining:  # its answer would come back late, whatever the queue holds
+            self._m_rejected["loop_lag"].inc()
+            raise Overloaded(
+                f"the gateway's event loop runs {lag * 1000:.0f} ms behind, more than the "
+                f"{max(remaining, 0) * 1000:.0f} ms left of the request's deadline"
+            )
+        if self._batch_s.value > 0:
+            expected = self.expected_wait_s(rows) + lag
             if expected > remaining:
                 self._m_rejected["expected_wait"].inc()
                 raise Overloaded(

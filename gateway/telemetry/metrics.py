@@ -78,8 +78,15 @@ class GatewayMetrics:
         )
         self.rejections = Counter(
             "gateway_rejections",
-            "Requests refused or dropped by the scheduler: queue_full, expected_wait, deadline.",
+            "Requests refused or dropped by the scheduler: queue_full, expected_wait, deadline, "
+            "loop_lag.",
             [*labels, "reason"],
+            registry=self.registry,
+        )
+        self.loop_lag = Gauge(
+            "gateway_event_loop_lag_seconds",
+            "How far behind its timers the event loop runs (admission refuses a request whose "
+            "deadline leaves less).",
             registry=self.registry,
         )
         self.models_ready = Gauge(

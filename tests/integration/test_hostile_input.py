@@ -5,7 +5,11 @@ messages instead of printing a traceback for each; and the server keeps serving.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
+import signal
+import time
 
 import grpc
 import pytest
@@ -312,3 +316,43 @@ def test_admin_routes_past_a_bound_are_refused_quickly_and_briefly(gateway, chan
     assert isinstance(call(channel, INFERENCE + "ModelInfer", infer()), bytes)
     routes = admin_pb2.Routes.FromString(call(channel, ADMIN + "GetRoutes", b"", metadata=auth))
     assert "live" not in routes.revisions
+
+
+# -- a saturated loop refuses what it would answer late ------------------------------------------
+
+SEEDS = itertools.count(1000)
+
+
+def fresh_infer(timeout_ms: int) -> bytes:
+    """A request of rows never sent before (no cache hit: it goes to the model's queue)."""
+    message = service_pb2.ModelInferRequest(model_name="fraud")
+    message.parameters["timeout_ms"].int64_param = timeout_ms
+    message.inputs.add(name="features", datatype="FP32", shape=[1, DEMO_WIDTH])
+    message.raw_input_contents.append(demo_features(1, seed=next(SEEDS)).tobytes())
+    return message.SerializeToString()
+
+
+def test_a_loop_running_behind_refuses_deadlines_it_cannot_keep_then_recovers(gateway, channel):
+    """A host that gives the gateway no CPU for 0.6 s, made certain with SIGSTOP: its loop
+    then runs behind, and a request whose 100 ms deadline it cannot keep is refused at once
+    (RESOURCE_EXHAUSTED, counted as loop_lag) instead of answered late; once the loop catches
+    up, the same request is served."""
+    os.kill(gateway.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.6)
+    finally:
+        os.kill(gateway.process.pid, signal.SIGCONT)
+    # Gate: the loop has measured the stall (the metrics are served off the loop).
+    deadline = time.monotonic() + 30
+    while gateway.metric("gateway_event_loop_lag_seconds") < 0.3:
+        assert time.monotonic() < deadline, "the loop lag was never measured"
+        time.sleep(0.005)
+    refused = call(channel, INFERENCE + "ModelInfer", fresh_infer(100))
+    assert_clear(refused, grpc.StatusCode.RESOURCE_EXHAUSTED, "event loop runs", "behind")
+    assert gateway.metric("gateway_rejections_total", reason="loop_lag") >= 1
+    # A request without a deadline is served meanwhile; then the lag falls back.
+    assert isinstance(call(channel, INFERENCE + "ModelInfer", infer()), bytes)
+    deadline = time.monotonic() + 30
+    while not isinstance(call(channel, INFERENCE + "ModelInfer", fresh_infer(100)), bytes):
+        assert time.monotonic() < deadline, "the gateway never caught up"
+        time.sleep(0.05)

@@ -274,7 +274,12 @@ def test_a_route_timeout_falls_back_and_the_client_deadline_is_honoured(client, 
         message.raw_input_contents.append(demo_features(1, seed=99).tobytes())
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(message, timeout=0.01)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Or refused at once, where a loaded host has the gateway's loop behind by more than
+        # the 10 ms (admission, gateway.telemetry.lag): either way, no late answer.
+        err = info.value
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+            err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "event loop" in err.details()
+        ), (err.code(), err.details())
 
 
 # -- limits ----------------------------------------------------------------------------------

@@ -4,11 +4,12 @@ can create (its model names) are bounded."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.telemetry import GatewayMetrics
+from gateway.telemetry import GatewayMetrics, LoopLag
 from gateway.telemetry import metrics as metrics_module
 
 
@@ -61,3 +62,17 @@ def test_label_sets_from_client_names_are_bounded(monkeypatch):
     models = sorted(dict(labels)["model"] for _, labels in counts)
     assert models == ["(other)", "nope-0", "nope-1", "nope-2"]
     assert sum(counts.values()) == 10
+
+
+def test_loop_lag_rises_at_once_and_falls_back_with_its_half_life():
+    lag = LoopLag(interval_s=0.01, half_life_s=0.25)
+    assert lag() == 0.0
+    lag.observe(0.6, 0.61)  # one tick 600 ms late: seen at once
+    assert lag() == 0.6
+    lag.observe(0.0, 0.25)  # on time for one half-life: half of it is left
+    assert lag() == pytest.approx(0.3)
+    for _ in range(25):
+        lag.observe(0.0, 0.01)
+    assert lag() == pytest.approx(0.15)  # another half-life, in ticks
+    lag.observe(0.2, 0.21)
+    assert lag() == 0.2
