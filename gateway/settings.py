@@ -485,6 +485,13 @@ class CostSettings(_Section):
     max_keys: int = Field(
         10_000, gt=0, description="Rows per bucket; past it new keys add to an `(other)` row."
     )
+    max_lines: int = Field(
+        200_000,
+        gt=0,
+        description="Rows in all the buckets kept together; past it new keys add to the "
+        "bucket's `(other)` row. With keys of client text (tenant, surface: at most 1,024 "
+        "characters each) this bounds the ledger's memory, whatever clients send.",
+    )
     budgets: tuple[Budget, ...] = ()
 
 

@@ -6,8 +6,9 @@ cost their lookup only (its measured time at the same price); a request answered
 the cache pays no per-request price.
 
 The ledger adds costs up by (window, tenant, route, variant, surface), in memory, bounded:
-``retain_windows`` windows of ``max_keys`` rows each (past it, new keys add to one
-``(other)`` row). Budgets cap the spend of one tenant or surface per window.
+``retain_windows`` windows of ``max_keys`` rows each and ``max_lines`` rows in all (past
+either, new keys add to the window's one ``(other)`` row, counted in
+``gateway_ledger_folded_total``). Budgets cap the spend of one tenant or surface per window.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class Ledger:
         self._metrics = metrics
         self._windows: OrderedDict[int, dict[tuple[str, str, str, str], LedgerLine]] = OrderedDict()
         self._lines: dict[tuple[str, str, str, str], LedgerLine] = {}  # the current window's
+        self._line_count = 0  # in all the windows kept
+        self._folded = metrics.ledger_folded
         self._window_end = 0.0
         self._budgets = [_BudgetState(b) for b in settings.budgets]
         self._by_tenant = _index(self._budgets, "tenant")
@@ -153,16 +156,19 @@ class Ledger:
             self._window_end = start + window_s
             lines = self._lines = self._windows.setdefault(start, {})
             while len(self._windows) > self.settings.retain_windows:
-                self._windows.popitem(last=False)
+                self._line_count -= len(self._windows.popitem(last=False)[1])
         key = (tenant, route, variant, surface)
         line = lines.get(key)
         if line is None:
-            if len(lines) >= self.settings.max_keys:
+            settings = self.settings
+            if len(lines) >= settings.max_keys or self._line_count >= settings.max_lines:
                 key = (OTHER, OTHER, OTHER, OTHER)
                 line = lines.get(key)
+                self._folded.inc()
             if line is None:
-                start = int(self._window_end) - self.settings.window_s
+                start = int(self._window_end) - settings.window_s
                 line = lines[key] = LedgerLine(start, *key)
+                self._line_count += 1
         total = cost.total
         line.requests += 1
         line.rows += rows

@@ -83,6 +83,12 @@ class GatewayMetrics:
             [*labels, "reason"],
             registry=self.registry,
         )
+        self.ledger_folded = Counter(
+            "gateway_ledger_folded",
+            "Requests the cost ledger added to a window's (other) row: it was at its key "
+            "bound (costs.max_keys per window, costs.max_lines in all).",
+            registry=self.registry,
+        )
         self.loop_lag = Gauge(
             "gateway_event_loop_lag_seconds",
             "How far behind its timers the event loop runs (admission refuses a request whose "

@@ -170,3 +170,24 @@ def test_a_disabled_ledger_keeps_nothing_and_applies_no_budget():
     add(book)
     assert book.lines() == []
     assert book.check("t", "app") is None
+
+
+def test_past_max_lines_in_all_windows_new_keys_add_to_other_and_are_counted():
+    """Keys are client text: however many distinct tenants arrive, the rows kept across every
+    retained window stay within max_lines (plus one (other) row per window)."""
+    clock = FakeClock(T0)
+    book, metrics = ledger(clock, window_s=60, retain_windows=3, max_keys=100, max_lines=5)
+    for window in range(3):
+        for i in range(4):
+            add(book, tenant=f"w{window}-t{i}")
+        clock.advance(60.0)
+    lines = book.lines()
+    named = [ln for ln in lines if ln.tenant != "(other)"]
+    assert len(named) == 5  # four in the first window, one in the second, then none
+    assert sum(ln.requests for ln in lines) == 12  # nothing is lost
+    assert sum(ln.cost for ln in lines) == pytest.approx(12.0)
+    assert metrics.ledger_folded._value.get() == 7
+    # A window that ages out gives its rows back: the first one's four.
+    add(book, tenant="fresh")
+    assert "w0-t0" not in {ln.tenant for ln in book.lines()}
+    assert "fresh" in {ln.tenant for ln in book.lines()}
