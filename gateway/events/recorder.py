@@ -86,6 +86,8 @@ class EventRecorder:
             )
         except LogInUse as err:
             raise SettingsError(f"events.directory: {err}") from None
+        if self._wal.corrupt:  # lost to a bad disk before this start: counted, and logged
+            self._metrics.events.labels("corrupt").inc(self._wal.corrupt)
         self._hash_key = await asyncio.to_thread(_hash_key, s)
         assert s.sidecar is not None
         self._publisher = Publisher(

@@ -6,8 +6,11 @@ Layout: ``<directory>/<first sequence, 20 digits>.wal`` segments, each a run of 
 
 Sequences rise by one per record for as long as the directory lives. A segment is deleted once
 every record in it is acknowledged (``ack``), or dropped whole when the disk bound is reached
-and the policy says so (``drop_oldest``). Opening the log recovers what a crash left: a torn or
-corrupt tail is cut off at the last whole record.
+and the policy says so (``drop_oldest``). Opening the log recovers what a crash or a bad disk
+left: a torn tail is cut off at the last whole record, and past a corrupt record the scan
+resyncs to the next whole one (its CRC right and its sequence the next ones'), so a flipped
+byte loses that record only; the segment is rewritten with what was intact, and what was
+skipped is logged and counted (``corrupt``).
 
 One writer thread appends; the publisher reads and acknowledges from another. A lock guards the
 segment list; readers open their own file handles and see what the writer has flushed.
@@ -72,6 +75,7 @@ class WriteAheadLog:
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
         self._owner = _lock_directory(directory)
+        self.corrupt = 0  # records lost to corruption when the log was opened (about: by gaps)
         self._segments: list[_Segment] = self._recover()
         self._acked = self._segments[0].first - 1 if self._segments else 0
         self._next = self._segments[-1].last + 1 if self._segments else 1
@@ -260,10 +264,23 @@ class WriteAheadLog:
             except ValueError:
                 log.warning("event log: ignoring %s (not a segment name)", path)
                 continue
-            with path.open("rb") as handle:
-                records = list(_scan(handle, path))
-            size = path.stat().st_size
-            end = _HEADER.size * len(records) + sum(len(r.payload) for r in records)
+            data = path.read_bytes()
+            records, end, skipped = _resync_scan(data, first - 1)
+            size = len(data)
+            if skipped:
+                lost = _gaps(records, first) or 1
+                self.corrupt += lost
+                log.warning(
+                    "event log: %s has %d bytes of corrupt records (about %d events lost) "
+                    "between whole ones; %d intact records kept, the segment rewritten",
+                    path,
+                    skipped,
+                    lost,
+                    len(records),
+                )
+                _rewrite(path, records)
+                end = _HEADER.size * len(records) + sum(len(r.payload) for r in records)
+                size = end
             if end < size:
                 log.warning(
                     "event log: %s has %d bytes of torn or corrupt tail after %d whole "
@@ -280,7 +297,8 @@ class WriteAheadLog:
             if segments and records[0].sequence <= segments[-1].last:
                 log.warning("event log: %s overlaps the segment before it; skipped", path)
                 continue
-            segments.append(_Segment(path, first, records[-1].sequence, end))
+            # From the first record kept: one lost at the head is not waited for.
+            segments.append(_Segment(path, records[0].sequence, records[-1].sequence, end))
         if segments:
             log.info(
                 "event log: %d segments, %d events not yet acknowledged, recovered from %s",
@@ -289,6 +307,70 @@ class WriteAheadLog:
                 self.directory,
             )
         return segments
+
+
+def _record_at(data: bytes, at: int, previous: int) -> Record | None:
+    """The whole record at ``at``: its payload's CRC right and its sequence after
+    ``previous`` by at most what the rest of the segment could hold; else None."""
+    if at + _HEADER.size > len(data):
+        return None
+    length, crc, sequence = _HEADER.unpack_from(data, at)
+    start = at + _HEADER.size
+    if start + length > len(data):
+        return None
+    if not previous < sequence <= previous + 1 + (len(data) - at) // _HEADER.size:
+        return None
+    payload = data[start : start + length]
+    if zlib.crc32(payload) != crc:
+        return None
+    return Record(sequence, payload)
+
+
+def _resync_scan(data: bytes, previous: int) -> tuple[list[Record], int, int]:
+    """A segment's whole records, resyncing past corrupt ones: (records, the end of the last
+    one, bytes skipped between whole records). What follows the last whole record (a torn
+    tail) is not counted as skipped."""
+    records: list[Record] = []
+    at = end = skipped = 0
+    while at < len(data):
+        record = _record_at(data, at, previous)
+        if record is None:
+            following = next(
+                (p for p in range(at + 1, len(data)) if _record_at(data, p, previous)), None
+            )
+            if following is None:
+                break  # nothing whole after it: a torn or corrupt tail
+            skipped += following - at
+            at = following
+            continue
+        records.append(record)
+        previous = record.sequence
+        at = end = at + _HEADER.size + len(record.payload)
+    return records, end, skipped
+
+
+def _gaps(records: list[Record], first: int) -> int:
+    """Sequences missing among the records (from the segment's first): the records lost."""
+    missing, expected = 0, first
+    for record in records:
+        missing += record.sequence - expected
+        expected = record.sequence + 1
+    return missing
+
+
+def _rewrite(path: Path, records: list[Record]) -> None:
+    """The segment again, with only ``records``: written aside, synced, then put in place."""
+    aside = path.with_suffix(".rewrite")
+    with aside.open("wb") as handle:
+        for record in records:
+            handle.write(
+                _HEADER.pack(len(record.payload), zlib.crc32(record.payload), record.sequence)
+            )
+            handle.write(record.payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(aside, path)
+    _fsync_directory(path.parent)
 
 
 def _scan(handle: object, path: Path, limit: int | None = None) -> Iterable[Record]:

@@ -83,16 +83,37 @@ def test_a_torn_tail_is_cut_off_at_the_last_whole_record(open_log, tmp_path: Pat
     assert segment.stat().st_size == len(data)
 
 
-def test_a_corrupt_record_ends_the_segment_there(open_log, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("where", "lost"),
+    [
+        (0 * 116 + 20, 1),  # the first record's payload
+        (3 * 116 + 20, 4),  # a record's payload in the middle
+        (3 * 116 + 2, 4),  # a record's length field: the scan resyncs byte by byte
+        (5 * 116 + 8, 6),  # a record's sequence field
+        (9 * 116 + 50, 10),  # the last record: a corrupt tail, cut off
+    ],
+)
+def test_a_corrupt_record_loses_only_itself(open_log, tmp_path: Path, caplog, where, lost):
     wal = open_log(tmp_path, segment_bytes=1 << 20)
-    wal.append(payloads(5))
+    wal.append(payloads(10))
     wal.close()
     (segment,) = tmp_path.glob("*.wal")
     data = bytearray(segment.read_bytes())
-    data[3 * 116 + 20] ^= 0xFF  # a flipped byte inside the fourth record's payload
+    data[where] ^= 0xFF  # one flipped byte
     segment.write_bytes(bytes(data))
     again = open_log(tmp_path, segment_bytes=1 << 20)
-    assert [r.sequence for r in again.read(0, 100, 1 << 20)] == [1, 2, 3]
+    kept = [i for i in range(1, 11) if i != lost]
+    records = again.read(0, 100, 1 << 20)
+    assert [r.sequence for r in records] == kept
+    assert [r.payload for r in records] == [payloads(10)[i - 1] for i in kept]
+    assert again.corrupt == (0 if lost == 10 else 1)  # a bad last record is a torn tail
+    assert segment.stat().st_size == 9 * 116  # rewritten (or cut) to the intact records
+    # The log goes on: acks, appends and a reopening see the same records.
+    assert again.append(payloads(1, start=50)) == (10 if lost == 10 else 11)
+    again.close()
+    third = open_log(tmp_path, segment_bytes=1 << 20)
+    assert third.corrupt == 0
+    assert [r.sequence for r in third.read(0, 100, 1 << 20)][: len(kept)] == kept
 
 
 def test_drop_oldest_deletes_a_whole_segment_and_counts_what_was_unacked(open_log, tmp_path: Path):
