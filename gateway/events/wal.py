@@ -12,6 +12,10 @@ resyncs to the next whole one (its CRC right and its sequence the next ones'), s
 byte loses that record only; the segment is rewritten with what was intact, and what was
 skipped is logged and counted (``corrupt``).
 
+The acknowledged position is kept in ``<directory>/acked`` (written aside, fsynced, renamed in;
+at most once a second, and at close), so a restart after a crash resends only what was not
+acknowledged, not the whole first segment; with no segment left, sequences go on from it.
+
 One writer thread appends; the publisher reads and acknowledges from another. A lock guards the
 segment list; readers open their own file handles and see what the writer has flushed.
 """
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<IIQ")
 _SUFFIX = ".wal"
+_ACKED = "acked"
 FsyncPolicy = Literal["batch", "interval", "never"]
 
 
@@ -65,6 +70,7 @@ class WriteAheadLog:
         max_bytes: int,
         fsync: FsyncPolicy = "batch",
         fsync_interval_s: float = 1.0,
+        ack_persist_s: float = 1.0,
     ) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
@@ -77,8 +83,16 @@ class WriteAheadLog:
         self._owner = _lock_directory(directory)
         self.corrupt = 0  # records lost to corruption when the log was opened (about: by gaps)
         self._segments: list[_Segment] = self._recover()
-        self._acked = self._segments[0].first - 1 if self._segments else 0
-        self._next = self._segments[-1].last + 1 if self._segments else 1
+        persisted = _read_acked(directory)
+        if self._segments:
+            first, last = self._segments[0].first, self._segments[-1].last
+            self._acked = max(first - 1, min(persisted, last))
+            self._next = last + 1
+        else:
+            self._acked = persisted
+            self._next = persisted + 1
+        self._ack_persist_s = ack_persist_s
+        self._persisted = (self._acked, time.monotonic())  # what the file says, and when
         self._file = None if not self._segments else self._segments[-1].path.open("ab")
         self.dropped = 0  # records deleted unacknowledged (drop_oldest)
         # Where the last read stopped: (segment, byte offset, sequence of the record there).
@@ -233,7 +247,7 @@ class WriteAheadLog:
         with self._lock:
             if sequence <= self._acked:
                 return 0
-            self._acked = min(sequence, self._next - 1)
+            self._acked = acked = min(sequence, self._next - 1)
             while self._segments and self._segments[0].last <= self._acked:
                 if len(self._segments) == 1:
                     if self._segments[0].size < self.segment_bytes and self._file is not None:
@@ -242,9 +256,23 @@ class WriteAheadLog:
                 segment = self._segments.pop(0)
                 segment.path.unlink(missing_ok=True)
                 freed += segment.size
+        if time.monotonic() - self._persisted[1] >= self._ack_persist_s:
+            self._persist_acked(acked)  # outside the lock: the writer does not wait on it
         return freed
 
+    def _persist_acked(self, acked: int) -> None:
+        """Write the acknowledged position aside, fsync it, rename it in (atomic)."""
+        aside = self.directory / f"{_ACKED}.tmp"
+        with aside.open("w") as handle:
+            handle.write(str(acked))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(aside, self.directory / _ACKED)
+        self._persisted = (acked, time.monotonic())
+
     def close(self) -> None:
+        if self._persisted[0] != self._acked and not self._owner.closed:
+            self._persist_acked(self._acked)
         with self._lock:
             if self._file is not None:
                 self._file.flush()
@@ -387,6 +415,14 @@ def _scan(handle: object, path: Path, limit: int | None = None) -> Iterable[Reco
         yield Record(sequence, payload)
         if limit is not None and sequence >= limit:
             return
+
+
+def _read_acked(directory: Path) -> int:
+    """The acknowledged position last persisted (0: none, or unreadable)."""
+    try:
+        return max(0, int((directory / _ACKED).read_text().strip()))
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 class LogInUse(RuntimeError):

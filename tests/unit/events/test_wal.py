@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -164,3 +165,41 @@ def test_a_log_directory_has_one_writer(open_log, tmp_path: Path):
         WriteAheadLog(tmp_path, 1000, 100_000)
     first.close()
     open_log(tmp_path).append(payloads(1))  # free again once closed
+
+
+def test_a_restart_after_a_crash_resends_only_what_was_not_acknowledged(open_log, tmp_path: Path):
+    """The acknowledged position is persisted (atomically): the log as a crash would leave it
+    (copied while open, never closed) reopens past what was acknowledged, mid-segment too."""
+    wal = open_log(tmp_path / "log", ack_persist_s=0.0)
+    wal.append(payloads(25))  # segments of 1-9, 10-18, 19-25
+    wal.ack(12)  # the first segment goes; the second is acknowledged up to 12
+    shutil.copytree(tmp_path / "log", tmp_path / "crashed", ignore=shutil.ignore_patterns(".lock"))
+    again = open_log(tmp_path / "crashed")
+    assert again.acked == 12 and again.unacked == 13
+    assert [r.sequence for r in again.read(again.acked, 100, 1 << 20)] == list(range(13, 26))
+
+
+def test_acknowledged_positions_are_persisted_at_most_once_per_interval_and_at_close(
+    open_log, tmp_path: Path
+):
+    wal = open_log(tmp_path, ack_persist_s=3600.0)
+    wal.append(payloads(25))
+    wal.ack(12)  # within the interval: not written yet
+    assert not (tmp_path / "acked").exists()
+    wal.close()
+    assert (tmp_path / "acked").read_text() == "12"
+    wal.close()  # twice is harmless
+
+
+def test_sequences_go_on_from_the_acknowledged_position_when_no_segment_is_left(
+    open_log, tmp_path: Path
+):
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.ack(25)
+    wal.close()
+    for segment in tmp_path.glob("*.wal"):  # the active one goes once it has rolled
+        segment.unlink()
+    again = open_log(tmp_path)
+    assert again.acked == 25 and again.unacked == 0
+    assert again.append(payloads(1, start=99)) == 26
