@@ -19,6 +19,7 @@ import grpc
 from gateway.api.v1 import events_pb2 as ev
 from gateway.events.wal import Record, WriteAheadLog
 from gateway.telemetry import GatewayMetrics
+from gateway.wire import varint
 
 __all__ = ["Publisher", "encode_batch"]
 
@@ -200,19 +201,7 @@ class Publisher:
 
 def encode_batch(records: list[Record]) -> bytes:
     """EventBatch wire bytes: field 1 the last sequence, field 2 each stored event payload."""
-    parts = [b"\x08", _varint(records[-1].sequence)]
+    parts = [b"\x08", varint(records[-1].sequence)]
     for record in records:
-        parts += (b"\x12", _varint(len(record.payload)), record.payload)
+        parts += (b"\x12", varint(len(record.payload)), record.payload)
     return b"".join(parts)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)

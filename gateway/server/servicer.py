@@ -46,6 +46,7 @@ from gateway.server.codec import BadMessages, decode_fast, encode_response
 from gateway.settings import ServerSettings
 from gateway.telemetry import GatewayMetrics, Tracing
 from gateway.types import InferRequest, InferResponse
+from gateway.wire import varint
 
 __all__ = ["InferenceServicer", "Metadata", "decoded", "error_trailers"]
 
@@ -370,7 +371,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response = await self.infer_bytes(
                     payload, context.invocation_metadata, remaining, "ModelStreamInfer", arrived
                 )
-                reply = _STREAM_INFER_RESPONSE + _varint(len(response)) + response
+                reply = _STREAM_INFER_RESPONSE + varint(len(response)) + response
             except GatewayError as err:
                 reply = _stream_error(payload, str(err)).SerializeToString()
             await done.put(reply)
@@ -440,13 +441,3 @@ def _stream_error(payload: bytes, message: str) -> pb.ModelStreamInferResponse:
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
-
-
-def _varint(value: int) -> bytes:
-    """A protobuf varint (a length prefix)."""
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
