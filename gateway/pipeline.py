@@ -362,12 +362,9 @@ def _deadline(request: InferRequest) -> float | None:
     if left is None:
         return None
     if left <= 0:
-        waited = (
-            ""
-            if request.arrived is None
-            else (
-                f" (it waited {(time.monotonic() - request.arrived) * 1000:.0f} ms to be taken up)"
-            )
-        )
+        waited = ""
+        if request.arrived is not None:
+            waited_ms = (time.monotonic() - request.arrived) * 1000
+            waited = f" (it waited {waited_ms:.0f} ms to be taken up)"
         raise DeadlineExceeded(f"the request's deadline had passed before it was served{waited}")
     return asyncio.get_running_loop().time() + left

@@ -139,9 +139,11 @@ class Tensor:
 
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 _SEGMENT = "segment."
-_DIGITS = re.compile(r"[0-9]{1,9}")
 MAX_TEXT_CHARS: Final = 1024  # a tenant, surface, sticky key, entity key or segment value
 MAX_DIMS: Final = 64  # dimensions of a tensor (numpy's limit)
+# A tensor's dimensions, zeros aside, multiply to at most this: numpy refuses an array whose
+# extent times its item size passes 2^63, even one with no elements.
+MAX_EXTENT: Final = 2**48
 _ASCII_INT = re.compile(r"[0-9]{1,18}")
 
 
@@ -229,8 +231,8 @@ def _bounded(name: str, text: str) -> str:
 def _priority(value: ParameterValue | None) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-        value = int(value)
+    if isinstance(value, str) and (number := ascii_int(value.strip())) is not None:
+        value = number
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidRequest(
             f"parameter 'priority' must be an integer from 1 (first), got {value!r}"

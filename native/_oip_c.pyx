@@ -33,11 +33,11 @@ import numpy as np
 
 from gateway.errors import InvalidRequest
 from gateway import _hotloops
-from gateway.types import DEFAULT_OPTIONS, MAX_DIMS, MAX_TEXT_CHARS, WIRE_DTYPES, InferRequest, RequestOptions, Tensor
+from gateway.types import DEFAULT_OPTIONS, MAX_DIMS, MAX_EXTENT, MAX_TEXT_CHARS, WIRE_DTYPES, InferRequest, RequestOptions, Tensor
 
 cdef object _ndarray = np.ndarray
 
-cdef int64_t _MAX_EXTENT = 2**48  # as convert._MAX_EXTENT
+cdef int64_t _MAX_EXTENT = MAX_EXTENT
 
 # The datatype names as str, and as the bytes they arrive in: a known name is matched in place
 # and its one str object reused, not decoded per tensor.

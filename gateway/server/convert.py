@@ -14,6 +14,7 @@ from gateway.errors import InvalidRequest
 from gateway.types import (
     DEFAULT_OPTIONS,
     MAX_DIMS,
+    MAX_EXTENT,
     MAX_TEXT_CHARS,
     NUMPY_DTYPES,
     WIRE_DTYPES,
@@ -47,9 +48,6 @@ _CONTENTS_FIELD: Final[dict[str, str]] = {
 
 # A request id is echoed in the response and kept in its prediction event: bounded.
 MAX_ID_CHARS: Final = MAX_TEXT_CHARS
-# An input's dimensions, zeros aside, multiply to at most this: numpy refuses an array whose
-# extent times its item size passes 2^63, even one with no elements.
-_MAX_EXTENT: Final = 2**48
 
 
 def parameters_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
@@ -142,7 +140,7 @@ def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | 
         raise InvalidRequest(f"input '{name}' has a negative dimension in shape {list(shape)}")
     if len(shape) > MAX_DIMS:
         raise InvalidRequest(f"input '{name}' has {len(shape)} dimensions; at most {MAX_DIMS}")
-    if math.prod(d for d in shape if d) > _MAX_EXTENT:
+    if math.prod(d for d in shape if d) > MAX_EXTENT:
         raise InvalidRequest(
             f"input '{name}' has shape {list(shape)}: its dimensions (zeros aside) multiply "
             "past 2^48, more than an array can hold even empty"
