@@ -361,16 +361,18 @@ def _resync_scan(data: bytes, previous: int) -> tuple[list[Record], int, int]:
     records: list[Record] = []
     at = end = skipped = 0
     while at < len(data):
-        record = _record_at(data, at, previous)
-        if record is None:
-            following = next(
-                (p for p in range(at + 1, len(data)) if _record_at(data, p, previous)), None
-            )
-            if following is None:
-                break  # nothing whole after it: a torn or corrupt tail
-            skipped += following - at
-            at = following
-            continue
+        found = next(
+            (
+                (p, record)
+                for p in range(at, len(data))
+                if (record := _record_at(data, p, previous)) is not None
+            ),
+            None,
+        )
+        if found is None:
+            break  # nothing whole from here: a torn or corrupt tail
+        skipped += found[0] - at
+        at, record = found
         records.append(record)
         previous = record.sequence
         at = end = at + _HEADER.size + len(record.payload)
