@@ -304,6 +304,14 @@ cdef list _texts(tensor):
     return values
 
 
+cdef inline bint _readable(int kind):
+    """A numeric kind _contract_columns reads as it is (any other becomes float64 first)."""
+    return (
+        kind == cnp.NPY_FLOAT32 or kind == cnp.NPY_FLOAT64 or kind == cnp.NPY_INT32
+        or kind == cnp.NPY_INT64 or kind == cnp.NPY_BOOL
+    )
+
+
 cdef tuple _contract_columns(request, coverage, bytes hash_key, redact):
     """Raw features under a contract: (numeric names, float64 row-major matrix bytes, string
     columns), as builder._contract_features and event_columns make them."""
@@ -331,13 +339,22 @@ cdef tuple _contract_columns(request, coverage, bytes hash_key, redact):
             column = data.astype(np.float64).ravel()
             strings.append((name, [redact(v, hash_key) for v in column.tolist()], True))
             continue
-        array = np.ascontiguousarray(data.reshape(-1))
-        kind = cnp.PyArray_TYPE(array)
-        if not cnp.PyArray_ISNOTSWAPPED(array) or kind not in (
-            cnp.NPY_FLOAT32, cnp.NPY_FLOAT64, cnp.NPY_INT32, cnp.NPY_INT64, cnp.NPY_BOOL
+        # A decoded tensor is already C-ordered, aligned, native (ISCARRAY_RO checks all
+        # three) and of a kind read below: read in place (its flat length is its size
+        # whatever its shape), no numpy calls.
+        if not (
+            isinstance(data, cnp.ndarray)
+            and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>data)
+            and _readable(cnp.PyArray_TYPE(<cnp.ndarray>data))
         ):
-            array = np.ascontiguousarray(array, dtype=np.float64)
-        length = cnp.PyArray_DIM(array, 0)
+            data = np.ascontiguousarray(data.reshape(-1))
+            if not (
+                cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>data)
+                and _readable(cnp.PyArray_TYPE(<cnp.ndarray>data))
+            ):
+                data = np.ascontiguousarray(data, dtype=np.float64)
+        array = data
+        length = cnp.PyArray_SIZE(array)
         if rows < 0:
             rows = length
         elif length != rows:

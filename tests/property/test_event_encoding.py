@@ -76,6 +76,8 @@ def sent_tensor(draw: st.DrawFn, name: str, kind: str, start: int, rows: int) ->
     data = np.asarray(values).astype(NUMPY_DTYPES[datatype])
     if draw(st.integers(0, 4)) == 0:  # big-endian, as numpy may hand a client's array
         data = data.astype(data.dtype.newbyteorder(">"))
+    if draw(st.integers(0, 4)) == 0:  # a strided view, not contiguous
+        data = np.repeat(data, 2)[::2]
     return Tensor(name, datatype, data.reshape(shape))
 
 
