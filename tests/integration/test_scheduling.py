@@ -230,3 +230,60 @@ def test_response_reports_its_batch(client):
     inp.set_data_from_numpy(demo_features(3))
     params = client.infer("fraud", [inp]).get_response().parameters
     assert params["batch_rows"].int64_param >= 3
+
+
+def test_at_four_times_capacity_admitted_requests_keep_their_deadline(
+    tmp_path: Path, start_gateway
+):
+    """A real open-loop load at 4x the capacity measured first: each request, with a 1 s
+    deadline, is answered within it or refused; none is answered late. The margin (another
+    second, by the client's clock) is generous; without deadlines held, the queue (16 batches)
+    would answer the last requests seconds late."""
+    rows, deadline_ms, margin_s = SLOW_ROWS // 4, 1000, 1.0
+    write_slow_model(
+        tmp_path / "repo" / "slow",
+        queue={"max_rows": SLOW_ROWS * 16},
+        dynamic_batching={"max_queue_delay_us": 2_000},
+    )
+    gateway = start_gateway(tmp_path / "repo")
+    with grpc.insecure_channel(gateway.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        plain = slow_request(rows=rows)
+        stub.ModelInfer(plain)  # warm
+        # Capacity: four clients in a closed loop for two seconds.
+        started = time.monotonic()
+        answered = 0
+        while time.monotonic() - started < 2.0:
+            calls = [stub.ModelInfer.future(plain) for _ in range(4)]
+            answered += sum(code_of(call) == grpc.StatusCode.OK for call in calls)
+        capacity = answered / (time.monotonic() - started)
+        # Overload: requests start on a fixed schedule at 4x, whatever the answers do.
+        timed = slow_request(timeout_ms=deadline_ms, rows=rows)
+        interval = 1 / (4 * capacity)
+        outcomes: queue.SimpleQueue = queue.SimpleQueue()
+
+        def done(call: grpc.Future, sent: float) -> None:
+            outcomes.put((code_of(call), time.monotonic() - sent))
+
+        offered = max(int(3.0 / interval), 24)
+        begin = time.monotonic()
+        for i in range(offered):
+            time.sleep(max(begin + i * interval - time.monotonic(), 0))  # the schedule
+            sent = time.monotonic()
+            call = stub.ModelInfer.future(timed)
+            call.add_done_callback(lambda call, sent=sent: done(call, sent))
+        results = [outcomes.get(timeout=120) for _ in range(offered)]
+        # Load gone: served again.
+        stub.ModelInfer(plain)
+    codes = [code for code, _ in results]
+    late_after = deadline_ms / 1000 + margin_s
+    late = [took for code, took in results if code == grpc.StatusCode.OK and took > late_after]
+    assert set(codes) <= {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }, codes
+    assert codes.count(grpc.StatusCode.OK) >= 1
+    # Four times what it can serve: most are refused (at once, or when their time ran out).
+    assert len(codes) - codes.count(grpc.StatusCode.OK) >= offered // 3, codes
+    assert not late, f"{len(late)} of {offered} answered after {deadline_ms} ms + {margin_s} s"
