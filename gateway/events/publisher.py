@@ -135,6 +135,21 @@ class Publisher:
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                     await receiver
                 call.cancel()
+                await self._rewind()
+
+    async def _rewind(self) -> None:
+        """The next stream starts from the first unacknowledged record; what was in flight
+        and dropped meanwhile will never be acknowledged now: counted dropped."""
+        loop = asyncio.get_running_loop()
+        # NOTE: on the io thread, after any ack still running there (acks go first).
+        lost = await loop.run_in_executor(self._io, self._wal.rewind)
+        if lost:
+            self._metrics.events.labels("dropped").inc(lost)
+            log.warning(
+                "the event stream ended with %d events sent and unacknowledged whose log "
+                "segment was dropped to make room: lost (events.on_full: drop_oldest)",
+                lost,
+            )
 
     async def _send(
         self,

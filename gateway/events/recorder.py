@@ -7,7 +7,9 @@ appends them to the log; the publisher streams the log to the sidecar.
 Bounds: the queue (events and the request bytes they hold) and the log on disk. At a bound,
 ``on_full: shed`` refuses new predictions (``admit`` raises EventLogFull, UNAVAILABLE) until
 the sidecar catches up; ``on_full: drop_oldest`` deletes the oldest unacknowledged events.
-Either way it is counted (``gateway_events_total{outcome}``) and logged.
+Either way it is counted (``gateway_events_total{outcome}``) and logged. ``dropped`` counts
+only events the sidecar never acknowledged: one deleted while sent and awaiting its ack counts
+only if the ack never comes (``WriteAheadLog.drop_oldest``).
 """
 
 from __future__ import annotations

@@ -6,11 +6,15 @@ Layout: ``<directory>/<first sequence, 20 digits>.wal`` segments, each a run of 
 
 Sequences rise by one per record for as long as the directory lives. A segment is deleted once
 every record in it is acknowledged (``ack``), or dropped whole when the disk bound is reached
-and the policy says so (``drop_oldest``). Opening the log recovers what a crash or a bad disk
-left: a torn tail is cut off at the last whole record, and past a corrupt record the scan
-resyncs to the next whole one (its CRC right and its sequence the next ones'), so a flipped
-byte loses that record only; the segment is rewritten with what was intact, and what was
-skipped is logged and counted (``corrupt``).
+and the policy says so (``drop_oldest``). ``dropped`` counts the records whose segment went
+before the sidecar acknowledged them, and only those: a record never sent is counted at once;
+one sent and awaiting its ack is counted only if the stream ends without that ack (an ack that
+comes says the sidecar holds it: delivered, not dropped).
+
+Opening the log recovers what a crash or a bad disk left: a torn tail is cut off at the last
+whole record, and past a corrupt record the scan resyncs to the next whole one (its CRC right
+and its sequence the next ones'), so a flipped byte loses that record only; the segment is
+rewritten with what was intact, and what was skipped is logged and counted (``corrupt``).
 
 The acknowledged position is kept in ``<directory>/acked`` (written aside, fsynced, renamed in;
 at most once a second, and at close), so a restart after a crash resends only what was not
@@ -56,10 +60,18 @@ class _Segment:
     first: int  # sequence of its first record
     last: int  # sequence of its last record (first - 1 while empty)
     size: int  # bytes
+    missing: tuple[int, ...] = ()  # sequences between first and last lost to corruption
 
     @property
     def records(self) -> int:
-        return self.last - self.first + 1
+        return self.count(self.first - 1, self.last)
+
+    def count(self, after: int, upto: int) -> int:
+        """Records it holds with a sequence in (after, upto]."""
+        low, high = max(after, self.first - 1), min(upto, self.last)
+        if high <= low:
+            return 0
+        return high - low - sum(1 for m in self.missing if low < m <= high)
 
 
 class WriteAheadLog:
@@ -88,13 +100,22 @@ class WriteAheadLog:
             first, last = self._segments[0].first, self._segments[-1].last
             self._acked = max(first - 1, min(persisted, last))
             self._next = last + 1
+            log.info(
+                "event log: %d segments, %d events not yet acknowledged, recovered from %s",
+                len(self._segments),
+                self.unacked,
+                directory,
+            )
         else:
             self._acked = persisted
             self._next = persisted + 1
         self._ack_persist_s = ack_persist_s
         self._persisted = (self._acked, time.monotonic())  # what the file says, and when
         self._file = None if not self._segments else self._segments[-1].path.open("ab")
-        self.dropped = 0  # records deleted unacknowledged (drop_oldest)
+        self.dropped = 0  # records whose segment went before their ack (see drop_oldest)
+        self._sent = self._acked  # the newest record read for sending since the stream began
+        # Parts of dropped segments sent and not yet acknowledged: delivered if acked in time.
+        self._unconfirmed: list[_Segment] = []
         # Where the last read stopped: (segment, byte offset, sequence of the record there).
         self._cursor: tuple[Path | None, int, int] = (None, 0, 0)
 
@@ -120,7 +141,13 @@ class WriteAheadLog:
     def unacked(self) -> int:
         """Records on disk not yet acknowledged."""
         with self._lock:
-            return sum(max(0, s.last - max(s.first - 1, self._acked)) for s in self._segments)
+            return sum(s.count(self._acked, s.last) for s in self._segments)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Records dropped while sent, whose ack has not come yet (not counted in ``dropped``)."""
+        with self._lock:
+            return sum(s.records for s in self._unconfirmed)
 
     @property
     def overhead(self) -> int:
@@ -180,7 +207,12 @@ class WriteAheadLog:
         _fsync_directory(self.directory)
 
     def drop_oldest(self) -> int:
-        """Delete the oldest segment, acknowledged or not; returns the records it held."""
+        """Delete the oldest segment, acknowledged or not; returns its records never sent.
+
+        Those are lost, counted in ``dropped`` now. Its records sent and awaiting their ack
+        are not counted yet: the sidecar may hold them. Their ack coming clears them
+        (``ack``); the stream ending first counts them dropped (``rewind``).
+        """
         with self._lock:
             if not self._segments:
                 return 0
@@ -188,10 +220,15 @@ class WriteAheadLog:
                 self._close_active()
             segment = self._segments.pop(0)
             segment.path.unlink(missing_ok=True)
-            lost = segment.last - max(self._acked, segment.first - 1)
-            self._acked = max(self._acked, segment.last)
-            self.dropped += max(lost, 0)
-            return max(lost, 0)
+            acked, sent = self._acked, max(self._sent, self._acked)
+            if segment.count(acked, sent):
+                first = max(acked, segment.first - 1) + 1
+                last = min(sent, segment.last)
+                self._unconfirmed.append(_Segment(segment.path, first, last, 0, segment.missing))
+            lost = segment.count(sent, segment.last)
+            self._acked = max(acked, segment.last)
+            self.dropped += lost
+            return lost
 
     def _close_active(self) -> None:
         if self._file is not None:
@@ -202,6 +239,7 @@ class WriteAheadLog:
 
     def read(self, after: int, max_records: int, max_bytes: int) -> list[Record]:
         """Records with sequence > ``after``, oldest first, up to the limits (at least one).
+        They count as sent (in flight) until acknowledged, or until ``rewind``.
 
         Reading on from where the last read stopped seeks straight there (the publisher's
         case); any other ``after`` scans its segment from the start (a reconnect).
@@ -230,13 +268,22 @@ class WriteAheadLog:
                         if out and (
                             len(out) >= max_records or size + len(record.payload) > max_bytes
                         ):
-                            return out
+                            return self._hand_out(out)
                         out.append(record)
                         size += len(record.payload)
                         after = record.sequence
                     position += _HEADER.size + len(record.payload)
                     self._cursor = (segment.path, position, record.sequence + 1)
-        return out
+        return self._hand_out(out)
+
+    def _hand_out(self, records: list[Record]) -> list[Record]:
+        """The records read, less any dropped meanwhile (counted, so never sent); the rest
+        count as sent from here."""
+        with self._lock:
+            records = [r for r in records if r.sequence > self._acked]
+            if records:
+                self._sent = max(self._sent, records[-1].sequence)
+        return records
 
     def ack(self, sequence: int) -> int:
         """Everything up to ``sequence`` is stored downstream: delete the segments it covers.
@@ -245,9 +292,16 @@ class WriteAheadLog:
         """
         freed = 0
         with self._lock:
+            sequence = min(sequence, self._next - 1)
+            # Records dropped while in flight that this ack covers were delivered after all.
+            while self._unconfirmed and self._unconfirmed[0].first <= sequence:
+                if self._unconfirmed[0].last <= sequence:
+                    self._unconfirmed.pop(0)
+                else:
+                    self._unconfirmed[0].first = sequence + 1
             if sequence <= self._acked:
                 return 0
-            self._acked = acked = min(sequence, self._next - 1)
+            self._acked = acked = sequence
             while self._segments and self._segments[0].last <= self._acked:
                 if len(self._segments) == 1:
                     if self._segments[0].size < self.segment_bytes and self._file is not None:
@@ -259,6 +313,19 @@ class WriteAheadLog:
         if time.monotonic() - self._persisted[1] >= self._ack_persist_s:
             self._persist_acked(acked)  # outside the lock: the writer does not wait on it
         return freed
+
+    def rewind(self) -> int:
+        """The stream ended: what was sent and not acknowledged is sent again from ``acked``.
+
+        Records among them already dropped (``drop_oldest``) cannot be: no ack will come for
+        them now, so they count as dropped. Returns how many.
+        """
+        with self._lock:
+            lost = sum(s.records for s in self._unconfirmed)
+            self._unconfirmed.clear()
+            self.dropped += lost
+            self._sent = self._acked
+            return lost
 
     def _persist_acked(self, acked: int) -> None:
         """Write the acknowledged position aside, fsync it, rename it in (atomic)."""
@@ -326,14 +393,9 @@ class WriteAheadLog:
                 log.warning("event log: %s overlaps the segment before it; skipped", path)
                 continue
             # From the first record kept: one lost at the head is not waited for.
-            segments.append(_Segment(path, records[0].sequence, records[-1].sequence, end))
-        if segments:
-            log.info(
-                "event log: %d segments, %d events not yet acknowledged, recovered from %s",
-                len(segments),
-                sum(s.records for s in segments),
-                self.directory,
-            )
+            first_kept, last_kept = records[0].sequence, records[-1].sequence
+            missing = () if not skipped else _missing(records)
+            segments.append(_Segment(path, first_kept, last_kept, end, missing))
         return segments
 
 
@@ -386,6 +448,12 @@ def _gaps(records: list[Record], first: int) -> int:
         missing += record.sequence - expected
         expected = record.sequence + 1
     return missing
+
+
+def _missing(records: list[Record]) -> tuple[int, ...]:
+    """Sequences lost between the first record and the last."""
+    kept = {r.sequence for r in records}
+    return tuple(i for i in range(records[0].sequence, records[-1].sequence) if i not in kept)
 
 
 def _rewrite(path: Path, records: list[Record]) -> None:

@@ -108,6 +108,7 @@ def test_a_corrupt_record_loses_only_itself(open_log, tmp_path: Path, caplog, wh
     assert [r.sequence for r in records] == kept
     assert [r.payload for r in records] == [payloads(10)[i - 1] for i in kept]
     assert again.corrupt == (0 if lost == 10 else 1)  # a bad last record is a torn tail
+    assert again.unacked == 9  # the lost record is not waited for
     assert segment.stat().st_size == 9 * 116  # rewritten (or cut) to the intact records
     # The log goes on: acks, appends and a reopening see the same records.
     assert again.append(payloads(1, start=50)) == (10 if lost == 10 else 11)
@@ -125,6 +126,53 @@ def test_drop_oldest_deletes_a_whole_segment_and_counts_what_was_unacked(open_lo
     assert wal.dropped == 5 and wal.acked == 9
     assert wal.read(after=wal.acked, max_records=1, max_bytes=1 << 20)[0].sequence == 10
     assert wal.size == 16 * 116  # records 10-25 are left
+
+
+@pytest.mark.parametrize(
+    ("acks", "stream_ends", "dropped"),
+    [
+        ((4, 6), False, 3),  # every record sent is acknowledged: only the unsent were lost
+        ((4, 6), True, 3),  # ... and the stream ending afterwards changes nothing
+        ((4,), True, 3 + 2),  # 5 and 6 never acknowledged: lost once the stream ends
+        ((), True, 3 + 4),
+        ((), False, 3),  # still awaiting their ack: not (yet) counted
+    ],
+)
+def test_drop_oldest_counts_only_records_the_sidecar_never_acknowledged(
+    open_log, tmp_path: Path, acks: tuple[int, ...], stream_ends: bool, dropped: int
+):
+    """Segment 1-9 dropped with 1-2 acknowledged, 3-6 sent (two batches in flight) and
+    7-9 never sent."""
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.ack(2)
+    assert [r.sequence for r in wal.read(2, 2, 1 << 20)] == [3, 4]
+    assert [r.sequence for r in wal.read(4, 2, 1 << 20)] == [5, 6]
+    assert wal.drop_oldest() == 3  # 7, 8 and 9: lost for sure
+    assert (wal.dropped, wal.unconfirmed, wal.acked) == (3, 4, 9)
+    for sequence in acks:
+        wal.ack(sequence)
+    if stream_ends:
+        wal.rewind()
+    assert wal.dropped == dropped
+    assert wal.unconfirmed == (0 if stream_ends else 4 - 2 * len(acks))
+    assert wal.read(wal.acked, 100, 1 << 20)[0].sequence == 10  # never sent again
+
+
+def test_a_read_from_before_a_drop_starts_after_it_and_what_it_hands_out_counts_as_sent(
+    open_log, tmp_path: Path
+):
+    """A reconnect reads from an older position than a drop left: it gets only what is left,
+    and those records, dropped in turn before their ack, wait for it rather than count."""
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.drop_oldest()
+    assert wal.dropped == 9
+    assert [r.sequence for r in wal.read(0, 3, 1 << 20)] == [10, 11, 12]
+    wal.drop_oldest()  # 10-12 sent: unconfirmed; 13-18 never sent
+    assert (wal.dropped, wal.unconfirmed) == (15, 3)
+    wal.ack(12)
+    assert (wal.dropped, wal.unconfirmed, wal.unacked) == (15, 0, 7)
 
 
 def test_an_empty_log_starts_at_one_and_reads_nothing(open_log, tmp_path: Path):
