@@ -16,9 +16,13 @@ whole record, and past a corrupt record the scan resyncs to the next whole one (
 and its sequence the next ones'), so a flipped byte loses that record only; the segment is
 rewritten with what was intact, and what was skipped is logged and counted (``corrupt``).
 
-The acknowledged position is kept in ``<directory>/acked`` (written aside, fsynced, renamed in;
-at most once a second, and at close), so a restart after a crash resends only what was not
-acknowledged, not the whole first segment; with no segment left, sequences go on from it.
+The acknowledged position is kept in ``<directory>/acked`` at every ack, before the segments
+it covers are deleted, so a restart after a crash (SIGKILL included) resends nothing that was
+acknowledged; with no segment left, sequences go on from it. The file holds two fixed slots in
+different disk blocks, ``u64 generation | u64 sequence | u32 crc32`` each, written in turn in
+place (pwrite, then fdatasync as ``fsync`` says) on the publisher's thread: a torn write spoils
+only the slot it hit, and the other still holds the position before. The older one-number text
+file is read, and replaced (aside, fsync, rename) by the two slots at the first ack.
 
 One writer thread appends; the publisher reads and acknowledges from another. A lock guards the
 segment list; readers open their own file handles and see what the writer has flushed.
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<IIQ")
 _SUFFIX = ".wal"
 _ACKED = "acked"
+_ACK_SLOT = struct.Struct("<QQI")  # generation, sequence, crc32 of the two
+# NOTE: a block apart, so that a write torn mid-block cannot spoil the other slot too.
+_ACK_SLOTS = (0, 4096)
 FsyncPolicy = Literal["batch", "interval", "never"]
 
 
@@ -82,7 +89,6 @@ class WriteAheadLog:
         max_bytes: int,
         fsync: FsyncPolicy = "batch",
         fsync_interval_s: float = 1.0,
-        ack_persist_s: float = 1.0,
     ) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
@@ -95,7 +101,8 @@ class WriteAheadLog:
         self._owner = _lock_directory(directory)
         self.corrupt = 0  # records lost to corruption when the log was opened (about: by gaps)
         self._segments: list[_Segment] = self._recover()
-        persisted = _read_acked(directory)
+        self._position = _AckedPosition(directory / _ACKED, fsync, fsync_interval_s)
+        persisted = self._position.sequence
         if self._segments:
             first, last = self._segments[0].first, self._segments[-1].last
             self._acked = max(first - 1, min(persisted, last))
@@ -109,8 +116,6 @@ class WriteAheadLog:
         else:
             self._acked = persisted
             self._next = persisted + 1
-        self._ack_persist_s = ack_persist_s
-        self._persisted = (self._acked, time.monotonic())  # what the file says, and when
         self._file = None if not self._segments else self._segments[-1].path.open("ab")
         self.dropped = 0  # records whose segment went before their ack (see drop_oldest)
         self._sent = self._acked  # the newest record read for sending since the stream began
@@ -286,13 +291,19 @@ class WriteAheadLog:
         return records
 
     def ack(self, sequence: int) -> int:
-        """Everything up to ``sequence`` is stored downstream: delete the segments it covers.
+        """Everything up to ``sequence`` is stored downstream: persist that, then delete the
+        segments it covers. Returns the bytes freed.
 
-        Returns the bytes freed.
+        The position is on disk when this returns: a restart, even after SIGKILL, resends
+        nothing up to it. Call it off the event loop (it may fdatasync).
         """
-        freed = 0
         with self._lock:
             sequence = min(sequence, self._next - 1)
+            behind = sequence <= self._acked
+        if not behind:
+            self._position.write(sequence)  # before any deletion; outside the writer's lock
+        freed = 0
+        with self._lock:
             # Records dropped while in flight that this ack covers were delivered after all.
             while self._unconfirmed and self._unconfirmed[0].first <= sequence:
                 if self._unconfirmed[0].last <= sequence:
@@ -301,7 +312,7 @@ class WriteAheadLog:
                     self._unconfirmed[0].first = sequence + 1
             if sequence <= self._acked:
                 return 0
-            self._acked = acked = sequence
+            self._acked = sequence
             while self._segments and self._segments[0].last <= self._acked:
                 if len(self._segments) == 1:
                     if self._segments[0].size < self.segment_bytes and self._file is not None:
@@ -310,8 +321,6 @@ class WriteAheadLog:
                 segment = self._segments.pop(0)
                 segment.path.unlink(missing_ok=True)
                 freed += segment.size
-        if time.monotonic() - self._persisted[1] >= self._ack_persist_s:
-            self._persist_acked(acked)  # outside the lock: the writer does not wait on it
         return freed
 
     def rewind(self) -> int:
@@ -327,19 +336,10 @@ class WriteAheadLog:
             self._sent = self._acked
             return lost
 
-    def _persist_acked(self, acked: int) -> None:
-        """Write the acknowledged position aside, fsync it, rename it in (atomic)."""
-        aside = self.directory / f"{_ACKED}.tmp"
-        with aside.open("w") as handle:
-            handle.write(str(acked))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(aside, self.directory / _ACKED)
-        self._persisted = (acked, time.monotonic())
-
     def close(self) -> None:
-        if self._persisted[0] != self._acked and not self._owner.closed:
-            self._persist_acked(self._acked)
+        if not self._owner.closed:
+            self._position.write(self._acked, sync=True)
+            self._position.close()
         with self._lock:
             if self._file is not None:
                 self._file.flush()
@@ -487,12 +487,96 @@ def _scan(handle: object, path: Path, limit: int | None = None) -> Iterable[Reco
             return
 
 
-def _read_acked(directory: Path) -> int:
-    """The acknowledged position last persisted (0: none, or unreadable)."""
+class _AckedPosition:
+    """The acknowledged position on disk: two slots in one file, written in turn, in place.
+
+    Its own lock: the log's writer never waits on an ack's fdatasync.
+    """
+
+    def __init__(self, path: Path, fsync: FsyncPolicy, fsync_interval_s: float) -> None:
+        self._path = path
+        self._fsync = fsync
+        self._fsync_interval_s = fsync_interval_s
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._last_sync = time.monotonic()
+        # What the file holds (0 and generation 0: nothing yet, or only the older text file).
+        self.sequence, self._generation = _read_acked(path)
+
+    def write(self, sequence: int, sync: bool = False) -> None:
+        """Put ``sequence`` into the slot the newest position is not in, then fdatasync as
+        the log's ``fsync`` policy says (``sync``: now, unless it says never)."""
+        with self._lock:
+            if self._fd is None and not self._generation:
+                self._create(sequence)  # the first write (synced): two slots from now on
+                return
+            if sequence > self.sequence:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR)
+                self._generation += 1
+                slot = _ACK_SLOTS[self._generation % 2]
+                os.pwrite(self._fd, _pack_ack(self._generation, sequence), slot)
+                self.sequence = sequence
+            now = time.monotonic()
+            if self._fd is None or self._fsync == "never":
+                return
+            if sync or self._fsync == "batch" or now - self._last_sync >= self._fsync_interval_s:
+                os.fdatasync(self._fd)
+                self._last_sync = now
+
+    def _create(self, sequence: int) -> None:
+        """The two-slot file, its first slot written: aside, synced, renamed in (it replaces
+        the older text file whole: a crash leaves one or the other)."""
+        self._generation, self.sequence = 1, sequence
+        data = bytearray(_ACK_SLOTS[1] + _ACK_SLOT.size)
+        offset = _ACK_SLOTS[self._generation % 2]
+        data[offset : offset + _ACK_SLOT.size] = _pack_ack(self._generation, sequence)
+        aside = self._path.with_suffix(".tmp")
+        with aside.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(aside, self._path)
+        _fsync_directory(self._path.parent)
+        self._fd = os.open(self._path, os.O_RDWR)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _pack_ack(generation: int, sequence: int) -> bytes:
+    head = struct.pack("<QQ", generation, sequence)
+    return _ACK_SLOT.pack(generation, sequence, zlib.crc32(head))
+
+
+def _read_acked(path: Path) -> tuple[int, int]:
+    """The acknowledged position last persisted and its generation: the newest whole slot.
+
+    The older text file (one decimal number) reads as generation 0, as does none at all
+    (position 0); so does a file with no whole slot, which resends what is on disk.
+    """
     try:
-        return max(0, int((directory / _ACKED).read_text().strip()))
-    except (FileNotFoundError, ValueError):
-        return 0
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0, 0
+    if data.strip().isdigit() and len(data) < _ACK_SLOTS[1]:
+        return int(data), 0
+    slots = []
+    for offset in _ACK_SLOTS:
+        if len(data) >= offset + _ACK_SLOT.size:
+            generation, sequence, _ = _ACK_SLOT.unpack_from(data, offset)
+            if generation and data[offset : offset + _ACK_SLOT.size] == _pack_ack(
+                generation, sequence
+            ):
+                slots.append((generation, sequence))
+    if not slots:
+        log.warning("event log: %s holds no whole position; resending what is on disk", path)
+        return 0, 0
+    generation, sequence = max(slots)
+    return sequence, generation
 
 
 class LogInUse(RuntimeError):

@@ -218,7 +218,7 @@ def test_a_log_directory_has_one_writer(open_log, tmp_path: Path):
 def test_a_restart_after_a_crash_resends_only_what_was_not_acknowledged(open_log, tmp_path: Path):
     """The acknowledged position is persisted (atomically): the log as a crash would leave it
     (copied while open, never closed) reopens past what was acknowledged, mid-segment too."""
-    wal = open_log(tmp_path / "log", ack_persist_s=0.0)
+    wal = open_log(tmp_path / "log")
     wal.append(payloads(25))  # segments of 1-9, 10-18, 19-25
     wal.ack(12)  # the first segment goes; the second is acknowledged up to 12
     shutil.copytree(tmp_path / "log", tmp_path / "crashed", ignore=shutil.ignore_patterns(".lock"))
@@ -227,16 +227,68 @@ def test_a_restart_after_a_crash_resends_only_what_was_not_acknowledged(open_log
     assert [r.sequence for r in again.read(again.acked, 100, 1 << 20)] == list(range(13, 26))
 
 
-def test_acknowledged_positions_are_persisted_at_most_once_per_interval_and_at_close(
-    open_log, tmp_path: Path
-):
-    wal = open_log(tmp_path, ack_persist_s=3600.0)
+@pytest.mark.parametrize("fsync", ["batch", "interval", "never"])
+def test_every_ack_is_on_disk_when_it_returns(open_log, tmp_path: Path, fsync: str):
+    """Acks in quick succession: a crash after any of them resends nothing it covered (the
+    written position outlives the process whatever the fsync policy; the policy is about the
+    machine going down)."""
+    wal = open_log(tmp_path / "log", fsync=fsync, fsync_interval_s=3600.0)
     wal.append(payloads(25))
-    wal.ack(12)  # within the interval: not written yet
-    assert not (tmp_path / "acked").exists()
+    for acked in (3, 4, 12, 20):
+        wal.ack(acked)
+        crashed = tmp_path / f"crashed-{acked}"
+        shutil.copytree(tmp_path / "log", crashed, ignore=shutil.ignore_patterns(".lock"))
+        assert open_log(crashed).acked == acked
     wal.close()
-    assert (tmp_path / "acked").read_text() == "12"
     wal.close()  # twice is harmless
+    assert open_log(tmp_path / "log").acked == 20
+
+
+def test_a_torn_ack_write_leaves_the_position_before_it(open_log, tmp_path: Path):
+    """The file as a crash mid-write leaves it, at every byte the write could stop at: the
+    bytes of the new position written up to there, the old ones after."""
+    wal = open_log(tmp_path / "log")
+    wal.append(payloads(25))
+    for acked in (3, 7, 12):
+        wal.ack(acked)
+    before = (tmp_path / "log" / "acked").read_bytes()
+    wal.ack(13)  # in the segment of 10-18: a crash before or after, the segments are alike
+    after = (tmp_path / "log" / "acked").read_bytes()
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert changed and changed[-1] - changed[0] < 512  # one slot, in place
+    for stop in range(changed[0], changed[-1] + 1):
+        torn = tmp_path / f"torn-{stop}"
+        shutil.copytree(tmp_path / "log", torn, ignore=shutil.ignore_patterns(".lock"))
+        (torn / "acked").write_bytes(after[:stop] + before[stop:])
+        assert open_log(torn).acked == 12, f"a write torn at byte {stop}"
+    wal.close()
+    assert open_log(tmp_path / "log").acked == 13
+
+
+def test_the_older_one_number_position_file_is_read_and_replaced(open_log, tmp_path: Path):
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.close()
+    (tmp_path / "acked").write_text("12")  # what the log wrote before the two slots
+    again = open_log(tmp_path)
+    assert again.acked == 12 and again.unacked == 13
+    again.ack(15)
+    again.close()
+    assert not (tmp_path / "acked").read_bytes().strip().isdigit()
+    assert open_log(tmp_path).acked == 15
+
+
+def test_a_position_file_with_no_whole_slot_resends_what_is_on_disk(open_log, tmp_path: Path):
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.ack(12)
+    wal.close()
+    (tmp_path / "acked").write_bytes(b"\xff" * 5000)
+    again = open_log(tmp_path)
+    assert again.acked == 9 and again.unacked == 16  # from the first segment left: 10-18
+    again.ack(25)
+    again.close()
+    assert open_log(tmp_path).acked == 25
 
 
 def test_sequences_go_on_from_the_acknowledged_position_when_no_segment_is_left(
