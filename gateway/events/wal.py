@@ -16,13 +16,9 @@ whole record, and past a corrupt record the scan resyncs to the next whole one (
 and its sequence the next ones'), so a flipped byte loses that record only; the segment is
 rewritten with what was intact, and what was skipped is logged and counted (``corrupt``).
 
-The acknowledged position is kept in ``<directory>/acked`` at every ack, before the segments
-it covers are deleted, so a restart after a crash (SIGKILL included) resends nothing that was
-acknowledged; with no segment left, sequences go on from it. The file holds two fixed slots in
-different disk blocks, ``u64 generation | u64 sequence | u32 crc32`` each, written in turn in
-place (pwrite, then fdatasync as ``fsync`` says) on the publisher's thread: a torn write spoils
-only the slot it hit, and the other still holds the position before. The older one-number text
-file is read, and replaced (aside, fsync, rename) by the two slots at the first ack.
+The acknowledged position is kept at every ack (``acked``: ``gateway.events.acked``), before
+the segments it covers are deleted, so a restart after a crash (SIGKILL included) resends
+nothing that was acknowledged; with no segment left, sequences go on from it.
 
 One writer thread appends; the publisher reads and acknowledges from another. A lock guards the
 segment list; readers open their own file handles and see what the writer has flushed.
@@ -40,7 +36,9 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
+
+from gateway.events.acked import AckedPosition, FsyncPolicy, fsync_directory
 
 __all__ = ["LogInUse", "Record", "WriteAheadLog"]
 
@@ -49,10 +47,6 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<IIQ")
 _SUFFIX = ".wal"
 _ACKED = "acked"
-_ACK_SLOT = struct.Struct("<QQI")  # generation, sequence, crc32 of the two
-# NOTE: a block apart, so that a write torn mid-block cannot spoil the other slot too.
-_ACK_SLOTS = (0, 4096)
-FsyncPolicy = Literal["batch", "interval", "never"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +95,7 @@ class WriteAheadLog:
         self._owner = _lock_directory(directory)
         self.corrupt = 0  # records lost to corruption when the log was opened (about: by gaps)
         self._segments: list[_Segment] = self._recover()
-        self._position = _AckedPosition(directory / _ACKED, fsync, fsync_interval_s)
+        self._position = AckedPosition(directory / _ACKED, fsync, fsync_interval_s)
         persisted = self._position.sequence
         if self._segments:
             first, last = self._segments[0].first, self._segments[-1].last
@@ -209,7 +203,7 @@ class WriteAheadLog:
         path = self.directory / f"{self._next:020d}{_SUFFIX}"
         self._file = path.open("ab")
         self._segments.append(_Segment(path, self._next, self._next - 1, 0))
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def drop_oldest(self) -> int:
         """Delete the oldest segment, acknowledged or not; returns its records never sent.
@@ -468,7 +462,7 @@ def _rewrite(path: Path, records: list[Record]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(aside, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _scan(handle: object, path: Path, limit: int | None = None) -> Iterable[Record]:
@@ -487,98 +481,6 @@ def _scan(handle: object, path: Path, limit: int | None = None) -> Iterable[Reco
             return
 
 
-class _AckedPosition:
-    """The acknowledged position on disk: two slots in one file, written in turn, in place.
-
-    Its own lock: the log's writer never waits on an ack's fdatasync.
-    """
-
-    def __init__(self, path: Path, fsync: FsyncPolicy, fsync_interval_s: float) -> None:
-        self._path = path
-        self._fsync = fsync
-        self._fsync_interval_s = fsync_interval_s
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._last_sync = time.monotonic()
-        # What the file holds (0 and generation 0: nothing yet, or only the older text file).
-        self.sequence, self._generation = _read_acked(path)
-
-    def write(self, sequence: int, sync: bool = False) -> None:
-        """Put ``sequence`` into the slot the newest position is not in, then fdatasync as
-        the log's ``fsync`` policy says (``sync``: now, unless it says never)."""
-        with self._lock:
-            if self._fd is None and not self._generation:
-                self._create(sequence)  # the first write (synced): two slots from now on
-                return
-            if sequence > self.sequence:
-                if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR)
-                self._generation += 1
-                slot = _ACK_SLOTS[self._generation % 2]
-                os.pwrite(self._fd, _pack_ack(self._generation, sequence), slot)
-                self.sequence = sequence
-            now = time.monotonic()
-            if self._fd is None or self._fsync == "never":
-                return
-            if sync or self._fsync == "batch" or now - self._last_sync >= self._fsync_interval_s:
-                os.fdatasync(self._fd)
-                self._last_sync = now
-
-    def _create(self, sequence: int) -> None:
-        """The two-slot file, its first slot written: aside, synced, renamed in (it replaces
-        the older text file whole: a crash leaves one or the other)."""
-        self._generation, self.sequence = 1, sequence
-        data = bytearray(_ACK_SLOTS[1] + _ACK_SLOT.size)
-        offset = _ACK_SLOTS[self._generation % 2]
-        data[offset : offset + _ACK_SLOT.size] = _pack_ack(self._generation, sequence)
-        aside = self._path.with_suffix(".tmp")
-        with aside.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(aside, self._path)
-        _fsync_directory(self._path.parent)
-        self._fd = os.open(self._path, os.O_RDWR)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-
-def _pack_ack(generation: int, sequence: int) -> bytes:
-    head = struct.pack("<QQ", generation, sequence)
-    return _ACK_SLOT.pack(generation, sequence, zlib.crc32(head))
-
-
-def _read_acked(path: Path) -> tuple[int, int]:
-    """The acknowledged position last persisted and its generation: the newest whole slot.
-
-    The older text file (one decimal number) reads as generation 0, as does none at all
-    (position 0); so does a file with no whole slot, which resends what is on disk.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return 0, 0
-    if data.strip().isdigit() and len(data) < _ACK_SLOTS[1]:
-        return int(data), 0
-    slots = []
-    for offset in _ACK_SLOTS:
-        if len(data) >= offset + _ACK_SLOT.size:
-            generation, sequence, _ = _ACK_SLOT.unpack_from(data, offset)
-            if generation and data[offset : offset + _ACK_SLOT.size] == _pack_ack(
-                generation, sequence
-            ):
-                slots.append((generation, sequence))
-    if not slots:
-        log.warning("event log: %s holds no whole position; resending what is on disk", path)
-        return 0, 0
-    generation, sequence = max(slots)
-    return sequence, generation
-
-
 class LogInUse(RuntimeError):
     """Another process (or another log in this one) writes to the directory."""
 
@@ -595,11 +497,3 @@ def _lock_directory(directory: Path) -> IO[bytes]:
             "events.directory (worker processes get one each)"
         ) from None
     return handle
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

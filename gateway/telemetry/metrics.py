@@ -109,8 +109,10 @@ class GatewayMetrics:
         self.events = Counter(
             "gateway_events",
             "Prediction events by outcome: recorded (a prediction answered), written (in the "
-            "write-ahead log), acked (stored by the sidecar), dropped (deleted unacknowledged, "
-            "on_full=drop_oldest), shed (predictions refused at the bound, on_full=shed).",
+            "write-ahead log), acked (stored by the sidecar), dropped (deleted before the sidecar "
+            "acknowledged them, on_full=drop_oldest: never sent, or sent and the stream ended "
+            "without their ack), corrupt (lost to a damaged log), shed (predictions refused at "
+            "the bound, on_full=shed).",
             ["outcome"],
             registry=self.registry,
         )
