@@ -123,13 +123,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata: Metadata,
         call: Callable[[trace.Span], Awaitable[T]],
         model: str = "",
+        arrived: float | None = None,
     ) -> T:
         """Run ``call`` inside a server span, counted and timed; failures leave as GatewayError.
 
-        An unexpected exception is logged with its trace id and becomes a RuntimeFailure whose
-        message carries only that id, never a traceback.
+        Timed from ``arrived`` (``time.monotonic()`` when the transport took the call) where
+        given: a request that waited for the loop reports that wait too. An unexpected
+        exception is logged with its trace id and becomes a RuntimeFailure whose message
+        carries only that id, never a traceback.
         """
-        started = time.perf_counter()
+        started = time.monotonic() if arrived is None else arrived
         code = "OK"
         version = ""
         self._in_flight[rpc] += 1
@@ -160,7 +163,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise RuntimeFailure(f"internal error (trace id {trace_id})") from err
             finally:
                 self._in_flight[rpc] -= 1
-                self._metrics.observe(rpc, model, version, code, time.perf_counter() - started)
+                self._metrics.observe(rpc, model, version, code, time.monotonic() - started)
 
     def _span(self, rpc: str, metadata: Metadata) -> contextlib.AbstractContextManager[trace.Span]:
         if not self._tracing.enabled:
@@ -337,7 +340,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model = message.model_name
                 decode = functools.partial(_from_pb, message, limit, time_remaining, arrived)
         response = await self._observe(
-            rpc, metadata, lambda span: self._predict(decode(), span), model
+            rpc, metadata, lambda span: self._predict(decode(), span), model, arrived
         )
         return encode_response(response)
 

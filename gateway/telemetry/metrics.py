@@ -277,7 +277,8 @@ class _Answered(Collector):
         )
         latency = HistogramMetricFamily(
             "gateway_request_duration_seconds",
-            "Time from receiving an OIP request to answering it.",
+            "Time from receiving an OIP request (the transport taking the call) to answering "
+            "it: a wait for the event loop counts.",
             labels=["rpc", "model", "version"],
         )
         merged: dict[tuple[str, str, str], list[float]] = {}
