@@ -283,6 +283,21 @@ class EvaluationSettings(_Section):
     commit_events: int = Field(
         8192, gt=0, description="A group is stored at once when it holds this many events."
     )
+    max_pending_events: int = Field(
+        16_384,
+        gt=0,
+        description="Events read from the publishers' streams and not yet stored, all streams "
+        "together (a memory bound). At the bound no stream is read until a group is stored: "
+        "HTTP/2 flow control stops the publishers, whose write-ahead logs keep the rest. A "
+        "stream reads a whole batch, so this may be passed by one batch per stream.",
+    )
+    store_memory_limit_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=64 * 1024 * 1024,
+        description="DuckDB's memory_limit: its buffer pool (table blocks, the event_id index, "
+        "query state). Past it DuckDB evicts blocks and spills large queries to a temporary "
+        "directory beside the store file; its default would be 80% of the machine's memory.",
+    )
     rules: tuple[AlertRule, ...] = Field(default_factory=_default_rules)
     evaluate_every_s: float = Field(
         60.0,

@@ -1,4 +1,4 @@
-"""The sidecar's Prometheus metrics: alerts firing, events stored."""
+"""The sidecar's Prometheus metrics: alerts firing, events stored and waiting, store memory."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ class SidecarMetrics:
             "sidecar_events",
             "Prediction events received: stored (new) or duplicate (already held).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "sidecar_pending_events",
+            "Events read from the publishers' streams and not yet stored "
+            "(bounded by evaluation.max_pending_events).",
+            registry=self.registry,
+        )
+        self.full = Counter(
+            "sidecar_pending_full",
+            "Times a stream stopped reading because max_pending_events events waited to be "
+            "stored (back-pressure: the publisher keeps the rest in its log).",
+            registry=self.registry,
+        )
+        self.store_memory = Gauge(
+            "sidecar_store_memory_bytes",
+            "Memory DuckDB holds (its buffer pool: table blocks, indexes, query state), "
+            "bounded by evaluation.store_memory_limit_bytes.",
             registry=self.registry,
         )
 

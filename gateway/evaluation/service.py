@@ -45,6 +45,9 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         # DuckDB work happens on one thread: off the loop, and one writer at a time.
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.stored = 0  # this run, for the closing log line
+        # Events read from every stream and not yet stored (max_pending_events bounds them).
+        self.pending = 0
+        self._freed: asyncio.Event | None = None  # set as a group is stored (made in the loop)
 
     async def Publish(
         self, request_iterator: AsyncIterator[ev.EventBatch], context: grpc.aio.ServicerContext
@@ -55,13 +58,35 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         one statement (group commit: a DuckDB statement has a fixed cost of milliseconds,
         whatever its rows); each is still acknowledged on its own, the group's counts riding
         on its last Ack.
+
+        Back-pressure: a stream's next batch is read only while fewer than
+        ``max_pending_events`` events (all streams together) wait to be stored, so at most
+        that many plus one batch per stream are held here; the rest stay in the publishers'
+        write-ahead logs (HTTP/2 flow control stops them sending) until a group is stored.
         """
         loop = asyncio.get_running_loop()
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        freed = self._freed
+        bound = self.settings.max_pending_events
         arrived: asyncio.Queue[ev.EventBatch | None] = asyncio.Queue(maxsize=_READ_AHEAD)
+        held = 0  # this stream's share of self.pending
 
         async def receive() -> None:
+            nonlocal held
+            batches = aiter(request_iterator)
             try:
-                async for batch in request_iterator:
+                while True:
+                    if self.pending >= bound:
+                        self.metrics.full.inc()
+                    while self.pending >= bound:
+                        freed.clear()
+                        await freed.wait()
+                    batch = await anext(batches, None)
+                    if batch is None:
+                        break
+                    held += len(batch.events)
+                    self._hold(len(batch.events))
                     await arrived.put(batch)
             finally:
                 await arrived.put(None)
@@ -77,7 +102,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 while item is not None:
                     group.append(item)
                     count += len(item.events)
-                    if len(group) >= _READ_AHEAD or count >= self.settings.commit_events:
+                    if (
+                        len(group) >= _READ_AHEAD
+                        or count >= self.settings.commit_events
+                        or self.pending >= bound  # no more will be read until this is stored
+                    ):
                         break
                     try:
                         async with asyncio.timeout_at(due):
@@ -90,8 +119,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 events = [e for batch in group for e in batch.events]
                 arrival_us = time.time_ns() // 1000
                 stored, duplicates = await loop.run_in_executor(
-                    self.db, self.store.ingest, events, arrival_us
+                    self.db, self._ingest, events, arrival_us
                 )
+                del events
+                held -= count
+                self._release(count)
                 self.stored += stored
                 self.metrics.events.labels("stored").inc(stored)
                 self.metrics.events.labels("duplicate").inc(duplicates)
@@ -103,6 +135,24 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
             await reader
         finally:
             reader.cancel()
+            if held:  # the stream ended with batches unstored: the publisher sends them again
+                self._release(held)
+
+    def _ingest(self, events: list[ev.PredictionEvent], arrival_us: int) -> tuple[int, int]:
+        """Store a group (on the store's thread); DuckDB's memory is read there too."""
+        counts = self.store.ingest(events, arrival_us)
+        self.metrics.store_memory.set(self.store.memory_bytes())
+        return counts
+
+    def _hold(self, events: int) -> None:
+        self.pending += events
+        self.metrics.pending.set(self.pending)
+
+    def _release(self, events: int) -> None:
+        self.pending -= events
+        self.metrics.pending.set(self.pending)
+        if self._freed is not None:
+            self._freed.set()  # every waiting stream looks again
 
     async def PutLabels(
         self, request: ev.PutLabelsRequest, context: grpc.aio.ServicerContext

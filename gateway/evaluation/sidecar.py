@@ -35,7 +35,9 @@ async def run_sidecar(
     ``repository`` is the model repository: its ``<model>/reference.json`` profiles are the
     drift references.
     """
-    store = await asyncio.to_thread(EventStore, store_dir, settings.store_threads)
+    store = await asyncio.to_thread(
+        EventStore, store_dir, settings.store_threads, settings.store_memory_limit_bytes
+    )
     servicer = EvaluationServicer(store, settings, repository)
     server = grpc.aio.server(
         options=[

@@ -145,10 +145,17 @@ EVENT_COLUMNS = tuple(_ARROW_SCHEMA.names)
 
 
 class EventStore:
-    def __init__(self, directory: Path, threads: int = 1) -> None:
+    def __init__(
+        self, directory: Path, threads: int = 1, memory_limit_bytes: int | None = None
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / DB_FILE
-        self._db = duckdb.connect(str(self.path), config={"threads": threads})
+        config: dict[str, str | bool | int | float | list[str]] = {"threads": threads}
+        if memory_limit_bytes is not None:
+            # NOTE: DuckDB reads a bare number as megabytes (of 10^6 bytes); with a unit it is
+            # exact. Past the limit it evicts blocks and spills big queries to <file>.tmp.
+            config["memory_limit"] = f"{memory_limit_bytes}B"
+        self._db = duckdb.connect(str(self.path), config=config)
         self._db.execute(_SCHEMA)
         self._batch = self._scalar("SELECT coalesce(max(batch), 0) FROM labels")
 
@@ -241,6 +248,10 @@ class EventStore:
 
     def query(self, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         return self._db.execute(sql, list(parameters)).fetchall()
+
+    def memory_bytes(self) -> int:
+        """What DuckDB's buffer pool holds now (bounded by its memory_limit)."""
+        return self._scalar("SELECT sum(memory_usage_bytes) FROM duckdb_memory()")
 
     def close(self) -> None:
         self._db.execute("CHECKPOINT").fetchall()
