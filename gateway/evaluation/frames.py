@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 from numpy.typing import NDArray
 
-__all__ = ["NAMES_SEPARATOR", "Frame", "build_frame"]
+__all__ = ["NAMES_SEPARATOR", "Frame", "build_frame", "concat_frames"]
 
 _F64 = np.dtype("<f8")
 NAMES_SEPARATOR = "\x1f"  # ASCII unit separator: never in a feature name
@@ -33,12 +34,13 @@ def build_frame(
     row_counts: Sequence[int],
     numeric_names: Sequence[Sequence[str] | str | None],
     numeric: Sequence[bytes | None],
-    strings: Sequence[Sequence[tuple[str, Sequence[str]]] | dict[str, Sequence[str]] | None],
+    strings: pa.Array | pa.ChunkedArray,
     outputs: Sequence[bytes | None],
     output_widths: Sequence[Sequence[int] | None],
 ) -> Frame:
     """Concatenate events' rows. A feature an event lacks is NaN (numbers) or None (strings)
-    for its rows; ``scores`` is the first output's first column (NaN where absent)."""
+    for its rows; ``scores`` is the first output's first column (NaN where absent).
+    ``strings`` is the events' ``strings`` column as Arrow (map<string, list<string>>)."""
     total = int(sum(row_counts))
     frame = Frame(rows=total)
     frame.event_index = np.repeat(np.arange(len(row_counts)), row_counts)
@@ -65,18 +67,88 @@ def build_frame(
                 if ok:
                     _put(frame, names, blobs[k - i], int(starts[k]), int(starts[k + 1]))
         i = j
-    for i, entries in enumerate(strings):
-        if not entries:
-            continue
-        start, rows = int(starts[i]), row_counts[i]
-        items = entries.items() if isinstance(entries, dict) else entries
-        for name, values in items:
-            column_s = frame.strings.get(name)
-            if column_s is None:
-                column_s = frame.strings[name] = np.full(total, None, dtype=object)
-            column_s[start : start + rows] = list(values)[:rows]
+    _strings(frame, strings, np.asarray(row_counts, dtype=np.int64))
     _scores(frame, row_counts, starts, outputs, output_widths)
     return frame
+
+
+def concat_frames(parts: Sequence[Frame]) -> Frame:
+    """One frame of the rows of several, in order: a feature a part lacks is NaN (numbers) or
+    None (strings) in that part's rows. The parts give up their columns (memory)."""
+    if len(parts) == 1:
+        return parts[0]
+    frame = Frame(rows=sum(p.rows for p in parts))
+    row_at = np.cumsum([0, *(p.rows for p in parts)])
+    event_at = np.cumsum([0, *(len(p.starts) - 1 for p in parts)])
+    if parts:
+        frame.scores = np.concatenate([p.scores for p in parts])
+        frame.event_index = np.concatenate(
+            [p.event_index + event_at[i] for i, p in enumerate(parts)]
+        )
+        frame.starts = np.concatenate(
+            [[0], *(p.starts[1:] + row_at[i] for i, p in enumerate(parts))]
+        )
+    for name in dict.fromkeys(n for p in parts for n in p.numbers):
+        column = frame.numbers[name] = np.full(frame.rows, np.nan)
+        for i, p in enumerate(parts):
+            if name in p.numbers:
+                column[row_at[i] : row_at[i + 1]] = p.numbers.pop(name)
+    for name in dict.fromkeys(n for p in parts for n in p.strings):
+        column_s = frame.strings[name] = np.full(frame.rows, None, dtype=object)
+        for i, p in enumerate(parts):
+            if name in p.strings:
+                column_s[row_at[i] : row_at[i + 1]] = p.strings.pop(name)
+    return frame
+
+
+def _strings(
+    frame: Frame, strings: pa.Array | pa.ChunkedArray, row_counts: NDArray[np.int64]
+) -> None:
+    """Each string feature as a column of every row, from the map column's flat keys and
+    values: a value is a reference to one Python str per distinct category, not an object per
+    event (a report reads up to max_report_events events: per-event dicts cost gigabytes)."""
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    entries, entry_counts = _children(strings)  # (name, values) of each event
+    if len(entries) == 0:
+        return
+    values, value_counts = _children(entries.field(1))  # a value per row of its event
+    value_entry = np.repeat(np.arange(len(entries)), value_counts)
+    event = np.repeat(np.arange(len(strings)), entry_counts)[value_entry]
+    position = _within(value_counts)  # the row of its event a value is for
+    fits = position < row_counts[event]  # values past an event's rows are left out
+    rows_at = frame.starts[event] + position
+    names = entries.field(0).dictionary_encode()
+    name_code = names.indices.to_numpy()[value_entry]
+    categories = values.dictionary_encode()
+    vocabulary = categories.dictionary.to_numpy(zero_copy_only=False)
+    value_code = categories.indices.to_numpy()
+    for code, name in enumerate(names.dictionary.to_pylist()):
+        picked = fits & (name_code == code)
+        column = frame.strings[name] = np.full(frame.rows, None, dtype=object)
+        column[rows_at[picked]] = vocabulary[value_code[picked]]
+
+
+def _children(lists: pa.Array) -> tuple[pa.Array, NDArray[np.int64]]:
+    """The items of every list (or map) in order, and each one's count (0 for a null)."""
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    counts = np.diff(offsets)
+    if lists.null_count:
+        counts[lists.is_null().to_numpy(zero_copy_only=False)] = 0
+    # NOTE: .values is the whole child array, whatever slice ``lists`` is of it.
+    items = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
+    if counts.sum() < len(items):  # a null's slot held items: leave them out
+        kept = np.zeros(len(items), dtype=bool)
+        kept[np.repeat(offsets[:-1] - offsets[0], counts) + _within(counts)] = True
+        items = items.filter(pa.array(kept))
+    return items, counts
+
+
+def _within(counts: NDArray[np.int64]) -> NDArray[np.int64]:
+    """0, 1, ... within each of consecutive runs of these lengths."""
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(counts) - counts, counts
+    )
 
 
 def _scores(

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
-from gateway.evaluation.frames import NAMES_SEPARATOR, Frame, build_frame
+from gateway.evaluation.frames import NAMES_SEPARATOR, Frame, build_frame, concat_frames
 from gateway.evaluation.profile import (
     REFERENCE_FILE,
     categorical_drift,
@@ -26,6 +29,7 @@ __all__ = ["build_report", "drift_timeline", "fired_alerts", "quality"]
 ALL = "all"
 _FEATURE_METRICS = {"psi", "js", "wasserstein", "oov", "out_of_range", "missing", "defaulted"}
 _QUALITY_METRICS = {"auc", "log_loss", "accuracy", "ece"}
+_CHUNK_EVENTS = 16_384  # events a report turns into columns at a time
 
 
 def build_report(
@@ -46,58 +50,60 @@ def build_report(
     now_us = now_us or time.time_ns() // 1000
     start_us = now_us - window_s * 1_000_000
     where, params = window_filter(model, "", start_us, now_us if bounded else 0, table="e")
-    events = store.arrow(
-        f"""
-        SELECT event_id, version, segments,
-               array_to_string(numeric_names, chr({ord(NAMES_SEPARATOR)})) AS numeric_names,
-               numeric, strings, hashed, outputs, output_widths, rows, coverage
-        FROM events e WHERE {where} ORDER BY event_time DESC LIMIT {int(max_events)}
-        """,
-        params,
-    ).to_pydict()
+    # NOTE: the window's latest max_events events are picked by rowid first (time ties broken
+    # by rowid, so every query below reads the same events), then read in storage order: a
+    # top-N sort over whole events held them all in DuckDB (~1 GB at 200,000 events).
+    recent = (
+        f"e.rowid IN (SELECT rowid FROM events e WHERE {where} "
+        f"ORDER BY event_time DESC, rowid DESC LIMIT {int(max_events)})"
+    )
+    frame, events = _read_events(store, recent, params)
     labels = store.arrow(
-        f'SELECT j.event_id, j."row", j.label FROM ({joined_sql()}) j '
-        f"JOIN events e USING (event_id) WHERE {where}",
+        f'SELECT e.rowid AS event, j."row", j.label FROM ({joined_sql()}) j '
+        f"JOIN events e USING (event_id) WHERE {recent}",
         params,
-    ).to_pydict()
+    )
+    # Coverage is summed in DuckDB per version and segments: as Python objects it is one
+    # dict per feature per event, gigabytes at max_report_events.
+    coverage = _coverage(
+        store.query(
+            f"""
+            SELECT version, segments, c.feature, coalesce(sum(c.present), 0),
+                   coalesce(sum(c.defaulted), 0), coalesce(sum(c.out_of_range), 0),
+                   coalesce(sum(c.oov), 0)
+            FROM (SELECT version, segments, unnest(coverage) AS c FROM events e WHERE {recent})
+            GROUP BY ALL
+            """,
+            params,
+        )
+    )
     reference = _reference(repository, model)
     report: dict[str, Any] = {
         "model": model,
         "window_s": window_s,
         "start_us": start_us,
         "end_us": now_us,
-        "events": len(events["event_id"]),
+        "events": len(events.rowid),
         "reference": bool(reference),
         "versions": {},
     }
-    if not events["event_id"]:
+    if not len(events.rowid):
         return report
-    frame = build_frame(
-        row_counts=events["rows"],
-        numeric_names=events["numeric_names"],
-        numeric=events["numeric"],
-        strings=[dict(m) if m else None for m in events["strings"]],
-        outputs=events["outputs"],
-        output_widths=events["output_widths"],
-    )
-    label_of = _labels(frame, events, labels)
-    hashed = {name for names in events["hashed"] if names for name in names}
-    versions = np.asarray(events["version"], dtype=object)
-    for version in sorted(set(events["version"])):
-        in_version = versions == version
-        groups = _segments(events["segments"], in_version)
+    label_of = _labels(frame, events.rowid, labels)
+    for code, version in enumerate(events.versions):
+        in_version = events.version == code
+        groups = _segments(events.segments, in_version)
         out = report["versions"][version] = {}
         for segment, event_mask in groups.items():
             rows = event_mask[frame.event_index]
             out[segment] = _metrics(
                 frame,
                 rows=rows,
-                event_mask=event_mask,
-                coverage=events["coverage"],
+                coverage=coverage.get((version, segment), {}),
                 label_of=label_of,
                 reference=reference,
                 version=version,
-                hashed=hashed,
+                hashed=events.hashed,
                 threshold=threshold,
             )
     return report
@@ -110,21 +116,78 @@ def _reference(repository: Path | None, model: str) -> dict[str, Any]:
     return load_reference(path) if path.exists() else {}
 
 
-def _labels(
-    frame: Frame, events: dict[str, list[Any]], labels: dict[str, list[Any]]
-) -> NDArray[np.float64]:
+@dataclass
+class _Events:
+    """What a report groups events by, per event (the frame holds their rows)."""
+
+    rowid: NDArray[np.int64]
+    version: NDArray[np.int64]  # an index into ``versions``
+    versions: list[str]  # sorted
+    segments: list[list[tuple[str, str]]]
+    hashed: set[str]  # feature names sent as hashes by any event
+
+
+def _read_events(store: EventStore, recent: str, params: Sequence[object]) -> tuple[Frame, _Events]:
+    """The events' rows as one frame, read from DuckDB a chunk at a time: only the columns
+    built so far and one chunk of events are held (a report's memory is about 8 bytes per
+    feature per row, not a Python object per value)."""
+    parts: list[Frame] = []
+    rowids: list[NDArray[np.int64]] = []
+    versions: list[pa.Array] = []
+    segments: list[list[tuple[str, str]]] = []
+    hashed: set[str] = set()
+    for batch in store.batches(
+        f"""
+        SELECT e.rowid AS rowid, version, segments,
+               array_to_string(numeric_names, chr({ord(NAMES_SEPARATOR)})) AS numeric_names,
+               numeric, strings, hashed, outputs, output_widths, rows
+        FROM events e WHERE {recent}
+        """,
+        params,
+        _CHUNK_EVENTS,
+    ):
+        column = batch.column
+        parts.append(
+            build_frame(
+                row_counts=column("rows").to_pylist(),
+                numeric_names=column("numeric_names").to_pylist(),
+                numeric=column("numeric").to_pylist(),
+                strings=column("strings"),
+                outputs=column("outputs").to_pylist(),
+                output_widths=column("output_widths").to_pylist(),
+            )
+        )
+        rowids.append(column("rowid").to_numpy())
+        versions.append(column("version"))
+        segments += column("segments").to_pylist()
+        hashed.update(pc.unique(pc.list_flatten(column("hashed"))).to_pylist())
+    version = pa.chunked_array(versions, pa.string()).combine_chunks().dictionary_encode()
+    names = version.dictionary.to_pylist()
+    order = sorted(range(len(names)), key=names.__getitem__)
+    recode = np.empty(len(names), dtype=np.int64)
+    recode[order] = np.arange(len(names))
+    return concat_frames(parts), _Events(
+        rowid=np.concatenate(rowids) if rowids else np.empty(0, np.int64),
+        version=recode[version.indices.to_numpy()] if names else np.empty(0, np.int64),
+        versions=[names[i] for i in order],
+        segments=segments,
+        hashed={name for name in hashed if name},
+    )
+
+
+def _labels(frame: Frame, rowid: NDArray[np.int64], labels: pa.Table) -> NDArray[np.float64]:
     """The label of every frame row (NaN where none joined)."""
     out = np.full(frame.rows, np.nan)
-    if not labels["event_id"]:
+    if not labels.num_rows:
         return out
-    starts = frame.starts
-    position = {event_id: i for i, event_id in enumerate(events["event_id"])}
-    for event_id, row, label in zip(
-        labels["event_id"], labels["row"], labels["label"], strict=True
-    ):
-        i = position.get(event_id)
-        if i is not None:
-            out[starts[i] + row] = label
+    order = np.argsort(rowid)
+    event = labels.column("event").to_numpy()
+    at = np.minimum(np.searchsorted(rowid, event, sorter=order), len(rowid) - 1)
+    found = rowid[order[at]] == event
+    i = order[at[found]]
+    out[frame.starts[i] + labels.column("row").to_numpy()[found]] = labels.column(
+        "label"
+    ).to_numpy()[found]
     return out
 
 
@@ -146,8 +209,7 @@ def _segments(segments: Sequence[Any], in_version: NDArray[np.bool_]) -> dict[st
 def _metrics(
     frame: Frame,
     rows: NDArray[np.bool_],
-    event_mask: NDArray[np.bool_],
-    coverage: Sequence[Any],
+    coverage: dict[str, dict[str, float]],
     label_of: NDArray[np.float64],
     reference: dict[str, Any],
     version: str,
@@ -167,7 +229,7 @@ def _metrics(
         if name in hashed or profile is None or profile.get("kind") != "categorical":
             continue  # a sensitive feature's hashes cannot be compared with clear values
         features[name] = categorical_drift(profile, column_s[rows].tolist())
-    for name, shares in _coverage(coverage, event_mask).items():
+    for name, shares in coverage.items():
         features.setdefault(name, {}).update(shares)
     result: dict[str, Any] = {"rows": int(rows.sum()), "features": features}
     outputs = versioned.get("outputs", {})
@@ -180,27 +242,27 @@ def _metrics(
 
 
 def _coverage(
-    coverage: Sequence[Any], event_mask: NDArray[np.bool_]
-) -> dict[str, dict[str, float]]:
-    """Per feature, the share of values the contract defaulted (and found out of vocabulary)."""
-    totals: dict[str, NDArray[np.int64]] = {}
-    for i, entries in enumerate(coverage):
-        if not event_mask[i] or not entries:
-            continue
-        for entry in entries:
-            counts = np.array(
-                [entry["present"], entry["defaulted"], entry["out_of_range"], entry["oov"]]
-            )
-            totals[entry["feature"]] = totals.get(entry["feature"], 0) + counts
-    out = {}
-    for name, (present, defaulted, out_of_range, oov) in totals.items():
-        total = present + defaulted
-        if total:
-            out[name] = {
-                "defaulted": float(defaulted / total),
-                "contract_out_of_range": float(out_of_range / total),
-                "contract_oov": float(oov / total),
-            }
+    sums: Sequence[tuple[Any, ...]],
+) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+    """Per (version, segment) and feature, the share of values the contract defaulted (and
+    found out of range or vocabulary), from sums per version, segments and feature."""
+    totals: dict[tuple[str, str], dict[str, NDArray[np.int64]]] = {}
+    for version, segments, feature, *counts in sums:
+        names = [f"{key}={value}" for key, value in (segments or {}).items()]
+        for segment in (ALL, *names):
+            features = totals.setdefault((str(version), segment), {})
+            features[feature] = features.get(feature, 0) + np.array(counts, dtype=np.int64)
+    out: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for group, features in totals.items():
+        shares = out[group] = {}
+        for name, (present, defaulted, out_of_range, oov) in features.items():
+            total = present + defaulted
+            if total:
+                shares[name] = {
+                    "defaulted": float(defaulted / total),
+                    "contract_out_of_range": float(out_of_range / total),
+                    "contract_oov": float(oov / total),
+                }
     return out
 
 

@@ -7,7 +7,7 @@ in through Arrow, one statement per batch. All calls come from one thread (the s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, compress
 from operator import attrgetter
 from pathlib import Path
@@ -242,6 +242,13 @@ class EventStore:
     def arrow(self, sql: str, params: Sequence[object] = ()) -> pa.Table:
         return self._db.sql(sql, params=list(params)).to_arrow_table()
 
+    def batches(
+        self, sql: str, params: Sequence[object] = (), rows: int = 16_384
+    ) -> Iterator[pa.RecordBatch]:
+        """A query's result a batch of about ``rows`` at a time (read each before the next
+        query): only the batch in hand is held, not the whole result."""
+        yield from self._db.sql(sql, params=list(params)).to_arrow_reader(rows)
+
     def _scalar(self, sql: str, params: Sequence[object] = ()) -> int:
         rows = self._db.execute(sql, list(params)).fetchall()
         return int(rows[0][0]) if rows and rows[0][0] is not None else 0
@@ -282,13 +289,13 @@ def _quoted(path: Path) -> str:
 
 def _training_rows(table: pa.Table) -> pa.Table:
     """One row per labelled prediction row: its features, score, label, version, segments."""
-    data = table.to_pydict()
+    data = table.drop_columns(["strings"]).to_pydict()
     count = len(data["request_id"])
     frame = build_frame(
         row_counts=data["rows"],
         numeric_names=data["numeric_names"],
         numeric=data["numeric"],
-        strings=[dict(m) if m else None for m in data["strings"]],
+        strings=table.column("strings"),
         outputs=data["outputs"],
         output_widths=data["output_widths"],
     )

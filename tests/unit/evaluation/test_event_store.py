@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from gateway.api.v1 import events_pb2 as ev
@@ -143,7 +144,10 @@ def test_frames_decode_mixed_layouts_row_by_row():
         row_counts=[1, 1, 2, 1, 1],
         numeric_names=[["a", "b"], "a\x1fb", ["a", "b"], ["b"], None],
         numeric=[f64(1, 2), f64(3, 4), f64(5, 6, 7, 8), f64(9), None],
-        strings=[None, [("c", ["x"])], {"c": ["y", "z"]}, None, None],
+        strings=pa.array(
+            [None, [("c", ["x"])], [("c", ["y", "z", "past the rows"])], [], None],
+            pa.map_(pa.string(), pa.list_(pa.string())),
+        ),
         outputs=[f64(0.1, 9), f64(0.2, 9), f64(0.3, 0.4, 9, 9), f64(0.5), b"\x00"],
         output_widths=[[1, 1], [1, 1], [1, 1], [1], [1]],
     )
@@ -153,3 +157,53 @@ def test_frames_decode_mixed_layouts_row_by_row():
     assert frame.strings["c"].tolist() == [None, "x", "y", "z", None, None]
     assert frame.scores[:5].tolist() == [0.1, 0.2, 0.3, 0.4, 0.5] and np.isnan(frame.scores[5])
     assert frame.event_index.tolist() == [0, 1, 2, 2, 3, 4]
+
+
+def test_a_report_read_in_chunks_is_the_report_read_whole(store, tmp_path, monkeypatch):
+    from gateway.evaluation import report as report_module
+    from gateway.evaluation.profile import categorical_profile, numeric_profile, write_reference
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "m").mkdir()
+    write_reference(
+        tmp_path / "m" / "reference.json",
+        {
+            "features": {
+                "x": numeric_profile(rng.normal(size=2000)),
+                "channel": categorical_profile(rng.choice(["web", "app"], size=2000)),
+            },
+            "versions": {},
+        },
+    )
+    events = []
+    for i in range(40):  # versions, segments, rows and layouts vary from event to event
+        rows = 1 + i % 3
+        e = event(i, rows=rows)
+        e.version = str(1 + i % 2)
+        if i % 4:
+            e.segments["geo"] = "BR" if i % 4 == 1 else "US"
+        if i % 5:
+            e.features.numeric_names.append("x")
+            e.features.numbers = rng.normal(size=rows).astype("<f8").tobytes()
+        if i % 3:
+            channel = rng.choice(["web", "app", "crypto"], size=rows).tolist()
+            e.features.strings.add(name="channel", values=channel)
+        e.outputs.add(name="p", values=rng.random(rows).astype("<f8").tobytes(), width=1)
+        e.coverage.add(feature="x", present=rows - i % 2, defaulted=i % 2, oov=0)
+        events.append(e)
+    store.ingest(events, 0)
+    labels = [ev.Label(request_id=f"r{i}", value=float(i % 2), row=0) for i in range(0, 40, 3)]
+    store.put_labels(labels, 3600, 0)
+    now = 2_000 * SECOND
+
+    def report() -> dict:
+        return report_module.build_report(store, "m", 3600, tmp_path, 30, now_us=now)
+
+    whole = report()
+    monkeypatch.setattr(report_module, "_CHUNK_EVENTS", 4)
+    chunked = report()
+    assert chunked == whole
+    assert whole["events"] == 30  # the latest 30: the bound
+    assert set(whole["versions"]["2"]) == {"all", "geo=BR", "geo=US"}
+    assert whole["versions"]["2"]["all"]["features"]["channel"]["oov"] > 0
+    assert whole["versions"]["1"]["all"]["quality"]["labelled"] > 0
