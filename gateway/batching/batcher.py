@@ -264,6 +264,11 @@ class MicroBatcher:
                 f"the gateway's event loop runs {lag * 1000:.0f} ms behind, more than the "
                 f"{max(remaining, 0) * 1000:.0f} ms left of the request's deadline"
             )
+        if self._queue.requests == 0 and not all(i.busy for i in self._instances):
+            # It starts at once: nothing ahead to wait for. (An estimate from busier times
+            # must not refuse it: with every request refused, no batch would run to renew the
+            # estimate, and the model would stay closed after the load had gone.)
+            return
         if self._batch_s.value > 0:
             expected = self.expected_wait_s(rows) + lag
             if expected > remaining:

@@ -250,6 +250,22 @@ async def test_expected_wait_over_the_deadline_is_refused_at_once():
     await running
 
 
+async def test_an_idle_model_admits_a_request_however_slow_its_last_batches_were():
+    """The estimate comes from batches that ran; refusing on it while nothing runs would keep
+    it, and the model closed, for good (seen after an overload: every request refused at half
+    the load the model serves)."""
+    h = Harness(batching=None)
+    first, _ = h.submit(1)
+    await h.wait_started()
+    await asyncio.sleep(0.2)  # one batch of about 200 ms
+    h.gate.set()
+    await first
+    loop = asyncio.get_running_loop()
+    outcome = await h.submit(1, deadline=loop.time() + 0.05)[0]
+    assert outcome.batch_rows == 1
+    assert h.metric("gateway_rejections_total", reason="expected_wait") == 0
+
+
 async def test_a_caller_that_leaves_frees_its_queue_space():
     h = Harness(batching=None)
     first, _ = h.submit(1)
