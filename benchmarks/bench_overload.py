@@ -8,8 +8,11 @@ starts on a fixed schedule, whatever the answers do) of 64-row requests, each wi
 ``timeout_ms`` (``--timeout-ms``, 1 s by default). Phases: capacity (closed loop), overload (4x
 capacity), recovery (0.5x). Reports answered/refused counts, latency percentiles of each, the
 OK answers that came back after their deadline (``ok_late``, as the client measured them: its
-own event loop's delays included), the server's RSS across the run and the throughput after
-load drops. Results: benchmarks/results/overload.{json,md}.
+own event loop's delays included), the answers that left the gateway after the deadline by its
+own clock (``server_over_deadline``: from the call's arrival at the transport, read from
+``gateway_request_duration_seconds``; every status, DEADLINE_EXCEEDED ones included), the
+server's RSS across the run and the throughput after load drops. Results:
+benchmarks/results/overload.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import uvloop
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +49,27 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def answered(metrics_url: str, within_s: float) -> tuple[float, float]:
+    """The gateway's own count of ModelInfer answers on ``heavy``, and of those that took at
+    most ``within_s`` (the largest histogram bound not past it) from arrival to answer."""
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    total = inside = 0.0
+    bound = max(b for b in (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0) if b <= within_s)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") != "heavy":
+                continue
+            if sample.name == "gateway_request_duration_seconds_count":
+                total += sample.value
+            elif (
+                sample.name == "gateway_request_duration_seconds_bucket"
+                and float(sample.labels["le"]) == bound
+            ):
+                inside += sample.value
+    return total, inside
 
 
 def make_request(timeout_ms: int) -> pb.ModelInferRequest:
@@ -131,12 +157,17 @@ async def open_loop(
     }
 
 
-async def run(url: str, pid: int, seconds: float, timeout_ms: int) -> dict[str, object]:
+async def run(
+    url: str, metrics_url: str, pid: int, seconds: float, timeout_ms: int
+) -> dict[str, object]:
     async with grpc.aio.insecure_channel(url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         await closed_loop(stub, 2, 8)  # warm up
         capacity = await closed_loop(stub, 5, 16)
+        total, inside = answered(metrics_url, timeout_ms / 1000)
         overload = await open_loop(stub, 4 * capacity, seconds, pid, timeout_ms)
+        total_after, inside_after = answered(metrics_url, timeout_ms / 1000)
+        overload["server_over_deadline"] = int((total_after - total) - (inside_after - inside))
         recovery = await open_loop(stub, 0.5 * capacity, 5, pid, timeout_ms)
     return {
         "capacity_per_s": round(capacity, 1),
@@ -169,11 +200,13 @@ def main() -> None:
             command += ["--port", "0", "--metrics-port", "0"]
             server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            while not (match := re.search(r"gateway ready grpc=(\S+)", log.read_text())):
+            ready = r"gateway ready grpc=(\S+) metrics=(\S+)"
+            while not (match := re.search(ready, log.read_text())):
                 if server.poll() is not None:
                     sys.exit(log.read_text())
                 time.sleep(0.1)
-            result = uvloop.run(run(match.group(1), server.pid, args.seconds, args.timeout_ms))
+            url, metrics_url = match.groups()
+            result = uvloop.run(run(url, metrics_url, server.pid, args.seconds, args.timeout_ms))
         finally:
             server.terminate()
             server.wait(30)
