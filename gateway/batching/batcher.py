@@ -42,6 +42,8 @@ __all__ = ["BatcherConfig", "MicroBatcher"]
 # Below this the event loop is taken to keep up (timer slack, a scheduling hiccup); above it
 # the measured lag counts in admission, with the expected queue wait.
 _LAG_FLOOR_S = 0.02
+# An idle model's run-time estimate older than this admits one request whatever it says.
+_RENEW_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,8 @@ class MicroBatcher:
         self._queue = _Queue([deque() for _ in range(config.queue.priority_levels)])
         self._stats = stats
         self._batch_s = MovingAverage()  # one batch's wall time (for expected waits)
+        self._row_s = MovingAverage()  # and per row of it (a lone request's own run)
+        self._ran_at = 0.0  # loop.time() the last batch ended: an estimate's age
         self._inline = InlinePolicy(config.execution, config.inline_below_us)
         self._delay_timer: asyncio.TimerHandle | None = None
         self._pump_pending = False
@@ -265,10 +269,19 @@ class MicroBatcher:
                 f"{max(remaining, 0) * 1000:.0f} ms left of the request's deadline"
             )
         if self._queue.requests == 0 and not all(i.busy for i in self._instances):
-            # It starts at once: nothing ahead to wait for. (An estimate from busier times
-            # must not refuse it: with every request refused, no batch would run to renew the
-            # estimate, and the model would stay closed after the load had gone.)
-            return
+            # It starts at once: only its own run (its rows at the measured time per row) can
+            # make it late. An estimate renews only when batches run: with every request
+            # refused, none would, and the model would stay closed after the load has gone;
+            # so an estimate older than _RENEW_S lets one request through to renew it.
+            own = self._row_s.value * rows + lag
+            if own <= remaining or self._loop.time() - self._ran_at >= _RENEW_S:
+                return
+            self._m_rejected["expected_wait"].inc()
+            raise Overloaded(
+                f"model '{config.name}' version {config.version}: expected wait "
+                f"{own * 1000:.1f} ms (its own run of {rows} rows) exceeds the request's "
+                f"remaining deadline {max(remaining, 0) * 1000:.1f} ms"
+            )
         if self._batch_s.value > 0:
             expected = self.expected_wait_s(rows) + lag
             if expected > remaining:
@@ -461,6 +474,8 @@ class MicroBatcher:
             compute_ns = job.end_ns - job.begin_ns
             wall_s = (finished_ns - job.started_ns) / 1e9
             self._batch_s.add(wall_s)
+            self._row_s.add(wall_s / max(total, 1))
+            self._ran_at = self._loop.time()
             if job.inline:
                 self._inline.observe_inline(total, compute_ns)
             else:

@@ -16,6 +16,7 @@ import pytest
 from numpy.typing import NDArray
 
 from gateway.batching import BatcherConfig, MicroBatcher
+from gateway.batching import batcher as batcher_module
 from gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from gateway.settings import DynamicBatching, Execution, QueuePolicy
 from gateway.telemetry import GatewayMetrics
@@ -250,20 +251,38 @@ async def test_expected_wait_over_the_deadline_is_refused_at_once():
     await running
 
 
-async def test_an_idle_model_admits_a_request_however_slow_its_last_batches_were():
-    """The estimate comes from batches that ran; refusing on it while nothing runs would keep
-    it, and the model closed, for good (seen after an overload: every request refused at half
-    the load the model serves)."""
+async def test_an_idle_model_judges_a_request_by_its_own_rows_not_by_the_last_batch():
+    """Slow batches of many rows do not refuse a small request the idle model can answer in
+    time (after an overload of full batches, every request was refused at half the load)."""
     h = Harness(batching=None)
-    first, _ = h.submit(1)
+    first, _ = h.submit(16)
     await h.wait_started()
-    await asyncio.sleep(0.2)  # one batch of about 200 ms
+    await asyncio.sleep(0.2)  # a batch of 16 rows in about 200 ms: 12.5 ms a row
     h.gate.set()
     await first
     loop = asyncio.get_running_loop()
     outcome = await h.submit(1, deadline=loop.time() + 0.05)[0]
     assert outcome.batch_rows == 1
-    assert h.metric("gateway_rejections_total", reason="expected_wait") == 0
+    with pytest.raises(Overloaded, match=r"expected wait .*its own run of 16 rows"):
+        await h.submit(16, deadline=loop.time() + 0.05)[0]
+    assert h.metric("gateway_rejections_total", reason="expected_wait") == 1
+
+
+async def test_an_idle_models_estimate_older_than_a_second_lets_one_request_renew_it():
+    """An estimate renews only when batches run; refusing on it for good would keep the model
+    closed after the load has gone."""
+    h = Harness(batching=None)
+    first, _ = h.submit(1)
+    await h.wait_started()
+    await asyncio.sleep(0.2)  # one row in about 200 ms
+    h.gate.set()
+    await first
+    loop = asyncio.get_running_loop()
+    with pytest.raises(Overloaded, match="expected wait"):
+        await h.submit(1, deadline=loop.time() + 0.05)[0]
+    await asyncio.sleep(batcher_module._RENEW_S)  # the estimate grows old: the condition
+    outcome = await h.submit(1, deadline=loop.time() + 0.05)[0]
+    assert outcome.batch_rows == 1
 
 
 async def test_a_caller_that_leaves_frees_its_queue_space():
