@@ -87,6 +87,7 @@ class Tensor:
     feature kernel reads the buffer itself, without an object per value.
     """
 
+    # NOTE: native/_features_c.pyx ``gather`` reads ``_data`` and ``_shape`` directly.
     __slots__ = ("_data", "_shape", "datatype", "name", "parameters", "raw")
 
     def __init__(

@@ -589,3 +589,44 @@ def run(Prepared prep, list columns, Py_ssize_t rows, cnp.ndarray out, cnp.ndarr
         return None
     finally:
         free(memory)
+
+
+def gather(
+    dict index, tuple accepted, tensors, bint ignore_unknown, Py_ssize_t n_features
+):
+    """A request's raw-feature columns in contract order, and its rows, when every tensor is
+    as Contract.assemble takes it (a known or ignored name, shape [N] or [N, 1], an accepted
+    datatype, each feature once, the same N throughout, at least one feature); else None,
+    and Contract's own loop says what is wrong. The same columns that loop makes: a BYTES
+    tensor's wire buffer when it kept one, else its array, flattened."""
+    cdef list columns = [None] * n_features
+    cdef Py_ssize_t rows = -1, f, n
+    for tensor in tensors:
+        found = index.get(tensor.name)
+        if found is None:
+            if ignore_unknown:
+                continue
+            return None
+        f = found
+        # Tensor's slots, not its properties (a Python call each): the array, or the shape
+        # of the BYTES wire buffer it kept instead.
+        array = tensor._data
+        shape = tensor._shape if array is None else array.shape
+        n = len(shape)
+        if not (n == 1 or (n == 2 and shape[1] == 1)):
+            return None
+        if tensor.datatype not in accepted[f] or columns[f] is not None:
+            return None
+        if rows < 0:
+            rows = shape[0]
+        elif shape[0] != rows:
+            return None
+        data = tensor.raw
+        if data is None:
+            data = tensor.data if array is None else array
+            if n != 1:
+                data = data.reshape(-1)
+        columns[f] = data
+    if rows < 0:
+        return None
+    return columns, rows

@@ -28,6 +28,7 @@ bucket``, index writes the bucket number.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,18 @@ def _categorical(
         out[np.arange(rows), offset + buckets] = 1.0
     else:
         out[:, offset] = buckets.astype(np.float32)
+    return None
+
+
+def gather(
+    index: dict[str, int],
+    accepted: tuple[frozenset[str], ...],
+    tensors: Sequence[Any],
+    ignore_unknown: bool,
+    n_features: int,
+) -> tuple[list[Any], int] | None:
+    """The native kernel's shortcut for gathering a request's columns; here every request
+    goes through Contract.assemble's own loop, the reference."""
     return None
 
 

@@ -111,6 +111,25 @@ class Contract:
         (the kernel reads each column in its own dtype); ``label`` names the model in errors
         and is formatted only when one is raised.
         """
+        gathered = kernel.gather(
+            self.index, self.accepted_datatypes, tensors, self.ignore_unknown, len(self.features)
+        )
+        columns, rows = self._gather(tensors, label) if gathered is None else gathered
+        size = rows * self.width * 4
+        if size > max_bytes:
+            raise ContractViolation(
+                f"{rows} rows assemble into {size} bytes of model input, over "
+                f"server.max_message_bytes {max_bytes}; send fewer rows per request"
+            )
+        matrix, counts = build_input(self, columns, rows, label)
+        return AssembledInput(
+            matrix,
+            Coverage(self.version, self.feature_names, self.index, self.sensitive, counts),
+        )
+
+    def _gather(self, tensors: Sequence[Tensor], label: object) -> tuple[list[Any], int]:
+        """The columns in contract order and the rows; a tensor that does not fit the
+        contract raises, naming it. (The reference of the native kernel's ``gather``.)"""
         index = self.index
         accepted = self.accepted_datatypes
         columns: list[Any] = [None] * len(self.features)
@@ -151,17 +170,7 @@ class Contract:
             raise ContractViolation(
                 f"the request sends none of the features {label} takes: {listing(self)}"
             )
-        size = rows * self.width * 4
-        if size > max_bytes:
-            raise ContractViolation(
-                f"{rows} rows assemble into {size} bytes of model input, over "
-                f"server.max_message_bytes {max_bytes}; send fewer rows per request"
-            )
-        matrix, counts = build_input(self, columns, rows, label)
-        return AssembledInput(
-            matrix,
-            Coverage(self.version, self.feature_names, self.index, self.sensitive, counts),
-        )
+        return columns, rows
 
     def shown(self, feature: FeatureSpec, value: object) -> str:
         """A value as errors may show it: a sensitive feature's value never appears in clear."""

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING
 from gateway._hotloops import NO_EXTENSIONS
 
 if TYPE_CHECKING or NO_EXTENSIONS:
-    from gateway.features._kernel_py import prepare, run
+    from gateway.features._kernel_py import gather, prepare, run
 
     USING_EXTENSION = False
 else:
     try:
-        from gateway._features_c import prepare, run
+        from gateway._features_c import gather, prepare, run
 
         USING_EXTENSION = True
     except ImportError:  # pragma: no cover - exercised when the build is absent
-        from gateway.features._kernel_py import prepare, run
+        from gateway.features._kernel_py import gather, prepare, run
 
         USING_EXTENSION = False
 
-__all__ = ["USING_EXTENSION", "prepare", "run"]
+__all__ = ["USING_EXTENSION", "gather", "prepare", "run"]
