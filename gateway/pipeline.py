@@ -239,7 +239,7 @@ class Pipeline:
                 coverage=answer.coverage,
                 event_time_us=time.time_ns() // 1000,
                 total_ms=(time.perf_counter_ns() - started) / 1e6,
-                nbytes=sum(t.nbytes for t in request.inputs),
+                nbytes=request.nbytes or sum(t.nbytes for t in request.inputs),
             )
         )
 

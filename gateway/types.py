@@ -272,6 +272,9 @@ class InferRequest:
     options: RequestOptions = DEFAULT_OPTIONS  # never changed once made: shared
     timeout_s: float | None = None  # what the transport's deadline leaves, at arrival
     arrived: float | None = None  # time.monotonic() when the transport received it
+    # Bytes of raw tensor contents as received, for memory bounds; 0: not known (typed
+    # contents, or made in process), count the tensors.
+    nbytes: int = 0
 
     def time_left(self, now: float) -> float | None:
         """Seconds left at ``now`` (time.monotonic()) of the request's deadline, the gRPC

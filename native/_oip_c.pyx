@@ -391,6 +391,7 @@ def decode_request(bytes data not None, Py_ssize_t max_message_bytes, timeout_s=
         requested_outputs=outputs,
         options=options,
         timeout_s=timeout_s,
+        nbytes=size,
     )
 
 

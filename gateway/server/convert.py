@@ -124,6 +124,7 @@ def request_from_pb(
         requested_outputs=[out.name for out in request.outputs] if request.outputs else [],
         options=options,
         timeout_s=timeout_s,
+        nbytes=size if raw else 0,  # typed contents: counted from the tensors
     )
 
 

@@ -130,7 +130,7 @@ def twin(data: bytes) -> InferRequest | str:
 
 
 def same(fast: InferRequest, slow: InferRequest) -> None:
-    for name in ("model_name", "model_version", "id", "requested_outputs", "timeout_s"):
+    for name in ("model_name", "model_version", "id", "requested_outputs", "timeout_s", "nbytes"):
         assert getattr(fast, name) == getattr(slow, name), name
     assert vars_of(fast.options) == vars_of(slow.options)
     assert len(fast.inputs) == len(slow.inputs)
