@@ -269,11 +269,14 @@ class MicroBatcher:
                 f"{max(remaining, 0) * 1000:.0f} ms left of the request's deadline"
             )
         if self._queue.requests == 0 and not all(i.busy for i in self._instances):
-            # It starts at once: only its own run (its rows at the measured time per row) can
-            # make it late. An estimate renews only when batches run: with every request
-            # refused, none would, and the model would stay closed after the load has gone;
-            # so an estimate older than _RENEW_S lets one request through to renew it.
-            own = self._row_s.value * rows + lag
+            # It starts at once: only its own run can make it late, taken as the lesser of its
+            # rows at the measured time per row and the batches it fills at the measured batch
+            # time (a model's fixed cost per run keeps either from holding alone). An estimate
+            # renews only when batches run: with every request refused, none would, and the
+            # model would stay closed after the load has gone; so an estimate older than
+            # _RENEW_S lets one request through to renew it.
+            batches = math.ceil(rows / config.max_batch_size) if config.max_batch_size else 1
+            own = min(self._row_s.value * rows, self._batch_s.value * batches) + lag
             if own <= remaining or self._loop.time() - self._ran_at >= _RENEW_S:
                 return
             self._m_rejected["expected_wait"].inc()

@@ -7,6 +7,7 @@ gets exactly its own rows back, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -268,9 +269,9 @@ async def test_an_idle_model_judges_a_request_by_its_own_rows_not_by_the_last_ba
     assert h.metric("gateway_rejections_total", reason="expected_wait") == 1
 
 
-async def test_an_idle_models_estimate_older_than_a_second_lets_one_request_renew_it():
-    """An estimate renews only when batches run; refusing on it for good would keep the model
-    closed after the load has gone."""
+async def test_an_idle_model_counts_a_runs_fixed_cost_once_for_a_request_of_many_rows():
+    """One-row batches of a model whose run is mostly fixed cost do not make a 16-row request
+    look 16 times as long: it fills one batch, and a batch took 200 ms."""
     h = Harness(batching=None)
     first, _ = h.submit(1)
     await h.wait_started()
@@ -278,11 +279,34 @@ async def test_an_idle_models_estimate_older_than_a_second_lets_one_request_rene
     h.gate.set()
     await first
     loop = asyncio.get_running_loop()
+    outcome = await h.submit(16, deadline=loop.time() + 1.0)[0]
+    assert outcome.batch_rows == 16
+
+
+async def test_an_idle_models_stale_estimate_lets_one_request_through_to_renew_it(monkeypatch):
+    """An estimate renews only when batches run; refusing on it for good would keep the model
+    closed after the load has gone. One request goes; the next waits behind it as usual."""
+    monkeypatch.setattr(batcher_module, "_RENEW_S", 0.05)
+    h = Harness(batching=None)
+    first, _ = h.submit(1)
+    await h.wait_started()
+    await asyncio.sleep(0.2)  # one row in about 200 ms
+    h.gate.set()
+    await first
+    h.gate.clear()
+    loop = asyncio.get_running_loop()
     with pytest.raises(Overloaded, match="expected wait"):
         await h.submit(1, deadline=loop.time() + 0.05)[0]
-    await asyncio.sleep(batcher_module._RENEW_S)  # the estimate grows old: the condition
-    outcome = await h.submit(1, deadline=loop.time() + 0.05)[0]
-    assert outcome.batch_rows == 1
+    await asyncio.sleep(0.06)  # the estimate grows old: the condition itself
+    probe, _ = h.submit(1, deadline=loop.time() + 0.05)  # refused before; now let through
+    await h.wait_started()
+    with pytest.raises(Overloaded, match="expected wait"):
+        await h.submit(1, deadline=loop.time() + 0.05)[0]  # busy: judged by the queue
+    h.gate.set()
+    with contextlib.suppress(DeadlineExceeded):  # it ran; in time or not, it renewed
+        await probe
+    assert h.log == [1, 1]
+    assert h.metric("gateway_rejections_total", reason="expected_wait") == 2
 
 
 async def test_a_caller_that_leaves_frees_its_queue_space():
