@@ -4,21 +4,19 @@ Layout: ``<directory>/<first sequence, 20 digits>.wal`` segments, each a run of 
 
     u32 length | u32 crc32(payload) | u64 sequence | payload
 
-Sequences rise by one per record for as long as the directory lives. A segment is deleted once
-every record in it is acknowledged (``ack``), or dropped whole when the disk bound is reached
-and the policy says so (``drop_oldest``). ``dropped`` counts the records whose segment went
-before the sidecar acknowledged them, and only those: a record never sent is counted at once;
-one sent and awaiting its ack is counted only if the stream ends without that ack (an ack that
-comes says the sidecar holds it: delivered, not dropped).
+Sequences rise for as long as the directory lives (by one within a segment). A segment goes
+once all its records are acknowledged (``ack``), or whole at the disk bound (``drop_oldest``).
+``dropped`` counts only records whose segment went before the sidecar acknowledged them: one
+never sent at once, one sent only if the stream ends without its ack (an ack that comes says
+the sidecar holds it: delivered, not dropped).
 
-Opening the log recovers what a crash or a bad disk left: a torn tail is cut off at the last
-whole record, and past a corrupt record the scan resyncs to the next whole one (its CRC right
-and its sequence the next ones'), so a flipped byte loses that record only; the segment is
-rewritten with what was intact, and what was skipped is logged and counted (``corrupt``).
+Opening the log recovers what a crash or a bad disk left: a torn tail is cut off, and past a
+corrupt record the scan resyncs to the next whole one (CRC right, sequence the next one's): a
+flipped byte loses that record only, logged and counted (``corrupt``), the segment rewritten.
 
-The acknowledged position is kept at every ack (``acked``: ``gateway.events.acked``), before
-the segments it covers are deleted, so a restart after a crash (SIGKILL included) resends
-nothing that was acknowledged; with no segment left, sequences go on from it.
+The acknowledged position is kept at every ack (``gateway.events.acked``), before the segments
+it covers go: a restart after a crash (SIGKILL included) resends nothing acknowledged, and
+sequences go on past it.
 
 One writer thread appends; the publisher reads and acknowledges from another. A lock guards the
 segment list; readers open their own file handles and see what the writer has flushed.
@@ -100,7 +98,9 @@ class WriteAheadLog:
         if self._segments:
             first, last = self._segments[0].first, self._segments[-1].last
             self._acked = max(first - 1, min(persisted, last))
-            self._next = last + 1
+            # Past a position synced before the tail was (power lost between): its sequences
+            # are not reused; the next record opens its own segment (sequences run on in one).
+            self._next = max(last, persisted) + 1
             log.info(
                 "event log: %d segments, %d events not yet acknowledged, recovered from %s",
                 len(self._segments),
@@ -110,7 +110,8 @@ class WriteAheadLog:
         else:
             self._acked = persisted
             self._next = persisted + 1
-        self._file = None if not self._segments else self._segments[-1].path.open("ab")
+        tail = self._segments[-1] if self._segments else None
+        self._file = tail.path.open("ab") if tail and tail.last + 1 == self._next else None
         self.dropped = 0  # records whose segment went before their ack (see drop_oldest)
         self._sent = self._acked  # the newest record read for sending since the stream began
         # Parts of dropped segments sent and not yet acknowledged: delivered if acked in time.

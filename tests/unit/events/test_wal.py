@@ -303,3 +303,19 @@ def test_sequences_go_on_from_the_acknowledged_position_when_no_segment_is_left(
     again = open_log(tmp_path)
     assert again.acked == 25 and again.unacked == 0
     assert again.append(payloads(1, start=99)) == 26
+
+
+def test_a_position_ahead_of_the_logs_tail_is_not_reused(open_log, tmp_path: Path):
+    """The position's file synced, the log's tail not (power lost between): the sequences up
+    to that position are not written again, where the next start would take them as acked."""
+    wal = open_log(tmp_path)
+    wal.append(payloads(25))
+    wal.close()
+    (tmp_path / "acked").write_text("40")  # a position past the 25 records the tail kept
+    again = open_log(tmp_path)
+    assert again.acked == 25 and again.unacked == 0
+    assert again.append(payloads(1, start=99)) == 41
+    again.close()
+    third = open_log(tmp_path)
+    assert third.unacked == 1  # the new record is still to send
+    assert [r.sequence for r in third.read(third.acked, 10, 1 << 20)] == [41]
