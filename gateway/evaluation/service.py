@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import json
 import logging
 import sys
@@ -32,7 +31,17 @@ log = logging.getLogger(__name__)
 
 # Batches read ahead of the store on one stream (and at most stored in one statement).
 _READ_AHEAD = 64
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc by its soname (ctypes.util.find_library would run ldconfig); None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
+    except OSError:  # another libc (musl): no malloc_trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 class EvaluationServicer(ev_grpc.EvaluationServiceServicer):

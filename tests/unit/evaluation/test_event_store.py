@@ -201,7 +201,16 @@ def test_a_report_read_in_chunks_is_the_report_read_whole(store, tmp_path, monke
 
     whole = report()
     monkeypatch.setattr(report_module, "_CHUNK_EVENTS", 4)
+    built: list[int] = []
+    real_build_frame = report_module.build_frame
+
+    def counted_build_frame(**columns):
+        built.append(len(columns["row_counts"]))
+        return real_build_frame(**columns)
+
+    monkeypatch.setattr(report_module, "build_frame", counted_build_frame)
     chunked = report()
+    assert len(built) > 1 and max(built) <= 4  # read in chunks, not whole
     assert chunked == whole
     assert whole["events"] == 30  # the latest 30: the bound
     assert set(whole["versions"]["2"]) == {"all", "geo=BR", "geo=US"}
