@@ -116,6 +116,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def scrape(metrics_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Scrape a Prometheus endpoint: {(sample name, labels): value}."""
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scraped_metric(metrics_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in scrape(metrics_url).items() if n == name and wanted <= ls)
+
+
 class SidecarProcess:
     """``python -m gateway sidecar`` in a child process, on a fixed port (restarts keep it)."""
 
@@ -147,6 +164,10 @@ class SidecarProcess:
         self.address = f"127.0.0.1:{port}"
         self.metrics_url = ready.group(2)  # "off" unless evaluation.metrics_port is set
         self.http_url = ready.group(3)  # "off" unless evaluation.http_port is set
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` on its metrics port whose labels include ``labels``."""
+        return scraped_metric(self.metrics_url, name, **labels)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -207,19 +228,10 @@ class GatewayProcess:
         return self.stdout_path.read_text(errors="replace")
 
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        """Scrape the Prometheus endpoint: {(sample name, labels): value}."""
-        with urllib.request.urlopen(f"http://{self.metrics_url}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return scrape(self.metrics_url)
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        wanted = set(labels.items())
-        return sum(v for (n, ls), v in self.metrics().items() if n == name and wanted <= ls)
+        return scraped_metric(self.metrics_url, name, **labels)
 
     def wait_in_flight(self, count: int, rpc: str = "ModelInfer", timeout_s: float = 30) -> None:
         """Block until the server holds ``count`` calls of ``rpc`` (it has really got them)."""

@@ -5,25 +5,15 @@ until the one before it is stored; every event still arrives, once."""
 from __future__ import annotations
 
 import signal
-import urllib.request
 from pathlib import Path
 
 import duckdb
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SidecarProcess, free_port
 from tests.integration.test_events import acked_all, events_args, send, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def sidecar_metric(sidecar: SidecarProcess, name: str) -> float:
-    with urllib.request.urlopen(f"http://{sidecar.metrics_url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return sum(
-        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
-    )
 
 
 def test_a_sidecar_at_its_pending_bound_reads_no_further_and_loses_nothing(
@@ -47,9 +37,9 @@ def test_a_sidecar_at_its_pending_bound_reads_no_further_and_loses_nothing(
         assert sorted(answered) == sorted(ids)
         wait_for(lambda: acked_all(gateway), "every event acknowledged")
         # Each batch read found the bound full: the next was left to the stream (and the log).
-        assert sidecar_metric(sidecar, "sidecar_pending_full_total") > 0
-        assert sidecar_metric(sidecar, "sidecar_pending_events") == 0
-        assert 0 < sidecar_metric(sidecar, "sidecar_store_memory_bytes") <= 64 * 1024 * 1024
+        assert sidecar.metric("sidecar_pending_full_total") > 0
+        assert sidecar.metric("sidecar_pending_events") == 0
+        assert 0 < sidecar.metric("sidecar_store_memory_bytes") <= 64 * 1024 * 1024
         assert sidecar.stop() == 0, sidecar.stderr()
         with duckdb.connect(str(store / "events.duckdb"), read_only=True) as db:
             rows = db.execute("SELECT request_id, event_id FROM events").fetchall()
