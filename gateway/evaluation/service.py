@@ -102,7 +102,10 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                     self._hold(len(batch.events))
                     await arrived.put(batch)
             finally:
-                await arrived.put(None)
+                # Cancelled, the stream is over: nobody reads `arrived` (a full one would hang).
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():
+                    await arrived.put(None)
 
         reader = loop.create_task(receive())
         try:
