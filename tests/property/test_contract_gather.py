@@ -23,7 +23,9 @@ from gateway.features.spec import ACCEPTED_DATATYPES
 from gateway.types import NUMPY_DTYPES, Tensor
 
 try:
-    from gateway._features_c import gather as native_gather
+    from gateway import _features_c
+
+    native_gather = _features_c.gather
 except ImportError:  # the parity tests below then fail loudly instead of being skipped
     native_gather = None
 

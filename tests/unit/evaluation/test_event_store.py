@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from gateway.api.v1 import events_pb2 as ev
+from gateway.evaluation import frames
 from gateway.evaluation.report import quality
 from gateway.evaluation.store import EventStore, joined_sql
 
@@ -202,7 +203,7 @@ def test_a_report_read_in_chunks_is_the_report_read_whole(store, tmp_path, monke
     whole = report()
     monkeypatch.setattr(report_module, "_CHUNK_EVENTS", 4)
     built: list[int] = []
-    real_build_frame = report_module.build_frame
+    real_build_frame = frames.build_frame
 
     def counted_build_frame(**columns):
         built.append(len(columns["row_counts"]))
