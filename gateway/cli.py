@@ -84,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="write a model's events, or its labelled training rows, to Parquet"
     )
     export.add_argument("model")
-    export.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    export.add_argument(
+        "--out", type=Path, required=True, help="Parquet file to write (streamed from the sidecar)"
+    )
     export.add_argument("--version", default="", help="one model version (default: all)")
     export.add_argument("--labelled", action="store_true", help="training rows: features+label")
     export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
@@ -232,18 +234,19 @@ def _export(args: argparse.Namespace) -> int:
     from gateway.api.v1 import events_pb2 as ev
     from gateway.evaluation.client import export
 
-    reply = export(
+    out = args.out.resolve()
+    rows = export(
         args.sidecar,
         ev.ExportRequest(
             model=args.model,
             version=args.version,
-            path=str(args.out.resolve()),
             labelled=args.labelled,
             start_us=_micros(args.since, "--since"),
             end_us=_micros(args.until, "--until"),
         ),
+        out,
     )
-    print(f"{reply.rows} rows written to {reply.path}")
+    print(f"{rows} rows written to {out}")
     return 0
 
 

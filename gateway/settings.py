@@ -302,6 +302,12 @@ class EvaluationSettings(_Section):
         "query state). Past it DuckDB evicts blocks and spills large queries to a temporary "
         "directory beside the store file; its default would be 80% of the machine's memory.",
     )
+    export_directory: Path | None = Field(
+        None,
+        description="Where the Export RPC may write Parquet files: each path it is given is "
+        "relative to this directory and must stay in it. Null: Export writes nothing "
+        "(ExportFile, which `gateway export` uses, streams the file to the caller instead).",
+    )
     rules: tuple[AlertRule, ...] = Field(default_factory=_default_rules)
     evaluate_every_s: float = Field(
         60.0,

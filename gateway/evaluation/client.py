@@ -88,11 +88,25 @@ def send_labels(address: str, labels: list[ev.Label], window_s: int = 0) -> tupl
     return joined, unmatched
 
 
-def export(address: str, request: ev.ExportRequest) -> ev.ExportResponse:
+def export(address: str, request: ev.ExportRequest, out: Path) -> int:
+    """Stream the Parquet file from the sidecar (ExportFile) into ``out``; the rows it holds.
+
+    Written aside and renamed into place once whole: a broken stream leaves no partial file.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    aside = out.with_name(out.name + ".part")
+    rows = 0
     with grpc.insecure_channel(address) as channel:
         stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
-        reply: ev.ExportResponse = stub.Export(request, timeout=600)
-        return reply
+        try:
+            with aside.open("wb") as handle:
+                for chunk in stub.ExportFile(request, timeout=600):
+                    handle.write(chunk.data)
+                    rows = chunk.rows or rows
+            aside.replace(out)
+        finally:
+            aside.unlink(missing_ok=True)
+    return rows
 
 
 def fetch_report(address: str, model: str, window_s: int = 0) -> dict[str, Any]:

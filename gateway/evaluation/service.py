@@ -6,7 +6,9 @@ import asyncio
 import ctypes
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Batches read ahead of the store on one stream (and at most stored in one statement).
 _READ_AHEAD = 64
+_EXPORT_CHUNK = 1 << 20  # bytes of Parquet per ExportChunk
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -192,21 +195,55 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
     async def Export(
         self, request: ev.ExportRequest, context: grpc.aio.ServicerContext
     ) -> ev.ExportResponse:
+        """Write the Parquet file under ``evaluation.export_directory``, never elsewhere."""
         if not request.model or not request.path:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "Export needs a model and a path to write"
             )
-        path, rows = await asyncio.get_running_loop().run_in_executor(
+        root = self.settings.export_directory
+        if root is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this sidecar writes no files (evaluation.export_directory is not set); "
+                "ExportFile streams the Parquet file instead (`gateway export` uses it)",
+            )
+        assert root is not None
+        try:
+            target = confined(root, request.path)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path: {err}")
+        rows = await self._export(request, target)
+        return ev.ExportResponse(path=str(target), rows=rows)
+
+    async def ExportFile(
+        self, request: ev.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ev.ExportChunk]:
+        """The Parquet file in chunks, from a private file deleted once it is sent."""
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ExportFile needs a model")
+        scratch = Path(tempfile.mkdtemp(prefix="export-", dir=self.store.path.parent))
+        try:
+            target = scratch / "export.parquet"
+            rows = await self._export(request, target)
+            with target.open("rb") as handle:
+                while data := await asyncio.to_thread(handle.read, _EXPORT_CHUNK):
+                    yield ev.ExportChunk(data=data)
+            yield ev.ExportChunk(rows=rows)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _export(self, request: ev.ExportRequest, target: Path) -> int:
+        _path, rows = await asyncio.get_running_loop().run_in_executor(
             self.db,
             self.store.export,
-            Path(request.path),
+            target,
             request.model,
             request.version,
             request.start_us,
             request.end_us,
             request.labelled,
         )
-        return ev.ExportResponse(path=str(path), rows=rows)
+        return rows
 
     async def Report(
         self, request: ev.ReportRequest, context: grpc.aio.ServicerContext
@@ -331,6 +368,21 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
     def close(self) -> None:
         self.db.submit(self.store.close).result()
         self.db.shutdown(wait=True)
+
+
+def confined(root: Path, path: str) -> Path:
+    """``path`` under ``root``, resolved (links followed); ValueError when it is absolute,
+    climbs out with "..", or leads out of ``root`` through a link."""
+    relative = Path(path)
+    if relative.is_absolute():
+        raise ValueError(f"{path!r} is absolute; give a path within the export directory")
+    if ".." in relative.parts:
+        raise ValueError(f"{path!r} climbs out of the export directory")
+    base = root.expanduser().resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base) or target == base:
+        raise ValueError(f"{path!r} leads out of the export directory (a link)")
+    return target
 
 
 def _trim_heap() -> None:

@@ -299,3 +299,59 @@ def test_the_events_of_a_window_export_to_parquet(load, tmp_path: Path):
         "export", "fraud", "--out", str(tmp_path / "x.parquet"), "--since", "soon", *sidecar
     )
     assert bad.returncode == 2 and "--since: 'soon' is not an ISO 8601 time" in bad.stderr
+
+
+def test_export_writes_only_within_the_sidecars_export_directory(tmp_path: Path):
+    """Export takes a path relative to evaluation.export_directory and nothing that leads out
+    of it (absolute, "..", a link); with no directory set it writes nothing at all."""
+    import grpc
+
+    from gateway.api.v1 import events_pb2 as ev
+    from gateway.api.v1 import events_pb2_grpc as ev_grpc
+
+    exports, outside = tmp_path / "exports", tmp_path / "outside"
+    exports.mkdir()
+    outside.mkdir()
+    (exports / "away").symlink_to(outside)
+    env = {"GATEWAY_EVALUATION__EXPORT_DIRECTORY": str(exports)}
+    confined = SidecarProcess(tmp_path / "store", free_port(), tmp_path / "logs", env=env)
+    unset = SidecarProcess(tmp_path / "store-2", free_port(), tmp_path / "logs")
+    try:
+        with grpc.insecure_channel(confined.address) as channel:
+            stub = ev_grpc.EvaluationServiceStub(channel)
+
+            def export(path: str) -> ev.ExportResponse | grpc.RpcError:
+                try:
+                    return stub.Export(ev.ExportRequest(model="fraud", path=path), timeout=30)
+                except grpc.RpcError as err:
+                    return err
+
+            for path in (str(outside / "x.parquet"), "../outside/x.parquet", "away/x.parquet"):
+                refused = export(path)
+                assert isinstance(refused, grpc.RpcError), path
+                assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+                assert "export directory" in (refused.details() or "")
+            written = export("daily/events.parquet")
+            assert isinstance(written, ev.ExportResponse)
+            assert Path(written.path) == (exports / "daily" / "events.parquet").resolve()
+            assert pq.read_table(written.path).num_rows == 0
+        assert list(outside.iterdir()) == []
+        with grpc.insecure_channel(unset.address) as channel:
+            stub = ev_grpc.EvaluationServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Export(ev.ExportRequest(model="fraud", path="x.parquet"), timeout=30)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            chunks = list(stub.ExportFile(ev.ExportRequest(model="fraud"), timeout=30))
+            assert chunks and chunks[-1].rows == 0
+            assert pq.read_table(pa_buffer(b"".join(c.data for c in chunks))).num_rows == 0
+        # ExportFile's private file is gone once sent.
+        assert not list((tmp_path / "store-2").glob("export-*"))
+    finally:
+        confined.stop()
+        unset.stop()
+
+
+def pa_buffer(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)
