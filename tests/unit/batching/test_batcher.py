@@ -76,6 +76,16 @@ class Harness:
         task = asyncio.ensure_future(self.batcher.infer({"x": x}, rows, **kwargs))
         return task, x
 
+    async def run_slow_batch(self, rows: int, seconds: float = 0.2) -> None:
+        """Run one batch of ``rows`` that takes about ``seconds`` (the batch-time estimate);
+        the gate is closed again afterwards."""
+        first, _ = self.submit(rows)
+        await self.wait_started()
+        await asyncio.sleep(seconds)
+        self.gate.set()
+        await first
+        self.gate.clear()
+
     async def wait_started(self, runs: int = 1) -> None:
         for _ in range(runs):
             await asyncio.to_thread(self.runtimes[0].started.acquire, True, 10)
@@ -235,13 +245,7 @@ async def test_a_request_larger_than_the_whole_queue_is_invalid():
 
 async def test_expected_wait_over_the_deadline_is_refused_at_once():
     h = Harness(batching=None)
-    # Measure one batch of about 200 ms.
-    first, _ = h.submit(1)
-    await h.wait_started()
-    await asyncio.sleep(0.2)
-    h.gate.set()
-    await first
-    h.gate.clear()
+    await h.run_slow_batch(1)  # one batch of about 200 ms
     running, _ = h.submit(1)
     await h.wait_started()
     loop = asyncio.get_running_loop()
@@ -256,11 +260,8 @@ async def test_an_idle_model_judges_a_request_by_its_own_rows_not_by_the_last_ba
     """Slow batches of many rows do not refuse a small request the idle model can answer in
     time (after an overload of full batches, every request was refused at half the load)."""
     h = Harness(batching=None)
-    first, _ = h.submit(16)
-    await h.wait_started()
-    await asyncio.sleep(0.2)  # a batch of 16 rows in about 200 ms: 12.5 ms a row
+    await h.run_slow_batch(16)  # 16 rows in about 200 ms: 12.5 ms a row
     h.gate.set()
-    await first
     loop = asyncio.get_running_loop()
     outcome = await h.submit(1, deadline=loop.time() + 0.05)[0]
     assert outcome.batch_rows == 1
@@ -273,11 +274,8 @@ async def test_an_idle_model_counts_a_runs_fixed_cost_once_for_a_request_of_many
     """One-row batches of a model whose run is mostly fixed cost do not make a 16-row request
     look 16 times as long: it fills one batch, and a batch took 200 ms."""
     h = Harness(batching=None)
-    first, _ = h.submit(1)
-    await h.wait_started()
-    await asyncio.sleep(0.2)  # one row in about 200 ms
+    await h.run_slow_batch(1)  # one row in about 200 ms
     h.gate.set()
-    await first
     loop = asyncio.get_running_loop()
     outcome = await h.submit(16, deadline=loop.time() + 1.0)[0]
     assert outcome.batch_rows == 16
@@ -288,12 +286,7 @@ async def test_an_idle_models_stale_estimate_lets_one_request_through_to_renew_i
     closed after the load has gone. One request goes; the next waits behind it as usual."""
     monkeypatch.setattr(batcher_module, "_RENEW_S", 0.05)
     h = Harness(batching=None)
-    first, _ = h.submit(1)
-    await h.wait_started()
-    await asyncio.sleep(0.2)  # one row in about 200 ms
-    h.gate.set()
-    await first
-    h.gate.clear()
+    await h.run_slow_batch(1)  # one row in about 200 ms
     loop = asyncio.get_running_loop()
     with pytest.raises(Overloaded, match="expected wait"):
         await h.submit(1, deadline=loop.time() + 0.05)[0]
