@@ -188,7 +188,7 @@ class Gateway:
         await self._transport.stop(grace)
         self._transport = None
         await self.pipeline.close()
-        await self.loop_lag.close()
+        self.loop_lag.close()
         if self.events is not None:
             await self.events.close(grace_s=min(grace, 5.0))
         self._loader.shutdown(wait=True)

@@ -10,7 +10,6 @@ one late tick under sustained overload is not forgotten at the next.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ __all__ = ["LoopLag"]
 
 
 class LoopLag:
-    """Create anywhere; ``start()`` inside the running loop, ``await close()`` at the end."""
+    """Create anywhere; ``start()`` inside the running loop, ``close()`` at the end."""
 
     def __init__(
         self,
@@ -31,7 +30,8 @@ class LoopLag:
         self._half_life_s = half_life_s
         self._clock = clock
         self.value = 0.0  # seconds behind, the estimate
-        self._task: asyncio.Task[None] | None = None
+        self._before = 0.0  # when the last tick fired
+        self._timer: asyncio.TimerHandle | None = None
 
     def __call__(self) -> float:
         return self.value
@@ -45,20 +45,18 @@ class LoopLag:
             self.value = self.value * keep + late_s * (1 - keep)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._watch(), name="loop-lag")
+        self._before = self._clock()
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
 
-    async def _watch(self) -> None:
-        interval = self.interval_s
-        before = self._clock()
-        while True:
-            await asyncio.sleep(interval)
-            now = self._clock()
-            self.observe(max(0.0, now - before - interval), now - before)
-            before = now
+    def _tick(self) -> None:
+        """A timer callback (no task to step): measure, then set the next one."""
+        now = self._clock()
+        elapsed = now - self._before
+        self.observe(max(0.0, elapsed - self.interval_s), elapsed)
+        self._before = now
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
