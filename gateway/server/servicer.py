@@ -303,7 +303,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def _predict(self, request: InferRequest, span: trace.Span) -> InferResponse:
+    async def _predict(
+        self, request: InferRequest, span: trace.Span, arrived: float
+    ) -> InferResponse:
+        request.arrived = arrived  # whichever decoder made it: its deadline counts from here
         span.set_attribute("gateway.rows", request.rows)
         response = await self._pipeline.predict(request)
         span.set_attribute("gateway.model_version", response.model_version)
@@ -328,7 +331,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         decode: Callable[[], InferRequest]
         fast = decode_fast(payload, limit, time_remaining)
         if fast is not None:
-            fast.arrived = arrived
             model, decode = fast.model_name, lambda: fast
         else:
             try:
@@ -338,9 +340,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model, decode = "", functools.partial(_raise, invalid)
             else:  # decoded inside _observe: its InvalidRequest is counted under the model
                 model = message.model_name
-                decode = functools.partial(_from_pb, message, limit, time_remaining, arrived)
+                decode = functools.partial(convert.request_from_pb, message, limit, time_remaining)
         response = await self._observe(
-            rpc, metadata, lambda span: self._predict(decode(), span), model, arrived
+            rpc, metadata, lambda span: self._predict(decode(), span, arrived), model, arrived
         )
         return encode_response(response)
 
@@ -421,14 +423,6 @@ async def _abort(context: grpc.aio.ServicerContext, err: GatewayError) -> NoRetu
 
 def _raise(err: GatewayError) -> NoReturn:
     raise err
-
-
-def _from_pb(
-    message: pb.ModelInferRequest, limit: int, time_remaining: float | None, arrived: float
-) -> InferRequest:
-    request = convert.request_from_pb(message, limit, time_remaining)
-    request.arrived = arrived
-    return request
 
 
 def _stream_error(payload: bytes, message: str) -> pb.ModelStreamInferResponse:
