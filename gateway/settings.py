@@ -331,6 +331,7 @@ _VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 MAX_VARIANTS: Final = 64
 MAX_RULES: Final = 256
 MAX_STATIC_VALUES: Final = 4096  # per static output: a row's values, repeated per row served
+MAX_STATIC_OUTPUTS: Final = 64  # outputs of one static variant
 MAX_ROUTES: Final = 1024
 
 
@@ -376,9 +377,9 @@ class VariantSpec(_Section):
         if self.output is not None:
             sizes = {name: len(values) for name, values in self.output.items()}
             too_big = {name: n for name, n in sizes.items() if n > MAX_STATIC_VALUES}
-            if too_big or len(sizes) > MAX_VARIANTS:
+            if too_big or len(sizes) > MAX_STATIC_OUTPUTS:
                 raise ValueError(
-                    f"variant '{self.name}': a static variant has at most {MAX_VARIANTS} "
+                    f"variant '{self.name}': a static variant has at most {MAX_STATIC_OUTPUTS} "
                     f"outputs of at most {MAX_STATIC_VALUES} values each (got {len(sizes)} "
                     f"outputs, the largest of {max(sizes.values())} values)"
                 )
