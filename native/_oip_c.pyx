@@ -130,7 +130,8 @@ cdef inline str _text(Cursor* c):
 
 
 cdef inline str _datatype(Cursor* c):
-    """A tensor's datatype: a known name as its shared str, anything else decoded."""
+    """A tensor's datatype: a known name as its shared str, anything else as _text reads it."""
+    cdef Py_ssize_t start = c.pos
     cdef Py_ssize_t n = _length(c)
     cdef const unsigned char* at = c.base + c.pos
     cdef Py_ssize_t i
@@ -140,11 +141,8 @@ cdef inline str _datatype(Cursor* c):
         if len(known) == n and memcmp(<const char*>known, at, n) == 0:
             c.pos += n
             return _DATATYPES[i]
-    c.pos += n
-    try:
-        return PyUnicode_DecodeUTF8(<const char*>at, n, NULL)
-    except UnicodeDecodeError:
-        raise _NotFast()
+    c.pos = start
+    return _text(c)
 
 
 cdef inline bytes _bytes(Cursor* c):
