@@ -63,6 +63,7 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         self.stored = 0  # this run, for the closing log line
         # Events read from every stream and not yet stored (max_pending_events bounds them).
         self.pending = 0
+        self.metrics.pending.set_function(lambda: self.pending)  # read at scrape time
         self._freed: asyncio.Event | None = None  # set as a group is stored (made in the loop)
 
     async def Publish(
@@ -102,7 +103,7 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                     if batch is None:
                         break
                     held += len(batch.events)
-                    self._hold(len(batch.events))
+                    self.pending += len(batch.events)
                     await arrived.put(batch)
             finally:
                 # Cancelled, the stream is over: nobody reads `arrived` (a full one would hang).
@@ -163,13 +164,8 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         self.metrics.store_memory.set(self.store.memory_bytes())
         return counts
 
-    def _hold(self, events: int) -> None:
-        self.pending += events
-        self.metrics.pending.set(self.pending)
-
     def _release(self, events: int) -> None:
         self.pending -= events
-        self.metrics.pending.set(self.pending)
         if self._freed is not None:
             self._freed.set()  # every waiting stream looks again
 
