@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -88,17 +89,23 @@ def concat_frames(parts: Sequence[Frame]) -> Frame:
         frame.starts = np.concatenate(
             [[0], *(p.starts[1:] + row_at[i] for i, p in enumerate(parts))]
         )
-    for name in dict.fromkeys(n for p in parts for n in p.numbers):
-        column = frame.numbers[name] = np.full(frame.rows, np.nan)
-        for i, p in enumerate(parts):
-            if name in p.numbers:
-                column[row_at[i] : row_at[i + 1]] = p.numbers.pop(name)
-    for name in dict.fromkeys(n for p in parts for n in p.strings):
-        column_s = frame.strings[name] = np.full(frame.rows, None, dtype=object)
-        for i, p in enumerate(parts):
-            if name in p.strings:
-                column_s[row_at[i] : row_at[i + 1]] = p.strings.pop(name)
+    frame.numbers = _stacked([p.numbers for p in parts], row_at, np.nan, np.float64)
+    frame.strings = _stacked([p.strings for p in parts], row_at, None, object)
     return frame
+
+
+def _stacked(
+    columns: list[dict[str, NDArray[Any]]], row_at: NDArray[np.int64], fill: object, dtype: Any
+) -> dict[str, NDArray[Any]]:
+    """Each name's columns one after another (``fill`` where a part lacks it); the parts'
+    columns are given up as they are copied."""
+    out: dict[str, NDArray[Any]] = {}
+    for name in dict.fromkeys(n for part in columns for n in part):
+        column = out[name] = np.full(int(row_at[-1]), fill, dtype=dtype)
+        for i, part in enumerate(columns):
+            if name in part:
+                column[row_at[i] : row_at[i + 1]] = part.pop(name)
+    return out
 
 
 def _strings(
