@@ -357,8 +357,10 @@ class WriteAheadLog:
             data = path.read_bytes()
             records, end, skipped = _resync_scan(data, first - 1)
             size = len(data)
+            missing = _missing(records) if skipped and records else ()
             if skipped:
-                lost = _gaps(records, first) or 1
+                head = records[0].sequence - first if records else 0
+                lost = head + len(missing) or 1
                 self.corrupt += lost
                 log.warning(
                     "event log: %s has %d bytes of corrupt records (about %d events lost) "
@@ -389,7 +391,6 @@ class WriteAheadLog:
                 continue
             # From the first record kept: one lost at the head is not waited for.
             first_kept, last_kept = records[0].sequence, records[-1].sequence
-            missing = () if not skipped else _missing(records)
             segments.append(_Segment(path, first_kept, last_kept, end, missing))
         return segments
 
@@ -434,15 +435,6 @@ def _resync_scan(data: bytes, previous: int) -> tuple[list[Record], int, int]:
         previous = record.sequence
         at = end = at + _HEADER.size + len(record.payload)
     return records, end, skipped
-
-
-def _gaps(records: list[Record], first: int) -> int:
-    """Sequences missing among the records (from the segment's first): the records lost."""
-    missing, expected = 0, first
-    for record in records:
-        missing += record.sequence - expected
-        expected = record.sequence + 1
-    return missing
 
 
 def _missing(records: list[Record]) -> tuple[int, ...]:
