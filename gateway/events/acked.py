@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["AckedPosition", "FsyncPolicy", "fsync_directory"]
+__all__ = ["AckedPosition", "FsyncPolicy", "SyncClock", "fsync_directory"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,27 @@ FsyncPolicy = Literal["batch", "interval", "never"]
 _ACK_SLOT = struct.Struct("<QQI")  # generation, sequence, crc32 of the two
 # NOTE: a block apart, so that a write torn mid-block cannot spoil the other slot too.
 _ACK_SLOTS = (0, 4096)
+
+
+class SyncClock:
+    """When an ``fsync`` policy says to sync: every time (batch), at most once an interval
+    (interval), or never; the log's segments and its position file keep one each."""
+
+    def __init__(self, policy: FsyncPolicy, interval_s: float) -> None:
+        self._policy = policy
+        self._interval_s = interval_s
+        self._last = time.monotonic()
+
+    def due(self, now_please: bool = False) -> bool:
+        """Whether to sync now (``now_please``: unless the policy is never); if so, from now
+        the interval counts again."""
+        if self._policy == "never":
+            return False
+        now = time.monotonic()
+        if not now_please and self._policy == "interval" and now - self._last < self._interval_s:
+            return False
+        self._last = now
+        return True
 
 
 class AckedPosition:
@@ -34,11 +55,9 @@ class AckedPosition:
 
     def __init__(self, path: Path, fsync: FsyncPolicy, fsync_interval_s: float) -> None:
         self._path = path
-        self._fsync = fsync
-        self._fsync_interval_s = fsync_interval_s
+        self._syncs = SyncClock(fsync, fsync_interval_s)
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._last_sync = time.monotonic()
         # What the file holds (0 and generation 0: nothing yet, or only the older text file).
         self.sequence, self._generation = _read_acked(path)
 
@@ -56,12 +75,8 @@ class AckedPosition:
                 slot = _ACK_SLOTS[self._generation % 2]
                 os.pwrite(self._fd, _pack_ack(self._generation, sequence), slot)
                 self.sequence = sequence
-            now = time.monotonic()
-            if self._fd is None or self._fsync == "never":
-                return
-            if sync or self._fsync == "batch" or now - self._last_sync >= self._fsync_interval_s:
+            if self._fd is not None and self._syncs.due(now_please=sync):
                 os.fdatasync(self._fd)
-                self._last_sync = now
 
     def _create(self, sequence: int) -> None:
         """The two-slot file, its first slot written: aside, synced, renamed in (it replaces

@@ -29,14 +29,13 @@ import logging
 import os
 import struct
 import threading
-import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from gateway.events.acked import AckedPosition, FsyncPolicy, fsync_directory
+from gateway.events.acked import AckedPosition, FsyncPolicy, SyncClock, fsync_directory
 
 __all__ = ["LogInUse", "Record", "WriteAheadLog"]
 
@@ -85,9 +84,7 @@ class WriteAheadLog:
         self.directory = directory
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
-        self._fsync = fsync
-        self._fsync_interval_s = fsync_interval_s
-        self._last_fsync = time.monotonic()
+        self._syncs = SyncClock(fsync, fsync_interval_s)
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
         self._owner = _lock_directory(directory)
@@ -188,13 +185,8 @@ class WriteAheadLog:
             return self._next - 1
 
     def _sync(self, fd: int) -> None:
-        if self._fsync == "never":
-            return
-        now = time.monotonic()
-        if self._fsync == "interval" and now - self._last_fsync < self._fsync_interval_s:
-            return
-        os.fsync(fd)
-        self._last_fsync = now
+        if self._syncs.due():
+            os.fsync(fd)
 
     def _roll(self) -> None:
         if self._file is not None:
