@@ -12,6 +12,8 @@
     │   └── BudgetExceeded                       a tenant or surface spent its budget
     ├── DeadlineExceeded    DEADLINE_EXCEEDED    the request's deadline passed
     ├── EventLogFull        UNAVAILABLE          events are at their bound and on_full is shed
+    ├── Unauthenticated     UNAUTHENTICATED      no credential, or one the gateway does not know
+    ├── PermissionDenied    PERMISSION_DENIED    a known caller asks for what it may not do
     └── RuntimeFailure      INTERNAL             the model runtime failed on valid input
 
     SettingsError (ValueError)                   start-up only: a bad key or value in settings
@@ -35,9 +37,11 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "Overloaded",
+    "PermissionDenied",
     "RateLimited",
     "RuntimeFailure",
     "SettingsError",
+    "Unauthenticated",
 ]
 
 
@@ -87,6 +91,14 @@ class EventLogFull(GatewayError):
     """The prediction event log is at its bound: a prediction now would lose its event."""
 
     grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(GatewayError):
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(GatewayError):
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
 
 
 class RuntimeFailure(GatewayError):

@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from gateway.errors import SettingsError
 
 __all__ = [
+    "RPC_ACCESS",
     "AdminSettings",
     "AlertRule",
+    "AuditSettings",
+    "AuthSettings",
     "Budget",
     "CacheSettings",
     "CanaryPolicy",
+    "ClientTlsSettings",
     "ContractBinding",
     "CostSettings",
     "DynamicBatching",
@@ -40,12 +44,15 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "ShadowSpec",
+    "SidecarAuthSettings",
     "TelemetrySettings",
+    "TlsSettings",
     "VariantSpec",
     "VersionPolicy",
     "describe_validation_error",
     "load_model_config",
     "load_settings",
+    "read_secret",
     "read_yaml",
 ]
 
@@ -57,6 +64,76 @@ Execution = Literal["auto", "thread", "inline"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Section):
+    """TLS on a server port. The files are read again when they change (a renewed certificate
+    takes effect at the next handshake, without a restart)."""
+
+    cert_file: Path | None = Field(
+        None, description="PEM certificate chain the server presents; null: no TLS."
+    )
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate it signed "
+        "(mTLS), and a handshake without one fails.",
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file and key_file (mTLS is TLS)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class ClientTlsSettings(_Section):
+    """TLS for a connection this process opens: the server's certificate must chain to
+    ``ca_file``; ``cert_file``/``key_file`` are this side's certificate, for mTLS."""
+
+    ca_file: Path | None = Field(
+        None, description="PEM CA bundle the server's certificate must chain to; null: no TLS."
+    )
+    cert_file: Path | None = Field(None, description="Client certificate (mTLS).")
+    key_file: Path | None = Field(None, description="Private key of cert_file.")
+    server_name: str | None = Field(
+        None, description="Name to verify the server's certificate against, if not the host."
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ClientTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("cert_file needs ca_file (a client certificate rides on TLS)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
+
+
+def read_secret(value: SecretStr | None, file: Path | None, where: str) -> str | None:
+    """A secret given inline (``value``) or in ``file``: the file must not be readable by
+    group or others (0600), else SettingsError naming ``where``. Never logged."""
+    if file is not None:
+        try:
+            mode = file.stat().st_mode
+            if mode & 0o077:
+                raise SettingsError(
+                    f"{where}: {file} has mode {mode & 0o777:04o}: others can read it; "
+                    f"chmod 600 {file}"
+                )
+            return file.read_text().strip() or None
+        except OSError as err:
+            raise SettingsError(f"{where}: cannot read {file}: {err.strerror}") from None
+    return value.get_secret_value() if value is not None else None
 
 
 class ServerSettings(_Section):
@@ -163,10 +240,25 @@ class EventsSettings(_Section):
     max_in_flight_batches: int = Field(
         32, gt=0, description="Batches sent to the sidecar and not yet acknowledged."
     )
-    hash_key: str | None = Field(
+    hash_key: SecretStr | None = Field(
         None,
-        description="Key of the hash that stands in for sensitive feature values; default: "
-        "a random key kept in the log directory (stable across restarts).",
+        description="Key of the hash that stands in for sensitive feature values (or "
+        "GATEWAY_EVENTS__HASH_KEY). Default: hash_key_file.",
+    )
+    hash_key_file: Path | None = Field(
+        None,
+        description="File holding that key, mode 0600, outside `directory` (whoever reads the "
+        "log must not find the key beside it). Default: $XDG_STATE_HOME/gateway/hash.key "
+        "(~/.local/state/...), made with a random key on first use.",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="Credential the gateway presents to the sidecar (a key of its keys file "
+        "with the publish role); or GATEWAY_EVENTS__TOKEN.",
+    )
+    token_file: Path | None = Field(None, description="Read that credential from this file.")
+    tls: ClientTlsSettings = Field(
+        default_factory=ClientTlsSettings, description="TLS to the sidecar (ca_file turns it on)."
     )
     max_columns: int = Field(
         64, gt=0, description="A pass-through input wider than this is left out of events."
@@ -252,6 +344,27 @@ class CanaryPolicy(_Section):
     window_s: int = Field(24 * 3600, gt=0)
 
 
+class SidecarAuthSettings(_Section):
+    """Who may call the sidecar: keys (bearer tokens) or mTLS subjects from ``keys_file``,
+    each with roles: publish (Publish: the gateway), write (PutLabels), read (Report,
+    Verdict, Export, ExportFile)."""
+
+    mode: Literal["none", "api_key", "mtls"] = Field(
+        "none",
+        description="none: anyone who reaches the port may call (said at start-up); api_key: "
+        "'authorization: Bearer <key>'; mtls: the client certificate's subject.",
+    )
+    keys_file: Path | None = Field(
+        None, description="The keys file (see README); re-read on change."
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> SidecarAuthSettings:
+        if self.mode != "none" and self.keys_file is None:
+            raise ValueError(f"mode {self.mode} needs keys_file")
+        return self
+
+
 class EvaluationSettings(_Section):
     """The evaluation sidecar (``gateway sidecar``): windows, label joins, alert rules."""
 
@@ -324,6 +437,8 @@ class EvaluationSettings(_Section):
     canaries: tuple[CanaryPolicy, ...] = Field(
         (), description="Candidate versions to judge (Verdict RPC, gateway verdict MODEL)."
     )
+    auth: SidecarAuthSettings = Field(default_factory=SidecarAuthSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="TLS on the sidecar's port.")
 
 
 _VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -522,20 +637,94 @@ class CostSettings(_Section):
 
 
 class AdminSettings(_Section):
-    """The admin service (routes, promote, rollback, costs, cache) on the gRPC port."""
+    """The admin service (routes, promote, rollback, costs, cache) on the gRPC port, and the
+    token that grants admin rights on every guarded RPC (auth.rpc_access)."""
 
-    token: str | None = Field(
-        None, description="Bearer token the admin RPCs require; unset = admin refused."
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token of admin rights (or GATEWAY_ADMIN__TOKEN); unset and no "
+        "admin key: admin calls are refused.",
     )
-    token_file: Path | None = Field(None, description="Read the token from this file instead.")
+    token_file: Path | None = Field(
+        None, description="Read the token from this file (mode 0600) instead."
+    )
 
     def resolve_token(self) -> str | None:
-        if self.token_file is not None:
-            try:
-                return self.token_file.read_text().strip() or None
-            except OSError as err:
-                raise SettingsError(f"admin.token_file: cannot read: {err.strerror}") from None
-        return self.token
+        return read_secret(self.token, self.token_file, "admin.token_file")
+
+
+Access = Literal["open", "authenticated", "admin"]
+# What each RPC needs, unless auth.rpc_access says otherwise. ``open``: anyone; ``authenticated``:
+# a known caller (with auth.mode none, anyone); ``admin``: the admin token or an admin key.
+# Calls naming a model also need the caller's keys to allow it (auth.mode api_key or mtls).
+RPC_ACCESS: Final[dict[str, Access]] = {
+    "ServerLive": "open",
+    "ServerReady": "open",
+    "ServerMetadata": "open",
+    "ModelReady": "authenticated",
+    "ModelMetadata": "authenticated",
+    "ModelConfig": "authenticated",
+    "ModelInfer": "authenticated",
+    "ModelStreamInfer": "authenticated",
+    "ModelStatistics": "authenticated",
+    "RepositoryIndex": "authenticated",
+    "RepositoryModelLoad": "admin",
+    "RepositoryModelUnload": "admin",
+    # The admin service (GatewayAdmin).
+    "GetRoutes": "admin",
+    "SetRoutes": "admin",
+    "Promote": "admin",
+    "Rollback": "admin",
+    "Costs": "admin",
+    "Cache": "admin",
+}
+
+
+class AuthSettings(_Section):
+    """Who is calling: the tenant comes from the caller's credential, never from a request
+    parameter (with mode api_key or mtls)."""
+
+    mode: Literal["none", "api_key", "mtls"] = Field(
+        "none",
+        description="none: no credentials, the `tenant` parameter is believed (the embedded "
+        "demo; said at start-up); api_key: 'authorization: Bearer <key>' or 'x-api-key'; "
+        "mtls: the client certificate's subject (needs tls.client_ca_file).",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description="Keys (as SHA-256 hashes) and mTLS subjects, each naming its tenant, the "
+        "models and routes it may call, and optionally its rate limit and budget (README, "
+        "'Trust boundary'). Re-read when it changes.",
+    )
+    reload_interval_s: float = Field(
+        1.0, gt=0, description="How often the keys file is checked for a change."
+    )
+    rpc_access: dict[str, Access] = Field(
+        default_factory=dict,
+        description="RPC name -> open | authenticated | admin, over the defaults (README).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthSettings:
+        if self.mode != "none" and self.keys_file is None:
+            raise ValueError(f"mode {self.mode} needs keys_file")
+        unknown = sorted(set(self.rpc_access) - set(RPC_ACCESS))
+        if unknown:
+            raise ValueError(f"rpc_access: unknown RPC {unknown} (known: {sorted(RPC_ACCESS)})")
+        return self
+
+    def access(self, rpc: str) -> Access:
+        return self.rpc_access.get(rpc) or RPC_ACCESS[rpc]
+
+
+class AuditSettings(_Section):
+    """Every admin action (who, what, before/after), as JSON lines, bounded by rotation."""
+
+    path: Path | None = Field(
+        Path(".gateway-audit.jsonl"), description="The audit log; null: counted, not written."
+    )
+    max_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Size at which it rotates.")
+    backups: int = Field(4, ge=0, description="Rotated files kept (path.1 ... path.N).")
 
 
 class Settings(_Section):
@@ -549,6 +738,17 @@ class Settings(_Section):
     cache: CacheSettings = CacheSettings()
     costs: CostSettings = CostSettings()
     admin: AdminSettings = AdminSettings()
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
+    audit: AuditSettings = AuditSettings()
+
+    @model_validator(mode="after")
+    def _mtls_needs_ca(self) -> Settings:
+        if self.auth.mode == "mtls" and self.tls.client_ca_file is None:
+            raise ValueError("auth.mode mtls needs tls.client_ca_file (clients' certificates)")
+        if self.evaluation.auth.mode == "mtls" and self.evaluation.tls.client_ca_file is None:
+            raise ValueError("evaluation.auth.mode mtls needs evaluation.tls.client_ca_file")
+        return self
 
 
 class VersionPolicy(_Section):

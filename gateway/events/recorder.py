@@ -295,7 +295,7 @@ class EventRecorder:
 
 def _hash_key(settings: EventsSettings) -> bytes:
     if settings.hash_key:
-        return settings.hash_key.encode()
+        return settings.hash_key.get_secret_value().encode()
     path = Path(settings.directory) / _KEY_FILE
     try:
         return path.read_bytes()
