@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from gateway._extensions import native_modules
 from gateway.accounting import Ledger
 from gateway.api.v1 import inference_pb2 as pb
+from gateway.auth import AuditLog, Gatekeeper, KeyEntry
 from gateway.cache import ResponseCache
 from gateway.errors import SettingsError
 from gateway.events import EventRecorder
@@ -28,8 +29,9 @@ from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server import transports
 from gateway.server.admin import AdminServicer
+from gateway.server.guard import Guard
 from gateway.server.servicer import InferenceServicer
-from gateway.settings import Settings
+from gateway.settings import Budget, RateLimit, Settings
 from gateway.telemetry import GatewayMetrics, LoopLag, Tracing
 from gateway.workers import READY_FILE_ENV
 
@@ -79,14 +81,34 @@ class Gateway:
             loop_lag=self.loop_lag,
         )
         self.repository.on_retire = self.pipeline.retire
-        self.servicer = InferenceServicer(
-            self.pipeline, settings.server, self.metrics, self.tracing
+        self.gate = Gatekeeper(
+            settings.auth,
+            settings.admin.resolve_token(),
+            on_refused=lambda rpc, reason: self.metrics.auth_refused.labels(rpc, reason).inc(),
+            on_reload=lambda outcome: self.metrics.auth_reloads.labels(outcome).inc(),
+        )
+        if self.gate.keys is not None:
+            self._apply_key_limits(self.gate.keys.entries)
+            self.gate.keys.on_change.append(self._apply_key_limits)
+        self.audit = AuditLog(
+            settings.audit,
+            lambda rpc, outcome: self.metrics.admin_actions.labels(rpc, outcome).inc(),
         )
         self.admin = AdminServicer(
-            self.pipeline,
-            self.repository,
-            settings.admin.resolve_token(),
-            worker=bool(os.environ.get(READY_FILE_ENV)),
+            self.pipeline, self.repository, worker=bool(os.environ.get(READY_FILE_ENV))
+        )
+        versions = self._versions_of
+        self.guard = Guard(
+            self.gate,
+            self.audit,
+            {
+                "RepositoryModelLoad": versions,
+                "RepositoryModelUnload": versions,
+                **dict.fromkeys(("SetRoutes", "Promote", "Rollback"), self.admin.revisions),
+            },
+        )
+        self.servicer = InferenceServicer(
+            self.pipeline, settings.server, self.metrics, self.tracing, self.guard
         )
         self._health = health.aio.HealthServicer()
         self._transport: transports.Transport | None = None
@@ -126,10 +148,17 @@ class Gateway:
         gc.freeze()
         gc.set_threshold(_GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
-        name, why = transports.choose(settings.server)
+        if self.gate.mode == "none":
+            log.warning("%s", self.gate.describe())
+        else:
+            log.info("%s", self.gate.describe())
+        name, why = transports.choose(settings.server, settings.tls)
         log.info("transport: %s (%s)", name, why)
         transport = transports.create(
-            name, settings.server, transports.Services(self.servicer, self.admin, self._health)
+            name,
+            settings.server,
+            transports.Services(self.servicer, self.admin, self._health, self.guard),
+            settings.tls,
         )
         await transport.start()
         self._transport = transport
@@ -170,6 +199,30 @@ class Gateway:
                         variant.model,
                     )
 
+    def _versions_of(self, request: object) -> list[str]:
+        """The loaded versions of the model a repository call names (its audit state)."""
+        name = getattr(request, "model_name", "")
+        return [v.version_label for v in self.repository.versions(name)] if name else []
+
+    def _apply_key_limits(self, entries: tuple[KeyEntry, ...]) -> None:
+        """The keys file's rate limits and budgets, as their tenants' (after each reload)."""
+        limits: dict[str, RateLimit] = {}
+        budgets: dict[str, Budget] = {}
+        for entry in entries:
+            tenant = entry.tenant_name
+            if entry.rate_limit is not None:
+                limits[tenant] = entry.rate_limit
+            if entry.budget is not None and tenant not in budgets:
+                budgets[tenant] = Budget(
+                    name=f"key.{entry.name}",
+                    tenant=tenant,
+                    limit=entry.budget.limit,
+                    window_s=entry.budget.window_s,
+                    policy=entry.budget.policy,
+                )
+        self.pipeline.limiter.set_key_limits(limits)
+        self.pipeline.ledger.set_key_budgets(list(budgets.values()))
+
     def _coverage(self) -> list[tuple[str, str, str, list[str], NDArray[np.int64]]]:
         return [
             (lv.name, lv.version_label, lv.contract.version, lv.contract.feature_names, lv.coverage)
@@ -192,6 +245,7 @@ class Gateway:
         if self.events is not None:
             await self.events.close(grace_s=min(grace, 5.0))
         self._loader.shutdown(wait=True)
+        self.audit.close()
         self.metrics.close()
         self.tracing.shutdown()
         log.info("gateway stopped")

@@ -9,6 +9,7 @@ assembly, and the ``FeatureContract`` a model version serves under.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -206,6 +207,13 @@ class RequestOptions:
             entity_key=_bounded("entity_key", _text(parameters.get("entity_key"))),
             labels=labels,
         )
+
+    def for_tenant(self, tenant: str) -> RequestOptions:
+        """These options for a caller whose credential names ``tenant``: the ``tenant``
+        parameter, if any, is replaced (in what route rules match too)."""
+        if self.tenant == tenant and self.labels.get("tenant") == tenant:
+            return self
+        return dataclasses.replace(self, tenant=tenant, labels={**self.labels, "tenant": tenant})
 
 
 DEFAULT_OPTIONS: Final = RequestOptions()

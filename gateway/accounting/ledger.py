@@ -81,6 +81,7 @@ class Ledger:
         self._folded = metrics.ledger_folded
         self._window_end = 0.0
         self._budgets = [_BudgetState(b) for b in settings.budgets]
+        self._configured = len(self._budgets)  # then the keys' (set_key_budgets)
         self._by_tenant = _index(self._budgets, "tenant")
         self._by_surface = _index(self._budgets, "surface")
         # Cost so far by (route, variant), read at scrape time (no metric lock per request).
@@ -92,9 +93,30 @@ class Ledger:
             lambda: list(self._totals.items()),
         )
         for state in self._budgets:
-            metrics.budget_spent.labels(state.budget.name).set_function(
-                functools.partial(self._spent, state)
-            )
+            self._watch(state)
+
+    def _watch(self, state: _BudgetState) -> None:
+        self._metrics.budget_spent.labels(state.budget.name).set_function(
+            functools.partial(self._spent, state)
+        )
+
+    def set_key_budgets(self, budgets: list[Budget]) -> None:
+        """The budgets the auth keys file gives tenants, in place of those it gave before
+        (the settings' budgets stay). A budget kept under the same name keeps its spend."""
+        kept = {s.budget.name: s for s in self._budgets[self._configured :]}
+        states = []
+        for budget in budgets:
+            state = kept.pop(budget.name, None)
+            if state is None or state.budget.window_s != budget.window_s:
+                state = _BudgetState(budget)
+                self._watch(state)
+            else:
+                state.budget = budget
+            states.append(state)
+        for gone in kept.values():
+            self._metrics.budget_spent.remove(gone.budget.name)
+        self._budgets = self._budgets[: self._configured] + states
+        self._by_tenant = _index(self._budgets, "tenant")
 
     # -- before serving ----------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """The trust boundary: who is calling (keys, mTLS subjects), TLS on ports and channels, and
 the audit log of admin actions. Shared by the gateway and the evaluation sidecar."""
 
+from gateway.auth.access import ADMIN_TOKEN, ANONYMOUS, Gatekeeper, Principal, current_principal
+from gateway.auth.audit import AuditLog
 from gateway.auth.credentials import (
     KeyEntry,
     KeyRing,
@@ -13,11 +15,17 @@ from gateway.auth.credentials import (
 )
 
 __all__ = [
+    "ADMIN_TOKEN",
+    "ANONYMOUS",
+    "AuditLog",
+    "Gatekeeper",
     "KeyEntry",
     "KeyRing",
+    "Principal",
     "bearer",
     "channel_credentials",
     "channel_options",
+    "current_principal",
     "key_digest",
     "peer_names",
     "server_credentials",

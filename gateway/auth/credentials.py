@@ -113,7 +113,7 @@ class KeyEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     key_sha256: str | None = Field(None, pattern=_HEX64)
     subject: str | None = Field(None, min_length=1, max_length=1024)
     tenant: str = Field("", max_length=1024, description="Default: the entry's name.")
@@ -156,6 +156,17 @@ class _KeysFile(BaseModel):
                 twice = sorted({v for v in values if values.count(v) > 1})
                 shown = twice if field != "key_sha256" else [f"{v[:8]}..." for v in twice]
                 raise ValueError(f"keys: {field} given twice: {shown}")
+        # A rate limit or budget is its tenant's: the keys of one tenant must agree on it.
+        for field in ("rate_limit", "budget"):
+            seen: dict[str, object] = {}
+            for key in self.keys:
+                value = getattr(key, field)
+                if value is None:
+                    continue
+                if seen.setdefault(key.tenant_name, value) != value:
+                    raise ValueError(
+                        f"keys: tenant '{key.tenant_name}' has keys with different {field}s"
+                    )
         return self
 
 

@@ -37,11 +37,18 @@ class RateLimiter:
         on_limited: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._configured = dict(limits)
         self._limits = limits
         self._buckets: LRUCache[str, _Bucket] = LRUCache(maxsize=max_tenants)
         self._on_limited = on_limited  # told of every refusal, to count it
         self._clock = clock  # seconds
         self.enabled = bool(limits)
+
+    def set_key_limits(self, limits: dict[str, RateLimit]) -> None:
+        """Tenants' limits from the auth keys file, over the settings' (replacing the keys'
+        limits set before); a tenant's bucket keeps its level."""
+        self._limits = {**self._configured, **limits}
+        self.enabled = bool(self._limits)
 
     def take(self, tenant: str) -> None:
         """Spend one token of ``tenant``'s bucket, or raise RateLimited with when to retry."""

@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from gateway._version import __version__
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
+from gateway.auth import ANONYMOUS, Principal, current_principal
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -43,6 +44,7 @@ from gateway.pipeline import Pipeline
 from gateway.runtime.repository import LoadedVersion, ModelRepository
 from gateway.server import convert, model_config
 from gateway.server.codec import BadMessages, decode_fast, encode_response
+from gateway.server.guard import Guard
 from gateway.settings import ServerSettings
 from gateway.telemetry import GatewayMetrics, Tracing
 from gateway.types import InferRequest, InferResponse
@@ -65,22 +67,33 @@ def decoded(
     decode: Callable[[bytes], T],
     behavior: Callable[[T, grpc.aio.ServicerContext], Awaitable[object]],
     bad: BadMessages,
-    guard: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None = None,
+    guard: Guard | None = None,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[object]]:
     """A unary method taking its request's bytes: parsed here, INVALID_ARGUMENT if they do not
     (grpcio's own deserializer would answer UNKNOWN and log a traceback per message).
-    ``guard`` (the admin service's token check) runs first: nothing is parsed for a caller
-    it refuses."""
+    ``guard`` runs first: nothing is parsed for a caller it refuses; then it checks the model
+    the request names and audits what needs admin rights."""
     name = rpc.rsplit("/", 1)[-1]
 
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> object:
+        principal = ANONYMOUS
         if guard is not None:
-            await guard(context)
+            try:
+                principal = guard.identify(name, context)
+            except GatewayError as err:
+                await _abort(context, err)
         try:
             message = decode(request)
         except DecodeError as err:
             await _abort(context, bad.note(name, type_name(decode), err))
-        return await behavior(message, context)
+        if guard is None:
+            return await behavior(message, context)
+        try:
+            return await guard.run(
+                name, context, message, principal, lambda: behavior(message, context)
+            )
+        except GatewayError as err:
+            await _abort(context, err)
 
     return unary
 
@@ -98,8 +111,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         settings: ServerSettings,
         metrics: GatewayMetrics,
         tracing: Tracing,
+        guard: Guard,
     ) -> None:
         self._pipeline = pipeline
+        self._guard = guard
+        self._gate = guard.gate
         self._repository: ModelRepository = pipeline.repository
         self._settings = settings
         self._metrics = metrics
@@ -244,6 +260,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def call(span: trace.Span) -> pb.ModelStatisticsResponse:
             routed = self._pipeline.route_versions(request.name) if not request.version else None
             versions = routed or self._select_versions(request.name, request.version)
+            caller = current_principal.get()
+            versions = [v for v in versions if request.name or caller.allows(v.name)]
             stats = [model_config.statistics_to_pb(v) for v in versions]
             if routed:
                 for entry in stats:  # a route reports its variants' versions under its name
@@ -267,7 +285,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        entries = self._repository.index(ready_only=request.ready)
+        caller = current_principal.get()
+        entries = [
+            e for e in self._repository.index(ready_only=request.ready) if caller.allows(e.name)
+        ]
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -304,9 +325,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference ---------------------------------------------------------------------------
 
     async def _predict(
-        self, request: InferRequest, span: trace.Span, arrived: float
+        self, request: InferRequest, span: trace.Span, arrived: float, caller: Principal
     ) -> InferResponse:
         request.arrived = arrived  # whichever decoder made it: its deadline counts from here
+        if caller.tenant is not None:  # known by its credential: its tenant, not the parameter's
+            caller.require(request.model_name)
+            request.options = request.options.for_tenant(caller.tenant)
         span.set_attribute("gateway.rows", request.rows)
         response = await self._pipeline.predict(request)
         span.set_attribute("gateway.model_version", response.model_version)
@@ -319,9 +343,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         time_remaining: float | None,
         rpc: str = "ModelInfer",
         arrived: float | None = None,
+        *,
+        caller: Principal,
     ) -> bytes:
-        """ModelInfer from the request's bytes to the response's; a failure leaves as a
-        GatewayError (bytes that are not a ModelInferRequest: InvalidRequest).
+        """ModelInfer from the request's bytes to the response's, for ``caller`` (``identify``
+        found it); a failure leaves as a GatewayError (bytes that are not a ModelInferRequest:
+        InvalidRequest).
 
         The native codec takes what it can (codec.decode_fast, codec.encode_response); the
         rest, and every error, goes the protobuf way."""
@@ -342,16 +369,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model = message.model_name
                 decode = functools.partial(convert.request_from_pb, message, limit, time_remaining)
         response = await self._observe(
-            rpc, metadata, lambda span: self._predict(decode(), span, arrived), model, arrived
+            rpc,
+            metadata,
+            lambda span: self._predict(decode(), span, arrived, caller),
+            model,
+            arrived,
         )
         return encode_response(response)
+
+    def identify(self, rpc: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+        """The caller of an inference call from its metadata (a transport without TLS)."""
+        return self._gate.identify(rpc, metadata)
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Registered without (de)serializers (``transports.grpcio.add_services``): bytes that
         are not a ModelInferRequest are INVALID_ARGUMENT here, as on every transport."""
         try:
+            caller = self._guard.identify("ModelInfer", context)
             return await self.infer_bytes(
-                request, context.invocation_metadata, context.time_remaining()
+                request, context.invocation_metadata, context.time_remaining(), caller=caller
             )
         except GatewayError as err:
             await _abort(context, err)
@@ -368,13 +404,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response is written, so a slow reader of responses stops the stream from reading more
         (bounded memory).
         """
+        try:  # one caller for the whole stream: its metadata is the stream's
+            caller = self._guard.identify("ModelStreamInfer", context)
+        except GatewayError as err:
+            await _abort(context, err)
         slots = asyncio.Semaphore(self._settings.stream_max_in_flight)
         done: asyncio.Queue[bytes | None] = asyncio.Queue()
 
         async def answer(payload: bytes, arrived: float, remaining: float | None) -> None:
             try:
                 response = await self.infer_bytes(
-                    payload, context.invocation_metadata, remaining, "ModelStreamInfer", arrived
+                    payload,
+                    context.invocation_metadata,
+                    remaining,
+                    "ModelStreamInfer",
+                    arrived,
+                    caller=caller,
                 )
                 reply = _STREAM_INFER_RESPONSE + varint(len(response)) + response
             except GatewayError as err:

@@ -152,6 +152,27 @@ class GatewayMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.auth_refused = Counter(
+            "gateway_auth_refused",
+            "Calls refused for their credential, by RPC and reason: missing, unknown, expired, "
+            "not_admin, admin_off (no admin.token).",
+            ["rpc", "reason"],
+            registry=self.registry,
+        )
+        self.auth_reloads = Counter(
+            "gateway_auth_keys_reloads",
+            "Re-reads of auth.keys_file after it changed: loaded, or failed (the keys loaded "
+            "before stay).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.admin_actions = Counter(
+            "gateway_admin_actions",
+            "Calls of RPCs that need admin rights (each also a line of the audit log), by RPC "
+            "and outcome (a gRPC status name).",
+            ["rpc", "outcome"],
+            registry=self.registry,
+        )
         self.cache_bytes = Gauge(
             "gateway_cache_bytes", "Bytes held by the response cache.", registry=self.registry
         )

@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from gateway import features
 from gateway.demo import synthetic_transactions
+from tests.auth import ADMIN_ENV, ADMIN_HEADERS
 from tests.conftest import DEMO_WIDTH, GatewayProcess, serving
 from tests.models import write_identity_model
 
@@ -287,7 +288,7 @@ def test_a_broken_contract_file_keeps_the_model_out_and_says_why(start_gateway, 
     broken = yaml.safe_load((model_dir / "features.yaml").read_text())
     broken["versions"]["v1"]["features"][0]["range"]["policy"] = "ignore"
     (model_dir / "features.yaml").write_text(yaml.safe_dump(broken))
-    proc = start_gateway(tmp_path / "repo")
+    proc = start_gateway(tmp_path / "repo", env=ADMIN_ENV)
     with proc.client() as client:
         (entry,) = client.get_model_repository_index().models
         assert entry.state == "UNAVAILABLE"
@@ -295,5 +296,5 @@ def test_a_broken_contract_file_keeps_the_model_out_and_says_why(start_gateway, 
         assert "versions.v1.features.0.range.policy" in entry.reason
         # Fixing the file and loading again brings both versions in while serving.
         (model_dir / "features.yaml").write_text(yaml.safe_dump(FEATURES))
-        client.load_model("assembler")
+        client.load_model("assembler", headers=ADMIN_HEADERS)
         assert client.is_model_ready("assembler", "1") and client.is_model_ready("assembler", "2")

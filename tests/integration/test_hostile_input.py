@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 INFERENCE = "/inference.GRPCInferenceService/"
 ADMIN = "/gateway.v1.GatewayAdmin/"
 TOKEN = "hostile-input-test-token"
+ADMIN_AUTH = [("authorization", f"Bearer {TOKEN}")]
 # What a client may be told about its own bad input; INTERNAL and UNKNOWN never.
 CLEAR = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -142,7 +143,7 @@ def test_metadata_of_a_superscript_version_is_not_found(channel):
 @pytest.mark.parametrize("name", ["m" * 5000, "bad\0name"])
 def test_loading_a_name_no_directory_can_have_is_invalid_argument(channel, name):
     payload = service_pb2.RepositoryModelLoadRequest(model_name=name).SerializeToString()
-    result = call(channel, INFERENCE + "RepositoryModelLoad", payload)
+    result = call(channel, INFERENCE + "RepositoryModelLoad", payload, metadata=ADMIN_AUTH)
     assert_clear(result, grpc.StatusCode.INVALID_ARGUMENT, "model name")
 
 
@@ -163,8 +164,8 @@ UNARY_INFERENCE = [
 
 @pytest.mark.parametrize(("rpc", "message"), UNARY_INFERENCE)
 def test_bytes_that_do_not_parse_are_invalid_argument_on_every_rpc(channel, rpc, message):
-    # A string field (1) whose length runs past the end.
-    result = call(channel, INFERENCE + rpc, b"\x0a\xff\xff\xff\xff")
+    # A string field (1) whose length runs past the end (admin rights: checked before parsing).
+    result = call(channel, INFERENCE + rpc, b"\x0a\xff\xff\xff\xff", metadata=ADMIN_AUTH)
     assert_clear(result, grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {message} message")
 
 

@@ -411,7 +411,7 @@ def test_a_new_version_never_serves_an_old_entry(repo_copy: Path, start_gateway)
     (repo_copy / "fraud" / "3" / "model.onnx").write_bytes(
         write_scorer_model(repo_copy / "tmp-scorer", DEMO_WIDTH, seed=5).read_bytes()
     )
-    client.load_model("fraud")
+    client.load_model("fraud", headers={"authorization": f"Bearer {TOKEN}"})
     result, newest = infer(client, "latest", rows=2, seed=8)
     assert result.get_response().model_version == "3" and newest["cached_rows"] == 0
     direct = client.infer("fraud", features(2, seed=8), model_version="3")

@@ -8,6 +8,7 @@ from typing import Protocol
 from grpc_health.v1 import health
 
 from gateway.server.admin import AdminServicer
+from gateway.server.guard import Guard
 from gateway.server.servicer import InferenceServicer
 
 __all__ = ["Services", "Transport"]
@@ -20,6 +21,7 @@ class Services:
     inference: InferenceServicer
     admin: AdminServicer
     health: health.aio.HealthServicer
+    guard: Guard  # every unary RPC passes it (ModelInfer and streams: inference.identify)
 
 
 class Transport(Protocol):

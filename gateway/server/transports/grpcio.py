@@ -11,10 +11,11 @@ from grpc_reflection.v1alpha import reflection
 from gateway.api.v1 import admin_pb2, admin_pb2_grpc
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
+from gateway.auth import server_credentials
 from gateway.errors import SettingsError
 from gateway.server.servicer import decoded
 from gateway.server.transports.base import Services
-from gateway.settings import ServerSettings
+from gateway.settings import ServerSettings, TlsSettings
 
 __all__ = ["GrpcioTransport", "add_services", "bind", "make_server"]
 
@@ -66,12 +67,12 @@ def add_services(server: grpc.aio.Server, services: Services) -> None:
     # INVALID_ARGUMENT naming its type, not grpcio's UNKNOWN with a traceback logged per call.
     # ModelInfer and ModelStreamInfer decode their own (natively where they can); the rest are
     # parsed by servicer.decoded.
-    guards = {SERVICE_NAME: None, ADMIN_SERVICE_NAME: services.admin.authorize}
     for service, handlers in ((SERVICE_NAME, inference), (ADMIN_SERVICE_NAME, admin)):
-        guard = guards[service]
         methods = {
             name: grpc.unary_unary_rpc_method_handler(
-                decoded(name, handler.request_deserializer, handler.unary_unary, bad, guard),
+                decoded(
+                    name, handler.request_deserializer, handler.unary_unary, bad, services.guard
+                ),
                 response_serializer=handler.response_serializer,
             )
             for name, handler in handlers.methods.items()
@@ -94,9 +95,13 @@ def add_services(server: grpc.aio.Server, services: Services) -> None:
     )
 
 
-def bind(server: grpc.aio.Server, address: str) -> int:
+def bind(server: grpc.aio.Server, address: str, tls: TlsSettings | None = None) -> int:
+    """Listen on ``address``; with TLS where ``tls`` turns it on (mTLS with its client CA)."""
     try:
-        port: int = server.add_insecure_port(address)
+        if tls is not None and tls.enabled:
+            port: int = server.add_secure_port(address, server_credentials(tls, "tls"))
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as err:
         raise SettingsError(f"server.port: cannot bind {address}: {err}") from None
     return port
@@ -105,16 +110,19 @@ def bind(server: grpc.aio.Server, address: str) -> int:
 class GrpcioTransport:
     name = "grpcio"
 
-    def __init__(self, settings: ServerSettings, services: Services) -> None:
+    def __init__(
+        self, settings: ServerSettings, services: Services, tls: TlsSettings | None = None
+    ) -> None:
         self._settings = settings
         self._services = services
+        self._tls = tls
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
         server = make_server(self._settings)
         add_services(server, self._services)
-        self.port = bind(server, f"{self._settings.host}:{self._settings.port}")
+        self.port = bind(server, f"{self._settings.host}:{self._settings.port}", self._tls)
         await server.start()
         self._server = server
 

@@ -125,6 +125,7 @@ class NativeTransport:
     def __init__(self, settings: ServerSettings, services: Services) -> None:
         self._settings = settings
         self._infer = services.inference.infer_bytes
+        self._identify = services.inference.identify
         self._services = services
         self._cap = _Cap(settings.max_concurrent_rpcs)
         self._receive_limit = 2 * settings.max_message_bytes
@@ -213,8 +214,9 @@ class NativeTransport:
         received: float,
     ) -> None:
         try:
+            caller = self._identify("ModelInfer", metadata)
             reply = await self._infer(
-                payload, metadata.__iter__, time_remaining, "ModelInfer", received
+                payload, metadata.__iter__, time_remaining, "ModelInfer", received, caller=caller
             )
             front.respond(call_id, reply)
         except GatewayError as err:

@@ -1,0 +1,436 @@
+"""The trust boundary on the inference port: tenants from keys and client certificates, TLS,
+guarded repository calls and their audit log. Real gateways, real clients (tritonclient and
+raw grpc), real certificates made here."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import tritonclient.grpc as triton_grpc
+import yaml
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
+from gateway.api.v1 import admin_pb2
+from gateway.auth import key_digest
+from tests.auth import ADMIN_TOKEN
+from tests.certs import Authority, authority
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
+
+pytestmark = pytest.mark.integration
+
+INFERENCE = "/inference.GRPCInferenceService/"
+KEYS = {
+    "team-a": "key-a-7f1c2e",
+    "team-b": "key-b-91d0aa",
+    "team-c": "key-c-4b2e77",
+    "expired": "key-old-55e3",
+    "ops": "key-ops-c0ffee",
+}
+
+
+def entry(name: str, **fields: object) -> dict[str, object]:
+    return {"name": name, "key_sha256": key_digest(KEYS[name]), **fields}
+
+
+def keys_file(path: Path, entries: list[dict[str, object]]) -> Path:
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    return path
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def features_input(rows: int = 2) -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput("features", [rows, DEMO_WIDTH], "FP32")
+    tensor.set_data_from_numpy(demo_features(rows))
+    return tensor
+
+
+def status(err: InferenceServerException) -> str:
+    return str(err.status()).removeprefix("StatusCode.")
+
+
+def refused(call: Callable[[], object]) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return status(caught.value), caught.value.message()
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def two_models(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo repository with a second model, `other` (a copy of `fraud`)."""
+    root = tmp_path_factory.mktemp("auth-repo") / "repo"
+    shutil.copytree(demo_repo, root)
+    shutil.copytree(root / "fraud", root / "other")
+    return root
+
+
+def api_key_settings(workdir: Path, entries: list[dict[str, object]]) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    keys = keys_file(workdir / "keys.yaml", entries)
+    settings = {
+        "auth": {"mode": "api_key", "keys_file": str(keys), "reload_interval_s": 0.05},
+        "admin": {"token": ADMIN_TOKEN},
+        "audit": {"path": str(workdir / "audit.jsonl")},
+    }
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+ENTRIES = [
+    entry("team-a", tenant="alpha", models=["fraud"], rate_limit={"rate": 0.001, "burst": 3}),
+    entry("team-b", tenant="beta"),
+    entry("team-c", tenant="gamma", models=["fraud"]),
+    entry("expired", tenant="alpha", expires="2020-01-01T00:00:00Z"),
+    entry("ops", admin=True),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed(two_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("keyed")
+    config = api_key_settings(workdir, ENTRIES)
+    proc = GatewayProcess(two_models, workdir / "gateway", "--config", str(config))
+    yield proc
+    proc.stop()
+    proc.kill_all()
+
+
+@pytest.fixture
+def keyed_client(keyed: GatewayProcess):
+    with keyed.client() as client:
+        yield client
+
+
+# -- api_key: who may call what ---------------------------------------------------------------
+
+
+def test_a_call_without_a_key_or_with_an_unknown_or_expired_one_is_unauthenticated(keyed_client):
+    infer = keyed_client.infer
+    for headers in (None, bearer("not-a-key"), bearer(KEYS["expired"]), {"x-api-key": "nope"}):
+        code, message = refused(
+            functools.partial(infer, "fraud", [features_input()], headers=headers)
+        )
+        assert code == "UNAUTHENTICATED", (headers, message)
+        for key in KEYS.values():
+            assert key not in message
+    code, message = refused(
+        lambda: infer("fraud", [features_input()], headers=bearer(KEYS["expired"]))
+    )
+    assert "expired" in message
+    # Metadata and listings need a key too; liveness does not.
+    for call in (
+        lambda: keyed_client.get_model_metadata("fraud"),
+        lambda: keyed_client.get_model_config("fraud"),
+        lambda: keyed_client.get_model_repository_index(),
+        lambda: keyed_client.get_inference_statistics("fraud"),
+    ):
+        assert refused(call)[0] == "UNAUTHENTICATED"
+    assert keyed_client.is_server_live()
+
+
+def test_a_known_key_serves_the_models_it_names_and_no_others(keyed_client):
+    result = keyed_client.infer("fraud", [features_input()], headers=bearer(KEYS["team-a"]))
+    assert result.as_numpy("probability").shape == (2, 1)
+    also = keyed_client.infer("fraud", [features_input()], headers={"x-api-key": KEYS["team-b"]})
+    assert also.as_numpy("probability").shape == (2, 1)
+    # Not allowed, served or not: the same refusal, so a key cannot learn what exists.
+    for model in ("other", "no-such-model"):
+        code, message = refused(
+            functools.partial(
+                keyed_client.infer, model, [features_input()], headers=bearer(KEYS["team-a"])
+            )
+        )
+        assert code == "PERMISSION_DENIED"
+        assert message == f"'team-a' may not call model '{model}'"
+        code, _ = refused(
+            functools.partial(
+                keyed_client.get_model_metadata, model, headers=bearer(KEYS["team-a"])
+            )
+        )
+        assert code == "PERMISSION_DENIED"
+    # Listings show a key the models it may call.
+    index = keyed_client.get_model_repository_index(headers=bearer(KEYS["team-a"]))
+    assert {m.name for m in index.models} == {"fraud"}
+    index = keyed_client.get_model_repository_index(headers=bearer(KEYS["team-b"]))
+    assert {m.name for m in index.models} == {"fraud", "other"}
+    stats = keyed_client.get_inference_statistics(headers=bearer(KEYS["team-a"]))
+    assert {s.name for s in stats.model_stats} == {"fraud"}
+
+
+def test_a_lying_tenant_parameter_changes_nothing(keyed: GatewayProcess, keyed_client):
+    """team-a's key names tenant alpha, limited to 3 requests: a `tenant` parameter naming
+    someone else each time neither escapes the limit nor moves the cost to them."""
+    answered = 0
+    codes = []
+    for i in range(6):
+        try:
+            keyed_client.infer(
+                "fraud",
+                [features_input()],
+                headers=bearer(KEYS["team-a"]),
+                parameters={"tenant": f"someone-else-{i}"},
+            )
+            answered += 1
+        except InferenceServerException as err:
+            codes.append(status(err))
+    # Earlier tests of this module spent some of alpha's burst of 3 (rate ~0).
+    assert answered <= 3 and codes and set(codes) == {"RESOURCE_EXHAUSTED"}
+    with grpc.insecure_channel(keyed.url) as channel:
+        costs = admin_pb2.CostsResponse.FromString(
+            channel.unary_unary("/gateway.v1.GatewayAdmin/Costs")(
+                admin_pb2.CostsRequest().SerializeToString(),
+                metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+            )
+        )
+    tenants = {line.tenant for line in costs.lines}
+    assert "alpha" in tenants and not any(t.startswith("someone-else") for t in tenants)
+
+
+def test_streams_authenticate_once_and_check_each_request(keyed_client):
+    answers: list[tuple[Any, Any]] = []
+    keyed_client.start_stream(
+        callback=lambda result, error: answers.append((result, error)),
+        headers=bearer(KEYS["team-c"]),
+    )
+    keyed_client.async_stream_infer("fraud", [features_input()], request_id="1")
+    keyed_client.async_stream_infer("no-such-model", [features_input()], request_id="2")
+    wait_until(lambda: len(answers) == 2)
+    keyed_client.stop_stream()
+    by_id = {}
+    for result, error in answers:
+        if error is None:
+            by_id[result.get_response().id] = "ok"
+        else:
+            by_id["error"] = str(error)
+    assert by_id.get("1") == "ok"
+    assert "PERMISSION" in by_id["error"] or "may not call model" in by_id["error"]
+    # No key: the stream is refused before any request is read.
+    failures: list[object] = []
+    keyed_client.start_stream(callback=lambda result, error: failures.append(error))
+    with contextlib.suppress(InferenceServerException):  # the stream may have ended already
+        keyed_client.async_stream_infer("fraud", [features_input()])
+    wait_until(lambda: len(failures) >= 1)
+    keyed_client.stop_stream()
+    assert "UNAUTHENTICATED" in str(failures[0]) or "needs a key" in str(failures[0])
+
+
+# -- the control plane ------------------------------------------------------------------------
+
+
+def audit_lines(workdir: Path) -> list[dict[str, object]]:
+    path = workdir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_unload_and_load_need_admin_rights_and_are_audited(keyed: GatewayProcess, keyed_client):
+    workdir = keyed.workdir.parent
+    unload = keyed_client.unload_model
+    assert refused(lambda: unload("other"))[0] == "UNAUTHENTICATED"
+    assert refused(lambda: unload("other", headers=bearer("wrong")))[0] == "UNAUTHENTICATED"
+    code, message = refused(lambda: unload("other", headers=bearer(KEYS["team-b"])))
+    assert code == "PERMISSION_DENIED" and "no admin rights" in message
+    assert keyed_client.is_model_ready("other", headers=bearer(KEYS["team-b"]))
+    # An admin key, then the admin token.
+    unload("other", headers=bearer(KEYS["ops"]))
+    assert not keyed_client.is_model_ready("other", headers=bearer(KEYS["team-b"]))
+    keyed_client.load_model("other", headers=bearer(ADMIN_TOKEN))
+    assert keyed_client.is_model_ready("other", headers=bearer(KEYS["team-b"]))
+    lines = audit_lines(workdir)
+    done = [(line["actor"], line["rpc"], line["outcome"]) for line in lines]
+    assert ("ops", "RepositoryModelUnload", "OK") in done
+    assert ("admin-token", "RepositoryModelLoad", "OK") in done
+    assert ("team-b", "RepositoryModelUnload", "PERMISSION_DENIED") in done
+    assert ("unauthenticated", "RepositoryModelUnload", "UNAUTHENTICATED") in done
+    unloaded = next(line for line in lines if line["actor"] == "ops")
+    assert unloaded["target"] == "other"
+    assert unloaded["before"] == ["1", "2"] or unloaded["before"]  # versions served before
+    assert unloaded["after"] == []
+    text = (workdir / "audit.jsonl").read_text()
+    assert not any(key in text for key in (*KEYS.values(), ADMIN_TOKEN))
+    assert keyed.metric("gateway_admin_actions_total", rpc="RepositoryModelUnload") >= 4
+    assert keyed.metric("gateway_auth_refused_total", reason="missing") >= 1
+
+
+def test_a_repository_rpc_can_be_opened_or_restricted_per_rpc(
+    two_models: Path, start_gateway, tmp_path
+):
+    settings = {
+        "auth": {"rpc_access": {"RepositoryIndex": "admin", "ModelStatistics": "admin"}},
+        "admin": {"token": ADMIN_TOKEN},
+        "audit": {"path": None},
+    }
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    proc = start_gateway(two_models, "--config", str(config))
+    with proc.client() as client:
+        assert refused(client.get_model_repository_index)[0] == "UNAUTHENTICATED"
+        assert refused(client.get_inference_statistics)[0] == "UNAUTHENTICATED"
+        assert client.get_model_repository_index(headers=bearer(ADMIN_TOKEN)).models
+        # auth.mode none: inference stays open, and the start-up says so.
+        assert client.infer("fraud", [features_input()]).as_numpy("probability").shape == (2, 1)
+    assert "auth.mode none" in proc.stderr() and "WARNING" in proc.stderr()
+
+
+def test_keys_reload_without_a_restart(two_models: Path, start_gateway, tmp_path):
+    config = api_key_settings(tmp_path / "cfg", [entry("team-a", tenant="alpha")])
+    proc = start_gateway(two_models, "--config", str(config))
+    keys = tmp_path / "cfg" / "keys.yaml"
+    with proc.client() as client:
+
+        def serves(name: str) -> bool:
+            try:
+                client.infer("fraud", [features_input()], headers=bearer(KEYS[name]))
+                return True
+            except InferenceServerException as err:
+                assert status(err) == "UNAUTHENTICATED"
+                return False
+
+        assert serves("team-a") and not serves("team-b")
+        keys_file(keys, [entry("team-b", tenant="beta")])
+        wait_until(lambda: serves("team-b"))
+        assert not serves("team-a")
+        # A broken file keeps the keys loaded before, and says so.
+        keys.write_text("keys: [{name: broken}]")
+        # (The file is checked at a call, at most every reload_interval_s.)
+        failed = "gateway_auth_keys_reloads_total"
+        wait_until(lambda: serves("team-b") and proc.metric(failed, outcome="failed") >= 1)
+    assert "keeping the keys loaded before" in proc.stderr()
+
+
+# -- TLS and mTLS -----------------------------------------------------------------------------
+
+
+def tls_settings(path: Path, ca: Authority, *, mtls: bool = False, **extra: object) -> Path:
+    server = ca.issue("gateway", server=True)
+    tls: dict[str, str] = {"cert_file": str(server.cert), "key_file": str(server.key)}
+    if mtls:
+        tls["client_ca_file"] = str(ca.cert)
+    path.write_text(yaml.safe_dump({"tls": tls, "audit": {"path": None}, **extra}))
+    return path
+
+
+def tls_client(url: str, ca: Authority, cert: Path | None = None, key: Path | None = None):
+    return triton_grpc.InferenceServerClient(
+        url,
+        ssl=True,
+        root_certificates=str(ca.cert),
+        certificate_chain=str(cert) if cert else None,
+        private_key=str(key) if key else None,
+    )
+
+
+def live_over_tls(url: str, ca: Authority, cert: Path | None = None, key: Path | None = None):
+    with grpc.secure_channel(
+        url,
+        grpc.ssl_channel_credentials(
+            ca.cert.read_bytes(),
+            key.read_bytes() if key else None,
+            cert.read_bytes() if cert else None,
+        ),
+    ) as channel:
+        reply = channel.unary_unary(INFERENCE + "ServerLive")(
+            service_pb2.ServerLiveRequest().SerializeToString(), timeout=5
+        )
+        return service_pb2.ServerLiveResponse.FromString(reply).live
+
+
+def test_tls_handshakes_with_the_right_ca_only(two_models: Path, start_gateway, tmp_path):
+    ca, other = authority(tmp_path / "ca"), authority(tmp_path / "other-ca", "other-ca")
+    config = tls_settings(tmp_path / "gateway.yaml", ca)
+    proc = start_gateway(two_models, "--config", str(config), "--transport", "auto")
+    assert "transport: grpcio" in proc.stderr() and "tls.cert_file" in proc.stderr()
+    with tls_client(proc.url, ca) as client:
+        assert client.infer("fraud", [features_input()]).as_numpy("probability").shape == (2, 1)
+    with pytest.raises(grpc.RpcError) as wrong_ca:
+        live_over_tls(proc.url, other)
+    assert wrong_ca.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(proc.url) as plain, pytest.raises(grpc.RpcError):
+        plain.unary_unary(INFERENCE + "ServerLive")(b"", timeout=5)
+    # A renewed certificate, from another CA, is served at the next handshake.
+    renewed = other.issue("gateway", server=True, file_name="renewed")
+    server_cert = Path(yaml.safe_load(config.read_text())["tls"]["cert_file"])
+    server_key = Path(yaml.safe_load(config.read_text())["tls"]["key_file"])
+    server_key.write_bytes(renewed.key.read_bytes())
+    server_cert.write_bytes(renewed.cert.read_bytes())
+
+    def other_ca_works() -> bool:
+        try:
+            return bool(live_over_tls(proc.url, other))
+        except grpc.RpcError:
+            return False
+
+    wait_until(other_ca_works)
+
+
+def test_the_native_transport_refuses_tls_naming_the_setting(two_models, start_gateway, tmp_path):
+    config = tls_settings(tmp_path / "gateway.yaml", authority(tmp_path / "ca"))
+    with pytest.raises(RuntimeError) as failed:
+        start_gateway(two_models, "--config", str(config), "--transport", "native")
+    assert "tls.cert_file" in str(failed.value)
+
+
+def test_mtls_maps_client_certificates_to_tenants(two_models: Path, start_gateway, tmp_path):
+    ca, stranger = authority(tmp_path / "ca"), authority(tmp_path / "stranger", "stranger-ca")
+    keys = keys_file(
+        tmp_path / "keys.yaml",
+        [
+            {"name": "alpha-svc", "subject": "alpha-svc", "tenant": "alpha", "models": ["fraud"]},
+            {"name": "beta-svc", "subject": "spiffe://acme/beta", "tenant": "beta"},
+        ],
+    )
+    auth = {"mode": "mtls", "keys_file": str(keys)}
+    config = tls_settings(tmp_path / "gateway.yaml", ca, mtls=True, auth=auth)
+    proc = start_gateway(two_models, "--config", str(config), "--transport", "auto")
+    alpha = ca.issue("alpha-svc")
+    beta = ca.issue("some-host", uri="spiffe://acme/beta")
+    nobody = ca.issue("nobody")
+    expired = ca.issue("alpha-svc", expired=True, file_name="alpha-expired")
+    forged = stranger.issue("alpha-svc")
+    with tls_client(proc.url, ca, alpha.cert, alpha.key) as client:
+        assert client.infer("fraud", [features_input()]).as_numpy("probability").shape == (2, 1)
+        assert refused(lambda: client.infer("other", [features_input()]))[0] == "PERMISSION_DENIED"
+    with tls_client(proc.url, ca, beta.cert, beta.key) as client:  # by its SAN URI
+        assert client.infer("other", [features_input()]).as_numpy("probability").shape == (2, 1)
+    with tls_client(proc.url, ca, nobody.cert, nobody.key) as client:
+        assert refused(lambda: client.infer("fraud", [features_input()]))[0] == "UNAUTHENTICATED"
+    for cert in (None, expired, forged):  # no certificate, an expired one, another CA's
+        with pytest.raises(grpc.RpcError) as failed:
+            live_over_tls(proc.url, ca, cert.cert if cert else None, cert.key if cert else None)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_expired_key_by_date_is_refused_from_that_date(tmp_path):
+    """The keys file's `expires` needs a time zone; a naive date is refused with its key."""
+    from gateway.auth import KeyRing
+    from gateway.errors import SettingsError
+
+    path = keys_file(tmp_path / "keys.yaml", [entry("team-a", expires="2030-01-01T00:00:00")])
+    with pytest.raises(SettingsError, match="time zone"):
+        KeyRing(path, "auth.keys_file")
+    later = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    path = keys_file(path, [entry("team-a", expires=later.isoformat())])
+    ring = KeyRing(path, "auth.keys_file")
+    found = ring.by_key(KEYS["team-a"])
+    assert found is not None and found.expired(later) and not found.expired(later - dt.timedelta(1))
+    assert ring.by_key(KEYS["team-b"]) is None
