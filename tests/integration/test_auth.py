@@ -434,3 +434,77 @@ def test_an_expired_key_by_date_is_refused_from_that_date(tmp_path):
     found = ring.by_key(KEYS["team-a"])
     assert found is not None and found.expired(later) and not found.expired(later - dt.timedelta(1))
     assert ring.by_key(KEYS["team-b"]) is None
+
+
+# -- every RPC, every kind of credential ------------------------------------------------------
+
+ADMIN_API = "/gateway.v1.GatewayAdmin/"
+# Each unary RPC with a request naming `other`, a model team-a's key does not list.
+RPCS: dict[str, tuple[str, bytes]] = {
+    "ServerLive": (INFERENCE, service_pb2.ServerLiveRequest().SerializeToString()),
+    "ServerReady": (INFERENCE, service_pb2.ServerReadyRequest().SerializeToString()),
+    "ServerMetadata": (INFERENCE, service_pb2.ServerMetadataRequest().SerializeToString()),
+    "ModelReady": (INFERENCE, service_pb2.ModelReadyRequest(name="other").SerializeToString()),
+    "ModelMetadata": (
+        INFERENCE,
+        service_pb2.ModelMetadataRequest(name="other").SerializeToString(),
+    ),
+    "ModelConfig": (INFERENCE, service_pb2.ModelConfigRequest(name="other").SerializeToString()),
+    "ModelInfer": (
+        INFERENCE,
+        service_pb2.ModelInferRequest(model_name="other").SerializeToString(),
+    ),
+    "ModelStatistics": (
+        INFERENCE,
+        service_pb2.ModelStatisticsRequest(name="other").SerializeToString(),
+    ),
+    "RepositoryIndex": (INFERENCE, service_pb2.RepositoryIndexRequest().SerializeToString()),
+    "RepositoryModelLoad": (
+        INFERENCE,
+        service_pb2.RepositoryModelLoadRequest(model_name="other").SerializeToString(),
+    ),
+    "RepositoryModelUnload": (
+        INFERENCE,
+        service_pb2.RepositoryModelUnloadRequest(model_name="other").SerializeToString(),
+    ),
+    "GetRoutes": (ADMIN_API, admin_pb2.GetRoutesRequest().SerializeToString()),
+    "SetRoutes": (ADMIN_API, admin_pb2.SetRoutesRequest(yaml="").SerializeToString()),
+    "Promote": (ADMIN_API, admin_pb2.PromoteRequest(route="r", variant="v").SerializeToString()),
+    "Rollback": (ADMIN_API, admin_pb2.RollbackRequest(route="r").SerializeToString()),
+    "Costs": (ADMIN_API, admin_pb2.CostsRequest().SerializeToString()),
+    "Cache": (ADMIN_API, admin_pb2.CacheRequest().SerializeToString()),
+}
+OPEN = {"ServerLive", "ServerReady", "ServerMetadata"}
+CREDENTIALS = {
+    "none": [],
+    "wrong": [("authorization", "Bearer wrong-key")],
+    "expired": [("authorization", f"Bearer {KEYS['expired']}")],
+    "other-tenant": [("x-api-key", KEYS["team-a"])],
+}
+
+
+def code_of(channel: grpc.Channel, rpc: str, metadata: list[tuple[str, str]]) -> grpc.StatusCode:
+    prefix, payload = RPCS[rpc]
+    try:
+        channel.unary_unary(prefix + rpc)(payload, metadata=metadata, timeout=10)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("credential", list(CREDENTIALS))
+def test_every_rpc_refuses_what_each_credential_may_not_do(keyed: GatewayProcess, credential):
+    metadata = CREDENTIALS[credential]
+    with grpc.insecure_channel(keyed.url) as channel:
+        for rpc in RPCS:
+            code = code_of(channel, rpc, metadata)
+            if rpc in OPEN:
+                expected = grpc.StatusCode.OK
+            elif credential != "other-tenant":
+                expected = grpc.StatusCode.UNAUTHENTICATED
+            elif rpc == "RepositoryIndex":  # a listing: filtered, not refused
+                expected = grpc.StatusCode.OK
+            else:  # a model it may not call, or admin rights it does not have
+                expected = grpc.StatusCode.PERMISSION_DENIED
+            assert code == expected, (rpc, credential, code)
+    assert keyed.metric("gateway_auth_refused_total") > 0
