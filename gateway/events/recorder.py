@@ -10,6 +10,9 @@ the sidecar catches up; ``on_full: drop_oldest`` deletes the oldest unacknowledg
 Either way it is counted (``gateway_events_total{outcome}``) and logged. ``dropped`` counts
 only events the sidecar never acknowledged: one deleted while sent and awaiting its ack counts
 only if the ack never comes (``WriteAheadLog.drop_oldest``).
+
+The key that hashes sensitive feature values (``hash_key``) never sits beside the log: whoever
+reads the log could try every value of a small vocabulary against its hashes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import itertools
 import logging
 import os
 import secrets
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,12 +36,15 @@ from gateway.events.wal import LogInUse, WriteAheadLog
 from gateway.settings import EventsSettings
 from gateway.telemetry import GatewayMetrics
 
-__all__ = ["EventRecorder"]
+__all__ = ["EventRecorder", "default_hash_key_file", "hash_key"]
 
 log = logging.getLogger(__name__)
 
-_KEY_FILE = "hash.key"
 _SLICE = 32  # events encoded between two turns of the loop
+_OLD_KEY_FILE = "hash.key"  # where versions before kept the hash key: inside events.directory
+_KEY_BYTES = 32  # a new key's random bytes
+_MIN_KEY_BYTES = 16  # shorter: guessable by trying keys against one known value's hash
+_MAX_KEY_BYTES = 64  # blake2b's bound: features.redact uses no more of a key
 
 
 class EventRecorder:
@@ -77,6 +84,8 @@ class EventRecorder:
 
     async def start(self) -> None:
         s = self.settings
+        # NOTE: before the log is opened: a refused key leaves nothing behind.
+        self._hash_key = await asyncio.to_thread(hash_key, s)
         try:
             self._wal = await asyncio.to_thread(
                 WriteAheadLog,
@@ -90,7 +99,6 @@ class EventRecorder:
             raise SettingsError(f"events.directory: {err}") from None
         if self._wal.corrupt:  # lost to a bad disk before this start: counted, and logged
             self._metrics.events.labels("corrupt").inc(self._wal.corrupt)
-        self._hash_key = await asyncio.to_thread(_hash_key, s)
         assert s.sidecar is not None
         self._publisher = Publisher(
             s.sidecar,
@@ -293,15 +301,131 @@ class EventRecorder:
         self._writer.shutdown(wait=True)
 
 
-def _hash_key(settings: EventsSettings) -> bytes:
-    if settings.hash_key:
-        return settings.hash_key.get_secret_value().encode()
-    path = Path(settings.directory) / _KEY_FILE
+def hash_key(settings: EventsSettings) -> bytes:
+    """The key of the hash that stands in for sensitive feature values.
+
+    ``events.hash_key`` (its UTF-8 bytes) wins; else the bytes of ``events.hash_key_file``,
+    which must exist; else those of ``default_hash_key_file()``, made with 32 random bytes on
+    first use. A file's key is its raw bytes, as they are (a trailing newline is part of it):
+    the files this makes, and the ``hash.key`` of older versions, hold random bytes, not text.
+
+    SettingsError, naming ``events.hash_key_file``, when the file lies inside
+    ``events.directory`` (links resolved) or group or others may open it.
+    """
+    if settings.hash_key is not None:
+        where = "events.hash_key"
+        key = settings.hash_key.get_secret_value().encode()
+        if not key:
+            raise SettingsError(f"{where} is empty: set a key, or unset it to use a key file")
+    else:
+        path = settings.hash_key_file or default_hash_key_file()
+        where = f"events.hash_key_file ({path})"
+        key = _file_key(path, settings.directory, make=settings.hash_key_file is None)
+    if len(key) < _MIN_KEY_BYTES:
+        log.warning(
+            "%s: a %d-byte key can be found by trying keys against a hash; use %d random bytes",
+            where,
+            len(key),
+            _KEY_BYTES,
+        )
+    elif len(key) > _MAX_KEY_BYTES:
+        log.warning("%s: only the first %d bytes of the key are used", where, _MAX_KEY_BYTES)
+    _warn_old_key(settings)
+    return key
+
+
+def default_hash_key_file() -> Path:
+    """$XDG_STATE_HOME/gateway/hash.key (~/.local/state/gateway/hash.key when unset)."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    # NOTE: the XDG spec says a relative XDG_STATE_HOME is invalid and is to be ignored.
+    root = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return root / "gateway" / "hash.key"
+
+
+def _file_key(path: Path, log_directory: Path, make: bool) -> bytes:
+    where = "events.hash_key_file"
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        inside = path.resolve().is_relative_to(Path(log_directory).resolve())
+    except (OSError, RuntimeError) as err:  # RuntimeError: a loop of links
+        raise SettingsError(f"{where}: cannot resolve {path}: {err}") from None
+    if inside:
+        raise SettingsError(
+            f"{where}: {path} is inside events.directory ({log_directory}): whoever reads the "
+            f"log would find the key beside it; keep the key file elsewhere (the default is "
+            f"{default_hash_key_file()})"
+        )
+    try:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            if not make:
+                raise SettingsError(
+                    f"{where}: {path} does not exist; to make a key: "
+                    f"(umask 077; head -c {_KEY_BYTES} /dev/urandom > {path})"
+                ) from None
+            try:
+                made = _make_key(path)
+            except OSError as err:
+                raise SettingsError(f"{where}: cannot make {path}: {err.strerror}") from None
+            if made is not None:
+                return made
+            mode = path.stat().st_mode  # another process made it first: use its key
+        if mode & 0o077:
+            raise SettingsError(
+                f"{where}: {path} has mode {mode & 0o777:04o}: group or others may open it; "
+                f"chmod 600 {path}"
+            )
+        key = path.read_bytes()
+    except OSError as err:
+        raise SettingsError(f"{where}: cannot read {path}: {err.strerror}") from None
+    if not key:
+        raise SettingsError(f"{where}: {path} is empty")
+    return key
+
+
+def _make_key(path: Path) -> bytes | None:
+    """A new random key in ``path`` (directory 0700, file 0600); None when another process
+    made it first.
+
+    NOTE: written whole to a private file, then linked to ``path``: a link, like O_EXCL, fails
+    when the name exists, and a racing gateway never reads a key half written. Workers starting
+    together all end up with the one key that won.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = secrets.token_bytes(_KEY_BYTES)
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(key)
-        return key
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(partial, path)
+    except FileExistsError:
+        return None
+    finally:
+        os.unlink(partial)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    log.info("events: a new key for hashing sensitive feature values, in %s", path)
+    return key
+
+
+def _warn_old_key(settings: EventsSettings) -> None:
+    old = Path(settings.directory) / _OLD_KEY_FILE
+    if not old.is_file():
+        return
+    target = settings.hash_key_file or default_hash_key_file()
+    instead = "events.hash_key" if settings.hash_key is not None else str(target)
+    log.warning(
+        "%s is the hash key an older version kept beside the event log; it is no longer used "
+        "(the key is %s now), so sensitive values hash differently from the events it made. "
+        "To keep the same hashes, move it to events.hash_key_file: mv %s %s%s; else delete it",
+        old,
+        instead,
+        old,
+        target,
+        " and unset events.hash_key" if settings.hash_key is not None else "",
+    )
