@@ -1,0 +1,240 @@
+"""Secrets stay secret: real gateway and sidecar processes, their logs, metrics, traces, stores.
+
+The key that hashes sensitive feature values lives apart from the event log (never beside it,
+0600, checked at start), stays the same across restarts, and may come from the environment.
+No secret (admin token, hash key, the sidecar credential, a wrong token a client sent) and no
+sensitive feature value is found in anything the processes write or serve.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import duckdb
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from gateway.demo import synthetic_transactions
+from gateway.features import redact
+from gateway.server.admin_client import AdminClient
+from tests.conftest import GatewayProcess, SidecarProcess, free_port
+
+ADMIN_TOKEN = "admin-token-5b1f0c7e9d2a"
+HASH_KEY = "hash-key-0a8e4c2d6f1b3a5c7e9d"
+EVENTS_TOKEN = "events-token-7c3e1a9b5d"
+WRONG_TOKEN = "wrong-token-e4d2c0b8a6"  # what a client sent: not echoed either
+SENSITIVE = "ZZ-sensitive-3f9a1c"  # a value of the demo's sensitive feature, country
+SECRETS = (ADMIN_TOKEN, HASH_KEY, EVENTS_TOKEN, WRONG_TOKEN, SENSITIVE)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def transactions(rows: int, country: str) -> list[triton_grpc.InferInput]:
+    """The demo's raw columns (its feature contract applies), every row from ``country``."""
+    columns, _ = synthetic_transactions(rows, seed=5)
+    columns["country"] = np.array([country] * rows, dtype=object)
+    inputs = []
+    for name, values in columns.items():
+        if values.dtype == object:
+            array = np.array([v.encode() for v in values], dtype=object)
+            datatype = "BYTES"
+        else:
+            array = values
+            datatype = triton_grpc.np_to_triton_dtype(array.dtype)
+        tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def infer(gateway: GatewayProcess, request_id: str, country: str = "NG", rows: int = 2) -> None:
+    client = gateway.client()
+    try:
+        client.infer("fraud", transactions(rows, country), request_id=request_id)
+    finally:
+        client.close()
+
+
+def acked_all(gateway: GatewayProcess) -> bool:
+    return (
+        gateway.metric("gateway_events_total", outcome="recorded") > 0
+        and gateway.metric("gateway_events_backlog", where="memory") == 0
+        and gateway.metric("gateway_events_backlog", where="disk") == 0
+    )
+
+
+def stored_countries(sidecar: SidecarProcess) -> dict[str, list[str]]:
+    """Stop the sidecar (it must exit 0) and read each request's hashed countries."""
+    assert sidecar.stop() == 0, sidecar.stderr()
+    with duckdb.connect(str(sidecar.store / "events.duckdb"), read_only=True) as db:
+        rows = db.execute("SELECT request_id, strings['country'] FROM events").fetchall()
+    return dict(rows)
+
+
+@pytest.fixture
+def start_sidecar_with(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
+    """Sidecars with an environment of their own; killed at teardown if still running."""
+    started: list[SidecarProcess] = []
+
+    def start(store: Path, port: int, *args: str, env: Mapping[str, str]) -> SidecarProcess:
+        proc = SidecarProcess(store, port, tmp_path / "sidecar-logs", *args, env=dict(env))
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop(signal.SIGKILL, timeout_s=10)
+
+
+def events_args(port: int, directory: Path) -> tuple[str, ...]:
+    return ("--sidecar", f"127.0.0.1:{port}", "--events-dir", str(directory))
+
+
+def refused_start(start: Callable[[], GatewayProcess]) -> str:
+    with pytest.raises(RuntimeError, match="gateway exited with 2") as refused:
+        start()
+    return str(refused.value)
+
+
+def test_a_hash_key_file_inside_the_events_directory_fails_the_start(
+    demo_repo: Path, start_gateway, tmp_path: Path
+):
+    log_dir = tmp_path / "events"
+    log_dir.mkdir()
+    key = log_dir / "keys" / "hash.key"
+    key.parent.mkdir()
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    env = {"XDG_STATE_HOME": str(tmp_path / "state"), "GATEWAY_EVENTS__HASH_KEY_FILE": str(key)}
+    message = refused_start(
+        lambda: start_gateway(demo_repo, *events_args(free_port(), log_dir), env=env)
+    )
+    assert f"gateway: error: events.hash_key_file: {key} is inside events.directory" in message
+    assert [p.name for p in log_dir.iterdir()] == ["keys"]  # the log was never opened
+
+
+def test_a_hash_key_file_others_may_read_fails_the_start(
+    demo_repo: Path, start_gateway, tmp_path: Path
+):
+    key = tmp_path / "keys" / "hash.key"
+    key.parent.mkdir()
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o644)
+    env = {"XDG_STATE_HOME": str(tmp_path / "state"), "GATEWAY_EVENTS__HASH_KEY_FILE": str(key)}
+    message = refused_start(
+        lambda: start_gateway(demo_repo, *events_args(free_port(), tmp_path / "events"), env=env)
+    )
+    assert f"events.hash_key_file: {key} has mode 0644" in message
+    assert f"chmod 600 {key}" in message
+
+
+def test_the_hash_key_lives_apart_from_the_log_and_survives_a_restart(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    port, log_dir, state = free_port(), tmp_path / "events", tmp_path / "state"
+    sidecar = start_sidecar(tmp_path / "store", port)
+
+    def serve_one(request_id: str, env: dict[str, str]) -> None:
+        gateway = start_gateway(demo_repo, *events_args(port, log_dir), env=env)
+        infer(gateway, request_id)
+        wait_for(lambda: acked_all(gateway), "the event acknowledged")
+        assert gateway.stop() == 0
+
+    serve_one("first-run", {"XDG_STATE_HOME": str(state)})
+    serve_one("second-run", {"XDG_STATE_HOME": str(state)})  # the same gateway, restarted
+    key_file = state / "gateway" / "hash.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    assert not list(log_dir.rglob("hash.key"))
+    # a key from the environment replaces the file's, and no file is made for it
+    other_state = tmp_path / "other-state"
+    serve_one("env-key", {"XDG_STATE_HOME": str(other_state), "GATEWAY_EVENTS__HASH_KEY": HASH_KEY})
+    assert not other_state.exists()
+
+    countries = stored_countries(sidecar)
+    key = key_file.read_bytes()
+    assert countries["first-run"] == countries["second-run"] == [redact("NG", key)] * 2
+    assert countries["env-key"] == [redact("NG", HASH_KEY.encode())] * 2
+
+
+def test_no_secret_reaches_a_log_metric_trace_store_or_help_text(
+    demo_repo: Path, start_gateway, start_sidecar_with, tmp_path: Path
+):
+    env = {
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "GATEWAY_ADMIN__TOKEN": ADMIN_TOKEN,
+        "GATEWAY_EVENTS__HASH_KEY": HASH_KEY,
+        "GATEWAY_EVENTS__TOKEN": EVENTS_TOKEN,
+        "GATEWAY_EVALUATION__METRICS_PORT": "0",
+        "GATEWAY_AUDIT__PATH": str(tmp_path / "audit.jsonl"),
+    }
+    port, store = free_port(), tmp_path / "store"
+    sidecar = start_sidecar_with(store, port, "--http-port", "0", "--log-level", "DEBUG", env=env)
+    args = (*events_args(port, tmp_path / "events"), "--tracing", "console", "--log-level", "DEBUG")
+    gateway = start_gateway(demo_repo, *args, env=env)
+
+    infer(gateway, "known-country", country="NG")
+    try:  # out of the vocabulary: refused or counted, never shown
+        infer(gateway, "secret-country", country=SENSITIVE)
+    except InferenceServerException as err:
+        assert SENSITIVE not in str(err)
+    with AdminClient(gateway.url, WRONG_TOKEN) as admin:
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.routes()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert WRONG_TOKEN not in (refused.value.details() or "")
+    with AdminClient(gateway.url, ADMIN_TOKEN) as admin:
+        admin.routes()
+        admin.costs()
+        admin.cache()
+    client = gateway.client()
+    client.infer("fraud", transactions(1, "NG"), headers={"authorization": f"Bearer {WRONG_TOKEN}"})
+    with pytest.raises(InferenceServerException):  # a token where none is wanted, a bad model
+        client.infer("no-such-model", transactions(1, "NG"), headers={"x-api-key": ADMIN_TOKEN})
+    client.close()
+    wait_for(lambda: acked_all(gateway), "every event acknowledged")
+
+    served = [urllib.request.urlopen(f"http://{gateway.metrics_url}/metrics").read()]
+    served.append(urllib.request.urlopen(f"http://{sidecar.metrics_url}/metrics").read())
+    for page in ("/", "/report/fraud"):
+        served.append(urllib.request.urlopen(f"http://{sidecar.http_url}{page}").read())
+    assert gateway.stop() == 0
+    assert sidecar.stop() == 0, sidecar.stderr()
+    assert "GRPCInferenceService/ModelInfer" in gateway.stdout(), "no spans were traced"
+
+    help_texts = [
+        subprocess.run(
+            [sys.executable, "-m", "gateway", *command, "--help"],
+            capture_output=True,
+            env={**os.environ, **env},
+            timeout=60,
+            check=True,
+        ).stdout
+        for command in ([], ["serve"], ["sidecar"], ["routes"])
+    ]
+    # Every file the processes wrote: logs (with the traces), the event log, the sidecar's
+    # DuckDB store and alert log.
+    written = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert any(p.suffix == ".duckdb" for p in written) and any(
+        p.is_relative_to(tmp_path / "events") for p in written
+    )
+    for secret in SECRETS:
+        needle = secret.encode()
+        assert not [p for p, data in written.items() if needle in data], secret
+        assert not [text for text in served + help_texts if needle in text], secret
