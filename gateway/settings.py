@@ -8,6 +8,7 @@ are validated by the same machinery (``load_model_config``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -247,8 +248,9 @@ class EventsSettings(_Section):
     )
     hash_key_file: Path | None = Field(
         None,
-        description="File holding that key, mode 0600, outside `directory` (whoever reads the "
-        "log must not find the key beside it). Default: $XDG_STATE_HOME/gateway/hash.key "
+        description="File holding that key (its raw bytes, a trailing newline included; a "
+        "named file must exist), mode 0600, outside `directory` (whoever reads the log must "
+        "not find the key beside it). Default: $XDG_STATE_HOME/gateway/hash.key "
         "(~/.local/state/...), made with a random key on first use.",
     )
     token: SecretStr | None = Field(
@@ -884,13 +886,20 @@ class ModelConfig(_Section):
 Section = TypeVar("Section", bound=BaseModel)
 
 
+_SECRET_NAME = re.compile(r"token|key|secret|password", re.IGNORECASE)
+
+
 def describe_validation_error(err: ValidationError, source: str) -> str:
     """One line per failure: the source, the key path, the message and the value at fault."""
     lines = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(root)"
         value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        # A secret's value is never repeated, nor a misspelled key's (it may be a secret's).
+        hidden = item["type"] == "extra_forbidden" or any(
+            isinstance(p, str) and _SECRET_NAME.search(p) for p in item["loc"]
+        )
+        shown = "" if isinstance(value, dict) or hidden else f" (got {value!r})"
         lines.append(f"{source}: {key}: {item['msg']}{shown}")
     return "\n".join(lines)
 
@@ -957,7 +966,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise SettingsError(f"{path}: cannot read: {err.strerror}") from err
     except yaml.YAMLError as err:
-        raise SettingsError(f"{path}: not valid YAML: {err}") from err
+        # Where and what, without PyYAML's quote of the line (it may hold a secret).
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise SettingsError(f"{path}: not valid YAML{where}: {problem}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -985,6 +998,9 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
+        if _SECRET_NAME.search(path[-1]):  # a secret is its text: "0123" stays "0123"
+            node[path[-1]] = raw
+            continue
         try:
             node[path[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.errors import SettingsError
+from gateway.events.recorder import hash_key
 from gateway.lifeline import Lifeline
 from gateway.settings import Settings
 
@@ -52,6 +53,10 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Run ``settings.server.workers`` worker processes of ``gateway serve`` until signalled."""
+    if settings.events.sidecar is not None:
+        # Checked (and the default key made) here, once: each worker checks the key against
+        # its own log directory only, and would race the others to make it.
+        hash_key(settings.events)
     workers = settings.server.workers
     host = settings.server.host
     reserved = _reserve_port(host, settings.server.port)
