@@ -52,7 +52,8 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous", None)
-ADMIN_TOKEN = Principal("admin-token", "admin", admin=True)
+# The admin token's holder is trusted to say which tenant it acts for (the `tenant` parameter).
+ADMIN_TOKEN = Principal("admin-token", None, admin=True)
 # The caller of the RPC running in this task (set by the transport's guard).
 current_principal: ContextVar[Principal] = ContextVar("current_principal", default=ANONYMOUS)
 

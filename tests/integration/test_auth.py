@@ -100,7 +100,7 @@ def api_key_settings(workdir: Path, entries: list[dict[str, object]]) -> Path:
 ENTRIES = [
     entry("team-a", tenant="alpha", models=["fraud"], rate_limit={"rate": 0.001, "burst": 3}),
     entry("team-b", tenant="beta"),
-    entry("team-c", tenant="gamma", models=["fraud"]),
+    entry("team-c", tenant="gamma", models=["fraud"], budget={"limit": 2.5e-6, "window_s": 3600}),
     entry("expired", tenant="alpha", expires="2020-01-01T00:00:00Z"),
     entry("ops", admin=True),
 ]
@@ -196,15 +196,42 @@ def test_a_lying_tenant_parameter_changes_nothing(keyed: GatewayProcess, keyed_c
             codes.append(status(err))
     # Earlier tests of this module spent some of alpha's burst of 3 (rate ~0).
     assert answered <= 3 and codes and set(codes) == {"RESOURCE_EXHAUSTED"}
-    with grpc.insecure_channel(keyed.url) as channel:
-        costs = admin_pb2.CostsResponse.FromString(
-            channel.unary_unary("/gateway.v1.GatewayAdmin/Costs")(
-                admin_pb2.CostsRequest().SerializeToString(),
-                metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
-            )
-        )
-    tenants = {line.tenant for line in costs.lines}
+    tenants = {line.tenant for line in costs(keyed.url).lines}
     assert "alpha" in tenants and not any(t.startswith("someone-else") for t in tenants)
+
+
+def costs(url: str) -> admin_pb2.CostsResponse:
+    with grpc.insecure_channel(url) as channel:
+        reply = channel.unary_unary("/gateway.v1.GatewayAdmin/Costs")(
+            admin_pb2.CostsRequest().SerializeToString(),
+            metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+        )
+    return admin_pb2.CostsResponse.FromString(reply)
+
+
+def test_a_keys_budget_is_its_tenants(two_models: Path, start_gateway, tmp_path):
+    """team-c's key gives tenant gamma a budget of 2.5 requests' price: the third request is
+    refused, whatever tenant the requests name."""
+    config = api_key_settings(tmp_path / "cfg", ENTRIES)
+    proc = start_gateway(two_models, "--config", str(config))
+    (budget,) = [b for b in costs(proc.url).budgets if b.name == "key.team-c"]
+    assert (budget.subject, budget.value, budget.policy) == ("tenant", "gamma", "reject")
+    codes = []
+    with proc.client() as client:
+        for i in range(6):
+            try:
+                client.infer(
+                    "fraud",
+                    [features_input()],
+                    headers=bearer(KEYS["team-c"]),
+                    parameters={"tenant": f"not-gamma-{i}", "cache": "false"},
+                )
+                codes.append("OK")
+            except InferenceServerException as err:
+                codes.append(status(err))
+    assert codes[:2] == ["OK", "OK"] and codes[-1] == "RESOURCE_EXHAUSTED", codes
+    (budget,) = [b for b in costs(proc.url).budgets if b.name == "key.team-c"]
+    assert budget.spent >= budget.limit
 
 
 def test_streams_authenticate_once_and_check_each_request(keyed_client):
