@@ -427,7 +427,8 @@ def test_mtls_maps_client_certificates_to_tenants(two_models: Path, start_gatewa
         ],
     )
     auth = {"mode": "mtls", "keys_file": str(keys)}
-    config = tls_settings(tmp_path / "gateway.yaml", ca, mtls=True, auth=auth)
+    admin = {"token": ADMIN_TOKEN}
+    config = tls_settings(tmp_path / "gateway.yaml", ca, mtls=True, auth=auth, admin=admin)
     proc = start_gateway(two_models, "--config", str(config), "--transport", "auto")
     alpha = ca.issue("alpha-svc")
     beta = ca.issue("some-host", uri="spiffe://acme/beta")
@@ -435,8 +436,20 @@ def test_mtls_maps_client_certificates_to_tenants(two_models: Path, start_gatewa
     expired = ca.issue("alpha-svc", expired=True, file_name="alpha-expired")
     forged = stranger.issue("alpha-svc")
     with tls_client(proc.url, ca, alpha.cert, alpha.key) as client:
-        assert client.infer("fraud", [features_input()]).as_numpy("probability").shape == (2, 1)
+        lying = {"tenant": "beta"}
+        result = client.infer("fraud", [features_input()], parameters=lying)
+        assert result.as_numpy("probability").shape == (2, 1)
         assert refused(lambda: client.infer("other", [features_input()]))[0] == "PERMISSION_DENIED"
+    # The certificate's tenant was charged, not the one the request named.
+    credentials = grpc.ssl_channel_credentials(
+        *map(Path.read_bytes, (ca.cert, alpha.key, alpha.cert))
+    )
+    with grpc.secure_channel(proc.url, credentials) as channel:
+        reply = channel.unary_unary("/gateway.v1.GatewayAdmin/Costs")(
+            admin_pb2.CostsRequest().SerializeToString(),
+            metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+        )
+    assert {line.tenant for line in admin_pb2.CostsResponse.FromString(reply).lines} == {"alpha"}
     with tls_client(proc.url, ca, beta.cert, beta.key) as client:  # by its SAN URI
         assert client.infer("other", [features_input()]).as_numpy("probability").shape == (2, 1)
     with tls_client(proc.url, ca, nobody.cert, nobody.key) as client:
