@@ -1,4 +1,5 @@
-"""The sidecar's Prometheus metrics: alerts firing, events stored and waiting, store memory."""
+"""The sidecar's Prometheus metrics: alerts firing, events stored and waiting, store memory,
+calls refused by its auth and reloads of its keys file."""
 
 from __future__ import annotations
 
@@ -38,6 +39,21 @@ class SidecarMetrics:
             "sidecar_store_memory_bytes",
             "Memory DuckDB holds (its buffer pool: table blocks, indexes, query state), "
             "bounded by evaluation.store_memory_limit_bytes.",
+            registry=self.registry,
+        )
+
+        self.refused = Counter(
+            "sidecar_auth_refused",
+            "Calls refused by evaluation.auth, by RPC and reason: missing (no credential), "
+            "unknown (not in the keys file), expired, role (lacks the RPC's role).",
+            ["rpc", "reason"],
+            registry=self.registry,
+        )
+        self.key_reloads = Counter(
+            "sidecar_keys_reloads",
+            "Reads of evaluation.auth.keys_file after it changed: loaded, or failed (the keys "
+            "read before stay in use).",
+            ["outcome"],
             registry=self.registry,
         )
 

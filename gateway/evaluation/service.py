@@ -53,10 +53,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         store: EventStore,
         settings: EvaluationSettings,
         repository: Path | None = None,
+        metrics: SidecarMetrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
-        self.metrics = SidecarMetrics()
+        self.metrics = metrics if metrics is not None else SidecarMetrics()
         self.repository = repository
         # DuckDB work happens on one thread: off the loop, and one writer at a time.
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")

@@ -1,4 +1,5 @@
-"""``gateway sidecar --store DIR``: the evaluation sidecar process."""
+"""``gateway sidecar --store DIR``: the evaluation sidecar process, with its own auth
+(``evaluation.auth``) and TLS (``evaluation.tls``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 import grpc
 
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
+from gateway.auth import server_credentials
+from gateway.errors import SettingsError
+from gateway.evaluation.access import AccessInterceptor
+from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.service import EvaluationServicer
 from gateway.evaluation.store import EventStore
 from gateway.evaluation.web import PageServer
@@ -35,34 +40,66 @@ async def run_sidecar(
     ``repository`` is the model repository: its ``<model>/reference.json`` profiles are the
     drift references.
     """
+    auth, tls = settings.auth, settings.tls
+    if auth.mode != "none" and settings.http_port is not None:
+        raise SettingsError(
+            f"evaluation.http_port: the HTML report pages have no credentials; with "
+            f"evaluation.auth.mode {auth.mode} they would show anyone what Report guards. "
+            "Leave http_port unset (`gateway report` reads reports with a key)"
+        )
+    # Credentials first: a bad keys or certificate file fails before the store opens.
+    credentials = server_credentials(tls, "evaluation.tls") if tls.enabled else None
+    metrics = SidecarMetrics()
+    interceptors = [AccessInterceptor(auth, metrics)] if auth.mode != "none" else []
     store = await asyncio.to_thread(
         EventStore, store_dir, settings.store_threads, settings.store_memory_limit_bytes
     )
-    servicer = EvaluationServicer(store, settings, repository)
+    servicer = EvaluationServicer(store, settings, repository, metrics)
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     ev_grpc.add_EvaluationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if credentials is not None:
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
     await server.start()
-    metrics = pages = "off"
+    if auth.mode == "none":
+        log.warning(
+            "evaluation.auth.mode is none: anyone who reaches %s:%d may publish events, send "
+            "labels and read reports (set evaluation.auth.mode api_key or mtls)",
+            host,
+            bound,
+        )
+    elif not tls.enabled:
+        log.warning(
+            "evaluation.tls is off: keys and events cross the network in clear to %s:%d "
+            "(set evaluation.tls.cert_file and key_file)",
+            host,
+            bound,
+        )
+    scrape = pages = "off"
     if settings.metrics_port is not None:
-        metrics = f"{host}:{servicer.metrics.serve(host, settings.metrics_port)}"
+        scrape = f"{host}:{metrics.serve(host, settings.metrics_port)}"
     web = None
     if settings.http_port is not None:
         web = PageServer(servicer, host, settings.http_port)
         pages = f"{host}:{web.port}"
     watch = asyncio.get_running_loop().create_task(servicer.watch(store_dir / ALERT_LOG))
     log.info(
-        "sidecar ready grpc=%s:%d metrics=%s http=%s store=%s",
+        "sidecar ready grpc=%s:%d metrics=%s http=%s store=%s auth=%s tls=%s",
         host,
         bound,
-        metrics,
+        scrape,
         pages,
         store.path,
+        auth.mode,
+        "mtls" if tls.client_ca_file is not None else "on" if tls.enabled else "off",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

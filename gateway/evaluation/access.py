@@ -1,0 +1,169 @@
+"""Who may call the sidecar (``evaluation.auth``): each RPC needs one role, and the caller's key
+or client certificate, looked up in the keys file at every call, must hold it.
+
+Roles are exact, none implies another: ``publish`` (Publish: the gateway), ``write``
+(PutLabels), ``read`` (Report, Verdict, Export, ExportFile). A key that sends labels and reads
+reports lists both. An RPC of the service missing from ``ROLES`` is refused to everyone.
+
+A key (mode ``api_key``) is checked from the call's metadata before the request is read; a
+client certificate (mode ``mtls``) once the handshake made it known, before the request is
+parsed. Refusals are counted (``sidecar_auth_refused_total{rpc,reason}``) and never echo the
+key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, Literal
+
+import grpc
+
+from gateway.auth import KeyEntry, KeyRing, bearer, peer_names
+from gateway.errors import GatewayError, PermissionDenied, Unauthenticated
+from gateway.evaluation.metrics import SidecarMetrics
+from gateway.settings import SidecarAuthSettings
+
+__all__ = ["ROLES", "SERVICE", "AccessInterceptor"]
+
+log = logging.getLogger(__name__)
+
+SERVICE: Final = "gateway.v1.EvaluationService"
+ROLES: Final[dict[str, Literal["publish", "write", "read"]]] = {
+    "Publish": "publish",
+    "PutLabels": "write",
+    "Report": "read",
+    "Verdict": "read",
+    "Export": "read",
+    "ExportFile": "read",
+}
+_PREFIX: Final = f"/{SERVICE}/"
+
+Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Admits a call to the EvaluationService only from a caller whose entry in
+    ``evaluation.auth.keys_file`` holds the RPC's role; other services (health) pass."""
+
+    def __init__(self, settings: SidecarAuthSettings, metrics: SidecarMetrics) -> None:
+        assert settings.mode != "none" and settings.keys_file is not None
+        self._mode = settings.mode
+        self._metrics = metrics
+        self._keys = KeyRing(
+            settings.keys_file,
+            "evaluation.auth.keys_file",
+            on_reload=lambda outcome: metrics.key_reloads.labels(outcome).inc(),
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = details.method
+        if not method.startswith(_PREFIX):
+            return await continuation(details)
+        rpc = method[len(_PREFIX) :]
+        if self._mode == "api_key":
+            key = bearer(details.invocation_metadata)
+            entry = self._keys.by_key(key) if key is not None else None
+            refusal = self._refusal(rpc, key is not None, entry, "key")
+            return await continuation(details) if refusal is None else _refusing(refusal)
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+
+        async def admit(context: grpc.aio.ServicerContext) -> None:
+            names = peer_names(context.auth_context())
+            entry = self._keys.by_subject(names)
+            refusal = self._refusal(rpc, bool(names), entry, f"client certificate {names[:4]}")
+            if refusal is not None:
+                await context.abort(refusal.grpc_status, str(refusal))
+
+        return _admitting(handler, admit)
+
+    def _refusal(
+        self, rpc: str, presented: bool, entry: KeyEntry | None, credential: str
+    ) -> GatewayError | None:
+        """Why the caller may not call ``rpc`` (counted), or None when it may."""
+        role = ROLES.get(rpc)
+        refusal: GatewayError
+        if not presented:
+            reason = "missing"
+            how = "'authorization: Bearer <key>'" if self._mode == "api_key" else "a certificate"
+            refusal = Unauthenticated(f"{rpc} needs a credential: {how} (evaluation.auth)")
+        elif entry is None:
+            reason = "unknown"
+            refusal = Unauthenticated(f"the {credential} presented is not in the sidecar's keys")
+        elif entry.expires is not None and entry.expired(dt.datetime.now(dt.UTC)):
+            reason = "expired"
+            refusal = Unauthenticated(f"'{entry.name}' expired at {entry.expires.isoformat()}")
+        elif role is None or role not in entry.roles:
+            reason = "role"
+            needs = f"the '{role}' role" if role is not None else "a role no key has"
+            refusal = PermissionDenied(
+                f"'{entry.name}' may not call {rpc}: it needs {needs} "
+                f"(it has: {', '.join(entry.roles) or 'none'})"
+            )
+        else:
+            return None
+        self._metrics.refused.labels(rpc, reason).inc()
+        log.debug("refused %s (%s): %s", rpc, reason, refusal)
+        return refusal
+
+
+def _refusing(refusal: GatewayError) -> grpc.RpcMethodHandler:
+    """A handler that answers ``refusal`` at once. It is request-streaming whatever the RPC
+    (the wire does not tell), so the server runs it without reading the request first."""
+
+    async def refuse(requests: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(refusal.grpc_status, str(refusal))
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _admitting(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMethodHandler:
+    """``handler`` that runs ``admit`` before it parses the request: the server hands over the
+    request's bytes (no deserializer), parsed here once the caller is admitted. Shaped like
+    ``handler`` (grpc tells a streaming behaviour by its being an async generator function)."""
+    parse: Callable[[bytes], Any] = handler.request_deserializer or (lambda raw: raw)
+    serialize = handler.response_serializer
+
+    async def parsed(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for raw in requests:
+            yield parse(raw)
+
+    if handler.request_streaming and handler.response_streaming:
+
+        async def stream_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+            await admit(context)
+            async with contextlib.aclosing(handler.stream_stream(parsed(requests), context)) as out:
+                async for reply in out:
+                    yield reply
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
+    if handler.request_streaming:
+
+        async def stream_unary(requests: AsyncIterator[bytes], context: Any) -> Any:
+            await admit(context)
+            return await handler.stream_unary(parsed(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
+    if handler.response_streaming:
+
+        async def unary_stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+            await admit(context)
+            async with contextlib.aclosing(handler.unary_stream(parse(raw), context)) as out:
+                async for reply in out:
+                    yield reply
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
+
+    async def unary_unary(raw: bytes, context: Any) -> Any:
+        await admit(context)
+        return await handler.unary_unary(parse(raw), context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, None, serialize)
