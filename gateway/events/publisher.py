@@ -4,6 +4,11 @@ Reads always come from the log, never from memory, so a reconnect, a sidecar res
 gateway restart all resume the same way: from the first unacknowledged record. Batches are
 sent as encoded EventBatch bytes built from the stored event payloads (no parse, no re-encode).
 At most ``max_in_flight`` batches wait for their Ack; acks come back in order on one stream.
+
+The stream carries the gateway's credential (``events.token``: ``authorization: Bearer``) and,
+with ``events.tls.ca_file``, runs over TLS whose files are read again at each reconnect. A
+sidecar that refuses the credential is retried like one that is down: the events wait in the
+log, and arrive once the sidecar accepts the key.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from gateway.api.v1 import events_pb2 as ev
+from gateway.auth import channel_credentials, channel_options
+from gateway.errors import SettingsError
 from gateway.events.wal import Record, WriteAheadLog
+from gateway.settings import ClientTlsSettings
 from gateway.telemetry import GatewayMetrics
 from gateway.wire import varint
 
@@ -28,6 +36,7 @@ log = logging.getLogger(__name__)
 PUBLISH_METHOD = "/gateway.v1.EvaluationService/Publish"
 _MAX_BATCH_BYTES = 4 * 1024 * 1024
 _BACKOFF_S = (0.05, 2.0)  # first retry, cap
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class Publisher:
@@ -39,8 +48,20 @@ class Publisher:
         batch_events: int,
         max_in_flight: int,
         max_message_bytes: int,
+        *,
+        tls: ClientTlsSettings | None = None,
+        token: str | None = None,
     ) -> None:
+        """``tls``: events.tls (off without ca_file); ``token``: the credential to present.
+        SettingsError when either cannot be used (a certificate file that does not read)."""
         self._address = address
+        self._tls = tls if tls is not None and tls.enabled else None
+        if self._tls is not None:
+            channel_credentials(self._tls, "events.tls")  # bad files fail at start-up
+        if token is not None and not (token.isascii() and token.isprintable()):
+            raise SettingsError("events.token: a header carries printable ASCII only")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._failure = ""  # what the last failure was: a new kind is logged loudly
         self._wal = wal
         self._metrics = metrics
         self._m_acked = metrics.events.labels("acked")
@@ -84,31 +105,56 @@ class Publisher:
             try:
                 await self._session()
             # InvalidStateError: a write on a call the sidecar already ended (it went away).
+            # SettingsError: a TLS file that no longer reads (it may be mid-renewal).
             except (
                 grpc.aio.AioRpcError,
                 asyncio.InvalidStateError,
                 ConnectionError,
                 OSError,
+                SettingsError,
             ) as err:
                 failures += 1
-                detail = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
-                # First failure loudly, then quietly while it lasts: no log flood.
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(
-                    level,
-                    "event stream to sidecar %s broken (%s); %d events wait in the log, retrying",
-                    self._address,
-                    detail,
-                    self._wal.unacked,
-                )
+                self._log_failure(err)
             except Exception:  # never let the publisher die: the log would only grow
                 failures += 1
                 log.exception("event publisher failed; retrying")
             else:
                 failures = 0
+                self._failure = ""
             self._set_connected(False)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, _BACKOFF_S[1]) if failures else _BACKOFF_S[0]
+
+    def _log_failure(self, err: Exception) -> None:
+        """A new kind of failure loudly, then quietly while it lasts: no log flood. A refusal
+        (the sidecar does not take the credential) is an error an operator must fix."""
+        refused = isinstance(err, grpc.aio.AioRpcError) and err.code() in _REFUSED
+        if isinstance(err, grpc.aio.AioRpcError):
+            kind, detail = err.code().name, f"{err.code().name}: {err.details()}"
+        else:
+            kind, detail = type(err).__name__, str(err)
+        level = logging.DEBUG
+        if kind != self._failure:
+            level = logging.ERROR if refused else logging.WARNING
+        self._failure = kind
+        if refused:
+            log.log(
+                level,
+                "the sidecar %s refused the event stream (%s): it needs events.token (or "
+                "events.token_file) to be a key with the publish role in its "
+                "evaluation.auth.keys_file; %d events wait in the log, retrying",
+                self._address,
+                detail,
+                self._wal.unacked,
+            )
+        else:
+            log.log(
+                level,
+                "event stream to sidecar %s broken (%s); %d events wait in the log, retrying",
+                self._address,
+                detail,
+                self._wal.unacked,
+            )
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
@@ -117,19 +163,33 @@ class Publisher:
             if connected:
                 log.info("event stream to sidecar %s open", self._address)
 
-    async def _session(self) -> None:
+    def _channel(self) -> grpc.aio.Channel:
+        """A channel to the sidecar; with TLS, its files are read now (each reconnect), so a
+        renewed certificate or CA is used from the next stream on."""
         limit = 2 * self._max_message_bytes + _MAX_BATCH_BYTES
-        options = [("grpc.max_send_message_length", limit)]
-        async with grpc.aio.insecure_channel(self._address, options=options) as channel:
+        options: list[tuple[str, int | str]] = [("grpc.max_send_message_length", limit)]
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self._address, options=options)
+        credentials = channel_credentials(self._tls, "events.tls")
+        options += channel_options(self._tls)
+        return grpc.aio.secure_channel(self._address, credentials, options=options)
+
+    async def _session(self) -> None:
+        async with self._channel() as channel:
             call = channel.stream_stream(
                 PUBLISH_METHOD,
                 request_serializer=None,  # bytes: the batch is encoded by encode_batch
                 response_deserializer=ev.Ack.FromString,
-            )()
+            )(metadata=self._metadata)
             in_flight: deque[tuple[int, int]] = deque()  # (last sequence, events)
             receiver = asyncio.get_running_loop().create_task(self._receive(call, in_flight))
             try:
                 await self._send(call, in_flight, receiver)
+            except asyncio.InvalidStateError:
+                # A write on a call the sidecar already ended: the call's status says why
+                # (a refusal, say), and the receiver raises it.
+                await receiver
+                raise
             finally:
                 receiver.cancel()
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
