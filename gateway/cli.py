@@ -5,19 +5,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ModelLoadError, SettingsError
+
+if TYPE_CHECKING:
+    from gateway.evaluation.client import SidecarCredentials
 
 __all__ = ["main"]
 
 DEFAULT_SIDECAR = "127.0.0.1:8005"
 DEFAULT_GATEWAY = "127.0.0.1:8001"
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
+SIDECAR_TOKEN_ENV = "GATEWAY_SIDECAR_TOKEN"
 _GROUPS = ("tenant", "route", "variant", "surface")
 
 
@@ -61,27 +66,33 @@ def _parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--config", type=Path, help="settings YAML (its evaluation section)")
     sidecar.add_argument("--http-port", type=int, help="HTML reports (evaluation.http_port)")
 
-    report = commands.add_parser("report", help="print a model's evaluation report")
+    client = _sidecar_client()
+    report = commands.add_parser(
+        "report", parents=[client], help="print a model's evaluation report"
+    )
     report.add_argument("model")
     report.add_argument("--window-s", type=int, default=0, help="window (default: the sidecar's)")
     report.add_argument("--json", action="store_true", help="print the JSON itself")
-    report.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
 
-    verdict = commands.add_parser("verdict", help="promote, hold or rollback a canary")
+    verdict = commands.add_parser(
+        "verdict", parents=[client], help="promote, hold or rollback a canary"
+    )
     verdict.add_argument("model")
     verdict.add_argument("--candidate", default="", help="when the model has several canaries")
     verdict.add_argument("--json", action="store_true", help="print the evidence as JSON")
-    verdict.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
 
-    labels = commands.add_parser("labels", help="send labels (CSV or Parquet) to the sidecar")
+    labels = commands.add_parser(
+        "labels", parents=[client], help="send labels (CSV or Parquet) to the sidecar"
+    )
     labels.add_argument("file", type=Path)
-    labels.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
     labels.add_argument(
         "--window-s", type=int, default=0, help="entity-key join window (default: the sidecar's)"
     )
 
     export = commands.add_parser(
-        "export", help="write a model's events, or its labelled training rows, to Parquet"
+        "export",
+        parents=[client],
+        help="write a model's events, or its labelled training rows, to Parquet",
     )
     export.add_argument("model")
     export.add_argument(
@@ -91,7 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--labelled", action="store_true", help="training rows: features+label")
     export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
     export.add_argument("--until", help="window end, ISO 8601, exclusive (default: now)")
-    export.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
 
     admin = argparse.ArgumentParser(add_help=False)
     admin.add_argument("--url", default=DEFAULT_GATEWAY, help="the gateway's HOST:PORT")
@@ -122,6 +132,52 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--rows", type=int, default=20_000, help="synthetic training rows")
     return parser
+
+
+def _sidecar_client() -> argparse.ArgumentParser:
+    """The options of every command that calls the sidecar: where, and what it presents."""
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
+    client.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help=f"file (mode 0600) holding a sidecar key with the command's role: read for report, "
+        f"verdict and export, write for labels (default: ${SIDECAR_TOKEN_ENV})",
+    )
+    client.add_argument(
+        "--ca-file", type=Path, metavar="FILE", help="TLS: the CA the sidecar's certificate is from"
+    )
+    client.add_argument("--cert-file", type=Path, metavar="FILE", help="mTLS: this certificate")
+    client.add_argument("--key-file", type=Path, metavar="FILE", help="mTLS: its private key")
+    client.add_argument(
+        "--server-name", help="TLS: the name to verify the sidecar's certificate against"
+    )
+    return client
+
+
+def _credentials(args: argparse.Namespace) -> SidecarCredentials:
+    """What the command presents to the sidecar, from its options and the environment."""
+    from gateway.evaluation.client import SidecarCredentials
+    from gateway.settings import ClientTlsSettings, read_secret
+
+    if args.token_file is not None:
+        token = read_secret(None, args.token_file, "--token-file")
+        if token is None:
+            raise SettingsError(f"--token-file: {args.token_file} is empty")
+    else:
+        token = os.environ.get(SIDECAR_TOKEN_ENV, "").strip() or None
+    if (args.cert_file is None) != (args.key_file is None):
+        raise SettingsError("--cert-file and --key-file go together")
+    if args.ca_file is None and (args.cert_file is not None or args.server_name is not None):
+        raise SettingsError("--cert-file and --server-name need --ca-file (they ride on TLS)")
+    tls = ClientTlsSettings(
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        server_name=args.server_name,
+    )
+    return SidecarCredentials(token, tls)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,7 +281,7 @@ def _labels(args: argparse.Namespace) -> int:
     except LabelFileError as err:
         print(f"gateway: error: {err}", file=sys.stderr)
         return 2
-    joined, unmatched = send_labels(args.sidecar, labels, args.window_s)
+    joined, unmatched = send_labels(args.sidecar, labels, args.window_s, _credentials(args))
     print(f"{len(labels)} labels sent: {joined} joined a prediction, {unmatched} wait for theirs")
     return 0
 
@@ -245,6 +301,7 @@ def _export(args: argparse.Namespace) -> int:
             end_us=_micros(args.until, "--until"),
         ),
         out,
+        _credentials(args),
     )
     print(f"{rows} rows written to {out}")
     return 0
@@ -253,7 +310,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from gateway.evaluation.client import fetch_report, format_report
 
-    report = fetch_report(args.sidecar, args.model, args.window_s)
+    report = fetch_report(args.sidecar, args.model, args.window_s, _credentials(args))
     if args.json:
         import json
 
@@ -266,7 +323,7 @@ def _report(args: argparse.Namespace) -> int:
 def _verdict(args: argparse.Namespace) -> int:
     from gateway.evaluation.client import fetch_verdict
 
-    reply = fetch_verdict(args.sidecar, args.model, args.candidate)
+    reply = fetch_verdict(args.sidecar, args.model, args.candidate, _credentials(args))
     if args.json:
         print(reply.json)
     else:
@@ -282,6 +339,11 @@ def _sidecar_call(command: Callable[[argparse.Namespace], int], args: argparse.N
         return command(args)
     except grpc.RpcError as err:
         details = err.details() if isinstance(err, grpc.Call) else str(err)
+        if isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.UNAUTHENTICATED:
+            details += (
+                f" (a key: --token-file FILE or ${SIDECAR_TOKEN_ENV}; "
+                "a certificate: --cert-file and --key-file)"
+            )
         print(f"gateway: error: sidecar at {args.sidecar}: {details}", file=sys.stderr)
         return 1
 
