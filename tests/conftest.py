@@ -287,8 +287,10 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     """Start sidecars for one test (the same store and port again is a restart)."""
     started: list[SidecarProcess] = []
 
-    def start(store: Path, port: int, *args: str) -> SidecarProcess:
-        proc = SidecarProcess(store, port, tmp_path / "sidecar-logs", *args)
+    def start(
+        store: Path, port: int, *args: str, env: dict[str, str] | None = None
+    ) -> SidecarProcess:
+        proc = SidecarProcess(store, port, tmp_path / "sidecar-logs", *args, env=env)
         started.append(proc)
         return proc
 
