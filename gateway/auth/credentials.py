@@ -81,7 +81,7 @@ def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The key a call presents: ``authorization: Bearer <key>`` or ``x-api-key: <key>``."""
     for name, value in metadata or ():
         if name == "authorization":
-            text = value if isinstance(value, str) else value.decode(errors="replace")
+            text = (value if isinstance(value, str) else value.decode(errors="replace")).lstrip()
             if text[: len(_BEARER)].lower() == _BEARER:
                 return text[len(_BEARER) :].strip()
         elif name == "x-api-key":
