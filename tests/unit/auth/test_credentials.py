@@ -101,7 +101,7 @@ def test_a_keys_file_that_contradicts_itself_is_refused(tmp_path: Path, extra, w
 def gate(tmp_path: Path, mode: str = "api_key", **access: str) -> Gatekeeper:
     keys = write_keys(tmp_path / "keys.yaml", entries())
     settings = AuthSettings(
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         keys_file=keys if mode != "none" else None,
         rpc_access=access,
     )
