@@ -88,6 +88,12 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                 }
                 if metrics_port:
                     env["GATEWAY_TELEMETRY__METRICS_PORT"] = str(metrics_port + index)
+                if settings.audit.path is not None:
+                    # One audit log per worker: a rotating file has one writer.
+                    audit = settings.audit.path
+                    env["GATEWAY_AUDIT__PATH"] = str(
+                        audit.with_name(f"{audit.name}.worker-{index}")
+                    )
                 command = [sys.executable, "-m", "gateway", *argv, "--port", str(port)]
                 if settings.events.sidecar is not None:
                     # One write-ahead log per worker: a log has one writer (it is locked).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -116,12 +117,20 @@ def test_two_gateways_cannot_share_an_event_log(demo_repo, start_gateway, tmp_pa
 
 
 def test_workers_refuse_admin_changes_that_would_reach_one_worker_of_several(
-    demo_repo, start_gateway
+    demo_repo, start_gateway, tmp_path
 ):
     from gateway.server.admin_client import AdminClient
 
     token = (demo_repo / "admin.token").read_text().strip()
-    proc = start_gateway(demo_repo, "--workers", "2", "--config", str(demo_repo / "gateway.yaml"))
+    audit = tmp_path / "audit.jsonl"
+    proc = start_gateway(
+        demo_repo,
+        "--workers",
+        "2",
+        "--config",
+        str(demo_repo / "gateway.yaml"),
+        env={"GATEWAY_AUDIT__PATH": str(audit)},
+    )
     with AdminClient(proc.url, token) as admin:
         assert "fraud-live" in admin.routes().yaml  # the same on every worker: answered
         for call in (lambda: admin.promote("fraud-live", "canary"), admin.costs, admin.cache):
@@ -129,6 +138,18 @@ def test_workers_refuse_admin_changes_that_would_reach_one_worker_of_several(
                 call()
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "several worker processes" in info.value.details()
+    # Each worker writes its own audit log (a rotating file has one writer); together they
+    # hold every call, refused ones too.
+    logs = sorted(tmp_path.glob("audit.jsonl.worker-*"))
+    assert [p.name for p in logs] == ["audit.jsonl.worker-0", "audit.jsonl.worker-1"]
+    lines = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
+    assert {(line["rpc"], line["outcome"]) for line in lines} == {
+        ("GetRoutes", "OK"),
+        ("Promote", "FAILED_PRECONDITION"),
+        ("Costs", "FAILED_PRECONDITION"),
+        ("Cache", "FAILED_PRECONDITION"),
+    }
+    assert not audit.exists()
 
 
 @linux_only
