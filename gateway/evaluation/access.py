@@ -8,7 +8,11 @@ reports lists both. An RPC of the service missing from ``ROLES`` is refused to e
 A key (mode ``api_key``) is checked from the call's metadata before the request is read; a
 client certificate (mode ``mtls``) once the handshake made it known, before the request is
 parsed. Refusals are counted (``sidecar_auth_refused_total{rpc,reason}``) and never echo the
-key.
+key. With mode ``none`` every caller is admitted.
+
+An admitted request stream (Publish) is answered with headers carrying ``ADMITTED`` at once,
+so that its client writes only once it knows the stream is taken. NOTE: a write racing a
+refusal fails inside gRPC, whose INTERNAL then stands in for the refusal's status.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from gateway.errors import GatewayError, PermissionDenied, Unauthenticated
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.settings import SidecarAuthSettings
 
-__all__ = ["ROLES", "SERVICE", "AccessInterceptor"]
+__all__ = ["ADMITTED", "ROLES", "SERVICE", "AccessInterceptor"]
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +43,28 @@ ROLES: Final[dict[str, Literal["publish", "write", "read"]]] = {
     "Export": "read",
     "ExportFile": "read",
 }
+ADMITTED: Final = ("sidecar-admitted", "1")
 _PREFIX: Final = f"/{SERVICE}/"
 
-Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
+_Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Admits a call to the EvaluationService only from a caller whose entry in
-    ``evaluation.auth.keys_file`` holds the RPC's role; other services (health) pass."""
+    ``evaluation.auth.keys_file`` holds the RPC's role (anyone, with mode none); other
+    services (health) pass untouched."""
 
     def __init__(self, settings: SidecarAuthSettings, metrics: SidecarMetrics) -> None:
-        assert settings.mode != "none" and settings.keys_file is not None
         self._mode = settings.mode
         self._metrics = metrics
-        self._keys = KeyRing(
-            settings.keys_file,
-            "evaluation.auth.keys_file",
-            on_reload=lambda outcome: metrics.key_reloads.labels(outcome).inc(),
-        )
+        self._keys: KeyRing | None = None
+        if settings.mode != "none":
+            assert settings.keys_file is not None
+            self._keys = KeyRing(
+                settings.keys_file,
+                "evaluation.auth.keys_file",
+                on_reload=lambda outcome: metrics.key_reloads.labels(outcome).inc(),
+            )
 
     async def intercept_service(
         self,
@@ -67,21 +75,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not method.startswith(_PREFIX):
             return await continuation(details)
         rpc = method[len(_PREFIX) :]
-        if self._mode == "api_key":
+        keys = self._keys
+        if self._mode == "api_key" and keys is not None:
             key = bearer(details.invocation_metadata)
-            entry = self._keys.by_key(key) if key is not None else None
+            entry = keys.by_key(key) if key is not None else None
             refusal = self._refusal(rpc, key is not None, entry, "key")
-            return await continuation(details) if refusal is None else _refusing(refusal)
+            if refusal is not None:
+                return _refusing(refusal)
         handler = await continuation(details)
         if handler is None:
             return handler
 
         async def admit(context: grpc.aio.ServicerContext) -> None:
-            names = peer_names(context.auth_context())
-            entry = self._keys.by_subject(names)
-            refusal = self._refusal(rpc, bool(names), entry, f"client certificate {names[:4]}")
-            if refusal is not None:
-                await context.abort(refusal.grpc_status, str(refusal))
+            if self._mode == "mtls" and keys is not None:
+                names = peer_names(context.auth_context())
+                entry = keys.by_subject(names)
+                credential = f"client certificate {names[:4]}"
+                refusal = self._refusal(rpc, bool(names), entry, credential)
+                if refusal is not None:
+                    await context.abort(refusal.grpc_status, str(refusal))
+            if handler.request_streaming:
+                await context.send_initial_metadata((ADMITTED,))
 
         return _admitting(handler, admit)
 
@@ -125,7 +139,7 @@ def _refusing(refusal: GatewayError) -> grpc.RpcMethodHandler:
     return grpc.stream_unary_rpc_method_handler(refuse)
 
 
-def _admitting(handler: grpc.RpcMethodHandler, admit: Admit) -> grpc.RpcMethodHandler:
+def _admitting(handler: grpc.RpcMethodHandler, admit: _Admit) -> grpc.RpcMethodHandler:
     """``handler`` that runs ``admit`` before it parses the request: the server hands over the
     request's bytes (no deserializer), parsed here once the caller is admitted. Shaped like
     ``handler`` (grpc tells a streaming behaviour by its being an async generator function)."""

@@ -50,13 +50,13 @@ async def run_sidecar(
     # Credentials first: a bad keys or certificate file fails before the store opens.
     credentials = server_credentials(tls, "evaluation.tls") if tls.enabled else None
     metrics = SidecarMetrics()
-    interceptors = [AccessInterceptor(auth, metrics)] if auth.mode != "none" else []
+    access = AccessInterceptor(auth, metrics)
     store = await asyncio.to_thread(
         EventStore, store_dir, settings.store_threads, settings.store_memory_limit_bytes
     )
     servicer = EvaluationServicer(store, settings, repository, metrics)
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=[access],
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
