@@ -6,9 +6,10 @@ sent as encoded EventBatch bytes built from the stored event payloads (no parse,
 At most ``max_in_flight`` batches wait for their Ack; acks come back in order on one stream.
 
 The stream carries the gateway's credential (``events.token``: ``authorization: Bearer``) and,
-with ``events.tls.ca_file``, runs over TLS whose files are read again at each reconnect. A
-sidecar that refuses the credential is retried like one that is down: the events wait in the
-log, and arrive once the sidecar accepts the key.
+with ``events.tls.ca_file``, runs over TLS whose files are read again at each reconnect. Nothing
+is written before the sidecar's headers say it took the stream (``ADMITTED``). A sidecar that
+refuses the credential is retried like one that is down: the events wait in the log, and
+arrive once the sidecar accepts the key.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ __all__ = ["Publisher", "encode_batch"]
 log = logging.getLogger(__name__)
 
 PUBLISH_METHOD = "/gateway.v1.EvaluationService/Publish"
+ADMITTED = ("sidecar-admitted", "1")  # the sidecar's headers on a stream it takes
+_ADMIT_WAIT_S = 5.0  # then write anyway: a sidecar that sends no headers before its first ack
 _MAX_BATCH_BYTES = 4 * 1024 * 1024
 _BACKOFF_S = (0.05, 2.0)  # first retry, cap
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -61,7 +64,7 @@ class Publisher:
         if token is not None and not (token.isascii() and token.isprintable()):
             raise SettingsError("events.token: a header carries printable ASCII only")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._failure = ""  # what the last failure was: a new kind is logged loudly
+        self._failure = ""  # the kind of failure since the stream was last open
         self._wal = wal
         self._metrics = metrics
         self._m_acked = metrics.events.labels("acked")
@@ -120,7 +123,6 @@ class Publisher:
                 log.exception("event publisher failed; retrying")
             else:
                 failures = 0
-                self._failure = ""
             self._set_connected(False)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, _BACKOFF_S[1]) if failures else _BACKOFF_S[0]
@@ -161,6 +163,7 @@ class Publisher:
             self.connected = connected
             self._metrics.events_connected.set(1 if connected else 0)
             if connected:
+                self._failure = ""  # the next outage is news again
                 log.info("event stream to sidecar %s open", self._address)
 
     def _channel(self) -> grpc.aio.Channel:
@@ -184,6 +187,7 @@ class Publisher:
             in_flight: deque[tuple[int, int]] = deque()  # (last sequence, events)
             receiver = asyncio.get_running_loop().create_task(self._receive(call, in_flight))
             try:
+                await self._admitted(call, receiver)
                 await self._send(call, in_flight, receiver)
             except asyncio.InvalidStateError:
                 # A write on a call the sidecar already ended: the call's status says why
@@ -196,6 +200,31 @@ class Publisher:
                     await receiver
                 call.cancel()
                 await self._rewind()
+
+    async def _admitted(
+        self, call: grpc.aio.StreamStreamCall, receiver: asyncio.Task[None]
+    ) -> None:
+        """Until the sidecar takes the stream; raises the sidecar's status when it refuses.
+
+        NOTE: nothing is written before: a write racing a refusal fails inside gRPC, whose
+        INTERNAL then stands in for the sidecar's UNAUTHENTICATED. A refusal's headers come
+        with its status and without the ADMITTED mark; the status is awaited from the receiver.
+        """
+        headers = asyncio.ensure_future(call.initial_metadata())
+        try:
+            await asyncio.wait(
+                {headers, receiver}, timeout=_ADMIT_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if headers.done() and headers.result().get(ADMITTED[0]) == ADMITTED[1]:
+                self._set_connected(True)
+                return
+            if headers.done():  # headers without the mark: the call is ending; how?
+                await asyncio.wait({receiver}, timeout=_ADMIT_WAIT_S)
+        finally:
+            headers.cancel()
+        if receiver.done():
+            receiver.result()  # the sidecar's status
+            raise ConnectionError("the sidecar closed the event stream")
 
     async def _rewind(self) -> None:
         """The next stream starts from the first unacknowledged record; what was in flight
@@ -238,7 +267,6 @@ class Publisher:
                 await self._wait(self._new_data, receiver, timeout_s=1.0)
                 continue
             await call.write(encode_batch(records))
-            self._set_connected(True)
             sent = records[-1].sequence
             in_flight.append((sent, len(records)))
 
@@ -262,6 +290,8 @@ class Publisher:
     ) -> None:
         loop = asyncio.get_running_loop()
         async for ack in call:
+            # NOTE: open once the sidecar answers, not once a write is buffered: a sidecar
+            # that refuses the stream must not look connected between its refusals.
             self._set_connected(True)
             if not in_flight or ack.sequence != in_flight[0][0]:
                 raise ConnectionError(

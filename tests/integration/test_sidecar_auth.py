@@ -510,6 +510,7 @@ async def test_a_refused_publisher_keeps_its_events_until_its_key_is_accepted(
     assert any("refused the event stream (PERMISSION_DENIED" in m for m in errors), errors
     assert any("refused the event stream (UNAUTHENTICATED" in m for m in errors), errors
     assert all(key not in r.getMessage() and other not in r.getMessage() for r in caplog.records)
+    assert not any("broken" in r.getMessage() for r in caplog.records)  # each told as refused
     assert sidecar.metric("sidecar_events_total", outcome="stored") == 0
 
     write_keys(keys, [entry("reader", key, "read"), entry("gateway", other, "publish")])
