@@ -169,8 +169,9 @@ def _credentials(args: argparse.Namespace) -> SidecarCredentials:
         token = os.environ.get(SIDECAR_TOKEN_ENV, "").strip() or None
     if (args.cert_file is None) != (args.key_file is None):
         raise SettingsError("--cert-file and --key-file go together")
-    if args.ca_file is None and (args.cert_file is not None or args.server_name is not None):
-        raise SettingsError("--cert-file and --server-name need --ca-file (they ride on TLS)")
+    for flag, value in (("--cert-file", args.cert_file), ("--server-name", args.server_name)):
+        if value is not None and args.ca_file is None:
+            raise SettingsError(f"{flag} needs --ca-file (it rides on TLS)")
     tls = ClientTlsSettings(
         ca_file=args.ca_file,
         cert_file=args.cert_file,
