@@ -90,7 +90,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if self._mode == "mtls" and keys is not None:
                 names = peer_names(context.auth_context())
                 entry = keys.by_subject(names)
-                credential = f"client certificate {names[:4]}"
+                credential = f"client certificate ({', '.join(names[:4])})"
                 refusal = self._refusal(rpc, bool(names), entry, credential)
                 if refusal is not None:
                     await context.abort(refusal.grpc_status, str(refusal))
@@ -124,7 +124,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         else:
             return None
-        self._metrics.refused.labels(rpc, reason).inc()
+        # NOTE: a method name no RPC has is counted as "other": callers choose it, and each
+        # label value would be a series kept for good.
+        self._metrics.refused.labels(rpc if role is not None else "other", reason).inc()
         log.debug("refused %s (%s): %s", rpc, reason, refusal)
         return refusal
 

@@ -274,6 +274,18 @@ def test_the_credential_is_checked_before_the_request_is_read(keyed: SidecarProc
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_method_no_rpc_has_is_refused_to_every_key_and_counted_as_other(
+    keyed: SidecarProcess,
+):
+    with channel(keyed) as open_channel:
+        for name in ("Nope", "Drop"):
+            unknown = open_channel.unary_unary(f"/{SERVICE}/{name}")
+            err = refused(partial(unknown, b"", metadata=metadata(KEYS["reader"]), timeout=30))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+    assert keyed.metric("sidecar_auth_refused_total", rpc="other", reason="role") == 2
+    assert keyed.metric("sidecar_auth_refused_total", rpc="Nope") == 0
+
+
 def test_health_and_other_services_are_not_guarded(keyed: SidecarProcess):
     """Only the EvaluationService is guarded: an unknown service answers UNIMPLEMENTED."""
     with channel(keyed) as open_channel:
