@@ -29,7 +29,7 @@ from pathlib import Path
 from gateway.errors import SettingsError
 from gateway.events.recorder import hash_key
 from gateway.lifeline import Lifeline
-from gateway.settings import Settings
+from gateway.settings import Settings, read_secret
 
 __all__ = ["READY_FILE_ENV", "supervise"]
 
@@ -57,6 +57,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         # Checked (and the default key made) here, once: each worker checks the key against
         # its own log directory only, and would race the others to make it.
         hash_key(settings.events)
+        read_secret(settings.events.token, settings.events.token_file, "events.token_file")
     workers = settings.server.workers
     host = settings.server.host
     reserved = _reserve_port(host, settings.server.port)

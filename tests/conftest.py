@@ -198,8 +198,9 @@ class GatewayProcess:
                 stdout=out,
                 stderr=err,
                 # TMPDIR: what a killed gateway leaves there (a supervisor's ready files) stays
-                # with the test's files.
+                # with the test's files; so do files at default relative paths (the audit log).
                 env={**os.environ, "TMPDIR": str(workdir), **(env or {})},
+                cwd=workdir,
                 start_new_session=True,
             )
         try:
@@ -249,6 +250,13 @@ class GatewayProcess:
     def kill_all(self) -> None:
         """SIGKILL the gateway and anything it started that still runs; wait until all are gone."""
         kill_group(self.process)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What gateways make on first use in the user's state directory (the events hash key)
+    lands in the session's temporary directory, never in the real home."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
 
 
 @pytest.fixture(scope="session")

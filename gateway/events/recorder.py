@@ -33,7 +33,7 @@ from gateway.events._encoder import encode_event
 from gateway.events.builder import Pending, Redact
 from gateway.events.publisher import Publisher
 from gateway.events.wal import LogInUse, WriteAheadLog
-from gateway.settings import EventsSettings
+from gateway.settings import EventsSettings, read_secret
 from gateway.telemetry import GatewayMetrics
 
 __all__ = ["EventRecorder", "default_hash_key_file", "hash_key"]
@@ -86,6 +86,7 @@ class EventRecorder:
         s = self.settings
         # NOTE: before the log is opened: a refused key leaves nothing behind.
         self._hash_key = await asyncio.to_thread(hash_key, s)
+        token = await asyncio.to_thread(read_secret, s.token, s.token_file, "events.token_file")
         try:
             self._wal = await asyncio.to_thread(
                 WriteAheadLog,
@@ -107,6 +108,8 @@ class EventRecorder:
             s.batch_events,
             s.max_in_flight_batches,
             self._max_message_bytes,
+            tls=s.tls,
+            token=token,
         )
         wal = self._wal
         self._metrics.events_backlog.labels("memory").set_function(lambda: len(self._pending))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import tritonclient.grpc as triton_grpc
 import yaml
 
 from gateway.api.v1 import events_pb2 as ev
@@ -35,7 +36,7 @@ from gateway.events.wal import WriteAheadLog
 from gateway.settings import ClientTlsSettings
 from gateway.telemetry import GatewayMetrics
 from tests.certs import Authority, Issued, authority
-from tests.conftest import SidecarProcess, free_port
+from tests.conftest import DEMO_WIDTH, GatewayProcess, SidecarProcess, demo_features, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -529,3 +530,59 @@ async def test_a_refused_publisher_keeps_its_events_until_its_key_is_accepted(
     wal = await publish(sidecar, wal_dir, 40, other, tls, lambda w: w.acked == w.last)
     assert wal.last == 100
     assert sidecar.metric("sidecar_events_total", outcome="stored") == 100  # nothing lost
+
+
+# --- a real gateway ------------------------------------------------------------------------------
+
+
+def infer(gateway: GatewayProcess, ids: list[str]) -> None:
+    client = gateway.client()
+    try:
+        for request_id in ids:
+            tensor = triton_grpc.InferInput("features", [2, DEMO_WIDTH], "FP32")
+            tensor.set_data_from_numpy(demo_features(2))
+            client.infer("fraud", [tensor], request_id=request_id)
+    finally:
+        client.close()
+
+
+def test_a_gateway_streams_its_events_over_tls_once_the_sidecar_takes_its_token(
+    demo_repo: Path, start_gateway, start_sidecar, pki: Pki, tmp_path: Path
+):
+    """A refused stream costs nothing: the gateway serves, says why (not with what key), and
+    its log keeps the events until the sidecar's keys file takes the gateway's token."""
+    token = secrets.token_urlsafe(24)
+    keys = write_keys(tmp_path / "keys.yaml", [])
+    sidecar = start_sidecar(tmp_path / "store", free_port(), env=sidecar_env(keys) | tls_env(pki))
+    env = {
+        "GATEWAY_EVENTS__TOKEN_FILE": str(secret_file(tmp_path / "gateway.token", token)),
+        "GATEWAY_EVENTS__TLS__CA_FILE": str(pki.ca.cert),
+    }
+    where = ("--sidecar", sidecar.address, "--events-dir", str(tmp_path / "events"))
+    gateway = start_gateway(demo_repo, *where, env=env)
+    ids = [f"r-{i}" for i in range(50)]
+    infer(gateway, ids[:30])
+    wait_for(
+        lambda: sidecar.metric("sidecar_auth_refused_total", rpc="Publish", reason="unknown") >= 2,
+        "the stream refused, and tried again",
+    )
+    infer(gateway, ids[30:])  # refused streams never fail a prediction
+    assert "refused the event stream (UNAUTHENTICATED" in gateway.stderr()
+    assert gateway.metric("gateway_events_total", outcome="acked") == 0
+
+    write_keys(keys, [entry("gateway", token, "publish")])
+    wait_for(lambda: gateway.metric("gateway_events_total", outcome="acked") == 50, "acks")
+    assert sidecar.metric("sidecar_events_total", outcome="stored") == 50
+    assert gateway.metric("gateway_events_total", outcome="dropped") == 0
+    assert token not in gateway.stderr() + sidecar.stderr()
+
+
+def test_a_gateway_refuses_to_start_with_a_token_file_others_can_read(
+    demo_repo: Path, tmp_path: Path
+):
+    token = secret_file(tmp_path / "gateway.token", secrets.token_urlsafe(24))
+    token.chmod(0o640)
+    env = {"GATEWAY_EVENTS__TOKEN_FILE": str(token)}
+    where = ("--sidecar", f"127.0.0.1:{free_port()}", "--events-dir", str(tmp_path / "events"))
+    with pytest.raises(RuntimeError, match=r"events.token_file: .* chmod 600"):
+        GatewayProcess(demo_repo, tmp_path / "gateway", *where, env=env)
