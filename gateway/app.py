@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -152,6 +155,12 @@ class Gateway:
             log.warning("%s", self.gate.describe())
         else:
             log.info("%s", self.gate.describe())
+        if not settings.tls.enabled and not _loopback(settings.server.host):
+            log.warning(
+                "server.host %s is reachable from other machines and tls.cert_file is not set: "
+                "keys, the admin token and requests cross the network in clear",
+                settings.server.host,
+            )
         name, why = transports.choose(settings.server, settings.tls)
         log.info("transport: %s (%s)", name, why)
         transport = transports.create(
@@ -214,7 +223,7 @@ class Gateway:
                 limits[tenant] = entry.rate_limit
             if entry.budget is not None and tenant not in budgets:
                 budgets[tenant] = Budget(
-                    name=f"key.{entry.name}",
+                    name=_budget_name(tenant),
                     tenant=tenant,
                     limit=entry.budget.limit,
                     window_s=entry.budget.window_s,
@@ -259,6 +268,24 @@ class Gateway:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _budget_name(tenant: str) -> str:
+    """The ledger's name for the budget the keys file gives ``tenant``: the tenant's, so a
+    key rotated keeps its tenant's spend (a tenant not fit for a name goes by its hash)."""
+    name = f"tenant.{tenant}"
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        return name
+    return f"tenant.{hashlib.sha256(tenant.encode()).hexdigest()[:16]}"
 
 
 def _write_atomically(path: Path, text: str) -> None:

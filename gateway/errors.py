@@ -94,11 +94,26 @@ class EventLogFull(GatewayError):
 
 
 class Unauthenticated(GatewayError):
+    """``reason``: missing, unknown, expired (counted); ``actor``: who, where known (audit)."""
+
     grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+    def __init__(
+        self, message: str, reason: str = "unknown", actor: str = "unauthenticated"
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.actor = actor
 
 
 class PermissionDenied(GatewayError):
+    """``actor``: the known caller asking for what it may not do."""
+
     grpc_status = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, actor: str = "") -> None:
+        super().__init__(message)
+        self.actor = actor
 
 
 class RuntimeFailure(GatewayError):

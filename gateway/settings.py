@@ -51,6 +51,7 @@ __all__ = [
     "VariantSpec",
     "VersionPolicy",
     "describe_validation_error",
+    "describe_yaml_error",
     "load_model_config",
     "load_settings",
     "read_secret",
@@ -959,6 +960,14 @@ def _expanded_nodes(node: yaml.Node, seen: dict[int, int], limit: int, what: str
     return total
 
 
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's quote of the line (it may hold a secret)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or type(err).__name__
+    return f"not valid YAML{where}: {problem}"
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` (empty file: {}); any problem is a SettingsError."""
     try:
@@ -966,11 +975,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise SettingsError(f"{path}: cannot read: {err.strerror}") from err
     except yaml.YAMLError as err:
-        # Where and what, without PyYAML's quote of the line (it may hold a secret).
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise SettingsError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise SettingsError(f"{path}: {describe_yaml_error(err)}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

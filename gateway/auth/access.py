@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from gateway.auth.credentials import KeyEntry, KeyRing, bearer, peer_names
+from gateway.auth.keys import KeyEntry, KeyRing, bearer, peer_names
 from gateway.errors import GatewayError, PermissionDenied, Unauthenticated
 from gateway.settings import RPC_ACCESS, Access, AuthSettings
 
-__all__ = ["ADMIN_TOKEN", "ANONYMOUS", "Gatekeeper", "Principal", "current_principal"]
+__all__ = ["ADMIN_TOKEN", "ANONYMOUS", "STRANGER", "Gatekeeper", "Principal", "current_principal"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class Principal:
         return cls(entry.name, entry.tenant_name, entry.admin, frozenset(entry.models))
 
 
-ANONYMOUS = Principal("anonymous", None)
+ANONYMOUS = Principal("anonymous", None)  # auth.mode none: the request names its tenant
+# With api_key or mtls, a caller without a credential on an RPC opened to anyone.
+STRANGER = Principal("anonymous", "anonymous")
 # The admin token's holder is trusted to say which tenant it acts for (the `tenant` parameter).
 ADMIN_TOKEN = Principal("admin-token", None, admin=True)
 # The caller of the RPC running in this task (set by the transport's guard).
@@ -95,18 +97,19 @@ class Gatekeeper:
         assert self.keys is not None
         return f"auth.mode {self.mode}: {len(self.keys.entries)} keys from auth.keys_file"
 
-    def _refuse(self, rpc: str, reason: str, err: GatewayError, actor: str = "") -> GatewayError:
-        """``err``, counted; ``err.actor`` names the caller where it is known (audit)."""
-        err.actor = actor or "unauthenticated"  # type: ignore[attr-defined]
+    def _refuse(self, rpc: str, reason: str, err: GatewayError) -> GatewayError:
+        """``err``, counted under ``reason``."""
         if self._on_refused is not None:
             self._on_refused(rpc, reason)
         return err
 
     def identify(self, rpc: str, metadata: Metadata, auth_context: AuthContext = None) -> Principal:
-        """The caller of ``rpc``, or Unauthenticated / PermissionDenied (admin rights)."""
+        """The caller of ``rpc``, or Unauthenticated / PermissionDenied (admin rights).
+
+        An RPC opened to anyone (``open``) still knows a caller that presents a credential;
+        one that does not is, with api_key or mtls, the tenant "anonymous", never whatever
+        its request says."""
         access = self.access[rpc]
-        if access == "open":
-            return ANONYMOUS
         presented = bearer(metadata) if metadata is not None else None
         if presented and self._is_admin_token(presented):
             return ADMIN_TOKEN
@@ -115,29 +118,15 @@ class Gatekeeper:
                 raise self._admin_refusal(rpc, presented)
             return ANONYMOUS
         assert self.keys is not None
-        if self.mode == "api_key":
-            if not presented:
-                raise self._refuse(
-                    rpc,
-                    "missing",
-                    Unauthenticated(
-                        "this gateway needs a key: metadata 'authorization: Bearer <key>' "
-                        "or 'x-api-key: <key>'"
-                    ),
-                )
-            entry = self.keys.by_key(presented)
-        else:
-            entry = self.keys.by_subject(peer_names(auth_context))
-        if entry is None:
-            what = "key" if self.mode == "api_key" else "client certificate"
-            raise self._refuse(rpc, "unknown", Unauthenticated(f"unknown {what}"))
-        if entry.expired(self._now()):
-            raise self._refuse(
-                rpc,
-                "expired",
-                Unauthenticated(f"the credential '{entry.name}' has expired"),
-                entry.name,
-            )
+        try:
+            if self.mode == "api_key":
+                entry = self.keys.admit(presented, now=self._now())
+            else:
+                entry = self.keys.admit(names=peer_names(auth_context), now=self._now())
+        except Unauthenticated as err:
+            if access == "open":
+                return STRANGER
+            raise self._refuse(rpc, err.reason, err) from None
         principal = self._principals.get(entry.name)
         if principal is None:
             principal = self._principals[entry.name] = Principal.of(entry)
@@ -145,8 +134,7 @@ class Gatekeeper:
             raise self._refuse(
                 rpc,
                 "not_admin",
-                PermissionDenied(f"'{entry.name}' has no admin rights ({rpc})"),
-                entry.name,
+                PermissionDenied(f"'{entry.name}' has no admin rights ({rpc})", entry.name),
             )
         return principal
 
@@ -157,15 +145,11 @@ class Gatekeeper:
 
     def _admin_refusal(self, rpc: str, presented: str | None) -> GatewayError:
         if self._admin_token is None:
-            return self._refuse(
-                rpc,
-                "admin_off",
-                Unauthenticated(f"{rpc} needs admin rights, and this gateway has no admin.token"),
-            )
-        if presented:
-            return self._refuse(rpc, "unknown", Unauthenticated("wrong admin bearer token"))
-        return self._refuse(
-            rpc,
-            "missing",
-            Unauthenticated(f"{rpc} needs metadata 'authorization: Bearer <admin.token>'"),
-        )
+            reason, message = "admin_off", f"{rpc} needs admin rights, and this gateway has no "
+            message += "admin.token"
+        elif presented:
+            reason, message = "unknown", "wrong admin bearer token"
+        else:
+            reason = "missing"
+            message = f"{rpc} needs metadata 'authorization: Bearer <admin.token>'"
+        return self._refuse(rpc, reason, Unauthenticated(message, reason))

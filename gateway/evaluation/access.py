@@ -25,7 +25,7 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from gateway.auth import KeyEntry, KeyRing, bearer, peer_names
+from gateway.auth import KeyRing, bearer, peer_names
 from gateway.errors import GatewayError, PermissionDenied, Unauthenticated
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.settings import SidecarAuthSettings
@@ -77,9 +77,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rpc = method[len(_PREFIX) :]
         keys = self._keys
         if self._mode == "api_key" and keys is not None:
-            key = bearer(details.invocation_metadata)
-            entry = keys.by_key(key) if key is not None else None
-            refusal = self._refusal(rpc, key is not None, entry, "key")
+            refusal = self._refusal(rpc, key=bearer(details.invocation_metadata))
             if refusal is not None:
                 return _refusing(refusal)
         handler = await continuation(details)
@@ -88,10 +86,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def admit(context: grpc.aio.ServicerContext) -> None:
             if self._mode == "mtls" and keys is not None:
-                names = peer_names(context.auth_context())
-                entry = keys.by_subject(names)
-                credential = f"client certificate ({', '.join(names[:4])})"
-                refusal = self._refusal(rpc, bool(names), entry, credential)
+                refusal = self._refusal(rpc, names=peer_names(context.auth_context()))
                 if refusal is not None:
                     await context.abort(refusal.grpc_status, str(refusal))
             if handler.request_streaming:
@@ -100,30 +95,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _admitting(handler, admit)
 
     def _refusal(
-        self, rpc: str, presented: bool, entry: KeyEntry | None, credential: str
+        self, rpc: str, key: str | None = None, names: list[str] | None = None
     ) -> GatewayError | None:
-        """Why the caller may not call ``rpc`` (counted), or None when it may."""
+        """Why the caller with ``key`` (mode api_key) or a certificate of ``names`` (mode
+        mtls) may not call ``rpc`` (counted), or None when it may."""
+        assert self._keys is not None
         role = ROLES.get(rpc)
         refusal: GatewayError
-        if not presented:
-            reason = "missing"
-            how = "'authorization: Bearer <key>'" if self._mode == "api_key" else "a certificate"
-            refusal = Unauthenticated(f"{rpc} needs a credential: {how} (evaluation.auth)")
-        elif entry is None:
-            reason = "unknown"
-            refusal = Unauthenticated(f"the {credential} presented is not in the sidecar's keys")
-        elif entry.expires is not None and entry.expired(dt.datetime.now(dt.UTC)):
-            reason = "expired"
-            refusal = Unauthenticated(f"'{entry.name}' expired at {entry.expires.isoformat()}")
-        elif role is None or role not in entry.roles:
+        try:
+            entry = self._keys.admit(key, names, now=dt.datetime.now(dt.UTC))
+        except Unauthenticated as err:
+            reason, refusal = err.reason, err
+        else:
+            if role is not None and role in entry.roles:
+                return None
             reason = "role"
             needs = f"the '{role}' role" if role is not None else "a role no key has"
             refusal = PermissionDenied(
                 f"'{entry.name}' may not call {rpc}: it needs {needs} "
-                f"(it has: {', '.join(entry.roles) or 'none'})"
+                f"(it has: {', '.join(entry.roles) or 'none'})",
+                entry.name,
             )
-        else:
-            return None
         # NOTE: a method name no RPC has is counted as "other": callers choose it, and each
         # label value would be a series kept for good.
         self._metrics.refused.labels(rpc if role is not None else "other", reason).inc()

@@ -8,13 +8,14 @@ the models the caller may see).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from gateway.auth import AuditLog, Gatekeeper, Principal, current_principal
-from gateway.errors import GatewayError, PermissionDenied
+from gateway.errors import GatewayError, PermissionDenied, Unauthenticated
 
 __all__ = ["Guard", "State"]
 
@@ -31,24 +32,15 @@ class Guard:
         self._states = states or {}
         self._audited = {rpc for rpc in gate.access if gate.access[rpc] == "admin"}
 
-    def add_states(self, states: dict[str, State]) -> None:
-        self._states.update(states)
-
     def identify(self, rpc: str, context: grpc.aio.ServicerContext) -> Principal:
         """The caller of ``rpc`` on a grpc.aio call (its metadata, its TLS peer), or the
         GatewayError refusing it; a refused admin call is audited."""
         auth_context = context.auth_context() if self.gate.mode == "mtls" else None
         try:
             return self.gate.identify(rpc, context.invocation_metadata(), auth_context)
-        except GatewayError as err:
+        except (Unauthenticated, PermissionDenied) as err:
             if rpc in self._audited:
-                self._audit.record(
-                    getattr(err, "actor", "unauthenticated"),
-                    rpc,
-                    err.grpc_status.name,
-                    peer=context.peer() or "",
-                    detail=str(err),
-                )
+                self._audit.refused(err.actor, rpc, err.grpc_status.name, context.peer() or "")
             raise
 
     async def run(
@@ -65,7 +57,7 @@ class Guard:
         if model and not principal.allows(model):
             err = PermissionDenied(f"'{principal.name}' may not call model '{model}'")
             if rpc in self._audited:
-                self._audit.record(principal.name, rpc, err.grpc_status.name, model)
+                self._audit.refused(principal.name, rpc, err.grpc_status.name, context.peer() or "")
             raise err
         current_principal.set(principal)
         if rpc not in self._audited:
@@ -75,10 +67,18 @@ class Guard:
         outcome = "OK"
         try:
             return await body()
-        except BaseException as err:
-            code = context.code() if hasattr(context, "code") else None
-            outcome = getattr(code, "name", None) or (
-                err.grpc_status.name if isinstance(err, GatewayError) else type(err).__name__
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        except Exception as err:
+            # An abort left its status on the context; a GatewayError carries its own.
+            code = context.code() if isinstance(err, grpc.aio.AbortError) else None
+            outcome = (
+                code.name
+                if isinstance(code, grpc.StatusCode)
+                else err.grpc_status.name
+                if isinstance(err, GatewayError)
+                else "UNKNOWN"
             )
             raise
         finally:

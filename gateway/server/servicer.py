@@ -404,8 +404,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response is written, so a slow reader of responses stops the stream from reading more
         (bounded memory).
         """
-        try:  # one caller for the whole stream: its metadata is the stream's
-            caller = self._guard.identify("ModelStreamInfer", context)
+        try:  # refused before anything is read; then each request is checked again, so a key
+            # revoked or expired while the stream is open stops serving it
+            self._guard.identify("ModelStreamInfer", context)
         except GatewayError as err:
             await _abort(context, err)
         slots = asyncio.Semaphore(self._settings.stream_max_in_flight)
@@ -413,6 +414,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(payload: bytes, arrived: float, remaining: float | None) -> None:
             try:
+                caller = self._guard.identify("ModelStreamInfer", context)
                 response = await self.infer_bytes(
                     payload,
                     context.invocation_metadata,

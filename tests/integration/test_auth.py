@@ -34,6 +34,7 @@ KEYS = {
     "team-a": "key-a-7f1c2e",
     "team-b": "key-b-91d0aa",
     "team-c": "key-c-4b2e77",
+    "team-c2": "key-c2-0d9f13",
     "expired": "key-old-55e3",
     "ops": "key-ops-c0ffee",
 }
@@ -97,10 +98,11 @@ def api_key_settings(workdir: Path, entries: list[dict[str, object]]) -> Path:
     return path
 
 
+ROTATED_BUDGET = {"limit": 2.5e-6, "window_s": 3600}
 ENTRIES = [
     entry("team-a", tenant="alpha", models=["fraud"], rate_limit={"rate": 0.001, "burst": 3}),
     entry("team-b", tenant="beta"),
-    entry("team-c", tenant="gamma", models=["fraud"], budget={"limit": 2.5e-6, "window_s": 3600}),
+    entry("team-c", tenant="gamma", models=["fraud"], budget=ROTATED_BUDGET),
     entry("expired", tenant="alpha", expires="2020-01-01T00:00:00Z"),
     entry("ops", admin=True),
 ]
@@ -214,7 +216,7 @@ def test_a_keys_budget_is_its_tenants(two_models: Path, start_gateway, tmp_path)
     refused, whatever tenant the requests name."""
     config = api_key_settings(tmp_path / "cfg", ENTRIES)
     proc = start_gateway(two_models, "--config", str(config))
-    (budget,) = [b for b in costs(proc.url).budgets if b.name == "key.team-c"]
+    (budget,) = [b for b in costs(proc.url).budgets if b.name == "tenant.gamma"]
     assert (budget.subject, budget.value, budget.policy) == ("tenant", "gamma", "reject")
     codes = []
     with proc.client() as client:
@@ -230,8 +232,22 @@ def test_a_keys_budget_is_its_tenants(two_models: Path, start_gateway, tmp_path)
             except InferenceServerException as err:
                 codes.append(status(err))
     assert codes[:2] == ["OK", "OK"] and codes[-1] == "RESOURCE_EXHAUSTED", codes
-    (budget,) = [b for b in costs(proc.url).budgets if b.name == "key.team-c"]
+    (budget,) = [b for b in costs(proc.url).budgets if b.name == "tenant.gamma"]
     assert budget.spent >= budget.limit
+    # The key rotated (a new key, a new name, the same tenant): the spend stays the tenant's.
+    rotated = [e for e in ENTRIES if e["name"] != "team-c"]
+    rotated.append(entry("team-c2", tenant="gamma", models=["fraud"], budget=ROTATED_BUDGET))
+    keys_file(tmp_path / "cfg" / "keys.yaml", rotated)
+    with proc.client() as client:
+
+        def rotated_key_refused() -> bool:
+            try:
+                client.infer("fraud", [features_input()], headers=bearer(KEYS["team-c2"]))
+            except InferenceServerException as err:
+                return status(err) == "RESOURCE_EXHAUSTED"
+            return False
+
+        wait_until(rotated_key_refused)
 
 
 def test_streams_authenticate_once_and_check_each_request(keyed_client):
@@ -271,6 +287,7 @@ def audit_lines(workdir: Path) -> list[dict[str, object]]:
 
 
 def test_unload_and_load_need_admin_rights_and_are_audited(keyed: GatewayProcess, keyed_client):
+    started = time.monotonic()
     workdir = keyed.workdir.parent
     unload = keyed_client.unload_model
     assert refused(lambda: unload("other"))[0] == "UNAUTHENTICATED"
@@ -293,6 +310,18 @@ def test_unload_and_load_need_admin_rights_and_are_audited(keyed: GatewayProcess
     assert unloaded["target"] == "other"
     assert unloaded["before"] == ["1", "2"] or unloaded["before"]  # versions served before
     assert unloaded["after"] == []
+    # A flood of refused calls is counted whole and written at most once a second.
+    counted = keyed.metric("gateway_admin_actions_total", rpc="RepositoryModelUnload")
+    for _ in range(20):
+        assert refused(lambda: unload("other"))[0] == "UNAUTHENTICATED"
+    assert keyed.metric("gateway_admin_actions_total", rpc="RepositoryModelUnload") == counted + 20
+    strangers = [
+        line
+        for line in audit_lines(workdir)
+        if line["actor"] == "unauthenticated" and line["rpc"] == "RepositoryModelUnload"
+    ]
+    # At most one line a second (a line then says how many it stands for).
+    assert len(strangers) <= 1 + (time.monotonic() - started), len(strangers)
     text = (workdir / "audit.jsonl").read_text()
     assert not any(key in text for key in (*KEYS.values(), ADMIN_TOKEN))
     assert keyed.metric("gateway_admin_actions_total", rpc="RepositoryModelUnload") >= 4

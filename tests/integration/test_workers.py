@@ -140,8 +140,9 @@ def test_workers_refuse_admin_changes_that_would_reach_one_worker_of_several(
             assert "several worker processes" in info.value.details()
     # Each worker writes its own audit log (a rotating file has one writer); together they
     # hold every call, refused ones too.
+    # (A worker's file is made at its first line: the calls' one connection reached one.)
     logs = sorted(tmp_path.glob("audit.jsonl.worker-*"))
-    assert [p.name for p in logs] == ["audit.jsonl.worker-0", "audit.jsonl.worker-1"]
+    assert logs and {p.name for p in logs} <= {"audit.jsonl.worker-0", "audit.jsonl.worker-1"}
     lines = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
     assert {(line["rpc"], line["outcome"]) for line in lines} == {
         ("GetRoutes", "OK"),

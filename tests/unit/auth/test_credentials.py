@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from gateway.auth import ADMIN_TOKEN, ANONYMOUS, Gatekeeper, KeyRing, bearer, key_digest
+from gateway.auth.access import STRANGER
 from gateway.errors import PermissionDenied, SettingsError, Unauthenticated
 from gateway.settings import AuthSettings
 
@@ -72,6 +74,28 @@ def test_the_ring_reloads_a_changed_file_and_keeps_the_old_keys_on_a_broken_one(
     path.write_text("keys: [{name: broken}]")
     now[0] = 3.0
     assert ring.by_key(KEY_OPS) is not None and outcomes == ["loaded", "failed"]
+    path.write_text("")  # caught half written: not "no one may call"
+    now[0] = 4.5
+    assert ring.by_key(KEY_OPS) is not None and outcomes == ["loaded", "failed", "failed"]
+    write_keys(path, [])
+    now[0] = 6.0
+    assert ring.by_key(KEY_OPS) is None and outcomes[-1] == "loaded"  # `keys: []` says so
+
+
+async def test_on_an_event_loop_the_ring_reloads_in_a_thread_serving_the_old_keys_meanwhile(
+    tmp_path: Path,
+):
+    now = [0.0]
+    path = write_keys(tmp_path / "keys.yaml", entries()[:1])
+    ring = KeyRing(path, "auth.keys_file", 1.0, clock=lambda: now[0])
+    reloaded = asyncio.Event()
+    ring.on_change.append(lambda _entries: reloaded.set())
+    write_keys(path, entries())
+    os.utime(path, ns=(1, 10**18))
+    now[0] = 1.5
+    assert ring.by_key(KEY_OPS) is None  # the read runs in a thread; the old keys answer
+    await asyncio.wait_for(reloaded.wait(), 10)
+    assert ring.by_key(KEY_OPS) is not None
 
 
 @pytest.mark.parametrize(
@@ -134,7 +158,12 @@ def test_api_key_mode_names_tenants_and_rights(tmp_path: Path):
     with pytest.raises(PermissionDenied, match="no admin rights"):
         keeper.identify("RepositoryModelLoad", [("x-api-key", KEY_A)])
     assert keeper.identify("RepositoryModelLoad", [("x-api-key", KEY_OPS)]).admin
-    assert keeper.identify("RepositoryIndex", None) is ANONYMOUS  # opened by rpc_access
+    # Opened by rpc_access: a caller without a credential is a stranger, never the tenant its
+    # request names; one with a key is still known by it.
+    assert keeper.identify("RepositoryIndex", None) is STRANGER
+    assert STRANGER.tenant == "anonymous"
+    assert keeper.identify("RepositoryIndex", [("x-api-key", KEY_A)]).tenant == "alpha"
+    assert keeper.identify("RepositoryIndex", [("x-api-key", "wrong")]) is STRANGER
 
 
 def test_an_expired_key_is_refused_from_its_date(tmp_path: Path):
@@ -153,10 +182,11 @@ def test_an_expired_key_is_refused_from_its_date(tmp_path: Path):
 
 def test_mtls_mode_finds_the_caller_by_its_certificate(tmp_path: Path):
     keeper = gate(tmp_path, "mtls")
-    context = {
-        "x509_common_name": [b"host"],
-        "x509_subject_alternative_name": [b"spiffe://acme/svc"],
-    }
+    context = {"x509_common_name": [b"host"], "peer_uri": [b"spiffe://acme/svc"]}
     assert keeper.identify("ModelInfer", None, context).tenant == "svc"
+    # A DNS name (or any SAN but a URI) names a host, not a caller: it matches no subject.
+    dns = {"x509_common_name": [b"host"], "x509_subject_alternative_name": [b"spiffe://acme/svc"]}
+    with pytest.raises(Unauthenticated):
+        keeper.identify("ModelInfer", None, dns)
     with pytest.raises(Unauthenticated, match="unknown client certificate"):
         keeper.identify("ModelInfer", None, {"x509_common_name": [b"stranger"]})

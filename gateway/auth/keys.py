@@ -1,12 +1,12 @@
-"""Credentials: the keys file (keys kept as SHA-256 hashes, mTLS subjects), bearer keys read
-from call metadata, and TLS credentials for servers and channels whose files are read again
-when they change.
+"""Who a caller is: the keys file (keys kept as SHA-256 hashes, mTLS subjects), re-read when
+it changes, and the credential a call presents (a bearer key in its metadata, a certificate's
+names).
 
 The keys file (YAML) serves the gateway (tenants) and the sidecar (roles) alike::
 
     keys:
       - name: checkout-web            # shown in logs and the audit log; never the key
-        key_sha256: 9f86d0...         # `gateway keygen` makes a key and prints this line
+        key_sha256: 9f86d0...         # printf %s "$KEY" | sha256sum
         tenant: checkout
         models: [fraud-live]          # models and routes it may call; default ["*"]
         rate_limit: {rate: 200, burst: 400}
@@ -22,44 +22,39 @@ The keys file (YAML) serves the gateway (tenants) and the sidecar (roles) alike:
         key_sha256: 2c26b4...
         roles: [publish]
 
-A key is looked up by the hash of what the caller presents, and the stored hash is compared
-again in constant time (``hmac.compare_digest``); the file never holds a key itself.
+A key is looked up by the SHA-256 of what the caller presents: how long the lookup takes
+depends on that hash, never on how much of a real key the caller guessed; the file never
+holds a key itself. The file is parsed off the event loop (a large one takes a while), and a
+file that no longer parses, or is empty, keeps the keys loaded before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
-import hmac
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-import grpc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.errors import SettingsError
-from gateway.settings import (
-    ClientTlsSettings,
-    RateLimit,
-    TlsSettings,
-    describe_validation_error,
-)
+from gateway.errors import SettingsError, Unauthenticated
+from gateway.settings import RateLimit, describe_validation_error, describe_yaml_error
 
 __all__ = [
     "KeyBudget",
     "KeyEntry",
     "KeyRing",
     "bearer",
-    "channel_credentials",
-    "channel_options",
+    "file_signature",
     "key_digest",
     "peer_names",
-    "server_credentials",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,11 +85,11 @@ def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
 
 
 def peer_names(auth_context: Mapping[str, Sequence[bytes]] | None) -> list[str]:
-    """The names a TLS client's certificate carries: its CN, then its SANs (DNS, URI, ...)."""
+    """The names a TLS client's certificate proves: its CN, then its URI SANs (a SPIFFE id).
+    Other SANs (DNS names, addresses, e-mail) name hosts and mailboxes, not callers."""
     if not auth_context:
         return []
-    names = [*auth_context.get("x509_common_name", ())]
-    names += auth_context.get("x509_subject_alternative_name", ())
+    names = [*auth_context.get("x509_common_name", ()), *auth_context.get("peer_uri", ())]
     return [n.decode(errors="replace") for n in names]
 
 
@@ -151,9 +146,9 @@ class _KeysFile(BaseModel):
     @model_validator(mode="after")
     def _unique(self) -> _KeysFile:
         for field in ("name", "key_sha256", "subject"):
-            values = [getattr(k, field) for k in self.keys if getattr(k, field) is not None]
-            if len(values) != len(set(values)):
-                twice = sorted({v for v in values if values.count(v) > 1})
+            counts = Counter(getattr(k, field) for k in self.keys if getattr(k, field) is not None)
+            twice = sorted(v for v, n in counts.items() if n > 1)
+            if twice:
                 shown = twice if field != "key_sha256" else [f"{v[:8]}..." for v in twice]
                 raise ValueError(f"keys: {field} given twice: {shown}")
         # A rate limit or budget is its tenant's: the keys of one tenant must agree on it.
@@ -170,7 +165,7 @@ class _KeysFile(BaseModel):
         return self
 
 
-def _signature(paths: Sequence[Path | None]) -> tuple[tuple[int, int, int], ...]:
+def file_signature(paths: Sequence[Path | None]) -> tuple[tuple[int, int, int], ...]:
     """What changes when any of ``paths`` is rewritten or replaced."""
     out = []
     for path in paths:
@@ -185,9 +180,10 @@ def _signature(paths: Sequence[Path | None]) -> tuple[tuple[int, int, int], ...]
 
 
 class KeyRing:
-    """The keys file, looked up by presented key or certificate subject, and read again
-    (at most every ``interval_s``) when it changes. A file that no longer reads or
-    validates keeps the keys loaded before it; ``on_reload`` hears "loaded" or "failed";
+    """The keys file, looked up by presented key or certificate names, and read again (at
+    most every ``interval_s``) when it changes: off the event loop when one runs, the keys
+    loaded before serving meanwhile. A file that no longer reads, validates, or holds
+    anything keeps the keys loaded before; ``on_reload`` hears "loaded" or "failed";
     ``on_change`` gets the new entries after each good reload."""
 
     def __init__(
@@ -204,8 +200,12 @@ class KeyRing:
         self._on_reload = on_reload
         self._clock = clock
         self.on_change: list[Callable[[tuple[KeyEntry, ...]], None]] = []
-        self._signature = _signature([path])
-        self._install(self._read())
+        self._signature = file_signature([path])
+        self._reloading = False
+        entries = self._read()
+        if isinstance(entries, SettingsError):
+            raise entries
+        self._install(entries)
         self._next_check = clock() + interval_s
 
     @property
@@ -213,25 +213,26 @@ class KeyRing:
         self.refresh()
         return self._entries
 
-    def _read(self) -> tuple[KeyEntry, ...]:
+    def _read(self) -> tuple[KeyEntry, ...] | SettingsError:
+        """The file's entries, or why they cannot be had (returned: this runs in a thread)."""
+        where, path = self._where, self._path
         try:
-            with self._path.open("rb") as handle:
+            with path.open("rb") as handle:
                 raw = handle.read(MAX_KEYS_FILE_BYTES + 1)
         except OSError as err:
-            raise SettingsError(
-                f"{self._where}: cannot read {self._path}: {err.strerror}"
-            ) from None
+            return SettingsError(f"{where}: cannot read {path}: {err.strerror}")
         if len(raw) > MAX_KEYS_FILE_BYTES:
-            raise SettingsError(f"{self._where}: {self._path} is over {MAX_KEYS_FILE_BYTES} bytes")
+            return SettingsError(f"{where}: {path} is over {MAX_KEYS_FILE_BYTES} bytes")
         try:
-            tree = yaml.safe_load(raw) or {}
-            return _KeysFile.model_validate(tree).keys
+            tree = yaml.load(raw, Loader=_Loader)
         except yaml.YAMLError as err:
-            raise SettingsError(f"{self._where}: {self._path} is not valid YAML: {err}") from None
+            return SettingsError(f"{where}: {path}: {describe_yaml_error(err)}")
+        if tree is None:  # empty, or caught half written: never read as "no one may call"
+            return SettingsError(f"{where}: {path} is empty (to admit no one: `keys: []`)")
+        try:
+            return _KeysFile.model_validate(tree).keys
         except ValidationError as err:
-            raise SettingsError(
-                describe_validation_error(err, f"{self._where} ({self._path})")
-            ) from None
+            return SettingsError(describe_validation_error(err, f"{where} ({path})"))
 
     def _install(self, entries: tuple[KeyEntry, ...]) -> None:
         self._entries = entries
@@ -241,17 +242,26 @@ class KeyRing:
     def refresh(self) -> None:
         """Read the file again if it changed (checked at most every ``interval_s``)."""
         now = self._clock()
-        if now < self._next_check:
+        if now < self._next_check or self._reloading:
             return
         self._next_check = now + self._interval_s
-        signature = _signature([self._path])
+        signature = file_signature([self._path])
         if signature == self._signature:
             return
         self._signature = signature
         try:
-            entries = self._read()
-        except SettingsError as err:
-            log.error("%s: keeping the keys loaded before: %s", self._where, err)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._reloaded(self._read())
+            return
+        self._reloading = True
+        reading = loop.run_in_executor(None, self._read)
+        reading.add_done_callback(lambda done: self._reloaded(done.result()))
+
+    def _reloaded(self, entries: tuple[KeyEntry, ...] | SettingsError) -> None:
+        self._reloading = False
+        if isinstance(entries, SettingsError):
+            log.error("%s: keeping the keys loaded before: %s", self._where, entries)
             if self._on_reload is not None:
                 self._on_reload("failed")
             return
@@ -260,93 +270,49 @@ class KeyRing:
         if self._on_reload is not None:
             self._on_reload("loaded")
         for listener in self.on_change:
-            listener(entries)
+            try:
+                listener(entries)
+            except Exception:  # one listener's failure must not stop the others
+                log.exception("%s: applying the reloaded keys failed", self._where)
 
     def by_key(self, presented: str) -> KeyEntry | None:
         """The entry of a presented key; None when no entry has it."""
         if len(presented) > MAX_CREDENTIAL_CHARS:
             return None
         self.refresh()
-        digest = key_digest(presented)
-        entry = self._by_digest.get(digest)
-        if entry is None or entry.key_sha256 is None:
-            return None
-        return entry if hmac.compare_digest(entry.key_sha256, digest) else None
+        return self._by_digest.get(key_digest(presented))
 
     def by_subject(self, names: Sequence[str]) -> KeyEntry | None:
-        """The entry of the first of a certificate's names (CN, then SANs) the file lists."""
+        """The entry of the first of a certificate's names (CN, then URI SANs) the file lists."""
         self.refresh()
         for name in names:
             if (entry := self._by_subject.get(name)) is not None:
                 return entry
         return None
 
-
-# --- TLS ---------------------------------------------------------------------------------------
-
-
-def _read_pem(path: Path, where: str, marker: bytes) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise SettingsError(f"{where}: cannot read {path}: {err.strerror}") from None
-    if b"-----BEGIN " not in data or marker not in data:
-        raise SettingsError(f"{where}: {path} holds no PEM {marker.decode().strip('- ')}")
-    return data
-
-
-def _server_config(tls: TlsSettings, where: str) -> object:
-    assert tls.cert_file is not None and tls.key_file is not None
-    cert = _read_pem(tls.cert_file, f"{where}.cert_file", b"CERTIFICATE-----")
-    key = _read_pem(tls.key_file, f"{where}.key_file", b"PRIVATE KEY-----")
-    ca = (
-        _read_pem(tls.client_ca_file, f"{where}.client_ca_file", b"CERTIFICATE-----")
-        if tls.client_ca_file is not None
-        else None
-    )
-    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+    def admit(
+        self, key: str | None = None, names: Sequence[str] | None = None, *, now: dt.datetime
+    ) -> KeyEntry:
+        """The entry of a presented ``key`` (or of a certificate's ``names``), valid at
+        ``now``; Unauthenticated otherwise, its ``reason`` missing, unknown or expired."""
+        by_key = names is None
+        if not (key if by_key else names):
+            what = (
+                "a key: metadata 'authorization: Bearer <key>' or 'x-api-key: <key>'"
+                if by_key
+                else "a client certificate"
+            )
+            raise Unauthenticated(f"this service needs {what}", reason="missing")
+        entry = self.by_key(key) if key is not None else self.by_subject(names or ())
+        if entry is None:
+            what = "key" if by_key else "client certificate"
+            raise Unauthenticated(f"unknown {what}", reason="unknown")
+        if entry.expired(now):
+            raise Unauthenticated(
+                f"the credential '{entry.name}' has expired", reason="expired", actor=entry.name
+            )
+        return entry
 
 
-def server_credentials(tls: TlsSettings, where: str) -> grpc.ServerCredentials:
-    """TLS (mTLS with ``client_ca_file``) for a server port; ``where`` names the settings
-    section in errors. The files are checked at each new handshake and read again once they
-    change; a set that no longer reads keeps the one before (logged)."""
-    files = [tls.cert_file, tls.key_file, tls.client_ca_file]
-    initial = _server_config(tls, where)
-    seen = {"signature": _signature(files)}
-
-    def fetch() -> object | None:
-        signature = _signature(files)
-        if signature == seen["signature"]:
-            return None
-        seen["signature"] = signature
-        try:
-            config = _server_config(tls, where)
-        except SettingsError as err:
-            log.error("%s: keeping the certificate loaded before: %s", where, err)
-            return None
-        log.info("%s: certificate files changed; new handshakes use them", where)
-        return config
-
-    return grpc.dynamic_ssl_server_credentials(
-        initial, fetch, require_client_authentication=tls.client_ca_file is not None
-    )
-
-
-def channel_credentials(tls: ClientTlsSettings, where: str) -> grpc.ChannelCredentials:
-    """TLS for a channel: the server must present a certificate ``ca_file`` signed; with
-    ``cert_file``, this side presents its own (mTLS). Read at each call (each connection)."""
-    assert tls.ca_file is not None
-    ca = _read_pem(tls.ca_file, f"{where}.ca_file", b"CERTIFICATE-----")
-    cert = key = None
-    if tls.cert_file is not None and tls.key_file is not None:
-        cert = _read_pem(tls.cert_file, f"{where}.cert_file", b"CERTIFICATE-----")
-        key = _read_pem(tls.key_file, f"{where}.key_file", b"PRIVATE KEY-----")
-    return grpc.ssl_channel_credentials(ca, key, cert)
-
-
-def channel_options(tls: ClientTlsSettings) -> list[tuple[str, str]]:
-    """Channel options a TLS channel needs (the name to verify, when not the host's)."""
-    if tls.server_name:
-        return [("grpc.ssl_target_name_override", tls.server_name)]
-    return []
+# libyaml's safe loader where PyYAML was built with it: a large keys file parses ~10x faster.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
