@@ -253,10 +253,12 @@ class GatewayProcess:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """What gateways make on first use in the user's state directory (the events hash key)
     lands in the session's temporary directory, never in the real home."""
-    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+        yield
 
 
 @pytest.fixture(scope="session")
