@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import ModelLoadError, SettingsError
 
 if TYPE_CHECKING:
-    from gateway.evaluation.client import SidecarCredentials
+    from gateway.auth import ClientCredentials
 
 __all__ = ["main"]
 
@@ -156,9 +156,9 @@ def _sidecar_client() -> argparse.ArgumentParser:
     return client
 
 
-def _credentials(args: argparse.Namespace) -> SidecarCredentials:
+def _credentials(args: argparse.Namespace) -> ClientCredentials:
     """What the command presents to the sidecar, from its options and the environment."""
-    from gateway.evaluation.client import SidecarCredentials
+    from gateway.auth import ClientCredentials
     from gateway.settings import ClientTlsSettings, read_secret
 
     if args.token_file is not None:
@@ -178,7 +178,7 @@ def _credentials(args: argparse.Namespace) -> SidecarCredentials:
         key_file=args.key_file,
         server_name=args.server_name,
     )
-    return SidecarCredentials(token, tls)
+    return ClientCredentials(token, tls)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

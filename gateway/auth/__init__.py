@@ -3,6 +3,7 @@ the audit log of admin actions. Shared by the gateway and the evaluation sidecar
 
 from gateway.auth.access import ADMIN_TOKEN, ANONYMOUS, Gatekeeper, Principal, current_principal
 from gateway.auth.audit import AuditLog
+from gateway.auth.bearer import ClientCredentials, bearer_metadata
 from gateway.auth.keys import KeyEntry, KeyRing, bearer, key_digest, peer_names
 from gateway.auth.tls import channel_credentials, channel_options, server_credentials
 
@@ -10,11 +11,13 @@ __all__ = [
     "ADMIN_TOKEN",
     "ANONYMOUS",
     "AuditLog",
+    "ClientCredentials",
     "Gatekeeper",
     "KeyEntry",
     "KeyRing",
     "Principal",
     "bearer",
+    "bearer_metadata",
     "channel_credentials",
     "channel_options",
     "current_principal",

@@ -1,14 +1,12 @@
 """Command-line clients of the sidecar: ``gateway labels FILE``, ``gateway export MODEL``,
-``gateway report MODEL``, ``gateway verdict MODEL``; each presents ``SidecarCredentials``."""
+``gateway report MODEL``, ``gateway verdict MODEL``; each presents ``ClientCredentials``."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -16,15 +14,12 @@ import pyarrow.parquet as pq
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
-from gateway.auth import channel_credentials, channel_options
-from gateway.errors import SettingsError
+from gateway.auth import ClientCredentials
 from gateway.evaluation.page import format_number as _num
-from gateway.settings import ClientTlsSettings
 from gateway.tables import format_table
 
 __all__ = [
     "LabelFileError",
-    "SidecarCredentials",
     "export",
     "fetch_report",
     "fetch_verdict",
@@ -36,32 +31,7 @@ __all__ = [
 _CHUNK = 10_000  # labels per PutLabels call
 
 
-@dataclass(frozen=True)
-class SidecarCredentials:
-    """What a client presents to the sidecar: a key (``authorization: Bearer``) and TLS
-    (``tls.ca_file`` verifies the sidecar; ``tls.cert_file`` makes it mTLS). The default
-    presents nothing, for a sidecar with ``evaluation.auth.mode: none`` and no TLS."""
-
-    token: str | None = field(default=None, repr=False)
-    tls: ClientTlsSettings = field(default_factory=ClientTlsSettings)
-
-    def __post_init__(self) -> None:
-        if self.token is not None and not (self.token.isascii() and self.token.isprintable()):
-            raise SettingsError("the sidecar key: a header carries printable ASCII only")
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
-    def channel(self, address: str) -> grpc.Channel:
-        """A channel to ``address``; its TLS files are read now (SettingsError naming them)."""
-        if not self.tls.enabled:
-            return grpc.insecure_channel(address)
-        credentials = channel_credentials(self.tls, "sidecar")
-        return grpc.secure_channel(address, credentials, options=channel_options(self.tls))
-
-
-_OPEN = SidecarCredentials()
+_OPEN = ClientCredentials()  # for a sidecar with evaluation.auth.mode none, without TLS
 
 
 class LabelFileError(ValueError):
@@ -111,11 +81,11 @@ def send_labels(
     address: str,
     labels: list[ev.Label],
     window_s: int = 0,
-    credentials: SidecarCredentials = _OPEN,
+    credentials: ClientCredentials = _OPEN,
 ) -> tuple[int, int]:
     """PutLabels in chunks; returns (joined, unmatched)."""
     joined = unmatched = 0
-    with credentials.channel(address) as channel:
+    with credentials.channel(address, "sidecar") as channel:
         stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
         for start in range(0, len(labels), _CHUNK):
             reply = stub.PutLabels(
@@ -132,7 +102,7 @@ def export(
     address: str,
     request: ev.ExportRequest,
     out: Path,
-    credentials: SidecarCredentials = _OPEN,
+    credentials: ClientCredentials = _OPEN,
 ) -> int:
     """Stream the Parquet file from the sidecar (ExportFile) into ``out``; the rows it holds.
 
@@ -141,7 +111,7 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     aside = out.with_name(out.name + ".part")
     rows = 0
-    with credentials.channel(address) as channel:
+    with credentials.channel(address, "sidecar") as channel:
         stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             with aside.open("wb") as handle:
@@ -158,9 +128,9 @@ def fetch_report(
     address: str,
     model: str,
     window_s: int = 0,
-    credentials: SidecarCredentials = _OPEN,
+    credentials: ClientCredentials = _OPEN,
 ) -> dict[str, Any]:
-    with credentials.channel(address) as channel:
+    with credentials.channel(address, "sidecar") as channel:
         stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
         reply = stub.Report(
             ev.ReportRequest(model=model, window_s=window_s),
@@ -175,9 +145,9 @@ def fetch_verdict(
     address: str,
     model: str,
     candidate: str = "",
-    credentials: SidecarCredentials = _OPEN,
+    credentials: ClientCredentials = _OPEN,
 ) -> ev.VerdictResponse:
-    with credentials.channel(address) as channel:
+    with credentials.channel(address, "sidecar") as channel:
         stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
         reply: ev.VerdictResponse = stub.Verdict(
             ev.VerdictRequest(model=model, candidate=candidate),

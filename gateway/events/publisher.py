@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from gateway.api.v1 import events_pb2 as ev
-from gateway.auth import channel_credentials, channel_options
+from gateway.auth import bearer_metadata, channel_credentials, channel_options
 from gateway.errors import SettingsError
 from gateway.events.wal import Record, WriteAheadLog
 from gateway.settings import ClientTlsSettings
@@ -61,9 +61,7 @@ class Publisher:
         self._tls = tls if tls is not None and tls.enabled else None
         if self._tls is not None:
             channel_credentials(self._tls, "events.tls")  # bad files fail at start-up
-        if token is not None and not (token.isascii() and token.isprintable()):
-            raise SettingsError("events.token: a header carries printable ASCII only")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer_metadata(token, "events.token")
         self._failure = ""  # the kind of failure since the stream was last open
         self._wal = wal
         self._metrics = metrics
