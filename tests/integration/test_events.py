@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -21,7 +21,11 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.demo import synthetic_transactions
+from tests.auth import wait_until
 from tests.conftest import DEMO_WIDTH, GatewayProcess, SidecarProcess, demo_features, free_port
+
+# NOTE: the name test_events_durability and test_sidecar_memory import it by, from here.
+wait_for = wait_until
 
 
 def events_args(sidecar_port: int, directory: Path) -> tuple[str, ...]:
@@ -54,13 +58,6 @@ def send(gateway: GatewayProcess, ids: Iterable[str], threads: int = 8) -> list[
         return [i for done in pool.map(one, chunks) for i in done]
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def acked_all(gateway: GatewayProcess) -> bool:
     """Nothing waits in memory or on disk: every event is acknowledged (or was dropped)."""
     return (
@@ -86,13 +83,13 @@ def test_events_arrive_exactly_once_across_a_sidecar_kill(
     ids = [f"req-{i}" for i in range(900)]
     with ThreadPoolExecutor(1) as load:
         running = load.submit(send, gateway, ids)
-        wait_for(lambda: gateway.metric("gateway_events_total", outcome="acked") > 100, "acks")
+        wait_until(lambda: gateway.metric("gateway_events_total", outcome="acked") > 100, "acks")
         sidecar.stop(signal.SIGKILL)  # mid-load, batches in flight
         time.sleep(0.5)
         sidecar = start_sidecar(store, port)
         answered = running.result()
     assert sorted(answered) == sorted(ids)  # the outage never failed a prediction
-    wait_for(lambda: acked_all(gateway), "every event acknowledged")
+    wait_until(lambda: acked_all(gateway), "every event acknowledged")
     rows = stored(sidecar)
     assert len(rows) == len(ids)
     assert sorted(r[0] for r in rows) == sorted(ids)
@@ -106,15 +103,16 @@ def test_events_in_the_log_survive_a_gateway_kill(
     port, store, log_dir = free_port(), tmp_path / "store", tmp_path / "events"
     first = start_gateway(demo_repo, *events_args(port, log_dir))  # no sidecar yet
     send(first, [f"a-{i}" for i in range(150)])
-    wait_for(
-        lambda: first.metric("gateway_events_total", outcome="written") == 150, "events on disk"
+    wait_until(
+        lambda: first.metric("gateway_events_total", outcome="written") == 150,
+        "events on disk",
     )
     first.stop(signal.SIGKILL)
     sidecar = start_sidecar(store, port)
     second = start_gateway(demo_repo, *events_args(port, log_dir))
     send(second, [f"b-{i}" for i in range(50)])
-    wait_for(lambda: second.metric("gateway_events_backlog", where="disk") == 0, "replay")
-    wait_for(lambda: acked_all(second), "every event acknowledged")
+    wait_until(lambda: second.metric("gateway_events_backlog", where="disk") == 0, "replay")
+    wait_until(lambda: acked_all(second), "every event acknowledged")
     ids = sorted(r[0] for r in stored(sidecar))
     assert ids == sorted([f"a-{i}" for i in range(150)] + [f"b-{i}" for i in range(50)])
     assert "not yet acknowledged, recovered from" in second.stderr()
@@ -145,10 +143,10 @@ def test_at_the_disk_bound_shed_refuses_predictions_until_the_sidecar_catches_up
     assert gateway.metric("gateway_events_total", outcome="shed") >= 1
     assert gateway.metric("gateway_events_log_bytes") <= 40000 + 8000
     sidecar = start_sidecar(store, port)
-    wait_for(lambda: acked_all(gateway), "the backlog acknowledged")
+    wait_until(lambda: acked_all(gateway), "the backlog acknowledged")
     client.infer("fraud", dense_inputs(2), request_id="after")  # serving again
     answered.append("after")
-    wait_for(lambda: acked_all(gateway), "the last event acknowledged")
+    wait_until(lambda: acked_all(gateway), "the last event acknowledged")
     client.close()
     assert sorted(r[0] for r in stored(sidecar)) == sorted(answered)  # none accepted was lost
 
@@ -169,7 +167,7 @@ def test_at_the_disk_bound_drop_oldest_keeps_serving_and_counts_the_loss(
     for request_id in ids:
         client.infer("fraud", dense_inputs(2), request_id=request_id)
     client.close()
-    wait_for(
+    wait_until(
         lambda: gateway.metric("gateway_events_total", outcome="written") == len(ids),
         "every event written (the dropped ones before they were dropped)",
     )
@@ -177,7 +175,7 @@ def test_at_the_disk_bound_drop_oldest_keeps_serving_and_counts_the_loss(
     assert dropped > 0
     assert "dropped the" in gateway.stderr() and "oldest unacknowledged events" in gateway.stderr()
     sidecar = start_sidecar(store, port)
-    wait_for(lambda: acked_all(gateway), "what is left acknowledged")
+    wait_until(lambda: acked_all(gateway), "what is left acknowledged")
     kept = sorted(r[0] for r in stored(sidecar))
     assert len(kept) == len(ids) - dropped
     assert kept == ids[len(ids) - len(kept) :]  # the oldest went, the newest stayed
@@ -230,7 +228,7 @@ def test_an_event_carries_features_segments_and_outputs_with_sensitive_values_ha
     request_id = result.get_response().parameters["request_id"].string_param
     assert request_id
     client.close()
-    wait_for(lambda: acked_all(gateway), "the event acknowledged")
+    wait_until(lambda: acked_all(gateway), "the event acknowledged")
     assert sidecar.stop() == 0
     with duckdb.connect(str(sidecar.store / "events.duckdb"), read_only=True) as db:
         row = db.execute(
@@ -268,7 +266,7 @@ def test_serve_with_sidecar_runs_the_whole_loop_from_one_command(
     gateway = start_gateway(demo_repo, "--with-sidecar", str(store), *events)
     assert f"sidecar ready grpc=127.0.0.1:{port}" in gateway.stderr()
     assert send(gateway, [f"one-{i}" for i in range(20)], threads=2)
-    wait_for(lambda: acked_all(gateway), "every event acknowledged")
+    wait_until(lambda: acked_all(gateway), "every event acknowledged")
     command = [sys.executable, "-m", "gateway", "report", "fraud", "--json"]
     command += ["--sidecar", f"127.0.0.1:{port}"]
     report = subprocess.run(command, capture_output=True, text=True, timeout=60)

@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.demo import synthetic_transactions
 from gateway.features import redact
 from gateway.server.admin_client import AdminClient
+from tests.auth import wait_until
 from tests.conftest import GatewayProcess, SidecarProcess, free_port
 
 ADMIN_TOKEN = "admin-token-5b1f0c7e9d2a"
@@ -36,13 +36,6 @@ EVENTS_TOKEN = "events-token-7c3e1a9b5d"
 WRONG_TOKEN = "wrong-token-e4d2c0b8a6"  # what a client sent: not echoed either
 SENSITIVE = "ZZ-sensitive-3f9a1c"  # a value of the demo's sensitive feature, country
 SECRETS = (ADMIN_TOKEN, HASH_KEY, EVENTS_TOKEN, WRONG_TOKEN, SENSITIVE)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def transactions(rows: int, country: str) -> list[triton_grpc.InferInput]:
@@ -153,7 +146,7 @@ def test_the_hash_key_lives_apart_from_the_log_and_survives_a_restart(
     def serve_one(request_id: str, env: dict[str, str]) -> None:
         gateway = start_gateway(demo_repo, *events_args(port, log_dir), env=env)
         infer(gateway, request_id)
-        wait_for(lambda: acked_all(gateway), "the event acknowledged")
+        wait_until(lambda: acked_all(gateway), "the event acknowledged")
         assert gateway.stop() == 0
 
     serve_one("first-run", {"XDG_STATE_HOME": str(state)})
@@ -208,7 +201,7 @@ def test_no_secret_reaches_a_log_metric_trace_store_or_help_text(
     with pytest.raises(InferenceServerException):  # a token where none is wanted, a bad model
         client.infer("no-such-model", transactions(1, "NG"), headers={"x-api-key": ADMIN_TOKEN})
     client.close()
-    wait_for(lambda: acked_all(gateway), "every event acknowledged")
+    wait_until(lambda: acked_all(gateway), "every event acknowledged")
 
     served = [urllib.request.urlopen(f"http://{gateway.metrics_url}/metrics").read()]
     served.append(urllib.request.urlopen(f"http://{sidecar.metrics_url}/metrics").read())

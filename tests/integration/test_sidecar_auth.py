@@ -16,7 +16,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +34,7 @@ from gateway.events.publisher import Publisher
 from gateway.events.wal import WriteAheadLog
 from gateway.settings import ClientTlsSettings
 from gateway.telemetry import GatewayMetrics
+from tests.auth import secret_file, wait_until, write_keys
 from tests.certs import Authority, Issued, authority
 from tests.conftest import DEMO_WIDTH, GatewayProcess, SidecarProcess, demo_features, free_port
 
@@ -78,20 +78,6 @@ def entry(name: str, key: str, *roles: str, expires: dt.datetime | None = None) 
     if expires is not None:
         item["expires"] = expires.isoformat()
     return item
-
-
-def write_keys(path: Path, entries: list[dict]) -> Path:
-    """Replace the keys file at once (as an operator should: a new file renamed into place)."""
-    aside = path.with_name(path.name + ".new")
-    aside.write_text(yaml.safe_dump({"keys": entries}))
-    aside.replace(path)
-    return path
-
-
-def secret_file(path: Path, text: str) -> Path:
-    path.write_text(text + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def sidecar_env(keys: Path | None, mode: str = "api_key", **more: str) -> dict[str, str]:
@@ -157,14 +143,6 @@ def refused(thunk: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         thunk()
     return caught.value
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout_s`` (a bound, not a timing)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def succeeds(thunk: Callable[[], object]) -> bool:
@@ -309,16 +287,16 @@ def test_keys_file_edits_take_effect_without_a_restart(start_sidecar, tmp_path: 
     )
 
     write_keys(keys, [entry("first", first, "read"), entry("second", second, "read")])
-    wait_for(lambda: succeeds(lambda: call(stub, "Report", metadata(second))), "a key added")
+    wait_until(lambda: succeeds(lambda: call(stub, "Report", metadata(second))), "a key added")
 
     write_keys(keys, [entry("second", second, "write")])  # first revoked, second's role changed
-    wait_for(lambda: not succeeds(lambda: call(stub, "Report", metadata(first))), "a revocation")
+    wait_until(lambda: not succeeds(lambda: call(stub, "Report", metadata(first))), "a revocation")
     err = refused(lambda: call(stub, "Report", metadata(second)))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert sidecar.metric("sidecar_keys_reloads_total", outcome="loaded") >= 2
 
     keys.write_text("keys: [not, a, mapping")  # broken: the keys before stay in use
-    wait_for(
+    wait_until(
         lambda: (
             succeeds(lambda: call(stub, "PutLabels", metadata(second)))
             and sidecar.metric("sidecar_keys_reloads_total", outcome="failed") >= 1
@@ -483,7 +461,7 @@ async def publish(
     publisher.start()
     publisher.notify()
     try:
-        await asyncio.to_thread(wait_for, lambda: until(wal), "the publisher", timeout_s)
+        await asyncio.to_thread(wait_until, lambda: until(wal), "the publisher", timeout_s)
     finally:
         await publisher.close()
         wal.close()
@@ -562,7 +540,7 @@ def test_a_gateway_streams_its_events_over_tls_once_the_sidecar_takes_its_token(
     gateway = start_gateway(demo_repo, *where, env=env)
     ids = [f"r-{i}" for i in range(50)]
     infer(gateway, ids[:30])
-    wait_for(
+    wait_until(
         lambda: sidecar.metric("sidecar_auth_refused_total", rpc="Publish", reason="unknown") >= 2,
         "the stream refused, and tried again",
     )
@@ -571,7 +549,7 @@ def test_a_gateway_streams_its_events_over_tls_once_the_sidecar_takes_its_token(
     assert gateway.metric("gateway_events_total", outcome="acked") == 0
 
     write_keys(keys, [entry("gateway", token, "publish")])
-    wait_for(lambda: gateway.metric("gateway_events_total", outcome="acked") == 50, "acks")
+    wait_until(lambda: gateway.metric("gateway_events_total", outcome="acked") == 50, "acks")
     assert sidecar.metric("sidecar_events_total", outcome="stored") == 50
     assert gateway.metric("gateway_events_total", outcome="dropped") == 0
     assert token not in gateway.stderr() + sidecar.stderr()
