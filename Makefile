@@ -12,7 +12,7 @@ DEMO := .demo-repo
 PORT ?= 8001
 SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd) $(shell find protos -name '*.proto')
 
-.PHONY: install serve test test-native browser proto native lint bench clean
+.PHONY: install serve test test-native browser services proto native lint bench clean
 
 install: $(STAMP)
 
@@ -38,11 +38,11 @@ serve: $(STAMP) $(DEMO)/fraud/config.yaml
 
 # The whole suite twice, the matrices paired: the native hot loops on the native transport,
 # then their pure-Python twins on grpcio (each transport named, so neither run falls back).
-test: $(STAMP) browser
+test: $(STAMP) browser services
 	GATEWAY_EXPECT_EXTENSIONS=1 GATEWAY_SERVER__TRANSPORT=native $(PY) -m pytest
 	GATEWAY_NO_EXTENSIONS=1 GATEWAY_SERVER__TRANSPORT=grpcio $(PY) -m pytest -q
 
-test-native: $(STAMP) browser
+test-native: $(STAMP) browser services
 	GATEWAY_EXPECT_EXTENSIONS=1 GATEWAY_SERVER__TRANSPORT=native $(PY) -m pytest
 
 # The sidecar's HTML report is checked in Debian's headless Chromium (installed once).
@@ -53,6 +53,14 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    chromium >/dev/null; }
+
+# The shared-state tests start a real Redis (Debian's redis-server, installed once).
+services:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing Debian's redis-server for the shared-state tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    redis-server >/dev/null; }
 
 proto: $(STAMP)
 	$(PY) -c 'import setup; setup.generate_protos()'

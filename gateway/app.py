@@ -35,6 +35,7 @@ from gateway.server.admin import AdminServicer
 from gateway.server.guard import Guard
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Budget, RateLimit, Settings
+from gateway.state import RedisState
 from gateway.telemetry import GatewayMetrics, LoopLag, Tracing
 from gateway.workers import READY_FILE_ENV
 
@@ -69,13 +70,21 @@ class Gateway:
                 settings.events, self.metrics, redact, settings.server.max_message_bytes
             )
         rate_limited = self.metrics.limited.labels("rate")
+        self.state: RedisState | None = None
+        if settings.state.backend == "redis":
+            self.state = RedisState(settings.state)
         self.loop_lag = LoopLag()
         self.pipeline = Pipeline(
             self.repository,
             self.metrics,
             routes=RouteTable(settings.routing.routes, settings.routing.history),
             limiter=RateLimiter(
-                settings.routing.rate_limits, settings.routing.max_tenants, rate_limited.inc
+                settings.routing.rate_limits,
+                settings.routing.max_tenants,
+                rate_limited.inc,
+                shared=self.state.limits if self.state is not None else None,
+                on_error=settings.state.limits_on_error,
+                on_state_error=self.metrics.state_errors.labels("limits").inc,
             ),
             ledger=Ledger(settings.costs, self.metrics),
             cache=ResponseCache(settings.cache, self.metrics) if settings.cache.enabled else None,
@@ -137,6 +146,8 @@ class Gateway:
             self.metrics.native.labels(module=module).set(1 if native else 0)
         if self.events is not None:
             await self.events.start()
+        if self.state is not None:
+            await self.state.start()
         self.loop_lag.start()
         self.metrics.loop_lag.set_function(self.loop_lag)
         if settings.repository.load_at_start:
@@ -255,6 +266,8 @@ class Gateway:
             await self.events.close(grace_s=min(grace, 5.0))
         self._loader.shutdown(wait=True)
         self.audit.close()
+        if self.state is not None:
+            await self.state.close()
         self.metrics.close()
         self.tracing.shutdown()
         log.info("gateway stopped")

@@ -12,6 +12,7 @@
     │   └── BudgetExceeded                       a tenant or surface spent its budget
     ├── DeadlineExceeded    DEADLINE_EXCEEDED    the request's deadline passed
     ├── EventLogFull        UNAVAILABLE          events are at their bound and on_full is shed
+    ├── SharedStateDown     UNAVAILABLE          Redis does not answer and the concern fails closed
     ├── Unauthenticated     UNAUTHENTICATED      no credential, or one the gateway does not know
     ├── PermissionDenied    PERMISSION_DENIED    a known caller asks for what it may not do
     └── RuntimeFailure      INTERNAL             the model runtime failed on valid input
@@ -41,6 +42,7 @@ __all__ = [
     "RateLimited",
     "RuntimeFailure",
     "SettingsError",
+    "SharedStateDown",
     "Unauthenticated",
 ]
 
@@ -89,6 +91,13 @@ class DeadlineExceeded(GatewayError):
 
 class EventLogFull(GatewayError):
     """The prediction event log is at its bound: a prediction now would lose its event."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+class SharedStateDown(GatewayError):
+    """State shared with other replicas (state.backend: redis) cannot be read, and the
+    concern's on_error is fail_closed."""
 
     grpc_status = grpc.StatusCode.UNAVAILABLE
 

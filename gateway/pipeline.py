@@ -82,7 +82,10 @@ class Pipeline:
         """Limits -> route -> attempts (``_serve``) -> account -> record."""
         started = time.perf_counter_ns()
         options = request.options
-        self.limiter.take(options.tenant)
+        if self.limiter.shared is None:
+            self.limiter.take(options.tenant)
+        else:  # the replicas' buckets, in Redis
+            await self.limiter.take_shared(options.tenant)
         degrade = self.ledger.check(options.tenant, options.surface)
         if self._events is not None:
             self._events.admit()

@@ -46,6 +46,7 @@ __all__ = [
     "Settings",
     "ShadowSpec",
     "SidecarAuthSettings",
+    "StateSettings",
     "TelemetrySettings",
     "TlsSettings",
     "VariantSpec",
@@ -730,6 +731,36 @@ class AuditSettings(_Section):
     backups: int = Field(4, ge=0, description="Rotated files kept (path.1 ... path.N).")
 
 
+OnError = Literal["fail_open", "fail_closed"]
+
+
+class StateSettings(_Section):
+    """Where state that replicas share lives: ``memory`` (this process only: the embedded
+    default) or ``redis`` (every replica pointing at one Redis shares it)."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: this process; redis: shared through state.redis_url."
+    )
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="redis://[user:password@]host:port/db (a secret: it may hold a password).",
+    )
+    key_prefix: str = Field(
+        "gateway:", max_length=64, description="Prefix of every key (several gateways, one Redis)."
+    )
+    timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        le=10_000,
+        description="A Redis call that takes longer has failed: its concern's on_error applies.",
+    )
+    limits_on_error: OnError = Field(
+        "fail_open",
+        description="Redis unreachable or slow: fail_open serves the request unlimited (counted "
+        "in gateway_state_errors_total); fail_closed refuses it with UNAVAILABLE.",
+    )
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     repository: RepositorySettings = RepositorySettings()
@@ -744,6 +775,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()
     audit: AuditSettings = AuditSettings()
+    state: StateSettings = StateSettings()
 
     @model_validator(mode="after")
     def _mtls_needs_ca(self) -> Settings:

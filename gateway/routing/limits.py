@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from cachetools import LRUCache
 
-from gateway.errors import Overloaded, RateLimited
-from gateway.settings import RateLimit
+from gateway.errors import Overloaded, RateLimited, SharedStateDown
+from gateway.settings import OnError, RateLimit
+from gateway.state import SharedLimits, StateUnavailable
 
 __all__ = ["ConcurrencyCap", "RateLimiter"]
 
@@ -28,6 +29,10 @@ class RateLimiter:
 
     A tenant with neither is not limited. Buckets are kept for at most ``max_tenants``
     tenants, least recently seen dropped first (a dropped tenant starts again full).
+
+    With ``shared`` (state.backend: redis) the buckets live in Redis, spent by every replica
+    (``take_shared``); when Redis does not answer, ``on_error`` says whether the request goes
+    unlimited (fail_open) or is refused (fail_closed), ``on_state_error`` counts it.
     """
 
     def __init__(
@@ -36,7 +41,13 @@ class RateLimiter:
         max_tenants: int,
         on_limited: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedLimits | None = None,
+        on_error: OnError = "fail_open",
+        on_state_error: Callable[[], None] | None = None,
     ) -> None:
+        self.shared = shared
+        self._on_error = on_error
+        self._on_state_error = on_state_error
         self._configured = dict(limits)
         self._limits = limits
         self._buckets: LRUCache[str, _Bucket] = LRUCache(maxsize=max_tenants)
@@ -49,6 +60,37 @@ class RateLimiter:
         limits set before); a tenant's bucket keeps its level."""
         self._limits = {**self._configured, **limits}
         self.enabled = bool(self._limits)
+
+    async def take_shared(self, tenant: str) -> None:
+        """``take`` on the replicas' shared buckets (one Redis round trip)."""
+        if not self.enabled:
+            return
+        limit = self._limits.get(tenant) or self._limits.get(_ANY)
+        if limit is None:
+            return
+        assert self.shared is not None
+        try:
+            wait_s = await self.shared.take(tenant, limit.rate, limit.burst)
+        except StateUnavailable as err:
+            if self._on_state_error is not None:
+                self._on_state_error()
+            if self._on_error == "fail_closed":
+                raise SharedStateDown(
+                    f"rate limits are kept in Redis, which does not answer ({err}); "
+                    "state.limits_on_error is fail_closed: retry later"
+                ) from None
+            return
+        if wait_s is not None:
+            self._refuse(tenant, limit, wait_s)
+
+    def _refuse(self, tenant: str, limit: RateLimit, retry_s: float) -> None:
+        if self._on_limited is not None:
+            self._on_limited()
+        raise RateLimited(
+            f"tenant '{tenant}' is over its rate limit ({limit.rate:g} requests/s, burst "
+            f"{limit.burst}); retry in {retry_s * 1000:.0f} ms",
+            retry_s,
+        )
 
     def take(self, tenant: str) -> None:
         """Spend one token of ``tenant``'s bucket, or raise RateLimited with when to retry."""
@@ -67,14 +109,7 @@ class RateLimiter:
         if bucket.level >= 1.0:
             bucket.level -= 1.0
             return
-        retry_s = (1.0 - bucket.level) / limit.rate
-        if self._on_limited is not None:
-            self._on_limited()
-        raise RateLimited(
-            f"tenant '{tenant}' is over its rate limit ({limit.rate:g} requests/s, burst "
-            f"{limit.burst}); retry in {retry_s * 1000:.0f} ms",
-            retry_s,
-        )
+        self._refuse(tenant, limit, (1.0 - bucket.level) / limit.rate)
 
 
 class ConcurrencyCap:

@@ -152,6 +152,13 @@ class GatewayMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.state_errors = Counter(
+            "gateway_state_errors",
+            "Calls to the shared state (state.backend: redis) that failed or took longer than "
+            "state.timeout_ms, by concern; each was answered as its on_error says.",
+            ["concern"],
+            registry=self.registry,
+        )
         self.auth_refused = Counter(
             "gateway_auth_refused",
             "Calls refused for their credential, by RPC and reason: missing, unknown, expired, "

@@ -1,0 +1,104 @@
+"""State on Redis: one client (a connection pool) per process, and what each concern keeps
+there. Every call is bounded by ``state.timeout_ms``; a call that fails or takes longer raises
+StateUnavailable, and the caller applies its concern's on_error. The client reconnects by
+itself: a Redis that comes back is used again without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.settings import StateSettings
+
+__all__ = ["RedisState", "SharedLimits", "StateUnavailable"]
+
+log = logging.getLogger(__name__)
+
+# GCRA (a token bucket kept as one timestamp: the "theoretical arrival time" of the next
+# request) evaluated atomically in Redis, on Redis' clock, so every replica spends from one
+# bucket: ``rate`` per second on average, ``burst`` at once. Returns {1, 0} when admitted,
+# {0, ms} with the wait before a request would be. The key expires once the bucket is full
+# again, so an idle tenant costs nothing.
+_GCRA = """
+local now_s = redis.call('TIME')
+local now = tonumber(now_s[1]) * 1000 + tonumber(now_s[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = interval * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local next_tat = tat + interval
+local allowed_at = next_tat - tolerance
+if now < allowed_at then
+  return {0, math.ceil(allowed_at - now)}
+end
+redis.call('SET', KEYS[1], tostring(next_tat), 'PX', math.ceil(next_tat - now) + 1)
+return {1, 0}
+"""
+
+
+class StateUnavailable(Exception):
+    """Redis did not answer (unreachable, refused, or slower than ``state.timeout_ms``)."""
+
+
+class RedisState:
+    def __init__(self, settings: StateSettings) -> None:
+        self.settings = settings
+        timeout_s = settings.timeout_ms / 1000
+        self._timeout_s = timeout_s
+        self.client = aioredis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+        )
+        self.limits = SharedLimits(self)
+
+    def where(self) -> str:
+        """host:port/db, for logs (never the URL: it may hold a password)."""
+        parts = urlsplit(self.settings.redis_url.get_secret_value())
+        return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
+
+    async def start(self) -> None:
+        """Say whether Redis answers; a Redis down at start is not fatal (on_error applies
+        until it answers)."""
+        try:
+            await self.call(self.client.ping())
+            log.info("state: redis at %s", self.where())
+        except StateUnavailable as err:
+            log.warning(
+                "state: redis at %s does not answer (%s); on_error applies", self.where(), err
+            )
+
+    async def call(self, command: object) -> object:
+        """Await a client command within ``state.timeout_ms``; StateUnavailable otherwise."""
+        try:
+            return await asyncio.wait_for(command, self._timeout_s)  # type: ignore[arg-type]
+        except (RedisError, OSError, TimeoutError) as err:
+            raise StateUnavailable(type(err).__name__) from None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class SharedLimits:
+    """Rate-limit buckets in Redis, one per tenant, spent by every replica."""
+
+    def __init__(self, state: RedisState) -> None:
+        self._state = state
+        self._script = state.client.register_script(_GCRA)
+        self._prefix = f"{state.settings.key_prefix}rl:"
+
+    async def take(self, tenant: str, rate: float, burst: int) -> float | None:
+        """Spend one request of ``tenant``'s bucket: None when admitted, else the seconds to
+        wait; StateUnavailable when Redis does not answer."""
+        interval_ms = 1000.0 / rate
+        reply = await self._state.call(
+            self._script(keys=[self._prefix + tenant], args=[interval_ms, burst])
+        )
+        assert isinstance(reply, list) and len(reply) == 2
+        admitted, wait_ms = int(reply[0]), int(reply[1])
+        return None if admitted else wait_ms / 1000

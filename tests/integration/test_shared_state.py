@@ -1,0 +1,107 @@
+"""Replicas sharing state through a real Redis: rate limits spent from one bucket across
+gateways, and what happens while Redis is down (fail open or closed, then recovery)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as triton_grpc
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
+from tests.services import RedisServer
+
+pytestmark = pytest.mark.integration
+
+TENANT = "acme"
+BURST = 6
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+def replica_settings(path: Path, redis: RedisServer, **state: object) -> Path:
+    """A tenant limit of BURST requests (refilled at one per 1,000 s: never within a test)."""
+    settings = {
+        "state": {"backend": "redis", "redis_url": redis.url, "timeout_ms": 200, **state},
+        "routing": {"rate_limits": {TENANT: {"rate": 0.001, "burst": BURST}}},
+        "audit": {"path": None},
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def outcome(client: triton_grpc.InferenceServerClient) -> str:
+    tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
+    tensor.set_data_from_numpy(demo_features(1))
+    try:
+        client.infer("fraud", [tensor], parameters={"tenant": TENANT}, client_timeout=10)
+    except InferenceServerException as err:
+        return str(err.status()).removeprefix("StatusCode.")
+    return "OK"
+
+
+def test_two_replicas_spend_one_bucket(demo_repo: Path, start_gateway, redis_server, tmp_path):
+    config = replica_settings(tmp_path / "gateway.yaml", redis_server)
+    replicas: list[GatewayProcess] = [
+        start_gateway(demo_repo, "--config", str(config)) for _ in range(2)
+    ]
+    clients = [r.client() for r in replicas]
+    outcomes = [outcome(clients[i % 2]) for i in range(2 * BURST)]
+    # Each replica alone would admit BURST: together they admit BURST, not twice that.
+    assert outcomes.count("OK") == BURST, outcomes
+    assert set(outcomes[BURST:]) == {"RESOURCE_EXHAUSTED"}
+    assert all(r.metric("gateway_limited_total", reason="rate") > 0 for r in replicas)
+    for client in clients:
+        client.close()
+
+
+def test_redis_down_fails_open_by_default_and_recovers(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    proc = start_gateway(
+        demo_repo, "--config", str(replica_settings(tmp_path / "g.yaml", redis_server))
+    )
+    with proc.client() as client:
+        assert [outcome(client) for _ in range(BURST + 1)][-1] == "RESOURCE_EXHAUSTED"
+        redis_server.stop(signal.SIGKILL)
+        # Down: served, unlimited, each within the request's time, and counted.
+        started = time.monotonic()
+        assert [outcome(client) for _ in range(10)] == ["OK"] * 10
+        assert time.monotonic() - started < 10
+        assert proc.metric("gateway_state_errors_total", concern="limits") >= 10
+        # Back (empty, as a restarted Redis without persistence is): the limit holds again,
+        # without a gateway restart.
+        redis_server.start()
+        deadline = time.monotonic() + 20
+        while (first := outcome(client)) != "OK" or proc.metric(
+            "gateway_state_errors_total", concern="limits"
+        ) == 0:
+            assert time.monotonic() < deadline, first
+        outcomes = [outcome(client) for _ in range(BURST + 2)]
+        assert outcomes.count("OK") <= BURST and outcomes[-1] == "RESOURCE_EXHAUSTED", outcomes
+
+
+def test_redis_down_fails_closed_when_asked(demo_repo: Path, start_gateway, redis_server, tmp_path):
+    config = replica_settings(tmp_path / "g.yaml", redis_server, limits_on_error="fail_closed")
+    proc = start_gateway(demo_repo, "--config", str(config))
+    with proc.client() as client:
+        assert outcome(client) == "OK"
+        redis_server.stop(signal.SIGKILL)
+        started = time.monotonic()
+        assert [outcome(client) for _ in range(5)] == ["UNAVAILABLE"] * 5
+        assert time.monotonic() - started < 10
+        redis_server.start()
+        deadline = time.monotonic() + 20
+        while outcome(client) != "OK":
+            assert time.monotonic() < deadline, "never recovered"
+    assert "redis" in proc.stderr().lower() and redis_server.url not in proc.stderr()
