@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gateway.errors import ModelLoadError, SettingsError
 
@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 DEFAULT_SIDECAR = "127.0.0.1:8005"
 DEFAULT_GATEWAY = "127.0.0.1:8001"
-TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
+ADMIN_TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 SIDECAR_TOKEN_ENV = "GATEWAY_SIDECAR_TOKEN"
 _GROUPS = ("tenant", "route", "variant", "surface")
 
@@ -66,7 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--config", type=Path, help="settings YAML (its evaluation section)")
     sidecar.add_argument("--http-port", type=int, help="HTML reports (evaluation.http_port)")
 
-    client = _sidecar_client()
+    client = _client_options(
+        "sidecar",
+        "--sidecar",
+        DEFAULT_SIDECAR,
+        SIDECAR_TOKEN_ENV,
+        "a sidecar key with the command's role: read for report, verdict and export, write "
+        "for labels",
+    )
     report = commands.add_parser(
         "report", parents=[client], help="print a model's evaluation report"
     )
@@ -103,9 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
     export.add_argument("--until", help="window end, ISO 8601, exclusive (default: now)")
 
-    admin = argparse.ArgumentParser(add_help=False)
-    admin.add_argument("--url", default=DEFAULT_GATEWAY, help="the gateway's HOST:PORT")
-    admin.add_argument("--token", help=f"admin bearer token (default: ${TOKEN_ENV})")
+    admin = _client_options(
+        "gateway",
+        "--url",
+        DEFAULT_GATEWAY,
+        ADMIN_TOKEN_ENV,
+        "the gateway's admin.token, or a key with admin rights",
+    )
     routes = commands.add_parser("routes", parents=[admin], help="print or set the route table")
     routes.add_argument("--set", type=Path, metavar="FILE", help="replace it with FILE (YAML)")
     promote = commands.add_parser(
@@ -134,39 +145,70 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sidecar_client() -> argparse.ArgumentParser:
-    """The options of every command that calls the sidecar: where, and what it presents."""
+def _client_options(
+    peer: str, address_flag: str, address: str, token_env: str, key: str
+) -> argparse.ArgumentParser:
+    """The options of every command that calls ``peer`` (the gateway, the sidecar): where it
+    is, the key to present (``key`` says which) and TLS. No option takes a secret itself:
+    command lines show in ``ps`` and shell histories."""
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--sidecar", default=DEFAULT_SIDECAR, help="the sidecar's HOST:PORT")
+    client.add_argument(
+        address_flag,
+        dest="address",
+        default=address,
+        metavar="HOST:PORT",
+        help=f"the {peer}'s address (default: {address})",
+    )
     client.add_argument(
         "--token-file",
         type=Path,
         metavar="FILE",
-        help=f"file (mode 0600) holding a sidecar key with the command's role: read for report, "
-        f"verdict and export, write for labels (default: ${SIDECAR_TOKEN_ENV})",
+        help=f"file (mode 0600) holding {key} (default: ${token_env})",
     )
     client.add_argument(
-        "--ca-file", type=Path, metavar="FILE", help="TLS: the CA the sidecar's certificate is from"
+        "--ca-file", type=Path, metavar="FILE", help=f"TLS: the CA the {peer}'s certificate is from"
     )
     client.add_argument("--cert-file", type=Path, metavar="FILE", help="mTLS: this certificate")
     client.add_argument("--key-file", type=Path, metavar="FILE", help="mTLS: its private key")
     client.add_argument(
-        "--server-name", help="TLS: the name to verify the sidecar's certificate against"
+        "--server-name", help=f"TLS: the name to verify the {peer}'s certificate against"
     )
+    # NOTE: without this, argparse would take `--token KEY` (the flag this once had) as an
+    # abbreviation of --token-file, and name the key in its "cannot read" error.
+    client.add_argument("--token", action=_KeyOnCommandLine, help=argparse.SUPPRESS)
+    client.set_defaults(peer=peer, token_env=token_env)
     return client
 
 
+class _KeyOnCommandLine(argparse.Action):
+    """Refuses a key given as a flag, without repeating it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        parser.error(
+            f"{option_string} is not an option: a key on the command line shows in ps and "
+            f"shell history; give --token-file FILE (mode 0600) or ${namespace.token_env}"
+        )
+
+
 def _credentials(args: argparse.Namespace) -> ClientCredentials:
-    """What the command presents to the sidecar, from its options and the environment."""
-    from gateway.auth import ClientCredentials
+    """What the command presents, from the options of ``_client_options`` and the environment."""
+    from gateway.auth import ClientCredentials, bearer_metadata
     from gateway.settings import ClientTlsSettings, read_secret
 
     if args.token_file is not None:
         token = read_secret(None, args.token_file, "--token-file")
         if token is None:
             raise SettingsError(f"--token-file: {args.token_file} is empty")
+        bearer_metadata(token, "--token-file")
     else:
-        token = os.environ.get(SIDECAR_TOKEN_ENV, "").strip() or None
+        token = os.environ.get(args.token_env, "").strip() or None
+        bearer_metadata(token, f"${args.token_env}")
     if (args.cert_file is None) != (args.key_file is None):
         raise SettingsError("--cert-file and --key-file go together")
     for flag, value in (("--cert-file", args.cert_file), ("--server-name", args.server_name)):
@@ -282,7 +324,7 @@ def _labels(args: argparse.Namespace) -> int:
     except LabelFileError as err:
         print(f"gateway: error: {err}", file=sys.stderr)
         return 2
-    joined, unmatched = send_labels(args.sidecar, labels, args.window_s, _credentials(args))
+    joined, unmatched = send_labels(args.address, labels, args.window_s, _credentials(args))
     print(f"{len(labels)} labels sent: {joined} joined a prediction, {unmatched} wait for theirs")
     return 0
 
@@ -293,7 +335,7 @@ def _export(args: argparse.Namespace) -> int:
 
     out = args.out.resolve()
     rows = export(
-        args.sidecar,
+        args.address,
         ev.ExportRequest(
             model=args.model,
             version=args.version,
@@ -311,7 +353,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from gateway.evaluation.client import fetch_report, format_report
 
-    report = fetch_report(args.sidecar, args.model, args.window_s, _credentials(args))
+    report = fetch_report(args.address, args.model, args.window_s, _credentials(args))
     if args.json:
         import json
 
@@ -324,7 +366,7 @@ def _report(args: argparse.Namespace) -> int:
 def _verdict(args: argparse.Namespace) -> int:
     from gateway.evaluation.client import fetch_verdict
 
-    reply = fetch_verdict(args.sidecar, args.model, args.candidate, _credentials(args))
+    reply = fetch_verdict(args.address, args.model, args.candidate, _credentials(args))
     if args.json:
         print(reply.json)
     else:
@@ -333,19 +375,24 @@ def _verdict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sidecar_call(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def _client_call(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command that calls the gateway or the sidecar: a failed call is one line on
+    stderr naming what to give (a key, a CA) and exit code 1, never a traceback."""
     import grpc
 
     try:
         return command(args)
     except grpc.RpcError as err:
         details = err.details() if isinstance(err, grpc.Call) else str(err)
-        if isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.UNAUTHENTICATED:
+        code = err.code() if isinstance(err, grpc.Call) else None
+        if code == grpc.StatusCode.UNAUTHENTICATED:
             details += (
-                f" (a key: --token-file FILE or ${SIDECAR_TOKEN_ENV}; "
+                f" (a key: --token-file FILE or ${args.token_env}; "
                 "a certificate: --cert-file and --key-file)"
             )
-        print(f"gateway: error: sidecar at {args.sidecar}: {details}", file=sys.stderr)
+        elif code == grpc.StatusCode.UNAVAILABLE and args.ca_file is None:
+            details += f" (if the {args.peer} serves TLS: --ca-file FILE)"
+        print(f"gateway: error: {args.peer} at {args.address}: {details}", file=sys.stderr)
         return 1
 
 
@@ -365,12 +412,10 @@ def _micros(text: str | None, flag: str) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    import grpc
-
     from gateway.server.admin_client import AdminClient, format_cache, format_costs
 
     try:
-        with AdminClient(args.url, args.token) as client:
+        with AdminClient(args.address, _credentials(args)) as client:
             if args.command == "routes":
                 reply = client.set_routes_file(args.set) if args.set else client.routes()
                 print(reply.yaml.rstrip() or "no routes")
@@ -390,10 +435,6 @@ def _admin(args: argparse.Namespace) -> int:
                 print(format_costs(client.costs(since), by))
             else:
                 print(format_cache(client.cache(args.flush)))
-    except grpc.RpcError as err:
-        details = err.details() if isinstance(err, grpc.Call) else str(err)
-        print(f"gateway: error: gateway at {args.url}: {details}", file=sys.stderr)
-        return 1
     except OSError as err:
         print(f"gateway: error: {err}", file=sys.stderr)
         return 2
@@ -423,9 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "report": _report,
                 "verdict": _verdict,
             }[args.command]
-            return _sidecar_call(command, args)
+            return _client_call(command, args)
         if args.command in ("routes", "promote", "rollback", "costs", "cache"):
-            return _admin(args)
+            return _client_call(_admin, args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)

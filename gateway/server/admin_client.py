@@ -1,32 +1,36 @@
-"""Command-line clients of the admin service: ``gateway routes|promote|rollback|costs|cache``.
-
-The token comes from ``--token`` or the ``GATEWAY_ADMIN_TOKEN`` environment variable.
-"""
+"""Command-line clients of the admin service: ``gateway routes|promote|rollback|costs|cache``;
+each presents ``ClientCredentials`` (the admin token or an admin key, TLS, a certificate)."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from gateway.api.v1 import admin_pb2 as pb
 from gateway.api.v1 import admin_pb2_grpc as pb_grpc
+from gateway.auth import ClientCredentials
 from gateway.tables import format_table
 
 __all__ = ["AdminClient", "format_cache", "format_costs"]
 
-TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
-
 
 class AdminClient:
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0) -> None:
-        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(url)
+    """The admin service at ``url`` (HOST:PORT). ``credentials`` given as a bare string is a
+    key presented over plain TCP: ``ClientCredentials(key)``. SettingsError when the TLS files
+    do not read."""
+
+    def __init__(
+        self,
+        url: str,
+        credentials: ClientCredentials | str | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        if not isinstance(credentials, ClientCredentials):
+            credentials = ClientCredentials(credentials)
+        self._metadata = credentials.metadata
+        self._channel = credentials.channel(url, "gateway")
         self._stub = pb_grpc.GatewayAdminStub(self._channel)  # type: ignore[no-untyped-call]
         self._timeout_s = timeout_s
 

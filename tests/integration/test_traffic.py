@@ -571,7 +571,9 @@ def test_the_costs_and_cache_commands_print_tables(gateway):
     assert "acme-cap" in done.stdout  # the budgets table
     done = gateway_cli("cache", "--url", gateway.url, env=env)
     assert done.returncode == 0 and "hit rate" in done.stdout
-    denied = gateway_cli("costs", "--url", gateway.url, "--token", "nope", env={"PATH": ""})
+    denied = gateway_cli(
+        "costs", "--url", gateway.url, env={"GATEWAY_ADMIN_TOKEN": "nope", "PATH": ""}
+    )
     assert denied.returncode == 1 and "wrong admin bearer token" in denied.stderr
 
 
