@@ -2,8 +2,8 @@
 
 The key that hashes sensitive feature values lives apart from the event log (never beside it,
 0600, checked at start), stays the same across restarts, and may come from the environment.
-No secret (admin token, hash key, the sidecar credential, a wrong token a client sent) and no
-sensitive feature value is found in anything the processes write or serve.
+No secret (admin token, hash key, the sidecar credential, the API keys clients present, right
+or wrong) and no sensitive feature value is found in anything the processes write or serve.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+import yaml
 from tritonclient.utils import InferenceServerException
 
+from gateway.auth import key_digest
 from gateway.demo import synthetic_transactions
 from gateway.features import redact
 from gateway.server.admin_client import AdminClient
-from tests.auth import wait_until
+from tests.auth import wait_until, write_keys
 from tests.conftest import GatewayProcess, SidecarProcess, free_port
 
 ADMIN_TOKEN = "admin-token-5b1f0c7e9d2a"
@@ -36,6 +38,8 @@ EVENTS_TOKEN = "events-token-7c3e1a9b5d"
 WRONG_TOKEN = "wrong-token-e4d2c0b8a6"  # what a client sent: not echoed either
 SENSITIVE = "ZZ-sensitive-3f9a1c"  # a value of the demo's sensitive feature, country
 SECRETS = (ADMIN_TOKEN, HASH_KEY, EVENTS_TOKEN, WRONG_TOKEN, SENSITIVE)
+API_KEY = "api-key-2e8c4a6f0b1d3e5a"  # a tenant's key (auth.mode api_key)
+OPS_KEY = "ops-key-9a7c5e3b1d0f2e4c"  # a key with admin rights
 
 
 def transactions(rows: int, country: str) -> list[triton_grpc.InferInput]:
@@ -203,15 +207,91 @@ def test_no_secret_reaches_a_log_metric_trace_store_or_help_text(
     client.close()
     wait_until(lambda: acked_all(gateway), "every event acknowledged")
 
-    served = [urllib.request.urlopen(f"http://{gateway.metrics_url}/metrics").read()]
-    served.append(urllib.request.urlopen(f"http://{sidecar.metrics_url}/metrics").read())
-    for page in ("/", "/report/fraud"):
-        served.append(urllib.request.urlopen(f"http://{sidecar.http_url}{page}").read())
+    served = served_pages(gateway, sidecar)
     assert gateway.stop() == 0
     assert sidecar.stop() == 0, sidecar.stderr()
     assert "GRPCInferenceService/ModelInfer" in gateway.stdout(), "no spans were traced"
+    assert_nowhere(SECRETS, tmp_path, served + help_texts(env))
 
-    help_texts = [
+
+def test_no_api_key_reaches_a_log_metric_trace_store_or_audit_line(
+    demo_repo: Path, start_gateway, start_sidecar_with, tmp_path: Path
+):
+    """auth.mode api_key: the keys clients present, right and wrong, on inference and admin
+    calls, with every call logged at DEBUG and traced."""
+    keys = write_keys(
+        tmp_path / "keys.yaml",
+        [
+            {"name": "checkout", "key_sha256": key_digest(API_KEY), "models": ["fraud"]},
+            {"name": "ops", "key_sha256": key_digest(OPS_KEY), "admin": True},
+        ],
+    )
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"auth": {"mode": "api_key", "keys_file": str(keys)}}))
+    env = {
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "GATEWAY_EVALUATION__METRICS_PORT": "0",
+        "GATEWAY_AUDIT__PATH": str(tmp_path / "audit.jsonl"),
+    }
+    port, store = free_port(), tmp_path / "store"
+    sidecar = start_sidecar_with(store, port, "--http-port", "0", "--log-level", "DEBUG", env=env)
+    args = (*events_args(port, tmp_path / "events"), "--tracing", "console", "--log-level", "DEBUG")
+    gateway = start_gateway(demo_repo, "--config", str(config), *args, env=env)
+
+    client = gateway.client()
+    for request_id, headers in [
+        ("by-bearer", {"authorization": f"Bearer {API_KEY}"}),
+        ("by-x-api-key", {"x-api-key": API_KEY}),
+    ]:
+        client.infer("fraud", transactions(2, "NG"), request_id=request_id, headers=headers)
+    for headers, status in [
+        ({"authorization": f"Bearer {WRONG_TOKEN}"}, "UNAUTHENTICATED"),
+        ({"x-api-key": WRONG_TOKEN}, "UNAUTHENTICATED"),
+        ({"x-api-key": API_KEY}, "PERMISSION_DENIED"),  # a model the key may not call
+    ]:
+        model = "fraud" if status == "UNAUTHENTICATED" else "no-such-model"
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(model, transactions(1, "NG"), headers=headers)
+        assert refused.value.status() == f"StatusCode.{status}"
+        assert API_KEY not in str(refused.value) and WRONG_TOKEN not in str(refused.value)
+    client.close()
+    for key, code in [
+        (WRONG_TOKEN, grpc.StatusCode.UNAUTHENTICATED),
+        (API_KEY, grpc.StatusCode.PERMISSION_DENIED),  # no admin rights
+    ]:
+        with AdminClient(gateway.url, key) as admin, pytest.raises(grpc.RpcError) as failed:
+            admin.routes()
+        assert failed.value.code() == code
+        assert key not in (failed.value.details() or "")
+    with AdminClient(gateway.url, OPS_KEY) as admin:
+        admin.routes()
+        admin.costs()
+        admin.cache(flush=True)
+    wait_until(lambda: acked_all(gateway), "every event acknowledged")
+
+    served = served_pages(gateway, sidecar)
+    assert gateway.stop() == 0
+    assert sidecar.stop() == 0, sidecar.stderr()
+    assert "GRPCInferenceService/ModelInfer" in gateway.stdout(), "no spans were traced"
+    audit = (tmp_path / "audit.jsonl").read_text()
+    assert '"ops"' in audit and '"checkout"' in audit  # who, by the key's name
+    assert_nowhere((API_KEY, OPS_KEY, WRONG_TOKEN), tmp_path, served + help_texts(env))
+
+
+def served_pages(gateway: GatewayProcess, sidecar: SidecarProcess) -> list[bytes]:
+    """What the processes serve: both metrics pages and the sidecar's HTML report pages."""
+    urls = [f"http://{gateway.metrics_url}/metrics", f"http://{sidecar.metrics_url}/metrics"]
+    urls += [f"http://{sidecar.http_url}{page}" for page in ("/", "/report/fraud")]
+    pages = []
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            pages.append(reply.read())
+    return pages
+
+
+def help_texts(env: Mapping[str, str]) -> list[bytes]:
+    """``gateway --help`` and the help of the commands that take a secret, in ``env``."""
+    return [
         subprocess.run(
             [sys.executable, "-m", "gateway", *command, "--help"],
             capture_output=True,
@@ -219,15 +299,18 @@ def test_no_secret_reaches_a_log_metric_trace_store_or_help_text(
             timeout=60,
             check=True,
         ).stdout
-        for command in ([], ["serve"], ["sidecar"], ["routes"])
+        for command in ([], ["serve"], ["sidecar"], ["routes"], ["report"])
     ]
-    # Every file the processes wrote: logs (with the traces), the event log, the sidecar's
-    # DuckDB store and alert log.
-    written = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+
+def assert_nowhere(secrets: tuple[str, ...], root: Path, served: list[bytes]) -> None:
+    """No ``secrets`` in ``served`` nor in any file under ``root`` the processes wrote: logs
+    (with the traces), the event log, the sidecar's DuckDB store and alert log, the audit log."""
+    written = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
     assert any(p.suffix == ".duckdb" for p in written) and any(
-        p.is_relative_to(tmp_path / "events") for p in written
+        p.is_relative_to(root / "events") for p in written
     )
-    for secret in SECRETS:
+    for secret in secrets:
         needle = secret.encode()
         assert not [p for p, data in written.items() if needle in data], secret
-        assert not [text for text in served + help_texts if needle in text], secret
+        assert not [text for text in served if needle in text], secret
