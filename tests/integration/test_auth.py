@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.api.v1 import admin_pb2
 from gateway.auth import key_digest
-from tests.auth import ADMIN_TOKEN
+from tests.auth import ADMIN_TOKEN, wait_until, write_keys
 from tests.certs import Authority, authority
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 
@@ -42,11 +42,6 @@ KEYS = {
 
 def entry(name: str, **fields: object) -> dict[str, object]:
     return {"name": name, "key_sha256": key_digest(KEYS[name]), **fields}
-
-
-def keys_file(path: Path, entries: list[dict[str, object]]) -> Path:
-    path.write_text(yaml.safe_dump({"keys": entries}))
-    return path
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -69,13 +64,6 @@ def refused(call: Callable[[], object]) -> tuple[str, str]:
     return status(caught.value), caught.value.message()
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def two_models(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo repository with a second model, `other` (a copy of `fraud`)."""
@@ -87,7 +75,7 @@ def two_models(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def api_key_settings(workdir: Path, entries: list[dict[str, object]]) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
-    keys = keys_file(workdir / "keys.yaml", entries)
+    keys = write_keys(workdir / "keys.yaml", entries)
     settings = {
         "auth": {"mode": "api_key", "keys_file": str(keys), "reload_interval_s": 0.05},
         "admin": {"token": ADMIN_TOKEN},
@@ -237,7 +225,7 @@ def test_a_keys_budget_is_its_tenants(two_models: Path, start_gateway, tmp_path)
     # The key rotated (a new key, a new name, the same tenant): the spend stays the tenant's.
     rotated = [e for e in ENTRIES if e["name"] != "team-c"]
     rotated.append(entry("team-c2", tenant="gamma", models=["fraud"], budget=ROTATED_BUDGET))
-    keys_file(tmp_path / "cfg" / "keys.yaml", rotated)
+    write_keys(tmp_path / "cfg" / "keys.yaml", rotated)
     with proc.client() as client:
 
         def rotated_key_refused() -> bool:
@@ -363,7 +351,7 @@ def test_keys_reload_without_a_restart(two_models: Path, start_gateway, tmp_path
                 return False
 
         assert serves("team-a") and not serves("team-b")
-        keys_file(keys, [entry("team-b", tenant="beta")])
+        write_keys(keys, [entry("team-b", tenant="beta")])
         wait_until(lambda: serves("team-b"))
         assert not serves("team-a")
         # A broken file keeps the keys loaded before, and says so.
@@ -448,7 +436,7 @@ def test_the_native_transport_refuses_tls_naming_the_setting(two_models, start_g
 
 def test_mtls_maps_client_certificates_to_tenants(two_models: Path, start_gateway, tmp_path):
     ca, stranger = authority(tmp_path / "ca"), authority(tmp_path / "stranger", "stranger-ca")
-    keys = keys_file(
+    keys = write_keys(
         tmp_path / "keys.yaml",
         [
             {"name": "alpha-svc", "subject": "alpha-svc", "tenant": "alpha", "models": ["fraud"]},
@@ -494,11 +482,11 @@ def test_an_expired_key_by_date_is_refused_from_that_date(tmp_path):
     from gateway.auth import KeyRing
     from gateway.errors import SettingsError
 
-    path = keys_file(tmp_path / "keys.yaml", [entry("team-a", expires="2030-01-01T00:00:00")])
+    path = write_keys(tmp_path / "keys.yaml", [entry("team-a", expires="2030-01-01T00:00:00")])
     with pytest.raises(SettingsError, match="time zone"):
         KeyRing(path, "auth.keys_file")
     later = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-    path = keys_file(path, [entry("team-a", expires=later.isoformat())])
+    path = write_keys(path, [entry("team-a", expires=later.isoformat())])
     ring = KeyRing(path, "auth.keys_file")
     found = ring.by_key(KEYS["team-a"])
     assert found is not None and found.expired(later) and not found.expired(later - dt.timedelta(1))

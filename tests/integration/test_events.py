@@ -24,9 +24,6 @@ from gateway.demo import synthetic_transactions
 from tests.auth import wait_until
 from tests.conftest import DEMO_WIDTH, GatewayProcess, SidecarProcess, demo_features, free_port
 
-# NOTE: the name test_events_durability and test_sidecar_memory import it by, from here.
-wait_for = wait_until
-
 
 def events_args(sidecar_port: int, directory: Path) -> tuple[str, ...]:
     return ("--sidecar", f"127.0.0.1:{sidecar_port}", "--events-dir", str(directory))

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.auth import wait_until
 from tests.conftest import SidecarProcess, free_port
-from tests.integration.test_events import acked_all, events_args, send, stored, wait_for
+from tests.integration.test_events import acked_all, events_args, send, stored
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +46,9 @@ def test_a_gateway_killed_after_the_acks_resends_none_of_what_was_acknowledged(
     first = start_gateway(demo_repo, *events_args(port, log_dir), env=small)
     ids = [f"k-{i}" for i in range(200)]
     assert sorted(send(first, ids)) == sorted(ids)
-    wait_for(lambda: first.metric("gateway_events_total", outcome="written") == 200, "the log")
+    wait_until(lambda: first.metric("gateway_events_total", outcome="written") == 200, "the log")
     sidecar = start_sidecar_with_metrics(store, port)
-    wait_for(lambda: acked_all(first), "every event acknowledged")
+    wait_until(lambda: acked_all(first), "every event acknowledged")
     assert first.metric("gateway_events_total", outcome="acked") == 200
     first.stop(signal.SIGKILL)  # no close: only what each ack left on disk survives
 
@@ -55,7 +56,7 @@ def test_a_gateway_killed_after_the_acks_resends_none_of_what_was_acknowledged(
     assert second.metric("gateway_events_backlog", where="disk") == 0  # nothing to resend
     send(second, ["after-restart"], threads=1)
     # The stream is in order: anything resent would be acknowledged before this event.
-    wait_for(lambda: acked_all(second), "the new event acknowledged")
+    wait_until(lambda: acked_all(second), "the new event acknowledged")
     assert second.metric("gateway_events_total", outcome="acked") == 1
     assert sidecar.metric("sidecar_events_total", outcome="duplicate") == 0
     assert sidecar.metric("sidecar_events_total", outcome="stored") == 201

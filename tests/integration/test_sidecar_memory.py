@@ -10,8 +10,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from tests.auth import wait_until
 from tests.conftest import SidecarProcess, free_port
-from tests.integration.test_events import acked_all, events_args, send, wait_for
+from tests.integration.test_events import acked_all, events_args, send
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ def test_a_sidecar_at_its_pending_bound_reads_no_further_and_loses_nothing(
         ids = [f"req-{i}" for i in range(400)]
         answered = send(gateway, ids)
         assert sorted(answered) == sorted(ids)
-        wait_for(lambda: acked_all(gateway), "every event acknowledged")
+        wait_until(lambda: acked_all(gateway), "every event acknowledged")
         # Each batch read found the bound full: the next was left to the stream (and the log).
         assert sidecar.metric("sidecar_pending_full_total") > 0
         assert sidecar.metric("sidecar_pending_events") == 0

@@ -24,8 +24,9 @@ from gateway.routing import RouteTable
 from gateway.server.admin_client import AdminClient
 from gateway.settings import RouteSpec
 from gateway.types import RequestOptions
+from tests.auth import wait_until
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features, free_port
-from tests.integration.test_events import acked_all, events_args, wait_for
+from tests.integration.test_events import acked_all, events_args
 from tests.models import write_echo_model, write_scorer_model
 
 pytestmark = pytest.mark.integration
@@ -608,14 +609,14 @@ def test_shadow_results_reach_events_never_responses_and_shadow_failures_fail_no
         assert answered["cost"] > 0.5
         costs[request_id] = answered["cost"]
     client.close()
-    wait_for(
+    wait_until(
         lambda: (
             gateway.metric("gateway_shadow_requests_total", outcome="ok") == 20
             and gateway.metric("gateway_shadow_requests_total", outcome="failed") == 20
         ),
         "the shadow copies",
     )
-    wait_for(lambda: acked_all(gateway), "the events acknowledged")
+    wait_until(lambda: acked_all(gateway), "the events acknowledged")
     assert sidecar.stop() == 0
     with duckdb.connect(str(sidecar.store / "events.duckdb"), read_only=True) as db:
         stored = db.execute(
