@@ -71,6 +71,7 @@ class Gateway:
             )
         rate_limited = self.metrics.limited.labels("rate")
         self.state: RedisState | None = None
+        self._ledger_sync: asyncio.Task[None] | None = None
         if settings.state.backend == "redis":
             self.state = RedisState(settings.state)
         self.loop_lag = LoopLag()
@@ -86,7 +87,13 @@ class Gateway:
                 on_error=settings.state.limits_on_error,
                 on_state_error=self.metrics.state_errors.labels("limits").inc,
             ),
-            ledger=Ledger(settings.costs, self.metrics),
+            ledger=Ledger(
+                settings.costs,
+                self.metrics,
+                shared=self.state.budgets if self.state is not None else None,
+                on_error=settings.state.budgets_on_error,
+                sync_interval_s=settings.state.sync_interval_ms / 1000,
+            ),
             cache=ResponseCache(settings.cache, self.metrics) if settings.cache.enabled else None,
             events=self.events,
             max_input_bytes=settings.server.max_message_bytes,
@@ -148,6 +155,9 @@ class Gateway:
             await self.events.start()
         if self.state is not None:
             await self.state.start()
+            if self.pipeline.ledger.settings.enabled:
+                await self.pipeline.ledger.sync()
+                self._ledger_sync = asyncio.create_task(self.pipeline.ledger.run_sync())
         self.loop_lag.start()
         self.metrics.loop_lag.set_function(self.loop_lag)
         if settings.repository.load_at_start:
@@ -267,6 +277,10 @@ class Gateway:
         self._loader.shutdown(wait=True)
         self.audit.close()
         if self.state is not None:
+            if self._ledger_sync is not None:
+                self._ledger_sync.cancel()
+                await asyncio.gather(self._ledger_sync, return_exceptions=True)
+                await self.pipeline.ledger.sync()  # the last spend, for the other replicas
             await self.state.close()
         self.metrics.close()
         self.tracing.shutdown()

@@ -759,6 +759,19 @@ class StateSettings(_Section):
         description="Redis unreachable or slow: fail_open serves the request unlimited (counted "
         "in gateway_state_errors_total); fail_closed refuses it with UNAVAILABLE.",
     )
+    budgets_on_error: OnError = Field(
+        "fail_closed",
+        description="Budgets' spend not synced with Redis for over a second: fail_closed refuses "
+        "requests of budgeted tenants and surfaces with UNAVAILABLE; fail_open judges them by "
+        "this replica's view (its own spend since the last sync added).",
+    )
+    sync_interval_ms: float = Field(
+        250.0,
+        gt=0,
+        le=1000,
+        description="How often a replica adds its budgets' spend to Redis and reads the total "
+        "back: a budget crossed on one replica is enforced on all within about twice this.",
+    )
 
 
 class Settings(_Section):

@@ -13,15 +13,18 @@ either, new keys add to the window's one ``(other)`` row, counted in
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.errors import BudgetExceeded
-from gateway.settings import Budget, CostSettings, Price
+from gateway.errors import BudgetExceeded, SharedStateDown
+from gateway.settings import Budget, CostSettings, OnError, Price
+from gateway.state import SharedBudgets, StateUnavailable
 from gateway.telemetry import GatewayMetrics
 from gateway.types import Charge, Outcome
 
@@ -61,6 +64,7 @@ class _BudgetState:
     window_end: float = 0.0
     spent: float = 0.0
     exceeded: bool = False
+    unsynced: float = 0.0  # spent here since the last sync with the replicas' shared total
 
 
 class Ledger:
@@ -71,8 +75,17 @@ class Ledger:
         settings: CostSettings,
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.time,
+        shared: SharedBudgets | None = None,
+        on_error: OnError = "fail_closed",
+        sync_interval_s: float = 0.25,
     ) -> None:
         self.settings = settings
+        self.shared = shared
+        self._on_error = on_error
+        self.sync_interval_s = sync_interval_s
+        # Budgets judged on a view older than this are refused (on_error fail_closed).
+        self._stale_s = 1.0 + sync_interval_s
+        self._synced_at = -math.inf  # time.monotonic() of the last good sync
         self._clock = clock  # Unix seconds: windows start on whole multiples of their length
         self._metrics = metrics
         self._windows: OrderedDict[int, dict[tuple[str, str, str, str], LedgerLine]] = OrderedDict()
@@ -125,7 +138,18 @@ class Ledger:
         if not self._budgets or not self.settings.enabled:
             return None
         degrade = None
-        for state in self._subject(tenant, surface):
+        subject = self._subject(tenant, surface)
+        if (
+            subject
+            and self.shared is not None
+            and self._on_error == "fail_closed"
+            and time.monotonic() - self._synced_at > self._stale_s
+        ):
+            raise SharedStateDown(
+                "budgets are kept in Redis, which has not answered for over "
+                f"{self._stale_s:.2g} s; state.budgets_on_error is fail_closed: retry later"
+            )
+        for state in subject:
             if self._current(state).spent < state.budget.limit:
                 continue
             budget = state.budget
@@ -201,7 +225,42 @@ class Ledger:
         totals[(route, variant)] = totals.get((route, variant), 0.0) + total
         if self._budgets and budgeted:
             for state in self._subject(tenant, surface):
-                self._current(state).spent += total
+                state = self._current(state)
+                state.spent += total
+                state.unsynced += total
+
+    # -- shared with other replicas (state.backend: redis) ------------------------------------
+
+    async def sync(self) -> bool:
+        """Add the spend of each budget's current window since the last sync to the replicas'
+        shared total and take that total as the spend; False (counted) when Redis does not
+        answer: the spend waits for the next sync."""
+        assert self.shared is not None
+        states = [self._current(s) for s in self._budgets]
+        sent = [(s, s.window_start, s.unsynced) for s in states]
+        try:
+            totals = await self.shared.sync(
+                [(s.budget.name, start, delta, s.budget.window_s) for s, start, delta in sent]
+            )
+        except StateUnavailable:
+            self._metrics.state_errors.labels("budgets").inc()
+            return False
+        self._synced_at = time.monotonic()
+        for (state, start, delta), total in zip(sent, totals, strict=True):
+            if state.window_start == start:  # not rolled over meanwhile
+                state.unsynced -= delta
+                state.spent = total + state.unsynced
+        return True
+
+    async def run_sync(self) -> None:
+        """Sync every ``sync_interval_s`` until cancelled."""
+        while True:
+            if self._budgets:
+                try:
+                    await self.sync()
+                except Exception:  # a sync that dies would leave budgets stale for good
+                    log.exception("budgets: sync with the shared state failed")
+            await asyncio.sleep(self.sync_interval_s)
 
     def _subject(self, tenant: str, surface: str) -> list[_BudgetState]:
         """The budgets on this tenant or this surface (usually none)."""
@@ -238,6 +297,7 @@ class Ledger:
         start = int(now // window_s) * window_s
         if start != state.window_start:
             state.window_start, state.window_end, state.spent = start, start + window_s, 0.0
+            state.unsynced = 0.0  # a closed window's last spend is no budget's any more
             if state.exceeded:
                 state.exceeded = False
                 self._metrics.budget_exceeded.labels(state.budget.name, state.budget.policy).set(0)

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from gateway.settings import StateSettings
 
-__all__ = ["RedisState", "SharedLimits", "StateUnavailable"]
+__all__ = ["RedisState", "SharedBudgets", "SharedLimits", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class RedisState:
             retry_on_timeout=False,
         )
         self.limits = SharedLimits(self)
+        self.budgets = SharedBudgets(self)
 
     def where(self) -> str:
         """host:port/db, for logs (never the URL: it may hold a password)."""
@@ -102,3 +103,25 @@ class SharedLimits:
         assert isinstance(reply, list) and len(reply) == 2
         admitted, wait_ms = int(reply[0]), int(reply[1])
         return None if admitted else wait_ms / 1000
+
+
+class SharedBudgets:
+    """Budgets' spend per window in Redis, one key per (budget, window start): every replica
+    adds what it spent since its last sync and reads the total back, in one round trip."""
+
+    def __init__(self, state: RedisState) -> None:
+        self._state = state
+        self._prefix = f"{state.settings.key_prefix}budget:"
+
+    async def sync(self, spends: list[tuple[str, int, float, int]]) -> list[float]:
+        """Add each (budget name, window start, spend since the last sync, window length) and
+        return each window's total over every replica; StateUnavailable when Redis does not
+        answer (nothing was added: the caller keeps its spend for the next sync)."""
+        pipe = self._state.client.pipeline(transaction=True)  # all added, or none
+        for name, start, delta, window_s in spends:
+            key = f"{self._prefix}{name}:{start}"
+            _ = pipe.incrbyfloat(key, delta)  # queued: the pipeline returns itself
+            _ = pipe.expire(key, 2 * window_s)
+        replies = await self._state.call(pipe.execute())
+        assert isinstance(replies, list)
+        return [float(total) for total in replies[0::2]]

@@ -13,6 +13,8 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from gateway.server.admin_client import AdminClient
+from tests.auth import ADMIN_TOKEN, wait_until
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 from tests.services import RedisServer
 
@@ -105,3 +107,79 @@ def test_redis_down_fails_closed_when_asked(demo_repo: Path, start_gateway, redi
         while outcome(client) != "OK":
             assert time.monotonic() < deadline, "never recovered"
     assert "redis" in proc.stderr().lower() and redis_server.url not in proc.stderr()
+
+
+# -- budgets ----------------------------------------------------------------------------------
+
+# The demo model's price is 1e-6 a request (plus a little compute): this budget admits the
+# request that crosses 2.5e-6, the third, and refuses every one after it.
+LIMIT = 2.5e-6
+BUDGET = {"name": "acme-day", "tenant": TENANT, "limit": LIMIT, "window_s": 3600}
+
+
+def budget_settings(path: Path, redis: RedisServer, limit: float = LIMIT, **state: object) -> Path:
+    settings = {
+        "state": {"backend": "redis", "redis_url": redis.url, "timeout_ms": 200, **state},
+        "costs": {"budgets": [{**BUDGET, "limit": limit, "policy": "reject"}]},
+        "admin": {"token": ADMIN_TOKEN},
+        "audit": {"path": None},
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def spent(proc: GatewayProcess) -> float:
+    with AdminClient(proc.url, ADMIN_TOKEN) as admin:
+        (budget,) = [b for b in admin.costs().budgets if b.name == BUDGET["name"]]
+    return float(budget.spent)
+
+
+def uncached(client: triton_grpc.InferenceServerClient) -> str:
+    tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
+    tensor.set_data_from_numpy(demo_features(1))
+    params = {"tenant": TENANT, "cache": "false"}
+    try:
+        client.infer("fraud", [tensor], parameters=params, client_timeout=10)
+    except InferenceServerException as err:
+        return str(err.status()).removeprefix("StatusCode.")
+    return "OK"
+
+
+def test_a_budget_spent_through_two_replicas_rejects_on_both(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    config = budget_settings(tmp_path / "gateway.yaml", redis_server)
+    a, b = (start_gateway(demo_repo, "--config", str(config)) for _ in range(2))
+    with a.client() as on_a, b.client() as on_b:
+        assert [uncached(on_a), uncached(on_a)] == ["OK", "OK"]
+        # B learns A's spend at its next sync (every state.sync_interval_ms).
+        wait_until(lambda: spent(b) >= 2e-6, "replica B seeing A's spend")
+        # Alone, B would admit three: it admits the one that crosses the budget, then none.
+        assert uncached(on_b) == "OK"
+        assert uncached(on_b) == "RESOURCE_EXHAUSTED"
+        wait_until(lambda: uncached(on_a) == "RESOURCE_EXHAUSTED", "replica A refusing too")
+    # Both see one total: every request answered, from either replica.
+    wait_until(lambda: spent(a) == pytest.approx(spent(b)), "the replicas' views agreeing")
+    assert spent(a) >= LIMIT
+
+
+def test_budgets_fail_closed_while_redis_is_down(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    # A budget far from spent: what refuses here is Redis being away, not the budget.
+    config = budget_settings(tmp_path / "gateway.yaml", redis_server, 1.0, sync_interval_ms=100)
+    proc = start_gateway(demo_repo, "--config", str(config))
+    with proc.client() as client:
+        assert uncached(client) == "OK"
+        redis_server.stop(signal.SIGKILL)
+        wait_until(lambda: uncached(client) == "UNAVAILABLE", "budgeted requests refused")
+        # A tenant without a budget is served all along.
+        tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
+        tensor.set_data_from_numpy(demo_features(1))
+        client.infer("fraud", [tensor], parameters={"tenant": "other"}, client_timeout=10)
+        assert proc.metric("gateway_state_errors_total", concern="budgets") >= 1
+        redis_server.start()
+        wait_until(lambda: uncached(client) == "OK", "budgets back once Redis answers")
+        # What was spent until the refusals began (judged on this replica's own view) was
+        # kept and added to the restarted Redis.
+        assert spent(proc) >= 2e-6
