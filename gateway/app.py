@@ -27,7 +27,7 @@ from gateway.errors import SettingsError
 from gateway.events import EventRecorder
 from gateway.features import model_contracts, redact
 from gateway.pipeline import Pipeline
-from gateway.routing import RateLimiter, RouteTable
+from gateway.routing import RateLimiter, RouteTable, SharedRouteTable
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server import transports
@@ -113,8 +113,19 @@ class Gateway:
             settings.audit,
             lambda rpc, outcome: self.metrics.admin_actions.labels(rpc, outcome).inc(),
         )
+        self.shared_routes: SharedRouteTable | None = None
+        if self.state is not None:
+            self.shared_routes = SharedRouteTable(
+                self.pipeline.routes,
+                self.state.routes,
+                settings.routing.history,
+                on_error=self.metrics.state_errors.labels("routes").inc,
+            )
         self.admin = AdminServicer(
-            self.pipeline, self.repository, worker=bool(os.environ.get(READY_FILE_ENV))
+            self.pipeline,
+            self.repository,
+            worker=bool(os.environ.get(READY_FILE_ENV)),
+            routes=self.shared_routes,
         )
         versions = self._versions_of
         self.guard = Guard(
@@ -160,6 +171,8 @@ class Gateway:
                 self._ledger_sync = asyncio.create_task(self.pipeline.ledger.run_sync())
         self.loop_lag.start()
         self.metrics.loop_lag.set_function(self.loop_lag)
+        if self.shared_routes is not None:  # the replicas' table, if one was written before
+            await self.shared_routes.start()
         if settings.repository.load_at_start:
             await self.repository.load_all()
             self._check_routes()
@@ -276,6 +289,8 @@ class Gateway:
             await self.events.close(grace_s=min(grace, 5.0))
         self._loader.shutdown(wait=True)
         self.audit.close()
+        if self.shared_routes is not None:
+            await self.shared_routes.close()
         if self.state is not None:
             if self._ledger_sync is not None:
                 self._ledger_sync.cancel()

@@ -7,6 +7,7 @@
     ├── ModelNotFound       NOT_FOUND            unknown model or version
     ├── ModelNotReady       UNAVAILABLE          known but not loaded, or the server is draining
     ├── ModelLoadError      FAILED_PRECONDITION  the repository holds a model that cannot load
+    ├── RevisionConflict    FAILED_PRECONDITION  a change based on a generation no longer current
     ├── Overloaded          RESOURCE_EXHAUSTED   a bounded queue is full, a cap is reached
     │   ├── RateLimited                          a tenant is over its rate (carries retry_after_s)
     │   └── BudgetExceeded                       a tenant or surface spent its budget
@@ -40,6 +41,7 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "RateLimited",
+    "RevisionConflict",
     "RuntimeFailure",
     "SettingsError",
     "SharedStateDown",
@@ -66,6 +68,12 @@ class ModelNotReady(GatewayError):
 
 
 class ModelLoadError(GatewayError):
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RevisionConflict(GatewayError):
+    """A change asked to apply to a generation of the routes that is no longer current."""
+
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -2,6 +2,18 @@
 
 from gateway.routing.limits import ConcurrencyCap, RateLimiter
 from gateway.routing.runner import Attempt, Router
+from gateway.routing.shared import LocalRoutes, RouteStore, SharedRouteTable
 from gateway.routing.table import Route, RouteTable, unit_hash
 
-__all__ = ["Attempt", "ConcurrencyCap", "RateLimiter", "Route", "RouteTable", "Router", "unit_hash"]
+__all__ = [
+    "Attempt",
+    "ConcurrencyCap",
+    "LocalRoutes",
+    "RateLimiter",
+    "Route",
+    "RouteStore",
+    "RouteTable",
+    "Router",
+    "SharedRouteTable",
+    "unit_hash",
+]

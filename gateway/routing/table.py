@@ -7,6 +7,10 @@ random. Match rules on request parameters come first and pick a variant outright
 
 The table is immutable: set, promote and rollback swap in a new one, so a request in flight
 keeps the route it started with, and every change is one assignment on the loop.
+
+Its ``generation`` bumps on every change; ``document()``/``adopt()`` carry the whole table
+(routes, revisions, rollback history, generation) as JSON-able data, the form replicas share
+it in (state.backend: redis).
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import itertools
 import random
 from collections import deque
 from collections.abc import Mapping
+from typing import Any
 
 import xxhash
 
-from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.errors import InvalidRequest, ModelNotFound, RevisionConflict
 from gateway.settings import RouteSpec, VariantSpec
 from gateway.types import RequestOptions
 
@@ -76,12 +81,56 @@ class RouteTable:
     """The routes in force, and each route's earlier specs for rollback (bounded)."""
 
     def __init__(self, routes: Mapping[str, RouteSpec], history: int) -> None:
-        self._revisions = itertools.count(1)
+        self._next_revision = 1
         self._routes: dict[str, Route] = {}
         self._history: dict[str, deque[RouteSpec | None]] = {}
         self._keep = history
+        self.generation = 1
         for name, spec in routes.items():  # the starting table: nothing before it to restore
             self._install(name, spec)
+
+    def expect(self, generation: int) -> None:
+        """RevisionConflict unless the table is at ``generation`` (0: any)."""
+        if generation and generation != self.generation:
+            raise RevisionConflict(
+                f"the routes changed since generation {generation} (now {self.generation}): "
+                "read them again, then retry"
+            )
+
+    def document(self) -> dict[str, Any]:
+        """The whole table as JSON-able data (``adopt`` takes it back)."""
+        return {
+            "generation": self.generation,
+            "next_revision": self._next_revision,
+            "routes": {
+                name: {"spec": _dump(r.spec), "revision": r.revision}
+                for name, r in self._routes.items()
+            },
+            "history": {name: [_dump(s) for s in h] for name, h in self._history.items()},
+        }
+
+    def adopt(self, document: Mapping[str, Any]) -> list[str]:
+        """Take the table ``document`` describes (another replica's change); returns the
+        names of the routes whose spec changed."""
+        routes = {
+            name: Route(name, RouteSpec.model_validate(entry["spec"]), int(entry["revision"]))
+            for name, entry in document["routes"].items()
+        }
+        changed = sorted(
+            name
+            for name in set(routes) | set(self._routes)
+            if (old := self._routes.get(name)) is None
+            or (new := routes.get(name)) is None
+            or old.revision != new.revision
+        )
+        self._history = {
+            name: deque((_load(raw) for raw in specs), maxlen=self._keep)
+            for name, specs in document["history"].items()
+        }
+        self._routes = routes
+        self._next_revision = int(document["next_revision"])
+        self.generation = int(document["generation"])
+        return changed
 
     def get(self, name: str) -> Route | None:
         return self._routes.get(name)
@@ -123,6 +172,7 @@ class RouteTable:
             raise ModelNotFound(f"route '{name}' has no earlier spec to roll back to")
         previous = history.pop()
         self._install(name, previous)
+        self.generation += 1
         return self._routes.get(name)
 
     def _set(self, name: str, spec: RouteSpec | None) -> Route:
@@ -130,16 +180,26 @@ class RouteTable:
         history = self._history.setdefault(name, deque(maxlen=self._keep))
         history.append(None if old is None else old.spec)
         self._install(name, spec)
+        self.generation += 1
         return self._routes.get(name)  # type: ignore[return-value]
 
     def _install(self, name: str, spec: RouteSpec | None) -> None:
         if spec is None:
             self._routes.pop(name, None)
         else:
-            self._routes[name] = Route(name, spec, next(self._revisions))
+            self._routes[name] = Route(name, spec, self._next_revision)
+            self._next_revision += 1
 
     def _existing(self, name: str) -> Route:
         route = self._routes.get(name)
         if route is None:
             raise ModelNotFound(f"no route named '{name}' (routes: {', '.join(self._routes)})")
         return route
+
+
+def _dump(spec: RouteSpec | None) -> dict[str, Any] | None:
+    return None if spec is None else spec.model_dump(mode="json")
+
+
+def _load(raw: Mapping[str, Any] | None) -> RouteSpec | None:
+    return None if raw is None else RouteSpec.model_validate(raw)

@@ -25,6 +25,7 @@ from gateway.api.v1 import admin_pb2 as pb
 from gateway.api.v1 import admin_pb2_grpc as pb_grpc
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
+from gateway.routing import LocalRoutes, RouteStore
 from gateway.runtime.repository import ModelRepository
 from gateway.settings import MAX_ROUTES, RouteSpec, bounded_yaml, describe_validation_error
 
@@ -50,14 +51,22 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         pipeline: Pipeline,
         repository: ModelRepository,
         worker: bool = False,
+        routes: RouteStore | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._worker = worker  # one of several processes on the port
+        # Where route changes go: this process's table, or the replicas' shared one.
+        self._store: RouteStore = routes or LocalRoutes(pipeline.routes)
 
     def revisions(self, _request: object = None) -> dict[str, int]:
         """The routes' revisions: the state an admin call's audit line shows before and after."""
         return {name: r.revision for name, r in self._pipeline.routes.all().items()}
+
+    async def _routes_change(self, context: grpc.aio.ServicerContext) -> None:
+        """Route changes reach every process: the routes are shared, or this is the only one."""
+        if not self._store.shared:
+            await self._whole(context)
 
     async def _whole(self, context: grpc.aio.ServicerContext) -> None:
         """This process is the whole gateway (not one worker of several)."""
@@ -75,6 +84,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         return pb.Routes(
             yaml=routes_yaml({name: r.spec for name, r in routes.items()}),
             revisions={name: r.revision for name, r in routes.items()},
+            generation=self._pipeline.routes.generation,
         )
 
     async def GetRoutes(
@@ -85,7 +95,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def SetRoutes(
         self, request: pb.SetRoutesRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
-        await self._whole(context)
+        await self._routes_change(context)
         try:
             # Off the loop: bounded (settings.bounded_yaml, the route limits), but still work
             # that requests should not wait behind.
@@ -112,16 +122,24 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"routes name models this gateway does not serve: {'; '.join(unserved)}",
             )
-        changed = self._pipeline.routes.replace(routes)
+        try:
+            changed = await self._store.change(
+                lambda table: table.replace(routes), request.expected_generation
+            )
+        except GatewayError as err:
+            await _abort(context, err.grpc_status, str(err))
         log.info("admin: routes set; changed: %s", ", ".join(changed) or "none")
         return self._routes()
 
     async def Promote(
         self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
-        await self._whole(context)
+        await self._routes_change(context)
         try:
-            self._pipeline.routes.promote(request.route, request.variant)
+            await self._store.change(
+                lambda table: table.promote(request.route, request.variant),
+                request.expected_generation,
+            )
         except GatewayError as err:
             await _abort(context, err.grpc_status, str(err))
         log.info("admin: route %s: %s promoted to 100%%", request.route, request.variant)
@@ -130,9 +148,11 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def Rollback(
         self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
-        await self._whole(context)
+        await self._routes_change(context)
         try:
-            self._pipeline.routes.rollback(request.route)
+            await self._store.change(
+                lambda table: table.rollback(request.route), request.expected_generation
+            )
         except GatewayError as err:
             await _abort(context, err.grpc_status, str(err))
         log.info("admin: route %s rolled back to its previous spec", request.route)

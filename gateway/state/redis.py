@@ -6,7 +6,11 @@ itself: a Redis that comes back is used again without a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -14,7 +18,7 @@ from redis.exceptions import RedisError
 
 from gateway.settings import StateSettings
 
-__all__ = ["RedisState", "SharedBudgets", "SharedLimits", "StateUnavailable"]
+__all__ = ["RedisState", "SharedBudgets", "SharedLimits", "SharedRoutes", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ class RedisState:
         )
         self.limits = SharedLimits(self)
         self.budgets = SharedBudgets(self)
+        self.routes = SharedRoutes(self)
 
     def where(self) -> str:
         """host:port/db, for logs (never the URL: it may hold a password)."""
@@ -125,3 +130,58 @@ class SharedBudgets:
         replies = await self._state.call(pipe.execute())
         assert isinstance(replies, list)
         return [float(total) for total in replies[0::2]]
+
+
+# The route table as one document beside its generation, replaced only by a writer that
+# read the generation it replaces (compare-and-set), and announced to every replica.
+_CAS = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+if current ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'generation', ARGV[2], 'document', ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class SharedRoutes:
+    """The replicas' route table: a document with its generation, changed by compare-and-set
+    and announced on a channel every replica listens to."""
+
+    def __init__(self, state: RedisState) -> None:
+        self._state = state
+        self._key = f"{state.settings.key_prefix}routes"
+        self._channel = f"{state.settings.key_prefix}routes:changed"
+        self._cas = state.client.register_script(_CAS)
+
+    async def read(self) -> dict[str, Any] | None:
+        """The shared table's document; None when no replica has written one."""
+        raw = await self._state.call(self._state.client.hget(self._key, "document"))
+        return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
+
+    async def write(self, base: int, document: dict[str, Any]) -> bool:
+        """Replace the table at generation ``base`` (0: none yet) with ``document``; False
+        when another replica changed it first."""
+        generation = int(document["generation"])
+        reply = await self._state.call(
+            self._cas(
+                keys=[self._key, self._channel], args=[base, generation, json.dumps(document)]
+            )
+        )
+        return bool(reply)
+
+    async def changes(self, backstop_s: float) -> AsyncIterator[None]:
+        """Yields when a replica announces a change, and at least every ``backstop_s`` (a
+        missed announcement is caught by the re-read). Raises StateUnavailable when Redis
+        goes away (the caller waits and listens again)."""
+        pubsub = self._state.client.pubsub()
+        try:
+            await self._state.call(pubsub.subscribe(self._channel))
+            while True:
+                try:
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=backstop_s)
+                except (RedisError, OSError) as err:
+                    raise StateUnavailable(type(err).__name__) from None
+                yield None
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -8,13 +8,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from gateway.api.v1 import admin_pb2
 from gateway.server.admin_client import AdminClient
-from tests.auth import ADMIN_TOKEN, wait_until
+from tests.auth import ADMIN_METADATA, ADMIN_TOKEN, wait_until
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 from tests.services import RedisServer
 
@@ -183,3 +185,78 @@ def test_budgets_fail_closed_while_redis_is_down(
         # What was spent until the refusals began (judged on this replica's own view) was
         # kept and added to the restarted Redis.
         assert spent(proc) >= 2e-6
+
+
+# -- routes -----------------------------------------------------------------------------------
+
+
+def route(name: str, version: str) -> str:
+    variant = {"name": "v", "model": "fraud", "version": version, "weight": 1}
+    spec = {name: {"variants": [variant]}}
+    return yaml.safe_dump(spec)
+
+
+def routes_settings(path: Path, redis: RedisServer) -> Path:
+    settings = {
+        "state": {"backend": "redis", "redis_url": redis.url, "timeout_ms": 200},
+        "admin": {"token": ADMIN_TOKEN},
+        "audit": {"path": None},
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def routes_of(proc: GatewayProcess) -> admin_pb2.Routes:
+    with AdminClient(proc.url, ADMIN_TOKEN) as admin:
+        return admin.routes()
+
+
+def set_routes(proc: GatewayProcess, text: str, expected: int = 0) -> str:
+    with grpc.insecure_channel(proc.url) as channel:
+        call = channel.unary_unary("/gateway.v1.GatewayAdmin/SetRoutes")
+        request = admin_pb2.SetRoutesRequest(yaml=text, expected_generation=expected)
+        try:
+            call(request.SerializeToString(), metadata=ADMIN_METADATA, timeout=10)
+        except grpc.RpcError as err:
+            return err.code().name
+    return "OK"
+
+
+def test_a_route_set_on_one_replica_is_routed_by_all_and_outlives_them(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    config = routes_settings(tmp_path / "gateway.yaml", redis_server)
+    a, b = (start_gateway(demo_repo, "--config", str(config)) for _ in range(2))
+    base = routes_of(a).generation
+    assert routes_of(b).generation == base  # one table
+    assert set_routes(a, route("scored", "1"), base) == "OK"
+    wait_until(lambda: "scored" in routes_of(b).yaml, "replica B routing the new route")
+    with b.client() as client:
+        tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
+        tensor.set_data_from_numpy(demo_features(1))
+        assert client.infer("scored", [tensor]).get_response().model_version == "1"
+    # Two changes from the same generation, one on each replica: one wins.
+    now = routes_of(a).generation
+    assert routes_of(b).generation == now
+    outcomes = sorted(
+        [set_routes(a, route("scored", "2"), now), set_routes(b, route("x", "1"), now)]
+    )
+    assert outcomes == ["FAILED_PRECONDITION", "OK"]
+    kept = routes_of(a)
+    # Every replica restarted: the routes are Redis', not the settings'.
+    for proc in (a, b):
+        assert proc.stop() == 0
+    c = start_gateway(demo_repo, "--config", str(config))
+    assert routes_of(c).yaml == kept.yaml and routes_of(c).generation == kept.generation
+
+
+def test_workers_take_route_changes_when_the_routes_are_shared(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    config = routes_settings(tmp_path / "gateway.yaml", redis_server)
+    proc = start_gateway(demo_repo, "--workers", "2", "--config", str(config))
+    assert set_routes(proc, route("scored", "2")) == "OK"
+    # Fresh connections land on either worker: each routes the change.
+    wait_until(
+        lambda: all("scored" in routes_of(proc).yaml for _ in range(6)), "every worker routing it"
+    )
