@@ -94,7 +94,13 @@ class Gateway:
                 on_error=settings.state.budgets_on_error,
                 sync_interval_s=settings.state.sync_interval_ms / 1000,
             ),
-            cache=ResponseCache(settings.cache, self.metrics) if settings.cache.enabled else None,
+            cache=ResponseCache(
+                settings.cache,
+                self.metrics,
+                shared=self.state.rows if self.state is not None else None,
+            )
+            if settings.cache.enabled
+            else None,
             events=self.events,
             max_input_bytes=settings.server.max_message_bytes,
             loop_lag=self.loop_lag,
@@ -291,6 +297,8 @@ class Gateway:
         self.audit.close()
         if self.shared_routes is not None:
             await self.shared_routes.close()
+        if self.pipeline.cache is not None:
+            await self.pipeline.cache.close()  # its last rows, for the other replicas
         if self.state is not None:
             if self._ledger_sync is not None:
                 self._ledger_sync.cancel()

@@ -186,7 +186,9 @@ class Pipeline:
         ):
             return _uncached(compute(feeds, rows))
         contract_version = coverage.contract_version if coverage is not None else ""
-        who = cache.identity(loaded.name, loaded.version_label, contract_version, loaded.generation)
+        who = cache.identity(
+            loaded.name, loaded.version_label, contract_version, loaded.generation, loaded.digest
+        )
         return cache.infer(who, feeds, rows, compute)
 
     def _shape(

@@ -12,11 +12,20 @@ for another request (or twice in one request) is computed once: the later ones w
 
 Bounded by bytes (cachetools' LRUCache: the least recently used rows make room) and by age: an
 entry past ``ttl_s`` is a miss when next looked up, and goes.
+
+With ``shared`` (state.backend: redis) the rows other replicas computed are a second tier:
+rows missed here and computed by no request here are looked up there, in one round trip per
+request, before they are computed; computed rows are stored there in the background (at most
+``_MAX_PUTS`` writes at once; past it a row is not shared). A shared row is keyed by the model
+file's digest (the same model on every replica, not this process's load) and carries its row
+bytes: a collision is a miss there too. Redis not answering is a miss (fail open), counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +38,7 @@ from numpy.typing import NDArray
 
 from gateway.errors import RuntimeFailure
 from gateway.settings import CacheSettings
+from gateway.state import SharedRows, StateUnavailable
 from gateway.telemetry import GatewayMetrics
 from gateway.types import Feeds, Outcome
 
@@ -36,6 +46,7 @@ __all__ = ["CacheResult", "Identity", "ResponseCache", "cacheable", "identity"]
 
 Compute = Callable[[Feeds, int], Awaitable[Outcome]]
 _ENTRY_OVERHEAD = 160  # bytes of Python objects around an entry's arrays
+_MAX_PUTS = 64  # writes to the shared tier in flight at once
 
 
 @dataclass(slots=True)
@@ -70,10 +81,12 @@ class CacheResult:
 
 
 class Identity(NamedTuple):
-    """What a cached row must have been computed by, and the hash seed derived from it."""
+    """What a cached row must have been computed by, and the hash seed derived from it;
+    ``shared``: the same model on every replica (its file's digest), for the shared tier."""
 
     who: bytes
     seed: int
+    shared: bytes = b""
 
 
 class _Store(LRUCache[int, _Entry]):
@@ -97,10 +110,15 @@ def _entry_size(entry: _Entry) -> int:
     return entry.nbytes
 
 
-def identity(name: str, version: str, contract_version: str, generation: int) -> Identity:
-    """A model version's identity: its name, version, contract version and load."""
+def identity(
+    name: str, version: str, contract_version: str, generation: int, digest: str = ""
+) -> Identity:
+    """A model version's identity: its name, version, contract version and load (and, for
+    the shared tier, its model file's digest)."""
     who = f"{name}\x00{version}\x00{contract_version}\x00{generation}".encode()
-    return Identity(who, xxhash.xxh3_64_intdigest(who))
+    model = f"{name}\x00{version}\x00{contract_version}\x00{digest}".encode()
+    shared = format(xxhash.xxh3_64_intdigest(model), "016x").encode()
+    return Identity(who, xxhash.xxh3_64_intdigest(who), shared)
 
 
 def cacheable(feeds: Feeds) -> bool:
@@ -114,8 +132,12 @@ class ResponseCache:
         settings: CacheSettings,
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedRows | None = None,
     ) -> None:
         self.settings = settings
+        self._shared = shared
+        self._shared_errors = metrics.state_errors.labels("cache")
+        self._puts: set[asyncio.Task[None]] = set()
         self._clock = clock  # seconds; entries expire on it
         self._flights: dict[int, _Flight] = {}
         self._identities: dict[tuple[int, str], Identity] = {}
@@ -159,15 +181,19 @@ class ResponseCache:
         self._store.clear()
         return count
 
-    def identity(self, name: str, version: str, contract_version: str, generation: int) -> Identity:
+    def identity(
+        self, name: str, version: str, contract_version: str, generation: int, digest: str = ""
+    ) -> Identity:
         """A model version's identity under a contract version (made once, then looked up);
-        ``generation`` is unique to one load of the version."""
+        ``generation`` is unique to one load of the version, ``digest`` to its file."""
         key = (generation, contract_version)
         found = self._identities.get(key)
         if found is None:
             if len(self._identities) > 4096:  # versions come and go: keep the map small
                 self._identities.clear()
-            found = self._identities[key] = identity(name, version, contract_version, generation)
+            found = self._identities[key] = identity(
+                name, version, contract_version, generation, digest
+            )
         return found
 
     def _lookup(self, who: bytes, row: bytes, key: int) -> _Entry | None:
@@ -187,7 +213,7 @@ class ResponseCache:
     ) -> CacheResult:
         """``rows`` rows of ``feeds`` through the cache; ``compute`` runs the missing ones."""
         started = time.perf_counter_ns()
-        who, seed = identity
+        who, seed, _ = identity
         flights = self._flights
         found: dict[int, tuple[NDArray[np.generic], ...]] = {}  # row -> outputs
         waiting: list[tuple[int, asyncio.Future[tuple[NDArray[np.generic], ...]]]] = []
@@ -218,6 +244,8 @@ class ResponseCache:
             owned[key] = i
             missing.append(i)
             mine.append((key, flight))
+        if missing and self._shared is not None:
+            await self._from_shared(identity, feeds, rows, missing, mine, found)
         self.hits += len(found)
         self.coalesced += len(waiting) + len(duplicates)
         self.misses += len(missing)
@@ -234,6 +262,8 @@ class ResponseCache:
                 raise
             computed = outcome.outputs
             self._land(mine, computed, None)
+            if self._shared is not None:
+                self._share(identity, mine, computed)
             if len(missing) == rows:
                 return CacheResult(computed, outcome, 0, lookup_ns)
         elif len(found) == rows == 1:  # the online hit: served as stored
@@ -258,6 +288,88 @@ class ResponseCache:
         outputs = _stitch(rows, found, missing, computed)
         return CacheResult(outputs, outcome, rows - len(missing), lookup_ns)
 
+    async def _from_shared(
+        self,
+        identity: Identity,
+        feeds: Feeds,
+        rows: int,
+        missing: list[int],
+        mine: list[tuple[int, _Flight]],
+        found: dict[int, tuple[NDArray[np.generic], ...]],
+    ) -> None:
+        """Rows other replicas computed, taken out of ``missing`` (and ``mine``, landed as if
+        computed here: waiters get them, the local tier keeps them)."""
+        assert self._shared is not None
+        keys = [self._shared.key(identity.shared, key) for key, _ in mine]
+        try:
+            values = await self._shared.get(keys)
+        except StateUnavailable:
+            self._shared_errors.inc()
+            return
+        still_missing, still_mine = [], []
+        for i, (key, flight), value in zip(missing, mine, values, strict=True):
+            outputs = _unpack(value, identity.shared, flight.row) if value is not None else None
+            if outputs is None:
+                still_missing.append(i)
+                still_mine.append((key, flight))
+                continue
+            found[i] = outputs
+            self._land_row(key, flight, outputs, self._clock() + self.settings.ttl_s)
+        missing[:] = still_missing
+        mine[:] = still_mine
+
+    def _share(
+        self,
+        identity: Identity,
+        mine: list[tuple[int, _Flight]],
+        outputs: list[NDArray[np.generic]],
+    ) -> None:
+        """Store the rows computed here in the shared tier, in the background."""
+        assert self._shared is not None
+        if len(self._puts) >= _MAX_PUTS or any(o.dtype.hasobject for o in outputs):
+            return
+        items = [
+            (
+                self._shared.key(identity.shared, key),
+                _pack(identity.shared, flight.row, tuple(o[j : j + 1] for o in outputs)),
+            )
+            for j, (key, flight) in enumerate(mine)
+        ]
+        task = asyncio.get_running_loop().create_task(self._put(items))
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+
+    async def _put(self, items: list[tuple[bytes, bytes]]) -> None:
+        assert self._shared is not None
+        try:
+            await self._shared.put(items, self.settings.ttl_s)
+        except StateUnavailable:
+            self._shared_errors.inc()
+
+    async def close(self) -> None:
+        """Let the shared tier's writes in flight finish (bounded by the state timeout)."""
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._puts, return_exceptions=True)
+
+    def _land_row(
+        self,
+        key: int,
+        flight: _Flight,
+        row_outputs: tuple[NDArray[np.generic], ...],
+        expires: float,
+    ) -> None:
+        """One row known (computed, or from the shared tier): kept, handed to its waiters."""
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        nbytes = len(flight.row) + _ENTRY_OVERHEAD
+        for o in row_outputs:
+            nbytes += o.nbytes
+        if nbytes <= self._store.maxsize:
+            self._store[key] = _Entry(flight.identity, flight.row, row_outputs, nbytes, expires)
+        for future in flight.waiters:
+            if not future.done():
+                future.set_result(row_outputs)
+
     def _land(
         self,
         mine: list[tuple[int, _Flight]],
@@ -265,7 +377,7 @@ class ResponseCache:
         error: BaseException | None,
     ) -> None:
         """Store computed rows, hand them to whoever waits, and end their flights."""
-        flights, store = self._flights, self._store
+        flights = self._flights
         expires = self._clock() + self.settings.ttl_s
         for j, (key, flight) in enumerate(mine):
             if flights.get(key) is flight:
@@ -279,15 +391,7 @@ class ResponseCache:
                         future.set_exception(failure)
                 continue
             # Each output's row, kept with its batch dimension: a one-row hit is served as is.
-            row_outputs = tuple([o[j : j + 1].copy() for o in outputs])
-            nbytes = len(flight.row) + _ENTRY_OVERHEAD
-            for o in row_outputs:
-                nbytes += o.nbytes
-            if nbytes <= store.maxsize:
-                store[key] = _Entry(flight.identity, flight.row, row_outputs, nbytes, expires)
-            for future in flight.waiters:
-                if not future.done():
-                    future.set_result(row_outputs)
+            self._land_row(key, flight, tuple([o[j : j + 1].copy() for o in outputs]), expires)
 
 
 def _row_bytes(feeds: Feeds, rows: int) -> list[bytes]:
@@ -320,3 +424,51 @@ def _stitch(
             out[missing] = computed[k]
         outputs.append(out)
     return outputs
+
+
+# A shared row: its model identity, its bytes, then each output (dtype, shape, data).
+_HEAD = struct.Struct("<HIB")
+_ARRAY = struct.Struct("<BBQ")
+
+
+def _pack(model: bytes, row: bytes, outputs: tuple[NDArray[np.generic], ...]) -> bytes:
+    parts = [_HEAD.pack(len(model), len(row), len(outputs)), model, row]
+    for output in outputs:
+        dtype = output.dtype.str.encode()
+        data = np.ascontiguousarray(output).tobytes()
+        parts += [_ARRAY.pack(len(dtype), output.ndim, len(data)), dtype]
+        parts += [struct.pack(f"<{output.ndim}q", *output.shape), data]
+    return b"".join(parts)
+
+
+def _unpack(blob: bytes, model: bytes, row: bytes) -> tuple[NDArray[np.generic], ...] | None:
+    """The outputs of a shared row, if it is this model's and this row's (else None: a
+    collision, or bytes that do not parse, are misses)."""
+    try:
+        model_len, row_len, count = _HEAD.unpack_from(blob)
+        at = _HEAD.size
+        if (
+            blob[at : at + model_len] != model
+            or blob[at + model_len : at + model_len + row_len] != row
+        ):
+            return None
+        at += model_len + row_len
+        outputs = []
+        for _ in range(count):
+            dtype_len, ndim, size = _ARRAY.unpack_from(blob, at)
+            at += _ARRAY.size
+            dtype = np.dtype(blob[at : at + dtype_len].decode())
+            at += dtype_len
+            shape = struct.unpack_from(f"<{ndim}q", blob, at)
+            at += 8 * ndim
+            if dtype.hasobject or len(blob) < at + size:
+                return None
+            outputs.append(
+                np.frombuffer(blob, dtype, count=size // dtype.itemsize, offset=at)
+                .reshape(shape)
+                .copy()
+            )
+            at += size
+        return tuple(outputs)
+    except (struct.error, ValueError, TypeError):
+        return None

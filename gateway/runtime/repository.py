@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -75,6 +76,9 @@ class LoadedVersion:
     stats: ModelStatistics = field(default_factory=ModelStatistics)
     # Unique per load in this process: cached responses of an earlier load never match it.
     generation: int = field(default_factory=lambda: next(_LOADS))
+    # SHA-256 of the model file: the same model on every replica, another file never (what
+    # rows cached for other replicas are keyed on, beside name, version and contract).
+    digest: str = ""
 
     def __post_init__(self) -> None:
         # Feature coverage since load, per contract feature: present, defaulted, out of range,
@@ -344,7 +348,9 @@ class ModelRepository:
         if config.warmup:
             for instance in runtimes:
                 warm_up(instance)
-        return LoadedVersion(name, version, config, runtimes, stamp, contract)
+        with path.open("rb") as model_file:
+            digest = hashlib.file_digest(model_file, "sha256").hexdigest()
+        return LoadedVersion(name, version, config, runtimes, stamp, contract, digest=digest)
 
     async def unload(self, name: str) -> None:
         model = self._models.get(name)

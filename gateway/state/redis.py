@@ -18,7 +18,14 @@ from redis.exceptions import RedisError
 
 from gateway.settings import StateSettings
 
-__all__ = ["RedisState", "SharedBudgets", "SharedLimits", "SharedRoutes", "StateUnavailable"]
+__all__ = [
+    "RedisState",
+    "SharedBudgets",
+    "SharedLimits",
+    "SharedRoutes",
+    "SharedRows",
+    "StateUnavailable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,7 @@ class RedisState:
         self.limits = SharedLimits(self)
         self.budgets = SharedBudgets(self)
         self.routes = SharedRoutes(self)
+        self.rows = SharedRows(self)
 
     def where(self) -> str:
         """host:port/db, for logs (never the URL: it may hold a password)."""
@@ -185,3 +193,31 @@ class SharedRoutes:
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class SharedRows:
+    """Response rows other replicas computed: one key per row (its model identity and the
+    hash of its bytes), expiring after ``cache.ttl_s``; Redis' own eviction policy
+    (``maxmemory`` with ``allkeys-lru``) bounds their bytes."""
+
+    def __init__(self, state: RedisState) -> None:
+        self._state = state
+        self._prefix = f"{state.settings.key_prefix}rows:".encode()
+
+    def key(self, model: bytes, row_hash: int) -> bytes:
+        return self._prefix + model + b":" + row_hash.to_bytes(16, "little").hex().encode()
+
+    async def get(self, keys: list[bytes]) -> list[bytes | None]:
+        """The stored values of ``keys`` (None: not there); StateUnavailable when Redis does
+        not answer."""
+        reply = await self._state.call(self._state.client.mget(keys))
+        assert isinstance(reply, list)
+        return reply
+
+    async def put(self, items: list[tuple[bytes, bytes]], ttl_s: float) -> None:
+        """Store each (key, value) for ``ttl_s``, in one round trip."""
+        pipe = self._state.client.pipeline(transaction=False)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        for key, value in items:
+            _ = pipe.set(key, value, px=ttl_ms)  # queued: the pipeline returns itself
+        await self._state.call(pipe.execute())

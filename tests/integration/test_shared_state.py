@@ -3,6 +3,7 @@ gateways, and what happens while Redis is down (fail open or closed, then recove
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
+from redis import Redis
 from tritonclient.utils import InferenceServerException
 
 from gateway.api.v1 import admin_pb2
@@ -260,3 +262,62 @@ def test_workers_take_route_changes_when_the_routes_are_shared(
     wait_until(
         lambda: all("scored" in routes_of(proc).yaml for _ in range(6)), "every worker routing it"
     )
+
+
+# -- the response cache -----------------------------------------------------------------------
+
+
+def cache_settings(path: Path, redis: RedisServer) -> Path:
+    variant = {"name": "v", "model": "fraud", "weight": 1, "deterministic": True}
+    settings = {
+        "state": {"backend": "redis", "redis_url": redis.url, "timeout_ms": 200},
+        "routing": {
+            "routes": {
+                "cached-v1": {"variants": [{**variant, "version": "1"}]},
+                "cached-v2": {"variants": [{**variant, "version": "2"}]},
+            }
+        },
+        "audit": {"path": None},
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def cached_rows(client: triton_grpc.InferenceServerClient, model: str, seed: int) -> int:
+    tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
+    tensor.set_data_from_numpy(demo_features(1, seed=seed))
+    response = client.infer(model, [tensor], client_timeout=10).get_response()
+    return int(response.parameters["cached_rows"].int64_param)
+
+
+def test_a_row_cached_by_one_replica_is_a_hit_on_another(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    config = cache_settings(tmp_path / "gateway.yaml", redis_server)
+    a, b = (start_gateway(demo_repo, "--config", str(config)) for _ in range(2))
+    with a.client() as on_a, b.client() as on_b:
+        assert cached_rows(on_a, "cached-v1", seed=21) == 0  # computed on A, stored for all
+        wait_until(lambda: shared_rows(redis_server) == 1, "A's row in Redis")
+        # B's first sight of the row: a hit (B never computed it).
+        assert cached_rows(on_b, "cached-v1", seed=21) == 1
+        assert b.metric("gateway_cache_rows_total", outcome="hit") == 1
+        # Another version of the model never meets the row.
+        assert cached_rows(on_b, "cached-v2", seed=21) == 0
+        # Redis away: a miss, computed and answered, counted; back: shared again.
+        redis_server.stop(signal.SIGKILL)
+        assert cached_rows(on_a, "cached-v1", seed=22) == 0
+        assert a.metric("gateway_state_errors_total", concern="cache") >= 1
+        redis_server.start()
+        seeds = iter(range(100, 1000))
+
+        def a_row_shared_again() -> bool:
+            cached_rows(on_a, "cached-v1", seed=next(seeds))  # a new row each time
+            return shared_rows(redis_server) > 0
+
+        wait_until(a_row_shared_again, "A's rows stored in Redis again")
+
+
+def shared_rows(redis: RedisServer) -> int:
+    """Rows the replicas have stored in Redis (a client of the test's own)."""
+    with contextlib.closing(Redis(port=redis.port)) as client:
+        return len(client.keys("gateway:rows:*"))
