@@ -128,6 +128,15 @@ def _parser() -> argparse.ArgumentParser:
         "rollback", parents=[admin], help="restore a route's previous spec"
     )
     rollback.add_argument("route")
+    for changing in (routes, promote, rollback):
+        changing.add_argument(
+            "--if-generation",
+            type=int,
+            default=0,
+            metavar="N",
+            help="change only the table of generation N (what `gateway routes` printed), "
+            "else FAILED_PRECONDITION: someone changed it since",
+        )
     costs = commands.add_parser("costs", parents=[admin], help="print the cost ledger, budgets")
     costs.add_argument(
         "--by",
@@ -417,13 +426,18 @@ def _admin(args: argparse.Namespace) -> int:
     try:
         with AdminClient(args.address, _credentials(args)) as client:
             if args.command == "routes":
-                reply = client.set_routes_file(args.set) if args.set else client.routes()
+                reply = (
+                    client.set_routes_file(args.set, args.if_generation)
+                    if args.set
+                    else client.routes()
+                )
+                print(f"# generation {reply.generation}")
                 print(reply.yaml.rstrip() or "no routes")
             elif args.command == "promote":
-                client.promote(args.route, args.variant)
+                client.promote(args.route, args.variant, args.if_generation)
                 print(f"{args.route}: {args.variant} takes all traffic")
             elif args.command == "rollback":
-                reply = client.rollback(args.route)
+                reply = client.rollback(args.route, args.if_generation)
                 print(f"{args.route}: rolled back")
                 print(reply.yaml.rstrip() or "no routes")
             elif args.command == "costs":

@@ -64,7 +64,7 @@ class _BudgetState:
     window_end: float = 0.0
     spent: float = 0.0
     exceeded: bool = False
-    unsynced: float = 0.0  # spent here since the last sync with the replicas' shared total
+    mine: float = 0.0  # what this replica spent in the window (the replicas' total: spent)
 
 
 class Ledger:
@@ -227,29 +227,29 @@ class Ledger:
             for state in self._subject(tenant, surface):
                 state = self._current(state)
                 state.spent += total
-                state.unsynced += total
+                state.mine += total
 
     # -- shared with other replicas (state.backend: redis) ------------------------------------
 
     async def sync(self) -> bool:
-        """Add the spend of each budget's current window since the last sync to the replicas'
-        shared total and take that total as the spend; False (counted) when Redis does not
-        answer: the spend waits for the next sync."""
+        """Tell the replicas what this one spent in each budget's current window and take
+        their total as the spend; False (counted) when Redis does not answer (this replica's
+        spend is told again at the next sync: it is set, never added, so nothing counts
+        twice)."""
         assert self.shared is not None
         states = [self._current(s) for s in self._budgets]
-        sent = [(s, s.window_start, s.unsynced) for s in states]
+        sent = [(s, s.window_start, s.mine) for s in states]
         try:
             totals = await self.shared.sync(
-                [(s.budget.name, start, delta, s.budget.window_s) for s, start, delta in sent]
+                [(s.budget.name, start, mine, s.budget.window_s) for s, start, mine in sent]
             )
         except StateUnavailable:
             self._metrics.state_errors.labels("budgets").inc()
             return False
         self._synced_at = time.monotonic()
-        for (state, start, delta), total in zip(sent, totals, strict=True):
+        for (state, start, mine), total in zip(sent, totals, strict=True):
             if state.window_start == start:  # not rolled over meanwhile
-                state.unsynced -= delta
-                state.spent = total + state.unsynced
+                state.spent = total + (state.mine - mine)  # and what came since it was sent
         return True
 
     async def run_sync(self) -> None:
@@ -297,7 +297,7 @@ class Ledger:
         start = int(now // window_s) * window_s
         if start != state.window_start:
             state.window_start, state.window_end, state.spent = start, start + window_s, 0.0
-            state.unsynced = 0.0  # a closed window's last spend is no budget's any more
+            state.mine = 0.0
             if state.exceeded:
                 state.exceeded = False
                 self._metrics.budget_exceeded.labels(state.budget.name, state.budget.policy).set(0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -245,7 +246,11 @@ class ResponseCache:
             missing.append(i)
             mine.append((key, flight))
         if missing and self._shared is not None:
-            await self._from_shared(identity, feeds, rows, missing, mine, found)
+            try:
+                await self._from_shared(identity, missing, mine, found)
+            except BaseException as err:  # cancelled meanwhile: its rows are no one's now
+                self._land(mine, None, err)
+                raise
         self.hits += len(found)
         self.coalesced += len(waiting) + len(duplicates)
         self.misses += len(missing)
@@ -283,6 +288,9 @@ class ResponseCache:
                 return CacheResult(outcome.outputs, outcome, 0, lookup_ns)
         positions = {row: j for j, row in enumerate(missing)}
         for i, earlier in duplicates:
+            if earlier in found:  # the shared tier had it
+                found[i] = found[earlier]
+                continue
             j = positions[earlier]
             found[i] = tuple(o[j : j + 1] for o in computed)
         outputs = _stitch(rows, found, missing, computed)
@@ -291,8 +299,6 @@ class ResponseCache:
     async def _from_shared(
         self,
         identity: Identity,
-        feeds: Feeds,
-        rows: int,
         missing: list[int],
         mine: list[tuple[int, _Flight]],
         found: dict[int, tuple[NDArray[np.generic], ...]],
@@ -300,7 +306,7 @@ class ResponseCache:
         """Rows other replicas computed, taken out of ``missing`` (and ``mine``, landed as if
         computed here: waiters get them, the local tier keeps them)."""
         assert self._shared is not None
-        keys = [self._shared.key(identity.shared, key) for key, _ in mine]
+        keys = [self._shared.key(identity.shared, _shared_hash(identity, f.row)) for _, f in mine]
         try:
             values = await self._shared.get(keys)
         except StateUnavailable:
@@ -330,10 +336,10 @@ class ResponseCache:
             return
         items = [
             (
-                self._shared.key(identity.shared, key),
+                self._shared.key(identity.shared, _shared_hash(identity, flight.row)),
                 _pack(identity.shared, flight.row, tuple(o[j : j + 1] for o in outputs)),
             )
-            for j, (key, flight) in enumerate(mine)
+            for j, (_, flight) in enumerate(mine)
         ]
         task = asyncio.get_running_loop().create_task(self._put(items))
         self._puts.add(task)
@@ -428,6 +434,7 @@ def _stitch(
 
 # A shared row: its model identity, its bytes, then each output (dtype, shape, data).
 _HEAD = struct.Struct("<HIB")
+_PLAIN = "biufc"  # bool, integers, floats, complex: what tobytes/frombuffer carry whole
 _ARRAY = struct.Struct("<BBQ")
 
 
@@ -443,14 +450,13 @@ def _pack(model: bytes, row: bytes, outputs: tuple[NDArray[np.generic], ...]) ->
 
 def _unpack(blob: bytes, model: bytes, row: bytes) -> tuple[NDArray[np.generic], ...] | None:
     """The outputs of a shared row, if it is this model's and this row's (else None: a
-    collision, or bytes that do not parse, are misses)."""
+    collision, or bytes that do not parse as plain numeric arrays of one row, are misses)."""
     try:
         model_len, row_len, count = _HEAD.unpack_from(blob)
         at = _HEAD.size
-        if (
-            blob[at : at + model_len] != model
-            or blob[at + model_len : at + model_len + row_len] != row
-        ):
+        if blob[at : at + model_len] != model:
+            return None
+        if blob[at + model_len : at + model_len + row_len] != row:
             return None
         at += model_len + row_len
         outputs = []
@@ -461,14 +467,26 @@ def _unpack(blob: bytes, model: bytes, row: bytes) -> tuple[NDArray[np.generic],
             at += dtype_len
             shape = struct.unpack_from(f"<{ndim}q", blob, at)
             at += 8 * ndim
-            if dtype.hasobject or len(blob) < at + size:
+            if (
+                dtype.kind not in _PLAIN
+                or dtype.itemsize == 0
+                or dtype.fields is not None
+                or not shape
+                or shape[0] != 1
+                or any(d < 0 for d in shape)
+                or math.prod(shape) * dtype.itemsize != size
+                or len(blob) < at + size
+            ):
                 return None
-            outputs.append(
-                np.frombuffer(blob, dtype, count=size // dtype.itemsize, offset=at)
-                .reshape(shape)
-                .copy()
-            )
+            array = np.frombuffer(blob, dtype, count=size // dtype.itemsize, offset=at)
+            outputs.append(array.reshape(shape).copy())
             at += size
         return tuple(outputs)
-    except (struct.error, ValueError, TypeError):
+    except Exception:  # any bytes at all: a miss, never an error
         return None
+
+
+def _shared_hash(identity: Identity, row: bytes) -> int:
+    """A row's hash in the shared tier: seeded by what is the same on every replica (the
+    model file's digest), not by this process's load."""
+    return xxhash.xxh3_128_intdigest(row, int(identity.shared or b"0", 16))

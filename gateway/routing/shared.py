@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _BACKSTOP_S = 1.0  # re-read at least this often, whatever the announcements
 _RETRY_S = 1.0  # after Redis went away, listen again this much later
+_ATTEMPTS = 3  # compare-and-set tries of a change that asked for no generation
 
 
 class RouteStore(Protocol):
     shared: bool
 
-    async def change(self, mutate: Callable[[RouteTable], T], expected: int) -> T: ...
+    async def change(self, mutate: Callable[[RouteTable], T], expected_generation: int) -> T: ...
 
 
 class LocalRoutes:
@@ -41,8 +42,8 @@ class LocalRoutes:
     def __init__(self, table: RouteTable) -> None:
         self._table = table
 
-    async def change(self, mutate: Callable[[RouteTable], T], expected: int) -> T:
-        self._table.expect(expected)
+    async def change(self, mutate: Callable[[RouteTable], T], expected_generation: int) -> T:
+        self._table.expect(expected_generation)
         return mutate(self._table)
 
 
@@ -64,20 +65,25 @@ class SharedRouteTable:
         """Adopt the shared table, or offer this one as the first (the settings' routes);
         then follow it. Redis away at start: serve the settings' routes until it answers."""
         try:
-            await self._follow()
+            await self._follow(at_start=True)
         except StateUnavailable as err:
             self._on_error()
             log.warning("routes: the shared table cannot be read (%s); serving the settings'", err)
         self._watcher = asyncio.create_task(self._watch())
 
-    async def _follow(self) -> None:
+    async def _follow(self, at_start: bool = False) -> None:
+        """Adopt the shared table when it is newer than this one (at start: whatever it is,
+        since every process starts its own at generation 1)."""
         document = await self._shared.read()
         if document is None:
             if await self._shared.write(0, self._table.document()):
                 log.info("routes: this replica's table is now the shared one")
                 return
             document = await self._shared.read()
-        if document is not None and int(document["generation"]) != self._table.generation:
+        if document is None:
+            return
+        generation = int(document["generation"])
+        if at_start or generation > self._table.generation:
             changed = self._table.adopt(document)
             log.info(
                 "routes: generation %d from the shared table; changed: %s",
@@ -96,26 +102,47 @@ class SharedRouteTable:
                 log.exception("routes: following the shared table failed")
             await asyncio.sleep(_RETRY_S)
 
-    async def change(self, mutate: Callable[[RouteTable], T], expected: int) -> T:
-        try:
-            await self._follow()  # the latest first: another replica may have changed it
-            self._table.expect(expected)
-            draft = RouteTable({}, self._history)
-            draft.adopt(self._table.document())
-            base = draft.generation
-            result = mutate(draft)
-            if not await self._shared.write(base, draft.document()):
+    async def change(self, mutate: Callable[[RouteTable], T], expected_generation: int) -> T:
+        """``mutate`` applied to the latest shared table and written back by compare-and-set.
+        With ``expected_generation`` 0 a conflict with another replica's change is retried
+        (on the newer table) a few times; otherwise it is RevisionConflict."""
+        for attempt in range(_ATTEMPTS):
+            draft, result, written = await self._attempt(mutate, expected_generation)
+            if written:
+                if draft.generation > self._table.generation:  # not overtaken meanwhile
+                    self._table.adopt(draft.document())
+                return result
+            if expected_generation or attempt == _ATTEMPTS - 1:
                 raise RevisionConflict(
                     f"another replica changed the routes while this change was made (from "
-                    f"generation {base}): read them again, then retry"
+                    f"generation {draft.generation - 1}): read them again, then retry"
                 )
+        raise AssertionError("unreachable")
+
+    async def _attempt(
+        self, mutate: Callable[[RouteTable], T], expected_generation: int
+    ) -> tuple[RouteTable, T, bool]:
+        try:
+            await self._follow()  # the latest first: another replica may have changed it
         except StateUnavailable as err:
             self._on_error()
             raise SharedStateDown(
                 f"the routes are kept in Redis, which does not answer ({err}): nothing changed"
             ) from None
-        self._table.adopt(draft.document())
-        return result
+        self._table.expect(expected_generation)
+        draft = RouteTable({}, self._history)
+        draft.adopt(self._table.document())
+        base = draft.generation
+        result = mutate(draft)
+        try:
+            written = await self._shared.write(base, draft.document())
+        except StateUnavailable as err:
+            self._on_error()
+            raise SharedStateDown(
+                f"Redis did not confirm the change ({err}): it may or may not have been made; "
+                "read the routes before trying again"
+            ) from None
+        return draft, result, written
 
     async def close(self) -> None:
         if self._watcher is not None:

@@ -5,8 +5,8 @@ A route's variants split its traffic by weight. The split is sticky: a request w
 across requests, processes and restarts, so long as the weights stay); one without draws at
 random. Match rules on request parameters come first and pick a variant outright.
 
-The table is immutable: set, promote and rollback swap in a new one, so a request in flight
-keeps the route it started with, and every change is one assignment on the loop.
+Each Route is immutable: set, promote and rollback put a new one in its place, so a request
+in flight keeps the route it started with, and every change happens on the loop.
 
 Its ``generation`` bumps on every change; ``document()``/``adopt()`` carry the whole table
 (routes, revisions, rollback history, generation) as JSON-able data, the form replicas share

@@ -51,18 +51,25 @@ class AdminClient:
     def routes(self) -> pb.Routes:
         return self._call("GetRoutes", pb.GetRoutesRequest())  # type: ignore[return-value]
 
-    def set_routes(self, text: str) -> pb.Routes:
-        return self._call("SetRoutes", pb.SetRoutesRequest(yaml=text))  # type: ignore[return-value]
+    # ``expected_generation`` (> 0): change only the table of that generation (as last read),
+    # else FAILED_PRECONDITION; 0: whatever it is now.
 
-    def set_routes_file(self, path: Path) -> pb.Routes:
-        return self.set_routes(path.read_text())
+    def set_routes(self, text: str, expected_generation: int = 0) -> pb.Routes:
+        request = pb.SetRoutesRequest(yaml=text, expected_generation=expected_generation)
+        return self._call("SetRoutes", request)  # type: ignore[return-value]
 
-    def promote(self, route: str, variant: str) -> pb.Routes:
-        request = pb.PromoteRequest(route=route, variant=variant)
+    def set_routes_file(self, path: Path, expected_generation: int = 0) -> pb.Routes:
+        return self.set_routes(path.read_text(), expected_generation)
+
+    def promote(self, route: str, variant: str, expected_generation: int = 0) -> pb.Routes:
+        request = pb.PromoteRequest(
+            route=route, variant=variant, expected_generation=expected_generation
+        )
         return self._call("Promote", request)  # type: ignore[return-value]
 
-    def rollback(self, route: str) -> pb.Routes:
-        return self._call("Rollback", pb.RollbackRequest(route=route))  # type: ignore[return-value]
+    def rollback(self, route: str, expected_generation: int = 0) -> pb.Routes:
+        request = pb.RollbackRequest(route=route, expected_generation=expected_generation)
+        return self._call("Rollback", request)  # type: ignore[return-value]
 
     def costs(self, since: float = 0.0) -> pb.CostsResponse:
         return self._call("Costs", pb.CostsRequest(since=since))  # type: ignore[return-value]

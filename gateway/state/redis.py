@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,12 +33,13 @@ log = logging.getLogger(__name__)
 
 # GCRA (a token bucket kept as one timestamp: the "theoretical arrival time" of the next
 # request) evaluated atomically in Redis, on Redis' clock, so every replica spends from one
-# bucket: ``rate`` per second on average, ``burst`` at once. Returns {1, 0} when admitted,
-# {0, ms} with the wait before a request would be. The key expires once the bucket is full
+# bucket: ``rate`` per second on average, ``burst`` at once. Times are whole microseconds
+# (exact in Lua's doubles: no rounding that drifts the rate). Returns {1, 0} when admitted,
+# {0, us} with the wait before a request would be. The key expires once the bucket is full
 # again, so an idle tenant costs nothing.
 _GCRA = """
 local now_s = redis.call('TIME')
-local now = tonumber(now_s[1]) * 1000 + tonumber(now_s[2]) / 1000
+local now = tonumber(now_s[1]) * 1000000 + tonumber(now_s[2])
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
@@ -44,9 +47,10 @@ if tat < now then tat = now end
 local next_tat = tat + interval
 local allowed_at = next_tat - tolerance
 if now < allowed_at then
-  return {0, math.ceil(allowed_at - now)}
+  return {0, allowed_at - now}
 end
-redis.call('SET', KEYS[1], tostring(next_tat), 'PX', math.ceil(next_tat - now) + 1)
+local ttl_ms = math.ceil((next_tat - now) / 1000) + 1
+redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', ttl_ms)
 return {1, 0}
 """
 
@@ -108,36 +112,58 @@ class SharedLimits:
 
     async def take(self, tenant: str, rate: float, burst: int) -> float | None:
         """Spend one request of ``tenant``'s bucket: None when admitted, else the seconds to
-        wait; StateUnavailable when Redis does not answer."""
-        interval_ms = 1000.0 / rate
-        reply = await self._state.call(
-            self._script(keys=[self._prefix + tenant], args=[interval_ms, burst])
-        )
-        assert isinstance(reply, list) and len(reply) == 2
-        admitted, wait_ms = int(reply[0]), int(reply[1])
-        return None if admitted else wait_ms / 1000
+        wait; StateUnavailable when Redis does not answer. (The key holds the tenant's hash:
+        a tenant is client text, up to 1,024 characters with auth.mode none.)"""
+        interval_us = max(1, round(1_000_000 / rate))
+        key = self._prefix + hashlib.sha256(tenant.encode()).hexdigest()[:32]
+        reply = await self._state.call(self._script(keys=[key], args=[interval_us, burst]))
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise StateUnavailable("unexpected reply")
+        admitted, wait_us = int(reply[0]), int(reply[1])
+        return None if admitted else wait_us / 1_000_000
+
+
+# Each replica's own spend in a budget's window is one field of the window's hash, set (not
+# added): a write Redis made but whose answer came too late is made again harmlessly. The
+# total is the sum of the fields.
+_SPEND = """
+local totals = {}
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, ARGV[1], ARGV[2 * i])
+  redis.call('EXPIRE', key, ARGV[2 * i + 1])
+  local sum = 0
+  for _, value in ipairs(redis.call('HVALS', key)) do sum = sum + tonumber(value) end
+  totals[i] = string.format('%.17g', sum)
+end
+return totals
+"""
 
 
 class SharedBudgets:
-    """Budgets' spend per window in Redis, one key per (budget, window start): every replica
-    adds what it spent since its last sync and reads the total back, in one round trip."""
+    """Budgets' spend per window in Redis: each replica sets its own spend in each window (a
+    field of one hash per budget window) and reads every replica's total back, in one round
+    trip."""
 
     def __init__(self, state: RedisState) -> None:
         self._state = state
         self._prefix = f"{state.settings.key_prefix}budget:"
+        self._script = state.client.register_script(_SPEND)
+        self._replica = uuid.uuid4().hex  # this process, among the replicas
 
     async def sync(self, spends: list[tuple[str, int, float, int]]) -> list[float]:
-        """Add each (budget name, window start, spend since the last sync, window length) and
-        return each window's total over every replica; StateUnavailable when Redis does not
-        answer (nothing was added: the caller keeps its spend for the next sync)."""
-        pipe = self._state.client.pipeline(transaction=True)  # all added, or none
-        for name, start, delta, window_s in spends:
-            key = f"{self._prefix}{name}:{start}"
-            _ = pipe.incrbyfloat(key, delta)  # queued: the pipeline returns itself
-            _ = pipe.expire(key, 2 * window_s)
-        replies = await self._state.call(pipe.execute())
-        assert isinstance(replies, list)
-        return [float(total) for total in replies[0::2]]
+        """Set this replica's spend for each (budget name, window start, spend in the window,
+        window length) and return each window's total over every replica; StateUnavailable
+        when Redis does not answer (the spend is set again at the next sync)."""
+        if not spends:
+            return []
+        keys = [f"{self._prefix}{name}:{start}" for name, start, _, _ in spends]
+        args: list[str | int] = [self._replica]
+        for _, _, spent, window_s in spends:
+            args += [repr(spent), 2 * window_s]
+        replies = await self._state.call(self._script(keys=keys, args=args))
+        if not isinstance(replies, list) or len(replies) != len(spends):
+            raise StateUnavailable("unexpected reply")
+        return [float(total) for total in replies]
 
 
 # The route table as one document beside its generation, replaced only by a writer that
@@ -211,7 +237,8 @@ class SharedRows:
         """The stored values of ``keys`` (None: not there); StateUnavailable when Redis does
         not answer."""
         reply = await self._state.call(self._state.client.mget(keys))
-        assert isinstance(reply, list)
+        if not isinstance(reply, list):
+            raise StateUnavailable("unexpected reply")
         return reply
 
     async def put(self, items: list[tuple[bytes, bytes]], ttl_s: float) -> None:

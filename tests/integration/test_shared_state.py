@@ -18,7 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.api.v1 import admin_pb2
 from gateway.server.admin_client import AdminClient
-from tests.auth import ADMIN_METADATA, ADMIN_TOKEN, wait_until
+from gateway.settings import StateSettings
+from gateway.state import RedisState
+from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN, wait_until
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 from tests.services import RedisServer
 
@@ -198,9 +200,10 @@ def route(name: str, version: str) -> str:
     return yaml.safe_dump(spec)
 
 
-def routes_settings(path: Path, redis: RedisServer) -> Path:
+def routes_settings(path: Path, redis: RedisServer, routes: str = "") -> Path:
     settings = {
         "state": {"backend": "redis", "redis_url": redis.url, "timeout_ms": 200},
+        "routing": {"routes": yaml.safe_load(routes) if routes else {}},
         "admin": {"token": ADMIN_TOKEN},
         "audit": {"path": None},
     }
@@ -214,11 +217,9 @@ def routes_of(proc: GatewayProcess) -> admin_pb2.Routes:
 
 
 def set_routes(proc: GatewayProcess, text: str, expected: int = 0) -> str:
-    with grpc.insecure_channel(proc.url) as channel:
-        call = channel.unary_unary("/gateway.v1.GatewayAdmin/SetRoutes")
-        request = admin_pb2.SetRoutesRequest(yaml=text, expected_generation=expected)
+    with AdminClient(proc.url, ADMIN_TOKEN) as admin:
         try:
-            call(request.SerializeToString(), metadata=ADMIN_METADATA, timeout=10)
+            admin.set_routes(text, expected_generation=expected)
         except grpc.RpcError as err:
             return err.code().name
     return "OK"
@@ -228,9 +229,13 @@ def test_a_route_set_on_one_replica_is_routed_by_all_and_outlives_them(
     demo_repo: Path, start_gateway, redis_server, tmp_path
 ):
     config = routes_settings(tmp_path / "gateway.yaml", redis_server)
-    a, b = (start_gateway(demo_repo, "--config", str(config)) for _ in range(2))
+    a = start_gateway(demo_repo, "--config", str(config))
+    # B's settings name another route: the table in Redis wins (every process starts its
+    # own table at generation 1, so the generation alone could not tell them apart).
+    other = routes_settings(tmp_path / "other.yaml", redis_server, route("own", "2"))
+    b = start_gateway(demo_repo, "--config", str(other))
     base = routes_of(a).generation
-    assert routes_of(b).generation == base  # one table
+    assert routes_of(b).yaml == routes_of(a).yaml and "own" not in routes_of(b).yaml
     assert set_routes(a, route("scored", "1"), base) == "OK"
     wait_until(lambda: "scored" in routes_of(b).yaml, "replica B routing the new route")
     with b.client() as client:
@@ -277,6 +282,7 @@ def cache_settings(path: Path, redis: RedisServer) -> Path:
                 "cached-v2": {"variants": [{**variant, "version": "2"}]},
             }
         },
+        "admin": {"token": ADMIN_TOKEN},
         "audit": {"path": None},
     }
     path.write_text(yaml.safe_dump(settings))
@@ -298,6 +304,9 @@ def test_a_row_cached_by_one_replica_is_a_hit_on_another(
     with a.client() as on_a, b.client() as on_b:
         assert cached_rows(on_a, "cached-v1", seed=21) == 0  # computed on A, stored for all
         wait_until(lambda: shared_rows(redis_server) == 1, "A's row in Redis")
+        # B loads the model again (another load in B's process, the same file): no matter.
+        on_b.unload_model("fraud", headers=ADMIN_HEADERS)
+        on_b.load_model("fraud", headers=ADMIN_HEADERS)
         # B's first sight of the row: a hit (B never computed it).
         assert cached_rows(on_b, "cached-v1", seed=21) == 1
         assert b.metric("gateway_cache_rows_total", outcome="hit") == 1
@@ -321,3 +330,30 @@ def shared_rows(redis: RedisServer) -> int:
     """Rows the replicas have stored in Redis (a client of the test's own)."""
     with contextlib.closing(Redis(port=redis.port)) as client:
         return len(client.keys("gateway:rows:*"))
+
+
+# -- the shared state's operations, against the real Redis ---------------------------------
+
+
+async def test_redis_operations_are_exact_and_idempotent(redis_server):
+    settings = StateSettings(backend="redis", redis_url=redis_server.url, timeout_ms=500)
+    one, two = RedisState(settings), RedisState(settings)  # two replicas
+    try:
+        # GCRA: burst 1 at 0.5/s: the second request waits the whole interval (2 s), to the
+        # microsecond's rounding, not a rounded timestamp's.
+        assert await one.limits.take("t", 0.5, 1) is None
+        wait_s = await two.limits.take("t", 0.5, 1)
+        assert wait_s is not None and 1.9 < wait_s <= 2.0
+        # Budgets: a replica's spend is set, not added: told twice (an answer that came too
+        # late, then the next sync), it counts once; two replicas' spends add up.
+        assert await one.budgets.sync([("b", 0, 1.5, 60)]) == [1.5]
+        assert await one.budgets.sync([("b", 0, 1.5, 60)]) == [1.5]
+        assert await two.budgets.sync([("b", 0, 0.25, 60)]) == [1.75]
+        # Routes: a write based on a generation no longer current is refused by Redis itself.
+        assert await one.routes.write(0, {"generation": 1, "routes": {}})
+        assert not await two.routes.write(0, {"generation": 1, "routes": {"x": 1}})
+        assert await two.routes.write(1, {"generation": 2, "routes": {}})
+        assert (await one.routes.read() or {})["generation"] == 2
+    finally:
+        await one.close()
+        await two.close()
