@@ -10,9 +10,10 @@ native by default), running for the whole benchmark, alike but for ``state.backe
 
 * ``memory``: the embedded default: every concern below kept in the process.
 * ``redis``: ``state.backend: redis`` on a ``redis-server`` this script starts on a free
-  loopback port (``--save "" --appendonly no``, ``maxmemory`` with ``allkeys-lru`` as the README
-  asks) and stops by PID at the end, after an error too (bench_transport's ``started``: SIGTERM,
-  then SIGKILL of its process group; its CPU is read from /proc like a gateway's).
+  loopback port (``--save "" --appendonly no``, otherwise Redis' defaults: no ``maxmemory``,
+  ``noeviction``, as the README asks) and stops by PID at the end, after an error too
+  (bench_transport's ``started``: SIGTERM, then SIGKILL of its process group; its CPU is read
+  from /proc like a gateway's).
 
 Both serve the MLP 32 -> 256 -> 256 -> 1 of bench_transport's passthrough, marked deterministic
 (so the cache applies) and priced (so the budget is spent), with no route (requests name the
@@ -98,7 +99,6 @@ from benchmarks.models import write_mlp  # noqa: E402
 CONFIGURATIONS = ["memory", "redis"]
 TENANT = "bench"
 REDIS_READY = re.compile(r"Ready to accept connections")
-REDIS_MAXMEMORY = "256mb"
 GATEWAY_CPU = "server_cpu_us_per_request"
 REDIS_CPU = "redis_cpu_us_per_request"
 CONCERNS = ("limits", "budgets", "cache", "routes")  # gateway_state_errors_total{concern}
@@ -155,7 +155,6 @@ def start_redis(stack: ExitStack, work: Path, cpus: str | None) -> RedisServer:
     port = free_port()
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
     command += ["--save", "", "--appendonly", "no"]
-    command += ["--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "allkeys-lru"]
     proc, _ = stack.enter_context(
         started("redis", command, work / "logs" / "redis.log", REDIS_READY, timeout_s=30, cpus=cpus)
     )
@@ -469,7 +468,7 @@ def main() -> None:
         "transport": args.transport,
         "input_data": f"{args.data_rows} rows, {args.hot_share:.0%} from {HOT_ROWS} hot rows",
         "cache_ttl_s": args.ttl_s,
-        "redis": f"Redis {redis_version}, loopback, maxmemory {REDIS_MAXMEMORY} allkeys-lru",
+        "redis": f"Redis {redis_version}, loopback, no persistence, noeviction",
         "redis_used_memory_at_end": redis_memory,
         "tenant_budget_spent": {name: round(value, 6) for name, value in spent.items()},
         "transport_logged": {name: t.transport_log for name, t in targets.items()},
