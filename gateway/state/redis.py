@@ -10,8 +10,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,6 +56,9 @@ return {1, 0}
 """
 
 
+_BREAK_S = 1.0  # after a failed call, calls fail at once this long
+
+
 class StateUnavailable(Exception):
     """Redis did not answer (unreachable, refused, or slower than ``state.timeout_ms``)."""
 
@@ -64,6 +68,7 @@ class RedisState:
         self.settings = settings
         timeout_s = settings.timeout_ms / 1000
         self._timeout_s = timeout_s
+        self._broken_until = 0.0  # time.monotonic() until which calls fail at once
         self.client = aioredis.from_url(
             settings.redis_url.get_secret_value(),
             socket_timeout=timeout_s,
@@ -91,11 +96,21 @@ class RedisState:
                 "state: redis at %s does not answer (%s); on_error applies", self.where(), err
             )
 
-    async def call(self, command: object) -> object:
-        """Await a client command within ``state.timeout_ms``; StateUnavailable otherwise."""
+    async def call(self, command: Awaitable[Any]) -> object:
+        """Await a client command within ``state.timeout_ms``; StateUnavailable otherwise.
+
+        After a failure, calls fail at once for ``_BREAK_S`` (then one gets through to see
+        whether Redis is back): a Redis that hangs rather than refuses costs each request
+        nothing, not a timeout each."""
+        now = time.monotonic()
+        if now < self._broken_until:
+            if isinstance(command, Coroutine):  # never awaited: no "was never awaited" warning
+                command.close()
+            raise StateUnavailable(f"Redis failed less than {_BREAK_S:g} s ago")
         try:
-            return await asyncio.wait_for(command, self._timeout_s)  # type: ignore[arg-type]
+            return await asyncio.wait_for(command, self._timeout_s)
         except (RedisError, OSError, TimeoutError) as err:
+            self._broken_until = time.monotonic() + _BREAK_S
             raise StateUnavailable(type(err).__name__) from None
 
     async def close(self) -> None:
