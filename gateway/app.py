@@ -93,6 +93,7 @@ class Gateway:
                 shared=self.state.budgets if self.state is not None else None,
                 on_error=settings.state.budgets_on_error,
                 sync_interval_s=settings.state.sync_interval_ms / 1000,
+                shared_lines=self.state.ledger if self.state is not None else None,
             ),
             cache=ResponseCache(
                 settings.cache,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from gateway.errors import BudgetExceeded, SharedStateDown
 from gateway.settings import Budget, CostSettings, OnError, Price
-from gateway.state import SharedBudgets, StateUnavailable
+from gateway.state import SharedBudgets, SharedLedger, StateUnavailable
 from gateway.telemetry import GatewayMetrics
 from gateway.types import Charge, Outcome
 
@@ -78,9 +78,12 @@ class Ledger:
         shared: SharedBudgets | None = None,
         on_error: OnError = "fail_closed",
         sync_interval_s: float = 0.25,
+        shared_lines: SharedLedger | None = None,
     ) -> None:
         self.settings = settings
         self.shared = shared
+        self.shared_lines = shared_lines
+        self._dirty: set[tuple[int, tuple[str, str, str, str]]] = set()  # lines to tell
         self._on_error = on_error
         self.sync_interval_s = sync_interval_s
         # Budgets judged on a view older than this are refused (on_error fail_closed).
@@ -216,6 +219,8 @@ class Ledger:
                 line = lines[key] = LedgerLine(start, *key)
                 self._line_count += 1
         total = cost.total
+        if self.shared_lines is not None:
+            self._dirty.add((line.window_start, key))
         line.requests += 1
         line.rows += rows
         line.cached_rows += cached_rows
@@ -236,7 +241,10 @@ class Ledger:
         their total as the spend; False (counted) when Redis does not answer (this replica's
         spend is told again at the next sync: it is set, never added, so nothing counts
         twice)."""
-        assert self.shared is not None
+        if self.shared_lines is not None and self._dirty:
+            await self._sync_lines()
+        if self.shared is None or not self._budgets:
+            return True
         states = [self._current(s) for s in self._budgets]
         sent = [(s, s.window_start, s.mine) for s in states]
         try:
@@ -252,10 +260,51 @@ class Ledger:
                 state.spent = total + (state.mine - mine)  # and what came since it was sent
         return True
 
+    async def _sync_lines(self) -> None:
+        """Tell the replicas this one's totals of the lines changed since the last sync."""
+        assert self.shared_lines is not None
+        dirty, self._dirty = self._dirty, set()
+        lines = [
+            (start, key, [line.requests, line.rows, line.cached_rows, line.compute_s, line.cost])
+            for start, key in dirty
+            if (line := self._windows.get(start, {}).get(key)) is not None
+        ]
+        keep_s = (self.settings.retain_windows + 1) * self.settings.window_s
+        try:
+            await self.shared_lines.write(lines, keep_s)
+        except StateUnavailable:
+            self._metrics.state_errors.labels("ledger").inc()
+            self._dirty |= dirty  # told at the next sync
+
+    async def all_lines(self, since: float = 0.0) -> list[LedgerLine]:
+        """``lines``, of every replica where the ledger is shared (SharedStateDown when Redis
+        does not answer)."""
+        if self.shared_lines is None:
+            return self.lines(since)
+        window_s = self.settings.window_s
+        now = self._clock()
+        last = int(now // window_s) * window_s
+        first = max(
+            last - (self.settings.retain_windows - 1) * window_s, int(since // window_s) * window_s
+        )
+        try:
+            read = await self.shared_lines.read(list(range(first, last + 1, window_s)))
+        except StateUnavailable as err:
+            self._metrics.state_errors.labels("ledger").inc()
+            raise SharedStateDown(
+                f"the replicas' cost ledger is kept in Redis, which does not answer ({err})"
+            ) from None
+        lines = [
+            LedgerLine(start, *key, int(t[0]), int(t[1]), int(t[2]), t[3], t[4])
+            for start, key, t in read
+            if start + window_s > since
+        ]
+        return sorted(lines, key=lambda line: line.window_start)
+
     async def run_sync(self) -> None:
         """Sync every ``sync_interval_s`` until cancelled."""
         while True:
-            if self._budgets:
+            if self._budgets or self.shared_lines is not None:
                 try:
                     await self.sync()
                 except Exception:  # a sync that dies would leave budgets stale for good

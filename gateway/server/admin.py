@@ -161,8 +161,13 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
     async def Costs(
         self, request: pb.CostsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CostsResponse:
-        await self._whole(context)
         ledger = self._pipeline.ledger
+        if ledger.shared_lines is None:  # else every worker answers for all of them
+            await self._whole(context)
+        try:
+            ledger_lines = await ledger.all_lines(request.since)
+        except GatewayError as err:
+            await _abort(context, err.grpc_status, str(err))
         lines = [
             pb.CostLine(
                 window_start=line.window_start,
@@ -176,7 +181,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
                 compute_s=line.compute_s,
                 cost=line.cost,
             )
-            for line in ledger.lines(request.since)
+            for line in ledger_lines
         ]
         budgets = [
             pb.BudgetState(

@@ -24,6 +24,7 @@ from gateway.settings import StateSettings
 __all__ = [
     "RedisState",
     "SharedBudgets",
+    "SharedLedger",
     "SharedLimits",
     "SharedRoutes",
     "SharedRows",
@@ -69,6 +70,7 @@ class RedisState:
         timeout_s = settings.timeout_ms / 1000
         self._timeout_s = timeout_s
         self._broken_until = 0.0  # time.monotonic() until which calls fail at once
+        self.replica = uuid.uuid4().hex  # this process, among the replicas
         self.client = aioredis.from_url(
             settings.redis_url.get_secret_value(),
             socket_timeout=timeout_s,
@@ -79,6 +81,7 @@ class RedisState:
         self.budgets = SharedBudgets(self)
         self.routes = SharedRoutes(self)
         self.rows = SharedRows(self)
+        self.ledger = SharedLedger(self)
 
     def where(self) -> str:
         """host:port/db, for logs (never the URL: it may hold a password)."""
@@ -163,7 +166,7 @@ class SharedBudgets:
         self._state = state
         self._prefix = f"{state.settings.key_prefix}budget:"
         self._script = state.client.register_script(_SPEND)
-        self._replica = uuid.uuid4().hex  # this process, among the replicas
+        self._replica = state.replica
 
     async def sync(self, spends: list[tuple[str, int, float, int]]) -> list[float]:
         """Set this replica's spend for each (budget name, window start, spend in the window,
@@ -179,6 +182,49 @@ class SharedBudgets:
         if not isinstance(replies, list) or len(replies) != len(spends):
             raise StateUnavailable("unexpected reply")
         return [float(total) for total in replies]
+
+
+LineKey = tuple[str, str, str, str]  # tenant, route, variant, surface
+
+
+class SharedLedger:
+    """The cost ledger's lines per window, every replica's: one hash per window, a field per
+    (replica, line) holding that replica's totals for the line (set, never added: a write
+    Redis made but answered late is harmless when made again)."""
+
+    def __init__(self, state: RedisState) -> None:
+        self._state = state
+        self._prefix = f"{state.settings.key_prefix}ledger:"
+
+    async def write(self, lines: list[tuple[int, LineKey, list[float]]], keep_s: int) -> None:
+        """Set this replica's totals of each (window start, line, [requests, rows, cached
+        rows, compute seconds, cost]); kept ``keep_s``."""
+        pipe = self._state.client.pipeline(transaction=False)
+        starts = set()
+        for start, key, totals in lines:
+            field = json.dumps([self._state.replica, *key])
+            _ = pipe.hset(f"{self._prefix}{start}", field, json.dumps(totals))  # queued
+            starts.add(start)
+        for start in starts:
+            _ = pipe.expire(f"{self._prefix}{start}", keep_s)
+        await self._state.call(pipe.execute())
+
+    async def read(self, starts: list[int]) -> list[tuple[int, LineKey, list[float]]]:
+        """Every replica's lines of the windows starting at ``starts``, summed per line."""
+        pipe = self._state.client.pipeline(transaction=False)
+        for start in starts:
+            _ = pipe.hgetall(f"{self._prefix}{start}")
+        replies = await self._state.call(pipe.execute())
+        if not isinstance(replies, list):
+            raise StateUnavailable("unexpected reply")
+        summed: dict[tuple[int, LineKey], list[float]] = {}
+        for start, fields in zip(starts, replies, strict=True):
+            for field, value in fields.items():
+                _replica, *key = json.loads(field)
+                line = summed.setdefault((start, tuple(key)), [0.0] * 5)
+                for i, number in enumerate(json.loads(value)):
+                    line[i] += number
+        return [(start, key, totals) for (start, key), totals in summed.items()]
 
 
 # The route table as one document beside its generation, replaced only by a writer that
