@@ -3,12 +3,13 @@ the audit log of admin actions. Shared by the gateway and the evaluation sidecar
 
 from gateway.auth.access import ADMIN_TOKEN, ANONYMOUS, Gatekeeper, Principal, current_principal
 from gateway.auth.audit import AuditLog
-from gateway.auth.bearer import ClientCredentials, bearer_metadata
+from gateway.auth.bearer import ADMITTED, ClientCredentials, bearer_metadata
 from gateway.auth.keys import KeyEntry, KeyRing, bearer, key_digest, peer_names
 from gateway.auth.tls import channel_credentials, channel_options, server_credentials
 
 __all__ = [
     "ADMIN_TOKEN",
+    "ADMITTED",
     "ANONYMOUS",
     "AuditLog",
     "ClientCredentials",

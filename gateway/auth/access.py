@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from gateway.auth.keys import KeyEntry, KeyRing, bearer, peer_names
 from gateway.errors import GatewayError, PermissionDenied, Unauthenticated
 from gateway.settings import RPC_ACCESS, Access, AuthSettings
+from gateway.types import DEFAULT_OPTIONS, RequestOptions
 
 __all__ = ["ADMIN_TOKEN", "ANONYMOUS", "STRANGER", "Gatekeeper", "Principal", "current_principal"]
 
@@ -37,6 +38,14 @@ class Principal:
     tenant: str | None
     admin: bool = False
     models: frozenset[str] = field(default_factory=lambda: frozenset({"*"}))
+    # A request without parameters, as this caller's: made once, shared (options never change).
+    options: RequestOptions = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        options = (
+            DEFAULT_OPTIONS if self.tenant is None else DEFAULT_OPTIONS.for_tenant(self.tenant)
+        )
+        object.__setattr__(self, "options", options)
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -44,7 +53,13 @@ class Principal:
     def require(self, model: str) -> None:
         """PermissionDenied unless this caller may call ``model`` (a model or a route)."""
         if not self.allows(model):
-            raise PermissionDenied(f"'{self.name}' may not call model '{model}'")
+            raise PermissionDenied(f"'{self.name}' may not call model '{model}'", self.name)
+
+    def options_of(self, options: RequestOptions) -> RequestOptions:
+        """A request's options, as this caller's (its tenant, not the parameter's)."""
+        if self.tenant is None:
+            return options
+        return self.options if options is DEFAULT_OPTIONS else options.for_tenant(self.tenant)
 
     @classmethod
     def of(cls, entry: KeyEntry) -> Principal:
@@ -110,7 +125,9 @@ class Gatekeeper:
         one that does not is, with api_key or mtls, the tenant "anonymous", never whatever
         its request says."""
         access = self.access[rpc]
-        presented = bearer(metadata) if metadata is not None else None
+        if self.mode == "none" and access != "admin":
+            return ANONYMOUS  # the admin token would change nothing here: not even read
+        presented = bearer(metadata)
         if presented and self._is_admin_token(presented):
             return ADMIN_TOKEN
         if self.mode == "none":
@@ -120,9 +137,9 @@ class Gatekeeper:
         assert self.keys is not None
         try:
             if self.mode == "api_key":
-                entry = self.keys.admit(presented, now=self._now())
+                entry = self.keys.admit(presented, now=self._now)
             else:
-                entry = self.keys.admit(names=peer_names(auth_context), now=self._now())
+                entry = self.keys.admit(names=peer_names(auth_context), now=self._now)
         except Unauthenticated as err:
             if access == "open":
                 return STRANGER

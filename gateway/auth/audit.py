@@ -69,7 +69,6 @@ class AuditLog:
             logger.setLevel(logging.INFO)
             logger.addHandler(handler)
             self._logger = logger
-            self.path = settings.path
 
     def record(
         self,

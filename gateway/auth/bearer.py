@@ -12,7 +12,11 @@ from gateway.auth.tls import channel_credentials, channel_options
 from gateway.errors import SettingsError
 from gateway.settings import ClientTlsSettings
 
-__all__ = ["ClientCredentials", "bearer_metadata"]
+__all__ = ["ADMITTED", "ClientCredentials", "bearer_metadata"]
+
+# The header a server sends at once on a stream whose caller it admitted (the sidecar on
+# Publish), so that a client writes only once it knows the stream is taken.
+ADMITTED = ("sidecar-admitted", "1")
 
 
 def bearer_metadata(token: str | None, where: str = "the key") -> tuple[tuple[str, str], ...]:

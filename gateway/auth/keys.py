@@ -131,9 +131,6 @@ class KeyEntry(BaseModel):
     def tenant_name(self) -> str:
         return self.tenant or self.name
 
-    def allows(self, model: str) -> bool:
-        return "*" in self.models or model in self.models
-
     def expired(self, now: dt.datetime) -> bool:
         return self.expires is not None and now >= self.expires
 
@@ -291,10 +288,15 @@ class KeyRing:
         return None
 
     def admit(
-        self, key: str | None = None, names: Sequence[str] | None = None, *, now: dt.datetime
+        self,
+        key: str | None = None,
+        names: Sequence[str] | None = None,
+        *,
+        now: Callable[[], dt.datetime],
     ) -> KeyEntry:
         """The entry of a presented ``key`` (or of a certificate's ``names``), valid at
-        ``now``; Unauthenticated otherwise, its ``reason`` missing, unknown or expired."""
+        ``now()`` (asked only of an entry that expires); Unauthenticated otherwise, its
+        ``reason`` missing, unknown or expired."""
         by_key = names is None
         if not (key if by_key else names):
             what = (
@@ -307,7 +309,7 @@ class KeyRing:
         if entry is None:
             what = "key" if by_key else "client certificate"
             raise Unauthenticated(f"unknown {what}", reason="unknown")
-        if entry.expired(now):
+        if entry.expires is not None and entry.expired(now()):
             raise Unauthenticated(
                 f"the credential '{entry.name}' has expired", reason="expired", actor=entry.name
             )

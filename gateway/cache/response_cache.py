@@ -24,7 +24,6 @@ bytes: a collision is a miss there too. Redis not answering is a miss (fail open
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import struct
 import time
@@ -354,8 +353,7 @@ class ResponseCache:
 
     async def close(self) -> None:
         """Let the shared tier's writes in flight finish (bounded by the state timeout)."""
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*self._puts, return_exceptions=True)
+        await asyncio.gather(*self._puts, return_exceptions=True)
 
     def _land_row(
         self,

@@ -25,7 +25,7 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from gateway.auth import KeyRing, bearer, peer_names
+from gateway.auth import ADMITTED, KeyRing, bearer, peer_names
 from gateway.errors import GatewayError, PermissionDenied, Unauthenticated
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.settings import SidecarAuthSettings
@@ -43,7 +43,6 @@ ROLES: Final[dict[str, Literal["publish", "write", "read"]]] = {
     "Export": "read",
     "ExportFile": "read",
 }
-ADMITTED: Final = ("sidecar-admitted", "1")
 _PREFIX: Final = f"/{SERVICE}/"
 
 _Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
@@ -103,7 +102,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         role = ROLES.get(rpc)
         refusal: GatewayError
         try:
-            entry = self._keys.admit(key, names, now=dt.datetime.now(dt.UTC))
+            entry = self._keys.admit(key, names, now=_utc_now)
         except Unauthenticated as err:
             reason, refusal = err.reason, err
         else:
@@ -121,6 +120,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._metrics.refused.labels(rpc if role is not None else "other", reason).inc()
         log.debug("refused %s (%s): %s", rpc, reason, refusal)
         return refusal
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _refusing(refusal: GatewayError) -> grpc.RpcMethodHandler:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from gateway.api.v1 import events_pb2 as ev
-from gateway.auth import bearer_metadata, channel_credentials, channel_options
+from gateway.auth import ADMITTED, bearer_metadata, channel_credentials, channel_options
 from gateway.errors import SettingsError
 from gateway.events.wal import Record, WriteAheadLog
 from gateway.settings import ClientTlsSettings
@@ -35,7 +35,6 @@ __all__ = ["Publisher", "encode_batch"]
 log = logging.getLogger(__name__)
 
 PUBLISH_METHOD = "/gateway.v1.EvaluationService/Publish"
-ADMITTED = ("sidecar-admitted", "1")  # the sidecar's headers on a stream it takes
 _ADMIT_WAIT_S = 5.0  # then write anyway: a sidecar that sends no headers before its first ack
 _MAX_BATCH_BYTES = 4 * 1024 * 1024
 _BACKOFF_S = (0.05, 2.0)  # first retry, cap

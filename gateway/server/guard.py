@@ -54,11 +54,13 @@ class Guard:
         """``body`` for ``principal``, after checking the model ``message`` names; audited
         when ``rpc`` needs admin rights."""
         model = _model_named(message)
-        if model and not principal.allows(model):
-            err = PermissionDenied(f"'{principal.name}' may not call model '{model}'")
-            if rpc in self._audited:
-                self._audit.refused(principal.name, rpc, err.grpc_status.name, context.peer() or "")
-            raise err
+        if model:
+            try:
+                principal.require(model)
+            except PermissionDenied as err:
+                if rpc in self._audited:
+                    self._audit.refused(err.actor, rpc, err.grpc_status.name, context.peer() or "")
+                raise
         current_principal.set(principal)
         if rpc not in self._audited:
             return await body()

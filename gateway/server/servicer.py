@@ -32,7 +32,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from gateway._version import __version__
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import inference_pb2_grpc as pb_grpc
-from gateway.auth import ANONYMOUS, Principal, current_principal
+from gateway.auth import Principal, current_principal
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -67,7 +67,7 @@ def decoded(
     decode: Callable[[bytes], T],
     behavior: Callable[[T, grpc.aio.ServicerContext], Awaitable[object]],
     bad: BadMessages,
-    guard: Guard | None = None,
+    guard: Guard,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[object]]:
     """A unary method taking its request's bytes: parsed here, INVALID_ARGUMENT if they do not
     (grpcio's own deserializer would answer UNKNOWN and log a traceback per message).
@@ -76,18 +76,14 @@ def decoded(
     name = rpc.rsplit("/", 1)[-1]
 
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> object:
-        principal = ANONYMOUS
-        if guard is not None:
-            try:
-                principal = guard.identify(name, context)
-            except GatewayError as err:
-                await _abort(context, err)
+        try:
+            principal = guard.identify(name, context)
+        except GatewayError as err:
+            await _abort(context, err)
         try:
             message = decode(request)
         except DecodeError as err:
             await _abort(context, bad.note(name, type_name(decode), err))
-        if guard is None:
-            return await behavior(message, context)
         try:
             return await guard.run(
                 name, context, message, principal, lambda: behavior(message, context)
@@ -115,7 +111,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._pipeline = pipeline
         self._guard = guard
-        self._gate = guard.gate
         self._repository: ModelRepository = pipeline.repository
         self._settings = settings
         self._metrics = metrics
@@ -330,7 +325,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request.arrived = arrived  # whichever decoder made it: its deadline counts from here
         if caller.tenant is not None:  # known by its credential: its tenant, not the parameter's
             caller.require(request.model_name)
-            request.options = request.options.for_tenant(caller.tenant)
+            request.options = caller.options_of(request.options)
         span.set_attribute("gateway.rows", request.rows)
         response = await self._pipeline.predict(request)
         span.set_attribute("gateway.model_version", response.model_version)
@@ -376,10 +371,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             arrived,
         )
         return encode_response(response)
-
-    def identify(self, rpc: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
-        """The caller of an inference call from its metadata (a transport without TLS)."""
-        return self._gate.identify(rpc, metadata)
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Registered without (de)serializers (``transports.grpcio.add_services``): bytes that

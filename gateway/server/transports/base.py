@@ -21,7 +21,7 @@ class Services:
     inference: InferenceServicer
     admin: AdminServicer
     health: health.aio.HealthServicer
-    guard: Guard  # every unary RPC passes it (ModelInfer and streams: inference.identify)
+    guard: Guard  # every RPC passes it (ModelInfer on the native front: guard.gate.identify)
 
 
 class Transport(Protocol):

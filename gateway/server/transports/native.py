@@ -125,7 +125,7 @@ class NativeTransport:
     def __init__(self, settings: ServerSettings, services: Services) -> None:
         self._settings = settings
         self._infer = services.inference.infer_bytes
-        self._identify = services.inference.identify
+        self._identify = services.guard.gate.identify  # its metadata only: no TLS here
         self._services = services
         self._cap = _Cap(settings.max_concurrent_rpcs)
         self._receive_limit = 2 * settings.max_message_bytes
