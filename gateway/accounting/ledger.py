@@ -20,7 +20,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import BudgetExceeded, SharedStateDown
 from gateway.settings import Budget, CostSettings, OnError, Price
@@ -55,6 +55,8 @@ class LedgerLine:
     cached_rows: int = 0
     compute_s: float = 0.0
     cost: float = 0.0
+    # Changed since it was last told to the other replicas (state.backend: redis).
+    dirty: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -83,7 +85,7 @@ class Ledger:
         self.settings = settings
         self.shared = shared
         self.shared_lines = shared_lines
-        self._dirty: set[tuple[int, tuple[str, str, str, str]]] = set()  # lines to tell
+        self._dirty: list[LedgerLine] = []  # lines to tell the other replicas
         self._on_error = on_error
         self.sync_interval_s = sync_interval_s
         # Budgets judged on a view older than this are refused (on_error fail_closed).
@@ -219,8 +221,9 @@ class Ledger:
                 line = lines[key] = LedgerLine(start, *key)
                 self._line_count += 1
         total = cost.total
-        if self.shared_lines is not None:
-            self._dirty.add((line.window_start, key))
+        if self.shared_lines is not None and not line.dirty:
+            line.dirty = True
+            self._dirty.append(line)
         line.requests += 1
         line.rows += rows
         line.cached_rows += cached_rows
@@ -263,18 +266,26 @@ class Ledger:
     async def _sync_lines(self) -> None:
         """Tell the replicas this one's totals of the lines changed since the last sync."""
         assert self.shared_lines is not None
-        dirty, self._dirty = self._dirty, set()
+        dirty, self._dirty = self._dirty, []
+        for line in dirty:
+            line.dirty = False
         lines = [
-            (start, key, [line.requests, line.rows, line.cached_rows, line.compute_s, line.cost])
-            for start, key in dirty
-            if (line := self._windows.get(start, {}).get(key)) is not None
+            (
+                line.window_start,
+                (line.tenant, line.route, line.variant, line.surface),
+                [line.requests, line.rows, line.cached_rows, line.compute_s, line.cost],
+            )
+            for line in dirty
         ]
         keep_s = (self.settings.retain_windows + 1) * self.settings.window_s
         try:
             await self.shared_lines.write(lines, keep_s)
         except StateUnavailable:
             self._metrics.state_errors.labels("ledger").inc()
-            self._dirty |= dirty  # told at the next sync
+            for line in dirty:  # told at the next sync
+                if not line.dirty:
+                    line.dirty = True
+                    self._dirty.append(line)
 
     async def all_lines(self, since: float = 0.0) -> list[LedgerLine]:
         """``lines``, of every replica where the ledger is shared (SharedStateDown when Redis

@@ -70,6 +70,7 @@ class _Flight:
     identity: bytes
     row: bytes
     waiters: list[asyncio.Future[tuple[NDArray[np.generic], ...]]] = field(default_factory=list)
+    shared_key: bytes = b""  # its key in the shared tier, once looked up there
 
 
 @dataclass(slots=True)  # made per request: slotted, not frozen (see gateway.types)
@@ -305,13 +306,20 @@ class ResponseCache:
         """Rows other replicas computed, taken out of ``missing`` (and ``mine``, landed as if
         computed here: waiters get them, the local tier keeps them)."""
         assert self._shared is not None
-        keys = [self._shared.key(identity.shared, _shared_hash(identity, f.row)) for _, f in mine]
+        seed = int(identity.shared, 16)
+        keys = []
+        for _, flight in mine:  # hashed once: the write after computing reuses the key
+            flight.shared_key = self._shared.key(
+                identity.shared, xxhash.xxh3_128_intdigest(flight.row, seed)
+            )
+            keys.append(flight.shared_key)
         try:
             values = await self._shared.get(keys)
         except StateUnavailable:
             self._shared_errors.inc()
             return
         still_missing, still_mine = [], []
+        expires = self._clock() + self.settings.ttl_s
         for i, (key, flight), value in zip(missing, mine, values, strict=True):
             outputs = _unpack(value, identity.shared, flight.row) if value is not None else None
             if outputs is None:
@@ -319,7 +327,7 @@ class ResponseCache:
                 still_mine.append((key, flight))
                 continue
             found[i] = outputs
-            self._land_row(key, flight, outputs, self._clock() + self.settings.ttl_s)
+            self._land_row(key, flight, outputs, expires)
         missing[:] = still_missing
         mine[:] = still_mine
 
@@ -335,10 +343,10 @@ class ResponseCache:
             return
         items = [
             (
-                self._shared.key(identity.shared, _shared_hash(identity, flight.row)),
+                flight.shared_key,
                 _pack(identity.shared, flight.row, tuple(o[j : j + 1] for o in outputs)),
             )
-            for j, (_, flight) in enumerate(mine)
+            for j, (_, flight) in enumerate(mine)  # each looked up there first: its key known
         ]
         task = asyncio.get_running_loop().create_task(self._put(items))
         self._puts.add(task)
@@ -482,9 +490,3 @@ def _unpack(blob: bytes, model: bytes, row: bytes) -> tuple[NDArray[np.generic],
         return tuple(outputs)
     except Exception:  # any bytes at all: a miss, never an error
         return None
-
-
-def _shared_hash(identity: Identity, row: bytes) -> int:
-    """A row's hash in the shared tier: seeded by what is the same on every replica (the
-    model file's digest), not by this process's load."""
-    return xxhash.xxh3_128_intdigest(row, int(identity.shared or b"0", 16))
