@@ -342,3 +342,10 @@ DEMO_WIDTH = 22
 def demo_features(rows: int, seed: int = 11) -> np.ndarray:
     """Dense rows for the demo model's ``features`` input (sent as is: pass-through)."""
     return np.random.default_rng(seed).normal(size=(rows, DEMO_WIDTH)).astype(np.float32)
+
+
+def demo_input(rows: int = 1, seed: int = 11) -> triton_grpc.InferInput:
+    """``demo_features`` as the demo model's ``features`` input of a tritonclient call."""
+    tensor = triton_grpc.InferInput("features", [rows, DEMO_WIDTH], "FP32")
+    tensor.set_data_from_numpy(demo_features(rows, seed))
+    return tensor

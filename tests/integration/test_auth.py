@@ -25,7 +25,7 @@ from gateway.api.v1 import admin_pb2
 from gateway.auth import key_digest
 from tests.auth import ADMIN_TOKEN, wait_until, write_keys
 from tests.certs import Authority, authority
-from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
+from tests.conftest import GatewayProcess, demo_input
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +46,6 @@ def entry(name: str, **fields: object) -> dict[str, object]:
 
 def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
-
-
-def features_input(rows: int = 2) -> triton_grpc.InferInput:
-    tensor = triton_grpc.InferInput("features", [rows, DEMO_WIDTH], "FP32")
-    tensor.set_data_from_numpy(demo_features(rows))
-    return tensor
 
 
 def status(err: InferenceServerException) -> str:
@@ -118,14 +112,12 @@ def keyed_client(keyed: GatewayProcess):
 def test_a_call_without_a_key_or_with_an_unknown_or_expired_one_is_unauthenticated(keyed_client):
     infer = keyed_client.infer
     for headers in (None, bearer("not-a-key"), bearer(KEYS["expired"]), {"x-api-key": "nope"}):
-        code, message = refused(
-            functools.partial(infer, "fraud", [features_input()], headers=headers)
-        )
+        code, message = refused(functools.partial(infer, "fraud", [demo_input(2)], headers=headers))
         assert code == "UNAUTHENTICATED", (headers, message)
         for key in KEYS.values():
             assert key not in message
     code, message = refused(
-        lambda: infer("fraud", [features_input()], headers=bearer(KEYS["expired"]))
+        lambda: infer("fraud", [demo_input(2)], headers=bearer(KEYS["expired"]))
     )
     assert "expired" in message
     # Metadata and listings need a key too; liveness does not.
@@ -140,15 +132,15 @@ def test_a_call_without_a_key_or_with_an_unknown_or_expired_one_is_unauthenticat
 
 
 def test_a_known_key_serves_the_models_it_names_and_no_others(keyed_client):
-    result = keyed_client.infer("fraud", [features_input()], headers=bearer(KEYS["team-a"]))
+    result = keyed_client.infer("fraud", [demo_input(2)], headers=bearer(KEYS["team-a"]))
     assert result.as_numpy("probability").shape == (2, 1)
-    also = keyed_client.infer("fraud", [features_input()], headers={"x-api-key": KEYS["team-b"]})
+    also = keyed_client.infer("fraud", [demo_input(2)], headers={"x-api-key": KEYS["team-b"]})
     assert also.as_numpy("probability").shape == (2, 1)
     # Not allowed, served or not: the same refusal, so a key cannot learn what exists.
     for model in ("other", "no-such-model"):
         code, message = refused(
             functools.partial(
-                keyed_client.infer, model, [features_input()], headers=bearer(KEYS["team-a"])
+                keyed_client.infer, model, [demo_input(2)], headers=bearer(KEYS["team-a"])
             )
         )
         assert code == "PERMISSION_DENIED"
@@ -177,7 +169,7 @@ def test_a_lying_tenant_parameter_changes_nothing(keyed: GatewayProcess, keyed_c
         try:
             keyed_client.infer(
                 "fraud",
-                [features_input()],
+                [demo_input(2)],
                 headers=bearer(KEYS["team-a"]),
                 parameters={"tenant": f"someone-else-{i}"},
             )
@@ -212,7 +204,7 @@ def test_a_keys_budget_is_its_tenants(two_models: Path, start_gateway, tmp_path)
             try:
                 client.infer(
                     "fraud",
-                    [features_input()],
+                    [demo_input(2)],
                     headers=bearer(KEYS["team-c"]),
                     parameters={"tenant": f"not-gamma-{i}", "cache": "false"},
                 )
@@ -230,7 +222,7 @@ def test_a_keys_budget_is_its_tenants(two_models: Path, start_gateway, tmp_path)
 
         def rotated_key_refused() -> bool:
             try:
-                client.infer("fraud", [features_input()], headers=bearer(KEYS["team-c2"]))
+                client.infer("fraud", [demo_input(2)], headers=bearer(KEYS["team-c2"]))
             except InferenceServerException as err:
                 return status(err) == "RESOURCE_EXHAUSTED"
             return False
@@ -244,8 +236,8 @@ def test_streams_authenticate_once_and_check_each_request(keyed_client):
         callback=lambda result, error: answers.append((result, error)),
         headers=bearer(KEYS["team-c"]),
     )
-    keyed_client.async_stream_infer("fraud", [features_input()], request_id="1")
-    keyed_client.async_stream_infer("no-such-model", [features_input()], request_id="2")
+    keyed_client.async_stream_infer("fraud", [demo_input(2)], request_id="1")
+    keyed_client.async_stream_infer("no-such-model", [demo_input(2)], request_id="2")
     wait_until(lambda: len(answers) == 2)
     keyed_client.stop_stream()
     by_id = {}
@@ -260,7 +252,7 @@ def test_streams_authenticate_once_and_check_each_request(keyed_client):
     failures: list[object] = []
     keyed_client.start_stream(callback=lambda result, error: failures.append(error))
     with contextlib.suppress(InferenceServerException):  # the stream may have ended already
-        keyed_client.async_stream_infer("fraud", [features_input()])
+        keyed_client.async_stream_infer("fraud", [demo_input(2)])
     wait_until(lambda: len(failures) >= 1)
     keyed_client.stop_stream()
     assert "UNAUTHENTICATED" in str(failures[0]) or "needs a key" in str(failures[0])
@@ -332,7 +324,7 @@ def test_a_repository_rpc_can_be_opened_or_restricted_per_rpc(
         assert refused(client.get_inference_statistics)[0] == "UNAUTHENTICATED"
         assert client.get_model_repository_index(headers=bearer(ADMIN_TOKEN)).models
         # auth.mode none: inference stays open, and the start-up says so.
-        assert client.infer("fraud", [features_input()]).as_numpy("probability").shape == (2, 1)
+        assert client.infer("fraud", [demo_input(2)]).as_numpy("probability").shape == (2, 1)
     assert "auth.mode none" in proc.stderr() and "WARNING" in proc.stderr()
 
 
@@ -344,7 +336,7 @@ def test_keys_reload_without_a_restart(two_models: Path, start_gateway, tmp_path
 
         def serves(name: str) -> bool:
             try:
-                client.infer("fraud", [features_input()], headers=bearer(KEYS[name]))
+                client.infer("fraud", [demo_input(2)], headers=bearer(KEYS[name]))
                 return True
             except InferenceServerException as err:
                 assert status(err) == "UNAUTHENTICATED"
@@ -405,7 +397,7 @@ def test_tls_handshakes_with_the_right_ca_only(two_models: Path, start_gateway, 
     proc = start_gateway(two_models, "--config", str(config), "--transport", "auto")
     assert "transport: grpcio" in proc.stderr() and "tls.cert_file" in proc.stderr()
     with tls_client(proc.url, ca) as client:
-        assert client.infer("fraud", [features_input()]).as_numpy("probability").shape == (2, 1)
+        assert client.infer("fraud", [demo_input(2)]).as_numpy("probability").shape == (2, 1)
     with pytest.raises(grpc.RpcError) as wrong_ca:
         live_over_tls(proc.url, other)
     assert wrong_ca.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -454,9 +446,9 @@ def test_mtls_maps_client_certificates_to_tenants(two_models: Path, start_gatewa
     forged = stranger.issue("alpha-svc")
     with tls_client(proc.url, ca, alpha.cert, alpha.key) as client:
         lying = {"tenant": "beta"}
-        result = client.infer("fraud", [features_input()], parameters=lying)
+        result = client.infer("fraud", [demo_input(2)], parameters=lying)
         assert result.as_numpy("probability").shape == (2, 1)
-        assert refused(lambda: client.infer("other", [features_input()]))[0] == "PERMISSION_DENIED"
+        assert refused(lambda: client.infer("other", [demo_input(2)]))[0] == "PERMISSION_DENIED"
     # The certificate's tenant was charged, not the one the request named.
     credentials = grpc.ssl_channel_credentials(
         *map(Path.read_bytes, (ca.cert, alpha.key, alpha.cert))
@@ -468,9 +460,9 @@ def test_mtls_maps_client_certificates_to_tenants(two_models: Path, start_gatewa
         )
     assert {line.tenant for line in admin_pb2.CostsResponse.FromString(reply).lines} == {"alpha"}
     with tls_client(proc.url, ca, beta.cert, beta.key) as client:  # by its SAN URI
-        assert client.infer("other", [features_input()]).as_numpy("probability").shape == (2, 1)
+        assert client.infer("other", [demo_input(2)]).as_numpy("probability").shape == (2, 1)
     with tls_client(proc.url, ca, nobody.cert, nobody.key) as client:
-        assert refused(lambda: client.infer("fraud", [features_input()]))[0] == "UNAUTHENTICATED"
+        assert refused(lambda: client.infer("fraud", [demo_input(2)]))[0] == "UNAUTHENTICATED"
     for cert in (None, expired, forged):  # no certificate, an expired one, another CA's
         with pytest.raises(grpc.RpcError) as failed:
             live_over_tls(proc.url, ca, cert.cert if cert else None, cert.key if cert else None)

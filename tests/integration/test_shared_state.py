@@ -21,7 +21,7 @@ from gateway.server.admin_client import AdminClient
 from gateway.settings import StateSettings
 from gateway.state import RedisState
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN, wait_until
-from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
+from tests.conftest import GatewayProcess, demo_input
 from tests.services import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -48,11 +48,12 @@ def replica_settings(path: Path, redis: RedisServer, **state: object) -> Path:
     return path
 
 
-def outcome(client: triton_grpc.InferenceServerClient) -> str:
-    tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
-    tensor.set_data_from_numpy(demo_features(1))
+def outcome(client: triton_grpc.InferenceServerClient, **parameters: str) -> str:
+    """The status of one request of TENANT's (with ``parameters`` too)."""
     try:
-        client.infer("fraud", [tensor], parameters={"tenant": TENANT}, client_timeout=10)
+        client.infer(
+            "fraud", [demo_input()], parameters={"tenant": TENANT, **parameters}, client_timeout=10
+        )
     except InferenceServerException as err:
         return str(err.status()).removeprefix("StatusCode.")
     return "OK"
@@ -135,14 +136,7 @@ def spent(proc: GatewayProcess) -> float:
 
 
 def uncached(client: triton_grpc.InferenceServerClient) -> str:
-    tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
-    tensor.set_data_from_numpy(demo_features(1))
-    params = {"tenant": TENANT, "cache": "false"}
-    try:
-        client.infer("fraud", [tensor], parameters=params, client_timeout=10)
-    except InferenceServerException as err:
-        return str(err.status()).removeprefix("StatusCode.")
-    return "OK"
+    return outcome(client, cache="false")
 
 
 def test_a_budget_spent_through_two_replicas_rejects_on_both(
@@ -190,9 +184,7 @@ def test_budgets_fail_closed_while_redis_is_down(
         redis_server.stop(signal.SIGKILL)
         wait_until(lambda: uncached(client) == "UNAVAILABLE", "budgeted requests refused")
         # A tenant without a budget is served all along.
-        tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
-        tensor.set_data_from_numpy(demo_features(1))
-        client.infer("fraud", [tensor], parameters={"tenant": "other"}, client_timeout=10)
+        client.infer("fraud", [demo_input()], parameters={"tenant": "other"}, client_timeout=10)
         assert proc.metric("gateway_state_errors_total", concern="budgets") >= 1
         redis_server.start()
         wait_until(lambda: uncached(client) == "OK", "budgets back once Redis answers")
@@ -249,9 +241,7 @@ def test_a_route_set_on_one_replica_is_routed_by_all_and_outlives_them(
     assert set_routes(a, route("scored", "1"), base) == "OK"
     wait_until(lambda: "scored" in routes_of(b).yaml, "replica B routing the new route")
     with b.client() as client:
-        tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
-        tensor.set_data_from_numpy(demo_features(1))
-        assert client.infer("scored", [tensor]).get_response().model_version == "1"
+        assert client.infer("scored", [demo_input()]).get_response().model_version == "1"
     # Two changes from the same generation, one on each replica: one wins.
     now = routes_of(a).generation
     assert routes_of(b).generation == now
@@ -300,9 +290,7 @@ def cache_settings(path: Path, redis: RedisServer) -> Path:
 
 
 def cached_rows(client: triton_grpc.InferenceServerClient, model: str, seed: int) -> int:
-    tensor = triton_grpc.InferInput("features", [1, DEMO_WIDTH], "FP32")
-    tensor.set_data_from_numpy(demo_features(1, seed=seed))
-    response = client.infer(model, [tensor], client_timeout=10).get_response()
+    response = client.infer(model, [demo_input(seed=seed)], client_timeout=10).get_response()
     return int(response.parameters["cached_rows"].int64_param)
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import tritonclient.grpc as triton_grpc
 import yaml
 
 from gateway.api.v1 import events_pb2 as ev
@@ -36,7 +35,7 @@ from gateway.settings import ClientTlsSettings
 from gateway.telemetry import GatewayMetrics
 from tests.auth import secret_file, wait_until, write_keys
 from tests.certs import Authority, Issued, authority
-from tests.conftest import DEMO_WIDTH, GatewayProcess, SidecarProcess, demo_features, free_port
+from tests.conftest import GatewayProcess, SidecarProcess, demo_input, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -517,9 +516,7 @@ def infer(gateway: GatewayProcess, ids: list[str]) -> None:
     client = gateway.client()
     try:
         for request_id in ids:
-            tensor = triton_grpc.InferInput("features", [2, DEMO_WIDTH], "FP32")
-            tensor.set_data_from_numpy(demo_features(2))
-            client.infer("fraud", [tensor], request_id=request_id)
+            client.infer("fraud", [demo_input(2)], request_id=request_id)
     finally:
         client.close()
 
