@@ -16,6 +16,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.lifeline import PARENT_FD_ENV, PARENT_PID_ENV
+from tests.auth import wait_until
 from tests.conftest import (
     DEMO_WIDTH,
     GatewayProcess,
@@ -141,15 +142,24 @@ def test_workers_refuse_admin_changes_that_would_reach_one_worker_of_several(
     # Each worker writes its own audit log (a rotating file has one writer); together they
     # hold every call, refused ones too.
     # (A worker's file is made at its first line: the calls' one connection reached one.)
-    logs = sorted(tmp_path.glob("audit.jsonl.worker-*"))
-    assert logs and {p.name for p in logs} <= {"audit.jsonl.worker-0", "audit.jsonl.worker-1"}
-    lines = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
-    assert {(line["rpc"], line["outcome"]) for line in lines} == {
+    # A refused call's line is written as its status leaves: the client may see the status
+    # first, so the last line is waited for.
+    expected = {
         ("GetRoutes", "OK"),
         ("Promote", "FAILED_PRECONDITION"),
         ("Costs", "FAILED_PRECONDITION"),
         ("Cache", "FAILED_PRECONDITION"),
     }
+
+    def audited() -> set[tuple[str, str]]:
+        logs = sorted(tmp_path.glob("audit.jsonl.worker-*"))
+        lines = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
+        return {(line["rpc"], line["outcome"]) for line in lines}
+
+    wait_until(lambda: len(audited()) >= len(expected), "every call's audit line", 10)
+    logs = sorted(tmp_path.glob("audit.jsonl.worker-*"))
+    assert logs and {p.name for p in logs} <= {"audit.jsonl.worker-0", "audit.jsonl.worker-1"}
+    assert audited() == expected
     assert not audit.exists()
 
 
