@@ -65,7 +65,7 @@ class Gateway:
             contracts=model_contracts,
         )
         self.events: EventRecorder | None = None
-        if settings.events.sidecar is not None:
+        if settings.events.enabled:
             self.events = EventRecorder(
                 settings.events, self.metrics, redact, settings.server.max_message_bytes
             )

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -201,12 +202,63 @@ class TelemetrySettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class EventsSettings(_Section):
-    """Prediction events: write-ahead log on local disk, streamed to the evaluation sidecar."""
+class BrokerSettings(_Section):
+    """A durable broker between gateways and sidecars: Redis Streams. A model's events always
+    go to one partition (a stream), so one sidecar can own a model's whole history."""
 
-    sidecar: str | None = Field(
-        None, description="The sidecar's gRPC address (host:port); null turns events off."
+    url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="redis://[user:password@]host:port/db (a secret: it may hold a password). "
+        "Durability is Redis': run it with appendonly yes (appendfsync always to lose no "
+        "acknowledged batch when its machine fails).",
     )
+    stream: str = Field(
+        "gateway:events",
+        pattern=r"^[A-Za-z0-9:_.-]{1,64}$",
+        description="Stream key prefix; partition P is the stream '<stream>:<P>'.",
+    )
+    partitions: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Streams the events are spread over, by model name (every gateway and "
+        "sidecar of one deployment must agree).",
+    )
+    max_batches: int = Field(
+        10_000,
+        gt=0,
+        description="Batches a partition holds unconsumed (a bound on Redis' memory). At the "
+        "bound the gateway stops publishing to it and its write-ahead log keeps the events.",
+    )
+    timeout_ms: float = Field(
+        5000.0, gt=0, le=60_000, description="A broker call that takes longer has failed."
+    )
+
+    def stream_key(self, partition: int) -> str:
+        return f"{self.stream}:{partition}"
+
+    @property
+    def address(self) -> str:
+        """host:port/db of the URL, without its password (for logs)."""
+        parts = urlsplit(self.url.get_secret_value())
+        return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
+
+
+class EventsSettings(_Section):
+    """Prediction events: write-ahead log on local disk, delivered to the evaluation sidecar
+    (directly, or through a broker)."""
+
+    sink: Literal["sidecar", "broker"] = Field(
+        "sidecar",
+        description="sidecar: stream the log to `sidecar`; broker: publish it to "
+        "events.broker (Redis Streams), where sidecars consume it.",
+    )
+    sidecar: str | None = Field(
+        None,
+        description="The sidecar's gRPC address (host:port); with sink sidecar, null turns "
+        "events off.",
+    )
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
     directory: Path = Field(
         Path(".gateway-events"), description="Write-ahead log directory (one per gateway)."
     )
@@ -267,6 +319,18 @@ class EventsSettings(_Section):
     max_columns: int = Field(
         64, gt=0, description="A pass-through input wider than this is left out of events."
     )
+
+    @property
+    def enabled(self) -> bool:
+        """Events are recorded: a sidecar to stream to, or the broker."""
+        return self.sink == "broker" or self.sidecar is not None
+
+    @property
+    def destination(self) -> str:
+        """Where the events go, for messages."""
+        if self.sink == "broker":
+            return f"the broker's streams {self.broker.stream}:*"
+        return f"the sidecar at {self.sidecar}"
 
 
 AlertMetric = Literal[
@@ -346,6 +410,45 @@ class CanaryPolicy(_Section):
         0.10, ge=0, description="Largest relative rise of mean cost per row to promote."
     )
     window_s: int = Field(24 * 3600, gt=0)
+
+
+class ConsumerSettings(BrokerSettings):
+    """A sidecar's share of the broker: the partitions it stores, as one consumer of a
+    consumer group. A batch is acknowledged (and deleted) only after the DuckDB commit that
+    stores it; one read again after a crash is absorbed by the store's event_id key."""
+
+    own: tuple[int, ...] | None = Field(
+        None,
+        description="Partitions this sidecar stores (0 .. partitions-1); null: all. Give each "
+        "partition to one sidecar: its store then holds each event exactly once.",
+    )
+    group: str = Field("sidecars", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    consumer: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,128}$",
+        description="This sidecar's name in the group; default: the host and the store's path, "
+        "the same across restarts, so a restarted sidecar takes back what it had read.",
+    )
+    claim_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="Batches another consumer of the group read and left unacknowledged this "
+        "long are taken over (a consumer that is gone).",
+    )
+    read_batches: int = Field(
+        16, gt=0, le=1024, description="Batches read (and stored in one statement) at most."
+    )
+
+    @model_validator(mode="after")
+    def _own(self) -> ConsumerSettings:
+        if self.own is not None:
+            bad = [p for p in self.own if not 0 <= p < self.partitions]
+            if bad or not self.own:
+                raise ValueError(
+                    f"own: partitions are 0 .. {self.partitions - 1} (partitions "
+                    f"{self.partitions}); got {list(self.own)}"
+                )
+        return self
 
 
 class SidecarAuthSettings(_Section):
@@ -443,6 +546,11 @@ class EvaluationSettings(_Section):
     )
     auth: SidecarAuthSettings = Field(default_factory=SidecarAuthSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings, description="TLS on the sidecar's port.")
+    broker: ConsumerSettings | None = Field(
+        None,
+        description="Also consume events from the broker (the gateways' events.sink: broker); "
+        "null: only from gateways' streams.",
+    )
 
 
 _VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"

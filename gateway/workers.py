@@ -53,7 +53,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Run ``settings.server.workers`` worker processes of ``gateway serve`` until signalled."""
-    if settings.events.sidecar is not None:
+    if settings.events.enabled:
         # Checked (and the default key made) here, once: each worker checks the key against
         # its own log directory only, and would race the others to make it.
         hash_key(settings.events)
@@ -96,7 +96,7 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                         audit.with_name(f"{audit.name}.worker-{index}")
                     )
                 command = [sys.executable, "-m", "gateway", *argv, "--port", str(port)]
-                if settings.events.sidecar is not None:
+                if settings.events.enabled:
                     # One write-ahead log per worker: a log has one writer (it is locked).
                     worker_log = Path(settings.events.directory) / f"worker-{index}"
                     command += ["--events-dir", str(worker_log)]

@@ -15,10 +15,12 @@ __all__ = ["RedisServer"]
 
 
 class RedisServer:
-    """``redis-server`` on 127.0.0.1, no persistence, in ``workdir``; ``stop`` and ``start``
-    again (same port) model an outage and a recovery."""
+    """``redis-server`` on 127.0.0.1 in ``workdir``; ``stop`` and ``start`` again (same port)
+    model an outage and a recovery. No persistence, or with ``durable`` an append-only file
+    synced at every write (a restart keeps everything it acknowledged)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, durable: bool = False) -> None:
+        self.durable = durable
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (make test installs Debian's)")
@@ -32,7 +34,11 @@ class RedisServer:
 
     def start(self) -> None:
         command = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port)]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        command += ["--save", "", "--dir", str(self.workdir)]
+        if self.durable:
+            command += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            command += ["--appendonly", "no"]
         with (self.workdir / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)
         deadline = time.monotonic() + 20

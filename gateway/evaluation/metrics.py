@@ -1,5 +1,5 @@
 """The sidecar's Prometheus metrics: alerts firing, events stored and waiting, store memory,
-calls refused by its auth and reloads of its keys file."""
+the broker's consumption, calls refused by its auth and reloads of its keys file."""
 
 from __future__ import annotations
 
@@ -39,6 +39,24 @@ class SidecarMetrics:
             "sidecar_store_memory_bytes",
             "Memory DuckDB holds (its buffer pool: table blocks, indexes, query state), "
             "bounded by evaluation.store_memory_limit_bytes.",
+            registry=self.registry,
+        )
+        self.broker_connected = Gauge(
+            "sidecar_broker_connected",
+            "1 while the sidecar consumes the broker (evaluation.broker), else 0.",
+            registry=self.registry,
+        )
+        self.broker_batches = Counter(
+            "sidecar_broker_batches",
+            "Batches consumed from the broker: stored (and acknowledged), malformed (no "
+            "EventBatch: acknowledged and skipped).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.broker_claimed = Counter(
+            "sidecar_broker_claimed",
+            "Batches taken over from another consumer of the group that left them "
+            "unacknowledged for evaluation.broker.claim_idle_s.",
             registry=self.registry,
         )
 

@@ -137,19 +137,9 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 ended = item is None
                 if not group:
                     break
-                events = [e for batch in group for e in batch.events]
-                arrival_us = time.time_ns() // 1000
-                stored, duplicates = await loop.run_in_executor(
-                    self.db, self._ingest, events, arrival_us
-                )
-                del events
+                stored, duplicates = await self.ingest([e for b in group for e in b.events])
                 held -= count
-                self._release(count)
-                self.stored += stored
-                self.metrics.events.labels("stored").inc(stored)
-                self.metrics.events.labels("duplicate").inc(duplicates)
-                if duplicates:
-                    log.info("%d events were already held (a resend)", duplicates)
+                self.release(count)
                 for batch in group[:-1]:
                     yield ev.Ack(sequence=batch.sequence)
                 yield ev.Ack(sequence=group[-1].sequence, stored=stored, duplicates=duplicates)
@@ -157,7 +147,20 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         finally:
             reader.cancel()
             if held:  # the stream ended with batches unstored: the publisher sends them again
-                self._release(held)
+                self.release(held)
+
+    async def ingest(self, events: list[ev.PredictionEvent]) -> tuple[int, int]:
+        """Store a group in one statement (committed when this returns); returns (newly
+        stored, already held). From the streams and from the broker's consumer."""
+        arrival_us = time.time_ns() // 1000
+        loop = asyncio.get_running_loop()
+        stored, duplicates = await loop.run_in_executor(self.db, self._ingest, events, arrival_us)
+        self.stored += stored
+        self.metrics.events.labels("stored").inc(stored)
+        self.metrics.events.labels("duplicate").inc(duplicates)
+        if duplicates:
+            log.info("%d events were already held (a resend)", duplicates)
+        return stored, duplicates
 
     def _ingest(self, events: list[ev.PredictionEvent], arrival_us: int) -> tuple[int, int]:
         """Store a group (on the store's thread); DuckDB's memory is read there too."""
@@ -165,7 +168,19 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         self.metrics.store_memory.set(self.store.memory_bytes())
         return counts
 
-    def _release(self, events: int) -> None:
+    async def hold(self, events: int) -> None:
+        """Count ``events`` as read and not yet stored, once fewer than max_pending_events
+        are (the bound every stream and the broker's consumer share)."""
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        if self.pending >= self.settings.max_pending_events:
+            self.metrics.full.inc()
+        while self.pending >= self.settings.max_pending_events:
+            self._freed.clear()
+            await self._freed.wait()
+        self.pending += events
+
+    def release(self, events: int) -> None:
         self.pending -= events
         if self._freed is not None:
             self._freed.set()  # every waiting stream looks again

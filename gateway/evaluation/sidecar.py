@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -14,6 +15,7 @@ from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.auth import server_credentials
 from gateway.errors import SettingsError
 from gateway.evaluation.access import AccessInterceptor
+from gateway.evaluation.consumer import BrokerConsumer
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.service import EvaluationServicer
 from gateway.evaluation.store import EventStore
@@ -91,8 +93,14 @@ async def run_sidecar(
         web = PageServer(servicer, host, settings.http_port)
         pages = f"{host}:{web.port}"
     watch = asyncio.get_running_loop().create_task(servicer.watch(store_dir / ALERT_LOG))
+    consuming = "off"
+    consumer: asyncio.Task[None] | None = None
+    if settings.broker is not None:
+        broker = BrokerConsumer(servicer, settings.broker, store_dir)
+        consumer = asyncio.get_running_loop().create_task(broker.run(), name="broker")
+        consuming = f"{settings.broker.address}:{','.join(broker.keys)}"
     log.info(
-        "sidecar ready grpc=%s:%d metrics=%s http=%s store=%s auth=%s tls=%s",
+        "sidecar ready grpc=%s:%d metrics=%s http=%s store=%s auth=%s tls=%s broker=%s",
         host,
         bound,
         scrape,
@@ -100,6 +108,7 @@ async def run_sidecar(
         store.path,
         auth.mode,
         "mtls" if tls.client_ca_file is not None else "on" if tls.enabled else "off",
+        consuming,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,6 +116,10 @@ async def run_sidecar(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     watch.cancel()
+    if consumer is not None:  # what it read and did not store is read again at the next start
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
     if web is not None:
         web.close()
     await server.stop(5)

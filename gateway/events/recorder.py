@@ -2,7 +2,8 @@
 
 ``record`` is all the request path pays: an append to an in-memory queue. A background task
 takes batches from it and, on the writer thread, builds the events, serializes them and
-appends them to the log; the publisher streams the log to the sidecar.
+appends them to the log; the publisher streams the log to the sidecar (or publishes it to
+the broker: ``events.sink``).
 
 Bounds: the queue (events and the request bytes they hold) and the log on disk. At a bound,
 ``on_full: shed`` refuses new predictions (``admit`` raises EventLogFull, UNAVAILABLE) until
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from gateway.errors import EventLogFull, SettingsError
 from gateway.events._encoder import encode_event
+from gateway.events.broker import BrokerPublisher
 from gateway.events.builder import Pending, Redact
 from gateway.events.publisher import Publisher
 from gateway.events.wal import LogInUse, WriteAheadLog
@@ -57,7 +59,7 @@ class EventRecorder:
         redact: Redact,
         max_message_bytes: int,
     ) -> None:
-        assert settings.sidecar is not None, "events are off without a sidecar address"
+        assert settings.enabled, "events are off without a sidecar address or the broker"
         self.settings = settings
         self._metrics = metrics
         self._redact = redact
@@ -75,7 +77,7 @@ class EventRecorder:
         self._events = itertools.count(1)
         self._requests = itertools.count(1)
         self._wal: WriteAheadLog | None = None
-        self._publisher: Publisher | None = None
+        self._publisher: Publisher | BrokerPublisher | None = None
         self._hash_key = b""
         self._m_recorded = metrics.events.labels("recorded")
         self._m_written = metrics.events.labels("written")
@@ -100,17 +102,20 @@ class EventRecorder:
             raise SettingsError(f"events.directory: {err}") from None
         if self._wal.corrupt:  # lost to a bad disk before this start: counted, and logged
             self._metrics.events.labels("corrupt").inc(self._wal.corrupt)
-        assert s.sidecar is not None
-        self._publisher = Publisher(
-            s.sidecar,
-            self._wal,
-            self._metrics,
-            s.batch_events,
-            s.max_in_flight_batches,
-            self._max_message_bytes,
-            tls=s.tls,
-            token=token,
-        )
+        if s.sink == "broker":
+            self._publisher = BrokerPublisher(s.broker, self._wal, self._metrics, s.batch_events)
+        else:
+            assert s.sidecar is not None
+            self._publisher = Publisher(
+                s.sidecar,
+                self._wal,
+                self._metrics,
+                s.batch_events,
+                s.max_in_flight_batches,
+                self._max_message_bytes,
+                tls=s.tls,
+                token=token,
+            )
         wal = self._wal
         self._metrics.events_backlog.labels("memory").set_function(lambda: len(self._pending))
         self._metrics.events_backlog.labels("disk").set_function(lambda: wal.unacked)
@@ -134,8 +139,8 @@ class EventRecorder:
             self._m_shed.inc()
             where = "on disk" if self._disk_full else "in memory"
             raise EventLogFull(
-                f"prediction events are at their bound {where} (the sidecar at "
-                f"{self.settings.sidecar} has not acknowledged "
+                f"prediction events are at their bound {where} ("
+                f"{self.settings.destination} has not acknowledged "
                 f"{len(self._pending) + (self._wal.unacked if self._wal else 0)} events); "
                 "predictions are refused until it catches up (events.on_full: shed)"
             )
@@ -294,9 +299,10 @@ class EventRecorder:
             )
         if not await self._publisher.drained(grace_s):
             log.warning(
-                "stopping with %d events not yet acknowledged by the sidecar; they stay in "
+                "stopping with %d events not yet acknowledged by %s; they stay in "
                 "%s and are sent after the next start",
                 self._wal.unacked,
+                self.settings.destination,
                 self.settings.directory,
             )
         await self._publisher.close()

@@ -109,10 +109,10 @@ class GatewayMetrics:
         self.events = Counter(
             "gateway_events",
             "Prediction events by outcome: recorded (a prediction answered), written (in the "
-            "write-ahead log), acked (stored by the sidecar), dropped (deleted before the sidecar "
-            "acknowledged them, on_full=drop_oldest: never sent, or sent and the stream ended "
-            "without their ack), corrupt (lost to a damaged log), shed (predictions refused at "
-            "the bound, on_full=shed).",
+            "write-ahead log), acked (stored by the sidecar, or taken by the broker), dropped "
+            "(deleted before the sidecar acknowledged them, on_full=drop_oldest: never sent, "
+            "or sent and the stream ended without their ack), corrupt (lost to a damaged log), "
+            "shed (predictions refused at the bound, on_full=shed).",
             ["outcome"],
             registry=self.registry,
         )
@@ -129,7 +129,14 @@ class GatewayMetrics:
         )
         self.events_connected = Gauge(
             "gateway_events_sidecar_connected",
-            "1 while the event stream to the sidecar is open, else 0.",
+            "1 while the event stream to the sidecar (or the broker, events.sink: broker) is "
+            "open, else 0.",
+            registry=self.registry,
+        )
+        self.events_broker_full = Counter(
+            "gateway_events_broker_full",
+            "Publishes refused because a broker partition held events.broker.max_batches "
+            "unconsumed batches (the events wait in the write-ahead log).",
             registry=self.registry,
         )
         self.fallbacks = Counter(
