@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,55 @@ def test_two_replicas_spend_one_bucket(demo_repo: Path, start_gateway, redis_ser
     assert outcomes.count("OK") == BURST, outcomes
     assert set(outcomes[BURST:]) == {"RESOURCE_EXHAUSTED"}
     assert all(r.metric("gateway_limited_total", reason="rate") > 0 for r in replicas)
+    for client in clients:
+        client.close()
+
+
+def test_a_tenant_limited_to_r_per_second_gets_r_through_two_replicas(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    """Both replicas offered far more than the limit at once, for a few seconds: together they
+    admit the rate over that time (plus the burst), within 10%, not twice it. The bucket runs
+    on Redis' clock; the window is the clients' (it contains Redis' window), so the count can
+    only fall short of the expectation by what a replica offers late, never pass it."""
+    rate, burst, seconds = 25.0, 5, 4.0
+    settings = {
+        "state": {"backend": "redis", "redis_url": redis_server.url, "timeout_ms": 500},
+        "routing": {"rate_limits": {TENANT: {"rate": rate, "burst": burst}}},
+        "audit": {"path": None},
+    }
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    replicas = [start_gateway(demo_repo, "--config", str(config)) for _ in range(2)]
+    clients = [r.client() for r in replicas]
+    for client in clients:  # connected and warm before the clock starts
+        client.is_server_ready()
+    admitted = [0, 0]
+    refused = [0, 0]
+    start = threading.Barrier(3)
+
+    def offer(index: int, until: list[float]) -> None:
+        start.wait()
+        while time.monotonic() < until[0]:
+            if outcome(clients[index]) == "OK":
+                admitted[index] += 1
+            else:
+                refused[index] += 1
+
+    until = [0.0]
+    threads = [threading.Thread(target=offer, args=(i, until)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    began = time.monotonic()
+    until[0] = began + seconds
+    start.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - began
+    expected = burst + rate * elapsed
+    total = sum(admitted)
+    assert all(admitted) and all(refused)  # both replicas admitted and refused
+    assert abs(total - expected) <= 0.1 * expected, (total, expected, admitted, refused)
     for client in clients:
         client.close()
 
