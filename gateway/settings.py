@@ -853,6 +853,13 @@ class StateSettings(_Section):
         SecretStr("redis://127.0.0.1:6379/0"),
         description="redis://[user:password@]host:port/db (a secret: it may hold a password).",
     )
+    cache_redis_url: SecretStr | None = Field(
+        None,
+        description="A Redis of its own for the shared response cache's rows (a secret too), "
+        "run with maxmemory and maxmemory-policy allkeys-lru: Redis' eviction then bounds the "
+        "rows' bytes without touching limits, budgets or routes. Null: redis_url (whose Redis "
+        "must not evict: noeviction).",
+    )
     key_prefix: str = Field(
         "gateway:", max_length=64, description="Prefix of every key (several gateways, one Redis)."
     )

@@ -19,8 +19,16 @@ class RedisServer:
     model an outage and a recovery. No persistence, or with ``durable`` an append-only file
     synced at every write (a restart keeps everything it acknowledged)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        durable: bool = False,
+        options: tuple[str, ...] = (),
+    ) -> None:
         self.durable = durable
+        self.options = options  # more of redis-server's command line
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (make test installs Debian's)")
@@ -39,6 +47,7 @@ class RedisServer:
             command += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             command += ["--appendonly", "no"]
+        command += self.options
         with (self.workdir / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)
         deadline = time.monotonic() + 20

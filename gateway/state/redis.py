@@ -80,8 +80,16 @@ class RedisState:
         self.limits = SharedLimits(self)
         self.budgets = SharedBudgets(self)
         self.routes = SharedRoutes(self)
-        self.rows = SharedRows(self)
         self.ledger = SharedLedger(self)
+        # The cache's rows on a Redis of their own (bounded by its eviction), with its own
+        # client and breaker: a cache Redis away costs limits and budgets nothing.
+        self._rows_state: RedisState | None = None
+        if settings.cache_redis_url is not None:
+            rows_settings = settings.model_copy(
+                update={"redis_url": settings.cache_redis_url, "cache_redis_url": None}
+            )
+            self._rows_state = RedisState(rows_settings)
+        self.rows = SharedRows(self._rows_state or self)
 
     def where(self) -> str:
         """host:port/db, for logs (never the URL: it may hold a password)."""
@@ -98,6 +106,8 @@ class RedisState:
             log.warning(
                 "state: redis at %s does not answer (%s); on_error applies", self.where(), err
             )
+        if self._rows_state is not None:
+            await self._rows_state.start()
 
     async def call(self, command: Awaitable[Any]) -> object:
         """Await a client command within ``state.timeout_ms``; StateUnavailable otherwise.
@@ -118,6 +128,8 @@ class RedisState:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self._rows_state is not None:
+            await self._rows_state.close()
 
 
 class SharedLimits:
@@ -284,8 +296,9 @@ class SharedRoutes:
 
 class SharedRows:
     """Response rows other replicas computed: one key per row (its model identity and the
-    hash of its bytes), expiring after ``cache.ttl_s``; Redis' own eviction policy
-    (``maxmemory`` with ``allkeys-lru``) bounds their bytes."""
+    hash of its bytes), expiring after ``cache.ttl_s``. On ``state.cache_redis_url``, that
+    Redis' own eviction (``maxmemory`` with ``allkeys-lru``) bounds their bytes; on the state's
+    Redis (which must not evict) the TTL and Redis' ``maxmemory`` do."""
 
     def __init__(self, state: RedisState) -> None:
         self._state = state

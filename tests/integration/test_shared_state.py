@@ -374,6 +374,36 @@ def test_a_row_cached_by_one_replica_is_a_hit_on_another(
         wait_until(a_row_shared_again, "A's rows stored in Redis again")
 
 
+def test_rows_on_a_cache_redis_of_their_own_are_bounded_by_its_eviction(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    """state.cache_redis_url: the rows go to a Redis run with maxmemory and allkeys-lru, which
+    evicts rows to stay in its bound; the state's Redis holds none of them."""
+    cache_redis = RedisServer(
+        tmp_path / "cache-redis",
+        options=("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"),
+    )
+    try:
+        config = cache_settings(tmp_path / "gateway.yaml", redis_server)
+        settings = yaml.safe_load(config.read_text())
+        settings["state"]["cache_redis_url"] = cache_redis.url
+        config.write_text(yaml.safe_dump(settings))
+        proc = start_gateway(demo_repo, "--config", str(config))
+        with contextlib.closing(Redis(port=cache_redis.port)) as rows:
+            with proc.client() as client:
+                for seed in range(40):  # 20,000 distinct rows, several MB of them
+                    rows_input = demo_input(rows=500, seed=1000 + seed)
+                    client.infer("cached-v1", [rows_input], client_timeout=30)
+            wait_until(lambda: int(rows.info("stats")["evicted_keys"]) > 0, "rows evicted")
+            memory = rows.info("memory")
+            assert memory["used_memory"] <= memory["maxmemory"] * 1.05
+            assert rows.dbsize() > 0  # the newest rows stay
+        assert shared_rows(redis_server) == 0  # none on the state's Redis
+        assert proc.metric("gateway_state_errors_total", concern="cache") == 0
+    finally:
+        cache_redis.stop(signal.SIGKILL)
+
+
 def shared_rows(redis: RedisServer) -> int:
     """Rows the replicas have stored in Redis (a client of the test's own)."""
     with contextlib.closing(Redis(port=redis.port)) as client:
