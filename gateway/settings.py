@@ -7,6 +7,7 @@ are validated by the same machinery (``load_model_config``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -15,7 +16,15 @@ from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import SettingsError
 
@@ -39,6 +48,7 @@ __all__ = [
     "Price",
     "QueuePolicy",
     "RateLimit",
+    "RemoteSettings",
     "RepositorySettings",
     "RouteSpec",
     "RoutingSettings",
@@ -573,11 +583,85 @@ class Price(_Section):
     )
 
 
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # underscores: compose names
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+_CONTRACT_REF = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(@[0-9]{1,18})?$"
+
+
+def _check_endpoint(endpoint: str) -> str:
+    """``host:port`` (an IPv6 host in brackets), port 1-65535: else ValueError saying why."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"'{endpoint}' is not host:port")
+    number = int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else 0
+    if not 1 <= number <= 65535:
+        raise ValueError(f"'{endpoint}': the port must be 1-65535, got '{port}'")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"'{endpoint}': '{host}' is no IPv6 address") from None
+    elif len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"'{endpoint}': '{host}' is no host name or IPv4 address")
+    elif host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"'{endpoint}': '{host}' is no IPv4 address") from None
+    return endpoint
+
+
+class RemoteSettings(_Section):
+    """How this gateway calls the OIP gRPC servers behind remote variants (``endpoint``)."""
+
+    tls: ClientTlsSettings = Field(
+        default_factory=ClientTlsSettings,
+        description="TLS to every endpoint (ca_file; cert_file/key_file for mTLS); "
+        "default: plain TCP.",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="A key presented to every endpoint as `authorization: Bearer` (another "
+        "gateway with auth keys); mode 0600.",
+    )
+    timeout_ms: float = Field(
+        10_000.0,
+        gt=0,
+        description="A remote attempt's deadline when neither the route's timeout_ms nor the "
+        "client sets one: no remote call goes without one.",
+    )
+    max_endpoints: int = Field(
+        64,
+        gt=0,
+        le=4096,
+        description="Channels kept open at once (one per endpoint); past it the channels of "
+        "endpoints no route names are closed.",
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest response taken from an endpoint."
+    )
+
+
 class VariantSpec(_Section):
-    """One way a route can answer: a model version, or a static output."""
+    """One way a route can answer: a local model version, a model on a remote OIP gRPC
+    server (``endpoint`` + ``model``), or a static output."""
 
     name: str = Field(pattern=_VARIANT_NAME)
-    model: str | None = Field(None, description="The model serving this variant.")
+    model: str | None = Field(
+        None, description="The model serving this variant (the remote's, with endpoint)."
+    )
+    endpoint: str | None = Field(
+        None,
+        description="host:port of an OIP gRPC server (another gateway, Triton, KServe) "
+        "serving `model`: a remote variant.",
+    )
+    contract: str | None = Field(
+        None,
+        pattern=_CONTRACT_REF,
+        description="A remote variant's feature contract: that of the local model '<model>' "
+        "or '<model>@<version>'. Raw features are assembled here and the model input is sent; "
+        "without it the request's inputs go as sent.",
+    )
     version: str = Field(
         "", pattern=r"^[0-9]{0,18}$", description="Its version; empty = the newest loaded."
     )
@@ -598,7 +682,17 @@ class VariantSpec(_Section):
     @model_validator(mode="after")
     def _model_or_output(self) -> VariantSpec:
         if (self.model is None) == (self.output is None):
-            raise ValueError(f"variant '{self.name}': set exactly one of model, output")
+            raise ValueError(
+                f"variant '{self.name}': set exactly one of model (with or without endpoint), "
+                "output"
+            )
+        if self.endpoint is not None and self.model is None:
+            raise ValueError(f"variant '{self.name}': endpoint needs model (the remote's name)")
+        if self.endpoint is None and self.contract is not None:
+            raise ValueError(
+                f"variant '{self.name}': contract is for a remote variant (with endpoint); a "
+                "local model serves under its own"
+            )
         if self.output is not None and any(not values for values in self.output.values()):
             raise ValueError(f"variant '{self.name}': each static output needs a value")
         if self.output is not None:
@@ -611,6 +705,23 @@ class VariantSpec(_Section):
                     f"outputs, the largest of {max(sizes.values())} values)"
                 )
         return self
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, endpoint: str | None) -> str | None:
+        return None if endpoint is None else _check_endpoint(endpoint)
+
+    @property
+    def local_model(self) -> str | None:
+        """The local model serving this variant (None: a remote or static variant)."""
+        return self.model if self.endpoint is None else None
+
+    @property
+    def required_model(self) -> str | None:
+        """The local model this variant needs loaded: its own, or its contract's."""
+        if self.contract is not None:
+            return self.contract.partition("@")[0]
+        return self.local_model
 
 
 class MatchRule(_Section):
@@ -694,6 +805,9 @@ class RoutingSettings(_Section):
         10_000, gt=0, description="Rate-limit buckets kept; the least recently used go first."
     )
     history: int = Field(16, gt=0, description="Earlier route specs kept for rollback.")
+    remote: RemoteSettings = Field(
+        default_factory=RemoteSettings, description="Calls to remote variants' endpoints."
+    )
 
 
 class CacheSettings(_Section):

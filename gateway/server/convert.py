@@ -1,4 +1,9 @@
-"""Stage 1, the gRPC edge: OIP protobuf messages <-> transport-free types. pb stays here."""
+"""Stage 1, the gRPC edge: OIP protobuf messages <-> transport-free types. pb stays here.
+
+Both directions of both messages: requests in and responses out at the front, requests out
+and responses in for remote variants (``encode_remote_request``, ``decode_remote_response``:
+the bytes the routing stage's channels carry).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Mapping
 from typing import Final
 
 import numpy as np
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
@@ -25,7 +31,16 @@ from gateway.types import (
     Tensor,
 )
 
-__all__ = ["parameters_from_pb", "parameters_to_pb", "request_from_pb", "response_to_pb"]
+__all__ = [
+    "decode_remote_response",
+    "encode_remote_request",
+    "parameters_from_pb",
+    "parameters_to_pb",
+    "request_from_pb",
+    "request_to_pb",
+    "response_from_pb",
+    "response_to_pb",
+]
 
 # The typed-contents field of each datatype. FP16 has none in the protocol; like MLServer we
 # accept it in fp32_contents (raw contents remain the exact form).
@@ -128,7 +143,10 @@ def request_from_pb(
     )
 
 
-def _tensor_from_pb(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
+_PbTensor = pb.ModelInferRequest.InferInputTensor | pb.ModelInferResponse.InferOutputTensor
+
+
+def _tensor_from_pb(tensor: _PbTensor, raw: bytes | None) -> Tensor:
     name = tensor.name
     dtype = NUMPY_DTYPES.get(tensor.datatype)
     if dtype is None:
@@ -178,7 +196,7 @@ def _from_raw(
 
 def _from_contents(
     name: str,
-    tensor: pb.ModelInferRequest.InferInputTensor,
+    tensor: _PbTensor,
     dtype: np.dtype[np.generic],
     count: int,
 ) -> np.ndarray:
@@ -218,3 +236,64 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
             array = np.ascontiguousarray(tensor.data, dtype=WIRE_DTYPES[tensor.datatype])
             message.raw_output_contents.append(array.tobytes())
     return message
+
+
+def _raw_contents(tensor: Tensor) -> bytes:
+    """A tensor's OIP raw contents (little-endian; BYTES length-prefixed)."""
+    if tensor.datatype == "BYTES":
+        if tensor.raw is not None:  # as it arrived: already in wire form
+            return tensor.raw
+        return _hotloops.encode_bytes(tensor.data.reshape(-1).tolist())
+    return np.ascontiguousarray(tensor.data, dtype=WIRE_DTYPES[tensor.datatype]).tobytes()
+
+
+def request_to_pb(request: InferRequest) -> pb.ModelInferRequest:
+    """A ModelInferRequest for another OIP server: inputs as raw contents, no parameters (the
+    gateway's options are its own; the deadline travels as the call's)."""
+    message = pb.ModelInferRequest(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    for tensor in request.inputs:
+        message.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        message.raw_input_contents.append(_raw_contents(tensor))
+    for name in request.requested_outputs:
+        message.outputs.add(name=name)
+    return message
+
+
+def response_from_pb(message: pb.ModelInferResponse) -> InferResponse:
+    """A ModelInferResponse from another OIP server; outputs in raw or typed contents.
+    InvalidRequest naming the output when one does not parse."""
+    raw = message.raw_output_contents
+    if raw and len(raw) != len(message.outputs):
+        raise InvalidRequest(
+            f"raw_output_contents has {len(raw)} entries for {len(message.outputs)} outputs"
+        )
+    try:
+        outputs = [
+            _tensor_from_pb(tensor, raw[i] if raw else None)
+            for i, tensor in enumerate(message.outputs)
+        ]
+    except InvalidRequest as err:  # the checks of inputs, said of an output
+        raise InvalidRequest(str(err).replace("input '", "output '", 1)) from None
+    return InferResponse(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        outputs=outputs,
+        parameters=parameters_from_pb(message.parameters),
+    )
+
+
+def encode_remote_request(request: InferRequest) -> bytes:
+    data: bytes = request_to_pb(request).SerializeToString()
+    return data
+
+
+def decode_remote_response(data: bytes) -> InferResponse:
+    """InvalidRequest when the bytes are no ModelInferResponse, or one that does not parse."""
+    try:
+        message = pb.ModelInferResponse.FromString(data)
+    except DecodeError as err:
+        raise InvalidRequest(f"not a ModelInferResponse: {err}") from None
+    return response_from_pb(message)
