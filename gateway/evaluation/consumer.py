@@ -64,6 +64,7 @@ class BrokerConsumer:
         )
         self._failure = ""
         self._claimed_at = 0.0
+        self._measured_at = 0.0
 
     async def run(self) -> None:
         """Until cancelled: a broken broker is retried (with backoff), never fatal."""
@@ -88,12 +89,24 @@ class BrokerConsumer:
         while entries := await self._read("0", block=False):
             await self._store(entries)
         while True:
-            if time.monotonic() >= self._claimed_at + self._settings.claim_idle_s / 2:
-                self._claimed_at = time.monotonic()
+            now = time.monotonic()
+            if now >= self._claimed_at + self._settings.claim_idle_s / 2:
+                self._claimed_at = now
                 await self._claim()
+            if now >= self._measured_at + 1.0:
+                self._measured_at = now
+                await self._measure()
             entries = await self._read(">", block=True)
             if entries:
                 await self._store(entries)
+
+    async def _measure(self) -> None:
+        """The batches waiting in the owned partitions (read or not), for the backlog gauge."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                _ = pipe.xlen(key)  # queued
+            lengths = await pipe.execute()
+        self._metrics.broker_backlog.set(sum(int(n) for n in lengths))
 
     async def _read(self, start: str, *, block: bool) -> list[Entry]:
         streams: dict[Any, Any] = dict.fromkeys(self.keys, start)

@@ -53,6 +53,12 @@ class SidecarMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.broker_backlog = Gauge(
+            "sidecar_broker_backlog",
+            "Batches in the broker partitions this sidecar owns, not yet stored and deleted "
+            "(read each second).",
+            registry=self.registry,
+        )
         self.broker_claimed = Counter(
             "sidecar_broker_claimed",
             "Batches taken over from another consumer of the group that left them "

@@ -58,7 +58,7 @@ def partition(model: str, partitions: int) -> int:
 
 
 class BrokerPublisher:
-    """The Publisher's interface (start, notify, drained, close, connected), to Redis."""
+    """An EventSink to Redis Streams."""
 
     def __init__(
         self, settings: BrokerSettings, wal: WriteAheadLog, metrics: GatewayMetrics, batch: int

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import grpc
 
@@ -30,7 +31,7 @@ from gateway.settings import ClientTlsSettings
 from gateway.telemetry import GatewayMetrics
 from gateway.wire import varint
 
-__all__ = ["Publisher", "encode_batch"]
+__all__ = ["EventSink", "Publisher", "encode_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,24 @@ _ADMIT_WAIT_S = 5.0  # then write anyway: a sidecar that sends no headers before
 _MAX_BATCH_BYTES = 4 * 1024 * 1024
 _BACKOFF_S = (0.05, 2.0)  # first retry, cap
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class EventSink(Protocol):
+    """Where the log's records are delivered (``events.sink``): the sidecar's stream
+    (Publisher) or a broker (gateway.events.broker). A sink reads the log from its first
+    unacknowledged record and acknowledges in it what its destination has durably taken."""
+
+    connected: bool
+
+    def start(self) -> None: ...
+
+    def notify(self) -> None:
+        """New records are in the log."""
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Every record in the log acknowledged (True), or the timeout passed."""
+
+    async def close(self) -> None: ...
 
 
 class Publisher:

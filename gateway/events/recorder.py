@@ -33,7 +33,7 @@ from gateway.errors import EventLogFull, SettingsError
 from gateway.events._encoder import encode_event
 from gateway.events.broker import BrokerPublisher
 from gateway.events.builder import Pending, Redact
-from gateway.events.publisher import Publisher
+from gateway.events.publisher import EventSink, Publisher
 from gateway.events.wal import LogInUse, WriteAheadLog
 from gateway.settings import EventsSettings, read_secret
 from gateway.telemetry import GatewayMetrics
@@ -77,7 +77,7 @@ class EventRecorder:
         self._events = itertools.count(1)
         self._requests = itertools.count(1)
         self._wal: WriteAheadLog | None = None
-        self._publisher: Publisher | BrokerPublisher | None = None
+        self._publisher: EventSink | None = None
         self._hash_key = b""
         self._m_recorded = metrics.events.labels("recorded")
         self._m_written = metrics.events.labels("written")

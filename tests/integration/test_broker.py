@@ -191,6 +191,7 @@ def test_a_partition_at_its_bound_holds_events_in_the_log_until_consumed(
     sidecar = start_sidecar(tmp_path / "store", free_port(), *sidecar_args)
     wait_until(lambda: acked([proc]) == len(answered), "every event in the broker")
     wait_until(lambda: consumed(redis), "every batch consumed")
+    assert sidecar.metric("sidecar_broker_connected") == 1
     assert sidecar.stop() == 0
     assert stored(tmp_path / "store") == Counter(answered)
 
