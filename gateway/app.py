@@ -27,10 +27,10 @@ from gateway.errors import SettingsError
 from gateway.events import EventRecorder
 from gateway.features import model_contracts, redact
 from gateway.pipeline import Pipeline
-from gateway.routing import RateLimiter, RouteTable, SharedRouteTable
+from gateway.routing import RateLimiter, RemoteModels, RouteTable, SharedRouteTable
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
-from gateway.server import transports
+from gateway.server import convert, transports
 from gateway.server.admin import AdminServicer
 from gateway.server.guard import Guard
 from gateway.server.servicer import InferenceServicer
@@ -75,10 +75,11 @@ class Gateway:
         if settings.state.backend == "redis":
             self.state = RedisState(settings.state)
         self.loop_lag = LoopLag()
+        routes = RouteTable(settings.routing.routes, settings.routing.history)
         self.pipeline = Pipeline(
             self.repository,
             self.metrics,
-            routes=RouteTable(settings.routing.routes, settings.routing.history),
+            routes=routes,
             limiter=RateLimiter(
                 settings.routing.rate_limits,
                 settings.routing.max_tenants,
@@ -103,6 +104,13 @@ class Gateway:
             if settings.cache.enabled
             else None,
             events=self.events,
+            remote=RemoteModels(
+                settings.routing.remote,
+                self.metrics,
+                convert.encode_remote_request,
+                convert.decode_remote_response,
+                in_use=lambda: _endpoints(routes),
+            ),
             max_input_bytes=settings.server.max_message_bytes,
             loop_lag=self.loop_lag,
         )
@@ -241,12 +249,13 @@ class Gateway:
         first request (its attempts would fail over to the route's fallbacks)."""
         for name, route in self.pipeline.routes.all().items():
             for variant in route.spec.variants:
-                if variant.model is not None and not self.repository.versions(variant.model):
+                model = variant.required_model
+                if model is not None and not self.repository.versions(model):
                     log.warning(
                         "route %s: variant %s names model '%s', which is not loaded",
                         name,
                         variant.name,
-                        variant.model,
+                        model,
                     )
 
     def _versions_of(self, request: object) -> list[str]:
@@ -291,6 +300,8 @@ class Gateway:
         await self._transport.stop(grace)
         self._transport = None
         await self.pipeline.close()
+        if self.pipeline.remote is not None:
+            await self.pipeline.remote.close()
         self.loop_lag.close()
         if self.events is not None:
             await self.events.close(grace_s=min(grace, 5.0))
@@ -319,6 +330,16 @@ class Gateway:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+def _endpoints(routes: RouteTable) -> set[str]:
+    """The endpoints of the remote variants of the routes in force."""
+    return {
+        variant.endpoint
+        for route in routes.all().values()
+        for variant in route.spec.variants
+        if variant.endpoint is not None
+    }
 
 
 def _loopback(host: str) -> bool:

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.accounting import Ledger, charge
 from gateway.batching import BatcherConfig, MicroBatcher
-from gateway.cache import CacheResult, ResponseCache, cacheable
-from gateway.errors import DeadlineExceeded, GatewayError, ModelNotFound
+from gateway.cache import CacheResult, ResponseCache, cacheable, identity
+from gateway.errors import DeadlineExceeded, GatewayError, ModelNotFound, RuntimeFailure
 from gateway.events import EventRecorder, Pending
-from gateway.routing import Attempt, RateLimiter, Router, RouteTable
+from gateway.routing import Attempt, RateLimiter, RemoteCall, RemoteModels, Router, RouteTable
 from gateway.runtime import LoadedVersion, ModelRepository
 from gateway.runtime.signature import bind_inputs, select_outputs, to_output_tensor
+from gateway.settings import Price
 from gateway.telemetry import GatewayMetrics
 from gateway.types import (
     Answer,
@@ -53,10 +55,12 @@ class Pipeline:
         ledger: Ledger,
         cache: ResponseCache | None = None,
         events: EventRecorder | None = None,
+        remote: RemoteModels | None = None,
         max_input_bytes: int = 64 * 1024 * 1024,
         loop_lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.repository = repository
+        self.remote = remote
         self.limiter = limiter
         self.ledger = ledger
         self.cache = cache
@@ -105,6 +109,8 @@ class Pipeline:
     async def _serve(self, request: InferRequest, attempt: Attempt) -> Answer:
         """One attempt on one model version: version -> assemble -> bind -> cache/batch ->
         outputs -> charge."""
+        if attempt.endpoint:
+            return await self._serve_remote(request, attempt)
         started = time.perf_counter_ns()
         loaded = self.repository.get(attempt.model, attempt.version)
         try:
@@ -135,6 +141,49 @@ class Pipeline:
         return Answer(
             response=response, cost=cost, cached_rows=computed.cached_rows, coverage=coverage
         )
+
+    async def _serve_remote(self, request: InferRequest, attempt: Attempt) -> Answer:
+        """One attempt on a remote variant: assemble (under the contract it names, if any) ->
+        cache/call -> outputs -> charge (the calls' time at the price per compute-second)."""
+        if self.remote is None:
+            raise RuntimeFailure(f"remote {attempt.endpoint}: this gateway calls no endpoints")
+        inputs, coverage = request.inputs, None
+        if attempt.contract:
+            model, _, version = attempt.contract.partition("@")
+            inputs, coverage = self._assemble(self.repository.get(model, version), inputs)
+        call = RemoteCall(self.remote, attempt, request.id)
+        layout = call.layout()
+        rows = request.rows
+        feeds = {t.name: t.data for t in inputs} if layout is not None else {}
+        cache = self.cache
+        if (
+            cache is None
+            or layout is None  # its outputs not seen yet: nothing to name cached rows by
+            or not attempt.deterministic
+            or not request.options.cache
+            or not _batched(feeds, rows)
+            or not cacheable(feeds)
+        ):
+            outputs = (await call.infer(inputs, request.requested_outputs)).outputs
+            cached_rows, lookup_ns = 0, 0
+        else:
+            contract_version = coverage.contract_version if coverage is not None else ""
+            # Named apart from every local model (no local name holds a NUL), and by the
+            # remote's outputs: rows of another signature never meet.
+            who = identity("\x00".join(call.identity(layout)), attempt.version, contract_version, 0)
+            types = {t.name: t.datatype for t in inputs}
+            result = await cache.infer(who, feeds, rows, call.rows(layout, types))
+            computed = [
+                Tensor(name, datatype, values)
+                for (name, datatype), values in zip(layout, result.outputs, strict=True)
+            ]
+            outputs = call.select(computed, request.requested_outputs)
+            cached_rows, lookup_ns = result.cached_rows, result.lookup_ns
+        cost = charge(attempt.price or _FREE_PRICE, call.outcome, lookup_ns)
+        parameters = _parameters(None, cached_rows, cost.total, coverage)
+        parameters["remote_us"] = call.took_ns // 1000
+        response = InferResponse(attempt.model, call.version, request.id, outputs, parameters)
+        return Answer(response=response, cost=cost, cached_rows=cached_rows, coverage=coverage)
 
     # -- the stages of an attempt ------------------------------------------------------------
 
@@ -269,11 +318,14 @@ class Pipeline:
         route = self.routes.get(name) if not version else None
         if route is None:
             return self.repository.get(name, version)
-        models = [v for v in route.spec.variants if v.model is not None]
+        models = [v for v in route.spec.variants if v.local_model is not None]
         if not models:
-            raise ModelNotFound(f"route '{name}' has only static variants: no model to describe")
+            raise ModelNotFound(
+                f"route '{name}' has no local model variant: no model to describe (its remote "
+                "variants' servers describe theirs)"
+            )
         main = max(models, key=lambda v: v.weight)
-        return self.repository.get(main.model or "", main.version)
+        return self.repository.get(main.local_model or "", main.version)
 
     def route_versions(self, name: str) -> list[LoadedVersion] | None:
         """The loaded model versions a route's variants serve on (None: not a route)."""
@@ -282,10 +334,10 @@ class Pipeline:
             return None
         found: dict[int, LoadedVersion] = {}
         for variant in route.spec.variants:
-            if variant.model is None:
+            if variant.local_model is None:
                 continue
             try:
-                loaded = self.repository.get(variant.model, variant.version)
+                loaded = self.repository.get(variant.local_model, variant.version)
             except GatewayError:
                 continue
             found.setdefault(id(loaded), loaded)
@@ -338,6 +390,15 @@ def _response(
     cost: float,
     coverage: Coverage | None,
 ) -> InferResponse:
+    parameters = _parameters(outcome, cached_rows, cost, coverage)
+    return InferResponse(loaded.name, loaded.version_label, request.id, outputs, parameters)
+
+
+def _parameters(
+    outcome: Outcome | None, cached_rows: int, cost: float, coverage: Coverage | None
+) -> dict[str, ParameterValue]:
+    """What a response reports of how it was made (its timings, its cache hits, its cost and
+    its features' coverage)."""
     parameters: dict[str, ParameterValue] = {
         "queue_us": outcome.queue_ns // 1000 if outcome else 0,
         "compute_us": outcome.compute_ns // 1000 if outcome else 0,
@@ -352,7 +413,15 @@ def _response(
         parameters["features_defaulted"] = defaulted
         parameters["features_oov"] = oov
         parameters["features_out_of_range"] = out_of_range
-    return InferResponse(loaded.name, loaded.version_label, request.id, outputs, parameters)
+    return parameters
+
+
+_FREE_PRICE: Final = Price()
+
+
+def _batched(feeds: Feeds, rows: int) -> bool:
+    """Every input has ``rows`` rows (what the cache splits a request by)."""
+    return bool(rows) and all(a.ndim and a.shape[0] == rows for a in feeds.values())
 
 
 async def _uncached(computing: Awaitable[Outcome]) -> CacheResult:

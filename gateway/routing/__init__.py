@@ -1,6 +1,8 @@
-"""Stage 2: routes, rate limits and the traffic that follows them (fallbacks, shadows)."""
+"""Stage 2: routes, rate limits and the traffic that follows them (fallbacks, shadows,
+remote variants)."""
 
 from gateway.routing.limits import ConcurrencyCap, RateLimiter
+from gateway.routing.remote import RemoteCall, RemoteModels
 from gateway.routing.runner import Attempt, Router
 from gateway.routing.shared import LocalRoutes, RouteStore, SharedRouteTable
 from gateway.routing.table import Route, RouteTable, unit_hash
@@ -10,6 +12,8 @@ __all__ = [
     "ConcurrencyCap",
     "LocalRoutes",
     "RateLimiter",
+    "RemoteCall",
+    "RemoteModels",
     "Route",
     "RouteStore",
     "RouteTable",

@@ -56,6 +56,8 @@ class Attempt:
     price: Price | None = None  # the variant's, over the model config's
     deterministic: bool | None = None  # the variant's say on caching, over the model config's
     shadow: bool = False  # a shadow copy: queued at the model's lowest priority
+    endpoint: str = ""  # a remote variant's server (host:port): ``model`` is its model there
+    contract: str = ""  # a remote variant's local contract, "<model>" or "<model>@<version>"
 
 
 Serve = Callable[[InferRequest, Attempt], Awaitable[Answer]]
@@ -171,6 +173,8 @@ class Router:
             price=variant.price,
             deterministic=variant.deterministic,
             shadow=shadow,
+            endpoint=variant.endpoint or "",
+            contract=variant.contract or "",
         )
 
     def _static(self, request: InferRequest, route: Route, variant: VariantSpec) -> Answer:
@@ -179,9 +183,9 @@ class Router:
         rows = request.rows
         specs: Mapping[str, TensorSpec] = {}
         for candidate in route.spec.variants:
-            if candidate.model is not None:
+            if candidate.local_model is not None:
                 try:
-                    specs = self._output_specs(candidate.model, candidate.version)
+                    specs = self._output_specs(candidate.local_model, candidate.version)
                     break
                 except GatewayError:
                     continue

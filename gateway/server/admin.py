@@ -110,10 +110,10 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         unserved = sorted(
             {
-                f"{name}.{v.name}: model '{v.model}'"
+                f"{name}.{v.name}: model '{v.required_model}'"
                 for name, spec in routes.items()
                 for v in spec.variants
-                if v.model is not None and not self._repository.versions(v.model)
+                if v.required_model is not None and not self._repository.versions(v.required_model)
             }
         )
         if unserved:
