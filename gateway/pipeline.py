@@ -86,14 +86,14 @@ class Pipeline:
         """Limits -> route -> attempts (``_serve``) -> account -> record."""
         started = time.perf_counter_ns()
         options = request.options
+        deadline = _deadline(request)
         if self.limiter.shared is None:
             self.limiter.take(options.tenant)
-        else:  # the replicas' buckets, in Redis
-            await self.limiter.take_shared(options.tenant)
+        else:  # the replicas' buckets, in Redis, waited for no longer than the deadline
+            await self.limiter.take_shared(options.tenant, deadline)
         degrade = self.ledger.check(options.tenant, options.surface)
         if self._events is not None:
             self._events.admit()
-        deadline = _deadline(request)
         answer = await self.router.answer(request, deadline, degrade)
         if deadline is not None and asyncio.get_running_loop().time() > deadline:
             # Answered, but only after the loop came back to it: late is not OK.
@@ -238,7 +238,7 @@ class Pipeline:
         who = cache.identity(
             loaded.name, loaded.version_label, contract_version, loaded.generation, loaded.digest
         )
-        return cache.infer(who, feeds, rows, compute)
+        return cache.infer(who, feeds, rows, compute, deadline)
 
     def _shape(
         self,

@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 
 from gateway.errors import RuntimeFailure
 from gateway.settings import CacheSettings
-from gateway.state import SharedRows, StateUnavailable
+from gateway.state import PastDeadline, SharedRows, StateUnavailable
 from gateway.telemetry import GatewayMetrics
 from gateway.types import Feeds, Outcome
 
@@ -210,9 +210,15 @@ class ResponseCache:
         return None
 
     async def infer(
-        self, identity: Identity, feeds: Feeds, rows: int, compute: Compute
+        self,
+        identity: Identity,
+        feeds: Feeds,
+        rows: int,
+        compute: Compute,
+        deadline: float | None = None,
     ) -> CacheResult:
-        """``rows`` rows of ``feeds`` through the cache; ``compute`` runs the missing ones."""
+        """``rows`` rows of ``feeds`` through the cache; ``compute`` runs the missing ones.
+        ``deadline`` (the request's, on the loop clock) bounds the shared tier's lookup."""
         started = time.perf_counter_ns()
         who, seed, _ = identity
         flights = self._flights
@@ -247,7 +253,7 @@ class ResponseCache:
             mine.append((key, flight))
         if missing and self._shared is not None:
             try:
-                await self._from_shared(identity, missing, mine, found)
+                await self._from_shared(identity, missing, mine, found, deadline)
             except BaseException as err:  # cancelled meanwhile: its rows are no one's now
                 self._land(mine, None, err)
                 raise
@@ -302,9 +308,11 @@ class ResponseCache:
         missing: list[int],
         mine: list[tuple[int, _Flight]],
         found: dict[int, tuple[NDArray[np.generic], ...]],
+        deadline: float | None,
     ) -> None:
         """Rows other replicas computed, taken out of ``missing`` (and ``mine``, landed as if
-        computed here: waiters get them, the local tier keeps them)."""
+        computed here: waiters get them, the local tier keeps them). A lookup the request's
+        deadline cut short is a miss, not a Redis failure: computing then meets the deadline."""
         assert self._shared is not None
         seed = int(identity.shared, 16)
         keys = []
@@ -314,7 +322,9 @@ class ResponseCache:
             )
             keys.append(flight.shared_key)
         try:
-            values = await self._shared.get(keys)
+            values = await self._shared.get(keys, deadline)
+        except PastDeadline:
+            return
         except StateUnavailable:
             self._shared_errors.inc()
             return

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from cachetools import LRUCache
 
-from gateway.errors import Overloaded, RateLimited, SharedStateDown
+from gateway.errors import DeadlineExceeded, Overloaded, RateLimited, SharedStateDown
 from gateway.settings import OnError, RateLimit
-from gateway.state import SharedLimits, StateUnavailable
+from gateway.state import PastDeadline, SharedLimits, StateUnavailable
 
 __all__ = ["ConcurrencyCap", "RateLimiter"]
 
@@ -61,8 +61,9 @@ class RateLimiter:
         self._limits = {**self._configured, **limits}
         self.enabled = bool(self._limits)
 
-    async def take_shared(self, tenant: str) -> None:
-        """``take`` on the replicas' shared buckets (one Redis round trip)."""
+    async def take_shared(self, tenant: str, deadline: float | None = None) -> None:
+        """``take`` on the replicas' shared buckets (one Redis round trip, bounded by the
+        request's ``deadline`` too: DEADLINE_EXCEEDED when that comes first)."""
         if not self.enabled:
             return
         limit = self._limits.get(tenant) or self._limits.get(_ANY)
@@ -70,7 +71,11 @@ class RateLimiter:
             return
         assert self.shared is not None
         try:
-            wait_s = await self.shared.take(tenant, limit.rate, limit.burst)
+            wait_s = await self.shared.take(tenant, limit.rate, limit.burst, deadline)
+        except PastDeadline:
+            raise DeadlineExceeded(
+                "the request's deadline passed while its rate limit was checked in Redis"
+            ) from None
         except StateUnavailable as err:
             if self._on_state_error is not None:
                 self._on_state_error()

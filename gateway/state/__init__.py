@@ -8,6 +8,7 @@ happens when Redis does not answer within ``state.timeout_ms`` (README, "Running
 one replica")."""
 
 from gateway.state.redis import (
+    PastDeadline,
     RedisState,
     SharedBudgets,
     SharedLedger,
@@ -18,6 +19,7 @@ from gateway.state.redis import (
 )
 
 __all__ = [
+    "PastDeadline",
     "RedisState",
     "SharedBudgets",
     "SharedLedger",

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from gateway.settings import StateSettings
 
 __all__ = [
+    "PastDeadline",
     "RedisState",
     "SharedBudgets",
     "SharedLedger",
@@ -62,6 +63,11 @@ _BREAK_S = 1.0  # after a failed call, calls fail at once this long
 
 class StateUnavailable(Exception):
     """Redis did not answer (unreachable, refused, or slower than ``state.timeout_ms``)."""
+
+
+class PastDeadline(StateUnavailable):
+    """The request's deadline, sooner than ``state.timeout_ms``, ended the wait for Redis: the
+    request is out of time, Redis is not known to be down (no breaker)."""
 
 
 class RedisState:
@@ -109,20 +115,35 @@ class RedisState:
         if self._rows_state is not None:
             await self._rows_state.start()
 
-    async def call(self, command: Awaitable[Any]) -> object:
-        """Await a client command within ``state.timeout_ms``; StateUnavailable otherwise.
+    async def call(self, command: Awaitable[Any], deadline: float | None = None) -> object:
+        """Await a client command within ``state.timeout_ms``, and within ``deadline`` (the
+        request's, on the loop clock) when that comes first; StateUnavailable otherwise
+        (PastDeadline when the request's deadline ended the wait).
 
         After a failure, calls fail at once for ``_BREAK_S`` (then one gets through to see
         whether Redis is back): a Redis that hangs rather than refuses costs each request
         nothing, not a timeout each."""
         now = time.monotonic()
-        if now < self._broken_until:
+        timeout_s = self._timeout_s
+        by_request = False
+        if deadline is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            by_request = left < timeout_s
+            timeout_s = max(0.0, min(timeout_s, left))
+        if now < self._broken_until or timeout_s <= 0:
             if isinstance(command, Coroutine):  # never awaited: no "was never awaited" warning
                 command.close()
+            if timeout_s <= 0:
+                raise PastDeadline("the request's deadline had passed")
             raise StateUnavailable(f"Redis failed less than {_BREAK_S:g} s ago")
         try:
-            return await asyncio.wait_for(command, self._timeout_s)
-        except (RedisError, OSError, TimeoutError) as err:
+            return await asyncio.wait_for(command, timeout_s)
+        except TimeoutError:
+            if by_request:
+                raise PastDeadline("the request's deadline passed waiting for Redis") from None
+            self._broken_until = time.monotonic() + _BREAK_S
+            raise StateUnavailable("TimeoutError") from None
+        except (RedisError, OSError) as err:
             self._broken_until = time.monotonic() + _BREAK_S
             raise StateUnavailable(type(err).__name__) from None
 
@@ -140,13 +161,17 @@ class SharedLimits:
         self._script = state.client.register_script(_GCRA)
         self._prefix = f"{state.settings.key_prefix}rl:"
 
-    async def take(self, tenant: str, rate: float, burst: int) -> float | None:
+    async def take(
+        self, tenant: str, rate: float, burst: int, deadline: float | None = None
+    ) -> float | None:
         """Spend one request of ``tenant``'s bucket: None when admitted, else the seconds to
         wait; StateUnavailable when Redis does not answer. (The key holds the tenant's hash:
         a tenant is client text, up to 1,024 characters with auth.mode none.)"""
         interval_us = max(1, round(1_000_000 / rate))
         key = self._prefix + hashlib.sha256(tenant.encode()).hexdigest()[:32]
-        reply = await self._state.call(self._script(keys=[key], args=[interval_us, burst]))
+        reply = await self._state.call(
+            self._script(keys=[key], args=[interval_us, burst]), deadline
+        )
         if not isinstance(reply, list) or len(reply) != 2:
             raise StateUnavailable("unexpected reply")
         admitted, wait_us = int(reply[0]), int(reply[1])
@@ -307,10 +332,10 @@ class SharedRows:
     def key(self, model: bytes, row_hash: int) -> bytes:
         return self._prefix + model + b":" + row_hash.to_bytes(16, "little").hex().encode()
 
-    async def get(self, keys: list[bytes]) -> list[bytes | None]:
+    async def get(self, keys: list[bytes], deadline: float | None = None) -> list[bytes | None]:
         """The stored values of ``keys`` (None: not there); StateUnavailable when Redis does
-        not answer."""
-        reply = await self._state.call(self._state.client.mget(keys))
+        not answer (within the request's ``deadline`` too)."""
+        reply = await self._state.call(self._state.client.mget(keys), deadline)
         if not isinstance(reply, list):
             raise StateUnavailable("unexpected reply")
         return reply

@@ -455,3 +455,31 @@ def test_a_redis_that_hangs_costs_requests_a_bounded_wait(
         finally:
             redis_server.process.send_signal(signal.SIGCONT)
         wait_until(lambda: outcome(client) == "RESOURCE_EXHAUSTED", "the limit holding again")
+
+
+def test_a_request_waits_for_redis_no_longer_than_its_deadline(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    """Redis hung and a state timeout (5 s) longer than the request's deadline (300 ms): the
+    request is DEADLINE_EXCEEDED at its deadline, not served unlimited 5 s later, and Redis is
+    not counted as failed for it (the request ran out of time, not Redis)."""
+    config = replica_settings(tmp_path / "g.yaml", redis_server, timeout_ms=5000)
+    proc = start_gateway(demo_repo, "--config", str(config))
+    with proc.client() as client:
+        assert outcome(client) == "OK"
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer(
+                    "fraud",
+                    [demo_input()],
+                    parameters={"tenant": TENANT, "timeout_ms": 300},
+                    client_timeout=4,  # under the state's 5 s: only the deadline can answer
+                )
+            assert refused.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            assert "Redis" in str(refused.value.message())
+            assert proc.metric("gateway_state_errors_total", concern="limits") == 0
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        assert outcome(client) == "OK"  # no breaker tripped: Redis is used at once
