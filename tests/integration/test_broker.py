@@ -134,7 +134,7 @@ def test_a_batch_read_and_never_acknowledged_is_stored_once_after_a_restart(
     with proc.client() as client:
         answered = [predict(client) for _ in range(12)]
     wait_until(lambda: acked([proc]) == len(answered), "every event in the broker")
-    read = redis.xreadgroup("sidecars", "crashed", {key: ">"})  # read, never acknowledged
+    read: Any = redis.xreadgroup("sidecars", "crashed", {key: ">"})  # never acknowledged
     entries = read[0][1]
     assert entries
     for _entry_id, fields in entries:  # and each published a second time
