@@ -172,7 +172,7 @@ class Pipeline:
             # remote's outputs: rows of another signature never meet.
             who = identity("\x00".join(call.identity(layout)), attempt.version, contract_version, 0)
             types = {t.name: t.datatype for t in inputs}
-            result = await cache.infer(who, feeds, rows, call.rows(layout, types))
+            result = await cache.infer(who, feeds, rows, call.rows(layout, types), attempt.deadline)
             computed = [
                 Tensor(name, datatype, values)
                 for (name, datatype), values in zip(layout, result.outputs, strict=True)
