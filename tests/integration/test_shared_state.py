@@ -185,8 +185,21 @@ def spent(proc: GatewayProcess) -> float:
     return float(budget.spent)
 
 
-def uncached(client: triton_grpc.InferenceServerClient) -> str:
-    return outcome(client, cache="false")
+def uncached(client: triton_grpc.InferenceServerClient, charges: list[float] | None = None) -> str:
+    """One uncached request of TENANT's: its status; an answer's charge (its `cost`
+    parameter) goes to ``charges``."""
+    try:
+        result = client.infer(
+            "fraud",
+            [demo_input()],
+            parameters={"tenant": TENANT, "cache": "false"},
+            client_timeout=10,
+        )
+    except InferenceServerException as err:
+        return str(err.status()).removeprefix("StatusCode.")
+    if charges is not None:
+        charges.append(result.get_response().parameters["cost"].double_param)
+    return "OK"
 
 
 def test_a_budget_spent_through_two_replicas_rejects_on_both(
@@ -195,17 +208,18 @@ def test_a_budget_spent_through_two_replicas_rejects_on_both(
     config = budget_settings(tmp_path / "gateway.yaml", redis_server)
     a, b = (start_gateway(demo_repo, "--config", str(config)) for _ in range(2))
     with a.client() as on_a, b.client() as on_b:
-        assert [uncached(on_a), uncached(on_a)] == ["OK", "OK"]
+        charges: list[float] = []  # the cost on every answer, from either replica
+        assert [uncached(on_a, charges), uncached(on_a, charges)] == ["OK", "OK"]
         # B learns A's spend at its next sync (every state.sync_interval_ms).
         wait_until(lambda: spent(b) >= 2e-6, "replica B seeing A's spend")
         # Alone, B would admit three: it admits the one that crosses the budget, then none.
-        assert uncached(on_b) == "OK"
-        assert uncached(on_b) == "RESOURCE_EXHAUSTED"
+        assert uncached(on_b, charges) == "OK"
+        assert uncached(on_b, charges) == "RESOURCE_EXHAUSTED"
         # A admits at most one more (until its next sync shows it B's spend), then none.
         on_a_after: list[str] = []
 
         def a_refuses() -> bool:
-            on_a_after.append(uncached(on_a))
+            on_a_after.append(uncached(on_a, charges))
             return on_a_after[-1] == "RESOURCE_EXHAUSTED"
 
         wait_until(a_refuses, "replica A refusing too")
@@ -213,14 +227,20 @@ def test_a_budget_spent_through_two_replicas_rejects_on_both(
     # Both see one total: every request answered, from either replica.
     wait_until(lambda: spent(a) == pytest.approx(spent(b)), "the replicas' views agreeing")
     assert spent(a) >= LIMIT
-    # The cost ledger too: either replica reports every request either answered.
+    # The cost ledger too: either replica reports every request either answered, and sums
+    # exactly the charges on their responses.
     answered = 3 + on_a_after.count("OK")
-    wait_until(lambda: ledger_requests(a) == ledger_requests(b) == answered, "the ledgers agreeing")
+    assert len(charges) == answered
+    wait_until(lambda: ledger(a)[0] == ledger(b)[0] == answered, "the ledgers agreeing")
+    assert ledger(a)[1] == pytest.approx(sum(charges), rel=1e-9)
+    assert ledger(b)[1] == pytest.approx(sum(charges), rel=1e-9)
 
 
-def ledger_requests(proc: GatewayProcess) -> int:
+def ledger(proc: GatewayProcess) -> tuple[int, float]:
+    """TENANT's requests and cost in a replica's ledger (every replica's lines)."""
     with AdminClient(proc.url, ADMIN_TOKEN) as admin:
-        return sum(line.requests for line in admin.costs().lines if line.tenant == TENANT)
+        lines = [line for line in admin.costs().lines if line.tenant == TENANT]
+    return sum(line.requests for line in lines), sum(line.cost for line in lines)
 
 
 def test_budgets_fail_closed_while_redis_is_down(
