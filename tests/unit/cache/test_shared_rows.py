@@ -62,7 +62,7 @@ class GatedRows:
     def key(self, model: bytes, row_hash: int) -> bytes:
         return model + row_hash.to_bytes(16, "little")
 
-    async def get(self, keys: list[bytes]) -> list[bytes | None]:
+    async def get(self, keys: list[bytes], deadline: float | None = None) -> list[bytes | None]:
         self.looking.set()
         await self.gate.wait()
         return [self.stored.get(k) for k in keys]
