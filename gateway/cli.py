@@ -264,7 +264,16 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         from gateway.evaluation.child import start_sidecar
 
         address = settings.events.sidecar or DEFAULT_SIDECAR
-        sidecar = start_sidecar(args.with_sidecar, address, settings.repository.path)
+        evaluation = settings.evaluation
+        sidecar = start_sidecar(
+            args.with_sidecar,
+            address,
+            settings.repository.path,
+            config=args.config,  # its evaluation section: rules, canaries, ports, auth
+            # HTML pages on the next port, unless the section says where (or refuses them:
+            # they carry no credentials).
+            http_port=evaluation.http_port is None and evaluation.auth.mode == "none",
+        )
         events = settings.events.model_copy(update={"sidecar": address})
         settings = settings.model_copy(update={"events": events})
         argv = [*_without_flag(argv, "--with-sidecar", keep_port=True), "--sidecar", address]

@@ -416,6 +416,11 @@ def write_demo_settings(root: Path) -> Path:
             ]
         },
         "admin": {"token_file": str(token.resolve())},
+        # Read by the sidecar `serve --with-sidecar` starts: `gateway verdict fraud` judges
+        # the route's canary (version 1) against its stable variant (version 2).
+        "evaluation": {
+            "canaries": [{"model": MODEL_NAME, "stable": "2", "candidate": "1"}],
+        },
     }
     path = root / "gateway.yaml"
     header = "# The demo's settings (gateway demo-repo writes them; make serve uses them).\n"

@@ -34,17 +34,29 @@ class SidecarChild:
                 self.process.wait()
 
 
-def start_sidecar(store: Path, address: str, repository: Path | None) -> SidecarChild:
-    """Start the sidecar on ``address`` (HTML reports on the next port) and wait until it
-    serves; its log lines go to this process's stderr."""
+def start_sidecar(
+    store: Path,
+    address: str,
+    repository: Path | None,
+    config: Path | None = None,
+    http_port: bool = True,
+) -> SidecarChild:
+    """Start the sidecar on ``address`` and wait until it serves; its log lines go to this
+    process's stderr. ``config``: the gateway's settings file, whose ``evaluation`` section
+    (rules, canary policies, ports, auth) the sidecar reads; ``http_port``: HTML reports on the
+    next port (unless the section names its own)."""
     host, _, port_text = address.rpartition(":")
     if not host or not (port_text.isascii() and port_text.isdigit()):
         raise SettingsError(f"events.sidecar: {address!r} is not HOST:PORT")
     port = int(port_text)
     command = [sys.executable, "-m", "gateway", "sidecar", "--store", str(store), "--host", host]
-    command += ["--port", str(port), "--http-port", str(port + 1)]
+    command += ["--port", str(port)]
+    if http_port:
+        command += ["--http-port", str(port + 1)]
     if repository is not None:
         command += ["--repository", str(repository)]
+    if config is not None:
+        command += ["--config", str(config)]
     lifeline = Lifeline()  # the sidecar stops once this process is gone, however it ends
     process = subprocess.Popen(
         command,

@@ -260,8 +260,16 @@ def test_serve_with_sidecar_runs_the_whole_loop_from_one_command(
 
     port, store = free_port(), tmp_path / "store"
     events = events_args(port, tmp_path / "events")  # --sidecar and --events-dir
-    gateway = start_gateway(demo_repo, "--with-sidecar", str(store), *events)
+    # `make serve`'s command: the demo's settings reach the sidecar too (its canary policy).
+    config = ("--config", str(demo_repo / "gateway.yaml"))
+    gateway = start_gateway(demo_repo, *config, "--with-sidecar", str(store), *events)
     assert f"sidecar ready grpc=127.0.0.1:{port}" in gateway.stderr()
+    command = [sys.executable, "-m", "gateway", "verdict", "fraud", "--json"]
+    command += ["--sidecar", f"127.0.0.1:{port}"]
+    verdict = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert verdict.returncode == 0, verdict.stderr  # a configured canary, judged
+    judged = json.loads(verdict.stdout)
+    assert (judged["stable"], judged["candidate"], judged["verdict"]) == ("2", "1", "hold")
     assert send(gateway, [f"one-{i}" for i in range(20)], threads=2)
     wait_until(lambda: acked_all(gateway), "every event acknowledged")
     command = [sys.executable, "-m", "gateway", "report", "fraud", "--json"]
