@@ -136,16 +136,34 @@ class RedisState:
             if timeout_s <= 0:
                 raise PastDeadline("the request's deadline had passed")
             raise StateUnavailable(f"Redis failed less than {_BREAK_S:g} s ago")
+        if by_request:
+            return await self._within_deadline(command, timeout_s)
         try:
             return await asyncio.wait_for(command, timeout_s)
-        except TimeoutError:
-            if by_request:
-                raise PastDeadline("the request's deadline passed waiting for Redis") from None
+        except (RedisError, OSError, TimeoutError) as err:
             self._broken_until = time.monotonic() + _BREAK_S
-            raise StateUnavailable("TimeoutError") from None
+            raise StateUnavailable(type(err).__name__) from None
+
+    async def _within_deadline(self, command: Awaitable[Any], timeout_s: float) -> object:
+        """The request stops waiting at its deadline; the call itself runs on (shielded) to
+        ``state.timeout_ms``, and trips the breaker if it fails there. Without that, a hung
+        Redis would cost every short-deadline request its whole deadline, for ever."""
+        call = asyncio.ensure_future(asyncio.wait_for(command, self._timeout_s))
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), timeout_s)
+        except TimeoutError:
+            call.add_done_callback(self._judge_abandoned)
+            raise PastDeadline("the request's deadline passed waiting for Redis") from None
         except (RedisError, OSError) as err:
             self._broken_until = time.monotonic() + _BREAK_S
             raise StateUnavailable(type(err).__name__) from None
+
+    def _judge_abandoned(self, call: asyncio.Future[Any]) -> None:
+        """A call its request stopped waiting for ended: a failure still says Redis is down."""
+        if call.cancelled():
+            return
+        if isinstance(call.exception(), RedisError | OSError | TimeoutError):
+            self._broken_until = time.monotonic() + _BREAK_S
 
     async def close(self) -> None:
         await self.client.aclose()

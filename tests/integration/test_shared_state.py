@@ -502,4 +502,29 @@ def test_a_request_waits_for_redis_no_longer_than_its_deadline(
             assert proc.metric("gateway_state_errors_total", concern="limits") == 0
         finally:
             redis_server.process.send_signal(signal.SIGCONT)
-        assert outcome(client) == "OK"  # no breaker tripped: Redis is used at once
+        # No breaker tripped (Redis answered the abandoned call once running again): the
+        # bucket in Redis is spent at once, not served unlimited for a second.
+        assert [outcome(client) for _ in range(BURST + 1)][-1] == "RESOURCE_EXHAUSTED"
+
+
+def test_short_deadlines_against_a_hung_redis_trip_the_breaker(
+    demo_repo: Path, start_gateway, redis_server, tmp_path
+):
+    """Deadlines (100 ms) shorter than the state's timeout (300 ms) against a hung Redis: the
+    first requests wait out their deadlines, but the calls they left run on to the timeout and
+    trip the breaker, so the next ones are served at once (fail_open) and counted."""
+    config = replica_settings(tmp_path / "g.yaml", redis_server, timeout_ms=300)
+    proc = start_gateway(demo_repo, "--config", str(config))
+    with proc.client() as client:
+        assert outcome(client) == "OK"
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+
+            def served_open() -> bool:
+                return outcome(client, timeout_ms="100") == "OK"
+
+            wait_until(served_open, "requests served open once the breaker tripped")
+            assert proc.metric("gateway_state_errors_total", concern="limits") >= 1
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
