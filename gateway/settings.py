@@ -212,6 +212,23 @@ class TelemetrySettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+def check_redis_url(url: SecretStr | None, field: str) -> None:
+    """A Redis URL redis-py can use (redis://, rediss:// or unix://, a numeric port and db);
+    the message names ``field`` and never repeats the URL (it may hold a password)."""
+    if url is None:
+        return
+    parts = urlsplit(url.get_secret_value())
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{field}: the scheme must be redis://, rediss:// or unix://")
+    try:
+        _ = parts.port  # ValueError when not a number in range
+    except ValueError:
+        raise ValueError(f"{field}: the port is not a number from 1 to 65535") from None
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise ValueError(f"{field}: the database is a number (redis://host:port/0)")
+
+
 class BrokerSettings(_Section):
     """A durable broker between gateways and sidecars: Redis Streams. A model's events always
     go to one partition (a stream), so one sidecar can own a model's whole history."""
@@ -244,6 +261,11 @@ class BrokerSettings(_Section):
         5000.0, gt=0, le=60_000, description="A broker call that takes longer has failed."
     )
 
+    @model_validator(mode="after")
+    def _url(self) -> BrokerSettings:
+        check_redis_url(self.url, "url")
+        return self
+
     def stream_key(self, partition: int) -> str:
         return f"{self.stream}:{partition}"
 
@@ -251,6 +273,8 @@ class BrokerSettings(_Section):
     def address(self) -> str:
         """host:port/db of the URL, without its password (for logs)."""
         parts = urlsplit(self.url.get_secret_value())
+        if parts.scheme == "unix":
+            return f"unix:{parts.path}"
         return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
 
 
@@ -453,9 +477,9 @@ class ConsumerSettings(BrokerSettings):
     def _own(self) -> ConsumerSettings:
         if self.own is not None:
             bad = [p for p in self.own if not 0 <= p < self.partitions]
-            if bad or not self.own:
+            if bad or not self.own or len(set(self.own)) != len(self.own):
                 raise ValueError(
-                    f"own: partitions are 0 .. {self.partitions - 1} (partitions "
+                    f"own: distinct partitions of 0 .. {self.partitions - 1} (partitions "
                     f"{self.partitions}); got {list(self.own)}"
                 )
         return self
@@ -1001,6 +1025,12 @@ class StateSettings(_Section):
         description="How often a replica adds its budgets' spend to Redis and reads the total "
         "back: a budget crossed on one replica is enforced on all within about twice this.",
     )
+
+    @model_validator(mode="after")
+    def _urls(self) -> StateSettings:
+        check_redis_url(self.redis_url, "redis_url")
+        check_redis_url(self.cache_redis_url, "cache_redis_url")
+        return self
 
 
 class Settings(_Section):

@@ -30,13 +30,17 @@ from gateway.api.v1 import events_pb2 as ev
 from gateway.evaluation.service import EvaluationServicer
 from gateway.settings import ConsumerSettings
 
-__all__ = ["BrokerConsumer", "consumer_name"]
+__all__ = ["BrokerConsumer", "PartitionMismatch", "consumer_name"]
 
 log = logging.getLogger(__name__)
 
 _BLOCK_MS = 1000  # a read waits this long for new batches
 _BACKOFF_S = (0.05, 2.0)
 Entry = tuple[str, bytes, dict[bytes, bytes] | None]  # stream key, entry id, fields
+
+
+class PartitionMismatch(Exception):
+    """This sidecar's partition count is not the one the broker's streams were made with."""
 
 
 def consumer_name(store: Path) -> str:
@@ -65,9 +69,12 @@ class BrokerConsumer:
         self._failure = ""
         self._claimed_at = 0.0
         self._measured_at = 0.0
+        self._consumed = False  # a batch stored since the last failure
 
     async def run(self) -> None:
-        """Until cancelled: a broken broker is retried (with backoff), never fatal."""
+        """Until cancelled: a broken broker, or a batch the store could not take (DuckDB out
+        of memory, say), is retried with backoff, never fatal; what was read and not stored
+        stays pending in Redis and is read again."""
         delay_s = _BACKOFF_S[0]
         try:
             while True:
@@ -75,12 +82,22 @@ class BrokerConsumer:
                     await self._consume()
                 except (RedisError, OSError, TimeoutError) as err:
                     self._set_connected(False, err)
+                except Exception as err:  # never let the consumer die: the streams would fill
+                    if type(err).__name__ != self._failure and not isinstance(
+                        err, PartitionMismatch
+                    ):
+                        log.exception("consuming the event broker failed; retrying")
+                    self._set_connected(False, err)
+                if self._consumed:  # it worked for a while: the next failure starts afresh
+                    self._consumed = False
+                    delay_s = _BACKOFF_S[0]
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, _BACKOFF_S[1])
         finally:
             await self._client.aclose()
 
     async def _consume(self) -> None:
+        await self._check_partitions()
         for key in self.keys:
             with contextlib.suppress(ResponseError):  # BUSYGROUP: made before
                 await self._client.xgroup_create(key, self._settings.group, id="0", mkstream=True)
@@ -108,13 +125,28 @@ class BrokerConsumer:
             lengths = await pipe.execute()
         self._metrics.broker_backlog.set(sum(int(n) for n in lengths))
 
+    async def _check_partitions(self) -> None:
+        """Gateways and sidecars must agree on the partition count (a model's partition
+        depends on it): the first to connect records it, the others compare."""
+        key = f"{self._settings.stream}:partitions"
+        count = self._settings.partitions
+        await self._client.set(key, count, nx=True)
+        recorded = int(await self._client.get(key) or count)
+        if recorded != count:
+            raise PartitionMismatch(
+                f"evaluation.broker.partitions is {count}, but the broker's streams "
+                f"{self._settings.stream}:* are in {recorded} partitions ({key}): every "
+                "gateway and sidecar must use one count"
+            )
+
     async def _read(self, start: str, *, block: bool) -> list[Entry]:
         streams: dict[Any, Any] = dict.fromkeys(self.keys, start)
         reply: Any = await self._client.xreadgroup(
             self._settings.group,
             self.name,
             streams,
-            count=self._settings.read_batches,
+            # NOTE: COUNT applies to each stream: the read stays within read_batches in all.
+            count=max(1, self._settings.read_batches // len(self.keys)),
             block=_BLOCK_MS if block else None,
         )
         return [
@@ -135,14 +167,14 @@ class BrokerConsumer:
                     self.name,
                     idle_ms,
                     start_id=start,
-                    count=self._settings.read_batches,
+                    count=max(1, self._settings.read_batches // len(self.keys)),
                 )
                 start, claimed = reply[0], reply[1]
                 if claimed:
                     self._metrics.broker_claimed.inc(len(claimed))
                     log.warning(
                         "took over %d batches of %s another consumer of group %s left "
-                        "unacknowledged for %.0f s",
+                        "unacknowledged for %g s",
                         len(claimed),
                         key,
                         self._settings.group,
@@ -155,12 +187,14 @@ class BrokerConsumer:
     async def _store(self, entries: list[Entry]) -> None:
         """Store the entries' events in one statement, then acknowledge and delete them."""
         events: list[ev.PredictionEvent] = []
+        batches = 0
         for key, entry_id, fields in entries:
             batch = fields.get(b"b") if fields else None
             if batch is None:  # deleted before it was acknowledged: nothing left to store
                 continue
             try:
                 events.extend(ev.EventBatch.FromString(batch).events)
+                batches += 1
             except DecodeError:
                 self._metrics.broker_batches.labels("malformed").inc()
                 log.error(
@@ -182,7 +216,8 @@ class BrokerConsumer:
                 _ = pipe.xack(key, self._settings.group, *ids)  # queued
                 _ = pipe.xdel(key, *ids)
             await pipe.execute()
-        self._metrics.broker_batches.labels("stored").inc(len(entries))
+        self._metrics.broker_batches.labels("stored").inc(batches)
+        self._consumed = True
 
     def _set_connected(self, connected: bool, err: Exception | None = None) -> None:
         self._metrics.broker_connected.set(1 if connected else 0)
@@ -193,8 +228,12 @@ class BrokerConsumer:
             return
         kind = type(err).__name__
         log.log(
-            logging.WARNING if kind != self._failure else logging.DEBUG,
-            "event broker %s unreachable (%s: %s); retrying",
+            logging.ERROR
+            if isinstance(err, PartitionMismatch) and kind != self._failure
+            else logging.WARNING
+            if kind != self._failure
+            else logging.DEBUG,
+            "consuming the event broker %s failed (%s: %s); retrying",
             self._settings.address,
             kind,
             err,

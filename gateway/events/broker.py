@@ -52,6 +52,10 @@ return 0
 """
 
 
+class PartitionMismatch(Exception):
+    """This gateway's partition count is not the one the broker's streams were made with."""
+
+
 def partition(model: str, partitions: int) -> int:
     """A model's partition: the same in every process (crc32, not Python's salted hash)."""
     return zlib.crc32(model.encode()) % partitions if partitions > 1 else 0
@@ -84,6 +88,7 @@ class BrokerPublisher:
         self._task: asyncio.Task[None] | None = None
         self._failure = ""
         self._full = False
+        self._checked = False  # Redis' eviction and persistence looked at (once)
         self.connected = False
 
     def start(self) -> None:
@@ -114,10 +119,12 @@ class BrokerPublisher:
         while True:
             try:
                 await self._publish()
-            except (RedisError, OSError, TimeoutError) as err:
+            except (RedisError, OSError, TimeoutError, PartitionMismatch) as err:
                 self._log_failure(err)
             except Exception:  # never let the publisher die: the log would only grow
                 log.exception("event publisher failed; retrying")
+            if self.connected:  # it worked for a while: the next failure starts afresh
+                delay_s = _BACKOFF_S[0]
             self._set_connected(False)
             await self._rewind()
             await asyncio.sleep(delay_s)
@@ -125,7 +132,7 @@ class BrokerPublisher:
 
     async def _publish(self) -> None:
         loop = asyncio.get_running_loop()
-        await self._client.ping()
+        await self._check_broker()
         self._set_connected(True)
         while True:
             self._new_data.clear()
@@ -150,6 +157,41 @@ class BrokerPublisher:
             await loop.run_in_executor(self._io, self._wal.ack, records[-1].sequence)
             self._m_acked.inc(len(records))
             self._acked.set()
+
+    async def _check_broker(self) -> None:
+        """Before publishing: the partition count agrees with the streams' (the first process
+        to connect records it; a model's partition depends on it), and Redis keeps what it
+        took (an evicting or unpersisted Redis can lose batches this log no longer holds)."""
+        key = f"{self._settings.stream}:partitions"
+        count = self._settings.partitions
+        await self._client.set(key, count, nx=True)
+        recorded = int(await self._client.get(key) or count)
+        if recorded != count:
+            raise PartitionMismatch(
+                f"events.broker.partitions is {count}, but the broker's streams "
+                f"{self._settings.stream}:* are in {recorded} partitions ({key}): every "
+                "gateway and sidecar must use one count; events wait in the log"
+            )
+        if self._checked:
+            return
+        self._checked = True
+        memory = await self._client.info("memory")
+        persistence = await self._client.info("persistence")
+        policy = memory.get("maxmemory_policy", "noeviction")
+        if policy != "noeviction":
+            log.error(
+                "event broker %s evicts keys for room (maxmemory-policy %s): a stream of "
+                "batches this log no longer holds could be evicted and lost; use a Redis with "
+                "noeviction for events.broker",
+                self._address,
+                policy,
+            )
+        if not persistence.get("aof_enabled"):
+            log.warning(
+                "event broker %s runs without appendonly: a restart of Redis loses the "
+                "batches the sidecars have not stored yet",
+                self._address,
+            )
 
     async def _idle(self) -> None:
         """Until new records; a quiet second checks the broker is still there."""
@@ -196,10 +238,13 @@ class BrokerPublisher:
     def _log_failure(self, err: Exception) -> None:
         kind = type(err).__name__
         level = logging.WARNING if kind != self._failure else logging.DEBUG
+        if isinstance(err, PartitionMismatch) and kind != self._failure:
+            level = logging.ERROR
         self._failure = kind
         log.log(
             level,
-            "event broker %s unreachable (%s: %s); %d events wait in the log, retrying",
+            "publishing to the event broker %s failed (%s: %s); %d events wait in the log, "
+            "retrying",
             self._address,
             kind,
             err,
