@@ -15,13 +15,14 @@ import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from gateway.evaluation.frames import NAMES_SEPARATOR, Frame, build_frame, concat_frames
+from gateway.evaluation.labels import RowLabels, label_quality, read_labels
 from gateway.evaluation.profile import (
     REFERENCE_FILE,
     categorical_drift,
     load_reference,
     numeric_drift,
 )
-from gateway.evaluation.store import EventStore, joined_sql, window_filter
+from gateway.evaluation.store import EventStore, window_filter
 from gateway.settings import AlertRule
 
 __all__ = ["build_report", "drift_timeline", "fired_alerts", "quality"]
@@ -45,7 +46,9 @@ def build_report(
     """Metrics per version and segment for the events of the last ``window_s`` seconds.
 
     ``bounded`` leaves out events after ``now_us`` too (a slice of the past); otherwise an
-    event stamped a little ahead by the gateway's clock still counts.
+    event stamped a little ahead by the gateway's clock still counts. The report says what it
+    read: ``events`` of ``events_in_window`` (``truncated`` when ``max_events`` cut it, the
+    events read then starting at ``read_start_us``), and how the rows are labelled.
     """
     now_us = now_us or time.time_ns() // 1000
     start_us = now_us - window_s * 1_000_000
@@ -58,11 +61,8 @@ def build_report(
         f"ORDER BY event_time DESC, rowid DESC LIMIT {int(max_events)})"
     )
     frame, events = _read_events(store, recent, params)
-    labels = store.arrow(
-        f'SELECT e.rowid AS event, j."row", j.label FROM ({joined_sql()}) j '
-        f"JOIN events e USING (event_id) WHERE {recent}",
-        params,
-    )
+    in_window = store.query(f"SELECT count(*) FROM events e WHERE {where}", params)[0][0]
+    labels = read_labels(store, recent, params)
     # Coverage is summed in DuckDB per version and segments: as Python objects it is one
     # dict per feature per event, gigabytes at max_report_events.
     coverage = _coverage(
@@ -84,12 +84,17 @@ def build_report(
         "start_us": start_us,
         "end_us": now_us,
         "events": len(events.rowid),
+        "events_in_window": int(in_window),
+        "max_events": int(max_events),
+        "truncated": len(events.rowid) < in_window,
+        "read_start_us": int(events.time_us.min()) if len(events.rowid) else start_us,
         "reference": bool(reference),
         "versions": {},
     }
     if not len(events.rowid):
         return report
     label_of = _labels(frame, events.rowid, labels)
+    report["labels"] = label_quality(label_of, np.ones(frame.rows, bool), frame.scores)
     for code, version in enumerate(events.versions):
         in_version = events.version == code
         groups = _segments(events.segments, in_version)
@@ -121,6 +126,7 @@ class _Events:
     """What a report groups events by, per event (the frame holds their rows)."""
 
     rowid: NDArray[np.int64]
+    time_us: NDArray[np.int64]  # event_time
     version: NDArray[np.int64]  # an index into ``versions``
     versions: list[str]  # sorted
     segments: list[list[tuple[str, str]]]
@@ -133,12 +139,13 @@ def _read_events(store: EventStore, recent: str, params: Sequence[object]) -> tu
     feature per row, not a Python object per value)."""
     parts: list[Frame] = []
     rowids: list[NDArray[np.int64]] = []
+    times: list[NDArray[np.int64]] = []
     versions: list[pa.Array] = []
     segments: list[list[tuple[str, str]]] = []
     hashed: set[str] = set()
     for batch in store.batches(
         f"""
-        SELECT e.rowid AS rowid, version, segments,
+        SELECT e.rowid AS rowid, epoch_us(event_time) AS time_us, version, segments,
                array_to_string(numeric_names, chr({ord(NAMES_SEPARATOR)})) AS numeric_names,
                numeric, strings, hashed, outputs, output_widths, rows
         FROM events e WHERE {recent}
@@ -158,6 +165,7 @@ def _read_events(store: EventStore, recent: str, params: Sequence[object]) -> tu
             )
         )
         rowids.append(column("rowid").to_numpy())
+        times.append(column("time_us").to_numpy())
         versions.append(column("version"))
         segments += column("segments").to_pylist()
         hashed.update(pc.unique(pc.list_flatten(column("hashed"))).to_pylist())
@@ -168,6 +176,7 @@ def _read_events(store: EventStore, recent: str, params: Sequence[object]) -> tu
     recode[order] = np.arange(len(names))
     return concat_frames(parts), _Events(
         rowid=np.concatenate(rowids) if rowids else np.empty(0, np.int64),
+        time_us=np.concatenate(times) if times else np.empty(0, np.int64),
         version=recode[version.indices.to_numpy()] if names else np.empty(0, np.int64),
         versions=[names[i] for i in order],
         segments=segments,
@@ -175,19 +184,26 @@ def _read_events(store: EventStore, recent: str, params: Sequence[object]) -> tu
     )
 
 
-def _labels(frame: Frame, rowid: NDArray[np.int64], labels: pa.Table) -> NDArray[np.float64]:
-    """The label of every frame row (NaN where none joined)."""
-    out = np.full(frame.rows, np.nan)
+def _labels(frame: Frame, rowid: NDArray[np.int64], labels: pa.Table) -> RowLabels:
+    """The label of every frame row (NaN where none joined), with its delay and copies."""
+    out = RowLabels.unlabelled(frame.rows)
     if not labels.num_rows:
         return out
     order = np.argsort(rowid)
     event = labels.column("event").to_numpy()
     at = np.minimum(np.searchsorted(rowid, event, sorter=order), len(rowid) - 1)
-    found = rowid[order[at]] == event
+    found: NDArray[np.bool_] = rowid[order[at]] == event
     i = order[at[found]]
-    out[frame.starts[i] + labels.column("row").to_numpy()[found]] = labels.column(
-        "label"
-    ).to_numpy()[found]
+    rows = frame.starts[i] + labels.column("row").to_numpy()[found]
+
+    def column(name: str) -> NDArray[Any]:
+        values: NDArray[Any] = labels.column(name).to_numpy(zero_copy_only=False)
+        return values[found]
+
+    out.value[rows] = column("label")
+    out.delay_s[rows] = column("delay_us") / 1e6
+    out.replaced[rows] = column("replaced")
+    out.disagreeing[rows] = column("disagreeing")
     return out
 
 
@@ -210,7 +226,7 @@ def _metrics(
     frame: Frame,
     rows: NDArray[np.bool_],
     coverage: dict[str, dict[str, float]],
-    label_of: NDArray[np.float64],
+    label_of: RowLabels,
     reference: dict[str, Any],
     version: str,
     hashed: set[str],
@@ -236,8 +252,9 @@ def _metrics(
     if outputs:
         profile = next(iter(outputs.values()))
         result["output"] = numeric_drift(profile, frame.scores[rows])
-    labelled = rows & ~np.isnan(label_of)
-    result["quality"] = quality(label_of[labelled], frame.scores[labelled], threshold)
+    labelled = rows & ~np.isnan(label_of.value)
+    result["quality"] = quality(label_of.value[labelled], frame.scores[labelled], threshold)
+    result["labels"] = label_quality(label_of, rows, frame.scores)
     return result
 
 
