@@ -160,6 +160,8 @@ class Pipeline:
             cache is None
             or layout is None  # its outputs not seen yet: nothing to name cached rows by
             or not attempt.deterministic
+            # "The newest" there may change under cached rows without a word: pinned only.
+            or not attempt.version
             or not request.options.cache
             or not _batched(feeds, rows)
             or not cacheable(feeds)
@@ -168,9 +170,13 @@ class Pipeline:
             cached_rows, lookup_ns = 0, 0
         else:
             contract_version = coverage.contract_version if coverage is not None else ""
-            # Named apart from every local model (no local name holds a NUL), and by the
-            # remote's outputs: rows of another signature never meet.
-            who = identity("\x00".join(call.identity(layout)), attempt.version, contract_version, 0)
+            # Named apart from every local model (no local name holds a NUL), by the remote's
+            # outputs and by the inputs' names, types and row shapes (sent as they came, they
+            # are not bound to a signature here): rows of another signature never meet.
+            sent = (f"{t.name}:{t.datatype}:{t.data.shape[1:]}" for t in inputs)
+            who = identity(
+                "\x00".join((*call.identity(layout), *sent)), attempt.version, contract_version, 0
+            )
             types = {t.name: t.datatype for t in inputs}
             result = await cache.infer(who, feeds, rows, call.rows(layout, types), attempt.deadline)
             computed = [

@@ -145,17 +145,15 @@ class RemoteModels:
         """``request`` answered by the server at ``endpoint`` within ``timeout_s``."""
         if timeout_s <= 0:
             raise DeadlineExceeded(f"remote {endpoint}: no time left for the call")
-        call = self._endpoint(endpoint).call
+        used = self._endpoint(endpoint)
         data = self._encode(request)
         started = time.perf_counter()
         try:
-            answer: bytes = await call(data, timeout=timeout_s, metadata=self._metadata)
+            answer: bytes = await used.call(data, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
-            self._seconds.labels(endpoint).observe(time.perf_counter() - started)
-            self._count(endpoint, err.code())
+            self._observe(endpoint, used, err.code(), started)
             raise _error(endpoint, request.model_name, err) from None
-        self._seconds.labels(endpoint).observe(time.perf_counter() - started)
-        self._count(endpoint, grpc.StatusCode.OK)
+        self._observe(endpoint, used, grpc.StatusCode.OK, started)
         try:
             response = self._decode(answer)
         except GatewayError as err:
@@ -175,13 +173,18 @@ class RemoteModels:
         (None: not seen yet): what the rows of its responses are cached as."""
         return self._layouts.get((endpoint, model, version))
 
-    def _count(self, endpoint: str, code: grpc.StatusCode) -> None:
+    def _observe(
+        self, endpoint: str, used: _Endpoint, code: grpc.StatusCode, started: float
+    ) -> None:
+        """A call's time and outcome, unless its channel was closed meanwhile (its series
+        are gone with it; counting now would bring them back, never to be removed)."""
+        if self._endpoints.get(endpoint) is not used:
+            return
+        self._seconds.labels(endpoint).observe(time.perf_counter() - started)
         outcome = "ok" if code == grpc.StatusCode.OK else code.name
         self._requests.labels(endpoint, outcome).inc()
         self._up.labels(endpoint).set(0 if code in _DOWN else 1)
-        found = self._endpoints.get(endpoint)
-        if found is not None:
-            found.outcomes.add(outcome)
+        used.outcomes.add(outcome)
 
     def _endpoint(self, endpoint: str) -> _Endpoint:
         found = self._endpoints.get(endpoint)

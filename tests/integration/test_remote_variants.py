@@ -254,6 +254,13 @@ def test_remote_rows_are_cached_once_its_outputs_are_known(gateway, remote):
         # Never a local model's rows: the same rows on local fraud 2 are computed there.
         local = client.infer("fraud", [demo_input(4, seed=42)], model_version="2")
         assert params(local)["cached_rows"] == 0
+        # The same bytes as another datatype are another request: the remote judges it (it
+        # takes FP32 only), the cache never answers it with the FP32 rows' outputs.
+        as_int = triton_grpc.InferInput("features", [4, DEMO_WIDTH], "INT32")
+        as_int.set_data_from_numpy(demo_features(4, seed=42).view(np.int32))
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("cached-remote", [as_int])
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         client.close()
 
