@@ -33,6 +33,7 @@ from gateway.types import (
     Feeds,
     InferRequest,
     InferResponse,
+    ModelInput,
     Outcome,
     ParameterValue,
     Tensor,
@@ -114,7 +115,7 @@ class Pipeline:
         started = time.perf_counter_ns()
         loaded = self.repository.get(attempt.model, attempt.version)
         try:
-            inputs, coverage = self._assemble(loaded, request.inputs)
+            inputs, coverage, model_input = self._assemble(loaded, request.inputs)
             feeds, rows = bind_inputs(loaded, inputs)
             specs = select_outputs(loaded, request.requested_outputs)
             computed = await self._compute(loaded, attempt, request, feeds, rows, coverage)
@@ -139,7 +140,11 @@ class Pipeline:
             rows, time.perf_counter_ns() - started, queue_ns, 0, compute_ns, 0
         )
         return Answer(
-            response=response, cost=cost, cached_rows=computed.cached_rows, coverage=coverage
+            response=response,
+            cost=cost,
+            cached_rows=computed.cached_rows,
+            coverage=coverage,
+            model_input=model_input,
         )
 
     async def _serve_remote(self, request: InferRequest, attempt: Attempt) -> Answer:
@@ -147,10 +152,11 @@ class Pipeline:
         cache/call -> outputs -> charge (the calls' time at the price per compute-second)."""
         if self.remote is None:
             raise RuntimeFailure(f"remote {attempt.endpoint}: this gateway calls no endpoints")
-        inputs, coverage = request.inputs, None
+        inputs, coverage, model_input = request.inputs, None, None
         if attempt.contract:
             model, _, version = attempt.contract.partition("@")
-            inputs, coverage = self._assemble(self.repository.get(model, version), inputs)
+            loaded = self.repository.get(model, version)
+            inputs, coverage, model_input = self._assemble(loaded, inputs)
         call = RemoteCall(self.remote, attempt, request.id)
         layout = call.layout()
         rows = request.rows
@@ -189,22 +195,30 @@ class Pipeline:
         parameters = _parameters(None, cached_rows, cost.total, coverage)
         parameters["remote_us"] = call.took_ns // 1000
         response = InferResponse(attempt.model, call.version, request.id, outputs, parameters)
-        return Answer(response=response, cost=cost, cached_rows=cached_rows, coverage=coverage)
+        return Answer(
+            response=response,
+            cost=cost,
+            cached_rows=cached_rows,
+            coverage=coverage,
+            model_input=model_input,
+        )
 
     # -- the stages of an attempt ------------------------------------------------------------
 
     def _assemble(
         self, loaded: LoadedVersion, inputs: list[Tensor]
-    ) -> tuple[list[Tensor], Coverage | None]:
+    ) -> tuple[list[Tensor], Coverage | None, ModelInput | None]:
         """Raw features -> the model's input under the version's contract (unless the
-        request sends the model's own input, which passes through untouched)."""
+        request sends the model's own input, which passes through untouched), with what
+        its event carries of it: the coverage, and the matrix by column name."""
         contract = loaded.contract
         if contract is None or _sends_model_inputs(loaded, inputs):
-            return inputs, None
+            return inputs, None, None
         assembled = contract.assemble(inputs, _ContractLabel(loaded), self._max_input_bytes)
         loaded.coverage += assembled.coverage.counts
-        model_input = Tensor(loaded.runtime.inputs[0].name, "FP32", assembled.matrix)
-        return [model_input], assembled.coverage
+        matrix = assembled.matrix
+        model_input = Tensor(loaded.runtime.inputs[0].name, "FP32", matrix)
+        return [model_input], assembled.coverage, ModelInput(contract.columns, matrix)
 
     # NOTE: a plain function handing back the cache's (or the batcher's) coroutine, not a
     # coroutine of its own: one frame less on every request (measured in bench_pipeline).
@@ -291,6 +305,10 @@ class Pipeline:
         request_id = parameters.get("request_id")
         if request_id is None:
             request_id = parameters["request_id"] = request.id or events.request_id()
+        model_input = answer.model_input
+        held = request.nbytes or sum(t.nbytes for t in request.inputs)
+        if model_input is not None:  # held until written, as the request's bytes are
+            held += model_input.matrix.nbytes
         events.record(
             Pending(
                 request=request,
@@ -299,7 +317,8 @@ class Pipeline:
                 coverage=answer.coverage,
                 event_time_us=time.time_ns() // 1000,
                 total_ms=(time.perf_counter_ns() - started) / 1e6,
-                nbytes=request.nbytes or sum(t.nbytes for t in request.inputs),
+                nbytes=held,
+                model_input=model_input,
             )
         )
 

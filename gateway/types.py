@@ -38,6 +38,7 @@ __all__ = [
     "InferRequest",
     "InferResponse",
     "ModelIndexEntry",
+    "ModelInput",
     "ModelRuntime",
     "ModelState",
     "Outcome",
@@ -381,6 +382,15 @@ class AssembledInput:
     coverage: Coverage
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInput:
+    """The matrix a contract assembled and the model ran on, its columns named as the contract
+    names them: what a prediction event carries so training sees exactly what serving saw."""
+
+    columns: Sequence[str]
+    matrix: NDArray[np.float32]  # [rows, len(columns)]
+
+
 @dataclass(slots=True)
 class Answer:
     """A response and what it cost: what one attempt hands back up the request path.
@@ -395,6 +405,7 @@ class Answer:
     coverage: Coverage | None = None  # when the request's raw features were assembled
     route: str = ""
     variant: str = ""
+    model_input: ModelInput | None = None  # what they were assembled into
 
 
 class FeatureContract(Protocol):
@@ -410,6 +421,10 @@ class FeatureContract(Protocol):
     def width(self) -> int: ...
     @property
     def feature_names(self) -> list[str]: ...
+    @property
+    def columns(self) -> list[str]:
+        """The name of every column of the matrix it assembles, in order."""
+        ...
 
     def takes(self, name: str) -> bool:
         """Whether ``name`` is one of the contract's raw features."""

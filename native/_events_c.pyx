@@ -6,7 +6,8 @@ The writer encodes every answered prediction, so this writes the PredictionEvent
 format (https://protobuf.dev/programming-guides/encoding/) straight into one growing buffer
 instead of building a message object field by field. What an event says is the builder's:
 ``EventHeader`` (identity, timings, cost, fallback, segments, coverage) and
-``event_columns`` (features, sensitive values hashed, outputs); only the writing is here,
+``event_columns`` (features, sensitive values hashed, outputs, the assembled model input,
+``served_input``); only the writing is here,
 and, for raw features under a contract (every feature its own tensor, the common request),
 the reading of their columns: ``_contract_columns`` reads each tensor's buffer as it arrived
 (a BYTES tensor's wire buffer, a numeric one's array) straight into the event's float64
@@ -31,6 +32,7 @@ import numpy as np
 cnp.import_array()
 
 cdef object _F64 = np.dtype("<f8")
+cdef object _F32 = np.dtype("<f4")
 
 cdef dict _identities = {}  # bounded: cleared when it reaches _CACHE_LIMIT
 cdef dict _layouts = {}
@@ -67,13 +69,15 @@ cdef enum:
     TOTAL_MS = 21 << 3 | I64
     COST = 22 << 3 | I64
     ENTITY_KEY = 23 << 3 | LEN
+    MODEL_INPUT = 24 << 3 | LEN
 
-# The nested messages: FeatureBlock, StringColumn, OutputColumn, FeatureCoverage and the
-# segments map's entries
+# The nested messages: FeatureBlock, StringColumn, OutputColumn, FeatureCoverage, ModelInput
+# and the segments map's entries
 cdef enum:
     BLOCK_NUMERIC_NAMES = 1 << 3 | LEN
     BLOCK_NUMBERS = 2 << 3 | LEN
     BLOCK_STRINGS = 3 << 3 | LEN
+    BLOCK_NUMERIC_KINDS = 4 << 3 | LEN
     STRING_NAME = 1 << 3 | LEN
     STRING_VALUES = 2 << 3 | LEN
     STRING_HASHED = 3 << 3 | VARINT
@@ -87,6 +91,8 @@ cdef enum:
     COVERAGE_OOV = 5 << 3 | VARINT
     SEGMENT_KEY = 1 << 3 | LEN
     SEGMENT_VALUE = 2 << 3 | LEN
+    INPUT_COLUMNS = 1 << 3 | LEN
+    INPUT_VALUES = 2 << 3 | LEN
 
 # A coverage row's counts come in gateway.types.OUTCOMES order.
 cdef unsigned char[4] _COUNT_KEYS = [
@@ -116,9 +122,13 @@ FIELD_KEYS = {
     "PredictionEvent.total_ms": TOTAL_MS,
     "PredictionEvent.cost": COST,
     "PredictionEvent.entity_key": ENTITY_KEY,
+    "PredictionEvent.model_input": MODEL_INPUT,
     "FeatureBlock.numeric_names": BLOCK_NUMERIC_NAMES,
     "FeatureBlock.numbers": BLOCK_NUMBERS,
     "FeatureBlock.strings": BLOCK_STRINGS,
+    "FeatureBlock.numeric_kinds": BLOCK_NUMERIC_KINDS,
+    "ModelInput.columns": INPUT_COLUMNS,
+    "ModelInput.values": INPUT_VALUES,
     "StringColumn.name": STRING_NAME,
     "StringColumn.values": STRING_VALUES,
     "StringColumn.hashed": STRING_HASHED,
@@ -250,7 +260,8 @@ cdef bytes _identity(header):
 
 
 cdef bytes _layout(tuple names):
-    """FeatureBlock.numeric_names of one column layout."""
+    """FeatureBlock.numeric_names of one column layout (the same bytes as ModelInput.columns:
+    both are field 1, repeated string)."""
     found = _layouts.get(names)
     if found is not None:
         return found
@@ -314,14 +325,16 @@ cdef inline bint _readable(int kind):
 
 cdef tuple _contract_columns(request, coverage, bytes hash_key, redact):
     """Raw features under a contract: (numeric names, float64 row-major matrix bytes, string
-    columns), as builder._contract_features and event_columns make them."""
+    columns, numeric kinds), as builder._contract_features and event_columns make them."""
     cdef dict positions = coverage.positions
     sensitive = coverage.sensitive
     cdef list names = []
+    cdef list kinds = []
     cdef list arrays = []
     cdef list strings = []
     cdef Py_ssize_t rows = -1, n, j, r, length
     cdef cnp.ndarray array
+    cdef cnp.dtype descr
     cdef int kind
     for tensor in request.inputs:
         name = tensor.name
@@ -339,6 +352,11 @@ cdef tuple _contract_columns(request, coverage, bytes hash_key, redact):
             column = data.astype(np.float64).ravel()
             strings.append((name, [redact(v, hash_key) for v in column.tolist()], True))
             continue
+        if isinstance(data, cnp.ndarray):  # as sent, before any conversion below
+            descr = <cnp.dtype>cnp.PyArray_DESCR(<cnp.ndarray>data)
+            kinds.append(chr(descr.kind))
+        else:
+            kinds.append(data.dtype.kind)
         # A decoded tensor is already C-ordered, aligned, native (ISCARRAY_RO checks all
         # three) and of a kind read below: read in place (its flat length is its size
         # whatever its shape), no numpy calls.
@@ -363,7 +381,7 @@ cdef tuple _contract_columns(request, coverage, bytes hash_key, redact):
         arrays.append(array)
     n = len(arrays)
     if not n:
-        return names, b"", strings
+        return names, b"", strings, ""
     numbers = PyBytes_FromStringAndSize(NULL, rows * n * 8)
     cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(numbers)
     cdef const void* p
@@ -384,7 +402,39 @@ cdef tuple _contract_columns(request, coverage, bytes hash_key, redact):
             else:  # bool: any byte but 0 is True, as numpy reads it
                 number = 1.0 if (<const unsigned char*>p)[r] else 0.0
             store_f64le(out + (r * n + j) * 8, number)
-    return names, numbers, strings
+    return names, numbers, strings, "".join(kinds)
+
+
+cdef Py_ssize_t _varint_size(uint64_t value):
+    cdef Py_ssize_t n = 1
+    while value >= 0x80:
+        value >>= 7
+        n += 1
+    return n
+
+
+cdef int _model_input(_Buffer out, model_input, Py_ssize_t max_columns) except -1:
+    """PredictionEvent.model_input, as builder.served_input decides it: its length is known
+    before it is written, so the matrix is copied once (not moved behind a late prefix)."""
+    if model_input is None:
+        return 0
+    columns = model_input.columns
+    if len(columns) > max_columns:
+        return 0
+    cdef cnp.ndarray matrix = np.ascontiguousarray(model_input.matrix, _F32)
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(matrix)
+    names = _layout(tuple(columns))
+    cdef Py_ssize_t body = len(names)
+    if nbytes:
+        body += 1 + _varint_size(<uint64_t>nbytes) + nbytes
+    out.key(MODEL_INPUT)
+    out.varint(<uint64_t>body)
+    out.raw(names, len(names))
+    if nbytes:
+        out.key(INPUT_VALUES)
+        out.varint(<uint64_t>nbytes)
+        out.raw(<const char*>cnp.PyArray_DATA(matrix), nbytes)
+    return 0
 
 
 def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_columns):
@@ -392,11 +442,12 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
     header = EventHeader(pending)
     cdef list numeric_names, strings, outputs
     cdef bytes numbers
+    cdef str numeric_kinds
     cdef long long rows
     if pending.coverage is not None:
         request, response = pending.request, pending.response
         rows = event_rows(request, response)
-        numeric_names, numbers, strings = _contract_columns(
+        numeric_names, numbers, strings, numeric_kinds = _contract_columns(
             request, pending.coverage, hash_key, redact
         )
         outputs = output_columns(response, rows)
@@ -404,6 +455,7 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
         columns = event_columns(pending, hash_key, redact, max_columns)
         rows, numeric_names, numbers = columns.rows, columns.numeric_names, columns.numbers
         strings, outputs = columns.strings, columns.outputs
+        numeric_kinds = columns.numeric_kinds
     cdef _Buffer out = _Buffer()
     cdef Py_ssize_t start, block_start, field, row
     cdef long long count
@@ -469,6 +521,7 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
             out.raw(layout, len(layout))
             out.key(BLOCK_NUMBERS)
             out.blob(numbers)
+            _string_field(out, BLOCK_NUMERIC_KINDS, numeric_kinds)
         out.close_message(block_start)
     for name, data, width in outputs:
         out.key(OUTPUTS)
@@ -481,4 +534,5 @@ def encode_event(pending, str event_id, bytes hash_key, redact, Py_ssize_t max_c
             out.key(OUTPUT_WIDTH)
             out.varint(<uint64_t><long long>width)
         out.close_message(start)
+    _model_input(out, pending.model_input, max_columns)
     return out.result()

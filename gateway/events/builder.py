@@ -2,8 +2,9 @@
 never on the request path.
 
 What an event says is decided here, once: ``EventHeader`` (who answered, how long it took,
-what it cost, its segments and feature coverage) and ``event_columns`` (its features and
-outputs). Two encoders only write them: ``build_event`` (protobuf, the reference) and the
+what it cost, its segments and feature coverage) and ``event_columns`` (its features, what
+each numeric one was sent as, the model input a contract assembled, and its outputs). Two
+encoders only write them: ``build_event`` (protobuf, the reference) and the
 native encoder (native/_events_c.pyx); gateway.events._encoder picks one.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gateway.api.v1 import events_pb2 as ev
-from gateway.types import Coverage, InferRequest, InferResponse, Tensor
+from gateway.types import Coverage, InferRequest, InferResponse, ModelInput, Tensor
 
 __all__ = [
     "Columns",
@@ -31,6 +32,7 @@ __all__ = [
     "event_rows",
     "fallback_text",
     "output_columns",
+    "served_input",
 ]
 
 # A keyed hash standing in for a sensitive value (gateway.features.redact).
@@ -38,6 +40,7 @@ Redact = Callable[[bytes | str | float, bytes], str]
 
 _NUMERIC_KINDS = ("b", "i", "u", "f")
 _F64 = np.dtype("<f8")  # the wire's float64: little-endian whatever the host
+_F32 = np.dtype("<f4")  # and its float32, the model input's
 
 
 @dataclass(slots=True)
@@ -50,7 +53,8 @@ class Pending:
     coverage: Coverage | None  # how its raw features were assembled (None: model inputs sent)
     event_time_us: int
     total_ms: float
-    nbytes: int  # request data held, for the memory bound
+    nbytes: int  # request data held (and the model input), for the memory bound
+    model_input: ModelInput | None = None  # what the contract assembled (None: inputs sent)
 
 
 def encode_event_py(
@@ -128,33 +132,57 @@ class EventHeader:
 @dataclass(slots=True)
 class Columns:
     """What an event carries of an answer, decided once for both encoders: numeric features as
-    one float64 matrix (little-endian, row-major), string features (sensitive values already
-    hashed), and the numeric outputs (``name, float64 bytes, width``)."""
+    one float64 matrix (little-endian, row-major) with the dtype kind each was sent as, string
+    features (sensitive values already hashed), the numeric outputs (``name, float64 bytes,
+    width``) and the model input a contract assembled (``columns, float32 bytes``)."""
 
     rows: int
     numeric_names: list[str]
     numbers: bytes
     strings: list[tuple[str, list[str], bool]]  # name, values, hashed
     outputs: list[tuple[str, bytes, int]]
+    numeric_kinds: str = ""  # one numpy dtype kind per numeric column: b, i, u or f
+    model_input: tuple[Sequence[str], bytes] | None = None
 
 
 def event_columns(pending: Pending, hash_key: bytes, redact: Redact, max_columns: int) -> Columns:
     request, response = pending.request, pending.response
     rows = event_rows(request, response)
     names: list[str] = []
+    kinds: list[str] = []
     blocks: list[NDArray[np.float64]] = []
     strings: list[tuple[str, list[str], bool]] = []
     if pending.coverage is not None:
-        _contract_features(request, pending.coverage, hash_key, redact, names, blocks, strings)
+        _contract_features(
+            request, pending.coverage, hash_key, redact, names, kinds, blocks, strings
+        )
     else:
         for tensor in request.inputs:
-            _input_columns(tensor, rows, max_columns, names, blocks, strings)
+            _input_columns(tensor, rows, max_columns, names, kinds, blocks, strings)
     numbers = b""
     if len(blocks) == 1:
         numbers = blocks[0].tobytes()
     elif blocks:
         numbers = np.hstack(blocks).astype(_F64, copy=False).tobytes()
-    return Columns(rows, names, numbers, strings, output_columns(response, rows))
+    return Columns(
+        rows,
+        names,
+        numbers,
+        strings,
+        output_columns(response, rows),
+        "".join(kinds),
+        served_input(pending.model_input, max_columns),
+    )
+
+
+def served_input(
+    model_input: ModelInput | None, max_columns: int
+) -> tuple[Sequence[str], bytes] | None:
+    """The model input an event carries (``columns, float32 bytes``): none unless a contract
+    assembled it, and none wider than ``max_columns`` (the bound of a pass-through input)."""
+    if model_input is None or len(model_input.columns) > max_columns:
+        return None
+    return model_input.columns, np.ascontiguousarray(model_input.matrix, _F32).tobytes()
 
 
 def output_columns(response: InferResponse, rows: int) -> list[tuple[str, bytes, int]]:
@@ -209,8 +237,13 @@ def build_event(
     if columns.numeric_names:
         event.features.numeric_names.extend(columns.numeric_names)
         event.features.numbers = columns.numbers
+        event.features.numeric_kinds = columns.numeric_kinds
     for name, data, width in columns.outputs:
         event.outputs.add(name=name, values=data, width=width)
+    if columns.model_input is not None:
+        input_columns, matrix = columns.model_input
+        event.model_input.columns.extend(input_columns)
+        event.model_input.values = matrix
     return event
 
 
@@ -220,6 +253,7 @@ def _contract_features(
     hash_key: bytes,
     redact: Redact,
     names: list[str],
+    kinds: list[str],
     blocks: list[NDArray[np.float64]],
     strings: list[tuple[str, list[str], bool]],
 ) -> None:
@@ -240,6 +274,7 @@ def _contract_features(
             strings.append((tensor.name, [redact(v, hash_key) for v in column.tolist()], True))
             continue
         names.append(tensor.name)
+        kinds.append(tensor.data.dtype.kind)
         numeric.append(tensor.data.reshape(-1))
     if numeric:
         # One cast for all columns (their common type, then float64), not one per feature.
@@ -251,6 +286,7 @@ def _input_columns(
     rows: int,
     max_columns: int,
     names: list[str],
+    kinds: list[str],
     blocks: list[NDArray[np.float64]],
     strings: list[tuple[str, list[str], bool]],
 ) -> None:
@@ -269,6 +305,7 @@ def _input_columns(
         names.append(tensor.name)
     else:
         names.extend(_column_names(tensor.name, matrix.shape[1]))
+    kinds.append(tensor.data.dtype.kind * matrix.shape[1])
     blocks.append(matrix.astype(_F64))
 
 

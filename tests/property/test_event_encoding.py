@@ -1,8 +1,9 @@
 """The native event encoder writes the same PredictionEvent as the protobuf runtime does from
 the same answer: raw-feature requests under the demo contract (a sensitive feature included;
 features in any order, some left out, each in any datatype its kind accepts, [N] or [N, 1],
-BYTES as the wire buffer or as objects, text that is not UTF-8) and requests that sent the
-model's own input, with every optional part present or not."""
+BYTES as the wire buffer or as objects, text that is not UTF-8), with the model input they
+were assembled into (within events.max_columns or not), and requests that sent the model's own
+input, with every optional part present or not."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ from gateway.events import _encoder, builder
 from gateway.features import redact
 from gateway.features.contract import Contract, load_contract
 from gateway.features.spec import ACCEPTED_DATATYPES
-from gateway.types import NUMPY_DTYPES, InferRequest, InferResponse, RequestOptions, Tensor
+from gateway.types import (
+    NUMPY_DTYPES,
+    InferRequest,
+    InferResponse,
+    ModelInput,
+    RequestOptions,
+    Tensor,
+)
 
 try:
     from gateway import _events_c
@@ -97,7 +105,7 @@ def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
             parameters[name] = draw(TEXT)
     for name in draw(st.lists(TEXT, max_size=2, unique=True)):
         parameters[f"segment.{name}"] = draw(st.one_of(TEXT, st.integers(-5, 5)))
-    coverage = None
+    coverage = model_input = None
     if draw(st.booleans()):  # raw features under the contract
         start = draw(st.integers(0, 64 - rows))
         required = set(contract.required)
@@ -109,7 +117,13 @@ def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
         inputs = [
             draw(sent_tensor(f.name, f.kind, start, rows)) for f in draw(st.permutations(sent))
         ]
-        coverage = contract.assemble(inputs, "fraud", 1 << 20).coverage
+        assembled = contract.assemble(inputs, "fraud", 1 << 20)
+        coverage = assembled.coverage
+        if draw(st.integers(0, 5)) > 0:
+            matrix = assembled.matrix
+            if draw(st.integers(0, 4)) == 0:  # not C-ordered: the encoders make it so
+                matrix = np.asfortranarray(matrix)
+            model_input = ModelInput(contract.columns, matrix)
     else:  # the model's own input
         width = draw(st.sampled_from([1, 3, 19, MAX_COLUMNS + 1]))
         matrix = np.arange(rows * width, dtype=np.float32).reshape(rows, width)
@@ -160,6 +174,7 @@ def answers(draw: st.DrawFn, contract: Contract) -> builder.Pending:
         event_time_us=draw(st.integers(0, 2**62)),
         total_ms=draw(st.floats(0, 1e4)),
         nbytes=0,
+        model_input=model_input,
     )
 
 
@@ -171,8 +186,10 @@ def test_native_and_protobuf_encodings_parse_to_the_same_event(contract: Contrac
     assert native_encode is not None
     pending = data.draw(answers(contract))
     event_id = data.draw(TEXT)
-    expected = builder.build_event(pending, event_id, KEY, redact, MAX_COLUMNS)
-    encoded = native_encode(pending, event_id, KEY, redact, MAX_COLUMNS)
+    # The contract's width, and one less: the model input is kept, then left out.
+    max_columns = data.draw(st.sampled_from([MAX_COLUMNS, contract.width, contract.width - 1]))
+    expected = builder.build_event(pending, event_id, KEY, redact, max_columns)
+    encoded = native_encode(pending, event_id, KEY, redact, max_columns)
     assert ev.PredictionEvent.FromString(encoded) == expected
 
 
@@ -201,3 +218,39 @@ def test_a_sensitive_feature_travels_hashed_in_the_native_encoding(contract: Con
         ]
         assert name not in event.features.numeric_names
     assert [c.feature for c in event.coverage] == [f.name for f in contract.features]
+
+
+@pytest.mark.parametrize("impl", ["native", "protobuf"])
+def test_the_event_carries_the_model_input_as_served_and_the_kinds_features_were_sent_as(
+    contract: Contract, impl: str
+):
+    """The matrix travels bit for bit (float32, little-endian, by contract column name), up
+    to events.max_columns; numeric features say what they were sent as."""
+    encode = native_encode if impl == "native" else builder.encode_event_py
+    assert encode is not None
+    inputs = [raw_tensor(f.name, f.kind, 0, 3) for f in contract.features]
+    inputs[0] = Tensor(inputs[0].name, "FP32", inputs[0].data.astype(np.float32))
+    assembled = contract.assemble(inputs, "fraud", 1 << 20)
+    pending = builder.Pending(
+        request=InferRequest("fraud", inputs=inputs),
+        response=InferResponse("fraud", "2", "", [], {}),
+        request_id="r1",
+        coverage=assembled.coverage,
+        event_time_us=1,
+        total_ms=1.0,
+        nbytes=0,
+        model_input=ModelInput(contract.columns, assembled.matrix),
+    )
+    event = ev.PredictionEvent.FromString(encode(pending, "e1", KEY, redact, contract.width))
+    assert list(event.model_input.columns) == contract.columns
+    served = np.frombuffer(event.model_input.values, "<f4").reshape(3, contract.width)
+    assert served.tobytes() == assembled.matrix.astype("<f4").tobytes()
+    kinds = dict(zip(event.features.numeric_names, event.features.numeric_kinds, strict=True))
+    sent = {f.name: f.kind for f in contract.features if not f.sensitive}
+    assert kinds == {
+        name: {"float": "f", "int": "i", "bool": "b"}[kind]
+        for name, kind in sent.items()
+        if kind != "categorical"
+    }
+    narrower = encode(pending, "e1", KEY, redact, contract.width - 1)
+    assert not ev.PredictionEvent.FromString(narrower).HasField("model_input")
