@@ -1,5 +1,6 @@
-"""Events as columns: the packed feature and output blocks of many events -> one numpy array
-per feature (every row of every event), for metrics and for the training-set export."""
+"""Events as columns: the packed feature, model input and output blocks of many events -> one
+numpy array per feature or input column (every row of every event), for metrics and for the
+training-set export."""
 
 from __future__ import annotations
 
@@ -15,17 +16,20 @@ from numpy.typing import NDArray
 __all__ = ["NAMES_SEPARATOR", "Frame", "build_frame", "concat_frames"]
 
 _F64 = np.dtype("<f8")
+_F32 = np.dtype("<f4")
 NAMES_SEPARATOR = "\x1f"  # ASCII unit separator: never in a feature name
 
 
 @dataclass
 class Frame:
     """Rows of many events. ``event_index[i]`` is the event row ``i`` came from; event ``k``'s
-    rows start at ``starts[k]`` (``starts[-1]`` is ``rows``)."""
+    rows start at ``starts[k]`` (``starts[-1]`` is ``rows``). ``inputs`` are the model input's
+    columns as served (float32), for the events that carry one."""
 
     rows: int = 0
     numbers: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     strings: dict[str, NDArray[np.object_]] = field(default_factory=dict)
+    inputs: dict[str, NDArray[np.float32]] = field(default_factory=dict)
     scores: NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     event_index: NDArray[np.int64] = field(default_factory=lambda: np.empty(0, np.int64))
     starts: NDArray[np.int64] = field(default_factory=lambda: np.zeros(1, np.int64))
@@ -38,39 +42,61 @@ def build_frame(
     strings: pa.Array | pa.ChunkedArray,
     outputs: Sequence[bytes | None],
     output_widths: Sequence[Sequence[int] | None],
+    input_columns: Sequence[Sequence[str] | None] = (),
+    model_input: Sequence[bytes | None] = (),
 ) -> Frame:
     """Concatenate events' rows. A feature an event lacks is NaN (numbers) or None (strings)
     for its rows; ``scores`` is the first output's first column (NaN where absent).
-    ``strings`` is the events' ``strings`` column as Arrow (map<string, list<string>>)."""
+    ``strings`` is the events' ``strings`` column as Arrow (map<string, list<string>>).
+    With ``input_columns`` and ``model_input`` (each event's), ``inputs`` holds the model
+    input's columns, NaN where an event carries none."""
     total = int(sum(row_counts))
     frame = Frame(rows=total)
     frame.event_index = np.repeat(np.arange(len(row_counts)), row_counts)
     frame.scores = np.full(total, np.nan)
     starts = frame.starts = np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64)
-    # Runs of events with the same numeric columns (the usual case: one contract or one input
-    # shape per version) are decoded at once: one join, one frombuffer, one copy per column.
-    i = 0
-    while i < len(row_counts):
-        layout = numeric_names[i]
-        j = i + 1
-        while j < len(row_counts) and numeric_names[j] == layout:
-            j += 1
-        names = _names(layout)
-        blobs = [numeric[k] or b"" for k in range(i, j)]
-        whole = [
-            len(b) == 8 * len(names) * row_counts[k]
-            for k, b in zip(range(i, j), blobs, strict=True)
-        ]
-        if names and all(whole):
-            _put(frame, names, b"".join(blobs), int(starts[i]), int(starts[j]))
-        elif names:  # a malformed event is left out, not its neighbours
-            for k, ok in zip(range(i, j), whole, strict=True):
-                if ok:
-                    _put(frame, names, blobs[k - i], int(starts[k]), int(starts[k + 1]))
-        i = j
+    _blocks(frame.numbers, _F64, row_counts, starts, numeric_names, numeric)
+    if model_input:
+        _blocks(frame.inputs, _F32, row_counts, starts, input_columns, model_input)
     _strings(frame, strings, np.asarray(row_counts, dtype=np.int64))
     _scores(frame, row_counts, starts, outputs, output_widths)
     return frame
+
+
+def _blocks(
+    columns: dict[str, NDArray[Any]],
+    dtype: np.dtype[Any],
+    row_counts: Sequence[int],
+    starts: NDArray[np.int64],
+    layouts: Sequence[Sequence[str] | str | None],
+    blobs_of: Sequence[bytes | None],
+) -> None:
+    """Each event's rows x len(names) block of ``dtype`` into one column per name.
+
+    Runs of events with the same columns (the usual case: one contract or one input shape per
+    version) are decoded at once: one join, one frombuffer, one copy per column."""
+    rows = int(starts[-1])
+    size = dtype.itemsize
+    i = 0
+    while i < len(row_counts):
+        layout = layouts[i]
+        j = i + 1
+        while j < len(row_counts) and layouts[j] == layout:
+            j += 1
+        names = _names(layout)
+        blobs = [blobs_of[k] or b"" for k in range(i, j)]
+        whole = [
+            len(b) == size * len(names) * row_counts[k]
+            for k, b in zip(range(i, j), blobs, strict=True)
+        ]
+        if names and all(whole):
+            _put(columns, dtype, rows, names, b"".join(blobs), int(starts[i]), int(starts[j]))
+        elif names:  # a malformed event is left out, not its neighbours
+            for k, ok in zip(range(i, j), whole, strict=True):
+                if ok:
+                    start, end = int(starts[k]), int(starts[k + 1])
+                    _put(columns, dtype, rows, names, blobs[k - i], start, end)
+        i = j
 
 
 def concat_frames(parts: Sequence[Frame]) -> Frame:
@@ -91,6 +117,7 @@ def concat_frames(parts: Sequence[Frame]) -> Frame:
         )
     frame.numbers = _stacked([p.numbers for p in parts], row_at, np.nan, np.float64)
     frame.strings = _stacked([p.strings for p in parts], row_at, None, object)
+    frame.inputs = _stacked([p.inputs for p in parts], row_at, np.nan, np.float32)
     return frame
 
 
@@ -211,10 +238,18 @@ def _split(joined: str) -> tuple[str, ...]:
     return tuple(joined.split(NAMES_SEPARATOR))
 
 
-def _put(frame: Frame, names: tuple[str, ...], blob: bytes, start: int, end: int) -> None:
-    matrix = np.frombuffer(blob, _F64).reshape(-1, len(names))
+def _put(
+    columns: dict[str, NDArray[Any]],
+    dtype: np.dtype[Any],
+    rows: int,
+    names: tuple[str, ...],
+    blob: bytes,
+    start: int,
+    end: int,
+) -> None:
+    matrix = np.frombuffer(blob, dtype).reshape(-1, len(names))
     for c, name in enumerate(names):
-        column = frame.numbers.get(name)
+        column = columns.get(name)
         if column is None:
-            column = frame.numbers[name] = np.full(frame.rows, np.nan)
+            column = columns[name] = np.full(rows, np.nan, dtype=dtype.newbyteorder("="))
         column[start:end] = matrix[:, c]

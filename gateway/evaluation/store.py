@@ -3,6 +3,9 @@
 ``events`` keeps one row per event_id (the primary key): a batch resent after a reconnect or
 a restart is absorbed (see ``EventStore.ingest``), so what is stored is exactly once. Batches go
 in through Arrow, one statement per batch. All calls come from one thread (the service's).
+
+Columns are only ever added, at the end (a store file of an older version gets them when it
+is opened): a batch goes in by position.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from numpy.typing import NDArray
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.evaluation.frames import build_frame
@@ -56,8 +60,15 @@ CREATE TABLE IF NOT EXISTS events (
     compute_ms DOUBLE,
     total_ms DOUBLE,
     cost DOUBLE,
-    entity_key VARCHAR
+    entity_key VARCHAR,
+    numeric_kinds VARCHAR,  -- per numeric_names: b, i, u or f, the dtype kind it was sent as
+    input_columns VARCHAR[],
+    model_input BLOB  -- float32 little-endian, rows x len(input_columns): the matrix served
 );
+-- Stores made before these columns were added: the same columns, in the same order.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS numeric_kinds VARCHAR;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS input_columns VARCHAR[];
+ALTER TABLE events ADD COLUMN IF NOT EXISTS model_input BLOB;
 CREATE TABLE IF NOT EXISTS labels (
     request_id VARCHAR,
     entity_key VARCHAR,
@@ -139,6 +150,9 @@ _ARROW_SCHEMA = pa.schema(
         ("total_ms", pa.float64()),
         ("cost", pa.float64()),
         ("entity_key", pa.string()),
+        ("numeric_kinds", pa.string()),
+        ("input_columns", pa.list_(pa.string())),
+        ("model_input", pa.binary()),
     ]
 )
 EVENT_COLUMNS = tuple(_ARROW_SCHEMA.names)
@@ -214,6 +228,9 @@ class EventStore:
     ) -> tuple[Path, int]:
         """Write a window's events, or its labelled prediction rows, to Parquet.
 
+        A labelled row holds what training needs to see what serving saw: the raw features,
+        numeric ones in the type they were sent as (``_raw_type``), and the model input as
+        served, a float32 column ``input.<column>`` per matrix column (see ``_training_rows``).
         Returns the file's absolute path and the rows written.
         """
         where, params = window_filter(model, version, start_us, end_us, table="e")
@@ -229,8 +246,8 @@ class EventStore:
         table = self.arrow(
             f"""
             SELECT e.request_id, e.event_time, e.model, e.version, e.arm, e.segments,
-                   e.numeric_names, e.numeric, e.strings, e.outputs, e.output_widths, e.rows,
-                   j."row", j.label
+                   e.numeric_names, e.numeric, e.numeric_kinds, e.strings, e.input_columns,
+                   e.model_input, e.outputs, e.output_widths, e.rows, j."row", j.label
             FROM ({joined_sql()}) j JOIN events e USING (event_id)
             WHERE {where} ORDER BY e.event_time, j."row"
             """,
@@ -288,7 +305,10 @@ def _quoted(path: Path) -> str:
 
 
 def _training_rows(table: pa.Table) -> pa.Table:
-    """One row per labelled prediction row: its features, score, label, version, segments."""
+    """One row per labelled prediction row: its version and segments, its raw features (each
+    numeric one in the type it was sent as; a sensitive one hashed), the model input as served
+    (``input.<column>``, float32, NaN for an event without one: it sent the model's own input,
+    or came from a gateway that did not carry it), its score and its label."""
     data = table.drop_columns(["strings"]).to_pydict()
     count = len(data["request_id"])
     frame = build_frame(
@@ -298,6 +318,8 @@ def _training_rows(table: pa.Table) -> pa.Table:
         strings=table.column("strings"),
         outputs=data["outputs"],
         output_widths=data["output_widths"],
+        input_columns=data["input_columns"],
+        model_input=data["model_input"],
     )
     picks = frame.starts[:count] + np.asarray(data["row"], dtype=np.int64)
     out: dict[str, object] = {
@@ -306,13 +328,52 @@ def _training_rows(table: pa.Table) -> pa.Table:
     segment_keys = sorted({k for m in data["segments"] if m for k, _ in m})
     for key in segment_keys:
         out[f"segment.{key}"] = [dict(m or {}).get(key) for m in data["segments"]]
+    kinds = _sent_kinds(data["numeric_names"], data["numeric_kinds"])
     for name, column in frame.numbers.items():
-        out[name] = column[picks]
+        out[name] = _raw_column(column[picks], kinds.get(name, set()))
     for name, column_s in frame.strings.items():
         out[name] = column_s[picks].tolist()
+    for name, column_f in frame.inputs.items():
+        out[f"{_INPUT_PREFIX}{name}"] = column_f[picks]
     out["score"] = frame.scores[picks]
     out["label"] = data["label"]
     return pa.table(out)
+
+
+_INPUT_PREFIX = "input."  # the model input's columns, apart from raw features of the same name
+# A numeric feature's dtype kind as sent -> the type it is exported as (any other: float64).
+_SENT_TYPES: dict[str, tuple[type[np.generic], pa.DataType]] = {
+    "b": (np.bool_, pa.bool_()),
+    "i": (np.int64, pa.int64()),
+    "u": (np.uint64, pa.uint64()),
+}
+
+
+def _sent_kinds(
+    names: Sequence[Sequence[str] | None], kinds: Sequence[str | None]
+) -> dict[str, set[str]]:
+    """Per numeric feature, the dtype kinds its events sent it as ("f" for an event that did
+    not say: stored before events carried kinds)."""
+    seen: dict[str, set[str]] = {}
+    for layout, sent in set(zip(map(tuple, (n or () for n in names)), kinds, strict=True)):
+        if not sent or len(sent) != len(layout):
+            sent = "f" * len(layout)
+        for name, kind in zip(layout, sent, strict=True):
+            seen.setdefault(name, set()).add(kind)
+    return seen
+
+
+def _raw_column(values: NDArray[np.float64], kinds: set[str]) -> pa.Array:
+    """A numeric feature in the type it was sent as: bool, int64 or uint64 when every event
+    sent it so (the float64 the event carries holds such a value exactly, up to 2**53), else
+    float64. A row whose event lacked the feature is null in a bool or integer column."""
+    sent = _SENT_TYPES.get(next(iter(kinds))) if len(kinds) == 1 else None
+    if sent is None:
+        return pa.array(values, pa.float64())
+    numpy_type, arrow_type = sent
+    missing = np.isnan(values)
+    exact = np.where(missing, 0, values).astype(numpy_type)
+    return pa.array(exact, arrow_type, mask=missing if missing.any() else None)
 
 
 def joined_sql(label_filter: str = "") -> str:
@@ -383,6 +444,9 @@ def _to_arrow(events: Sequence[ev.PredictionEvent], arrival_us: int) -> pa.Table
         scalar("total_ms", pa.float64()),
         scalar("cost", pa.float64()),
         scalar("entity_key"),
+        _field(blocks, "numeric_kinds"),
+        _list_array([e.model_input.columns for e in events], _STRING),
+        _field(list(map(attrgetter("model_input"), events)), "values", pa.binary()),
     ]
     return pa.Table.from_arrays(arrays, schema=_ARROW_SCHEMA)
 

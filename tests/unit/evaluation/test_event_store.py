@@ -217,3 +217,87 @@ def test_a_report_read_in_chunks_is_the_report_read_whole(store, tmp_path, monke
     assert set(whole["versions"]["2"]) == {"all", "geo=BR", "geo=US"}
     assert whole["versions"]["2"]["all"]["features"]["channel"]["oov"] > 0
     assert whole["versions"]["1"]["all"]["quality"]["labelled"] > 0
+
+
+def test_a_store_made_before_the_model_input_opens_and_takes_new_events(tmp_path: Path):
+    import duckdb
+
+    from gateway.evaluation import store as store_module
+
+    # The events table as it was: every column up to entity_key.
+    before = store_module._SCHEMA.split("    numeric_kinds VARCHAR,")[0].rstrip(",\n") + "\n);"
+    with duckdb.connect(str(tmp_path / store_module.DB_FILE)) as db:
+        db.execute(before)
+        db.execute("INSERT INTO events (event_id, model, rows) VALUES ('old', 'm', 1)")
+    s = EventStore(tmp_path)
+    try:
+        new = event(1)
+        new.features.numeric_names.append("n")
+        new.features.numbers = np.array([3.0], "<f8").tobytes()
+        new.features.numeric_kinds = "i"
+        new.model_input.columns.extend(["a", "b=x"])
+        new.model_input.values = np.array([0.5, 1.0], "<f4").tobytes()
+        assert s.ingest([new], 0) == (1, 0)
+        assert s.query(
+            "SELECT event_id, numeric_kinds, input_columns, model_input FROM events "
+            "ORDER BY event_id"
+        ) == [("e1", "i", ["a", "b=x"], new.model_input.values), ("old", None, None, None)]
+    finally:
+        s.close()
+
+
+def test_the_labelled_export_gives_features_back_as_sent_and_the_model_input_as_served(
+    store: EventStore, tmp_path: Path
+):
+    import pyarrow.parquet as pq
+
+    def served(i: int, kinds: str, with_input: bool = True) -> ev.PredictionEvent:
+        e = event(i, rows=2)
+        e.features.numeric_names.extend(["amount", "hour", "flag"])
+        e.features.numbers = np.array([1.5, 3, 1, 2.25, 23, 0], "<f8").tobytes()
+        e.features.numeric_kinds = kinds
+        e.features.strings.add(name="country", values=["h1", "h2"], hashed=True)
+        if with_input:
+            e.model_input.columns.extend(["amount", "hour", "country=<oov>"])
+            matrix = np.array([[0.1, 1 / 3, 0], [np.float32(2) / 3, -0.0, 1]], "<f4")
+            e.model_input.values = matrix.tobytes()
+        e.outputs.add(name="probability", values=np.array([0.25, 0.75], "<f8").tobytes(), width=1)
+        return e
+
+    store.ingest([served(1, "fib"), served(2, "fib"), served(3, "fib", with_input=False)], 0)
+    labels = [ev.Label(request_id=f"r{i}", value=1.0, row=1) for i in (1, 2, 3)]
+    store.put_labels(labels, 3600, 0)
+    path, rows = store.export(tmp_path / "train.parquet", "m", "", 0, 0, labelled=True)
+    assert rows == 3
+    table = pq.read_table(path)
+    types = {f.name: str(f.type) for f in table.schema}
+    assert (types["amount"], types["hour"], types["flag"]) == ("double", "int64", "bool")
+    assert table.column("hour").to_pylist() == [23, 23, 23]
+    assert table.column("flag").to_pylist() == [False, False, False]
+    assert table.column("country").to_pylist() == ["h2", "h2", "h2"]  # hashed stays hashed
+    for column in ("input.amount", "input.hour", "input.country=<oov>"):
+        assert types[column] == "float"
+    served_row = np.array([np.float32(2) / 3, -0.0, 1], "<f4")
+    exported = np.stack([table.column(c).to_numpy() for c in table.column_names[-5:-2]], 1)
+    assert exported[:2].tobytes() == np.stack([served_row, served_row]).tobytes()  # bit for bit
+    assert np.isnan(exported[2]).all()  # the event that carried no model input
+
+
+def test_a_feature_sent_as_floats_by_any_event_exports_as_double(store: EventStore, tmp_path):
+    import pyarrow.parquet as pq
+
+    older = event(1)  # stored before events said what a feature was sent as
+    older.features.numeric_names.append("hour")
+    older.features.numbers = np.array([4.0], "<f8").tobytes()
+    newer = event(2, rows=2)
+    newer.features.numeric_names.extend(["hour", "count"])
+    newer.features.numbers = np.array([5, 7, 6, 8], "<f8").tobytes()
+    newer.features.numeric_kinds = "ii"
+    store.ingest([older, newer], 0)
+    store.put_labels([ev.Label(request_id=f"r{i}", value=0.0) for i in (1, 2)], 3600, 0)
+    path, _ = store.export(tmp_path / "t.parquet", "m", "", 0, 0, labelled=True)
+    table = pq.read_table(path)
+    assert str(table.schema.field("hour").type) == "double"
+    assert table.column("hour").to_pylist() == [4.0, 5.0]
+    assert str(table.schema.field("count").type) == "int64"
+    assert table.column("count").to_pylist() == [None, 7]  # the older event lacked it
