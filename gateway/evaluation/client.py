@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.auth import ClientCredentials
+from gateway.evaluation.labels import label_notes
+from gateway.evaluation.page import describe_labels, describe_window
 from gateway.evaluation.page import format_number as _num
 from gateway.tables import format_table
 
@@ -158,10 +160,14 @@ def fetch_verdict(
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as plain-text tables."""
+    """The report as plain-text tables, under what it covers: its window, what it read of it,
+    and how its rows are labelled."""
+    window, *truncated = describe_window(report)
     lines = [
-        f"{report['model']}: last {report['window_s']} s, {report['events']} events, "
-        f"reference profile {'found' if report['reference'] else 'missing'}"
+        f"{report['model']}: {window}, reference profile "
+        f"{'found' if report['reference'] else 'missing'}",
+        *(f"WARNING: {line}" for line in truncated),
+        describe_labels(report.get("labels")),
     ]
     for version, segments in report["versions"].items():
         for segment, metrics in segments.items():
@@ -182,6 +188,10 @@ def format_report(report: dict[str, Any]) -> str:
                     f"  output: psi {_num(output.get('psi'))}, mean {_num(output.get('mean'))}"
                 )
             q = metrics["quality"]
+            labels = metrics.get("labels")
+            if labels:
+                lines.append(f"  labels: {describe_labels(labels)}")
+                lines += [f"  note: {note}" for note in label_notes(labels, output)]
             if q.get("labelled"):
                 lines.append(
                     "  quality: "

@@ -6,9 +6,18 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["format_number", "render_index", "render_page"]
+from gateway.evaluation.labels import label_notes
+
+__all__ = [
+    "describe_labels",
+    "describe_window",
+    "format_number",
+    "render_index",
+    "render_page",
+]
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 _STYLE = """
@@ -19,16 +28,39 @@ td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
 td:first-child,th:first-child{text-align:left}.fire{color:#b00;font-weight:600}
 .verdict{font-size:18px;font-weight:700}.promote{color:#080}.rollback{color:#b00}
 .hold{color:#a60}svg{background:#fafafa;border:1px solid #eee;margin:6px 0}
+.warn{background:#fff4d6;border-left:4px solid #d90;padding:6px 10px}
 """
-# Marks the page rendered once every chart has drawn marks, or records the first error: a
-# headless browser reads both back from the DOM.
+# Measures what each chart drew, once laid out: a mark counts only if it has geometry inside
+# the chart (a path of non-zero length, a circle of non-zero radius, a rect of non-zero area);
+# a line chart's every series must draw one. A headless browser reads the verdict
+# (data-rendered: "ok" or the blank charts and series), the drawn marks per chart
+# (data-marks) and the first script error (data-error) back from the DOM.
 _CHECK = """
 window.addEventListener('error', e => { document.body.dataset.error = String(e.message); });
 window.addEventListener('load', () => {
+  const inside = (m, svg) => {
+    const b = m.getBBox(), w = svg.width.baseVal.value, h = svg.height.baseVal.value;
+    return b.x <= w && b.y <= h && b.x + b.width >= 0 && b.y + b.height >= 0;
+  };
+  const drawn = (m, svg) => inside(m, svg) && (
+    m.tagName === 'path' ? m.getTotalLength() > 0
+    : m.tagName === 'circle' ? m.r.baseVal.value > 0
+    : m.width.baseVal.value > 0 && m.height.baseVal.value > 0);
+  const marks = (node, svg) =>
+    Array.from(node.querySelectorAll('path,rect,circle')).filter(m => drawn(m, svg));
   const charts = Array.from(document.querySelectorAll('svg.chart'));
-  const empty = charts.filter(c => !c.querySelector('path,rect,circle'));
+  const blank = [], counts = [];
+  for (const svg of charts) {
+    const n = marks(svg, svg).length;
+    counts.push(svg.id + '=' + n);
+    if (!n) blank.push(svg.id);
+    for (const g of svg.querySelectorAll('g.series')) {
+      if (!marks(g, svg).length) blank.push(svg.id + '/' + g.dataset.series);
+    }
+  }
   document.body.dataset.charts = String(charts.length);
-  document.body.dataset.rendered = empty.length ? 'empty:' + empty.map(c => c.id) : 'ok';
+  document.body.dataset.marks = counts.join(' ');
+  document.body.dataset.rendered = blank.length ? 'blank:' + blank.join(',') : 'ok';
 });
 """
 
@@ -42,10 +74,13 @@ def render_page(
     report: dict[str, Any], timeline: dict[str, Any], verdicts: Sequence[dict[str, Any]]
 ) -> str:
     model = report["model"]
+    window, *truncated = describe_window(report)
     parts = [
         f"<h1>{_e(model)}: evaluation</h1>",
-        f"<p>Last {report['window_s']} s: {report['events']} events; reference profile "
+        f'<p id="window">{_e(window)}; reference profile '
         f"{'found' if report['reference'] else '<b>missing</b>'}.</p>",
+        *(f'<p class="warn" id="truncated">{_e(line)}</p>' for line in truncated),
+        f'<p id="labels">{_e(describe_labels(report.get("labels")))}</p>',
         _alerts(report.get("alerts", [])),
     ]
     for version, segments in sorted(report["versions"].items()):
@@ -66,7 +101,7 @@ def render_page(
                 "<h3>Coverage: share of values defaulted or out of vocabulary</h3>",
                 _bar_chart(f"coverage-{version}", coverage, 1.0),
             ]
-        parts += ["<h3>Segments</h3>", _segments(version, segments)]
+        parts += ["<h3>Segments</h3>", _segments(version, segments), _notes(segments)]
     for verdict in verdicts:
         parts.append(_canary(verdict))
     return _document(f"{model}: evaluation", "".join(parts))
@@ -91,16 +126,22 @@ def _alerts(alerts: Sequence[dict[str, Any]]) -> str:
 
 def _segments(version: str, segments: dict[str, Any]) -> str:
     head = (
-        "<tr><th>segment</th><th>rows</th><th>labelled</th><th>AUC</th><th>log loss</th>"
-        "<th>accuracy</th><th>ECE</th><th>largest PSI</th></tr>"
+        "<tr><th>segment</th><th>rows</th><th>labelled</th><th>label delay p50 / p90</th>"
+        "<th>labels replaced (changed)</th><th>AUC</th><th>log loss</th><th>accuracy</th>"
+        "<th>ECE</th><th>largest PSI</th></tr>"
     )
-    rows, aucs = [], []
+    rows, aucs, shares = [], [], []
     for segment, m in sorted(segments.items()):
         q = m.get("quality", {})
+        labels = m.get("labels", {})
+        delay = labels.get("delay_s", {})
         drifts = [(f.get("psi", 0.0), name) for name, f in m.get("features", {}).items()]
         psi, feature = max(drifts, default=(0.0, "-"))
         rows.append(
-            f"<tr><td>{_e(segment)}</td><td>{m['rows']}</td><td>{q.get('labelled', 0)}</td>"
+            f"<tr><td>{_e(segment)}</td><td>{m['rows']}</td>"
+            f"<td>{q.get('labelled', 0)} ({labels.get('share', 0.0):.1%})</td>"
+            f"<td>{_duration(delay.get('p50'))} / {_duration(delay.get('p90'))}</td>"
+            f"<td>{labels.get('replaced', 0)} ({labels.get('disagreeing', 0)})</td>"
             + "".join(
                 f"<td>{format_number(q.get(k))}</td>"
                 for k in ("auc", "log_loss", "accuracy", "ece")
@@ -109,10 +150,26 @@ def _segments(version: str, segments: dict[str, Any]) -> str:
         )
         if "auc" in q:
             aucs.append((segment, float(q["auc"])))
+        if labels.get("labelled"):
+            shares.append((segment, float(labels["share"])))
     table = f"<table>{head}{''.join(rows)}</table>"
+    if shares:
+        table += "<h3>Labelled share per segment</h3>" + _bar_chart(
+            f"labelled-{version}", shares, 1.0
+        )
     if aucs:
         table += "<h3>AUC per segment</h3>" + _bar_chart(f"auc-{version}", aucs, 1.0)
     return table
+
+
+def _notes(segments: dict[str, Any]) -> str:
+    """What the labels of each segment say about its quality metrics."""
+    items = [
+        f"<li><b>{_e(segment)}</b>: {_e(note)}</li>"
+        for segment, m in sorted(segments.items())
+        for note in label_notes(m.get("labels", {}), m.get("output"))
+    ]
+    return f'<h3>About the labels</h3><ul class="notes">{"".join(items)}</ul>' if items else ""
 
 
 def _canary(verdict: dict[str, Any]) -> str:
@@ -174,16 +231,20 @@ def _line_chart(
         )
     for k, (name, points) in enumerate(series.items()):
         colour = _COLOURS[k % len(_COLOURS)]
-        path, pen_up = [], True
+        shown = [v is not None and math.isfinite(v) for v in points]
+        path, dots = [], []
         for i, v in enumerate(points):
-            if v is None or not math.isfinite(v):
-                pen_up = True
+            if v is None or not shown[i]:
                 continue
             x, y = xy(i, v)
-            path.append(f"{'M' if pen_up else 'L'}{x:.1f},{y:.1f}")
-            pen_up = False
-        if path:
-            marks.append(f'<path d="{" ".join(path)}" fill="none" stroke="{colour}"/>')
+            joined_before = i > 0 and shown[i - 1]
+            path.append(f"{'L' if joined_before else 'M'}{x:.1f},{y:.1f}")
+            if not joined_before and not (i + 1 < len(points) and shown[i + 1]):
+                # NOTE: a point with no neighbour (a window of one bucket) is a path of no
+                # length, which draws nothing: it gets a dot.
+                dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}"/>')
+        line = f'<path d="{" ".join(path)}" fill="none" stroke="{colour}"/>' if path else ""
+        marks.append(f'<g class="series" data-series="{_e(name)}">{line}{"".join(dots)}</g>')
         marks.append(
             f'<text x="{pad_left + plot_w + 10}" y="{pad_top + 14 * (k + 1)}" font-size="11" '
             f'fill="{colour}">{_e(name)}</text>'
@@ -220,6 +281,58 @@ def _document(title: str, body: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
         f"<style>{_STYLE}</style></head><body>{body}<script>{_CHECK}</script></body></html>"
     )
+
+
+def describe_window(report: dict[str, Any]) -> list[str]:
+    """The window a report covers and what it read of it; a second line when
+    ``max_report_events`` cut the window short."""
+    lines = [
+        f"Last {_duration(report['window_s'])} ({_time(report['start_us'])} to "
+        f"{_time(report['end_us'])}): {report['events']} events"
+    ]
+    in_window = report.get("events_in_window", report["events"])
+    if report.get("truncated"):
+        start_us = report.get("read_start_us", report["start_us"])
+        lines.append(
+            f"Read only the latest {report['events']} of {in_window} events in the window "
+            f"(max_report_events {report.get('max_events', report['events'])}): every figure "
+            f"covers {_time(start_us)} to {_time(report['end_us'])}, the last "
+            f"{_duration((report['end_us'] - start_us) / 1e6)} of the window"
+        )
+    return lines
+
+
+def describe_labels(labels: dict[str, Any] | None) -> str:
+    """How a report's rows are labelled, in one line."""
+    if not labels or not labels.get("labelled"):
+        rows = (labels or {}).get("rows", 0)
+        return f"No labels joined the {rows} rows read: quality metrics need labels."
+    line = f"Labelled {labels['labelled']} of {labels['rows']} rows ({labels['share']:.1%})"
+    delay = labels.get("delay_s")
+    if delay:
+        line += (
+            f"; labels came {_duration(delay['p50'])} after the prediction (median), "
+            f"p90 {_duration(delay['p90'])}, at most {_duration(delay['max'])}"
+        )
+    line += f"; {labels['replaced']} labels replaced"
+    if labels["replaced"]:
+        line += f" ({labels['disagreeing']} with another value)"
+    return line + "."
+
+
+def _time(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float | None) -> str:
+    """Seconds for people: 0.04 s, 45 s, 12.5 min, 1 h, 2.5 d; None as '-'."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.1f}".removesuffix(".0") + f" {unit}"
+    digits = 1 if abs(seconds) >= 1 else 3
+    return f"{seconds:.{digits}f}".rstrip("0").rstrip(".") + " s"
 
 
 def format_number(value: object) -> str:

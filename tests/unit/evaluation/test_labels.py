@@ -38,8 +38,7 @@ def labels_of(store: EventStore) -> dict[tuple[str, int], tuple[float, float, in
     table = read_labels(store, "true", []).to_pydict()
     ids = dict(store.query("SELECT rowid, event_id FROM events"))
     return {
-        (ids[e], r): (v, d / SECOND, n, k)
-        for e, r, v, d, n, k in zip(*table.values(), strict=True)
+        (ids[e], r): (v, d / SECOND, n, k) for e, r, v, d, n, k in zip(*table.values(), strict=True)
     }
 
 
