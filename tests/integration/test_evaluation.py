@@ -193,6 +193,16 @@ def test_labels_join_by_request_id_and_per_segment_auc_matches_numpy(load, tmp_p
         assert quality["log_loss"] == pytest.approx(log_loss, rel=1e-9)
         assert quality["accuracy"] == pytest.approx(np.mean((scores >= 0.5) == (labels == 1)))
     assert segments["batch=shifted"]["quality"]["labelled"] == 0
+    body = report(load)
+    rows = len(load.request_ids) * ROWS_PER_REQUEST
+    assert (body["labels"]["labelled"], body["labels"]["rows"]) == (joined, rows)
+    assert body["labels"]["share"] == joined / rows
+    for segment in ("batch=reference", "geo=US"):
+        labels = body["versions"]["2"][segment]["labels"]
+        assert labels["share"] == 1.0 and labels["replaced"] == 0
+        delay = labels["delay_s"]  # sent within the module's run, after every prediction
+        assert 0 < delay["p50"] <= delay["p90"] <= delay["max"] < 600
+    assert body["versions"]["2"]["batch=shifted"]["labels"]["share"] == 0
 
     export = tmp_path / "train.parquet"
     out = gateway_cli(
@@ -203,12 +213,19 @@ def test_labels_join_by_request_id_and_per_segment_auc_matches_numpy(load, tmp_p
     assert len(table["label"]) == joined
     assert {"amount", "hour", "channel", "score", "label", "version", "segment.geo"} <= set(table)
     assert set(table["version"]) == {"2"}
+    assert_resent_labels_are_counted(load, tmp_path)
 
 
 def test_the_report_prints_as_tables(load):
     out = gateway_cli("report", "fraud", "--sidecar", load.sidecar.address)
     assert out.returncode == 0, out.stderr
     assert "version 2 · batch=shifted" in out.stdout
+    events = len(load.request_ids)
+    assert re.search(rf"fraud: Last 1 h \(.+ UTC to .+ UTC\): {events} events", out.stdout)
+    assert "WARNING" not in out.stdout  # max_report_events did not cut the window
+    rows = events * ROWS_PER_REQUEST
+    assert re.search(rf"^(Labelled \d+ of|No labels joined the) {rows} rows", out.stdout, re.M)
+    assert "  labels: No labels joined the 500 rows read" in out.stdout  # batch=shifted
     assert "feature_drift" in out.stdout and "retrain" in out.stdout
     bad = gateway_cli("labels", "/nonexistent.csv", "--sidecar", load.sidecar.address)
     assert bad.returncode == 2 and "cannot read labels" in bad.stderr
@@ -259,15 +276,28 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_html_report_renders_in_headless_chromium(load, tmp_path: Path):
+    """Every chart draws visible geometry, as the browser measured it once laid out: the
+    module's load falls in one bucket of the drift timeline, so each feature's line is a single
+    point, which a path alone would not draw."""
     url = f"http://{load.sidecar.http_url}/report/fraud"
     dom = chromium("--dump-dom", url, profile=tmp_path / "profile").stdout
     body = re.search(r"<body[^>]*>", dom)
     assert body, dom[:2000]
-    assert 'data-rendered="ok"' in body.group(0), body.group(0)  # every chart drew marks
+    # every chart, and every series of a line chart, drew a mark of non-zero length or area
+    assert 'data-rendered="ok"' in body.group(0), body.group(0)
     assert "data-error" not in body.group(0)  # no script error
     charts = re.search(r'data-charts="(\d+)"', body.group(0))
     assert charts, body.group(0)
     assert int(charts.group(1)) >= 3
+    marks = drawn_marks(body.group(0))
+    assert set(marks) >= {"drift-2", "coverage-2"}, marks
+    assert all(marks.values()), marks
+    drift = re.search(r'<svg class="chart" id="drift-2".*?</svg>', dom, re.S)
+    assert drift, dom[:2000]
+    series = re.findall(r'<g class="series" data-series="([^"]+)">(.*?)</g>', drift.group(0))
+    assert series and marks["drift-2"] >= len(series)
+    for name, marks_of_series in series:
+        assert visible_line_or_dot(marks_of_series), (name, marks_of_series)
     for text in (
         "Drift over time",
         "Coverage",
@@ -276,6 +306,8 @@ def test_the_html_report_renders_in_headless_chromium(load, tmp_path: Path):
         "feature_drift",
     ):
         assert text in dom
+    assert re.search(rf'<p id="window">Last 1 h \(.+?\): {len(load.request_ids)} events', dom)
+    assert re.search(r'<p id="labels">(Labelled \d+ of|No labels joined the) \d+ rows', dom)
     shot = tmp_path / "report.png"
     chromium(f"--screenshot={shot}", "--window-size=1200,2400", url, profile=tmp_path / "p2")
     assert shot.exists() and shot.stat().st_size > 10_000
@@ -355,3 +387,39 @@ def pa_buffer(data: bytes):
     import pyarrow as pa
 
     return pa.BufferReader(data)
+
+
+def assert_resent_labels_are_counted(load: Load, tmp_path: Path) -> None:
+    """geo=US's first request labelled again: 45 rows the same, 5 flipped."""
+    path = tmp_path / "again.csv"
+    labels = load.labels["geo=US"][:ROWS_PER_REQUEST]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["request_id", "row", "label"])
+        for k, label in enumerate(labels):
+            writer.writerow(["geo=US-0", k, 1 - label if k < 5 else label])
+    out = gateway_cli("labels", str(path), "--sidecar", load.sidecar.address)
+    assert out.returncode == 0, out.stderr
+    body = report(load)
+    us = body["versions"]["2"]["geo=US"]["labels"]
+    assert (us["replaced"], us["relabelled_rows"]) == (ROWS_PER_REQUEST, ROWS_PER_REQUEST)
+    assert (us["disagreeing"], us["disagreeing_rows"]) == (5, 5)
+    assert us["labelled"] == REQUESTS * ROWS_PER_REQUEST  # replaced, not added
+    assert body["versions"]["2"]["batch=reference"]["labels"]["replaced"] == 0
+    assert body["labels"]["replaced"] == ROWS_PER_REQUEST
+
+
+def drawn_marks(body_tag: str) -> dict[str, int]:
+    """The marks with geometry each chart drew, as the page's script measured them."""
+    found = re.search(r'data-marks="([^"]*)"', body_tag)
+    assert found, body_tag
+    return {k: int(v) for k, v in (item.split("=") for item in found.group(1).split())}
+
+
+def visible_line_or_dot(svg: str) -> bool:
+    """A path through two distinct points, or a dot of non-zero radius."""
+    for d in re.findall(r' d="([^"]*)"', svg):
+        points = {tuple(p) for p in re.findall(r"[ML]\s*([-\d.]+),([-\d.]+)", d)}
+        if len(points) >= 2:
+            return True
+    return any(float(r) > 0 for r in re.findall(r'<circle [^>]*\br="([\d.]+)"', svg))
