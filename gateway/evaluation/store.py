@@ -305,10 +305,11 @@ def _quoted(path: Path) -> str:
 
 
 def _training_rows(table: pa.Table) -> pa.Table:
-    """One row per labelled prediction row: its version and segments, its raw features (each
-    numeric one in the type it was sent as; a sensitive one hashed), the model input as served
-    (``input.<column>``, float32, NaN for an event without one: it sent the model's own input,
-    or came from a gateway that did not carry it), its score and its label."""
+    """One row per labelled prediction row (``request_id`` and ``row``, what its label named):
+    its version and segments, its raw features (each numeric one in the type it was sent as;
+    a sensitive one hashed), the model input as served (``input.<column>``, float32; NaN for
+    an event without one: it sent the model's own input, or came from an older gateway), its
+    score and its label."""
     data = table.drop_columns(["strings"]).to_pydict()
     count = len(data["request_id"])
     frame = build_frame(
@@ -323,7 +324,8 @@ def _training_rows(table: pa.Table) -> pa.Table:
     )
     picks = frame.starts[:count] + np.asarray(data["row"], dtype=np.int64)
     out: dict[str, object] = {
-        name: data[name] for name in ("request_id", "event_time", "model", "version", "arm")
+        name: data[name]
+        for name in ("request_id", "row", "event_time", "model", "version", "arm")
     }
     segment_keys = sorted({k for m in data["segments"] if m for k, _ in m})
     for key in segment_keys:
