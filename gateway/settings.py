@@ -425,17 +425,50 @@ def _default_rules() -> tuple[AlertRule, ...]:
 
 
 class CanaryPolicy(_Section):
-    """Promotion criteria for a candidate version against the stable one."""
+    """Promotion criteria for a candidate version against the stable one.
+
+    Each criterion (the primary metric, p95 latency, cost per row) is judged on an interval
+    for the candidate's difference from the stable version at ``confidence``: promote when
+    every interval excludes a regression beyond its allowed margin, rollback when one lies
+    wholly beyond it, hold otherwise (with how much more evidence would likely decide)."""
 
     model: str
     stable: str = Field(description="The version serving now.")
     candidate: str = Field(description="The version asking for promotion.")
     primary_metric: Literal["auc", "log_loss", "accuracy"] = "auc"
     min_samples: int = Field(
-        200, gt=0, description="Labelled rows each version needs before a verdict."
+        200, gt=0, description="Labelled rows each version needs before its quality is judged."
+    )
+    min_positives: int = Field(
+        30,
+        gt=0,
+        description="Labelled positive rows (label > 0.5) each version needs before its quality "
+        "is judged: with rare positives, a few hundred rows hold too few for an AUC interval "
+        "to mean much (DeLong's variance is a large-sample one).",
+    )
+    min_negatives: int = Field(
+        30, gt=0, description="Labelled negative rows each version needs, as min_positives."
+    )
+    min_requests: int = Field(
+        100,
+        gt=0,
+        description="Requests each version needs before its p95 latency and cost per row are "
+        "judged. The p95's distribution-free interval needs at least 86 per version at "
+        "confidence 0.95 (more at a higher one) whatever this says.",
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Two-sided confidence of every criterion's interval. A version equal to "
+        "the stable one is rolled back by a criterion at most (1 - confidence) / 2 of the "
+        "time, and in practice far less (its interval must clear the margin).",
     )
     max_regression: float = Field(
-        0.02, ge=0, description="Largest relative loss on the primary metric to promote."
+        0.02,
+        ge=0,
+        description="Largest relative loss on the primary metric (a share of the stable "
+        "version's value) the candidate's interval may reach to promote.",
     )
     max_latency_regression: float = Field(
         0.25, ge=0, description="Largest relative rise of p95 total latency to promote."
