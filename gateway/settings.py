@@ -382,10 +382,22 @@ AlertMetric = Literal[
     "ece",
 ]
 PlaybookAction = Literal["retrain", "rollback", "human_review", "tighten_thresholds"]
+QUALITY_METRICS: Final = frozenset({"auc", "log_loss", "accuracy", "ece"})
 
 
 class AlertRule(_Section):
-    """An alert of the evaluation sidecar: a metric over a window crossing a threshold."""
+    """An alert of the evaluation sidecar: a metric over a recent window crossing a threshold.
+
+    Each version and segment is checked over its recent window: the events of the last
+    ``window_s`` seconds, of them the latest ``window_rows`` rows (labelled rows for quality
+    metrics), so how soon a change shows does not depend on how much traffic came before it.
+    Feature and output metrics also run a CUSUM over consecutive buckets of ``bucket_rows``
+    rows (bucket ``t`` adds its metric minus ``cusum_k`` x the threshold; it fires past
+    ``cusum_h`` x the threshold): a full shift fires within a bucket or two. Quality metrics
+    fire on their interval (one-sided, ``confidence``), never on the point estimate, and need
+    ``min_positives`` and ``min_negatives`` besides ``min_samples`` labelled rows. A version
+    and segment under a minimum is reported as not enough data, never silently skipped.
+    """
 
     name: str
     metric: AlertMetric = Field(
@@ -399,18 +411,91 @@ class AlertRule(_Section):
     )
     above: float | None = None
     below: float | None = None
-    window_s: int = Field(3600, gt=0)
-    min_samples: int = Field(200, gt=0, description="Rows (labelled rows for quality metrics).")
+    window_s: int = Field(
+        3600, gt=0, description="The recent window by time: events older than this never count."
+    )
+    window_rows: int = Field(
+        2000,
+        gt=0,
+        description="The recent window by rows: of the window_s events of a version and "
+        "segment, the latest this many rows (labelled rows for quality metrics).",
+    )
+    min_samples: int = Field(
+        200,
+        gt=0,
+        description="Rows (a feature's present values; labelled rows for quality metrics) a "
+        "window needs to be checked.",
+    )
+    min_positives: int = Field(
+        20, ge=0, description="Quality metrics: positive labels a window needs to be checked."
+    )
+    min_negatives: int = Field(
+        20, ge=0, description="Quality metrics: negative labels a window needs to be checked."
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1,
+        description="Quality metrics fire when the one-sided interval at this level lies past "
+        "the threshold (AUC: Hanley-McNeil; log loss: normal; accuracy: Wilson; ECE: "
+        "bootstrap). 0.5 compares the point estimate.",
+    )
+    source: Literal["auto", "values", "contract"] = Field(
+        "auto",
+        description="oov, out_of_range, missing: from the values against the reference "
+        "profile (values), or from the gateway's own contract counts, made before sensitive "
+        "values are hashed (contract: outside the contract's vocabulary or range; missing is "
+        "what its null policy defaulted). auto: values where the sidecar sees them in clear, "
+        "else the contract's counts. defaulted is always the contract's.",
+    )
+    change_detector: Literal["cusum", "none"] | None = Field(
+        None,
+        description="cusum: also a CUSUM over buckets of the window (feature and output "
+        "metrics with above only); none: the window alone. Null: cusum where it applies.",
+    )
+    bucket_rows: int = Field(
+        200, gt=0, description="Rows per bucket of the CUSUM (consecutive events)."
+    )
+    cusum_k: float = Field(
+        0.5, gt=0, description="The CUSUM's reference value, a fraction of the threshold."
+    )
+    cusum_h: float = Field(
+        1.0, gt=0, description="The CUSUM's decision interval, a multiple of the threshold."
+    )
     action: PlaybookAction = Field(description="What to do when it fires (the playbook).")
 
     @model_validator(mode="after")
     def _one_threshold(self) -> AlertRule:
         if (self.above is None) == (self.below is None):
             raise ValueError("give exactly one of above, below")
+        if self.change_detector == "cusum" and not self.is_sequential:
+            raise ValueError(
+                "change_detector cusum watches rises of feature and output metrics (above); "
+                f"metric {self.metric} with {'below' if self.above is None else 'above'} "
+                "checks its window only"
+            )
         return self
+
+    @property
+    def threshold(self) -> float:
+        return self.above if self.above is not None else float(self.below or 0.0)
+
+    @property
+    def is_sequential(self) -> bool:
+        """Whether the CUSUM can run: a rise of a feature or output metric."""
+        return self.above is not None and self.metric not in QUALITY_METRICS
+
+    @property
+    def uses_cusum(self) -> bool:
+        return self.change_detector != "none" and self.is_sequential
 
 
 def _default_rules() -> tuple[AlertRule, ...]:
+    """The sidecar's rules when none are configured.
+
+    Their false alarms under no change are measured by benchmarks/bench_alerts.py (seeded
+    replays of the demo's reference traffic; benchmarks/results/alerts.md).
+    """
     return (
         AlertRule(name="feature_drift", metric="psi", above=0.2, action="retrain"),
         AlertRule(name="new_categories", metric="oov", above=0.05, action="human_review"),
@@ -420,7 +505,13 @@ def _default_rules() -> tuple[AlertRule, ...]:
             above=0.05,
             action="tighten_thresholds",
         ),
-        AlertRule(name="quality_drop", metric="auc", below=0.6, min_samples=200, action="rollback"),
+        AlertRule(
+            name="quality_drop",
+            metric="auc",
+            below=0.6,
+            window_s=24 * 3600,
+            action="rollback",
+        ),
     )
 
 

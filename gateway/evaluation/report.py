@@ -23,13 +23,10 @@ from gateway.evaluation.profile import (
     numeric_drift,
 )
 from gateway.evaluation.store import EventStore, window_filter
-from gateway.settings import AlertRule
 
-__all__ = ["build_report", "drift_timeline", "fired_alerts", "quality"]
+__all__ = ["build_report", "drift_timeline", "quality"]
 
 ALL = "all"
-_FEATURE_METRICS = {"psi", "js", "wasserstein", "oov", "out_of_range", "missing", "defaulted"}
-_QUALITY_METRICS = {"auc", "log_loss", "accuracy", "ece"}
 _CHUNK_EVENTS = 16_384  # events a report turns into columns at a time
 
 
@@ -323,64 +320,6 @@ def _auc(
     average = first + (counts + 1) / 2  # 1-based average rank of each tie group
     ranks[order] = np.repeat(average, counts)
     return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def fired_alerts(
-    reports: dict[int, dict[str, Any]], rules: Sequence[AlertRule]
-) -> list[dict[str, Any]]:
-    """The rules that fire on reports (keyed by their window), one alert per match."""
-    alerts = []
-    for rule in rules:
-        report = reports.get(rule.window_s)
-        if report is None:
-            continue
-        for version, segments in report["versions"].items():
-            for segment, metrics in segments.items():
-                if not _segment_matches(rule.segment, segment):
-                    continue
-                for feature, value, samples in _values(rule, metrics):
-                    if samples < rule.min_samples:
-                        continue
-                    if (rule.above is not None and value > rule.above) or (
-                        rule.below is not None and value < rule.below
-                    ):
-                        alerts.append(
-                            {
-                                "rule": rule.name,
-                                "metric": rule.metric,
-                                "model": report["model"],
-                                "version": version,
-                                "segment": segment,
-                                "feature": feature,
-                                "value": value,
-                                "threshold": rule.above if rule.above is not None else rule.below,
-                                "direction": "above" if rule.above is not None else "below",
-                                "samples": samples,
-                                "window_s": rule.window_s,
-                                "action": rule.action,
-                            }
-                        )
-    return alerts
-
-
-def _segment_matches(wanted: str, segment: str) -> bool:
-    return wanted == "*" or wanted == segment
-
-
-def _values(rule: AlertRule, metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
-    if rule.metric in _FEATURE_METRICS:
-        return [
-            (name, float(values[rule.metric]), int(values.get("count", metrics["rows"])))
-            for name, values in metrics["features"].items()
-            if (rule.feature in ("*", name)) and rule.metric in values
-        ]
-    if rule.metric == "output_psi":
-        output = metrics.get("output", {})
-        return [("", float(output["psi"]), int(output["count"]))] if "psi" in output else []
-    if rule.metric in _QUALITY_METRICS:
-        q = metrics["quality"]
-        return [("", float(q[rule.metric]), int(q["labelled"]))] if rule.metric in q else []
-    return []
 
 
 def drift_timeline(

@@ -20,9 +20,10 @@ import numpy as np
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
+from gateway.evaluation.alerts import Evaluation, alert_key, evaluate_alerts, transitions
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.page import render_index, render_page
-from gateway.evaluation.report import build_report, drift_timeline, fired_alerts
+from gateway.evaluation.report import build_report, drift_timeline
 from gateway.evaluation.store import EventStore
 from gateway.evaluation.verdict import judge
 from gateway.settings import EvaluationSettings
@@ -268,23 +269,32 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         return ev.ReportResponse(json=json.dumps(report, default=_plain))
 
     def evaluate(self, model: str, window_s: int) -> dict[str, Any]:
-        """A report, with the alerts of every rule (each over its own window)."""
+        """A report, with the alerts of every rule (each over its own recent window) and the
+        checks that had too little data to say."""
         settings = self.settings
-        reports = {
-            window: build_report(
-                self.store,
-                model,
-                window,
-                self.repository,
-                settings.max_report_events,
-                threshold=settings.threshold,
-            )
-            for window in {window_s, *(rule.window_s for rule in settings.rules)}
-        }
-        report = reports[window_s]
-        report["alerts"] = fired_alerts(reports, settings.rules)
+        report = build_report(
+            self.store,
+            model,
+            window_s,
+            self.repository,
+            settings.max_report_events,
+            threshold=settings.threshold,
+        )
+        alerts = self._alerts(model)
+        report["alerts"] = alerts.firing
+        report["not_enough_data"] = alerts.not_enough_data
         _trim_heap()
         return report
+
+    def _alerts(self, model: str, now_us: int | None = None) -> Evaluation:
+        return evaluate_alerts(
+            self.store,
+            model,
+            self.settings.rules,
+            self.repository,
+            self.settings.max_report_events,
+            now_us,
+        )
 
     async def Verdict(
         self, request: ev.VerdictRequest, context: grpc.aio.ServicerContext
@@ -315,30 +325,30 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         """Check every rule on every model with recent events, every ``evaluate_every_s``.
 
         A rule that starts or stops firing is appended to ``alert_log`` (JSON lines) and the
-        ``sidecar_alert_firing`` gauge follows it.
+        ``sidecar_alert_firing`` gauge follows it. One that stops says why: ``resolved`` (its
+        check ran on enough data and passed) or ``window_emptied`` (its window no longer held
+        enough data to check).
         """
         loop = asyncio.get_running_loop()
         firing: dict[tuple[str, ...], dict[str, Any]] = {}
         while True:
             await asyncio.sleep(self.settings.evaluate_every_s)
             try:
-                alerts = await loop.run_in_executor(self.db, self._all_alerts)
+                evaluation = await loop.run_in_executor(self.db, self.all_alerts)
             except Exception:  # a failed round must not end the watch
                 log.exception("alert evaluation failed")
                 continue
-            now = {_alert_key(a): a for a in alerts}
-            changes = [{**a, "state": "firing"} for k, a in now.items() if k not in firing]
-            changes += [{**a, "state": "resolved"} for k, a in firing.items() if k not in now]
+            firing, changes = transitions(firing, evaluation)
             for change in changes:
-                labels = _alert_key(change)
+                labels = alert_key(change)
                 if change["state"] == "firing":
                     self.metrics.alerts.labels(*labels).set(1)
                 else:
                     self.metrics.alerts.remove(*labels)
                 log.warning(
                     "alert %(state)s: %(rule)s %(feature)s on %(model)s version %(version)s "
-                    "segment %(segment)s (%(direction)s %(threshold)s, value %(value).4g): "
-                    "%(action)s",
+                    "segment %(segment)s (%(direction)s %(threshold)s, value %(value).4g over "
+                    "%(samples)d rows, %(detector)s): %(action)s",
                     {**change, "feature": change["feature"] or "-"},
                 )
             if changes:
@@ -347,7 +357,6 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                     json.dumps({"time": stamp, **c}, default=_plain) + "\n" for c in changes
                 )
                 await asyncio.to_thread(_append, alert_log, lines)
-            firing = now
 
     def index_page(self) -> str:
         models = self.store.query("SELECT DISTINCT model FROM events ORDER BY model")
@@ -366,16 +375,20 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         ]
         return render_page(report, timeline, verdicts)
 
-    def _all_alerts(self) -> list[dict[str, Any]]:
+    def all_alerts(self, now_us: int | None = None) -> Evaluation:
+        """Every rule on every model with events in the longest rule window (one round of
+        the watch; a test may call it with its own clock)."""
+        now_us = now_us or time.time_ns() // 1000
         longest = max([self.settings.window_s, *(r.window_s for r in self.settings.rules)])
-        since_us = time.time_ns() // 1000 - longest * 1_000_000
+        since_us = now_us - longest * 1_000_000
         models = self.store.query(
             "SELECT DISTINCT model FROM events WHERE event_time >= make_timestamp(?)", [since_us]
         )
-        alerts: list[dict[str, Any]] = []
+        evaluation = Evaluation()
         for (model,) in models:
-            alerts += self.evaluate(str(model), self.settings.window_s)["alerts"]
-        return alerts
+            evaluation.extend(self._alerts(str(model), now_us))
+        _trim_heap()
+        return evaluation
 
     def close(self) -> None:
         self.db.submit(self.store.close).result()
@@ -413,11 +426,6 @@ def _plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-def _alert_key(alert: dict[str, Any]) -> tuple[str, ...]:
-    keys = ("rule", "model", "version", "segment", "feature", "action")
-    return tuple(str(alert[k]) for k in keys)
 
 
 def _append(path: Path, text: str) -> None:
