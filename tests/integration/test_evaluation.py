@@ -143,6 +143,11 @@ def test_drift_is_flagged_for_the_shifted_feature_and_not_for_a_fresh_reference_
     assert ("batch=shifted", "amount") in fired
     assert not {f for s, f in fired if s == "batch=reference"}
     assert not {f for s, f in fired if s == "batch=shifted"} - {"amount"}
+    # The whole segment is shifted: its recent window crosses the threshold, not only the CUSUM.
+    alert = next(
+        a for a in body["alerts"] if (a["segment"], a["feature"]) == ("batch=shifted", "amount")
+    )
+    assert alert["detector"] == "window" and alert["cusum"] > alert["cusum_limit"]
 
 
 def test_a_new_category_is_flagged_for_its_segment_only(load):
@@ -155,6 +160,8 @@ def test_a_new_category_is_flagged_for_its_segment_only(load):
     assert segments["geo=BR"]["features"]["channel"]["reference_frequencies"]["crypto"] == 0
     fired = alerts(body, "new_categories")
     assert ("geo=BR", "channel") in fired
+    alert = next(a for a in body["alerts"] if (a["segment"], a["feature"]) == ("geo=BR", "channel"))
+    assert alert["source"] == "values"  # in clear: read from the values, as before
     assert not {s for s, _ in fired if s.startswith("geo=") and s != "geo=BR"}
     assert not {s for s, _ in fired if s.startswith("batch=")}
 
@@ -247,6 +254,8 @@ def test_fired_alerts_go_to_the_alert_log_and_to_prometheus(load):
     assert not {f for f in firing if f[0] == "feature_drift" and f[1] == "batch=reference"}
     entry = next(e for e in entries if e["segment"] == "batch=shifted" and e["feature"] == "amount")
     assert entry["action"] == "retrain" and entry["value"] > entry["threshold"]
+    assert entry["window_rows"] == 2000 and entry["samples"] == REQUESTS * ROWS_PER_REQUEST
+    assert {e["state"] for e in entries} <= {"firing", "resolved", "window_emptied"}
     with urllib.request.urlopen(f"http://{load.sidecar.metrics_url}/metrics", timeout=10) as r:
         text = r.read().decode()
     samples = {
