@@ -324,8 +324,7 @@ def _training_rows(table: pa.Table) -> pa.Table:
     )
     picks = frame.starts[:count] + np.asarray(data["row"], dtype=np.int64)
     out: dict[str, object] = {
-        name: data[name]
-        for name in ("request_id", "row", "event_time", "model", "version", "arm")
+        name: data[name] for name in ("request_id", "row", "event_time", "model", "version", "arm")
     }
     segment_keys = sorted({k for m in data["segments"] if m for k, _ in m})
     for key in segment_keys:
