@@ -17,6 +17,13 @@ class SidecarMetrics:
             ["rule", "model", "version", "segment", "feature", "action"],
             registry=self.registry,
         )
+        self.not_enough_data = Gauge(
+            "sidecar_alert_not_enough_data",
+            "1 while a rule could not be checked on a model version and segment for want of "
+            "data (rows, or labelled positives and negatives): not firing is not passing.",
+            ["rule", "model", "version", "segment"],
+            registry=self.registry,
+        )
         self.events = Counter(
             "sidecar_events",
             "Prediction events received: stored (new) or duplicate (already held).",

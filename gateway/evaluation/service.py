@@ -339,6 +339,10 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 log.exception("alert evaluation failed")
                 continue
             firing, changes = transitions(firing, evaluation)
+            self.metrics.not_enough_data.clear()  # this round's, not a past one's
+            for short in evaluation.not_enough_data:
+                where = (short["rule"], short["model"], short["version"], short["segment"])
+                self.metrics.not_enough_data.labels(*where).set(1)
             for change in changes:
                 labels = alert_key(change)
                 if change["state"] == "firing":

@@ -156,3 +156,28 @@ def test_rules_without_enough_data_say_so(loop: Loop):
     ]
     assert unlabelled and unlabelled[0]["labelled"] == 0
     assert unlabelled[0]["needed"] == {"labelled": 200, "positives": 20, "negatives": 20}
+
+
+def test_the_watch_exports_the_checks_that_lacked_data(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    """The sidecar's own rounds (not a report) set sidecar_alert_not_enough_data for a quality
+    rule with no labels: not firing is visibly not passing."""
+    env = {"GATEWAY_EVALUATION__EVALUATE_EVERY_S": "0.2", "GATEWAY_EVALUATION__METRICS_PORT": "0"}
+    sidecar = start_sidecar(
+        tmp_path / "store", free_port(), "--repository", str(demo_repo), env=env
+    )
+    events = ["--sidecar", sidecar.address, "--events-dir", str(tmp_path / "events")]
+    gateway = start_gateway(demo_repo, *events)
+    with gateway.client() as client:
+        columns, _ = synthetic_transactions(ROWS_PER_REQUEST, seed=77)
+        client.infer("fraud", raw_inputs(columns), model_version="2")
+    deadline = time.monotonic() + 60
+    while (
+        sidecar.metric(
+            "sidecar_alert_not_enough_data", rule="quality_drop", segment="all", version="2"
+        )
+        != 1
+    ):
+        assert time.monotonic() < deadline, "no round said the quality rule lacked labels"
+        time.sleep(0.05)
