@@ -1,7 +1,7 @@
 """Canary verdict benchmark: how often ``gateway verdict`` rolls back a candidate that is the
 stable version itself, and how often it catches one that is clearly worse.
 
-    .venv/bin/python benchmarks/bench_verdicts.py              # the whole run (~3 min)
+    .venv/bin/python benchmarks/bench_verdicts.py              # the whole run (~4 min, 2 cores)
     .venv/bin/python benchmarks/bench_verdicts.py --runs 20 --out /tmp/verdicts
 
 In process, no gateway: each run is a fresh event store (DuckDB in a temporary directory) that
