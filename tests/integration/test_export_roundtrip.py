@@ -5,7 +5,9 @@ for version 2; ``country`` is sensitive) and streams their events to a real side
 are labelled and exported with ``gateway export --labelled``. Then, from the Parquet file alone:
 the model (its ONNX file, run by onnxruntime) on the exported model input gives the served
 scores bit for bit, and ``features.assemble_columns`` on the exported raw features rebuilds
-every column of that matrix but the sensitive feature's (its values are exported hashed).
+every column of that matrix but the sensitive feature's (its values are exported hashed). A
+request that sent the model's own input carries no second copy of it: its columns are its raw
+features.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tritonclient.grpc as triton_grpc
 
 from gateway import features
 from gateway.demo import synthetic_transactions
 from tests.auth import wait_until
-from tests.conftest import free_port
+from tests.conftest import DEMO_WIDTH, demo_features, demo_input, free_port
 
 # (model version, rows, how numbers are sent): ints as INT64 or INT32, floats as FP64 or FP32
 # (each accepted by its kind); one row and many.
@@ -105,15 +108,17 @@ def test_the_labelled_export_rebuilds_the_served_input_and_scores_bit_for_bit(
                 for row in range(rows):
                     served[request_id, row] = probability[row, 0].tobytes()
                     writer.writerow([request_id, row, y[row]])
+            client.infer("fraud", [demo_input(2)], model_version="2", request_id="dense")
+            writer.writerows([["dense", 0, 1], ["dense", 1, 0]])
     finally:
         client.close()
     wait_until(
-        lambda: gateway.metric("gateway_events_total", outcome="acked") == len(REQUESTS),
+        lambda: gateway.metric("gateway_events_total", outcome="acked") == len(REQUESTS) + 1,
         "every event at the sidecar",
     )
     sent = gateway_cli("labels", str(labels), "--sidecar", sidecar.address)
     assert sent.returncode == 0, sent.stderr
-    assert f"{len(served)} joined a prediction" in sent.stdout
+    assert f"{len(served) + 2} joined a prediction" in sent.stdout
     export = tmp_path / "train.parquet"
     out = gateway_cli(
         "export", "fraud", "--labelled", "--out", str(export), "--sidecar", sidecar.address
@@ -121,6 +126,12 @@ def test_the_labelled_export_rebuilds_the_served_input_and_scores_bit_for_bit(
     assert out.returncode == 0, out.stderr
 
     table = pq.read_table(export)
+    dense = table.filter(pc.equal(table.column("request_id"), "dense"))
+    sent_matrix = np.stack([dense.column(f"features[{j}]") for j in range(DEMO_WIDTH)], axis=1)
+    assert sent_matrix.astype(np.float32).tobytes() == demo_features(2).tobytes()
+    inputs = [c for c in dense.column_names if c.startswith("input.")]
+    assert inputs and all(np.isnan(dense.column(c).to_numpy()).all() for c in inputs)
+    table = table.filter(pc.not_equal(table.column("request_id"), "dense"))
     assert table.num_rows == len(served)
     types = {f.name: str(f.type) for f in table.schema}
     # Raw features in their contract's types: ints as ints (sent as INT32 or INT64), floats
