@@ -30,6 +30,7 @@ from gateway.telemetry import GatewayMetrics
 from gateway.types import (
     Answer,
     Coverage,
+    FeatureContract,
     Feeds,
     InferRequest,
     InferResponse,
@@ -67,6 +68,8 @@ class Pipeline:
         self.cache = cache
         self._metrics = metrics
         self._events = events
+        # What of an assembled matrix events carry (events.model_input; none without events).
+        self._model_input = events.settings.model_input if events is not None else "off"
         self._max_input_bytes = max_input_bytes
         self._loop_lag = loop_lag
         self.router = Router(
@@ -218,7 +221,18 @@ class Pipeline:
         loaded.coverage += assembled.coverage.counts
         matrix = assembled.matrix
         model_input = Tensor(loaded.runtime.inputs[0].name, "FP32", matrix)
-        return [model_input], assembled.coverage, ModelInput(contract.columns, matrix)
+        return [model_input], assembled.coverage, self._served(contract, matrix)
+
+    def _served(self, contract: FeatureContract, matrix: NDArray[np.float32]) -> ModelInput | None:
+        """The part of an assembled matrix its event carries (events.model_input)."""
+        if self._model_input == "all":
+            return ModelInput(contract.columns, matrix)
+        if self._model_input == "off":
+            return None
+        names, positions = contract.public_columns
+        if len(names) == matrix.shape[1]:  # no sensitive feature: the matrix as it is
+            return ModelInput(names, matrix)
+        return ModelInput(names, matrix[:, positions]) if names else None
 
     # NOTE: a plain function handing back the cache's (or the batcher's) coroutine, not a
     # coroutine of its own: one frame less on every request (measured in bench_pipeline).

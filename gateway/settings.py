@@ -351,7 +351,18 @@ class EventsSettings(_Section):
         default_factory=ClientTlsSettings, description="TLS to the sidecar (ca_file turns it on)."
     )
     max_columns: int = Field(
-        64, gt=0, description="A pass-through input wider than this is left out of events."
+        64,
+        gt=0,
+        description="A pass-through input, or a contract's assembled model input, wider than "
+        "this is left out of events.",
+    )
+    model_input: Literal["all", "non_sensitive", "off"] = Field(
+        "non_sensitive",
+        description="What of the matrix a contract assembled an event carries (for the "
+        "training-ready export): 'all' (training sees exactly what serving saw, a sensitive "
+        "feature's one-hot columns included, in clear in the log, the store and exports); "
+        "'non_sensitive' (the columns no sensitive feature fills: sensitive values stay "
+        "hashed everywhere); 'off'.",
     )
 
     @property

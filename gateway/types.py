@@ -426,6 +426,11 @@ class FeatureContract(Protocol):
         """The name of every column of the matrix it assembles, in order."""
         ...
 
+    @property
+    def public_columns(self) -> tuple[list[str], NDArray[np.intp]]:
+        """The columns no sensitive feature fills: names and positions."""
+        ...
+
     def takes(self, name: str) -> bool:
         """Whether ``name`` is one of the contract's raw features."""
         ...

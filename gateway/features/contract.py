@@ -94,6 +94,20 @@ class Contract:
         return kernel.prepare(self.plan)
 
     @cached_property
+    def public_columns(self) -> tuple[list[str], NDArray[np.intp]]:
+        """The matrix columns no sensitive feature fills: their names and positions."""
+        names: list[str] = []
+        positions: list[int] = []
+        at = 0
+        for feature in self.features:
+            for name in feature.column_names:
+                if not feature.sensitive:
+                    names.append(name)
+                    positions.append(at)
+                at += 1
+        return names, np.array(positions, np.intp)
+
+    @cached_property
     def sensitive(self) -> frozenset[str]:
         """The features whose values never appear in clear (errors, logs, events)."""
         return frozenset(f.name for f in self.features if f.sensitive)

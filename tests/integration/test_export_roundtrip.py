@@ -84,8 +84,14 @@ def test_the_labelled_export_rebuilds_the_served_input_and_scores_bit_for_bit(
 ):
     port = free_port()
     sidecar = start_sidecar(tmp_path / "store", port)
+    # The whole matrix, sensitive features' columns included (the default leaves those out).
     gateway = start_gateway(
-        demo_repo, "--sidecar", f"127.0.0.1:{port}", "--events-dir", str(tmp_path / "events")
+        demo_repo,
+        "--sidecar",
+        f"127.0.0.1:{port}",
+        "--events-dir",
+        str(tmp_path / "events"),
+        env={"GATEWAY_EVENTS__MODEL_INPUT": "all"},
     )
     served: dict[tuple[str, int], bytes] = {}  # (request id, row) -> its float32 probability
     labels = tmp_path / "labels.csv"
@@ -176,3 +182,38 @@ def test_the_labelled_export_rebuilds_the_served_input_and_scores_bit_for_bit(
         # ... and, given the served sensitive columns, the model scores it as served.
         rebuilt[:, hidden] = matrix[:, hidden]
         assert scored_as_served(model, rebuilt, part) == expected
+
+
+def test_by_default_events_carry_no_sensitive_feature_of_the_matrix(
+    demo_repo: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    """events.model_input non_sensitive (the default): the matrix's columns a sensitive
+    feature fills (country's one-hot columns, which would show its category) are in neither the
+    write-ahead log nor the export; the others are, as served."""
+    port = free_port()
+    sidecar = start_sidecar(tmp_path / "store", port)
+    events = tmp_path / "events"
+    gateway = start_gateway(
+        demo_repo, "--sidecar", f"127.0.0.1:{port}", "--events-dir", str(events)
+    )
+    columns, y = synthetic_transactions(8, seed=900)
+    with gateway.client() as client:
+        client.infer("fraud", raw_inputs(columns, "wide"), model_version="2", request_id="r")
+    wait_until(lambda: gateway.metric("gateway_events_total", outcome="written") == 1)
+    logged = b"".join(p.read_bytes() for p in events.rglob("*.wal"))
+    assert b"channel=" in logged  # the event is there, a public one-hot column with it
+    assert b"country=" not in logged  # no column of the sensitive feature
+    wait_until(lambda: gateway.metric("gateway_events_total", outcome="acked") == 1)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,row,label\n" + "".join(f"r,{i},{v}\n" for i, v in enumerate(y)))
+    assert gateway_cli("labels", str(labels), "--sidecar", sidecar.address).returncode == 0
+    export = tmp_path / "train.parquet"
+    out = gateway_cli(
+        "export", "fraud", "--labelled", "--out", str(export), "--sidecar", sidecar.address
+    )
+    assert out.returncode == 0, out.stderr
+    names = pq.read_table(export).column_names
+    contract = features.load_contract(demo_repo / "fraud", "v2")
+    public, _ = contract.public_columns
+    assert [n for n in names if n.startswith("input.")] == [f"input.{c}" for c in public]
+    assert not any(n.startswith("input.country") for n in names)
