@@ -109,6 +109,25 @@ by_entity AS (
 SELECT * FROM by_id UNION ALL SELECT * FROM by_entity
 """
 
+# Labels of one batch that join at least one event (the joins of _JOINED, counted per label,
+# not per event joined).
+_JOINED_LABELS = """
+WITH mine AS (
+    SELECT DISTINCT request_id, entity_key, "row", label_time, window_s FROM labels
+    WHERE batch = $1
+)
+SELECT (
+    SELECT count(*) FROM mine l WHERE l.request_id <> '' AND EXISTS (
+        SELECT 1 FROM events e WHERE e.request_id = l.request_id AND l."row" < e.rows
+    )
+) + (
+    SELECT count(DISTINCT (l.entity_key, l."row", l.label_time))
+    FROM (SELECT * FROM mine WHERE request_id = '' AND entity_key <> '') l
+    ASOF JOIN events e ON l.entity_key = e.entity_key AND l.label_time >= e.event_time
+    WHERE e.event_time >= l.label_time - to_seconds(l.window_s) AND l."row" < e.rows
+)
+"""
+
 _STRING = pa.string()
 _TIMESTAMP = pa.timestamp("us")
 _COVERAGE = pa.struct(
@@ -198,7 +217,9 @@ class EventStore:
         return stored, len(events) - stored
 
     def put_labels(self, labels: Sequence[ev.Label], window_s: int, received_us: int) -> int:
-        """Store labels; returns how many join an event now (the rest join when it arrives)."""
+        """Store labels; returns how many of them join a prediction now (the rest join when it
+        arrives). A label counts once however many events it joins (a primary and its shadow
+        copies share a request id)."""
         if not labels:
             return 0
         self._batch += 1
@@ -221,7 +242,7 @@ class EventStore:
             self._db.execute("INSERT INTO labels SELECT * FROM incoming_labels").fetchall()
         finally:
             self._db.unregister("incoming_labels")
-        return self._scalar(f"SELECT count(*) FROM ({joined_sql(f'WHERE batch = {self._batch}')})")
+        return self._scalar(_JOINED_LABELS, [self._batch])
 
     def export(
         self, path: Path, model: str, version: str, start_us: int, end_us: int, labelled: bool
