@@ -19,13 +19,12 @@ import contextlib
 import logging
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.api.v1 import events_pb2 as ev
-from gateway.events.publisher import encode_batch
+from gateway.events.publisher import EventSink, encode_batch
 from gateway.events.wal import Record, WriteAheadLog
 from gateway.settings import BrokerSettings
 from gateway.telemetry import GatewayMetrics
@@ -61,14 +60,14 @@ def partition(model: str, partitions: int) -> int:
     return zlib.crc32(model.encode()) % partitions if partitions > 1 else 0
 
 
-class BrokerPublisher:
+class BrokerPublisher(EventSink):
     """An EventSink to Redis Streams."""
 
     def __init__(
         self, settings: BrokerSettings, wal: WriteAheadLog, metrics: GatewayMetrics, batch: int
     ) -> None:
+        super().__init__(wal, "events-broker")
         self._settings = settings
-        self._wal = wal
         self._metrics = metrics
         self._batch_events = batch
         self._address = settings.address
@@ -82,37 +81,12 @@ class BrokerPublisher:
         self._script = self._client.register_script(_PUBLISH)
         self._m_acked = metrics.events.labels("acked")
         self._m_full = metrics.events_broker_full
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-io")
-        self._new_data = asyncio.Event()
-        self._acked = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._failure = ""
         self._full = False
         self._checked = False  # Redis' eviction and persistence looked at (once)
-        self.connected = False
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="events-broker")
-
-    def notify(self) -> None:
-        self._new_data.set()
-
-    async def drained(self, timeout_s: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while self._wal.acked < self._wal.last:
-                    self._acked.clear()
-                    await self._acked.wait()
-        return self._wal.acked >= self._wal.last
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def _release(self) -> None:
         await self._client.aclose()
-        self._io.shutdown(wait=True)
 
     async def _run(self) -> None:
         delay_s = _BACKOFF_S[0]

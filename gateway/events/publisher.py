@@ -19,7 +19,6 @@ import contextlib
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 import grpc
 
@@ -42,51 +41,15 @@ _BACKOFF_S = (0.05, 2.0)  # first retry, cap
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
-class EventSink(Protocol):
+class EventSink:
     """Where the log's records are delivered (``events.sink``): the sidecar's stream
     (Publisher) or a broker (gateway.events.broker). A sink reads the log from its first
-    unacknowledged record and acknowledges in it what its destination has durably taken."""
+    unacknowledged record and acknowledges in it what its destination has durably taken; this
+    base holds what every sink does alike: its task, its log thread, and waiting for acks."""
 
-    connected: bool
-
-    def start(self) -> None: ...
-
-    def notify(self) -> None:
-        """New records are in the log."""
-
-    async def drained(self, timeout_s: float) -> bool:
-        """Every record in the log acknowledged (True), or the timeout passed."""
-
-    async def close(self) -> None: ...
-
-
-class Publisher:
-    def __init__(
-        self,
-        address: str,
-        wal: WriteAheadLog,
-        metrics: GatewayMetrics,
-        batch_events: int,
-        max_in_flight: int,
-        max_message_bytes: int,
-        *,
-        tls: ClientTlsSettings | None = None,
-        token: str | None = None,
-    ) -> None:
-        """``tls``: events.tls (off without ca_file); ``token``: the credential to present.
-        SettingsError when either cannot be used (a certificate file that does not read)."""
-        self._address = address
-        self._tls = tls if tls is not None and tls.enabled else None
-        if self._tls is not None:
-            channel_credentials(self._tls, "events.tls")  # bad files fail at start-up
-        self._metadata = bearer_metadata(token, "events.token")
-        self._failure = ""  # the kind of failure since the stream was last open
+    def __init__(self, wal: WriteAheadLog, name: str) -> None:
         self._wal = wal
-        self._metrics = metrics
-        self._m_acked = metrics.events.labels("acked")
-        self._batch_events = batch_events
-        self._max_in_flight = max_in_flight
-        self._max_message_bytes = max_message_bytes
+        self._name = name
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-io")
         self._new_data = asyncio.Event()
         self._acked = asyncio.Event()  # set on every ack: waiters re-check what they need
@@ -94,7 +57,7 @@ class Publisher:
         self.connected = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="events-publisher")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
 
     def notify(self) -> None:
         """New records are in the log."""
@@ -115,7 +78,44 @@ class Publisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._release()
         self._io.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        """Deliver until cancelled (a sink's own loop)."""
+        raise NotImplementedError
+
+    async def _release(self) -> None:
+        """What the sink holds beside its task and thread (a client), closed last."""
+
+
+class Publisher(EventSink):
+    def __init__(
+        self,
+        address: str,
+        wal: WriteAheadLog,
+        metrics: GatewayMetrics,
+        batch_events: int,
+        max_in_flight: int,
+        max_message_bytes: int,
+        *,
+        tls: ClientTlsSettings | None = None,
+        token: str | None = None,
+    ) -> None:
+        """``tls``: events.tls (off without ca_file); ``token``: the credential to present.
+        SettingsError when either cannot be used (a certificate file that does not read)."""
+        self._address = address
+        self._tls = tls if tls is not None and tls.enabled else None
+        if self._tls is not None:
+            channel_credentials(self._tls, "events.tls")  # bad files fail at start-up
+        self._metadata = bearer_metadata(token, "events.token")
+        self._failure = ""  # the kind of failure since the stream was last open
+        super().__init__(wal, "events-publisher")
+        self._metrics = metrics
+        self._m_acked = metrics.events.labels("acked")
+        self._batch_events = batch_events
+        self._max_in_flight = max_in_flight
+        self._max_message_bytes = max_message_bytes
 
     async def _run(self) -> None:
         delay_s = _BACKOFF_S[0]
