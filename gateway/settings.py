@@ -628,6 +628,16 @@ class ConsumerSettings(BrokerSettings):
         return self
 
 
+class TriggerSpec(_Section):
+    """A retraining trigger of one model (the sidecar runs it): see gateway.evaluation."""
+
+    model: str
+
+
+class PlaybookSettings(_Section):
+    """What alert actions do (retrain, rollback, human_review, tighten_thresholds)."""
+
+
 class SidecarAuthSettings(_Section):
     """Who may call the sidecar: keys (bearer tokens) or mTLS subjects from ``keys_file``,
     each with roles: publish (Publish: the gateway), write (PutLabels), read (Report,
@@ -727,6 +737,12 @@ class EvaluationSettings(_Section):
         None,
         description="Also consume events from the broker (the gateways' events.sink: broker); "
         "null: only from gateways' streams.",
+    )
+    triggers: tuple[TriggerSpec, ...] = Field(
+        (), description="Retraining triggers, per model (the adaptation loop)."
+    )
+    playbooks: PlaybookSettings = Field(
+        default_factory=PlaybookSettings, description="What alert actions do."
     )
 
 
@@ -1176,6 +1192,21 @@ class StateSettings(_Section):
         return self
 
 
+class GateSettings(_Section):
+    """The validation gate a new model version passes before it takes traffic."""
+
+
+class RolloutSettings(_Section):
+    """Staged rollouts driven by canary verdicts (the gateway runs them)."""
+
+
+class AdaptationSettings(_Section):
+    """The adaptation loop on the gateway's side: the validation gate and staged rollouts."""
+
+    gate: GateSettings = Field(default_factory=GateSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     repository: RepositorySettings = RepositorySettings()
@@ -1191,6 +1222,7 @@ class Settings(_Section):
     tls: TlsSettings = TlsSettings()
     audit: AuditSettings = AuditSettings()
     state: StateSettings = StateSettings()
+    adaptation: AdaptationSettings = AdaptationSettings()
 
     @model_validator(mode="after")
     def _mtls_needs_ca(self) -> Settings:
