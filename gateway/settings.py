@@ -1192,8 +1192,62 @@ class StateSettings(_Section):
         return self
 
 
+class OutputRange(_Section):
+    """The values a model output may take (both ends included)."""
+
+    min: float = Field(..., description="Lowest value allowed.")
+    max: float = Field(..., description="Highest value allowed.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> OutputRange:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is over max {self.max}")
+        return self
+
+
 class GateSettings(_Section):
-    """The validation gate a new model version passes before it takes traffic."""
+    """The validation gate a new model version passes before it takes traffic
+    (``gateway validate``; its result is ``<repository>/<model>/<version>/gate.json``)."""
+
+    required: bool = Field(
+        False,
+        description="Serve only versions whose gate.json says pass for the model file as it "
+        "is now; any other is UNAVAILABLE with the reason. Versions already serving need a "
+        "pass too (`gateway validate MODEL V --against V` records one) before turning it on.",
+    )
+    auc_margin: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="The primary metric (AUC) passes when the low end of the interval for "
+        "candidate - serving lies above -auc_margin (not worse beyond the margin, shown).",
+    )
+    segment_auc_margin: float = Field(
+        0.05, ge=0, le=1, description="The same test for each segment (segment.* columns)."
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Of every interval (DeLong).")
+    min_positives: int = Field(
+        30, ge=1, description="Positive labels a window or segment needs to be judged."
+    )
+    min_negatives: int = Field(
+        30, ge=1, description="Negative labels a window or segment needs to be judged."
+    )
+    output_ranges: dict[str, OutputRange] = Field(
+        default_factory=dict,
+        description="Declared range per output name (e.g. probability: {min: 0, max: 1}); "
+        "every output is checked for NaN and infinities whether named or not.",
+    )
+    latency_budget_ms: float = Field(
+        20.0, gt=0, description="p95 latency of one run at batch 1, offline, on this host."
+    )
+    max_batch_latency_budget_ms: float = Field(
+        200.0,
+        gt=0,
+        description="p95 latency of one run at the model's max_batch_size (when it has one).",
+    )
+    latency_runs: int = Field(
+        30, ge=5, le=10_000, description="Timed runs per batch size (after one warm-up run)."
+    )
 
 
 class RolloutSettings(_Section):

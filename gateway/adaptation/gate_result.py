@@ -1,0 +1,126 @@
+"""The validation gate's result: per criterion pass / fail / not enough data, with numbers,
+stored as ``<repository>/<model>/<version>/gate.json`` beside the model file it judged.
+
+The repository reads it (``refusal``) when ``adaptation.gate.required`` is on: a version is
+served only while its gate.json says pass for the model file as it is now (its SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "GATE_FILE",
+    "Criterion",
+    "GateResult",
+    "file_digest",
+    "format_result",
+    "refusal",
+    "write_result",
+]
+
+GATE_FILE = "gate.json"
+MODEL_FILE = "model.onnx"
+Outcome = Literal["pass", "fail", "not_enough_data"]
+Number = float | int | str | None
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One check: its name (``auc``, ``segment.channel=web``, ``outputs``, ``contract``,
+    ``latency.batch_1`` ...), outcome, a one-line reason and the numbers behind it."""
+
+    name: str
+    outcome: Outcome
+    reason: str
+    numbers: dict[str, Number] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    model: str
+    version: int
+    against: int | None  # the serving version compared with (None: none)
+    model_digest: str  # SHA-256 of the model file judged
+    contract: str | None  # the contract version the candidate was replayed under
+    data: str  # where the labelled rows came from
+    rows: int
+    criteria: tuple[Criterion, ...]
+    checked_at: str  # ISO 8601, UTC
+
+    @property
+    def passed(self) -> bool:
+        """Every criterion passes, or (segments only) lacks the data to be judged: the
+        primary metric without enough labels fails, a gate passes on evidence only."""
+        return not self.failures
+
+    @property
+    def failures(self) -> list[Criterion]:
+        return [c for c in self.criteria if c.outcome != "pass" and not _tolerated(c)]
+
+    def to_json(self) -> dict[str, object]:
+        body = asdict(self)
+        body["passed"] = self.passed
+        body["criteria"] = [asdict(c) for c in self.criteria]
+        return body
+
+
+def _tolerated(criterion: Criterion) -> bool:
+    return criterion.outcome == "not_enough_data" and criterion.name.startswith("segment")
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_result(version_dir: Path, result: GateResult) -> Path:
+    """Write gate.json atomically (a repository load never reads half of it)."""
+    path = version_dir / GATE_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def refusal(version_dir: Path) -> str | None:
+    """Why the version in ``version_dir`` may not serve under a required gate; None: it may
+    (its gate.json passed, for this very model file)."""
+    path = version_dir / GATE_FILE
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "the validation gate has not passed it (no gate.json: run `gateway validate`)"
+    except (OSError, ValueError) as err:
+        return f"the validation gate's {path} cannot be read: {err}"
+    if not isinstance(body, dict) or not body.get("passed"):
+        failed = body.get("criteria", []) if isinstance(body, dict) else []
+        reasons = [
+            f"{c.get('name')}: {c.get('reason')}"
+            for c in failed
+            if isinstance(c, dict) and c.get("outcome") == "fail"
+        ]
+        return "the validation gate failed it: " + ("; ".join(reasons) or "see gate.json")
+    try:
+        digest = file_digest(version_dir / MODEL_FILE)
+    except OSError as err:
+        return f"the validation gate cannot check its model file: {err}"
+    if body.get("model_digest") != digest:
+        return "the validation gate passed another model file (model.onnx changed since)"
+    return None
+
+
+def format_result(result: GateResult) -> str:
+    """The result as a person reads it: the verdict, then one line per criterion."""
+    against = f" against version {result.against}" if result.against is not None else ""
+    head = "PASS" if result.passed else "FAIL"
+    lines = [f"{head} {result.model} version {result.version}{against} on {result.rows} rows"]
+    for c in result.criteria:
+        mark = {"pass": "pass", "fail": "FAIL", "not_enough_data": "n/a "}[c.outcome]
+        lines.append(f"  {mark}  {c.name}: {c.reason}")
+    return "\n".join(lines)
