@@ -20,6 +20,14 @@ from numpy.typing import NDArray
 
 from gateway._extensions import native_modules
 from gateway.accounting import Ledger
+from gateway.adaptation._rollout_io import (
+    FileRollouts,
+    MemoryRollouts,
+    RedisRollouts,
+    RolloutRecords,
+    SidecarVerdicts,
+)
+from gateway.adaptation.rollout import RolloutController
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.auth import AuditLog, Gatekeeper, KeyEntry
 from gateway.cache import ResponseCache
@@ -27,7 +35,7 @@ from gateway.errors import SettingsError
 from gateway.events import EventRecorder
 from gateway.features import model_contracts, redact
 from gateway.pipeline import Pipeline
-from gateway.routing import RateLimiter, RemoteModels, RouteTable, SharedRouteTable
+from gateway.routing import LocalRoutes, RateLimiter, RemoteModels, RouteTable, SharedRouteTable
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server import convert, transports
@@ -136,11 +144,15 @@ class Gateway:
                 settings.routing.history,
                 on_error=self.metrics.state_errors.labels("routes").inc,
             )
+        worker = bool(os.environ.get(READY_FILE_ENV))
+        # A worker of several runs no rollouts: each would drive its own copy of the routes.
+        self.rollouts = None if worker else _rollout_controller(self)
         self.admin = AdminServicer(
             self.pipeline,
             self.repository,
-            worker=bool(os.environ.get(READY_FILE_ENV)),
+            worker=worker,
             routes=self.shared_routes,
+            rollouts=self.rollouts,
         )
         versions = self._versions_of
         self.guard = Guard(
@@ -150,6 +162,10 @@ class Gateway:
                 "RepositoryModelLoad": versions,
                 "RepositoryModelUnload": versions,
                 **dict.fromkeys(("SetRoutes", "Promote", "Rollback"), self.admin.revisions),
+                **dict.fromkeys(
+                    ("RolloutStart", "RolloutPause", "RolloutResume", "RolloutAbort"),
+                    self.admin.revisions,
+                ),
             },
         )
         self.servicer = InferenceServicer(
@@ -191,6 +207,8 @@ class Gateway:
         if settings.repository.load_at_start:
             await self.repository.load_all()
             self._check_routes()
+        if self.rollouts is not None:  # each active rollout back at its step
+            await self.rollouts.start()
         self.metrics.models_ready.set_function(lambda: len(self.repository.loaded()))
         self.metrics.watch_coverage(self._coverage)
         # NOTE: what start-up built lives as long as the process: move it out of the cyclic
@@ -299,6 +317,8 @@ class Gateway:
         await self._health.enter_graceful_shutdown()
         await self._transport.stop(grace)
         self._transport = None
+        if self.rollouts is not None:
+            await self.rollouts.close()
         await self.pipeline.close()
         if self.pipeline.remote is not None:
             await self.pipeline.remote.close()
@@ -330,6 +350,28 @@ class Gateway:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+def _rollout_controller(gateway: Gateway) -> RolloutController:
+    """Rollouts judged by adaptation.rollout.sidecar (else events.sidecar), kept in Redis with
+    the shared routes, else in adaptation.rollout.state_file."""
+    settings = gateway.settings.adaptation.rollout
+    sidecar = settings.sidecar or gateway.settings.events.sidecar
+    records: RolloutRecords
+    if gateway.state is not None:
+        records = RedisRollouts(gateway.state)
+    elif settings.state_file is not None:
+        records = FileRollouts(settings.state_file)
+    else:
+        records = MemoryRollouts()
+    return RolloutController(
+        settings,
+        gateway.pipeline.routes,
+        gateway.shared_routes or LocalRoutes(gateway.pipeline.routes),
+        records,
+        SidecarVerdicts(sidecar, settings) if sidecar else None,
+        gateway.audit,
+    )
 
 
 def _endpoints(routes: RouteTable) -> set[str]:

@@ -1,6 +1,6 @@
 """Command line: ``gateway serve``, ``gateway sidecar``, the sidecar's clients (``labels``,
 ``export``, ``report``, ``verdict``), the admin clients (``routes``, ``promote``, ``rollback``,
-``costs``, ``cache``) and ``gateway demo-repo``."""
+``costs``, ``cache``, ``rollout``) and ``gateway demo-repo``."""
 
 from __future__ import annotations
 
@@ -146,6 +146,20 @@ def _parser() -> argparse.ArgumentParser:
     costs.add_argument("--since-s", type=float, default=0, help="only the last N seconds")
     cache = commands.add_parser("cache", parents=[admin], help="response cache stats")
     cache.add_argument("--flush", action="store_true", help="empty the cache")
+    rollout = commands.add_parser(
+        "rollout",
+        parents=[admin],
+        help="walk a candidate version through shadow and canary steps on its verdicts",
+    )
+    rollout.add_argument("action", choices=["start", "status", "pause", "resume", "abort"])
+    rollout.add_argument("route")
+    rollout.add_argument("--candidate", default="", help="start: the candidate's version")
+    rollout.add_argument(
+        "--steps",
+        default="",
+        help="start: e.g. shadow,5,25,50,100 (default: adaptation.rollout.steps)",
+    )
+    rollout.add_argument("--json", action="store_true", help="print the rollout's record")
 
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
     demo.add_argument("directory", type=Path)
@@ -464,6 +478,21 @@ def _admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    from gateway.server.admin_client import AdminClient, format_rollout
+
+    if args.action == "start" and not args.candidate:
+        raise SettingsError("rollout start: --candidate VERSION is required")
+    with AdminClient(args.address, _credentials(args)) as client:
+        if args.action == "start":
+            steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+            reply = client.rollout_start(args.route, args.candidate, steps)
+        else:
+            reply = client.rollout(args.action, args.route)
+    print(reply.json if args.json else format_rollout(reply))
+    return 0
+
+
 def _demo_repo(args: argparse.Namespace) -> int:
     from gateway.demo import build_demo_repository
 
@@ -490,6 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _client_call(command, args)
         if args.command in ("routes", "promote", "rollback", "costs", "cache"):
             return _client_call(_admin, args)
+        if args.command == "rollout":
+            return _client_call(_rollout, args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)

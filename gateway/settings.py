@@ -1086,6 +1086,11 @@ RPC_ACCESS: Final[dict[str, Access]] = {
     "Rollback": "admin",
     "Costs": "admin",
     "Cache": "admin",
+    "RolloutStart": "admin",
+    "RolloutStatus": "admin",
+    "RolloutPause": "admin",
+    "RolloutResume": "admin",
+    "RolloutAbort": "admin",
 }
 
 
@@ -1250,8 +1255,91 @@ class GateSettings(_Section):
     )
 
 
+_ROLLOUT_STEP = re.compile(r"shadow|[0-9]{1,3}(\.[0-9]+)?")
+
+
+def check_rollout_steps(steps: tuple[str, ...]) -> tuple[str, ...]:
+    """``steps`` as a rollout takes them: ``shadow`` first if at all, then canary percentages
+    rising strictly to 100 (the candidate stable); ValueError saying what is wrong."""
+    if not steps:
+        raise ValueError("a rollout needs at least one step (the last is 100)")
+    percents: list[float] = []
+    for i, step in enumerate(steps):
+        if not _ROLLOUT_STEP.fullmatch(step):
+            raise ValueError(f"step '{step}': 'shadow' or a percentage of traffic (0-100]")
+        if step == "shadow":
+            if i != 0:
+                raise ValueError("'shadow' can only be the first step")
+            continue
+        percent = float(step)
+        if not 0 < percent <= 100 or (percents and percent <= percents[-1]):
+            raise ValueError(f"step '{step}': percentages rise strictly, within (0, 100]")
+        percents.append(percent)
+    if not percents or percents[-1] != 100:
+        raise ValueError(f"the last step must be 100 (the candidate takes all traffic): {steps}")
+    return steps
+
+
 class RolloutSettings(_Section):
-    """Staged rollouts driven by canary verdicts (the gateway runs them)."""
+    """Staged rollouts driven by canary verdicts (the gateway runs them): a candidate version
+    walks ``steps``, each a route revision, advancing on the sidecar's ``promote``."""
+
+    sidecar: str | None = Field(
+        None,
+        description="The sidecar whose Verdict RPC judges each step (host:port); null: "
+        "events.sidecar. It needs a canary policy (evaluation.canaries) for the model and "
+        "candidate.",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="Credential presented to that sidecar (a key with its read role); or "
+        "GATEWAY_ADAPTATION__ROLLOUT__TOKEN. Null: none.",
+    )
+    token_file: Path | None = Field(None, description="Read that credential from this file.")
+    tls: ClientTlsSettings = Field(
+        default_factory=ClientTlsSettings, description="TLS to the sidecar (ca_file turns it on)."
+    )
+    steps: tuple[str, ...] = Field(
+        ("shadow", "5", "25", "50", "100"),
+        description="Default steps: 'shadow' (the candidate scores a copy of every request) "
+        "first if at all, then the candidate's share of traffic in percent, up to 100.",
+    )
+    poll_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="How often a running rollout asks for its verdict."
+    )
+    min_step_s: float = Field(
+        0.0,
+        ge=0,
+        description="A step lasts at least this long, whatever its verdict says earlier (a "
+        "rollback is never held back).",
+    )
+    hold_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A step whose verdict stays 'hold' this long pauses the rollout for a "
+        "person (gateway rollout resume|abort); the candidate keeps its share meanwhile.",
+    )
+    max_failures: int = Field(
+        5,
+        gt=0,
+        description="Verdict calls that fail in a row (sidecar away, no canary policy) before "
+        "the rollout is rolled back: a candidate nobody can judge does not keep its traffic.",
+    )
+    verdict_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Verdict call.")
+    state_file: Path | None = Field(
+        Path(".gateway-rollouts.json"),
+        description="With state.backend memory: the rollouts, written at every change so a "
+        "restarted gateway resumes each at its step (with redis they live in Redis). Null: "
+        "kept in memory only.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: tuple[str, ...]) -> tuple[str, ...]:
+        return check_rollout_steps(steps)
+
+    def resolve_token(self) -> str | None:
+        return read_secret(self.token, self.token_file, "adaptation.rollout.token_file")
 
 
 class AdaptationSettings(_Section):

@@ -1,4 +1,5 @@
-"""Stage 1, the admin service: routes (get, set, promote, rollback), the cost ledger, the cache.
+"""Stage 1, the admin service: routes (get, set, promote, rollback), staged rollouts (start,
+status, pause, resume, abort: ``gateway.adaptation.rollout``), the cost ledger, the cache.
 
 Guarded like every RPC (``server.guard``): each needs admin rights by default (the bearer
 token of ``admin.token`` or an admin key; ``auth.rpc_access`` may say otherwise), and each is
@@ -14,8 +15,10 @@ one worker of several.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from typing import NoReturn
+from dataclasses import asdict
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 import yaml
@@ -23,11 +26,15 @@ from pydantic import TypeAdapter, ValidationError
 
 from gateway.api.v1 import admin_pb2 as pb
 from gateway.api.v1 import admin_pb2_grpc as pb_grpc
+from gateway.auth import current_principal
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
 from gateway.routing import LocalRoutes, RouteStore
 from gateway.runtime.repository import ModelRepository
 from gateway.settings import MAX_ROUTES, RouteSpec, bounded_yaml, describe_validation_error
+
+if TYPE_CHECKING:
+    from gateway.adaptation.rollout import Rollout, RolloutController
 
 __all__ = ["AdminServicer", "routes_yaml"]
 
@@ -52,12 +59,14 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         repository: ModelRepository,
         worker: bool = False,
         routes: RouteStore | None = None,
+        rollouts: RolloutController | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._worker = worker  # one of several processes on the port
         # Where route changes go: this process's table, or the replicas' shared one.
         self._store: RouteStore = routes or LocalRoutes(pipeline.routes)
+        self._rollouts = rollouts  # None in a worker of several: it runs no rollouts
 
     def revisions(self, _request: object = None) -> dict[str, int]:
         """The routes' revisions: the state an admin call's audit line shows before and after."""
@@ -149,14 +158,93 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.Routes:
         await self._routes_change(context)
+        rollouts = self._rollouts
         try:
-            await self._store.change(
-                lambda table: table.rollback(request.route), request.expected_generation
-            )
+            if rollouts is not None and rollouts.is_active(request.route):
+                # One command at any step: the route goes back to its spec from before the
+                # rollout (the stable version at 100%), not to the step before this one.
+                self._pipeline.routes.expect(request.expected_generation)
+                await rollouts.abort(
+                    request.route,
+                    _actor(),
+                    f"rolled back by {_actor()} (gateway rollback)",
+                    state="rolled_back",
+                )
+            else:
+                await self._store.change(
+                    lambda table: table.rollback(request.route), request.expected_generation
+                )
         except GatewayError as err:
             await _abort(context, err.grpc_status, str(err))
         log.info("admin: route %s rolled back to its previous spec", request.route)
         return self._routes()
+
+    async def _rollout_call(
+        self,
+        context: grpc.aio.ServicerContext,
+        act: str,
+        route: str,
+        candidate: str = "",
+        steps: tuple[str, ...] = (),
+    ) -> pb.Rollout:
+        await self._whole(context)
+        rollouts = self._rollouts
+        if rollouts is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "rollouts are off here")
+        try:
+            if act == "start":
+                rollout = await rollouts.begin(route, candidate, list(steps), _actor())
+            elif act == "pause":
+                rollout = await rollouts.pause(route, _actor())
+            elif act == "resume":
+                rollout = await rollouts.resume(route, _actor())
+            elif act == "abort":
+                rollout = await rollouts.abort(route, _actor())
+            else:
+                rollout = rollouts.get(route)
+        except GatewayError as err:
+            await _abort(context, err.grpc_status, str(err))
+        return _rollout_pb(rollout)
+
+    async def RolloutStart(
+        self, request: pb.RolloutStartRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Rollout:
+        if not request.candidate:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "candidate: a version")
+        route = self._pipeline.routes.get(request.route)
+        stable = next((v for v in route.spec.variants if v.weight > 0), None) if route else None
+        model = stable.local_model if stable is not None else None
+        if model is not None and request.candidate not in {
+            v.version_label for v in self._repository.versions(model)
+        }:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model '{model}' version {request.candidate} is not loaded",
+            )
+        return await self._rollout_call(
+            context, "start", request.route, request.candidate, tuple(request.steps)
+        )
+
+    async def RolloutStatus(
+        self, request: pb.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Rollout:
+        return await self._rollout_call(context, "status", request.route)
+
+    async def RolloutPause(
+        self, request: pb.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Rollout:
+        return await self._rollout_call(context, "pause", request.route)
+
+    async def RolloutResume(
+        self, request: pb.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Rollout:
+        return await self._rollout_call(context, "resume", request.route)
+
+    async def RolloutAbort(
+        self, request: pb.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Rollout:
+        return await self._rollout_call(context, "abort", request.route)
 
     async def Costs(
         self, request: pb.CostsRequest, context: grpc.aio.ServicerContext
@@ -221,6 +309,24 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
             collisions=stats["collisions"],
             flushed=flushed,
         )
+
+
+def _actor() -> str:
+    """The caller's name (as the audit log has it), for a rollout's reasons."""
+    principal = current_principal.get(None)
+    return principal.name if principal is not None else "admin"
+
+
+def _rollout_pb(rollout: Rollout) -> pb.Rollout:
+    return pb.Rollout(
+        route=rollout.route,
+        candidate=rollout.candidate,
+        state=rollout.state,
+        steps=rollout.steps,
+        step=rollout.step,
+        reason=rollout.reason,
+        json=json.dumps(asdict(rollout), default=str),
+    )
 
 
 def _parse_routes(text: str) -> dict[str, RouteSpec]:

@@ -1,8 +1,10 @@
-"""Command-line clients of the admin service: ``gateway routes|promote|rollback|costs|cache``;
+"""Command-line clients of the admin service: ``gateway routes|promote|rollback|costs|cache``
+and ``gateway rollout``;
 each presents ``ClientCredentials`` (the admin token or an admin key, TLS, a certificate)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from gateway.api.v1 import admin_pb2_grpc as pb_grpc
 from gateway.auth import ClientCredentials
 from gateway.tables import format_table
 
-__all__ = ["AdminClient", "format_cache", "format_costs"]
+__all__ = ["AdminClient", "format_cache", "format_costs", "format_rollout"]
 
 
 class AdminClient:
@@ -76,6 +78,15 @@ class AdminClient:
 
     def cache(self, flush: bool = False) -> pb.CacheResponse:
         return self._call("Cache", pb.CacheRequest(flush=flush))  # type: ignore[return-value]
+
+    def rollout_start(self, route: str, candidate: str, steps: tuple[str, ...] = ()) -> pb.Rollout:
+        request = pb.RolloutStartRequest(route=route, candidate=candidate, steps=steps)
+        return self._call("RolloutStart", request)  # type: ignore[return-value]
+
+    def rollout(self, action: str, route: str) -> pb.Rollout:
+        """``action``: status, pause, resume or abort."""
+        method = f"Rollout{action.capitalize()}"
+        return self._call(method, pb.RolloutRequest(route=route))  # type: ignore[return-value]
 
 
 @dataclass
@@ -149,3 +160,49 @@ def format_cache(reply: pb.CacheResponse) -> str:
     if reply.flushed:
         text += f"\nflushed {reply.flushed} rows"
     return text
+
+
+def format_rollout(reply: pb.Rollout) -> str:
+    """A rollout as a person reads it: where it is, why, the last verdict's criteria, and
+    the steps taken."""
+    record = json.loads(reply.json)
+    steps = " -> ".join(
+        f"[{step}]" if i == reply.step else step for i, step in enumerate(reply.steps)
+    )
+    lines = [
+        f"{reply.route}: version {reply.candidate} ({record['variant']}) {reply.state.upper()}",
+        f"  steps: {steps}",
+        f"  reason: {reply.reason}",
+    ]
+    verdict = record.get("verdict")
+    if verdict:
+        lines.append(f"  last verdict: {verdict['verdict']} at step {verdict['step']}")
+        table = [
+            ["criterion", "outcome", "stable", "candidate", "regression", "interval", "allowed"]
+        ]
+        for c in verdict.get("criteria", []):
+            table.append(
+                [
+                    str(c.get("name", "")),
+                    str(c.get("outcome", "")),
+                    _number(c.get("stable")),
+                    _number(c.get("candidate")),
+                    _percent(c.get("regression")),
+                    f"[{_percent(c.get('regression_low'))}, {_percent(c.get('regression_high'))}]",
+                    _percent(c.get("allowed")),
+                ]
+            )
+        lines += format_table(table, indent="    ")
+    lines.append("  history:")
+    for entry in record.get("history", []):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["at"]))
+        lines.append(f"    {when} r{entry['revision']} {entry['step']}: {entry['reason']}")
+    return "\n".join(lines)
+
+
+def _number(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else "-"
+
+
+def _percent(value: object) -> str:
+    return f"{value:+.1%}" if isinstance(value, int | float) else "-"

@@ -1,0 +1,384 @@
+"""Staged rollouts: a candidate version walks a route through a shadow step and canary weights
+to 100%, advancing when the sidecar's verdict says ``promote``, rolled back at once on
+``rollback``, waiting on ``hold`` (paused for a person after ``hold_timeout_s``).
+
+Every step is a route revision made through the route store (this process's table, or the
+replicas' shared one), with its reason kept in the rollout's record and written to the audit
+log (rpc ``RolloutStep``). Records persist (``_rollout_io``) at every change, so a gateway
+restarted mid-rollout puts the route back at its step and goes on judging it.
+
+States::
+
+    running ──hold──> holding ──hold_timeout_s──> paused ──resume──> running
+       │  └─promote─> next step ... 100% ──> succeeded
+       └─rollback verdict / max_failures ──> rolled_back     (abort ──> aborted)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import grpc
+
+from gateway.adaptation._rollout_io import (
+    RolloutRecords,
+    VerdictSource,
+    VerdictUnavailable,
+)
+from gateway.adaptation._rollout_steps import SHADOW, candidate_variant, step_spec
+from gateway.auth import AuditLog
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
+from gateway.routing import RouteStore, RouteTable
+from gateway.settings import RolloutSettings, RouteSpec, check_rollout_steps
+from gateway.state import StateUnavailable
+
+__all__ = ["ACTIVE", "Rollout", "RolloutConflict", "RolloutController"]
+
+log = logging.getLogger(__name__)
+
+ACTIVE = frozenset({"running", "holding", "paused"})
+_ACTOR = "rollout-controller"  # the audit log's actor for the controller's own steps
+_MAX_HISTORY = 64  # step changes kept per rollout record
+
+
+class RolloutConflict(GatewayError):
+    """The route's rollout is not in a state that allows this (FAILED_PRECONDITION)."""
+
+    grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass
+class Rollout:
+    """One route's rollout, as persisted (``asdict``) and shown by ``gateway rollout status``."""
+
+    route: str
+    model: str
+    candidate: str  # its version
+    variant: str  # the variant serving it
+    steps: list[str]
+    original: dict[str, Any]  # the route's spec before the rollout: where a rollback goes
+    step: int = 0
+    state: str = "running"
+    reason: str = ""
+    started_at: float = 0.0
+    step_started_at: float = 0.0
+    hold_since: float | None = None
+    failures: int = 0  # verdict calls failed in a row
+    verdict: dict[str, Any] | None = None  # the last one: verdict, reasons, criteria, evidence
+    history: list[dict[str, Any]] = field(default_factory=list)  # each step change
+
+    @property
+    def current(self) -> str:
+        return self.steps[self.step]
+
+    def expected_spec(self) -> RouteSpec:
+        """The route as this rollout's state says it is."""
+        original = RouteSpec.model_validate(self.original)
+        if self.state in ("rolled_back", "aborted"):
+            return original
+        return step_spec(self.route, original, self.candidate, self.current)
+
+
+class RolloutController:
+    """Drives every active rollout of this gateway, one task each."""
+
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        table: RouteTable,
+        store: RouteStore,
+        records: RolloutRecords,
+        verdicts: VerdictSource | None,
+        audit: AuditLog,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._table = table  # read: the routes in force
+        self._store = store  # changed: through it, so the replicas follow
+        self._records_store = records
+        self._verdicts = verdicts
+        self._audit = audit
+        self._clock = clock
+        self._rollouts: dict[str, Rollout] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the persisted rollouts; each active one's route is put back at its step (a
+        restarted gateway with state.backend memory starts from the settings' routes)."""
+        try:
+            stored = await self._records_store.load()
+        except (OSError, ValueError, StateUnavailable) as err:
+            log.error("rollouts: cannot read %s (%s): none resumed", self._records_store.where, err)
+            return
+        for route, raw in stored.items():
+            self._rollouts[route] = Rollout(**raw)
+        for rollout in self._rollouts.values():
+            if rollout.state not in ACTIVE:
+                continue
+            try:
+                await self._apply(rollout, rollout.expected_spec(), "resumed after a restart")
+            except GatewayError as err:
+                log.error("rollout %s: cannot resume at its step: %s", rollout.route, err)
+                continue
+            log.info(
+                "rollout %s: resumed at step %s (%s)", rollout.route, rollout.current, rollout.state
+            )
+            self._spawn(rollout.route)
+        log.info("rollouts: kept in %s", self._records_store.where)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        close = getattr(self._verdicts, "close", None)
+        if close is not None:
+            await close()
+
+    # -- what the admin service calls ------------------------------------------------------
+
+    def get(self, route: str) -> Rollout:
+        rollout = self._rollouts.get(route)
+        if rollout is None:
+            raise ModelNotFound(f"route '{route}' has no rollout")
+        return rollout
+
+    def is_active(self, route: str) -> bool:
+        rollout = self._rollouts.get(route)
+        return rollout is not None and rollout.state in ACTIVE
+
+    async def begin(self, route: str, candidate: str, steps: list[str], actor: str) -> Rollout:
+        """Start walking ``candidate`` through ``steps`` on ``route``: its first step now."""
+        if self._verdicts is None:
+            raise RolloutConflict(
+                "no sidecar to judge a rollout: set adaptation.rollout.sidecar or events.sidecar"
+            )
+        try:
+            check_rollout_steps(tuple(steps or self.settings.steps))
+        except ValueError as err:
+            raise InvalidRequest(f"steps: {err}") from None
+        async with self._lock(route):
+            if self.is_active(route):
+                raise RolloutConflict(
+                    f"route '{route}' already has a rollout ({self.get(route).state} at step "
+                    f"{self.get(route).current}): abort it first"
+                )
+            current = self._table.get(route)
+            if current is None:
+                raise ModelNotFound(f"no route named '{route}'")
+            variant = candidate_variant(route, current.spec, candidate)
+            now = self._clock()
+            rollout = Rollout(
+                route=route,
+                model=variant.model or "",
+                candidate=candidate,
+                variant=variant.name,
+                steps=list(steps or self.settings.steps),
+                original=current.spec.model_dump(mode="json"),
+                started_at=now,
+                step_started_at=now,
+            )
+            step_spec(route, current.spec, candidate, rollout.current)  # refuses a bad route
+            self._rollouts[route] = rollout
+            reason = f"rollout of version {candidate} started by {actor}: step {rollout.current}"
+            await self._step_to(rollout, 0, reason, actor)
+        self._spawn(route)
+        return rollout
+
+    async def pause(self, route: str, actor: str) -> Rollout:
+        async with self._lock(route):
+            rollout = self._active(route)
+            rollout.state = "paused"
+            rollout.reason = f"paused by {actor} at step {rollout.current}"
+            await self._save()
+            return rollout
+
+    async def resume(self, route: str, actor: str) -> Rollout:
+        async with self._lock(route):
+            rollout = self._active(route)
+            if rollout.state != "paused":
+                raise RolloutConflict(
+                    f"route '{route}': the rollout is {rollout.state}, not paused"
+                )
+            rollout.state = "running"
+            rollout.hold_since = None
+            rollout.reason = f"resumed by {actor} at step {rollout.current}"
+            await self._save()
+        self._wake[route].set()
+        return rollout
+
+    async def abort(
+        self, route: str, actor: str, reason: str = "", state: str = "aborted"
+    ) -> Rollout:
+        """End the rollout; the route goes back to its spec from before it."""
+        async with self._lock(route):
+            rollout = self._active(route)
+            await self._end(rollout, state, reason or f"aborted by {actor}", actor)
+        return rollout
+
+    # -- the controller's loop --------------------------------------------------------------
+
+    def _spawn(self, route: str) -> None:
+        self._wake.setdefault(route, asyncio.Event())
+        task = self._tasks.get(route)
+        if task is None or task.done():
+            self._tasks[route] = asyncio.create_task(self._drive(route), name=f"rollout {route}")
+
+    async def _drive(self, route: str) -> None:
+        wake = self._wake[route]
+        while (rollout := self._rollouts.get(route)) is not None and rollout.state in ACTIVE:
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.settings.poll_interval_s)
+            if rollout.state in ("running", "holding"):
+                try:
+                    await self.tick(route)
+                except Exception:  # the rollout must go on being judged
+                    log.exception("rollout %s: judging the step failed", route)
+
+    async def tick(self, route: str) -> None:
+        """Ask for the verdict and act on it: advance, roll back, or wait."""
+        rollout = self._rollouts[route]
+        assert self._verdicts is not None
+        at, step = rollout.step, rollout.current
+        try:
+            verdict: dict[str, Any] | None = await self._verdicts.verdict(
+                rollout.model, rollout.candidate
+            )
+            failure = ""
+        except VerdictUnavailable as err:
+            verdict, failure = None, str(err)
+        async with self._lock(route):
+            if rollout.state not in ("running", "holding") or rollout.step != at:
+                return  # paused, aborted or moved on while the sidecar was asked
+            now = self._clock()
+            if verdict is None:
+                rollout.failures += 1
+                limit = self.settings.max_failures
+                if rollout.failures >= limit:
+                    reason = f"no verdict {limit} times in a row at step {step}: {failure}"
+                    await self._end(rollout, "rolled_back", reason, _ACTOR)
+                else:
+                    rollout.reason = f"no verdict ({rollout.failures} of {limit}): {failure}"
+                    await self._save()
+                return
+            rollout.failures = 0
+            rollout.verdict = {"at": now, "step": step, **_summary(verdict)}
+            outcome = verdict.get("verdict")
+            why = "; ".join(verdict.get("reasons", []))
+            if outcome == "rollback":
+                await self._end(
+                    rollout, "rolled_back", f"verdict rollback at step {step}: {why}", _ACTOR
+                )
+            elif outcome == "promote":
+                if now - rollout.step_started_at < self.settings.min_step_s:
+                    rollout.reason = f"verdict promote at step {step}; the step lasts min_step_s"
+                    await self._save()
+                    return
+                reason = f"verdict promote at step {step}: {why}"
+                await self._step_to(rollout, rollout.step + 1, reason, _ACTOR)
+            else:
+                if rollout.hold_since is None:
+                    rollout.hold_since = now
+                rollout.state = "holding"
+                rollout.reason = f"verdict hold at step {step}: {why}"
+                if now - rollout.hold_since >= self.settings.hold_timeout_s:
+                    rollout.state = "paused"
+                    rollout.reason = (
+                        f"paused: the verdict held for {now - rollout.hold_since:.0f} s "
+                        f"(hold_timeout_s) at step {step}: {why}"
+                    )
+                    self._audit.record(_ACTOR, "RolloutStep", "OK", route, detail=rollout.reason)
+                await self._save()
+
+    # -- changes ------------------------------------------------------------------------------
+
+    async def _step_to(self, rollout: Rollout, index: int, reason: str, actor: str) -> None:
+        rollout.step = index
+        rollout.step_started_at = self._clock()
+        rollout.hold_since = None
+        final = rollout.current != SHADOW and float(rollout.current) >= 100
+        rollout.state = "succeeded" if final else "running"
+        if final:
+            reason += f"; version {rollout.candidate} is the stable one"
+        await self._apply(rollout, rollout.expected_spec(), reason, actor)
+
+    async def _end(self, rollout: Rollout, state: str, reason: str, actor: str) -> None:
+        rollout.state = state
+        await self._apply(rollout, rollout.expected_spec(), reason, actor)
+        log.warning("rollout %s: %s", rollout.route, reason)
+        self._wake.setdefault(rollout.route, asyncio.Event()).set()
+
+    async def _apply(
+        self, rollout: Rollout, spec: RouteSpec, reason: str, actor: str = _ACTOR
+    ) -> None:
+        """``spec`` in force on the route (a revision, unless it is so already), the record
+        saved with the change and its reason, and a line on the audit log."""
+        route = rollout.route
+        before = self._table.get(route)
+
+        def mutate(table: RouteTable) -> int:
+            routes = {name: r.spec for name, r in table.all().items()}
+            if route not in routes:
+                raise ModelNotFound(f"route '{route}' is gone")
+            routes[route] = spec
+            table.replace(routes)
+            return table.get(route).revision  # type: ignore[union-attr]
+
+        revision = await self._store.change(mutate, 0)
+        rollout.reason = reason
+        rollout.history.append(
+            {
+                "at": self._clock(),
+                "step": rollout.current,
+                "state": rollout.state,
+                "revision": revision,
+                "reason": reason,
+            }
+        )
+        del rollout.history[:-_MAX_HISTORY]
+        await self._save()
+        self._audit.record(
+            actor,
+            "RolloutStep",
+            "OK",
+            route,
+            {route: before.revision if before is not None else None},
+            {route: revision},
+            detail=reason,
+        )
+        log.info("rollout %s: revision %d: %s", route, revision, reason)
+
+    async def _save(self) -> None:
+        records = {route: asdict(r) for route, r in self._rollouts.items()}
+        try:
+            await self._records_store.save(records)
+        except (OSError, StateUnavailable) as err:
+            log.error("rollouts: cannot write %s (%s)", self._records_store.where, err)
+
+    def _active(self, route: str) -> Rollout:
+        rollout = self.get(route)
+        if rollout.state not in ACTIVE:
+            raise RolloutConflict(f"route '{route}': its rollout has ended ({rollout.state})")
+        return rollout
+
+    def _lock(self, route: str) -> asyncio.Lock:
+        return self._locks.setdefault(route, asyncio.Lock())
+
+
+def _summary(verdict: dict[str, Any]) -> dict[str, Any]:
+    """What a status shows of a verdict: the outcome, its reasons, its criteria's intervals,
+    each version's evidence."""
+    keep = ("verdict", "stable", "candidate", "reasons", "criteria", "evidence", "truncated")
+    return {k: verdict[k] for k in keep if k in verdict}

@@ -1,0 +1,164 @@
+"""The rollout controller on a real route table, with verdicts from a script and a clock of
+the test's: steps walked on promote, rolled back on rollback, paused after a long hold, rolled
+back after failed verdict calls, and resumed at its step by a fresh controller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.adaptation._rollout_io import FileRollouts, MemoryRollouts, VerdictUnavailable
+from gateway.adaptation._rollout_steps import step_spec
+from gateway.adaptation.rollout import RolloutConflict, RolloutController
+from gateway.auth import AuditLog
+from gateway.errors import InvalidRequest
+from gateway.routing import LocalRoutes, RouteTable
+from gateway.settings import AuditSettings, RolloutSettings, RouteSpec
+
+ROUTE = RouteSpec.model_validate(
+    {"variants": [{"name": "live", "model": "fraud", "version": "2", "weight": 1}]}
+)
+
+
+class Verdicts:
+    """Answers each call with the next scripted outcome (an exception is raised)."""
+
+    def __init__(self, *outcomes: str | Exception) -> None:
+        self.outcomes = list(outcomes)
+        self.calls: list[tuple[str, str]] = []
+
+    async def verdict(self, model: str, candidate: str) -> dict[str, Any]:
+        self.calls.append((model, candidate))
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return {"verdict": outcome, "reasons": [f"auc says {outcome}"], "criteria": []}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def controller(verdicts, records=None, table=None, clock=None, **settings):
+    table = table or RouteTable({"fraud": ROUTE}, history=16)
+    rollouts = RolloutController(
+        RolloutSettings(poll_interval_s=3600, **settings),  # ticks are the test's
+        table,
+        LocalRoutes(table),
+        records or MemoryRollouts(),
+        verdicts,
+        AuditLog(AuditSettings(path=None)),
+        clock=clock or Clock(),
+    )
+    return rollouts, table
+
+
+def weights(table: RouteTable) -> dict[str, float]:
+    return {v.name: v.weight for v in table.get("fraud").spec.variants}
+
+
+def test_steps_shadow_then_weights_then_the_candidate_alone():
+    shadow = step_spec("fraud", ROUTE, "4", "shadow")
+    assert [(v.name, v.weight) for v in shadow.variants] == [("live", 1), ("v4", 0)]
+    assert [s.variant for s in shadow.shadows] == ["v4"]
+    canary = step_spec("fraud", ROUTE, "4", "25")
+    assert [(v.name, v.weight, v.arm) for v in canary.variants] == [
+        ("live", 75, "primary"),
+        ("v4", 25, "canary"),
+    ]
+    assert canary.shadows == ()
+    full = step_spec("fraud", ROUTE, "4", "100")
+    assert [(v.name, v.weight, v.arm) for v in full.variants] == [
+        ("live", 0, "primary"),
+        ("v4", 1, "primary"),
+    ]
+    with pytest.raises(InvalidRequest, match="is the stable one"):
+        step_spec("fraud", ROUTE, "2", "5")
+
+
+async def test_promote_walks_every_step_and_the_candidate_becomes_stable():
+    rollouts, table = controller(Verdicts("promote", "promote", "promote"))
+    rollout = await rollouts.begin("fraud", "4", ["shadow", "5", "50", "100"], "ops")
+    assert rollout.state == "running" and weights(table) == {"live": 1, "v4": 0}
+    await rollouts.tick("fraud")
+    assert weights(table) == {"live": 95, "v4": 5}
+    await rollouts.tick("fraud")
+    await rollouts.tick("fraud")
+    assert rollout.state == "succeeded" and weights(table) == {"live": 0, "v4": 1}
+    assert [h["step"] for h in rollout.history] == ["shadow", "5", "50", "100"]
+    assert "verdict promote at step 50: auc says promote" in rollout.history[-1]["reason"]
+    with pytest.raises(RolloutConflict, match="has ended"):
+        await rollouts.pause("fraud", "ops")
+    await rollouts.close()
+
+
+async def test_a_rollback_verdict_restores_the_route_from_before():
+    rollouts, table = controller(Verdicts("rollback"))
+    rollout = await rollouts.begin("fraud", "3", ["5", "100"], "ops")
+    assert weights(table) == {"live": 95, "v3": 5}
+    await rollouts.tick("fraud")
+    assert rollout.state == "rolled_back"
+    assert table.get("fraud").spec == ROUTE
+    assert rollout.verdict["verdict"] == "rollback" and rollout.verdict["step"] == "5"
+    await rollouts.close()
+
+
+async def test_a_hold_waits_then_pauses_for_a_person_after_the_timeout():
+    clock = Clock()
+    rollouts, table = controller(
+        Verdicts("hold", "hold", "promote"), clock=clock, hold_timeout_s=60
+    )
+    rollout = await rollouts.begin("fraud", "4", ["shadow", "100"], "ops")
+    await rollouts.tick("fraud")
+    assert rollout.state == "holding" and "auc says hold" in rollout.reason
+    clock.now += 61
+    await rollouts.tick("fraud")
+    assert rollout.state == "paused" and "hold_timeout_s" in rollout.reason
+    assert weights(table) == {"live": 1, "v4": 0}  # still at its step
+    await rollouts.resume("fraud", "ops")
+    await rollouts.tick("fraud")
+    assert rollout.state == "succeeded"
+    await rollouts.close()
+
+
+async def test_failed_verdict_calls_roll_back_at_the_limit():
+    down = VerdictUnavailable("UNAVAILABLE")
+    rollouts, table = controller(Verdicts(down, down), max_failures=2)
+    rollout = await rollouts.begin("fraud", "4", ["25", "100"], "ops")
+    await rollouts.tick("fraud")
+    assert rollout.state == "running" and rollout.failures == 1
+    await rollouts.tick("fraud")
+    assert rollout.state == "rolled_back" and "no verdict 2 times" in rollout.reason
+    assert table.get("fraud").spec == ROUTE
+    await rollouts.close()
+
+
+async def test_a_restarted_controller_puts_the_route_back_at_its_step(tmp_path: Path):
+    records = FileRollouts(tmp_path / "rollouts.json")
+    first, _ = controller(Verdicts("promote"), records=records)
+    await first.begin("fraud", "4", ["shadow", "25", "100"], "ops")
+    await first.tick("fraud")
+    await first.close()
+    # a new process: the settings' routes, and the record on disk
+    second, table = controller(Verdicts(), records=FileRollouts(tmp_path / "rollouts.json"))
+    await second.start()
+    assert second.get("fraud").current == "25"
+    assert weights(table) == {"live": 75, "v4": 25}
+    await second.close()
+
+
+async def test_a_second_rollout_on_a_route_and_bad_steps_are_refused():
+    rollouts, _ = controller(Verdicts())
+    with pytest.raises(InvalidRequest, match="last step must be 100"):
+        await rollouts.begin("fraud", "4", ["shadow", "50"], "ops")
+    await rollouts.begin("fraud", "4", ["shadow", "100"], "ops")
+    with pytest.raises(RolloutConflict, match="already has a rollout"):
+        await rollouts.begin("fraud", "3", [], "ops")
+    await rollouts.abort("fraud", "ops")
+    await rollouts.close()
