@@ -629,13 +629,113 @@ class ConsumerSettings(BrokerSettings):
 
 
 class TriggerSpec(_Section):
-    """A retraining trigger of one model (the sidecar runs it): see gateway.evaluation."""
+    """A retraining trigger of one model, run by the sidecar (gateway.evaluation.triggers).
+
+    It fires on any of its kinds: time (``cadence_s`` since its last run), data
+    (``labelled_rows`` new labelled rows since its last run), drift (a rule with action
+    ``retrain`` on the model firing for ``drift_checks`` consecutive checks) and performance
+    (a quality alert on ``primary_metric``). Then it runs ``command`` (with GATEWAY_MODEL,
+    GATEWAY_WINDOW_S and GATEWAY_TRAINING_DATA, a fresh labelled export, in its environment)
+    or POSTs a JSON body to ``webhook``. One incident fires it once; runs are ``cooldown_s``
+    apart whatever their outcome, so a failing command is recorded, never retried in a loop.
+    """
 
     model: str
+    name: str = Field("", description="Names it in records and metrics; default: the model.")
+    cadence_s: float | None = Field(
+        None, gt=0, description="Time: run this long after the last run; null: never by time."
+    )
+    labelled_rows: int | None = Field(
+        None,
+        gt=0,
+        description="Data: run once this many labelled rows arrived since the last run "
+        "(labels received since); null: never by data.",
+    )
+    drift_checks: int | None = Field(
+        1,
+        gt=0,
+        description="Drift: run when a rule with action retrain fires on the model for this "
+        "many consecutive checks (evaluation.evaluate_every_s apart); null: never by drift.",
+    )
+    primary_metric: Literal["auc", "log_loss", "accuracy", "ece"] | None = Field(
+        "auc",
+        description="Performance: run when a quality alert on this metric fires on the model "
+        "(whatever its action); null: never by performance.",
+    )
+    command: tuple[str, ...] | None = Field(
+        None, min_length=1, description="The training command, an argv list (no shell)."
+    )
+    webhook: str | None = Field(
+        None, pattern=r"^https?://", description="Or: POST a JSON body to this URL."
+    )
+    window_s: int = Field(
+        7 * 24 * 3600, gt=0, description="The training export's window, back from the run."
+    )
+    timeout_s: float = Field(
+        3600.0, gt=0, description="The command is killed (its process group) past this."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="The webhook's timeout.")
+    cooldown_s: float = Field(
+        3600.0, ge=0, description="Least time between two runs (from a run's start)."
+    )
+    output_bytes: int = Field(
+        8192, gt=0, le=1 << 20, description="The tail of its output (stdout and stderr) kept."
+    )
+    keep_exports: int = Field(
+        3, gt=0, description="Training exports kept per trigger in the store's directory."
+    )
+
+    @model_validator(mode="after")
+    def _one_action(self) -> TriggerSpec:
+        if (self.command is None) == (self.webhook is None):
+            raise ValueError(f"trigger of model {self.model!r}: give one of command or webhook")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
 
 
 class PlaybookSettings(_Section):
-    """What alert actions do (retrain, rollback, human_review, tighten_thresholds)."""
+    """What alert actions do when a rule starts firing (gateway.evaluation.playbooks): retrain
+    runs the model's trigger (evaluation.triggers), human_review appends to the review queue
+    with an export of the rows to review, rollback calls the gateway's admin Rollback for the
+    routes that served the version, tighten_thresholds records the threshold it suggests.
+    Each action is recorded once per incident."""
+
+    enabled: tuple[PlaybookAction, ...] = Field(
+        ("retrain", "human_review", "rollback", "tighten_thresholds"),
+        description="The actions that act; the others are only logged with their alert.",
+    )
+    cooldown_s: float = Field(
+        3600.0,
+        ge=0,
+        description="An action on the same alert (rule, model, version, segment, feature) is "
+        "not taken again within this long: a sidecar restart does not repeat it.",
+    )
+    gateway: str | None = Field(
+        None, description="rollback: the gateway's admin address HOST:PORT; null: not acted."
+    )
+    admin_token_file: Path | None = Field(
+        None, description="rollback: file (mode 0600) holding the gateway's admin token."
+    )
+    gateway_tls: ClientTlsSettings = Field(
+        default_factory=ClientTlsSettings, description="rollback: TLS to the gateway."
+    )
+    rollback_timeout_s: float = Field(10.0, gt=0, le=120)
+    review_rows: int = Field(
+        100_000,
+        gt=0,
+        description="human_review: the export holds at most this many of the window's latest "
+        "events.",
+    )
+    threshold_step: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="tighten_thresholds: the suggested rise of evaluation.threshold (recorded; "
+        "the gateway has no decision threshold to raise yet).",
+    )
 
 
 class SidecarAuthSettings(_Section):

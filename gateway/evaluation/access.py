@@ -2,8 +2,9 @@
 or client certificate, looked up in the keys file at every call, must hold it.
 
 Roles are exact, none implies another: ``publish`` (Publish: the gateway), ``write``
-(PutLabels), ``read`` (Report, Verdict, Export, ExportFile). A key that sends labels and reads
-reports lists both. An RPC of the service missing from ``ROLES`` is refused to everyone.
+(PutLabels, ResolveReview), ``read`` (Report, Verdict, Export, ExportFile, Actions, Reviews).
+A key that sends labels and reads reports lists both. An RPC of the service missing from
+``ROLES`` is refused to everyone.
 
 A key (mode ``api_key``) is checked from the call's metadata before the request is read; a
 client certificate (mode ``mtls``) once the handshake made it known, before the request is
@@ -42,6 +43,9 @@ ROLES: Final[dict[str, Literal["publish", "write", "read"]]] = {
     "Verdict": "read",
     "Export": "read",
     "ExportFile": "read",
+    "Actions": "read",
+    "Reviews": "read",
+    "ResolveReview": "write",
 }
 _PREFIX: Final = f"/{SERVICE}/"
 

@@ -1,5 +1,6 @@
 """The sidecar's Prometheus metrics: alerts firing, events stored and waiting, store memory,
-the broker's consumption, calls refused by its auth and reloads of its keys file."""
+the broker's consumption, calls refused by its auth and reloads of its keys file, retraining
+trigger runs and playbook actions."""
 
 from __future__ import annotations
 
@@ -85,6 +86,22 @@ class SidecarMetrics:
             "Reads of evaluation.auth.keys_file after it changed: loaded, or failed (the keys "
             "read before stay in use).",
             ["outcome"],
+            registry=self.registry,
+        )
+
+        self.triggers = Counter(
+            "sidecar_triggers",
+            "Retraining trigger runs (evaluation.triggers) by model, kind (time, data, drift, "
+            "performance, manual) and outcome (ok, failed, timeout, error; skipped: an "
+            "incident refused for a run in progress or a cooldown).",
+            ["model", "kind", "outcome"],
+            registry=self.registry,
+        )
+        self.playbook_actions = Counter(
+            "sidecar_playbook_actions",
+            "Playbook actions taken on alerts (evaluation.playbooks) by model, action and "
+            "outcome (queued, ok, failed, recorded, skipped).",
+            ["model", "action", "outcome"],
             registry=self.registry,
         )
 

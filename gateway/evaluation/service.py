@@ -23,6 +23,7 @@ from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.evaluation.alerts import Evaluation, alert_key, evaluate_alerts, transitions
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.page import render_index, render_page
+from gateway.evaluation.playbooks import Playbooks
 from gateway.evaluation.report import build_report, drift_timeline
 from gateway.evaluation.store import EventStore
 from gateway.evaluation.verdict import judge
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # Batches read ahead of the store on one stream (and at most stored in one statement).
 _READ_AHEAD = 64
 _EXPORT_CHUNK = 1 << 20  # bytes of Parquet per ExportChunk
+_TRIGGER_KINDS = frozenset({"time", "data", "drift", "performance", "manual"})
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -67,6 +69,8 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         self.pending = 0
         self.metrics.pending.set_function(lambda: self.pending)  # read at scrape time
         self._freed: asyncio.Event | None = None  # set as a group is stored (made in the loop)
+        # Playbook actions and retraining triggers, acted on each round of the watch.
+        self.playbooks = Playbooks(store, settings, self.metrics, self.db)
 
     async def Publish(
         self, request_iterator: AsyncIterator[ev.EventBatch], context: grpc.aio.ServicerContext
@@ -283,6 +287,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         alerts = self._alerts(model)
         report["alerts"] = alerts.firing
         report["not_enough_data"] = alerts.not_enough_data
+        journal = self.playbooks.journal
+        recent = journal.actions(model, limit=20)
+        report["triggers"] = [a for a in recent if a["kind"] in _TRIGGER_KINDS]
+        report["playbook_actions"] = [a for a in recent if a["kind"] not in _TRIGGER_KINDS]
+        report["reviews"] = journal.reviews("open", model)
         _trim_heap()
         return report
 
@@ -321,14 +330,56 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
             json=json.dumps(verdict, default=_plain),
         )
 
+    async def Actions(
+        self, request: ev.ActionsRequest, context: grpc.aio.ServicerContext
+    ) -> ev.ActionsResponse:
+        actions = await asyncio.get_running_loop().run_in_executor(
+            self.db, self.playbooks.journal.actions, request.model, request.limit or 100
+        )
+        return ev.ActionsResponse(json=json.dumps(actions, default=_plain))
+
+    async def Reviews(
+        self, request: ev.ReviewsRequest, context: grpc.aio.ServicerContext
+    ) -> ev.ReviewsResponse:
+        status = request.status or "open"
+        if status not in ("open", "resolved", "all"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"status {request.status!r}: give open, resolved or all",
+            )
+        reviews = await asyncio.get_running_loop().run_in_executor(
+            self.db,
+            self.playbooks.journal.reviews,
+            "" if status == "all" else status,
+            request.model,
+        )
+        return ev.ReviewsResponse(json=json.dumps(reviews, default=_plain))
+
+    async def ResolveReview(
+        self, request: ev.ResolveReviewRequest, context: grpc.aio.ServicerContext
+    ) -> ev.ResolveReviewResponse:
+        resolved = await asyncio.get_running_loop().run_in_executor(
+            self.db, self.playbooks.journal.resolve, request.id, request.note, time.time()
+        )
+        if not resolved:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no open review {request.id}")
+        return ev.ResolveReviewResponse()
+
     async def watch(self, alert_log: Path) -> None:
         """Check every rule on every model with recent events, every ``evaluate_every_s``.
 
         A rule that starts or stops firing is appended to ``alert_log`` (JSON lines) and the
         ``sidecar_alert_firing`` gauge follows it. One that stops says why: ``resolved`` (its
         check ran on enough data and passed) or ``window_emptied`` (its window no longer held
-        enough data to check).
+        enough data to check). Then the playbooks act on the alerts firing, and the retraining
+        triggers that are due run (``playbooks.py``).
         """
+        try:
+            await self._watch(alert_log)
+        finally:
+            await self.playbooks.close()  # trigger runs in progress are stopped, recorded
+
+    async def _watch(self, alert_log: Path) -> None:
         loop = asyncio.get_running_loop()
         firing: dict[tuple[str, ...], dict[str, Any]] = {}
         while True:
@@ -361,6 +412,10 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                     json.dumps({"time": stamp, **c}, default=_plain) + "\n" for c in changes
                 )
                 await asyncio.to_thread(_append, alert_log, lines)
+            try:
+                await self.playbooks.round(firing, time.time())
+            except Exception:  # a failed round must not end the watch
+                log.exception("playbooks failed")
 
     def index_page(self) -> str:
         models = self.store.query("SELECT DISTINCT model FROM events ORDER BY model")
