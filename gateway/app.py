@@ -27,6 +27,7 @@ from gateway.adaptation._rollout_io import (
     RolloutRecords,
     SidecarVerdicts,
 )
+from gateway.adaptation.gate_result import refusal as gate_refusal
 from gateway.adaptation.rollout import RolloutController
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.auth import AuditLog, Gatekeeper, KeyEntry
@@ -71,6 +72,8 @@ class Gateway:
             settings.runtime,
             self._loader,
             contracts=model_contracts,
+            # adaptation.gate.required: a version serves only once `gateway validate` passed it
+            admission=gate_refusal if settings.adaptation.gate.required else None,
         )
         self.events: EventRecorder | None = None
         if settings.events.enabled:

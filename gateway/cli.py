@@ -110,6 +110,31 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
     export.add_argument("--until", help="window end, ISO 8601, exclusive (default: now)")
 
+    validate = commands.add_parser(
+        "validate",
+        parents=[client],
+        help="the validation gate: replay labelled rows through a new version offline and "
+        "judge it against the serving one; writes gate.json beside it (exit 0 pass, 3 fail)",
+    )
+    validate.add_argument("model")
+    validate.add_argument("version", type=int)
+    validate.add_argument(
+        "--data",
+        type=Path,
+        help="labelled Parquet (gateway export MODEL --labelled); default: export the window "
+        "from the sidecar at --sidecar",
+    )
+    validate.add_argument(
+        "--against",
+        type=int,
+        help="the serving version to compare with (default: the highest below VERSION)",
+    )
+    validate.add_argument("--config", type=Path, help="settings YAML (adaptation.gate, runtime)")
+    validate.add_argument("--repository", type=Path, help="model repository (repository.path)")
+    validate.add_argument("--since", help="sidecar window start, ISO 8601")
+    validate.add_argument("--until", help="sidecar window end, ISO 8601, exclusive")
+    validate.add_argument("--json", action="store_true", help="print the result as JSON")
+
     admin = _client_options(
         "gateway",
         "--url",
@@ -407,6 +432,53 @@ def _verdict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from gateway.adaptation.gate import read_window, validate
+    from gateway.adaptation.gate_result import format_result, write_result
+    from gateway.settings import load_settings
+
+    flags = {"repository": {"path": args.repository}} if args.repository is not None else {}
+    settings = load_settings(args.config, overrides=flags)
+    if settings.repository.path is None:
+        raise SettingsError("repository.path: the model repository is needed (--repository)")
+    repository = Path(settings.repository.path)
+    with tempfile.TemporaryDirectory(prefix="gateway-validate-") as scratch:
+        data = args.data
+        if data is None:
+            from gateway.api.v1 import events_pb2 as ev
+            from gateway.evaluation.client import export
+
+            data = Path(scratch) / "window.parquet"
+            request = ev.ExportRequest(
+                model=args.model,
+                labelled=True,
+                start_us=_micros(args.since, "--since"),
+                end_us=_micros(args.until, "--until"),
+            )
+            export(args.address, request, data, _credentials(args))
+        window = read_window(data, str(data) if args.data else f"sidecar {args.address}")
+        result = validate(
+            repository,
+            args.model,
+            args.version,
+            window,
+            settings.adaptation.gate,
+            settings.runtime,
+            args.against,
+        )
+    path = write_result(repository / args.model / str(args.version), result)
+    if args.json:
+        import json
+
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(format_result(result))
+        print(f"written to {path}")
+    return 0 if result.passed else 3
+
+
 def _client_call(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command that calls the gateway or the sidecar: a failed call is one line on
     stderr naming what to give (a key, a CA) and exit code 1, never a traceback."""
@@ -509,12 +581,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "sidecar":
             return _sidecar(args)
-        if args.command in ("labels", "export", "report", "verdict"):
+        if args.command in ("labels", "export", "report", "verdict", "validate"):
             command = {
                 "labels": _labels,
                 "export": _export,
                 "report": _report,
                 "verdict": _verdict,
+                "validate": _validate,
             }[args.command]
             return _client_call(command, args)
         if args.command in ("routes", "promote", "rollback", "costs", "cache"):

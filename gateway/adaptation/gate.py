@@ -64,7 +64,7 @@ class LabelledWindow:
         return int(self.table.num_rows)
 
 
-def read_window(path: Path) -> LabelledWindow:
+def read_window(path: Path, source: str | None = None) -> LabelledWindow:
     """A labelled Parquet file (``gateway export MODEL --labelled``, or any table with raw
     feature columns and ``label``). Rows without a label are dropped; a row exported twice
     (a primary and its shadow share request id and row) counts once."""
@@ -72,7 +72,7 @@ def read_window(path: Path) -> LabelledWindow:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as err:
         raise SettingsError(f"--data: cannot read {path} as Parquet: {err}") from None
-    return window_of(table, str(path))
+    return window_of(table, source or str(path))
 
 
 def window_of(table: pa.Table, source: str) -> LabelledWindow:

@@ -47,7 +47,7 @@ from gateway.types import (
     ascii_int,
 )
 
-__all__ = ["ContractSource", "LoadedVersion", "ModelRepository", "RuntimeFactory"]
+__all__ = ["Admission", "ContractSource", "LoadedVersion", "ModelRepository", "RuntimeFactory"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ RuntimeFactory = Callable[[Path, SessionOptions], ModelRuntime]
 # model has none). gateway.features.model_contracts reads features.yaml; it is handed in by
 # whoever builds the repository, so this stage never imports another.
 ContractSource = Callable[[Path], tuple[Mapping[str, FeatureContract], Path] | None]
+# Why a version directory may not serve (None: it may): the validation gate's check when
+# adaptation.gate.required is on, handed in like the contracts. Runs on the loader's thread.
+Admission = Callable[[Path], str | None]
 
 _LOADS = itertools.count(1)
 
@@ -110,6 +113,7 @@ class _Model:
     config: ModelConfig | None = None
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
+    held: dict[int, str] = field(default_factory=dict)  # kept out of traffic by `admission`
     reason: str = ""  # model-level: bad config, no versions, unloaded
     busy: str = ""  # "LOADING" / "UNLOADING" while a change is in progress
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -150,12 +154,14 @@ class ModelRepository:
         runtime_factory: RuntimeFactory = OnnxRuntimeSession,
         on_retire: Callable[[LoadedVersion], None] | None = None,
         contracts: ContractSource | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.root = root
         self._settings = settings
         self._executor = executor
         self._factory = runtime_factory
         self._contract_source = contracts
+        self._admission = admission
         self.on_retire = on_retire
         self._models: dict[str, _Model] = {}
 
@@ -221,12 +227,23 @@ class ModelRepository:
             log.error("model %r: %s", model.name, model.reason)
             raise ModelLoadError(f"model '{model.name}': {model.reason}") from None
         available = dict(self._version_dirs(model_dir))
-        selected = config.version_policy.select(list(available))
+        loop = asyncio.get_running_loop()
+        # A version the policy would serve but the gate holds back: out of traffic, with its
+        # reason; the policy chooses among the others (the version serving now stays).
+        wanted = config.version_policy.select(list(available))
+        held: dict[int, str] = {}
+        if self._admission is not None:
+            held = await loop.run_in_executor(
+                self._executor, self._held, model.name, {v: available[v] for v in wanted}
+            )
+        model.held = held
+        selected = config.version_policy.select([v for v in available if v not in held])
         if not selected:
             model.reason = f"no version directory matches its version policy in {model_dir}"
+            if held:
+                model.reason = "; ".join(f"version {v}: {r}" for v, r in sorted(held.items()))
             raise ModelLoadError(f"model '{model.name}': {model.reason}")
 
-        loop = asyncio.get_running_loop()
         failures: dict[int, str] = {}
         loaded: dict[int, LoadedVersion] = {}
         for version in selected:
@@ -259,7 +276,9 @@ class ModelRepository:
         # (their last good load), as Triton does; only a clean load retires what the policy
         # no longer selects.
         keep = (
-            {} if not failures else {v: lv for v, lv in model.versions.items() if v not in loaded}
+            {}
+            if not failures
+            else {v: lv for v, lv in model.versions.items() if v not in loaded and v not in held}
         )
         previous = model.versions
         model.versions = {**keep, **loaded}
@@ -277,6 +296,13 @@ class ModelRepository:
         if failures:
             detail = "; ".join(f"version {v}: {r}" for v, r in sorted(failures.items()))
             raise ModelLoadError(f"model '{model.name}' failed to load: {detail}")
+
+    def _held(self, name: str, version_dirs: Mapping[int, Path]) -> dict[int, str]:
+        assert self._admission is not None
+        held = {v: why for v, d in version_dirs.items() if (why := self._admission(d))}
+        for version, why in sorted(held.items()):
+            log.warning("model %r version %d is kept out of traffic: %s", name, version, why)
+        return held
 
     def _retire(
         self, previous: dict[int, LoadedVersion], current: dict[int, LoadedVersion]
@@ -381,6 +407,8 @@ class ModelRepository:
             return model.versions[max(model.versions)]
         number = ascii_int(version)
         loaded = model.versions.get(number) if number is not None else None
+        if loaded is None and number in model.held:
+            raise ModelNotReady(f"model '{name}' version '{version}': {model.held[number]}")
         if loaded is None:
             raise ModelNotFound(f"model '{name}' version '{version}' is not loaded")
         return loaded
@@ -407,10 +435,10 @@ class ModelRepository:
                 entries.append(ModelIndexEntry(name, str(version), state, why if failed else ""))
             if ready_only:
                 continue
-            for version, reason in sorted(model.failures.items()):
+            for version, reason in sorted({**model.held, **model.failures}.items()):
                 if version not in model.versions:
                     entries.append(ModelIndexEntry(name, str(version), "UNAVAILABLE", reason))
-            if not model.versions and not model.failures:
+            if not model.versions and not model.failures and not model.held:
                 state = "LOADING" if model.busy else "UNAVAILABLE"
                 entries.append(ModelIndexEntry(name, "", state, model.reason))
         return entries
