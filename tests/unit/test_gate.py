@@ -167,6 +167,17 @@ def test_a_feature_the_contract_needs_missing_from_the_data_fails_the_contract(r
     assert not result.passed
 
 
+def test_a_hashed_sensitive_feature_is_said_and_replayed_alike_for_both_versions(repo: Path):
+    table = labelled_table(6000)
+    hashed = pa.array([f"{hash(v) & 0xFFFF:032x}" for v in table.column("country").to_pylist()])
+    table = table.set_column(table.column_names.index("country"), "country", hashed)
+    result = validate(repo, "fraud", COPY_VERSION, window_of(table, "t"), SETTINGS, RUNTIME, 2)
+    contract = by_name(result)["contract"]
+    assert contract.outcome == "pass" and contract.numbers["country.oov_rows"] == 6000
+    assert "country mostly out of vocabulary (sensitive: hashed in an export)" in contract.reason
+    assert result.passed
+
+
 def test_the_serving_version_defaults_to_the_highest_below_the_candidate(repo: Path, window):
     result = validate(repo, "fraud", 2, window, SETTINGS, RUNTIME)
     assert result.against == 1
