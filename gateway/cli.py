@@ -1,6 +1,6 @@
 """Command line: ``gateway serve``, ``gateway sidecar``, the sidecar's clients (``labels``,
-``export``, ``report``, ``verdict``), the admin clients (``routes``, ``promote``, ``rollback``,
-``costs``, ``cache``, ``rollout``) and ``gateway demo-repo``."""
+``export``, ``report``, ``verdict``, ``actions``, ``review``), the admin clients (``routes``,
+``promote``, ``rollback``, ``costs``, ``cache``, ``rollout``) and ``gateway demo-repo``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,26 @@ def _parser() -> argparse.ArgumentParser:
     verdict.add_argument("model")
     verdict.add_argument("--candidate", default="", help="when the model has several canaries")
     verdict.add_argument("--json", action="store_true", help="print the evidence as JSON")
+
+    actions = commands.add_parser(
+        "actions",
+        parents=[client],
+        help="print the retraining trigger runs and playbook actions the sidecar recorded",
+    )
+    actions.add_argument("model", nargs="?", default="", help="one model (default: all)")
+    actions.add_argument("--limit", type=int, default=50, help="the latest N (default 50)")
+    actions.add_argument("--json", action="store_true", help="print them as JSON")
+    review = commands.add_parser(
+        "review", help="the human review queue (the human_review playbook)"
+    )
+    reviewing = review.add_subparsers(dest="review_command", required=True)
+    listing = reviewing.add_parser("list", parents=[client], help="print the queue")
+    listing.add_argument("--model", default="", help="one model (default: all)")
+    listing.add_argument("--status", choices=["open", "resolved", "all"], default="open")
+    listing.add_argument("--json", action="store_true", help="print it as JSON")
+    resolve = reviewing.add_parser("resolve", parents=[client], help="close an open review")
+    resolve.add_argument("id", type=int)
+    resolve.add_argument("--note", default="", help="what was found or done")
 
     labels = commands.add_parser(
         "labels", parents=[client], help="send labels (CSV or Parquet) to the sidecar"
@@ -420,6 +440,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adaptation(args: argparse.Namespace) -> int:
+    """``gateway actions`` and ``gateway review list|resolve``."""
+    import json
+
+    from gateway.evaluation import client
+
+    credentials = _credentials(args)
+    if args.command == "actions":
+        actions = client.fetch_actions(args.address, args.model, args.limit, credentials)
+        print(json.dumps(actions, indent=1) if args.json else client.format_actions(actions))
+    elif args.review_command == "list":
+        reviews = client.fetch_reviews(args.address, args.model, args.status, credentials)
+        print(json.dumps(reviews, indent=1) if args.json else client.format_reviews(reviews))
+    else:
+        client.resolve_review(args.address, args.id, args.note, credentials)
+        print(f"review {args.id} resolved")
+    return 0
+
+
 def _verdict(args: argparse.Namespace) -> int:
     from gateway.evaluation.client import fetch_verdict
 
@@ -581,6 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "sidecar":
             return _sidecar(args)
+        if args.command in ("actions", "review"):
+            return _client_call(_adaptation, args)
         if args.command in ("labels", "export", "report", "verdict", "validate"):
             command = {
                 "labels": _labels,

@@ -1,5 +1,6 @@
 """Command-line clients of the sidecar: ``gateway labels FILE``, ``gateway export MODEL``,
-``gateway report MODEL``, ``gateway verdict MODEL``; each presents ``ClientCredentials``."""
+``gateway report MODEL``, ``gateway verdict MODEL``, ``gateway actions``, ``gateway review
+list|resolve``; each presents ``ClientCredentials``."""
 
 from __future__ import annotations
 
@@ -23,10 +24,15 @@ from gateway.tables import format_table
 __all__ = [
     "LabelFileError",
     "export",
+    "fetch_actions",
     "fetch_report",
+    "fetch_reviews",
     "fetch_verdict",
+    "format_actions",
     "format_report",
+    "format_reviews",
     "read_labels",
+    "resolve_review",
     "send_labels",
 ]
 
@@ -157,6 +163,108 @@ def fetch_verdict(
             metadata=credentials.metadata,
         )
         return reply
+
+
+def fetch_actions(
+    address: str,
+    model: str = "",
+    limit: int = 0,
+    credentials: ClientCredentials = _OPEN,
+) -> list[dict[str, Any]]:
+    """The adaptation journal: trigger runs and playbook actions, newest first."""
+    with credentials.channel(address, "sidecar") as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply = stub.Actions(
+            ev.ActionsRequest(model=model, limit=limit), timeout=60, metadata=credentials.metadata
+        )
+    actions: list[dict[str, Any]] = json.loads(reply.json)
+    return actions
+
+
+def fetch_reviews(
+    address: str,
+    model: str = "",
+    status: str = "open",
+    credentials: ClientCredentials = _OPEN,
+) -> list[dict[str, Any]]:
+    """The human review queue, oldest first."""
+    with credentials.channel(address, "sidecar") as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply = stub.Reviews(
+            ev.ReviewsRequest(model=model, status=status),
+            timeout=60,
+            metadata=credentials.metadata,
+        )
+    reviews: list[dict[str, Any]] = json.loads(reply.json)
+    return reviews
+
+
+def resolve_review(
+    address: str, review: int, note: str = "", credentials: ClientCredentials = _OPEN
+) -> None:
+    """Close an open review (NOT_FOUND when none is open with that id)."""
+    with credentials.channel(address, "sidecar") as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub.ResolveReview(
+            ev.ResolveReviewRequest(id=review, note=note),
+            timeout=60,
+            metadata=credentials.metadata,
+        )
+
+
+def format_actions(actions: list[dict[str, Any]]) -> str:
+    """The journal as a table, newest first; a failed run's output tail under it."""
+    if not actions:
+        return "no trigger runs or playbook actions recorded"
+    rows = [("id", "time (UTC)", "model", "kind", "name", "outcome", "exit", "s", "reason")]
+    notes: list[str] = []
+    for a in actions:
+        rows.append(
+            (
+                str(a["id"]),
+                _utc(a["time"]),
+                a["model"],
+                a["kind"],
+                a["name"],
+                a["outcome"],
+                "" if a["exit_code"] is None else str(a["exit_code"]),
+                "" if a["duration_s"] is None else f"{a['duration_s']:.1f}",
+                a["reason"],
+            )
+        )
+        why = (a.get("detail") or {}).get("why")
+        if why:
+            notes.append(f"  {a['id']}: {why}")
+        elif a["outcome"] in ("failed", "timeout", "error") and a["output"]:
+            notes.append(f"  {a['id']}: ...{a['output'][-300:].strip()}")
+    return "\n".join([*format_table(rows), *notes])
+
+
+def format_reviews(reviews: list[dict[str, Any]]) -> str:
+    if not reviews:
+        return "no reviews"
+    rows = [("id", "time (UTC)", "status", "alert", "model", "version", "segment", "feature")]
+    rows += [
+        (
+            str(r["id"]),
+            _utc(r["time"]),
+            r["status"],
+            r["alert"],
+            r["model"],
+            r["version"],
+            r["segment"],
+            r["feature"] or "-",
+        )
+        for r in reviews
+    ]
+    files = [f"  {r['id']}: {r['rows']} rows in {r['export']}" for r in reviews]
+    return "\n".join([*format_table(rows), *files])
+
+
+def _utc(seconds: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -68,7 +68,8 @@ def firing(*alerts: dict[str, Any]) -> dict[tuple[str, ...], dict[str, Any]]:
 
 
 def traffic(store: EventStore, first: int, count: int, labelled: bool = True) -> None:
-    """``count`` one-row events of model m a minute before NOW, each labelled."""
+    """``count`` one-row events of model m a minute before NOW (segments geo=BR and geo=US
+    in turn), each labelled."""
     events = [
         ev.PredictionEvent(
             event_id=f"e{i}",
@@ -85,6 +86,7 @@ def traffic(store: EventStore, first: int, count: int, labelled: bool = True) ->
     for i, e in enumerate(events):
         e.features.numeric_names.append("amount")
         e.features.numbers = np.array([float(i % 7)], "<f8").tobytes()
+        e.segments["geo"] = "BR" if i % 2 else "US"
     store.ingest(events, int((NOW - 60) * SECOND))
     if labelled:
         labels = [
