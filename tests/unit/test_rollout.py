@@ -60,7 +60,9 @@ def controller(verdicts, records=None, table=None, clock=None, **settings):
 
 
 def weights(table: RouteTable) -> dict[str, float]:
-    return {v.name: v.weight for v in table.get("fraud").spec.variants}
+    route = table.get("fraud")
+    assert route is not None
+    return {v.name: v.weight for v in route.spec.variants}
 
 
 def test_steps_shadow_then_weights_then_the_candidate_alone():
