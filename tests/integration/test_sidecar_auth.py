@@ -134,6 +134,18 @@ def call(stub: ev_grpc.EvaluationServiceStub, rpc: str, md: tuple) -> object:
     if rpc == "Export":
         request = ev.ExportRequest(model=MODEL, path=f"{secrets.token_hex(4)}.parquet")
         return stub.Export(request, metadata=md, timeout=30)
+    if rpc == "Actions":
+        return stub.Actions(ev.ActionsRequest(model=MODEL), metadata=md, timeout=30)
+    if rpc == "Reviews":
+        return stub.Reviews(ev.ReviewsRequest(model=MODEL), metadata=md, timeout=30)
+    if rpc == "ResolveReview":  # no review is open: admitted, it answers NOT_FOUND
+        try:
+            stub.ResolveReview(ev.ResolveReviewRequest(id=1), metadata=md, timeout=30)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return err
+        raise AssertionError("ResolveReview of no open review answered OK")
     assert rpc == "ExportFile"
     return list(stub.ExportFile(ev.ExportRequest(model=MODEL), metadata=md, timeout=30))
 
@@ -165,8 +177,9 @@ def gateway_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 # --- api_key: every RPC, every kind of credential ----------------------------------------------
 
 KEYS = {name: secrets.token_urlsafe(24) for name in ("publisher", "writer", "reader", "old", "x")}
-RIGHT = {"Publish": "publisher", "PutLabels": "writer"}  # the rest: reader
-WRONG_ROLE = {"Publish": "reader", "PutLabels": "reader"}  # the rest: writer (write is not read)
+RIGHT = {"Publish": "publisher", "PutLabels": "writer", "ResolveReview": "writer"}  # else reader
+# The rest: writer (write is not read).
+WRONG_ROLE = {"Publish": "reader", "PutLabels": "reader", "ResolveReview": "reader"}
 
 
 @pytest.fixture(scope="module")
