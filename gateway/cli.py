@@ -155,6 +155,26 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--until", help="sidecar window end, ISO 8601, exclusive")
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    parity = commands.add_parser(
+        "parity",
+        help="training/serving parity on a labelled export: the contract's offline path, and "
+        "an offline pipeline's features (--offline), against what serving saw (exit 0 same, 3 "
+        "different)",
+    )
+    parity.add_argument("model")
+    parity.add_argument(
+        "--export", type=Path, required=True, help="gateway export MODEL --labelled's Parquet"
+    )
+    parity.add_argument(
+        "--offline",
+        type=Path,
+        help="Parquet of the same rows (request_id, row) with features as an offline "
+        "pipeline computed them",
+    )
+    parity.add_argument("--version", help="the model version's rows (default: the highest)")
+    parity.add_argument("--repository", type=Path, default=Path("models"), help="its contracts")
+    parity.add_argument("--json", action="store_true", help="print the result as JSON")
+
     admin = _client_options(
         "gateway",
         "--url",
@@ -612,6 +632,46 @@ def _demo_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity(args: argparse.Namespace) -> int:
+    import json
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gateway.adaptation.parity import check_parity, format_parity
+    from gateway.features import load_contracts
+    from gateway.settings import load_model_config
+
+    def read(path: Path, what: str) -> Any:
+        try:
+            return pq.read_table(path)
+        except (OSError, ValueError) as err:
+            raise SettingsError(f"{what}: cannot read {path}: {err}") from None
+
+    export = read(args.export, "--export")
+    versions = sorted({str(v) for v in export.column("version").to_pylist()}, key=_as_number)
+    if not versions:
+        raise SettingsError(f"--export: {args.export} holds no rows")
+    version = args.version or versions[-1]
+    if version not in versions:
+        raise SettingsError(f"--version: the export has versions {', '.join(versions)}")
+    export = export.filter(pc.equal(export.column("version"), version))
+    model_dir = args.repository / args.model
+    contracts = load_contracts(model_dir)
+    config = load_model_config(model_dir / "config.yaml")
+    wanted = config.contract.for_version(int(version)) or list(contracts)[-1]
+    if wanted not in contracts:
+        raise SettingsError(f"contract {wanted} of version {version} is not in features.yaml")
+    offline = read(args.offline, "--offline") if args.offline is not None else None
+    result = check_parity(export, contracts[wanted], offline)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_parity(result))
+    return 0 if result.ok else 3
+
+
+def _as_number(text: str) -> tuple[int, str]:
+    return (int(text), "") if text.isdigit() else (-1, text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -635,6 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _client_call(_admin, args)
         if args.command == "rollout":
             return _client_call(_rollout, args)
+        if args.command == "parity":
+            return _parity(args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)
