@@ -36,6 +36,11 @@ serve: $(STAMP) $(DEMO)/fraud/config.yaml
 	$(VENV)/bin/gateway serve --repository $(DEMO) --config $(DEMO)/gateway.yaml --port $(PORT) \
 	  --with-sidecar .sidecar
 
+# A failure story on the demo, through a real gateway and sidecar: make story-new-vertical,
+# make story-skew.
+story-%: $(STAMP)
+	$(VENV)/bin/gateway story $*
+
 # The whole suite twice, the matrices paired: the native hot loops on the native transport,
 # then their pure-Python twins on grpcio (each transport named, so neither run falls back).
 test: $(STAMP) browser services

@@ -226,6 +226,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     rollout.add_argument("--json", action="store_true", help="print the rollout's record")
 
+    story = commands.add_parser(
+        "story",
+        help="run a failure story on the demo (a real gateway and sidecar) and print what a "
+        "person would see",
+    )
+    story.add_argument("name", help="new-vertical or skew")
+    story.add_argument("--workdir", type=Path, help="keep its files here (default: a temp dir)")
+    story.add_argument("--json", action="store_true", help="print the signals as JSON")
+
     demo = commands.add_parser("demo-repo", help="build the demo model repository into DIR")
     demo.add_argument("directory", type=Path)
     demo.add_argument("--seed", type=int, default=7)
@@ -668,6 +677,26 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if result.ok else 3
 
 
+def _story(args: argparse.Namespace) -> int:
+    import importlib
+    import io
+    import json
+    import tempfile
+
+    from gateway.stories import STORIES
+
+    if args.name not in STORIES:
+        raise SettingsError(f"story {args.name!r}: the stories are {', '.join(STORIES)}")
+    story = importlib.import_module(STORIES[args.name])
+    with tempfile.TemporaryDirectory(prefix=f"story-{args.name}-") as temp:
+        work = args.workdir or Path(temp)
+        out = io.StringIO() if args.json else sys.stdout
+        signals = story.run(work, out)
+    if args.json:
+        print(json.dumps(signals, indent=2, default=str))
+    return 0
+
+
 def _as_number(text: str) -> tuple[int, str]:
     return (int(text), "") if text.isdigit() else (-1, text)
 
@@ -697,6 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _client_call(_rollout, args)
         if args.command == "parity":
             return _parity(args)
+        if args.command == "story":
+            return _story(args)
         return _demo_repo(args)
     except (SettingsError, ModelLoadError) as err:
         print(f"gateway: error: {err}", file=sys.stderr)

@@ -1,0 +1,40 @@
+"""The failure stories run with one command each (`gateway story NAME`) through a real gateway
+and sidecar, and show the signal they are about."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def story(name: str, work: Path) -> dict:
+    command = [sys.executable, "-m", "gateway", "story", name, "--json", "--workdir", str(work)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def test_new_vertical_fires_the_coverage_alert_in_its_segment_with_a_review(tmp_path: Path):
+    signals = story("new-vertical", tmp_path / "work")
+    fired = {(a["segment"], a["feature"]) for a in signals["alerts"]}
+    assert ("region=south", "merchant_category") in fired
+    assert not any(segment == "region=north" for segment, _ in fired)
+    reviewed = {(r["segment"], r["feature"], r["status"]) for r in signals["reviews"]}
+    assert ("region=south", "merchant_category", "open") in reviewed
+    assert signals["report_url"].startswith("http://127.0.0.1:")
+
+
+def test_skew_names_the_feature_the_offline_pipeline_computes_differently(tmp_path: Path):
+    signals = story("skew", tmp_path / "work")
+    assert not signals["ok"]
+    assert signals["rebuilt"] and all(d["differing"] == 0 for d in signals["rebuilt"].values())
+    differing = {name for name, d in signals["features"].items() if d["differing"]}
+    assert differing == {"account_age_days"}
+    moved = {name for name, d in signals["offline_matrix"].items() if d["differing"]}
+    assert moved == {"input.account_age_days"}
