@@ -9,4 +9,5 @@ __all__ = ["STORIES"]
 STORIES = {
     "new-vertical": "gateway.stories.new_vertical",
     "skew": "gateway.stories.skew",
+    "invisible-cost": "gateway.stories.invisible_cost",
 }

@@ -38,3 +38,13 @@ def test_skew_names_the_feature_the_offline_pipeline_computes_differently(tmp_pa
     assert differing == {"account_age_days"}
     moved = {name for name, d in signals["offline_matrix"].items() if d["differing"]}
     assert moved == {"input.account_age_days"}
+
+
+def test_invisible_cost_shows_the_new_surface_in_the_ledger_and_degrades_it(tmp_path: Path):
+    signals = story("invisible-cost", tmp_path / "work")
+    checkout, search = signals["ledger"]["checkout"], signals["ledger"]["search"]
+    assert checkout["premium.requests"] == checkout["requests"] == 20  # never degraded
+    assert search["premium.requests"] > 0 and search["lite.requests"] > 0  # degraded past it
+    assert search["requests"] == 40
+    assert signals["budget"]["spent"] >= signals["budget"]["limit"]
+    assert signals["budget"]["policy"] == "degrade"
