@@ -231,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a failure story on the demo (a real gateway and sidecar) and print what a "
         "person would see",
     )
-    story.add_argument("name", help="new-vertical, skew or invisible-cost")
+    story.add_argument("name", help="new-vertical, skew, drift-that-matters or invisible-cost")
     story.add_argument("--workdir", type=Path, help="keep its files here (default: a temp dir)")
     story.add_argument("--json", action="store_true", help="print the signals as JSON")
 

@@ -10,4 +10,5 @@ STORIES = {
     "new-vertical": "gateway.stories.new_vertical",
     "skew": "gateway.stories.skew",
     "invisible-cost": "gateway.stories.invisible_cost",
+    "drift-that-matters": "gateway.stories.drift_that_matters",
 }

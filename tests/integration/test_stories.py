@@ -48,3 +48,12 @@ def test_invisible_cost_shows_the_new_surface_in_the_ledger_and_degrades_it(tmp_
     assert search["requests"] == 40
     assert signals["budget"]["spent"] >= signals["budget"]["limit"]
     assert signals["budget"]["policy"] == "degrade"
+
+
+def test_drift_that_matters_pages_only_when_the_metric_moves(tmp_path: Path):
+    signals = story("drift-that-matters", tmp_path / "work")
+    assert ("feature_drift", "hour") in {(a["rule"], a["feature"]) for a in signals["drift"]}
+    assert signals["quiet"] == [] and signals["checked"]  # checked on enough labels: no page
+    assert signals["auc_before"] > 0.7
+    paged = {(a["rule"], a["action"]) for a in signals["paged"]}
+    assert ("business_metric", "rollback") in paged
