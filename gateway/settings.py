@@ -1426,6 +1426,12 @@ class RolloutSettings(_Section):
         "the rollout is rolled back: a candidate nobody can judge does not keep its traffic.",
     )
     verdict_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Verdict call.")
+    evidence: Literal["step", "window"] = Field(
+        "step",
+        description="What a step's verdict reads: 'step', only the traffic since the step "
+        "began (each step earns its promotion on its own evidence); 'window', the canary "
+        "policy's whole window (evidence from earlier steps and before the rollout counts).",
+    )
     state_file: Path | None = Field(
         Path(".gateway-rollouts.json"),
         description="With state.backend memory: the rollouts, written at every change so a "

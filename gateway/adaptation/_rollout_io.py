@@ -105,7 +105,7 @@ class VerdictUnavailable(Exception):
 
 
 class VerdictSource(Protocol):
-    async def verdict(self, model: str, candidate: str) -> dict[str, Any]: ...
+    async def verdict(self, model: str, candidate: str, since_us: int = 0) -> dict[str, Any]: ...
 
 
 class SidecarVerdicts:
@@ -132,10 +132,10 @@ class SidecarVerdicts:
                 self._channel = grpc.aio.insecure_channel(self.address)
         return ev_grpc.EvaluationServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
-    async def verdict(self, model: str, candidate: str) -> dict[str, Any]:
+    async def verdict(self, model: str, candidate: str, since_us: int = 0) -> dict[str, Any]:
         try:
             reply = await self._stub().Verdict(
-                ev.VerdictRequest(model=model, candidate=candidate),
+                ev.VerdictRequest(model=model, candidate=candidate, since_us=since_us),
                 timeout=self._settings.verdict_timeout_s,
                 metadata=self._metadata,
             )

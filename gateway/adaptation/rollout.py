@@ -253,8 +253,13 @@ class RolloutController:
         assert self._verdicts is not None
         at, step = rollout.step, rollout.current
         try:
+            # Each step is judged on its own traffic (adaptation.rollout.evidence: step), or on
+            # the canary policy's whole window (window).
+            since_us = 0
+            if self.settings.evidence == "step":
+                since_us = int(rollout.step_started_at * 1_000_000)
             verdict: dict[str, Any] | None = await self._verdicts.verdict(
-                rollout.model, rollout.candidate
+                rollout.model, rollout.candidate, since_us
             )
             failure = ""
         except VerdictUnavailable as err:

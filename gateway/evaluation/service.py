@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import json
 import logging
 import shutil
@@ -322,7 +323,11 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
                 f" (evaluation.canaries: {configured or 'none'})",
             )
         verdict = await asyncio.get_running_loop().run_in_executor(
-            self.db, judge, self.store, policies[0], self.settings.max_report_events
+            self.db,
+            functools.partial(judge, since_us=request.since_us),
+            self.store,
+            policies[0],
+            self.settings.max_report_events,
         )
         return ev.VerdictResponse(
             verdict=verdict["verdict"],

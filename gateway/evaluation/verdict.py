@@ -68,13 +68,17 @@ class _Version:
 
 
 def judge(
-    store: EventStore, policy: CanaryPolicy, max_events: int, now_us: int | None = None
+    store: EventStore,
+    policy: CanaryPolicy,
+    max_events: int,
+    now_us: int | None = None,
+    since_us: int = 0,
 ) -> dict[str, Any]:
     """The verdict for one policy over its window's latest ``max_events`` events of the two
     versions: ``verdict``, ``reasons`` (one per criterion), ``criteria`` (each one's estimate,
     interval, margin, outcome and what more would decide it) and ``evidence`` per version."""
     now_us = now_us or time.time_ns() // 1000
-    stable, candidate, truncated = _read(store, policy, max_events, now_us)
+    stable, candidate, truncated = _read(store, policy, max_events, now_us, since_us)
     criteria = [_quality(policy, stable, candidate), _latency(policy, stable, candidate)]
     cost = _cost(policy, stable, candidate)
     if cost is not None:
@@ -92,6 +96,7 @@ def judge(
         "candidate": policy.candidate,
         "primary_metric": policy.primary_metric,
         "window_s": policy.window_s,
+        "since_us": since_us,  # 0: the whole window; else only events since (a rollout step)
         "confidence": policy.confidence,
         "truncated": truncated,
         "verdict": verdict,
@@ -102,11 +107,10 @@ def judge(
 
 
 def _read(
-    store: EventStore, policy: CanaryPolicy, max_events: int, now_us: int
+    store: EventStore, policy: CanaryPolicy, max_events: int, now_us: int, since_us: int = 0
 ) -> tuple[_Version, _Version, bool]:
-    where, params = window_filter(
-        policy.model, "", now_us - policy.window_s * 1_000_000, 0, table="e"
-    )
+    start_us = max(now_us - policy.window_s * 1_000_000, since_us)  # since: a step's own traffic
+    where, params = window_filter(policy.model, "", start_us, 0, table="e")
     where += " AND e.version IN (?, ?)"
     params += [policy.stable, policy.candidate]
     in_window = store.query(f"SELECT count(*) FROM events e WHERE {where}", params)[0][0]

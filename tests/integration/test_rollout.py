@@ -110,7 +110,7 @@ def test_a_copy_walks_every_step_and_resumes_at_its_step_after_a_sigkill(setup):
     sidecar, start = setup
     # NOTE: an hour between verdicts: this gateway judges only when `resume` wakes it, so the
     # test stops the rollout at the step it chooses before killing the gateway.
-    first = start("first", poll_interval_s=3600)
+    first = start("first", poll_interval_s=3600, evidence="window")  # steps use shadow's
     out = cli(first, "rollout", "start", "scored", "--candidate", "4")  # shadow,5,25,50,100
     assert out.returncode == 0, out.stderr
     assert "scored: version 4 (v4) RUNNING" in out.stdout and "[shadow]" in out.stdout
@@ -126,7 +126,7 @@ def test_a_copy_walks_every_step_and_resumes_at_its_step_after_a_sigkill(setup):
     assert record["verdict"]["verdict"] == "promote" and record["verdict"]["step"] == "5"
     first.kill_all()  # SIGKILL: no chance to write anything more
 
-    second = start("second")  # the settings' routes (v2 alone), and the record on disk
+    second = start("second", evidence="window")  # the settings' routes and the record on disk
     wait_until(lambda: status(second)["state"] == "succeeded", "the rollout to finish")
     record = status(second)
     steps = [(h["step"], h["reason"].split(":")[0]) for h in record["history"]]
@@ -183,3 +183,23 @@ def test_without_labels_the_rollout_holds_then_pauses_and_rollback_ends_it(setup
     assert record["state"] == "rolled_back" and "gateway rollback" in record["reason"]
     again = cli(gateway, "rollout", "resume", "scored")
     assert again.returncode == 1 and "has ended (rolled_back)" in again.stderr
+
+
+def test_a_step_is_judged_on_the_traffic_since_it_began(setup):
+    """Evidence from before the rollout does not promote it (evidence: step, the default):
+    the shadow step holds on 0 labelled rows until its own paired traffic arrives."""
+    sidecar, start = setup
+    gateway = start()
+    traffic(gateway, sidecar, "fraud", version="4")  # before the rollout: not the step's
+    traffic(gateway, sidecar, "fraud", version="2")
+    out = cli(gateway, "rollout", "start", "scored", "--candidate", "4", "--steps", "shadow,100")
+    assert out.returncode == 0, out.stderr
+
+    def holding_on_nothing() -> bool:
+        record = status(gateway)
+        return record["state"] == "holding" and "0 labelled rows" in record["reason"]
+
+    wait_until(holding_on_nothing, "the shadow step holding on its own (no) evidence")
+    traffic(gateway, sidecar, "scored", events_per_request=2)  # the step's own, paired
+    wait_until(lambda: status(gateway)["state"] == "succeeded", "the rollout to finish")
+    assert weights(gateway) == {"live": 0, "v4": 1}

@@ -28,9 +28,11 @@ class Verdicts:
     def __init__(self, *outcomes: str | Exception) -> None:
         self.outcomes = list(outcomes)
         self.calls: list[tuple[str, str]] = []
+        self.since: list[int] = []
 
-    async def verdict(self, model: str, candidate: str) -> dict[str, Any]:
+    async def verdict(self, model: str, candidate: str, since_us: int = 0) -> dict[str, Any]:
         self.calls.append((model, candidate))
+        self.since.append(since_us)
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
@@ -163,4 +165,23 @@ async def test_a_second_rollout_on_a_route_and_bad_steps_are_refused():
     with pytest.raises(RolloutConflict, match="already has a rollout"):
         await rollouts.begin("fraud", "3", [], "ops")
     await rollouts.abort("fraud", "ops")
+    await rollouts.close()
+
+
+async def test_each_step_is_judged_on_its_own_traffic_unless_told_the_window():
+    clock = Clock()
+    verdicts = Verdicts("promote", "promote")
+    rollouts, _ = controller(verdicts, clock=clock, min_step_s=0)  # evidence: step (default)
+    await rollouts.begin("fraud", "4", ["5", "50", "100"], "ops")  # step 5 begins at 1000 s
+    clock.now = 1050.0
+    await rollouts.tick("fraud")  # step 5 judged on its traffic since 1000 s; 50 begins now
+    clock.now = 1100.0
+    await rollouts.tick("fraud")  # step 50 judged on its traffic since 1050 s
+    assert verdicts.since == [1_000_000_000, 1_050_000_000]
+    await rollouts.close()
+    window = Verdicts("promote")
+    rollouts, _ = controller(window, evidence="window")
+    await rollouts.begin("fraud", "4", ["5", "100"], "ops")
+    await rollouts.tick("fraud")
+    assert window.since == [0]  # the canary policy's whole window
     await rollouts.close()
