@@ -33,7 +33,7 @@ def test_in_flight_requests_finish_on_shutdown(tmp_path: Path, start_gateway, si
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(8)]
         # Signal only once the server holds all eight (each takes a while on two threads).
-        proc.wait_in_flight(8)
+        proc.wait_in_flight(8, timeout_s=90)  # 4 MB of requests: slow on a loaded host
         proc.process.send_signal(sig)
         assert not any(f.done() for f in futures), "requests finished before the signal"
         shapes = [f.result(timeout=60) for f in futures]
