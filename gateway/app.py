@@ -367,7 +367,7 @@ def _rollout_controller(gateway: Gateway) -> RolloutController:
         records = FileRollouts(settings.state_file)
     else:
         records = MemoryRollouts()
-    return RolloutController(
+    controller = RolloutController(
         settings,
         gateway.pipeline.routes,
         gateway.shared_routes or LocalRoutes(gateway.pipeline.routes),
@@ -375,6 +375,14 @@ def _rollout_controller(gateway: Gateway) -> RolloutController:
         SidecarVerdicts(sidecar, settings) if sidecar else None,
         gateway.audit,
     )
+    gateway.metrics.gauge_function(
+        "gateway_rollout_traffic",
+        "Per rollout (route, candidate, step, state): the share of the route's traffic its "
+        "candidate answers now (0 at the shadow step and once rolled back; 1 once stable).",
+        ["route", "candidate", "step", "state"],
+        controller.samples,
+    )
+    return controller
 
 
 def _endpoints(routes: RouteTable) -> set[str]:

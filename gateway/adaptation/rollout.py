@@ -110,6 +110,18 @@ class RolloutController:
         self._wake: dict[str, asyncio.Event] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def samples(self) -> list[tuple[tuple[str, str, str, str], float]]:
+        """``gateway_rollout_traffic``: per rollout (route, candidate, step, state), the share
+        of the route's traffic its candidate answers now (0 at shadow, 1 once stable); read at
+        scrape time."""
+        out = []
+        for route, r in list(self._rollouts.items()):
+            share = 0.0 if r.current == "shadow" else float(r.current) / 100
+            if r.state == "rolled_back":
+                share = 0.0
+            out.append(((route, r.candidate, r.current, r.state), share))
+        return out
+
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:

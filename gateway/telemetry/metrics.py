@@ -9,7 +9,12 @@ from itertools import accumulate
 import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from gateway.types import OUTCOMES
@@ -219,6 +224,12 @@ class GatewayMetrics:
         dict it iterates must be copied by it)."""
         self.registry.register(_FunctionCounter(name, documentation, labels, source))
 
+    def gauge_function(
+        self, name: str, documentation: str, labels: Sequence[str], source: CounterSource
+    ) -> None:
+        """A gauge whose samples ``source`` gives at scrape time (as ``counter_function``)."""
+        self.registry.register(_FunctionCounter(name, documentation, labels, source, gauge=True))
+
     def watch_coverage(self, source: CoverageSource) -> None:
         """Export feature coverage, read from ``source`` at scrape time (no per-request cost)."""
         self.registry.register(_CoverageCollector(source))
@@ -260,16 +271,24 @@ class _CoverageCollector(Collector):
 
 
 class _FunctionCounter(Collector):
+    """A counter (or, with ``gauge``, a gauge) read from ``source`` at scrape time."""
+
     def __init__(
-        self, name: str, documentation: str, labels: Sequence[str], source: CounterSource
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        source: CounterSource,
+        gauge: bool = False,
     ) -> None:
         self._name, self._doc, self._labels, self._source = name, documentation, labels, source
+        self._family = GaugeMetricFamily if gauge else CounterMetricFamily
 
     def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        yield self._family(self._name, self._doc, labels=self._labels)
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        family = self._family(self._name, self._doc, labels=self._labels)
         for labels, value in self._source():
             family.add_metric(list(labels), value)
         yield family

@@ -152,6 +152,7 @@ def test_a_worse_candidate_is_rolled_back_at_its_first_canary_step(setup):
     out = cli(gateway, "rollout", "start", "scored", "--candidate", "3", "--steps", "5,50,100")
     assert out.returncode == 0, out.stderr
     assert weights(gateway) == {"live": 95, "v3": 5}
+    assert gateway.metric("gateway_rollout_traffic", route="scored", step="5") == 0.05
     # The verdict judges versions, whichever route served them: the candidate's direct calls
     # stand in for its 5% of a larger traffic.
     traffic(gateway, sidecar, "scored")
@@ -163,6 +164,12 @@ def test_a_worse_candidate_is_rolled_back_at_its_first_canary_step(setup):
     auc = record["verdict"]["criteria"][0]
     assert auc["name"] == "auc" and auc["outcome"] == "fail" and auc["regression_low"] > 0.02
     assert weights(gateway) == {"live": 1}  # the route from before the rollout
+    traffic_samples = {
+        dict(labels)["state"]: value
+        for (name, labels), value in gateway.metrics().items()
+        if name == "gateway_rollout_traffic"
+    }
+    assert traffic_samples == {"rolled_back": 0.0}
     text = cli(gateway, "rollout", "status", "scored").stdout
     assert "ROLLED_BACK" in text and "auc" in text and "fail" in text
 
