@@ -1419,6 +1419,13 @@ class RolloutSettings(_Section):
         description="A step whose verdict stays 'hold' this long pauses the rollout for a "
         "person (gateway rollout resume|abort); the candidate keeps its share meanwhile.",
     )
+    max_duration_s: float | None = Field(
+        None,
+        gt=0,
+        description="A rollout not finished this long after it started is rolled back (a "
+        "candidate that never earns its steps does not keep its share for ever); null: no "
+        "limit.",
+    )
     max_failures: int = Field(
         5,
         gt=0,

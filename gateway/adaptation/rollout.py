@@ -280,6 +280,14 @@ class RolloutController:
             if rollout.state not in ("running", "holding") or rollout.step != at:
                 return  # paused, aborted or moved on while the sidecar was asked
             now = self._clock()
+            limit_s = self.settings.max_duration_s
+            if limit_s is not None and now - rollout.started_at >= limit_s:
+                reason = (
+                    f"not finished {now - rollout.started_at:.0f} s after it started "
+                    f"(max_duration_s {limit_s:g}), at step {step}"
+                )
+                await self._end(rollout, "rolled_back", reason, _ACTOR)
+                return
             if verdict is None:
                 rollout.failures += 1
                 limit = self.settings.max_failures

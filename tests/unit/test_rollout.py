@@ -185,3 +185,17 @@ async def test_each_step_is_judged_on_its_own_traffic_unless_told_the_window():
     await rollouts.tick("fraud")
     assert window.since == [0]  # the canary policy's whole window
     await rollouts.close()
+
+
+async def test_a_rollout_past_max_duration_is_rolled_back():
+    clock = Clock()
+    rollouts, table = controller(Verdicts("hold", "hold"), clock=clock, max_duration_s=100)
+    rollout = await rollouts.begin("fraud", "4", ["5", "100"], "ops")  # at 1000 s
+    clock.now = 1050.0
+    await rollouts.tick("fraud")
+    assert rollout.state == "holding" and weights(table) == {"live": 95, "v4": 5}
+    clock.now = 1100.0
+    await rollouts.tick("fraud")
+    assert rollout.state == "rolled_back" and "max_duration_s 100" in rollout.reason
+    assert weights(table) == {"live": 1}  # the route from before the rollout
+    await rollouts.close()
