@@ -13,7 +13,14 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-__all__ = ["NAMES_SEPARATOR", "Frame", "build_frame", "concat_frames"]
+__all__ = [
+    "EVENT_FRAME_COLUMNS",
+    "NAMES_SEPARATOR",
+    "Frame",
+    "batch_frame",
+    "build_frame",
+    "concat_frames",
+]
 
 _F64 = np.dtype("<f8")
 _F32 = np.dtype("<f4")
@@ -97,6 +104,26 @@ def _blocks(
                     start, end = int(starts[k]), int(starts[k + 1])
                     _put(columns, dtype, rows, names, blobs[k - i], start, end)
         i = j
+
+
+# What a query selects for ``batch_frame`` (numeric_names joined by NAMES_SEPARATOR).
+EVENT_FRAME_COLUMNS = (
+    f"array_to_string(numeric_names, chr({ord(NAMES_SEPARATOR)})) AS numeric_names, "
+    "numeric, strings, outputs, output_widths, rows"
+)
+
+
+def batch_frame(batch: Any) -> Frame:
+    """The frame of one Arrow record batch of events selected with EVENT_FRAME_COLUMNS."""
+    column = batch.column
+    return build_frame(
+        row_counts=column("rows").to_pylist(),
+        numeric_names=column("numeric_names").to_pylist(),
+        numeric=column("numeric").to_pylist(),
+        strings=column("strings"),
+        outputs=column("outputs").to_pylist(),
+        output_widths=column("output_widths").to_pylist(),
+    )
 
 
 def concat_frames(parts: Sequence[Frame]) -> Frame:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
-from gateway.evaluation.frames import NAMES_SEPARATOR, Frame, build_frame, concat_frames
+from gateway.evaluation.frames import EVENT_FRAME_COLUMNS, Frame, batch_frame, concat_frames
 from gateway.evaluation.store import EventStore, joined_sql, window_filter
 
 __all__ = ["ALL", "Window", "build_window", "read_window"]
@@ -126,24 +126,14 @@ def read_window(
     for batch in store.batches(
         f"""
         SELECT e.rowid AS rowid, epoch_us(event_time) AS time_us, version, segments,
-               array_to_string(numeric_names, chr({ord(NAMES_SEPARATOR)})) AS numeric_names,
-               numeric, strings, hashed, outputs, output_widths, rows, coverage
+               hashed, {EVENT_FRAME_COLUMNS}, coverage
         FROM events e WHERE {recent} ORDER BY event_time, e.rowid
         """,
         params,
         _CHUNK_EVENTS,
     ):
         column = batch.column
-        parts.append(
-            build_frame(
-                row_counts=column("rows").to_pylist(),
-                numeric_names=column("numeric_names").to_pylist(),
-                numeric=column("numeric").to_pylist(),
-                strings=column("strings"),
-                outputs=column("outputs").to_pylist(),
-                output_widths=column("output_widths").to_pylist(),
-            )
-        )
+        parts.append(batch_frame(batch))
         times.append(column("time_us").to_numpy())
         rowids.append(column("rowid").to_numpy())
         versions += column("version").to_pylist()

@@ -209,7 +209,7 @@ def test_a_report_read_in_chunks_is_the_report_read_whole(store, tmp_path, monke
         built.append(len(columns["row_counts"]))
         return real_build_frame(**columns)
 
-    monkeypatch.setattr(report_module, "build_frame", counted_build_frame)
+    monkeypatch.setattr(frames, "build_frame", counted_build_frame)  # batch_frame calls it
     chunked = report()
     assert len(built) > 1 and max(built) <= 4  # read in chunks, not whole
     assert chunked == whole
