@@ -374,6 +374,7 @@ def _rollout_controller(gateway: Gateway) -> RolloutController:
         records,
         SidecarVerdicts(sidecar, settings) if sidecar else None,
         gateway.audit,
+        health=gateway.pipeline.router,
     )
     gateway.metrics.gauge_function(
         "gateway_rollout_traffic",

@@ -1380,6 +1380,42 @@ def check_rollout_steps(steps: tuple[str, ...]) -> tuple[str, ...]:
     return steps
 
 
+class RolloutSlo(_Section):
+    """What a candidate must keep to at every step on the requests it answers (and scores in
+    shadow), measured in the gateway itself: a breach rolls the rollout back at once, whatever
+    the verdict. Each is a rate breached when as many failures would be unlikely at its limit
+    (an exact binomial test at ``confidence``): one early failure is no breach, a candidate
+    failing every attempt is one within ``min_requests``."""
+
+    max_error_rate: float | None = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="Share of the candidate's attempts that may fail (unavailable, overloaded, "
+        "past its deadline, an internal error; never a client's bad request). Null: unchecked.",
+    )
+    max_latency_ms: float | None = Field(
+        None,
+        gt=0,
+        description="The latency of one attempt on the candidate that counts as slow; with "
+        "latency_quantile, the SLO 'latency_quantile of attempts within max_latency_ms'. "
+        "Null: unchecked.",
+    )
+    latency_quantile: float = Field(
+        0.99, gt=0.5, lt=1, description="Share of attempts that must be within max_latency_ms."
+    )
+    min_requests: int = Field(
+        10, ge=1, description="Attempts a step needs on the candidate before either is judged."
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="A breach: as many failures (or slow answers) at the limit have a chance "
+        "below (1 - confidence) / 2.",
+    )
+
+
 class RolloutSettings(_Section):
     """Staged rollouts driven by canary verdicts (the gateway runs them): a candidate version
     walks ``steps``, each a route revision, advancing on the sidecar's ``promote``."""
@@ -1433,6 +1469,11 @@ class RolloutSettings(_Section):
         "the rollout is rolled back: a candidate nobody can judge does not keep its traffic.",
     )
     verdict_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Verdict call.")
+    slo: RolloutSlo = Field(
+        default_factory=RolloutSlo,
+        description="Error rate and latency the candidate keeps to at every step (checked by "
+        "this gateway on its own traffic), or the rollout is rolled back at once.",
+    )
     evidence: Literal["step", "window"] = Field(
         "step",
         description="What a step's verdict reads: 'step', only the traffic since the step "

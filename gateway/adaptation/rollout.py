@@ -1,6 +1,8 @@
 """Staged rollouts: a candidate version walks a route through a shadow step and canary weights
 to 100%, advancing when the sidecar's verdict says ``promote``, rolled back at once on
-``rollback``, waiting on ``hold`` (paused for a person after ``hold_timeout_s``).
+``rollback``, waiting on ``hold`` (paused for a person after ``hold_timeout_s``). Between
+verdicts the candidate's own attempts at its step are held to ``adaptation.rollout.slo`` (error
+rate, latency), counted by the router: a breach rolls it back at once, whatever the verdict.
 
 Every step is a route revision made through the route store (this process's table, or the
 replicas' shared one), with its reason kept in the rollout's record and written to the audit
@@ -11,7 +13,7 @@ States::
 
     running ──hold──> holding ──hold_timeout_s──> paused ──resume──> running
        │  └─promote─> next step ... 100% ──> succeeded
-       └─rollback verdict / max_failures ──> rolled_back     (abort ──> aborted)
+       └─rollback verdict / SLO breach / max_failures ──> rolled_back  (abort ──> aborted)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import grpc
 
@@ -34,17 +36,27 @@ from gateway.adaptation._rollout_io import (
 from gateway.adaptation._rollout_steps import SHADOW, candidate_variant, step_spec
 from gateway.auth import AuditLog
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
-from gateway.routing import RouteStore, RouteTable
-from gateway.settings import RolloutSettings, RouteSpec, check_rollout_steps
+from gateway.evaluation.stats import binomial_upper_tail
+from gateway.routing import RouteStore, RouteTable, VariantHealth
+from gateway.settings import RolloutSettings, RolloutSlo, RouteSpec, check_rollout_steps
 from gateway.state import StateUnavailable
 
-__all__ = ["ACTIVE", "Rollout", "RolloutConflict", "RolloutController"]
+__all__ = ["ACTIVE", "HealthWatch", "Rollout", "RolloutConflict", "RolloutController"]
 
 log = logging.getLogger(__name__)
 
 ACTIVE = frozenset({"running", "holding", "paused"})
 _ACTOR = "rollout-controller"  # the audit log's actor for the controller's own steps
 _MAX_HISTORY = 64  # step changes kept per rollout record
+_SLO_CHECK_S = 1.0  # how often the SLO is checked between verdicts (it is in-process)
+
+
+class HealthWatch(Protocol):
+    """Who counts a variant's attempts (the router)."""
+
+    def watch(self, route: str, variant: str, slow_s: float | None = None) -> VariantHealth: ...
+
+    def unwatch(self, route: str, variant: str) -> None: ...
 
 
 class RolloutConflict(GatewayError):
@@ -71,6 +83,7 @@ class Rollout:
     hold_since: float | None = None
     failures: int = 0  # verdict calls failed in a row
     verdict: dict[str, Any] | None = None  # the last one: verdict, reasons, criteria, evidence
+    health: dict[str, Any] | None = None  # the candidate's attempts at this step, vs the SLO
     history: list[dict[str, Any]] = field(default_factory=list)  # each step change
 
     @property
@@ -97,6 +110,7 @@ class RolloutController:
         verdicts: VerdictSource | None,
         audit: AuditLog,
         clock: Callable[[], float] = time.time,
+        health: HealthWatch | None = None,
     ) -> None:
         self.settings = settings
         self._table = table  # read: the routes in force
@@ -105,6 +119,8 @@ class RolloutController:
         self._verdicts = verdicts
         self._audit = audit
         self._clock = clock
+        self._watch = health
+        self._health: dict[str, VariantHealth] = {}  # route -> its candidate's, this step
         self._rollouts: dict[str, Rollout] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
@@ -142,6 +158,7 @@ class RolloutController:
             except GatewayError as err:
                 log.error("rollout %s: cannot resume at its step: %s", rollout.route, err)
                 continue
+            self._watch_step(rollout)
             log.info(
                 "rollout %s: resumed at step %s (%s)", rollout.route, rollout.current, rollout.state
             )
@@ -248,22 +265,37 @@ class RolloutController:
             self._tasks[route] = asyncio.create_task(self._drive(route), name=f"rollout {route}")
 
     async def _drive(self, route: str) -> None:
+        """Check the SLO every ``_SLO_CHECK_S`` and ask for a verdict every poll interval (or
+        when woken: resumed, ended)."""
         wake = self._wake[route]
+        loop = asyncio.get_running_loop()
+        poll = self.settings.poll_interval_s
+        ask_at = loop.time() + poll
         while (rollout := self._rollouts.get(route)) is not None and rollout.state in ACTIVE:
             wake.clear()
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.settings.poll_interval_s)
+                woken = await asyncio.wait_for(wake.wait(), min(poll, _SLO_CHECK_S))
             if rollout.state in ("running", "holding"):
+                ask = woken or loop.time() >= ask_at
+                if ask:
+                    ask_at = loop.time() + poll
                 try:
-                    await self.tick(route)
+                    await self.tick(route, ask)
                 except Exception:  # the rollout must go on being judged
                     log.exception("rollout %s: judging the step failed", route)
 
-    async def tick(self, route: str) -> None:
-        """Ask for the verdict and act on it: advance, roll back, or wait."""
+    async def tick(self, route: str, ask: bool = True) -> None:
+        """Check the candidate's SLO; with ``ask``, ask for the verdict and act on it:
+        advance, roll back, or wait."""
         rollout = self._rollouts[route]
         assert self._verdicts is not None
         at, step = rollout.step, rollout.current
+        if not ask:
+            async with self._lock(route):
+                if rollout.state in ("running", "holding") and rollout.step == at:
+                    await self._check_slo(rollout)
+            return
         try:
             # Each step is judged on its own traffic (adaptation.rollout.evidence: step), or on
             # the canary policy's whole window (window).
@@ -279,6 +311,8 @@ class RolloutController:
         async with self._lock(route):
             if rollout.state not in ("running", "holding") or rollout.step != at:
                 return  # paused, aborted or moved on while the sidecar was asked
+            if await self._check_slo(rollout):
+                return
             now = self._clock()
             limit_s = self.settings.max_duration_s
             if limit_s is not None and now - rollout.started_at >= limit_s:
@@ -327,6 +361,36 @@ class RolloutController:
                     self._audit.record(_ACTOR, "RolloutStep", "OK", route, detail=rollout.reason)
                 await self._save()
 
+    async def _check_slo(self, rollout: Rollout) -> bool:
+        """Roll back on a breach of adaptation.rollout.slo by the candidate at this step;
+        True when it did."""
+        health = self._health.get(rollout.route)
+        if health is None:
+            return False
+        rollout.health = {
+            "attempts": health.attempts,
+            "failed": health.failed,
+            "slow": health.slow,
+        }
+        breach = slo_breach(self.settings.slo, health)
+        if breach:
+            reason = f"SLO breach at step {rollout.current}: {breach}"
+            await self._end(rollout, "rolled_back", reason, _ACTOR)
+        return bool(breach)
+
+    def _watch_step(self, rollout: Rollout) -> None:
+        """Count the candidate's attempts afresh for this step (none once it ended)."""
+        if self._watch is None:
+            return
+        if rollout.state not in ACTIVE:
+            self._watch.unwatch(rollout.route, rollout.variant)
+            self._health.pop(rollout.route, None)
+            return
+        slow_ms = self.settings.slo.max_latency_ms
+        slow_s = None if slow_ms is None else slow_ms / 1000
+        self._health[rollout.route] = self._watch.watch(rollout.route, rollout.variant, slow_s)
+        rollout.health = None
+
     # -- changes ------------------------------------------------------------------------------
 
     async def _step_to(self, rollout: Rollout, index: int, reason: str, actor: str) -> None:
@@ -338,10 +402,12 @@ class RolloutController:
         if final:
             reason += f"; version {rollout.candidate} is the stable one"
         await self._apply(rollout, rollout.expected_spec(), reason, actor)
+        self._watch_step(rollout)
 
     async def _end(self, rollout: Rollout, state: str, reason: str, actor: str) -> None:
         rollout.state = state
         await self._apply(rollout, rollout.expected_spec(), reason, actor)
+        self._watch_step(rollout)
         log.warning("rollout %s: %s", rollout.route, reason)
         self._wake.setdefault(rollout.route, asyncio.Event()).set()
 
@@ -400,6 +466,35 @@ class RolloutController:
 
     def _lock(self, route: str) -> asyncio.Lock:
         return self._locks.setdefault(route, asyncio.Lock())
+
+
+def slo_breach(slo: RolloutSlo, health: VariantHealth) -> str:
+    """How ``health`` breaches ``slo``, or "". A rate breaches when so many failures (or slow
+    answers) would be unlikely at its limit: the chance of as many or more, attempts being
+    independent, is below (1 - confidence) / 2 (the exact interval's low end lies above the
+    limit). Judged from ``slo.min_requests`` attempts on."""
+    if health.attempts < slo.min_requests:
+        return ""
+    level = (1 - slo.confidence) / 2
+    if slo.max_error_rate is not None:
+        chance = binomial_upper_tail(health.failed, health.attempts, slo.max_error_rate)
+        if chance < level:
+            return (
+                f"{health.failed} of {health.attempts} attempts failed "
+                f"({health.failed / health.attempts:.1%}; as many at max_error_rate "
+                f"{slo.max_error_rate:.1%}: a chance of {chance:.2g})"
+            )
+    if slo.max_latency_ms is not None and health.answered >= slo.min_requests:
+        allowed = 1 - slo.latency_quantile
+        chance = binomial_upper_tail(health.slow, health.answered, allowed)
+        if chance < level:
+            return (
+                f"{health.slow} of {health.answered} answers slower than "
+                f"{slo.max_latency_ms:g} ms ({health.slow / health.answered:.1%}; the "
+                f"latency_quantile {slo.latency_quantile:g} allows {allowed:.1%}: a chance "
+                f"of {chance:.2g})"
+            )
+    return ""
 
 
 def _summary(verdict: dict[str, Any]) -> dict[str, Any]:

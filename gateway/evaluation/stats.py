@@ -28,6 +28,7 @@ __all__ = [
     "Difference",
     "accuracy_difference",
     "auc_difference",
+    "binomial_upper_tail",
     "delong",
     "log_loss_difference",
     "min_samples_for_quantile",
@@ -62,6 +63,19 @@ def z_value(confidence: float) -> float:
 def normal_difference(estimate: float, se: float, confidence: float, paired: bool) -> Difference:
     half = z_value(confidence) * se
     return Difference(estimate, estimate - half, estimate + half, se, paired)
+
+
+def binomial_upper_tail(k: int, n: int, p: float) -> float:
+    """P(B >= k), B ~ Binomial(n, p): how likely ``k`` or more events in ``n`` independent
+    trials are at rate ``p``. Below (1 - c) / 2 exactly when the low end of the exact
+    (Clopper-Pearson) interval at confidence c for k / n lies above ``p``."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0:
+        return 0.0
+    return float(max(0.0, 1.0 - _log_binomial_cdf(n, p)[k - 1]))
 
 
 def _midranks(x: Floats) -> Floats:

@@ -3,7 +3,7 @@ remote variants)."""
 
 from gateway.routing.limits import ConcurrencyCap, RateLimiter
 from gateway.routing.remote import RemoteCall, RemoteModels
-from gateway.routing.runner import Attempt, Router
+from gateway.routing.runner import Attempt, Router, VariantHealth
 from gateway.routing.shared import LocalRoutes, RouteStore, SharedRouteTable
 from gateway.routing.table import Route, RouteTable, unit_hash
 
@@ -19,5 +19,6 @@ __all__ = [
     "RouteTable",
     "Router",
     "SharedRouteTable",
+    "VariantHealth",
     "unit_hash",
 ]

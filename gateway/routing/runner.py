@@ -36,7 +36,7 @@ from gateway.settings import Budget, Price, VariantSpec
 from gateway.telemetry import GatewayMetrics
 from gateway.types import FREE, Answer, InferRequest, InferResponse, Tensor, TensorSpec
 
-__all__ = ["Attempt", "OnShadow", "OutputSpecs", "Router", "Serve"]
+__all__ = ["Attempt", "OnShadow", "OutputSpecs", "Router", "Serve", "VariantHealth"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,27 @@ class Attempt:
     shadow: bool = False  # a shadow copy: queued at the model's lowest priority
     endpoint: str = ""  # a remote variant's server (host:port): ``model`` is its model there
     contract: str = ""  # a remote variant's local contract, "<model>" or "<model>@<version>"
+
+
+@dataclass(slots=True)
+class VariantHealth:
+    """Attempts on one watched variant since its watch began (a rollout's candidate at its
+    step): answered, failed (it could not answer: the fallback causes, never a bad request),
+    and answered slower than ``slow_s``. Shadow copies count: they are its attempts too."""
+
+    slow_s: float | None = None
+    answered: int = 0
+    failed: int = 0
+    slow: int = 0
+
+    @property
+    def attempts(self) -> int:
+        return self.answered + self.failed
+
+    def took(self, seconds: float) -> None:
+        self.answered += 1
+        if self.slow_s is not None and seconds > self.slow_s:
+            self.slow += 1
 
 
 Serve = Callable[[InferRequest, Attempt], Awaitable[Answer]]
@@ -86,6 +107,9 @@ class Router:
         self._caps: dict[str, ConcurrencyCap] = {}
         self._shadow_caps: dict[str, ConcurrencyCap] = {}
         self._shadows: set[asyncio.Task[None]] = set()
+        # (route, variant) -> its health, while something watches it (a rollout's step):
+        # empty, the request path pays one truth test.
+        self._watched: dict[tuple[str, str], VariantHealth] = {}
         # Requests by (route, variant, arm), read at scrape time (no metric lock per request).
         self._routed: dict[tuple[str, str, str], int] = {}
         metrics.counter_function(
@@ -128,7 +152,10 @@ class Router:
         else:
             chosen = route.choose(request.options)
         failure: GatewayError | None = None
+        watched = self._watched
         for tried, variant in enumerate(route.chains[chosen.name]):
+            health = watched.get((route.name, variant.name)) if watched else None
+            started = time.perf_counter() if health is not None else 0.0
             try:
                 if variant.output is not None:
                     answer = self._static(request, route, variant)
@@ -137,6 +164,8 @@ class Router:
                         request, self._make_attempt(route, variant, deadline)
                     )
             except _FALLBACK_ON as err:
+                if health is not None:
+                    health.failed += 1
                 self._metrics.fallbacks.labels(route.name, variant.name, err.grpc_status.name).inc()
                 if failure is None:
                     failure = err
@@ -147,6 +176,8 @@ class Router:
                         f"deadline (first failure: {reason})"
                     ) from None
                 continue
+            if health is not None:
+                health.took(time.perf_counter() - started)
             self._label(answer, route, variant, variant.arm)
             if tried or reason:
                 answered = answer.response.parameters
@@ -235,15 +266,30 @@ class Router:
     ) -> None:
         started = time.perf_counter_ns()
         attempt = self._make_attempt(route, variant, None, shadow=True)
+        health = self._watched.get((route.name, variant.name))
         try:
             answer = await self._serve(request, attempt)
         except Exception as err:  # a shadow never fails anything but itself
+            if health is not None and isinstance(err, _FALLBACK_ON):
+                health.failed += 1
             self._metrics.shadows.labels(route.name, variant.name, "failed").inc()
             log.debug("shadow %s of route %s failed: %s", variant.name, route.name, err)
             return
+        if health is not None:
+            health.took((time.perf_counter_ns() - started) / 1e9)
         self._metrics.shadows.labels(route.name, variant.name, "ok").inc()
         self._label(answer, route, variant, "shadow")
         self._on_shadow(request, answer, primary, started)
+
+    # -- health of watched variants ---------------------------------------------------------
+
+    def watch(self, route: str, variant: str, slow_s: float | None = None) -> VariantHealth:
+        """Count ``variant``'s attempts on ``route`` from now on (afresh if it was watched)."""
+        health = self._watched[(route, variant)] = VariantHealth(slow_s)
+        return health
+
+    def unwatch(self, route: str, variant: str) -> None:
+        self._watched.pop((route, variant), None)
 
     async def close(self) -> None:
         """Drop shadow copies still running: they answer nobody."""

@@ -174,6 +174,12 @@ def format_rollout(reply: pb.Rollout) -> str:
         f"  steps: {steps}",
         f"  reason: {reply.reason}",
     ]
+    health = record.get("health")
+    if health:
+        lines.append(
+            f"  candidate at this step: {health['attempts']} attempts, {health['failed']} "
+            f"failed, {health['slow']} slow (adaptation.rollout.slo)"
+        )
     verdict = record.get("verdict")
     if verdict:
         lines.append(f"  last verdict: {verdict['verdict']} at step {verdict['step']}")

@@ -1,8 +1,9 @@
 """Staged rollouts through a real gateway and sidecar: the gateway's controller polls the
 sidecar's Verdict RPC and walks the route. A copy of the stable version (4) walks shadow -> 5
 -> 25 -> 50 -> 100 and becomes stable, resuming at its step after a SIGKILL; a worse one (3)
-is rolled back at its first canary step with the evidence in its status; without labels the
-rollout holds, then pauses for a person, and ``gateway rollback`` ends it."""
+is rolled back at its first canary step with the evidence in its status; one breaking its
+latency SLO is rolled back before any verdict; without labels the rollout holds, then
+pauses for a person, and ``gateway rollback`` ends it."""
 
 from __future__ import annotations
 
@@ -172,6 +173,29 @@ def test_a_worse_candidate_is_rolled_back_at_its_first_canary_step(setup):
     assert traffic_samples == {"rolled_back": 0.0}
     text = cli(gateway, "rollout", "status", "scored").stdout
     assert "ROLLED_BACK" in text and "auc" in text and "fail" in text
+
+
+def test_a_candidate_breaking_its_slo_is_rolled_back_before_any_verdict(setup):
+    _, start = setup
+    # No verdict is asked for an hour; every answer slower than 1 us breaks this latency SLO
+    # (the router times the candidate's attempts on real traffic).
+    slo = {"max_latency_ms": 0.001, "latency_quantile": 0.9, "min_requests": 10}
+    gateway = start(poll_interval_s=3600, slo=slo)
+    out = cli(gateway, "rollout", "start", "scored", "--candidate", "4", "--steps", "50,100")
+    assert out.returncode == 0, out.stderr
+    client = gateway.client()
+    columns, _ = synthetic_transactions(2, seed=7)
+    for i in range(40):
+        client.infer("scored", raw_inputs(columns), request_id=f"slo-{i}")
+    client.close()
+    wait_until(lambda: status(gateway)["state"] == "rolled_back", "the SLO rollback")
+    record = status(gateway)
+    assert record["reason"].startswith("SLO breach at step 50: ")
+    assert "answers slower than 0.001 ms" in record["reason"] and record["verdict"] is None
+    assert record["health"]["slow"] == record["health"]["attempts"] >= 10
+    assert weights(gateway) == {"live": 1}
+    text = cli(gateway, "rollout", "status", "scored").stdout
+    assert "candidate at this step:" in text and "slow" in text
 
 
 def test_without_labels_the_rollout_holds_then_pauses_and_rollback_ends_it(setup):

@@ -1,9 +1,11 @@
 """The rollout controller on a real route table, with verdicts from a script and a clock of
 the test's: steps walked on promote, rolled back on rollback, paused after a long hold, rolled
-back after failed verdict calls, and resumed at its step by a fresh controller."""
+back after failed verdict calls, rolled back when the candidate breaks its SLO on the attempts
+a real router counts, and resumed at its step by a fresh controller."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,13 @@ import pytest
 
 from gateway.adaptation._rollout_io import FileRollouts, MemoryRollouts, VerdictUnavailable
 from gateway.adaptation._rollout_steps import step_spec
-from gateway.adaptation.rollout import RolloutConflict, RolloutController
+from gateway.adaptation.rollout import RolloutConflict, RolloutController, slo_breach
 from gateway.auth import AuditLog
-from gateway.errors import InvalidRequest
-from gateway.routing import LocalRoutes, RouteTable
-from gateway.settings import AuditSettings, RolloutSettings, RouteSpec
+from gateway.errors import InvalidRequest, ModelNotReady, RuntimeFailure
+from gateway.routing import Attempt, LocalRoutes, Router, RouteTable, VariantHealth
+from gateway.settings import AuditSettings, RolloutSettings, RolloutSlo, RouteSpec
+from gateway.telemetry import GatewayMetrics
+from gateway.types import FREE, Answer, InferRequest, InferResponse
 
 ROUTE = RouteSpec.model_validate(
     {"variants": [{"name": "live", "model": "fraud", "version": "2", "weight": 1}]}
@@ -47,7 +51,7 @@ class Clock:
         return self.now
 
 
-def controller(verdicts, records=None, table=None, clock=None, **settings):
+def controller(verdicts, records=None, table=None, clock=None, health=None, **settings):
     table = table or RouteTable({"fraud": ROUTE}, history=16)
     rollouts = RolloutController(
         RolloutSettings(poll_interval_s=3600, **settings),  # ticks are the test's
@@ -57,6 +61,7 @@ def controller(verdicts, records=None, table=None, clock=None, **settings):
         verdicts,
         AuditLog(AuditSettings(path=None)),
         clock=clock or Clock(),
+        health=health,
     )
     return rollouts, table
 
@@ -199,3 +204,101 @@ async def test_a_rollout_past_max_duration_is_rolled_back():
     assert rollout.state == "rolled_back" and "max_duration_s 100" in rollout.reason
     assert weights(table) == {"live": 1}  # the route from before the rollout
     await rollouts.close()
+
+
+class Versions:
+    """The serving stage behind a real router: version 4 fails (or is slow), others answer."""
+
+    def __init__(self, failing: Exception | None = None, slow_s: float = 0.0) -> None:
+        self.failing, self.slow_s = failing, slow_s
+        self.seen: list[str] = []
+
+    async def __call__(self, request: InferRequest, attempt: Attempt) -> Answer:
+        self.seen.append(attempt.version)
+        if attempt.version == "4":
+            if self.failing is not None:
+                raise self.failing
+            await asyncio.sleep(self.slow_s)
+        return Answer(InferResponse("fraud", attempt.version, request.id, []), FREE)
+
+
+def router_for(table: RouteTable, versions: Versions) -> Router:
+    return Router(table, GatewayMetrics(), versions, lambda *_: None, lambda *_: {})
+
+
+async def send(router: Router, n: int) -> int:
+    """``n`` requests on the route; how many were answered."""
+    answered = 0
+    for i in range(n):
+        try:
+            await router.answer(InferRequest("fraud", id=str(i)), None, None)
+            answered += 1
+        except RuntimeFailure:
+            pass
+    return answered
+
+
+async def test_a_candidate_failing_its_attempts_is_rolled_back_on_its_error_rate():
+    # The route falls back to the stable variant: clients see no failure, the SLO does.
+    spec = ROUTE.model_copy(update={"fallbacks": ("live",)})
+    table = RouteTable({"fraud": RouteSpec.model_validate(spec.model_dump())}, history=16)
+    versions = Versions(failing=ModelNotReady("version 4 is not ready"))
+    router = router_for(table, versions)
+    slo = {"max_error_rate": 0.05, "min_requests": 10}
+    rollouts, _ = controller(Verdicts(), table=table, health=router, slo=slo)
+    rollout = await rollouts.begin("fraud", "4", ["50", "100"], "ops")
+    assert await send(router, 40) == 40
+    assert "4" in versions.seen
+    await rollouts.tick("fraud", ask=False)  # between verdicts: the SLO alone
+    assert rollout.state == "rolled_back", rollout.reason
+    failed = rollout.health["failed"]
+    assert failed == rollout.health["attempts"] >= 10
+    assert f"SLO breach at step 50: {failed} of {failed} attempts failed" in rollout.reason
+    assert "at max_error_rate 5.0%" in rollout.reason
+    assert weights(table) == {"live": 1}
+    # the candidate is no longer watched: its counts stop
+    versions.seen.clear()
+    await send(router, 5)
+    assert rollout.health["attempts"] == failed and versions.seen == ["2"] * 5
+    await rollouts.close()
+
+
+async def test_a_healthy_candidate_keeps_its_step_and_a_new_step_counts_afresh():
+    table = RouteTable({"fraud": ROUTE}, history=16)
+    router = router_for(table, Versions())
+    rollouts, _ = controller(Verdicts("promote"), table=table, health=router)
+    rollout = await rollouts.begin("fraud", "4", ["shadow", "50", "100"], "ops")
+    for _ in range(20):  # at shadow the candidate scores a copy of each request, once the
+        await send(router, 1)  # primary answered (past the shadow cap a copy is skipped)
+        for _ in range(5):
+            await asyncio.sleep(0)
+    await rollouts.tick("fraud", ask=False)
+    assert rollout.health == {"attempts": 20, "failed": 0, "slow": 0}
+    assert rollout.state == "running"
+    await rollouts.tick("fraud")  # promote: step 50, counted afresh
+    assert rollout.current == "50" and rollout.health is None
+    await router.close()
+    await rollouts.close()
+
+
+async def test_a_slow_candidate_breaks_its_latency_slo():
+    table = RouteTable({"fraud": ROUTE}, history=16)
+    router = router_for(table, Versions(slow_s=0.02))
+    slo = {"max_latency_ms": 5, "latency_quantile": 0.9, "min_requests": 10}
+    rollouts, _ = controller(Verdicts(), table=table, health=router, slo=slo)
+    rollout = await rollouts.begin("fraud", "4", ["50", "100"], "ops")
+    await send(router, 60)
+    await rollouts.tick("fraud", ask=False)
+    assert rollout.state == "rolled_back", rollout.reason
+    assert "answers slower than 5 ms" in rollout.reason
+    assert "latency_quantile 0.9 allows 10.0%" in rollout.reason
+    await rollouts.close()
+
+
+def test_one_early_failure_is_no_breach_and_a_handful_of_failures_is():
+    slo = RolloutSlo(max_error_rate=0.01, min_requests=10)
+    assert slo_breach(slo, VariantHealth(answered=9, failed=1)) == ""  # 1 in 10: 9.6% at 1%
+    assert slo_breach(slo, VariantHealth(answered=98, failed=2)) == ""  # 2 in 100: 26% at 1%
+    assert "a chance of 0.0034" in slo_breach(slo, VariantHealth(answered=95, failed=5))
+    assert slo_breach(slo, VariantHealth(answered=2, failed=5)) == ""  # under min_requests
+    assert slo_breach(RolloutSlo(max_error_rate=None), VariantHealth(failed=50)) == ""
