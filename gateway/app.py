@@ -24,6 +24,7 @@ from gateway.adaptation._rollout_io import (
     FileRollouts,
     MemoryRollouts,
     RedisRollouts,
+    RolloutLeases,
     RolloutRecords,
     SidecarVerdicts,
 )
@@ -375,6 +376,7 @@ def _rollout_controller(gateway: Gateway) -> RolloutController:
         SidecarVerdicts(sidecar, settings) if sidecar else None,
         gateway.audit,
         health=gateway.pipeline.router,
+        leases=None if gateway.state is None else RolloutLeases(gateway.state, settings.lease_s),
     )
     gateway.metrics.gauge_function(
         "gateway_rollout_traffic",

@@ -1480,6 +1480,14 @@ class RolloutSettings(_Section):
         "began (each step earns its promotion on its own evidence); 'window', the canary "
         "policy's whole window (evidence from earlier steps and before the rollout counts).",
     )
+    lease_s: float = Field(
+        10.0,
+        gt=1,
+        le=600,
+        description="With state.backend redis: the lease by which one replica drives each "
+        "rollout, renewed every second; a replica that dies lets it lapse and another takes "
+        "the rollout over after this long.",
+    )
     state_file: Path | None = Field(
         Path(".gateway-rollouts.json"),
         description="With state.backend memory: the rollouts, written at every change so a "

@@ -1,5 +1,6 @@
 """What a rollout controller talks to: where its records persist (a JSON file beside the
-gateway, Redis, or nowhere) and the sidecar whose Verdict RPC judges each step."""
+gateway, Redis, or nowhere), which replica drives each rollout (a lease in Redis, and the
+commands other replicas leave it), and the sidecar whose Verdict RPC judges each step."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ __all__ = [
     "FileRollouts",
     "MemoryRollouts",
     "RedisRollouts",
+    "RolloutLeases",
     "RolloutRecords",
     "SidecarVerdicts",
     "VerdictSource",
@@ -31,13 +33,13 @@ Records = dict[str, dict[str, Any]]  # route -> its rollout, as JSON-able data
 
 
 class RolloutRecords(Protocol):
-    """Where the rollouts live between restarts."""
+    """Where the rollouts live between restarts: one record per route."""
 
     where: str
 
     async def load(self) -> Records: ...
 
-    async def save(self, records: Records) -> None: ...
+    async def save(self, route: str, record: dict[str, Any]) -> None: ...
 
 
 class MemoryRollouts:
@@ -51,19 +53,22 @@ class MemoryRollouts:
     async def load(self) -> Records:
         return json.loads(json.dumps(self._records))  # type: ignore[no-any-return]
 
-    async def save(self, records: Records) -> None:
-        self._records = json.loads(json.dumps(records))
+    async def save(self, route: str, record: dict[str, Any]) -> None:
+        self._records[route] = json.loads(json.dumps(record))
 
 
 class FileRollouts:
-    """A JSON file, replaced whole (written aside, then renamed) at every change."""
+    """A JSON file of this gateway's, replaced whole (written aside, then renamed) at every
+    change."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self.where = str(path)
+        self._records: Records | None = None
 
     async def load(self) -> Records:
-        return await asyncio.to_thread(self._read)
+        self._records = await asyncio.to_thread(self._read)
+        return json.loads(json.dumps(self._records))  # type: ignore[no-any-return]
 
     def _read(self) -> Records:
         try:
@@ -72,8 +77,11 @@ class FileRollouts:
             return {}
         return dict(document.get("rollouts", {}))
 
-    async def save(self, records: Records) -> None:
-        await asyncio.to_thread(self._write, records)
+    async def save(self, route: str, record: dict[str, Any]) -> None:
+        if self._records is None:
+            self._records = await asyncio.to_thread(self._read)
+        self._records[route] = json.loads(json.dumps(record))
+        await asyncio.to_thread(self._write, self._records)
 
     def _write(self, records: Records) -> None:
         aside = self._path.with_name(self._path.name + ".partial")
@@ -85,19 +93,81 @@ class FileRollouts:
 
 
 class RedisRollouts:
-    """One JSON document in Redis (``<key_prefix>rollouts``), beside the shared routes."""
+    """A hash in Redis (``<key_prefix>rollout-records``, a field per route) beside the shared
+    routes: each route's record is written by the replica driving it alone."""
 
     def __init__(self, state: RedisState) -> None:
         self._state = state
-        self._key = f"{state.settings.key_prefix}rollouts"
+        self._key = f"{state.settings.key_prefix}rollout-records"
         self.where = f"redis at {state.where()} ({self._key})"
 
     async def load(self) -> Records:
-        raw = await self._state.call(self._state.client.get(self._key))
-        return {} if raw is None else dict(json.loads(raw))  # type: ignore[arg-type]
+        raw = await self._state.call(self._state.client.hgetall(self._key))
+        assert isinstance(raw, dict)
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
 
-    async def save(self, records: Records) -> None:
-        await self._state.call(self._state.client.set(self._key, json.dumps(records)))
+    async def save(self, route: str, record: dict[str, Any]) -> None:
+        await self._state.call(self._state.client.hset(self._key, route, json.dumps(record)))
+
+
+# Take or renew the lease: this replica holds it, or nobody does.
+_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_TAKE = """
+local command = redis.call('HGET', KEYS[1], ARGV[1])
+if command then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return command
+"""
+
+
+class RolloutLeases:
+    """With several replicas on one Redis, one drives each rollout: the holder of the route's
+    lease (``<key_prefix>rollout-lease:<route>``, ``ttl_s``, renewed as it goes). A replica
+    that dies lets its lease lapse and another takes the rollout over; a command given to a
+    replica that does not drive it is left for the one that does
+    (``<key_prefix>rollout-commands``, a field per route)."""
+
+    def __init__(self, state: RedisState, ttl_s: float) -> None:
+        self._state = state
+        self.owner = state.replica
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        prefix = state.settings.key_prefix
+        self._lease = f"{prefix}rollout-lease:"
+        self._commands = f"{prefix}rollout-commands"
+        self._hold = state.client.register_script(_HOLD)
+        self._release = state.client.register_script(_RELEASE)
+        self._take = state.client.register_script(_TAKE)
+
+    async def hold(self, route: str) -> bool:
+        """Take the route's lease, or renew it: True while this replica holds it."""
+        args: list[str | int] = [self.owner, self._ttl_ms]
+        return bool(await self._state.call(self._hold(keys=[self._lease + route], args=args)))
+
+    async def release(self, route: str) -> None:
+        await self._state.call(self._release(keys=[self._lease + route], args=[self.owner]))
+
+    async def post(self, route: str, command: dict[str, Any]) -> None:
+        """Leave ``command`` for the replica driving the route (the latest replaces any)."""
+        await self._state.call(self._state.client.hset(self._commands, route, json.dumps(command)))
+
+    async def take(self, route: str) -> dict[str, Any] | None:
+        """The command left for this route, once (removed as it is read)."""
+        raw = await self._state.call(self._take(keys=[self._commands], args=[route]))
+        return None if raw is None else dict(json.loads(raw))  # type: ignore[arg-type]
 
 
 class VerdictUnavailable(Exception):

@@ -7,7 +7,10 @@ rate, latency), counted by the router: a breach rolls it back at once, whatever 
 Every step is a route revision made through the route store (this process's table, or the
 replicas' shared one), with its reason kept in the rollout's record and written to the audit
 log (rpc ``RolloutStep``). Records persist (``_rollout_io``) at every change, so a gateway
-restarted mid-rollout puts the route back at its step and goes on judging it.
+restarted mid-rollout puts the route back at its step and goes on judging it. With several
+replicas on one Redis, the replica holding the route's lease drives its rollout; the others
+keep its record fresh for ``status``, pass commands to the driver, and take the rollout over
+when its lease lapses (the driver died).
 
 States::
 
@@ -29,6 +32,7 @@ from typing import Any, ClassVar, Protocol
 import grpc
 
 from gateway.adaptation._rollout_io import (
+    RolloutLeases,
     RolloutRecords,
     VerdictSource,
     VerdictUnavailable,
@@ -48,7 +52,8 @@ log = logging.getLogger(__name__)
 ACTIVE = frozenset({"running", "holding", "paused"})
 _ACTOR = "rollout-controller"  # the audit log's actor for the controller's own steps
 _MAX_HISTORY = 64  # step changes kept per rollout record
-_SLO_CHECK_S = 1.0  # how often the SLO is checked between verdicts (it is in-process)
+_SLO_CHECK_S = 1.0  # how often the SLO (and, with leases, commands) is checked between verdicts
+_RELAY_S = 10.0  # how long a command passed to the driving replica is waited for
 
 
 class HealthWatch(Protocol):
@@ -111,6 +116,7 @@ class RolloutController:
         audit: AuditLog,
         clock: Callable[[], float] = time.time,
         health: HealthWatch | None = None,
+        leases: RolloutLeases | None = None,
     ) -> None:
         self.settings = settings
         self._table = table  # read: the routes in force
@@ -120,6 +126,8 @@ class RolloutController:
         self._audit = audit
         self._clock = clock
         self._watch = health
+        self._leases = leases  # None: this gateway alone drives its rollouts
+        self._follower: asyncio.Task[None] | None = None
         self._health: dict[str, VariantHealth] = {}  # route -> its candidate's, this step
         self._rollouts: dict[str, Rollout] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -142,35 +150,100 @@ class RolloutController:
 
     async def start(self) -> None:
         """Load the persisted rollouts; each active one's route is put back at its step (a
-        restarted gateway with state.backend memory starts from the settings' routes)."""
+        restarted gateway with state.backend memory starts from the settings' routes). With
+        leases, the follower does that for each rollout no replica drives."""
         try:
             stored = await self._records_store.load()
         except (OSError, ValueError, StateUnavailable) as err:
+            stored = {}
             log.error("rollouts: cannot read %s (%s): none resumed", self._records_store.where, err)
-            return
         for route, raw in stored.items():
             self._rollouts[route] = Rollout(**raw)
-        for rollout in self._rollouts.values():
+        log.info("rollouts: kept in %s", self._records_store.where)
+        if self._leases is not None:
+            self._follower = asyncio.create_task(self._follow(), name="rollouts: follow")
+            return
+        for rollout in list(self._rollouts.values()):
+            if rollout.state in ACTIVE:
+                await self._resume_here(rollout, "resumed after a restart")
+
+    async def _resume_here(self, rollout: Rollout, reason: str) -> None:
+        """Drive ``rollout`` from this process: its route at its step, its candidate watched."""
+        try:
+            await self._apply(rollout, rollout.expected_spec(), reason)
+        except GatewayError as err:
+            log.error("rollout %s: cannot resume at its step: %s", rollout.route, err)
+            return
+        self._watch_step(rollout)
+        log.info(
+            "rollout %s: %s at step %s (%s)", rollout.route, reason, rollout.current, rollout.state
+        )
+        self._spawn(rollout.route)
+
+    async def _follow(self) -> None:
+        """With leases, every ``_SLO_CHECK_S``: the records as stored (what ``status`` shows
+        of rollouts another replica drives), and any active one nobody drives taken over."""
+        while True:
+            try:
+                await self._adopt()
+            except Exception:  # following must go on
+                log.exception("rollouts: following the shared records failed")
+            await asyncio.sleep(_SLO_CHECK_S)
+
+    async def _adopt(self, only: str | None = None) -> None:
+        assert self._leases is not None
+        try:
+            stored = await self._records_store.load()
+        except (OSError, ValueError, StateUnavailable) as err:
+            log.debug("rollouts: cannot read %s (%s)", self._records_store.where, err)
+            return
+        for route, raw in stored.items():
+            if (only is not None and route != only) or self._driving(route):
+                continue
+            self._rollouts[route] = rollout = Rollout(**raw)
             if rollout.state not in ACTIVE:
                 continue
             try:
-                await self._apply(rollout, rollout.expected_spec(), "resumed after a restart")
-            except GatewayError as err:
-                log.error("rollout %s: cannot resume at its step: %s", rollout.route, err)
-                continue
-            self._watch_step(rollout)
-            log.info(
-                "rollout %s: resumed at step %s (%s)", rollout.route, rollout.current, rollout.state
-            )
-            self._spawn(rollout.route)
-        log.info("rollouts: kept in %s", self._records_store.where)
+                if not await self._leases.hold(route):
+                    continue  # another replica drives it
+                async with self._lock(route):
+                    # NOTE: read again under the lease: the last driver may have written
+                    # after the read above, before its lease lapsed.
+                    fresh = (await self._records_store.load()).get(route)
+                    if fresh is None or fresh["state"] not in ACTIVE:
+                        await self._leases.release(route)
+                        continue
+                    self._rollouts[route] = rollout = Rollout(**fresh)
+                    reason = f"driven by replica {self._leases.owner[:8]} (no replica held it)"
+                    await self._resume_here(rollout, reason)
+            except StateUnavailable as err:
+                log.warning("rollout %s: cannot take it over now: %s", route, err)
+
+    async def _still_driving(self, route: str) -> bool:
+        if self._leases is None:
+            return True
+        try:
+            return await self._leases.hold(route)
+        except StateUnavailable:
+            return False
+
+    def _driving(self, route: str) -> bool:
+        task = self._tasks.get(route)
+        return task is not None and not task.done()
 
     async def close(self) -> None:
+        driven = [route for route in self._tasks if self._driving(route)]
         tasks = list(self._tasks.values())
+        if self._follower is not None:
+            tasks.append(self._follower)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._leases is not None:  # let another replica take them over at once
+            for route in driven:
+                with contextlib.suppress(StateUnavailable):
+                    await self._leases.release(route)
         close = getattr(self._verdicts, "close", None)
         if close is not None:
             await close()
@@ -187,6 +260,20 @@ class RolloutController:
         rollout = self._rollouts.get(route)
         return rollout is not None and rollout.state in ACTIVE
 
+    async def status(self, route: str) -> Rollout:
+        """The route's rollout as it is now (read from the shared records when another
+        replica drives it)."""
+        await self._refresh(route)
+        return self.get(route)
+
+    async def active(self, route: str) -> bool:
+        await self._refresh(route)
+        return self.is_active(route)
+
+    async def _refresh(self, route: str) -> None:
+        if self._leases is not None and not self._driving(route):
+            await self._adopt(route)
+
     async def begin(self, route: str, candidate: str, steps: list[str], actor: str) -> Rollout:
         """Start walking ``candidate`` through ``steps`` on ``route``: its first step now."""
         if self._verdicts is None:
@@ -197,12 +284,15 @@ class RolloutController:
             check_rollout_steps(tuple(steps or self.settings.steps))
         except ValueError as err:
             raise InvalidRequest(f"steps: {err}") from None
+        await self._refresh(route)
         async with self._lock(route):
             if self.is_active(route):
                 raise RolloutConflict(
                     f"route '{route}' already has a rollout ({self.get(route).state} at step "
                     f"{self.get(route).current}): abort it first"
                 )
+            if self._leases is not None and not await self._leases.hold(route):
+                raise RolloutConflict(f"route '{route}': another replica is starting a rollout")
             current = self._table.get(route)
             if current is None:
                 raise ModelNotFound(f"no route named '{route}'")
@@ -226,35 +316,68 @@ class RolloutController:
         return rollout
 
     async def pause(self, route: str, actor: str) -> Rollout:
-        async with self._lock(route):
-            rollout = self._active(route)
-            rollout.state = "paused"
-            rollout.reason = f"paused by {actor} at step {rollout.current}"
-            await self._save()
-            return rollout
+        return await self._act(route, {"action": "pause", "actor": actor})
 
     async def resume(self, route: str, actor: str) -> Rollout:
-        async with self._lock(route):
-            rollout = self._active(route)
-            if rollout.state != "paused":
-                raise RolloutConflict(
-                    f"route '{route}': the rollout is {rollout.state}, not paused"
-                )
-            rollout.state = "running"
-            rollout.hold_since = None
-            rollout.reason = f"resumed by {actor} at step {rollout.current}"
-            await self._save()
-        self._wake[route].set()
-        return rollout
+        return await self._act(route, {"action": "resume", "actor": actor})
 
     async def abort(
         self, route: str, actor: str, reason: str = "", state: str = "aborted"
     ) -> Rollout:
         """End the rollout; the route goes back to its spec from before it."""
+        command = {"action": "abort", "actor": actor, "reason": reason, "state": state}
+        return await self._act(route, command)
+
+    async def _act(self, route: str, command: dict[str, str]) -> Rollout:
+        """Carry out ``command`` here when this replica drives the rollout (or can take it
+        over), else leave it for the one that does and wait for its record to change."""
+        if self._leases is not None and not self._driving(route):
+            await self._adopt(route)
+            if not self._driving(route):
+                return await self._relay(route, command)
+        return await self._do(route, command)
+
+    async def _do(self, route: str, command: dict[str, str]) -> Rollout:
+        action, actor = command["action"], command["actor"]
         async with self._lock(route):
             rollout = self._active(route)
-            await self._end(rollout, state, reason or f"aborted by {actor}", actor)
+            _check(rollout, action)
+            if action == "pause":
+                rollout.state = "paused"
+                rollout.reason = f"paused by {actor} at step {rollout.current}"
+                await self._save(rollout)
+            elif action == "resume":
+                rollout.state = "running"
+                rollout.hold_since = None
+                rollout.reason = f"resumed by {actor} at step {rollout.current}"
+                await self._save(rollout)
+            else:
+                reason = command.get("reason") or f"aborted by {actor}"
+                await self._end(rollout, command.get("state") or "aborted", reason, actor)
+        if action == "resume":
+            self._wake[route].set()
         return rollout
+
+    async def _relay(self, route: str, command: dict[str, str]) -> Rollout:
+        assert self._leases is not None
+        rollout = self._active(route)
+        _check(rollout, command["action"])
+        before = (rollout.state, rollout.reason, len(rollout.history))
+        await self._leases.post(route, command)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _RELAY_S
+        while loop.time() < until:
+            await asyncio.sleep(0.1)
+            stored = (await self._records_store.load()).get(route)
+            if stored is not None:
+                changed = Rollout(**stored)
+                if (changed.state, changed.reason, len(changed.history)) != before:
+                    self._rollouts[route] = changed
+                    return changed
+        raise RolloutConflict(
+            f"route '{route}': the replica driving its rollout did not apply "
+            f"'{command['action']}' within {_RELAY_S:g} s (see `gateway rollout status`)"
+        )
 
     # -- the controller's loop --------------------------------------------------------------
 
@@ -276,6 +399,22 @@ class RolloutController:
             woken = False
             with contextlib.suppress(TimeoutError):
                 woken = await asyncio.wait_for(wake.wait(), min(poll, _SLO_CHECK_S))
+            if self._leases is not None:
+                try:
+                    if not await self._leases.hold(route):
+                        log.warning("rollout %s: another replica holds its lease now", route)
+                        if self._watch is not None:
+                            self._watch.unwatch(route, rollout.variant)
+                        return
+                    command = await self._leases.take(route)
+                except StateUnavailable:
+                    continue  # whether this replica still drives it is not known: wait
+                if command is not None:
+                    try:
+                        await self._do(route, command)
+                    except GatewayError as err:
+                        log.warning("rollout %s: %s: %s", route, command.get("action"), err)
+                    continue
             if rollout.state in ("running", "holding"):
                 ask = woken or loop.time() >= ask_at
                 if ask:
@@ -284,6 +423,9 @@ class RolloutController:
                     await self.tick(route, ask)
                 except Exception:  # the rollout must go on being judged
                     log.exception("rollout %s: judging the step failed", route)
+        if self._leases is not None:  # ended here: nothing left to drive
+            with contextlib.suppress(StateUnavailable):
+                await self._leases.release(route)
 
     async def tick(self, route: str, ask: bool = True) -> None:
         """Check the candidate's SLO; with ``ask``, ask for the verdict and act on it:
@@ -311,6 +453,8 @@ class RolloutController:
         async with self._lock(route):
             if rollout.state not in ("running", "holding") or rollout.step != at:
                 return  # paused, aborted or moved on while the sidecar was asked
+            if not await self._still_driving(route):
+                return  # the lease lapsed while the sidecar was asked: another drives it
             if await self._check_slo(rollout):
                 return
             now = self._clock()
@@ -330,7 +474,7 @@ class RolloutController:
                     await self._end(rollout, "rolled_back", reason, _ACTOR)
                 else:
                     rollout.reason = f"no verdict ({rollout.failures} of {limit}): {failure}"
-                    await self._save()
+                    await self._save(rollout)
                 return
             rollout.failures = 0
             rollout.verdict = {"at": now, "step": step, **_summary(verdict)}
@@ -343,7 +487,7 @@ class RolloutController:
             elif outcome == "promote":
                 if now - rollout.step_started_at < self.settings.min_step_s:
                     rollout.reason = f"verdict promote at step {step}; the step lasts min_step_s"
-                    await self._save()
+                    await self._save(rollout)
                     return
                 reason = f"verdict promote at step {step}: {why}"
                 await self._step_to(rollout, rollout.step + 1, reason, _ACTOR)
@@ -359,7 +503,7 @@ class RolloutController:
                         f"(hold_timeout_s) at step {step}: {why}"
                     )
                     self._audit.record(_ACTOR, "RolloutStep", "OK", route, detail=rollout.reason)
-                await self._save()
+                await self._save(rollout)
 
     async def _check_slo(self, rollout: Rollout) -> bool:
         """Roll back on a breach of adaptation.rollout.slo by the candidate at this step;
@@ -439,7 +583,7 @@ class RolloutController:
             }
         )
         del rollout.history[:-_MAX_HISTORY]
-        await self._save()
+        await self._save(rollout)
         self._audit.record(
             actor,
             "RolloutStep",
@@ -451,10 +595,9 @@ class RolloutController:
         )
         log.info("rollout %s: revision %d: %s", route, revision, reason)
 
-    async def _save(self) -> None:
-        records = {route: asdict(r) for route, r in self._rollouts.items()}
+    async def _save(self, rollout: Rollout) -> None:
         try:
-            await self._records_store.save(records)
+            await self._records_store.save(rollout.route, asdict(rollout))
         except (OSError, StateUnavailable) as err:
             log.error("rollouts: cannot write %s (%s)", self._records_store.where, err)
 
@@ -466,6 +609,13 @@ class RolloutController:
 
     def _lock(self, route: str) -> asyncio.Lock:
         return self._locks.setdefault(route, asyncio.Lock())
+
+
+def _check(rollout: Rollout, action: str) -> None:
+    if action == "resume" and rollout.state != "paused":
+        raise RolloutConflict(
+            f"route '{rollout.route}': the rollout is {rollout.state}, not paused"
+        )
 
 
 def slo_breach(slo: RolloutSlo, health: VariantHealth) -> str:

@@ -160,7 +160,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         await self._routes_change(context)
         rollouts = self._rollouts
         try:
-            if rollouts is not None and rollouts.is_active(request.route):
+            if rollouts is not None and await rollouts.active(request.route):
                 # One command at any step: the route goes back to its spec from before the
                 # rollout (the stable version at 100%), not to the step before this one.
                 self._pipeline.routes.expect(request.expected_generation)
@@ -201,7 +201,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
             elif act == "abort":
                 rollout = await rollouts.abort(route, _actor())
             else:
-                rollout = rollouts.get(route)
+                rollout = await rollouts.status(route)
         except GatewayError as err:
             await _abort(context, err.grpc_status, str(err))
         return _rollout_pb(rollout)

@@ -3,13 +3,16 @@ sidecar's Verdict RPC and walks the route. A copy of the stable version (4) walk
 -> 25 -> 50 -> 100 and becomes stable, resuming at its step after a SIGKILL; a worse one (3)
 is rolled back at its first canary step with the evidence in its status; one breaking its
 latency SLO is rolled back before any verdict; without labels the rollout holds, then
-pauses for a person, and ``gateway rollback`` ends it."""
+pauses for a person, and ``gateway rollback`` ends it. Two replicas on one Redis: one drives
+the rollout, the other shows it and passes it commands, and takes it over when the driver
+is SIGKILLed."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,7 @@ from gateway.demo import synthetic_transactions
 from gateway.evaluation.client import send_labels
 from tests.auth import ADMIN_ENV, ADMIN_TOKEN, wait_until
 from tests.conftest import free_port
+from tests.services import RedisServer
 from tests.integration.test_canary import add_versions
 from tests.integration.test_evaluation import raw_inputs
 
@@ -69,8 +73,8 @@ def setup(repo_copy: Path, start_gateway, start_sidecar, tmp_path: Path):
     config.write_text(yaml.safe_dump({"evaluation": {"canaries": canaries}}))
     sidecar = start_sidecar(tmp_path / "store", free_port(), "--config", str(config))
 
-    def gateway(name: str = "gateway", **rollout):
-        settings = {
+    def gateway(name: str = "gateway", state: dict | None = None, **rollout):
+        settings: dict = {
             "routing": {"routes": {"scored": ROUTE}},
             "adaptation": {
                 "rollout": {
@@ -80,9 +84,14 @@ def setup(repo_copy: Path, start_gateway, start_sidecar, tmp_path: Path):
                 }
             },
         }
+        if state is not None:
+            settings["state"] = state
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(settings))
-        events = ["--sidecar", sidecar.address, "--events-dir", str(tmp_path / "events")]
+        # NOTE: one event log for gateways started one after another (a restart), one each
+        # for replicas running side by side
+        log = tmp_path / ("events" if state is None else f"events-{name}")
+        events = ["--sidecar", sidecar.address, "--events-dir", str(log)]
         return start_gateway(repo_copy, "--config", str(path), *events, env=ADMIN_ENV)
 
     return sidecar, gateway
@@ -234,3 +243,38 @@ def test_a_step_is_judged_on_the_traffic_since_it_began(setup):
     traffic(gateway, sidecar, "scored", events_per_request=2)  # the step's own, paired
     wait_until(lambda: status(gateway)["state"] == "succeeded", "the rollout to finish")
     assert weights(gateway) == {"live": 0, "v4": 1}
+
+
+def test_one_replica_drives_a_rollout_and_another_takes_it_over_when_it_dies(setup, tmp_path):
+    _, start = setup
+    redis = RedisServer(tmp_path / "redis")
+    try:
+        state = {"backend": "redis", "redis_url": redis.url}
+        first = start("first", state=state, lease_s=2)
+        second = start("second", state=state, lease_s=2)
+        out = cli(first, "rollout", "start", "scored", "--candidate", "4", "--steps", "25,100")
+        assert out.returncode == 0, out.stderr
+        # no labels: it holds at 25%, driven by the first; the second shows it as it is
+        wait_until(lambda: status(second)["state"] == "holding", "the second to see it hold")
+        assert weights(second) == {"live": 75, "v4": 25}
+        # a command on the replica that does not drive it is carried out by the one that does
+        out = cli(second, "rollout", "pause", "scored")
+        assert out.returncode == 0, out.stderr
+        assert "PAUSED" in out.stdout
+        assert status(first)["state"] == "paused" and "paused by" in status(first)["reason"]
+        first.kill_all()  # SIGKILL: its lease lapses (lease_s) and the second takes over
+
+        def taken_over() -> bool:
+            return any("driven by replica" in h["reason"] for h in status(second)["history"])
+
+        wait_until(taken_over, "the second replica to take the rollout over")
+        out = cli(second, "rollout", "resume", "scored")
+        assert out.returncode == 0, out.stderr
+        out = cli(second, "rollback", "scored")
+        assert out.returncode == 0, out.stderr
+        record = status(second)
+        assert record["state"] == "rolled_back" and weights(second) == {"live": 1}
+        reasons = [h["reason"] for h in record["history"]]
+        assert sum("driven by replica" in r for r in reasons) == 1  # one driver at a time
+    finally:
+        redis.stop(signal.SIGKILL)
