@@ -17,7 +17,7 @@ from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.auth import ClientCredentials
 from gateway.evaluation.labels import label_notes
-from gateway.evaluation.page import describe_labels, describe_window
+from gateway.evaluation.page import action_notes, describe_labels, describe_window, output_tail
 from gateway.evaluation.page import format_number as _num
 from gateway.tables import format_table
 
@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 _CHUNK = 10_000  # labels per PutLabels call
+_TAIL_CHARS = 300  # of a run's output, in the text report (the last _TAIL_LINES lines of it)
+_TAIL_LINES = 5
 
 
 _OPEN = ClientCredentials()  # for a sidecar with evaluation.auth.mode none, without TLS
@@ -111,6 +113,7 @@ def export(
     request: ev.ExportRequest,
     out: Path,
     credentials: ClientCredentials = _OPEN,
+    timeout_s: float = 600.0,
 ) -> int:
     """Stream the Parquet file from the sidecar (ExportFile) into ``out``; the rows it holds.
 
@@ -123,7 +126,9 @@ def export(
         stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             with aside.open("wb") as handle:
-                for chunk in stub.ExportFile(request, timeout=600, metadata=credentials.metadata):
+                for chunk in stub.ExportFile(
+                    request, timeout=timeout_s, metadata=credentials.metadata
+                ):
                     handle.write(chunk.data)
                     rows = chunk.rows or rows
             aside.replace(out)
@@ -326,4 +331,55 @@ def format_report(report: dict[str, Any]) -> str:
             for a in alerts
         ]
         lines += format_table(rows, indent="  ")
-    return "\n".join(lines)
+    return "\n".join(lines + _journal_lines(report))
+
+
+def _journal_lines(report: dict[str, Any]) -> list[str]:
+    """The model's latest trigger runs and playbook actions, then its open reviews, a few lines
+    each; what the report's bounded lists leave out is counted, with the command that shows
+    it."""
+    model = report["model"]
+    totals = report.get("journal_totals") or {}
+    journal = f"gateway actions {model} --limit N"
+    lines: list[str] = []
+    for key, title in (("triggers", "trigger runs"), ("playbook_actions", "playbook actions")):
+        entries = report.get(key, [])
+        lines += ["", _count(title, len(entries), totals.get(key), journal)]
+        for a in entries:
+            exit_code = "" if a["exit_code"] is None else f", exit {a['exit_code']}"
+            took = "" if a["duration_s"] is None else f", {a['duration_s']:.1f} s"
+            lines.append(
+                f"  {a['id']} {_utc(a['time'])} {a['kind']} {a['name']}: "
+                f"{a['outcome']}{exit_code}{took}"
+            )
+            if a["reason"]:
+                lines.append(f"    fired: {a['reason']}")
+            if a["ran"]:
+                lines.append(f"    ran: {a['ran']}")
+            lines += [f"    {note}" for note in action_notes(a)]
+            tail = output_tail(a.get("output"), _TAIL_CHARS).splitlines()[-_TAIL_LINES:]
+            if tail:
+                lines += ["    output:", *(f"      {line}" for line in tail)]
+    reviews = report.get("reviews", [])
+    command = f"gateway review list --model {model}"
+    lines += ["", _count("open reviews", len(reviews), totals.get("open_reviews"), command)]
+    for r in reviews:
+        feature = f" feature {r['feature']}" if r["feature"] else ""
+        lines += [
+            f"  {r['id']} {_utc(r['time'])} {r['alert']} on version {r['version']} segment "
+            f"{r['segment']}{feature}",
+            f"    {r['rows']} rows to review in {r['export']}",
+        ]
+    return [_printable(line) for line in lines]
+
+
+def _count(title: str, shown: int, total: int | None, command: str) -> str:
+    total = shown if total is None else total
+    more = f" (the latest {shown}; `{command}` lists the rest)" if total > shown else ""
+    return f"{title}: {total}{more}"
+
+
+def _printable(line: str) -> str:
+    """A line with its control characters escaped: recorded output and reasons are data, and
+    must not drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import pyarrow.parquet as pq
 
@@ -83,7 +83,10 @@ REVIEW_FIELDS: Final = (
     "resolved_time",
     "note",
 )
+# The kinds of a trigger run; every other kind is a playbook action.
+_TRIGGER_KINDS: Final = ("time", "data", "drift", "performance", "manual")
 _EPOCH_S: Final = "epoch(time)"
+_IS_RUN: Final = f"kind IN ({', '.join(repr(k) for k in _TRIGGER_KINDS)})"
 
 
 class Journal:
@@ -110,8 +113,7 @@ class Journal:
     def last_run_s(self, model: str, name: str) -> float | None:
         """When the trigger ``name`` of ``model`` last ran (started), whatever its outcome."""
         rows = self.store.query(
-            f"SELECT max({_EPOCH_S}) FROM actions WHERE model = ? AND name = ? "
-            "AND kind IN ('time', 'data', 'drift', 'performance', 'manual') "
+            f"SELECT max({_EPOCH_S}) FROM actions WHERE model = ? AND name = ? AND {_IS_RUN} "
             "AND outcome <> 'skipped'",
             [model, name],
         )
@@ -126,9 +128,18 @@ class Journal:
         )
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def actions(self, model: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        """The latest actions, newest first (of ``model``, or every model)."""
-        where, params = ("WHERE model = ?", [model]) if model else ("", [])
+    def actions(
+        self,
+        model: str = "",
+        limit: int = 100,
+        of: Literal["all", "triggers", "playbooks"] = "all",
+    ) -> list[dict[str, Any]]:
+        """The latest actions, newest first (of ``model``, or every model): all of them, the
+        trigger runs only, or the playbook actions only."""
+        clauses, params = (["model = ?"], [model]) if model else ([], [])
+        if of != "all":
+            clauses.append(_IS_RUN if of == "triggers" else f"NOT {_IS_RUN}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.store.query(
             f"SELECT id, {_EPOCH_S}, {', '.join(ACTION_FIELDS[2:])} FROM actions {where} "
             "ORDER BY id DESC LIMIT ?",
@@ -138,6 +149,23 @@ class Journal:
         for entry in out:
             entry["detail"] = json.loads(entry["detail"] or "{}")
         return out
+
+    def totals(self, model: str) -> dict[str, int]:
+        """How much ``model`` has recorded: its ``triggers`` runs, its ``playbook_actions`` and
+        its ``open_reviews`` (what a bounded list of each leaves out)."""
+        runs, others = self.store.query(
+            f"SELECT count(*) FILTER (WHERE {_IS_RUN}), count(*) FILTER (WHERE NOT {_IS_RUN}) "
+            "FROM actions WHERE model = ?",
+            [model],
+        )[0]
+        ((reviews,),) = self.store.query(
+            "SELECT count(*) FROM reviews WHERE model = ? AND status = 'open'", [model]
+        )
+        return {
+            "triggers": int(runs),
+            "playbook_actions": int(others),
+            "open_reviews": int(reviews),
+        }
 
     def labelled_since(self, model: str, since_s: float) -> int:
         """Labelled prediction rows of ``model`` (its shadows' copies aside) whose label was
@@ -192,8 +220,11 @@ class Journal:
         )
         return int(review_id)
 
-    def reviews(self, status: str = "open", model: str = "") -> list[dict[str, Any]]:
-        """The review queue, oldest first: ``status`` open, resolved or "" (all)."""
+    def reviews(
+        self, status: str = "open", model: str = "", limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The review queue, oldest first: ``status`` open, resolved or "" (all); with
+        ``limit``, only its latest ``limit`` entries."""
         clauses, params = [], []
         if status:
             clauses.append("status = ?")
@@ -205,7 +236,10 @@ class Journal:
         columns = ", ".join(
             f"epoch({c})" if c in ("time", "resolved_time") else c for c in REVIEW_FIELDS
         )
-        rows = self.store.query(f"SELECT {columns} FROM reviews {where} ORDER BY id", params)
+        latest = "" if limit is None else f"ORDER BY id DESC LIMIT {int(limit)}"
+        rows = self.store.query(
+            f"SELECT * FROM (SELECT {columns} FROM reviews {where} {latest}) ORDER BY id", params
+        )
         return [dict(zip(REVIEW_FIELDS, row, strict=True)) for row in rows]
 
     def resolve(self, review_id: int, note: str, now_s: float) -> bool:

@@ -12,9 +12,11 @@ from typing import Any
 from gateway.evaluation.labels import label_notes
 
 __all__ = [
+    "action_notes",
     "describe_labels",
     "describe_window",
     "format_number",
+    "output_tail",
     "render_index",
     "render_page",
 ]
@@ -29,7 +31,12 @@ td:first-child,th:first-child{text-align:left}.fire{color:#b00;font-weight:600}
 .verdict{font-size:18px;font-weight:700}.promote{color:#080}.rollback{color:#b00}
 .hold{color:#a60}svg{background:#fafafa;border:1px solid #eee;margin:6px 0}
 .warn{background:#fff4d6;border-left:4px solid #d90;padding:6px 10px}
+.journal td,.journal th{text-align:left;vertical-align:top}.good{color:#080}
+.bad{color:#b00;font-weight:600}.journal i{color:#555}
+pre{white-space:pre-wrap;max-width:420px;margin:2px 0;font-size:12px}
 """
+_TAIL_CHARS = 2000  # of a run's output, on the page (the journal keeps up to output_bytes)
+_OUTCOME_CLASS = {"ok": "good", "failed": "bad", "timeout": "bad", "error": "bad"}
 # Measures what each chart drew, once laid out: a mark counts only if it has geometry inside
 # the chart (a path of non-zero length, a circle of non-zero radius, a rect of non-zero area);
 # a line chart's every series must draw one. A headless browser reads the verdict
@@ -104,6 +111,7 @@ def render_page(
         parts += ["<h3>Segments</h3>", _segments(version, segments), _notes(segments)]
     for verdict in verdicts:
         parts.append(_canary(verdict))
+    parts.append(_adaptation(report))
     return _document(f"{model}: evaluation", "".join(parts))
 
 
@@ -192,6 +200,77 @@ def _canary(verdict: dict[str, Any]) -> str:
         f'<p class="verdict {kind}">{kind.upper()}</p><ul>{reasons}</ul>'
         f"<table><tr><th>measure</th><th>stable</th><th>candidate</th></tr>{rows}</table>"
         + _bar_chart(f"canary-{verdict['candidate']}", bars, max(1.0, *(v for _, v in bars)))
+    )
+
+
+def _adaptation(report: dict[str, Any]) -> str:
+    """What the adaptation loop did for the model: its latest trigger runs and playbook
+    actions, and its open reviews; each list is bounded, and a note says what it leaves out."""
+    model = report["model"]
+    totals = report.get("journal_totals") or {}
+    triggers = report.get("triggers", [])
+    actions = report.get("playbook_actions", [])
+    reviews = report.get("reviews", [])
+    parts = ['<h2 id="adaptation">Adaptation: retraining triggers, playbook actions, reviews</h2>']
+    journal = f"gateway actions {model} --limit N"
+    for key, title, entries, command in (
+        ("triggers", "Trigger runs", triggers, journal),
+        ("playbook_actions", "Playbook actions", actions, journal),
+        ("open_reviews", "Open reviews", reviews, f"gateway review list --model {model}"),
+    ):
+        total = int(totals.get(key, len(entries)))
+        parts.append(f"<h3>{title} ({total})</h3>")
+        if not entries:
+            parts.append("<p>None.</p>")
+            continue
+        parts.append(_reviews(entries) if key == "open_reviews" else _actions(key, entries))
+        if total > len(entries):
+            parts.append(
+                f'<p class="more" id="more-{key}">{total - len(entries)} more not shown (the '
+                f"latest {len(entries)} are): <code>{_e(command)}</code> lists them.</p>"
+            )
+    return "".join(parts)
+
+
+def _actions(table_id: str, entries: Sequence[dict[str, Any]]) -> str:
+    """Trigger runs or playbook actions, newest first: what fired and why, what ran, how it
+    ended, and the tail of its output."""
+    rows = []
+    for a in entries:
+        notes = "".join(f"<br><i>{_e(note)}</i>" for note in action_notes(a))
+        tail = output_tail(a.get("output"), _TAIL_CHARS)
+        output = f"<details><summary>tail</summary><pre>{_e(tail)}</pre></details>" if tail else "-"
+        outcome = str(a.get("outcome") or "-")
+        exit_code = a.get("exit_code")
+        rows.append(
+            f"<tr><td>{_e(a['id'])}</td><td>{_time(int(a['time'] * 1e6))}</td>"
+            f"<td>{_e(a['kind'])}</td><td>{_e(a['name'])}</td><td>{_e(a['reason'] or '-')}</td>"
+            f"<td>{_e(a['ran'] or '-')}{notes}</td>"
+            f'<td class="{_OUTCOME_CLASS.get(outcome, "")}">{_e(outcome)}</td>'
+            f"<td>{_e('-' if exit_code is None else exit_code)}</td>"
+            f"<td>{_duration(a.get('duration_s'))}</td><td>{output}</td></tr>"
+        )
+    return (
+        f'<table class="journal" id="{table_id}"><tr><th>id</th><th>time</th><th>kind</th>'
+        "<th>name</th><th>what fired, why</th><th>what ran</th><th>outcome</th><th>exit</th>"
+        f"<th>took</th><th>output</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _reviews(reviews: Sequence[dict[str, Any]]) -> str:
+    """Open reviews: the alert each answers, and the rows exported for a person to look at."""
+    rows = "".join(
+        f"<tr><td>{_e(r['id'])}</td><td>{_time(int(r['time'] * 1e6))}</td><td>{_e(r['alert'])}</td>"
+        f"<td>{_e(r['version'])}</td><td>{_e(r['segment'])}</td><td>{_e(r['feature'] or '-')}</td>"
+        f"<td>{format_number(r.get('value'))}</td><td>{_e(r['rows'])}</td>"
+        f"<td><code>{_e(r['export'])}</code></td></tr>"
+        for r in reviews
+    )
+    return (
+        '<table class="journal" id="reviews"><tr><th>id</th><th>created</th><th>alert</th>'
+        "<th>version</th><th>segment</th><th>feature</th><th>value</th><th>rows to review</th>"
+        f"<th>export</th></tr>{rows}</table>"
+        "<p>Resolve one with <code>gateway review resolve ID --note TEXT</code>.</p>"
     )
 
 
@@ -318,6 +397,30 @@ def describe_labels(labels: dict[str, Any] | None) -> str:
     if labels["replaced"]:
         line += f" ({labels['disagreeing']} with another value)"
     return line + "."
+
+
+def action_notes(entry: dict[str, Any]) -> list[str]:
+    """What a trigger run's or playbook action's detail adds, in words: the training data a
+    run read, the threshold it would raise to, why it did nothing."""
+    detail = entry.get("detail") or {}
+    notes = []
+    if "training_data" in detail:
+        notes.append(f"training data: {detail.get('rows', 0)} rows in {detail['training_data']}")
+    if "suggested" in detail:
+        notes.append(
+            f"suggests threshold {detail['suggested']} (now {detail.get('threshold')})"
+            + (f": {detail['note']}" if detail.get("note") else "")
+        )
+    if detail.get("why"):
+        notes.append(str(detail["why"]))
+    return notes
+
+
+def output_tail(output: str | None, max_chars: int) -> str:
+    """The last ``max_chars`` of a run's output, marked when cut."""
+    if not output:
+        return ""
+    return output if len(output) <= max_chars else "..." + output[-max_chars:]
 
 
 def _time(us: int) -> str:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Batches read ahead of the store on one stream (and at most stored in one statement).
 _READ_AHEAD = 64
 _EXPORT_CHUNK = 1 << 20  # bytes of Parquet per ExportChunk
-_TRIGGER_KINDS = frozenset({"time", "data", "drift", "performance", "manual"})
+_JOURNAL_SHOWN = 20  # trigger runs, playbook actions and open reviews a report lists, each
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -289,10 +289,10 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         report["alerts"] = alerts.firing
         report["not_enough_data"] = alerts.not_enough_data
         journal = self.playbooks.journal
-        recent = journal.actions(model, limit=20)
-        report["triggers"] = [a for a in recent if a["kind"] in _TRIGGER_KINDS]
-        report["playbook_actions"] = [a for a in recent if a["kind"] not in _TRIGGER_KINDS]
-        report["reviews"] = journal.reviews("open", model)
+        report["triggers"] = journal.actions(model, _JOURNAL_SHOWN, "triggers")
+        report["playbook_actions"] = journal.actions(model, _JOURNAL_SHOWN, "playbooks")
+        report["reviews"] = journal.reviews("open", model, _JOURNAL_SHOWN)
+        report["journal_totals"] = journal.totals(model)
         _trim_heap()
         return report
 

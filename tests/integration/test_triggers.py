@@ -2,17 +2,19 @@
 its watch every 0.2 s; a quality incident runs the training command once however many rounds
 it lasts, queues one review that ``gateway review`` lists and resolves, rolls back the route
 at a gateway's admin service (a stand-in on loopback holding the token) once, and records the
-threshold it would tighten; ``gateway actions`` and the report show them all."""
+threshold it would tighten; ``gateway actions``, the report and its HTML page show them all."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -121,6 +123,8 @@ def test_a_quality_incident_acts_once_and_is_shown(tmp_path: Path, admin):
         tmp_path / "logs",
         "--config",
         str(tmp_path / "sidecar.yaml"),
+        "--http-port",
+        "0",
     )
     try:
         # Scores that know nothing of the labels: every quality rule fires.
@@ -197,6 +201,13 @@ def test_a_quality_incident_acts_once_and_is_shown(tmp_path: Path, admin):
         assert listed.returncode == 0, listed.stderr
         [review] = fetch_reviews(sidecar.address)
         assert review["alert"] == "accuracy-low" and review["rows"] == 300
+        with urllib.request.urlopen(f"http://{sidecar.http_url}/report/m", timeout=60) as reply:
+            page = reply.read().decode()
+        [runs] = re.findall(r'<table class="journal" id="triggers">.*?</table>', page, re.S)
+        assert "<td>performance</td>" in runs and '<td class="good">ok</td><td>0</td>' in runs
+        assert "quality alert accuracy-low" in runs and "trained on 300 rows" in runs
+        [queued] = re.findall(r'<table class="journal" id="reviews">.*?</table>', page, re.S)
+        assert f"<td>{review['id']}</td>" in queued and review["export"] in queued
         assert f"{review['id']}  " in listed.stdout and "accuracy-low" in listed.stdout
         assert review["export"] in listed.stdout
         done = gateway_cli(

@@ -106,3 +106,158 @@ def test_segments_show_their_labels_and_what_the_labels_say():
     assert "2 of 6 relabelled rows were given a different label (33%)" in page
     assert series_marks(page, "labelled-1") == {}  # a bar chart: no series
     assert re.search(r'<svg class="chart" id="labelled-1".*?<rect ', page)
+
+
+HOSTILE = "<script>alert('x')</script>"
+
+
+def action(id: int, kind: str = "performance", **fields) -> dict:
+    """A journal entry as the report carries it (``time`` in Unix seconds)."""
+    return {
+        "id": id,
+        "time": NOW / SECOND - 60 * id,
+        "model": "m",
+        "kind": kind,
+        "name": "m-retrain" if kind == "performance" else kind,
+        "incident": "accuracy-low|m|2|all|",
+        "reason": "quality alert accuracy-low: accuracy 0.5 below 0.9 on version 2 segment all",
+        "ran": '["python", "train.py"]',
+        "outcome": "ok",
+        "exit_code": 0,
+        "duration_s": 4.2,
+        "output": "trained on 300 rows\n",
+        "detail": {"training_data": "/store/training/m-retrain-1.parquet", "rows": 300},
+        **fields,
+    }
+
+
+def review(id: int, **fields) -> dict:
+    return {
+        "id": id,
+        "time": NOW / SECOND - 120,
+        "alert": "accuracy-low",
+        "incident": "accuracy-low|m|2|all|",
+        "model": "m",
+        "version": "2",
+        "segment": "geo=BR",
+        "feature": "",
+        "value": 0.5,
+        "export": f"/store/reviews/{id}.parquet",
+        "rows": 300,
+        "status": "open",
+        "resolved_time": None,
+        "note": "",
+        **fields,
+    }
+
+
+def journal_report(**fields) -> dict:
+    """A report whose model has a failed trigger run with hostile output, a rollback, a
+    skipped action with hostile reasons, and an open review."""
+    return report(
+        triggers=[
+            action(
+                2,
+                outcome="failed",
+                exit_code=3,
+                reason=f"a reason {HOSTILE}",
+                output="x" * 5000 + f"\nTraceback: {HOSTILE}\n",
+            ),
+            action(1),
+        ],
+        playbook_actions=[
+            action(
+                4,
+                "rollback",
+                ran="Rollback m-live at 127.0.0.1:5000",
+                exit_code=None,
+                duration_s=None,
+                output="",
+                detail={"routes": ["m-live"], "failed": []},
+            ),
+            action(
+                3,
+                "tighten_thresholds",
+                ran="",
+                outcome="recorded",
+                exit_code=None,
+                duration_s=None,
+                output=None,
+                detail={"threshold": 0.5, "suggested": 0.55, "why": HOSTILE},
+            ),
+        ],
+        reviews=[review(7, segment=HOSTILE)],
+        journal_totals={"triggers": 2, "playbook_actions": 2, "open_reviews": 1},
+        **fields,
+    )
+
+
+def table_rows(page: str, table: str) -> list[str]:
+    found = re.search(rf'<table class="journal" id="{table}">(.*?)</table>', page, re.S)
+    assert found, page
+    return re.findall(r"<tr>(<td>.*?)</tr>", found[1], re.S)
+
+
+def test_the_page_shows_trigger_runs_playbook_actions_and_open_reviews():
+    page = render_page(journal_report(), {}, [])
+    assert '<h2 id="adaptation">' in page
+    assert "<h3>Trigger runs (2)</h3>" in page and "<h3>Open reviews (1)</h3>" in page
+    failed, ok = table_rows(page, "triggers")
+    assert "<td>2</td><td>2023-11-14 22:11:20 UTC</td><td>performance</td>" in failed
+    assert '<td class="bad">failed</td><td>3</td><td>4.2 s</td>' in failed
+    assert "<td>[&quot;python&quot;, &quot;train.py&quot;]<br><i>training data: 300 rows in " in ok
+    assert "/store/training/m-retrain-1.parquet</i>" in ok
+    assert '<td class="good">ok</td><td>0</td>' in ok
+    assert "<details><summary>tail</summary><pre>trained on 300 rows\n</pre></details>" in ok
+    rollback, tighten = table_rows(page, "playbook_actions")
+    assert "<td>Rollback m-live at 127.0.0.1:5000</td>" in rollback
+    assert rollback.endswith("<td>-</td><td>-</td><td>-</td>")  # no exit, time or output
+    assert "<i>suggests threshold 0.55 (now 0.5)</i>" in tighten
+    [queued] = table_rows(page, "reviews")
+    assert queued.startswith("<td>7</td><td>2023-11-14 22:11:20 UTC</td><td>accuracy-low</td>")
+    assert "<td>0.500</td><td>300</td><td><code>/store/reviews/7.parquet</code></td>" in queued
+    assert 'class="more"' not in page  # every entry is shown
+
+
+def test_the_page_escapes_what_triggers_and_reviews_recorded():
+    page = render_page(journal_report(), {}, [])
+    assert "<script>alert" not in page
+    escaped = "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;"
+    assert f"a reason {escaped}" in page  # the reason
+    assert f"Traceback: {escaped}" in page  # the output's tail
+    assert f"<i>{escaped}</i>" in page  # why the action did nothing
+    assert f"<td>{escaped}</td>" in page  # the review's segment
+    assert page.count("<script>") == 1  # the page's own check
+
+
+def test_the_page_shows_a_bounded_tail_of_a_runs_output():
+    page = render_page(journal_report(), {}, [])
+    [tail] = re.findall(r"<pre>(\.\.\.x*)\nTraceback", page)
+    assert len(tail) == 3 + 2000 - len(f"\nTraceback: {HOSTILE}\n")
+
+
+def test_the_page_says_how_many_entries_it_leaves_out():
+    shown = [action(i) for i in range(20, 0, -1)]
+    totals = {"triggers": 27, "playbook_actions": 0, "open_reviews": 23}
+    reviews = [review(i) for i in range(4, 24)]
+    page = render_page(
+        report(triggers=shown, playbook_actions=[], reviews=reviews, journal_totals=totals),
+        {},
+        [],
+    )
+    assert len(table_rows(page, "triggers")) == 20 and len(table_rows(page, "reviews")) == 20
+    assert "<h3>Trigger runs (27)</h3>" in page
+    assert "<h3>Playbook actions (0)</h3><p>None.</p>" in page
+    assert (
+        '<p class="more" id="more-triggers">7 more not shown (the latest 20 are): '
+        "<code>gateway actions m --limit N</code> lists them.</p>"
+    ) in page
+    assert '<p class="more" id="more-open_reviews">3 more not shown' in page
+    assert "gateway review list --model m" in page
+    assert 'id="more-playbook_actions"' not in page
+
+
+def test_a_model_with_no_trigger_or_review_says_so():
+    page = render_page(report(), {}, [])
+    assert "<h3>Trigger runs (0)</h3><p>None.</p>" in page
+    assert "<h3>Open reviews (0)</h3><p>None.</p>" in page
