@@ -96,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_argument("model", nargs="?", default="", help="one model (default: all)")
     actions.add_argument("--limit", type=int, default=50, help="the latest N (default 50)")
     actions.add_argument("--json", action="store_true", help="print them as JSON")
+    triggers = commands.add_parser("triggers", help="the sidecar's retraining triggers")
+    triggering = triggers.add_subparsers(dest="triggers_command", required=True)
+    run = triggering.add_parser(
+        "run", parents=[client], help="run a model's trigger now, by hand (kind manual)"
+    )
+    run.add_argument("model")
+    run.add_argument("--name", default="", help="which trigger (default: the model's only one)")
+    run.add_argument("--reason", default="", help="why, recorded with the run")
+    run.add_argument("--force", action="store_true", help="run it within its cooldown too")
+    run.add_argument(
+        "--wait", action="store_true", help="wait for it to end; exit 3 unless it ended ok"
+    )
+    run.add_argument("--timeout", type=float, default=3600.0, help="of --wait, in seconds")
     review = commands.add_parser(
         "review", help="the human review queue (the human_review playbook)"
     )
@@ -476,6 +489,8 @@ def _adaptation(args: argparse.Namespace) -> int:
     from gateway.evaluation import client
 
     credentials = _credentials(args)
+    if args.command == "triggers":
+        return _run_trigger(args, credentials)
     if args.command == "actions":
         actions = client.fetch_actions(args.address, args.model, args.limit, credentials)
         print(json.dumps(actions, indent=1) if args.json else client.format_actions(actions))
@@ -486,6 +501,30 @@ def _adaptation(args: argparse.Namespace) -> int:
         client.resolve_review(args.address, args.id, args.note, credentials)
         print(f"review {args.id} resolved")
     return 0
+
+
+def _run_trigger(args: argparse.Namespace, credentials: Any) -> int:
+    """``gateway triggers run MODEL``: start it; with --wait, poll the journal until it ends."""
+    import time
+
+    from gateway.evaluation import client
+
+    started = client.run_trigger(
+        args.address, args.model, args.name, args.reason, args.force, credentials
+    )
+    print(f"trigger {started['name']}: run {started['id']} started ({started['ran']})")
+    if not args.wait:
+        print(f"`gateway actions {args.model}` shows its outcome")
+        return 0
+    until = time.monotonic() + args.timeout
+    while time.monotonic() < until:
+        time.sleep(1.0)
+        for entry in client.fetch_actions(args.address, args.model, 200, credentials):
+            if entry["id"] == started["id"] and entry["outcome"] != "running":
+                print(client.format_actions([entry]))
+                return 0 if entry["outcome"] == "ok" else 3
+    print(f"run {started['id']} still running after {args.timeout:g} s", file=sys.stderr)
+    return 3
 
 
 def _verdict(args: argparse.Namespace) -> int:
@@ -709,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "sidecar":
             return _sidecar(args)
-        if args.command in ("actions", "review"):
+        if args.command in ("actions", "review", "triggers"):
             return _client_call(_adaptation, args)
         if args.command in ("labels", "export", "report", "verdict", "validate"):
             command = {

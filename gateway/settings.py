@@ -675,6 +675,12 @@ class TriggerSpec(_Section):
         3600.0, gt=0, description="The command is killed (its process group) past this."
     )
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="The webhook's timeout.")
+    min_rows: int = Field(
+        0,
+        ge=0,
+        description="A run whose fresh export holds fewer labelled rows than this trains "
+        "nothing: recorded as skipped with the count (the cooldown still counts from it).",
+    )
     cooldown_s: float = Field(
         3600.0, ge=0, description="Least time between two runs (from a run's start)."
     )

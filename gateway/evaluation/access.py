@@ -2,8 +2,8 @@
 or client certificate, looked up in the keys file at every call, must hold it.
 
 Roles are exact, none implies another: ``publish`` (Publish: the gateway), ``write``
-(PutLabels, ResolveReview), ``read`` (Report, Verdict, Export, ExportFile, Actions, Reviews).
-A key that sends labels and reads reports lists both. An RPC of the service missing from
+(PutLabels, ResolveReview, RunTrigger), ``read`` (Report, Verdict, Export, ExportFile, Actions,
+Reviews). A key that sends labels and reads reports lists both. An RPC of the service missing from
 ``ROLES`` is refused to everyone.
 
 A key (mode ``api_key``) is checked from the call's metadata before the request is read; a
@@ -46,6 +46,7 @@ ROLES: Final[dict[str, Literal["publish", "write", "read"]]] = {
     "Actions": "read",
     "Reviews": "read",
     "ResolveReview": "write",
+    "RunTrigger": "write",
 }
 _PREFIX: Final = f"/{SERVICE}/"
 

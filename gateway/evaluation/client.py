@@ -217,6 +217,26 @@ def resolve_review(
         )
 
 
+def run_trigger(
+    address: str,
+    model: str,
+    name: str = "",
+    reason: str = "",
+    force: bool = False,
+    credentials: ClientCredentials = _OPEN,
+) -> dict[str, Any]:
+    """Start a run of ``model``'s trigger now; its record as it started."""
+    with credentials.channel(address, "sidecar") as channel:
+        stub = ev_grpc.EvaluationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply = stub.RunTrigger(
+            ev.RunTriggerRequest(model=model, name=name, reason=reason, force=force),
+            timeout=60,
+            metadata=credentials.metadata,
+        )
+    started: dict[str, Any] = json.loads(reply.json)
+    return started
+
+
 def format_actions(actions: list[dict[str, Any]]) -> str:
     """The journal as a table, newest first; a failed run's output tail under it."""
     if not actions:

@@ -21,6 +21,7 @@ import numpy as np
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
+from gateway.errors import GatewayError
 from gateway.evaluation.alerts import Evaluation, alert_key, evaluate_alerts, transitions
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.page import render_index, render_page
@@ -369,6 +370,19 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         if not resolved:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no open review {request.id}")
         return ev.ResolveReviewResponse()
+
+    async def RunTrigger(
+        self, request: ev.RunTriggerRequest, context: grpc.aio.ServicerContext
+    ) -> ev.RunTriggerResponse:
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model: the trigger's model")
+        try:
+            entry = await self.playbooks.triggers.run_now(
+                request.model, request.name, request.reason[:500], request.force, time.time()
+            )
+        except GatewayError as err:
+            await context.abort(err.grpc_status, str(err))
+        return ev.RunTriggerResponse(json=json.dumps(entry, default=_plain))
 
     async def watch(self, alert_log: Path) -> None:
         """Check every rule on every model with recent events, every ``evaluate_every_s``.

@@ -30,17 +30,26 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
+import grpc
+
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
 from gateway.evaluation.journal import Journal
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.settings import TriggerSpec
 
-__all__ = ["Firing", "TriggerKind", "Triggers"]
+__all__ = ["Firing", "TriggerBusy", "TriggerKind", "Triggers"]
 
 log = logging.getLogger(__name__)
 
 TriggerKind = Literal["time", "data", "drift", "performance", "manual"]
 _CHUNK: Final = 65536
 _T = TypeVar("_T")
+
+
+class TriggerBusy(GatewayError):
+    """A run of the trigger is in progress, or (without force) within its cooldown."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ class Triggers:
         self.db = db
         self.metrics = metrics
         self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._starting: set[str] = set()
         self._last_s: dict[str, float] = {}  # a trigger's last run, read from the journal once
         self._first_s: float | None = None  # the first round: time triggers count from it
 
@@ -116,7 +126,7 @@ class Triggers:
         come once. True when a run started."""
         spec = firing.spec
         last = await self.last_run_s(spec)
-        busy = spec.label in self._running
+        busy = self._busy(spec.label)
         cooling = last is not None and now_s - last < spec.cooldown_s
         if busy or cooling:
             if firing.incident:
@@ -128,13 +138,56 @@ class Triggers:
                 )
                 await self._record_skip(firing, now_s, why)
             return False
+        await self._start(firing, now_s)
+        return True
+
+    async def run_now(
+        self, model: str, name: str, reason: str, force: bool, now_s: float
+    ) -> dict[str, Any]:
+        """Start a run of ``model``'s trigger ``name`` (its only one when empty) by hand: its
+        record as it started. ModelNotFound: no such trigger; TriggerBusy: a run in progress,
+        or within its cooldown unless ``force``."""
+        specs = self.of(model)
+        if not specs:
+            raise ModelNotFound(f"model '{model}' has no trigger (evaluation.triggers)")
+        if name:
+            specs = [spec for spec in specs if spec.label == name]
+            if not specs:
+                names = ", ".join(spec.label for spec in self.of(model))
+                raise ModelNotFound(f"model '{model}' has no trigger '{name}' (it has: {names})")
+        elif len(specs) > 1:
+            names = ", ".join(spec.label for spec in specs)
+            raise InvalidRequest(f"name: model '{model}' has several triggers: {names}")
+        spec = specs[0]
+        last = await self.last_run_s(spec)
+        if self._busy(spec.label):
+            raise TriggerBusy(f"trigger '{spec.label}': a run is in progress")
+        if not force and last is not None and now_s - last < spec.cooldown_s:
+            raise TriggerBusy(
+                f"trigger '{spec.label}': its last run started {now_s - last:.0f} s ago "
+                f"(cooldown_s {spec.cooldown_s:g}); force runs it anyway"
+            )
+        return await self._start(Firing(spec, "manual", reason or "run by hand"), now_s)
+
+    def _busy(self, label: str) -> bool:
+        return label in self._running or label in self._starting
+
+    async def _start(self, firing: Firing, now_s: float) -> dict[str, Any]:
+        """Record the run as started and run it in the background: that record."""
+        spec = firing.spec
         self._last_s[spec.label] = now_s
+        entry = _entry(firing, now_s) | {"outcome": "running", "ran": _what(spec)}
+        self._starting.add(spec.label)  # busy while its record is written: no second run
+        try:
+            entry["id"] = await self._in_db(self.journal.record, entry)
+        finally:
+            self._starting.discard(spec.label)
         task = asyncio.get_running_loop().create_task(
-            self._run(firing, now_s), name=f"trigger {spec.label}"
+            self._run(firing, dict(entry)), name=f"trigger {spec.label}"
         )
         self._running[spec.label] = task
         task.add_done_callback(lambda _t: self._running.pop(spec.label, None))
-        return True
+        return entry
 
     async def drain(self) -> list[dict[str, Any]]:
         """Wait for the runs in progress; their records."""
@@ -156,10 +209,9 @@ class Triggers:
         self.metrics.triggers.labels(spec.model, firing.kind, "skipped").inc()
         log.info("trigger %s (%s) not run: %s", spec.label, firing.kind, why)
 
-    async def _run(self, firing: Firing, started_s: float) -> dict[str, Any]:
+    async def _run(self, firing: Firing, entry: dict[str, Any]) -> dict[str, Any]:
         spec = firing.spec
-        entry = _entry(firing, started_s) | {"outcome": "running", "ran": _what(spec)}
-        entry["id"] = await self._in_db(self.journal.record, entry)
+        started_s = float(entry["time"])
         log.warning("trigger %s fired (%s): %s", spec.label, firing.kind, firing.reason)
         clock = time.monotonic()
         try:
@@ -174,7 +226,13 @@ class Triggers:
                 True,
             )
             entry["detail"] = {"training_data": str(path), "rows": rows}
-            if spec.command is not None:
+            if rows < spec.min_rows:
+                code, outcome = None, "skipped"
+                output = (
+                    f"{rows} labelled rows in the last {spec.window_s} s, fewer than min_rows "
+                    f"{spec.min_rows}: nothing trained"
+                )
+            elif spec.command is not None:
                 env = {
                     **os.environ,
                     "GATEWAY_MODEL": spec.model,

@@ -25,9 +25,9 @@ from gateway.demo import synthetic_transactions
 from gateway.evaluation.client import send_labels
 from tests.auth import ADMIN_ENV, ADMIN_TOKEN, wait_until
 from tests.conftest import free_port
-from tests.services import RedisServer
 from tests.integration.test_canary import add_versions
 from tests.integration.test_evaluation import raw_inputs
+from tests.services import RedisServer
 
 pytestmark = pytest.mark.integration
 

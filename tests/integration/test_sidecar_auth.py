@@ -138,6 +138,14 @@ def call(stub: ev_grpc.EvaluationServiceStub, rpc: str, md: tuple) -> object:
         return stub.Actions(ev.ActionsRequest(model=MODEL), metadata=md, timeout=30)
     if rpc == "Reviews":
         return stub.Reviews(ev.ReviewsRequest(model=MODEL), metadata=md, timeout=30)
+    if rpc == "RunTrigger":  # the model has no trigger: admitted, it answers NOT_FOUND
+        try:
+            stub.RunTrigger(ev.RunTriggerRequest(model=MODEL), metadata=md, timeout=30)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return err
+        raise AssertionError("RunTrigger of a model without triggers answered OK")
     if rpc == "ResolveReview":  # no review is open: admitted, it answers NOT_FOUND
         try:
             stub.ResolveReview(ev.ResolveReviewRequest(id=1), metadata=md, timeout=30)
@@ -177,9 +185,19 @@ def gateway_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 # --- api_key: every RPC, every kind of credential ----------------------------------------------
 
 KEYS = {name: secrets.token_urlsafe(24) for name in ("publisher", "writer", "reader", "old", "x")}
-RIGHT = {"Publish": "publisher", "PutLabels": "writer", "ResolveReview": "writer"}  # else reader
+RIGHT = {  # else reader
+    "Publish": "publisher",
+    "PutLabels": "writer",
+    "ResolveReview": "writer",
+    "RunTrigger": "writer",
+}
 # The rest: writer (write is not read).
-WRONG_ROLE = {"Publish": "reader", "PutLabels": "reader", "ResolveReview": "reader"}
+WRONG_ROLE = {
+    "Publish": "reader",
+    "PutLabels": "reader",
+    "ResolveReview": "reader",
+    "RunTrigger": "reader",
+}
 
 
 @pytest.fixture(scope="module")

@@ -203,9 +203,9 @@ def test_a_quality_incident_acts_once_and_is_shown(tmp_path: Path, admin):
         assert review["alert"] == "accuracy-low" and review["rows"] == 300
         with urllib.request.urlopen(f"http://{sidecar.http_url}/report/m", timeout=60) as reply:
             page = reply.read().decode()
-        [runs] = re.findall(r'<table class="journal" id="triggers">.*?</table>', page, re.S)
-        assert "<td>performance</td>" in runs and '<td class="good">ok</td><td>0</td>' in runs
-        assert "quality alert accuracy-low" in runs and "trained on 300 rows" in runs
+        [table] = re.findall(r'<table class="journal" id="triggers">.*?</table>', page, re.S)
+        assert "<td>performance</td>" in table and '<td class="good">ok</td><td>0</td>' in table
+        assert "quality alert accuracy-low" in table and "trained on 300 rows" in table
         [queued] = re.findall(r'<table class="journal" id="reviews">.*?</table>', page, re.S)
         assert f"<td>{review['id']}</td>" in queued and review["export"] in queued
         assert f"{review['id']}  " in listed.stdout and "accuracy-low" in listed.stdout
@@ -232,6 +232,17 @@ def test_a_quality_incident_acts_once_and_is_shown(tmp_path: Path, admin):
         assert journal.returncode == 0, journal.stderr
         for kind in ("performance", "human_review", "rollback", "tighten_thresholds"):
             assert kind in journal.stdout
+
+        # By hand: refused within the cooldown, run with --force and waited for.
+        cooling = gateway_cli("triggers", "run", "m", "--sidecar", sidecar.address)
+        assert cooling.returncode == 1 and "cooldown_s 3600" in cooling.stderr
+        forced = gateway_cli(
+            "triggers", "run", "m", "--force", "--wait", "--reason", "audit",
+            "--sidecar", sidecar.address,
+        )  # fmt: skip
+        assert forced.returncode == 0, forced.stderr
+        assert "started" in forced.stdout and "manual" in forced.stdout and " ok " in forced.stdout
+        assert len(runs.read_text().splitlines()) == 2
     finally:
         sidecar.stop()
 

@@ -1,7 +1,8 @@
 """Retraining triggers on a real DuckDB store, driven round by round with our own clock, the
 training command a real subprocess: one incident runs a trigger once, runs are a cooldown
 apart, a failing command is recorded and not retried in a loop, the command's output and
-time are bounded, and time and data triggers come due."""
+time are bounded, time and data triggers come due, a run by hand keeps to the same rules, and
+an export too small trains nothing."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.api.v1 import events_pb2 as ev
+from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.evaluation.alerts import alert_key
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.playbooks import Playbooks
 from gateway.evaluation.store import EventStore
+from gateway.evaluation.triggers import TriggerBusy
 from gateway.settings import EvaluationSettings, TriggerSpec
 
 NOW = 1_700_000_000.0
@@ -303,3 +306,46 @@ def test_a_trigger_needs_exactly_one_of_command_and_webhook():
         TriggerSpec(model="m", command=("train",), webhook="http://127.0.0.1:1/x")
     with pytest.raises(ValidationError, match="webhook"):
         TriggerSpec(model="m", webhook="file:///etc/passwd")
+
+
+async def test_a_trigger_run_by_hand_respects_runs_in_progress_and_its_cooldown(
+    make_loop, tmp_path: Path
+):
+    runs = tmp_path / "runs.jsonl"
+    loop = make_loop(
+        triggers=[trigger(runs, cooldown_s=3600), trigger(runs, name="other", cooldown_s=0)]
+    )
+    traffic(loop.store, 0, 10)
+    triggers = loop.playbooks.triggers
+    with pytest.raises(InvalidRequest, match="several triggers: m, other"):
+        await triggers.run_now("m", "", "", False, NOW)
+    with pytest.raises(ModelNotFound, match="no trigger 'nope' \\(it has: m, other\\)"):
+        await triggers.run_now("m", "nope", "", False, NOW)
+    with pytest.raises(ModelNotFound, match="has no trigger"):
+        await triggers.run_now("x", "", "", False, NOW)
+    started = await triggers.run_now("m", "m", "new labels from the audit", False, NOW)
+    assert started["outcome"] == "running" and started["kind"] == "manual"
+    with pytest.raises(TriggerBusy, match="a run is in progress"):
+        await triggers.run_now("m", "m", "", True, NOW + 1)  # even with force
+    [run] = await triggers.drain()
+    assert run["id"] == started["id"] and run["outcome"] == "ok"
+    assert run["reason"] == "new labels from the audit"
+    with pytest.raises(TriggerBusy, match="cooldown_s 3600"):
+        await triggers.run_now("m", "m", "", False, NOW + 60)
+    await triggers.run_now("m", "m", "", True, NOW + 60)  # force: within its cooldown
+    await triggers.drain()
+    assert [a["outcome"] for a in loop.actions(kind="manual")] == ["ok", "ok"]
+    assert loop.count("sidecar_triggers_total", model="m", kind="manual", outcome="ok") == 2
+
+
+async def test_an_export_with_fewer_than_min_rows_trains_nothing(make_loop, tmp_path: Path):
+    runs = tmp_path / "runs.jsonl"
+    loop = make_loop(triggers=[trigger(runs, min_rows=50, cooldown_s=0)])
+    traffic(loop.store, 0, 30)
+    [run] = await loop.round(NOW, alert())
+    assert run["outcome"] == "skipped" and run["detail"]["rows"] == 30
+    assert "30 labelled rows" in run["output"] and "min_rows 50" in run["output"]
+    assert not runs.exists()  # the command never ran
+    traffic(loop.store, 30, 30)
+    [run] = await loop.round(NOW + 60, alert(rule="other"))  # a new incident
+    assert run["outcome"] == "ok" and len(runs.read_text().splitlines()) == 1
