@@ -28,6 +28,7 @@ from gateway.adaptation._rollout_io import (
     RolloutRecords,
     SidecarVerdicts,
 )
+from gateway.adaptation.auto_gate import AutoGate
 from gateway.adaptation.gate_result import refusal as gate_refusal
 from gateway.adaptation.rollout import RolloutController
 from gateway.api.v1 import inference_pb2 as pb
@@ -68,13 +69,22 @@ class Gateway:
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loader")
         self.metrics = GatewayMetrics()
         self.tracing = Tracing(settings.telemetry)
+        # adaptation.gate.auto: what the gate holds for want of a gate.json is judged by itself
+        auto = (
+            AutoGate.from_settings(settings, self.metrics)
+            if settings.adaptation.gate.auto
+            else None
+        )
+        self.auto_gate = auto
         self.repository = ModelRepository(
             Path(settings.repository.path),
             settings.runtime,
             self._loader,
             contracts=model_contracts,
             # adaptation.gate.required: a version serves only once `gateway validate` passed it
-            admission=gate_refusal if settings.adaptation.gate.required else None,
+            admission=(auto.admission if auto else gate_refusal)
+            if settings.adaptation.gate.required
+            else None,
         )
         self.events: EventRecorder | None = None
         if settings.events.enabled:
@@ -208,6 +218,8 @@ class Gateway:
         self.metrics.loop_lag.set_function(self.loop_lag)
         if self.shared_routes is not None:  # the replicas' table, if one was written before
             await self.shared_routes.start()
+        if self.auto_gate is not None:
+            self.auto_gate.start(self.repository)
         if settings.repository.load_at_start:
             await self.repository.load_all()
             self._check_routes()
@@ -323,6 +335,8 @@ class Gateway:
         self._transport = None
         if self.rollouts is not None:
             await self.rollouts.close()
+        if self.auto_gate is not None:
+            await self.auto_gate.close()
         await self.pipeline.close()
         if self.pipeline.remote is not None:
             await self.pipeline.remote.close()

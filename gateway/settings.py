@@ -1359,6 +1359,49 @@ class GateSettings(_Section):
     latency_runs: int = Field(
         30, ge=5, le=10_000, description="Timed runs per batch size (after one warm-up run)."
     )
+    auto: bool = Field(
+        False,
+        description="Judge by itself each version the gate holds back because no gate.json "
+        "judged its model file (a new version, at start-up or on RepositoryModelLoad; a "
+        "model.onnx replaced): in the background, one at a time, the labelled window of the "
+        "last window_s is exported from the sidecar (adaptation.rollout.sidecar, else "
+        "events.sidecar, presenting adaptation.rollout's token and tls) and replayed against "
+        "the highest version serving below it; gate.json is written and the model reloaded, "
+        "so a pass serves without anyone typing anything. A version that failed is not judged "
+        "again until its model file changes. Needs required.",
+    )
+    window_s: int = Field(
+        7 * 86400, gt=0, description="How far back the labelled window of an automatic run goes."
+    )
+    retry_s: float = Field(
+        600.0,
+        gt=0,
+        description="An automatic run that could not judge (the sidecar unreachable, too few "
+        "labels in the window, an error, the queue full) writes no gate.json and is tried "
+        "again this long after (or at the first load after that), never sooner unless its "
+        "model file changes.",
+    )
+    max_pending: int = Field(
+        4,
+        ge=1,
+        le=100,
+        description="Versions queued or being judged at once by automatic runs (one runs at a "
+        "time); one more is tried again retry_s later.",
+    )
+    export_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Deadline of an automatic run's export from the sidecar (a gateway stopping "
+        "meanwhile exits once the export ends).",
+    )
+
+    @model_validator(mode="after")
+    def _auto_needs_required(self) -> GateSettings:
+        if self.auto and not self.required:
+            raise ValueError(
+                "auto judges the versions the gate holds back: it needs required: true"
+            )
+        return self
 
 
 _ROLLOUT_STEP = re.compile(r"shadow|[0-9]{1,3}(\.[0-9]+)?")

@@ -78,7 +78,7 @@ def read_window(path: Path, source: str | None = None) -> LabelledWindow:
 def window_of(table: pa.Table, source: str) -> LabelledWindow:
     if "label" not in table.column_names:
         raise SettingsError(f"{source}: no 'label' column (export with --labelled)")
-    if {"request_id", "row"} <= set(table.column_names):
+    if table.num_rows and {"request_id", "row"} <= set(table.column_names):
         first: dict[tuple[object, object], int] = {}
         ids, rows = table.column("request_id").to_pylist(), table.column("row").to_pylist()
         keys = zip(ids, rows, strict=True)

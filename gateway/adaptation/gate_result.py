@@ -3,6 +3,8 @@ stored as ``<repository>/<model>/<version>/gate.json`` beside the model file it 
 
 The repository reads it (``refusal``) when ``adaptation.gate.required`` is on: a version is
 served only while its gate.json says pass for the model file as it is now (its SHA-256).
+``standing`` tells a version never judged (or judged on another model file) from one that
+failed: what ``adaptation.gate.auto`` judges by itself.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ __all__ = [
     "file_digest",
     "format_result",
     "refusal",
+    "standing",
     "write_result",
 ]
 
 GATE_FILE = "gate.json"
 MODEL_FILE = "model.onnx"
 Outcome = Literal["pass", "fail", "not_enough_data"]
+Standing = Literal["pass", "fail", "unjudged", "unreadable"]
 Number = float | int | str | None
 
 
@@ -91,28 +95,50 @@ def write_result(version_dir: Path, result: GateResult) -> Path:
 def refusal(version_dir: Path) -> str | None:
     """Why the version in ``version_dir`` may not serve under a required gate; None: it may
     (its gate.json passed, for this very model file)."""
+    return standing(version_dir)[1]
+
+
+def standing(version_dir: Path) -> tuple[Standing, str | None]:
+    """The gate's word on the version in ``version_dir`` as its model file is now, and why it
+    may not serve (None: it may). ``unjudged``: no gate.json judged this model file (there is
+    none, or it judged a file since replaced); ``unreadable``: gate.json or the model file
+    cannot be read."""
     path = version_dir / GATE_FILE
     try:
         body = json.loads(path.read_text())
     except FileNotFoundError:
-        return "the validation gate has not passed it (no gate.json: run `gateway validate`)"
+        return "unjudged", (
+            "the validation gate has not passed it (no gate.json: run `gateway validate`)"
+        )
     except (OSError, ValueError) as err:
-        return f"the validation gate's {path} cannot be read: {err}"
-    if not isinstance(body, dict) or not body.get("passed"):
-        failed = body.get("criteria", []) if isinstance(body, dict) else []
-        reasons = [
-            f"{c.get('name')}: {c.get('reason')}"
-            for c in failed
-            if isinstance(c, dict) and c.get("outcome") == "fail"
-        ]
-        return "the validation gate failed it: " + ("; ".join(reasons) or "see gate.json")
+        return "unreadable", f"the validation gate's {path} cannot be read: {err}"
+    if not isinstance(body, dict):
+        return "unreadable", f"the validation gate's {path} is not a JSON object"
     try:
         digest = file_digest(version_dir / MODEL_FILE)
     except OSError as err:
-        return f"the validation gate cannot check its model file: {err}"
+        return "unreadable", f"the validation gate cannot check its model file: {err}"
+    passed = bool(body.get("passed"))
     if body.get("model_digest") != digest:
-        return "the validation gate passed another model file (model.onnx changed since)"
-    return None
+        judged = "passed" if passed else "failed"
+        return "unjudged", (
+            f"the validation gate {judged} another model file (model.onnx changed since)"
+        )
+    if passed:
+        return "pass", None
+    criteria = body.get("criteria")
+    reasons = [
+        f"{c.get('name')}: {c.get('reason')}"
+        for c in (criteria if isinstance(criteria, list) else [])
+        if isinstance(c, dict) and _failing(c)
+    ]
+    return "fail", "the validation gate failed it: " + ("; ".join(reasons) or "see gate.json")
+
+
+def _failing(criterion: dict[str, object]) -> bool:
+    """A criterion as ``GateResult.failures`` counts it, read back from gate.json."""
+    outcome, name = criterion.get("outcome"), str(criterion.get("name"))
+    return outcome == "fail" or (outcome == "not_enough_data" and not name.startswith("segment"))
 
 
 def format_result(result: GateResult) -> str:

@@ -388,6 +388,7 @@ class ModelRepository:
             self._retire(model.versions, {})
             model.versions = {}
             model.failures = {}
+            model.held = {}
             model.reason = "unloaded"
         log.info("model %r unloaded", name)
 
@@ -419,6 +420,19 @@ class ModelRepository:
 
     def loaded(self) -> list[LoadedVersion]:
         return [lv for name in sorted(self._models) for lv in self.versions(name)]
+
+    def is_unloaded(self, name: str) -> bool:
+        """``name`` was unloaded (RepositoryModelUnload) and not loaded since."""
+        model = self._models.get(name)
+        return model is not None and not model.versions and model.reason == "unloaded"
+
+    def held(self) -> list[tuple[str, int, str]]:
+        """(model, version, reason) of each version ``admission`` keeps out of traffic now."""
+        return [
+            (model.name, version, reason)
+            for model in list(self._models.values())
+            for version, reason in sorted(model.held.items())
+        ]
 
     def index(self, ready_only: bool = False) -> list[ModelIndexEntry]:
         entries: list[ModelIndexEntry] = []

@@ -1,11 +1,13 @@
 """The validation gate end to end: `gateway validate` judges versions on a labelled window and
 writes gate.json; a gateway with adaptation.gate.required serves only versions that passed,
 answers UNAVAILABLE with the gate's reason for the others, and picks up a pass at the next
-repository load."""
+repository load. With adaptation.gate.auto the gateway judges a new version by itself, on the
+labelled traffic its sidecar holds, and serves it once it passed."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,13 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from tests.auth import ADMIN_ENV, ADMIN_HEADERS
-from tests.conftest import demo_input
+from gateway.api.v1 import events_pb2 as ev
+from gateway.demo import synthetic_transactions
+from gateway.evaluation.client import send_labels
+from tests.auth import ADMIN_ENV, ADMIN_HEADERS, wait_until
+from tests.conftest import demo_input, free_port
+from tests.integration.test_evaluation import raw_inputs
+from tests.unit.test_auto_gate import accept_as_is
 from tests.unit.test_gate import (
     COPY_VERSION,
     NAN_VERSION,
@@ -88,3 +95,81 @@ def test_a_version_that_failed_the_gate_stays_out_of_traffic(
         assert client.is_model_ready("fraud", "1")
     finally:
         client.close()
+
+
+def test_a_new_version_is_judged_by_itself_and_serves_once_it_passed(
+    repo_copy: Path, start_gateway, start_sidecar, tmp_path: Path
+):
+    """adaptation.gate.auto: a version loaded by RepositoryModelLoad is replayed on the
+    labelled traffic the sidecar holds; a copy of the serving version serves once it passed,
+    one with NaN outputs stays UNAVAILABLE with the criterion at fault."""
+    add_gate_versions(repo_copy)
+    for version in (1, 2):
+        accept_as_is(repo_copy, version)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for version in (NAN_VERSION, WORSE_WEB_VERSION, COPY_VERSION):
+        shutil.move(repo_copy / "fraud" / str(version), staged / str(version))
+    sidecar = start_sidecar(tmp_path / "store", free_port())
+    gate = {
+        "required": True,
+        "auto": True,
+        "min_positives": 10,
+        "min_negatives": 10,
+        # this test is about the gate running by itself, not about this host's speed
+        "latency_runs": 5,
+        "latency_budget_ms": 10_000,
+        "max_batch_latency_budget_ms": 10_000,
+    }
+    settings = tmp_path / "gateway.yaml"
+    settings.write_text(yaml.safe_dump({"adaptation": {"gate": gate}}))
+    events = ["--sidecar", sidecar.address, "--events-dir", str(tmp_path / "events")]
+    gateway = start_gateway(repo_copy, "--config", str(settings), *events, env=ADMIN_ENV)
+    client: triton_grpc.InferenceServerClient = gateway.client()
+    try:
+        # Labelled traffic on the serving version (2): the window the gate replays.
+        labels = []
+        for i in range(8):
+            columns, y = synthetic_transactions(100, seed=700 + i)
+            client.infer("fraud", raw_inputs(columns), request_id=f"r{i}")
+            labels += [ev.Label(request_id=f"r{i}", row=r, value=float(v)) for r, v in enumerate(y)]
+        wait_until(
+            lambda: gateway.metric("gateway_events_total", outcome="acked") >= 8,
+            "the sidecar to acknowledge the events",
+        )
+        assert send_labels(sidecar.address, labels) == (800, 0)
+
+        # A copy of version 2 appears and is loaded: judged, then served, nobody typing more.
+        shutil.move(staged / str(COPY_VERSION), repo_copy / "fraud" / str(COPY_VERSION))
+        client.load_model("fraud", headers=ADMIN_HEADERS)
+        wait_until(lambda: client.is_model_ready("fraud", str(COPY_VERSION)), "the copy to serve")
+        body = json.loads((repo_copy / "fraud" / str(COPY_VERSION) / "gate.json").read_text())
+        assert body["passed"] is True and body["against"] == 2 and body["rows"] == 800
+        assert body["data"] == f"sidecar {sidecar.address}, last 7 days"
+        assert gateway.metric("gateway_gate_runs_total", model="fraud", outcome="pass") == 1
+
+        # One with NaN outputs: judged, failed, kept out with the criterion at fault.
+        shutil.move(staged / str(NAN_VERSION), repo_copy / "fraud" / str(NAN_VERSION))
+        client.load_model("fraud", headers=ADMIN_HEADERS)
+
+        def held_reason() -> str:
+            index = client.get_model_repository_index(as_json=True)["models"]
+            return next(e.get("reason", "") for e in index if e["version"] == str(NAN_VERSION))
+
+        wait_until(lambda: "failed it" in held_reason(), "the gate to fail the NaN version")
+        assert "the validation gate failed it: outputs: probability has 800 NaN" in held_reason()
+        assert not client.is_model_ready("fraud", str(NAN_VERSION))
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("fraud", [demo_input()], model_version=str(NAN_VERSION))
+        assert refused.value.status() == "StatusCode.UNAVAILABLE"
+        assert "outputs: probability has 800 NaN" in str(refused.value)
+        assert gateway.metric("gateway_gate_runs_total", model="fraud", outcome="fail") == 1
+        held = {"model": "fraud", "version": str(NAN_VERSION), "state": "failed"}
+        assert gateway.metric("gateway_gate_held", **held) == 1
+        # the newest passing version serves requests that name none
+        assert client.infer("fraud", [demo_input()]).get_response().model_version == str(
+            COPY_VERSION
+        )
+    finally:
+        client.close()
+    assert gateway.stop() == 0, gateway.stderr()  # the gate's worker stops with it

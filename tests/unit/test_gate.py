@@ -214,3 +214,10 @@ def test_a_labelled_export_counts_a_shadowed_row_once_and_drops_unlabelled_rows(
     pq.write_table(table, tmp_path / "w.parquet")
     window = read_window(tmp_path / "w.parquet")
     assert window.rows == 2 and window.labels.tolist() == [True, False]
+
+
+def test_a_labelled_export_without_rows_is_an_empty_window():
+    """What the sidecar exports for a model without labelled rows: columns of type null."""
+    empty = pa.table({name: pa.nulls(0) for name in ("request_id", "row", "label")})
+    window = window_of(empty, "sidecar")
+    assert window.rows == 0 and window.labels.shape == (0,)
