@@ -175,7 +175,9 @@ class Gateway:
             {
                 "RepositoryModelLoad": versions,
                 "RepositoryModelUnload": versions,
-                **dict.fromkeys(("SetRoutes", "Promote", "Rollback"), self.admin.revisions),
+                **dict.fromkeys(
+                    ("SetRoutes", "Promote", "Rollback", "SetThreshold"), self.admin.revisions
+                ),
                 **dict.fromkeys(
                     ("RolloutStart", "RolloutPause", "RolloutResume", "RolloutAbort"),
                     self.admin.revisions,

@@ -206,7 +206,15 @@ def _parser() -> argparse.ArgumentParser:
         "rollback", parents=[admin], help="restore a route's previous spec"
     )
     rollback.add_argument("route")
-    for changing in (routes, promote, rollback):
+    threshold = commands.add_parser(
+        "threshold", parents=[admin], help="set or raise a route's decision threshold"
+    )
+    threshold.add_argument("route")
+    threshold.add_argument("value", nargs="?", type=float, help="the new threshold")
+    threshold.add_argument(
+        "--raise-by", type=float, default=0.0, help="raise it by this much (to max_threshold)"
+    )
+    for changing in (routes, promote, rollback, threshold):
         changing.add_argument(
             "--if-generation",
             type=int,
@@ -642,6 +650,14 @@ def _admin(args: argparse.Namespace) -> int:
                 reply = client.rollback(args.route, args.if_generation)
                 print(f"{args.route}: rolled back")
                 print(reply.yaml.rstrip() or "no routes")
+            elif args.command == "threshold":
+                if (args.value is None) == (args.raise_by == 0):
+                    raise SettingsError("threshold: give VALUE or --raise-by (not both)")
+                reply = client.set_threshold(
+                    args.route, args.value, args.raise_by, args.if_generation
+                )
+                print(f"{args.route}: decision threshold set")
+                print(reply.yaml.rstrip())
             elif args.command == "costs":
                 by = tuple(g.strip() for g in args.by.split(",") if g.strip())
                 unknown = set(by) - set(_GROUPS)
@@ -759,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "validate": _validate,
             }[args.command]
             return _client_call(command, args)
-        if args.command in ("routes", "promote", "rollback", "costs", "cache"):
+        if args.command in ("routes", "promote", "rollback", "threshold", "costs", "cache"):
             return _client_call(_admin, args)
         if args.command == "rollout":
             return _client_call(_rollout, args)

@@ -8,6 +8,7 @@
     ├── ModelNotReady       UNAVAILABLE          known but not loaded, or the server is draining
     ├── ModelLoadError      FAILED_PRECONDITION  the repository holds a model that cannot load
     ├── RevisionConflict    FAILED_PRECONDITION  a change based on a generation no longer current
+    ├── FailedPrecondition  FAILED_PRECONDITION  what a change acts on does not allow it now
     ├── Overloaded          RESOURCE_EXHAUSTED   a bounded queue is full, a cap is reached
     │   ├── RateLimited                          a tenant is over its rate (carries retry_after_s)
     │   └── BudgetExceeded                       a tenant or surface spent its budget
@@ -33,6 +34,7 @@ __all__ = [
     "BudgetExceeded",
     "DeadlineExceeded",
     "EventLogFull",
+    "FailedPrecondition",
     "GatewayError",
     "InvalidRequest",
     "ModelLoadError",
@@ -73,6 +75,12 @@ class ModelLoadError(GatewayError):
 
 class RevisionConflict(GatewayError):
     """A change asked to apply to a generation of the routes that is no longer current."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FailedPrecondition(GatewayError):
+    """The request is well formed but what it acts on is not in a state that allows it."""
 
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 

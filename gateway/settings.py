@@ -40,6 +40,7 @@ __all__ = [
     "ClientTlsSettings",
     "ContractBinding",
     "CostSettings",
+    "DecisionSpec",
     "DynamicBatching",
     "EvaluationSettings",
     "EventsSettings",
@@ -706,7 +707,7 @@ class PlaybookSettings(_Section):
     """What alert actions do when a rule starts firing (gateway.evaluation.playbooks): retrain
     runs the model's trigger (evaluation.triggers), human_review appends to the review queue
     with an export of the rows to review, rollback calls the gateway's admin Rollback for the
-    routes that served the version, tighten_thresholds records the threshold it suggests.
+    routes that served the version, tighten_thresholds raises those routes' decision threshold.
     Each action is recorded once per incident."""
 
     enabled: tuple[PlaybookAction, ...] = Field(
@@ -720,13 +721,17 @@ class PlaybookSettings(_Section):
         "not taken again within this long: a sidecar restart does not repeat it.",
     )
     gateway: str | None = Field(
-        None, description="rollback: the gateway's admin address HOST:PORT; null: not acted."
+        None,
+        description="rollback, tighten_thresholds: the gateway's admin address HOST:PORT; "
+        "null: not acted.",
     )
     admin_token_file: Path | None = Field(
-        None, description="rollback: file (mode 0600) holding the gateway's admin token."
+        None,
+        description="rollback, tighten_thresholds: file (mode 0600) holding the gateway's "
+        "admin token.",
     )
     gateway_tls: ClientTlsSettings = Field(
-        default_factory=ClientTlsSettings, description="rollback: TLS to the gateway."
+        default_factory=ClientTlsSettings, description="The gateway's TLS (rollback, tighten)."
     )
     rollback_timeout_s: float = Field(10.0, gt=0, le=120)
     review_rows: int = Field(
@@ -739,8 +744,9 @@ class PlaybookSettings(_Section):
         0.05,
         gt=0,
         lt=1,
-        description="tighten_thresholds: the suggested rise of evaluation.threshold (recorded; "
-        "the gateway has no decision threshold to raise yet).",
+        description="tighten_thresholds: how much the decision threshold of each route that "
+        "served the version is raised (the gateway's SetThreshold, up to the route's "
+        "decision.max_threshold).",
     )
 
 
@@ -1027,6 +1033,33 @@ class ShadowSpec(_Section):
     sample: float = Field(1.0, gt=0, le=1, description="Share of requests copied.")
 
 
+class DecisionSpec(_Section):
+    """A route's decision threshold: each response carries ``name``, true where the score
+    output ``output`` (its first column) is at or above ``threshold``. Changed by `gateway
+    threshold ROUTE` and raised by the sidecar's tighten_thresholds playbook, each a route
+    revision."""
+
+    output: str = Field(
+        min_length=1, max_length=256, description="The score output it reads (first column)."
+    )
+    threshold: float = Field(0.5, description="Decision: score >= threshold.")
+    name: str = Field(
+        "decision",
+        pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
+        description="The BOOL output added to responses (not an output of the model: it is "
+        "added whenever the score output is returned, and cannot be requested alone).",
+    )
+    max_threshold: float = Field(
+        0.99, description="How far a playbook may raise it (a person may set any value)."
+    )
+
+    @model_validator(mode="after")
+    def _within(self) -> DecisionSpec:
+        if self.name == self.output:
+            raise ValueError(f"name '{self.name}' is the score output's own")
+        return self
+
+
 class RouteSpec(_Section):
     """A logical model name clients call, and how its requests are served."""
 
@@ -1047,6 +1080,9 @@ class RouteSpec(_Section):
     )
     max_concurrency: int | None = Field(
         None, gt=0, description="Requests in flight on the route; past it RESOURCE_EXHAUSTED."
+    )
+    decision: DecisionSpec | None = Field(
+        None, description="Turn the score into a decision at a threshold, in every response."
     )
 
     @model_validator(mode="after")
@@ -1190,6 +1226,7 @@ RPC_ACCESS: Final[dict[str, Access]] = {
     "SetRoutes": "admin",
     "Promote": "admin",
     "Rollback": "admin",
+    "SetThreshold": "admin",
     "Costs": "admin",
     "Cache": "admin",
     "RolloutStart": "admin",

@@ -59,7 +59,6 @@ class Playbooks:
         db: Executor,
     ) -> None:
         self.settings = settings.playbooks
-        self.threshold = settings.threshold
         self.metrics = metrics
         self.db = db
         self.journal = Journal(store)
@@ -130,7 +129,7 @@ class Playbooks:
             elif action == "rollback":
                 entry |= await self._rollback(alert, now_s)
             elif action == "tighten_thresholds":
-                entry |= self._tighten()
+                entry |= await self._tighten(alert, now_s)
             else:  # retrain, with no trigger for the model
                 entry |= {
                     "outcome": "skipped",
@@ -150,6 +149,15 @@ class Playbooks:
         return {"outcome": "queued", "ran": f"review {review}", "detail": {"review": review}}
 
     async def _rollback(self, alert: dict[str, Any], now_s: float) -> dict[str, Any]:
+        """Roll back each route that served the alert's version."""
+        return await self._on_routes(alert, now_s, "Rollback")
+
+    async def _tighten(self, alert: dict[str, Any], now_s: float) -> dict[str, Any]:
+        """Raise the decision threshold of each route that served the alert's version by
+        ``threshold_step`` (each route no higher than its own max_threshold)."""
+        return await self._on_routes(alert, now_s, "SetThreshold")
+
+    async def _on_routes(self, alert: dict[str, Any], now_s: float, rpc: str) -> dict[str, Any]:
         settings = self.settings
         since_us = int((now_s - float(alert.get("window_s") or 3600)) * 1_000_000)
         rows = await self._in_db(
@@ -161,23 +169,27 @@ class Playbooks:
         routes = [str(route) for (route,) in rows if route]
         if settings.gateway is None or not routes:
             why = (
-                "evaluation.playbooks.gateway is not set: no gateway to roll back"
+                "evaluation.playbooks.gateway is not set: no gateway to act on"
                 if settings.gateway is None
                 else f"no route served version {alert['version']} in the rule's window"
             )
             return {"outcome": "skipped", "detail": {"why": why, "routes": routes}}
-        results = await asyncio.to_thread(self._call_rollback, settings.gateway, routes)
+        results = await asyncio.to_thread(self._call_gateway, settings.gateway, routes, rpc)
         failed = [route for route, error in results.items() if error]
+        ran = f"{rpc} {', '.join(routes)} at {settings.gateway}"
+        if rpc == "SetThreshold":
+            ran = f"SetThreshold raise_by {settings.threshold_step:g}: {ran.split(' ', 1)[1]}"
         return {
             "outcome": "failed" if failed else "ok",
-            "ran": f"Rollback {', '.join(routes)} at {settings.gateway}",
+            "ran": ran,
             "output": "; ".join(f"{r}: {e}" for r, e in results.items() if e),
             "detail": {"routes": routes, "failed": failed},
         }
 
-    def _call_rollback(self, address: str, routes: list[str]) -> dict[str, str]:
-        """Rollback each route at the gateway (raw gRPC: the sidecar does not import the
-        gateway's server package); route -> "" or the error."""
+    def _call_gateway(self, address: str, routes: list[str], rpc: str) -> dict[str, str]:
+        """Call the gateway's admin ``rpc`` (Rollback, SetThreshold) on each route (raw gRPC:
+        the sidecar does not import the gateway's server package); route -> "" or the
+        error."""
         settings = self.settings
         where = "evaluation.playbooks.admin_token_file"
         token = read_secret(None, settings.admin_token_file, where)
@@ -187,30 +199,26 @@ class Playbooks:
             stub = admin_grpc.GatewayAdminStub(channel)  # type: ignore[no-untyped-call]
             for route in routes:
                 try:
-                    stub.Rollback(
-                        admin_pb.RollbackRequest(route=route),
-                        metadata=credentials.metadata,
-                        timeout=settings.rollback_timeout_s,
-                    )
+                    if rpc == "Rollback":
+                        stub.Rollback(
+                            admin_pb.RollbackRequest(route=route),
+                            metadata=credentials.metadata,
+                            timeout=settings.rollback_timeout_s,
+                        )
+                    else:
+                        stub.SetThreshold(
+                            admin_pb.ThresholdRequest(
+                                route=route, raise_by=settings.threshold_step
+                            ),
+                            metadata=credentials.metadata,
+                            timeout=settings.rollback_timeout_s,
+                        )
                     out[route] = ""
                 except grpc.RpcError as err:
                     code = err.code() if isinstance(err, grpc.Call) else None
                     details = err.details() if isinstance(err, grpc.Call) else str(err)
                     out[route] = f"{code.name if code else 'error'}: {details}"
         return out
-
-    def _tighten(self) -> dict[str, Any]:
-        current = self.threshold
-        suggested = round(min(0.99, current + self.settings.threshold_step), 4)
-        return {
-            "outcome": "recorded",
-            "detail": {
-                "threshold": current,
-                "suggested": suggested,
-                "note": "the gateway has no decision threshold to raise yet: nothing was "
-                "changed; apply it where scores are turned into decisions",
-            },
-        }
 
     async def _in_db(self, call: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.db, call, *args)

@@ -32,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.routing.limits import ConcurrencyCap
 from gateway.routing.table import Route, RouteTable
-from gateway.settings import Budget, Price, VariantSpec
+from gateway.settings import Budget, DecisionSpec, Price, VariantSpec
 from gateway.telemetry import GatewayMetrics
 from gateway.types import FREE, Answer, InferRequest, InferResponse, Tensor, TensorSpec
 
@@ -179,6 +179,8 @@ class Router:
             if health is not None:
                 health.took(time.perf_counter() - started)
             self._label(answer, route, variant, variant.arm)
+            if route.spec.decision is not None:
+                _decide(answer, route.spec.decision)
             if tried or reason:
                 answered = answer.response.parameters
                 answered["fallback"] = variant.name if tried else ""
@@ -320,3 +322,19 @@ class Router:
             cap = caps[name] = ConcurrencyCap(limit, what, self._refused)
         cap.limit = limit  # the route may have changed; requests in flight still count
         return cap
+
+
+def _decide(answer: Answer, decision: DecisionSpec) -> None:
+    """Add the route's decision to the response: ``decision.name``, BOOL [rows, 1], the score
+    output's first column at or above the threshold (nothing when the score is not in it)."""
+    response = answer.response
+    score = next((t for t in response.outputs if t.name == decision.output), None)
+    if score is None or score.data.dtype.kind not in "iuf" or not score.data.ndim:
+        return
+    scores = score.data.reshape(score.data.shape[0], -1)[:, :1].astype(np.float64)
+    # A new list: the response's may be shared with whoever made it.
+    response.outputs = [
+        *response.outputs,
+        Tensor(decision.name, "BOOL", scores >= decision.threshold),
+    ]
+    response.parameters["decision_threshold"] = decision.threshold

@@ -24,7 +24,7 @@ from typing import Any
 
 import xxhash
 
-from gateway.errors import InvalidRequest, ModelNotFound, RevisionConflict
+from gateway.errors import FailedPrecondition, InvalidRequest, ModelNotFound, RevisionConflict
 from gateway.settings import RouteSpec, VariantSpec
 from gateway.types import RequestOptions
 
@@ -164,6 +164,26 @@ class RouteTable:
         )
         spec = route.spec.model_copy(update={"variants": variants, "match": ()})
         return self._set(name, spec)
+
+    def set_threshold(self, name: str, threshold: float | None, raise_by: float) -> Route:
+        """The route's decision threshold set to ``threshold``, or raised by ``raise_by`` no
+        higher than its ``max_threshold``."""
+        route = self._existing(name)
+        decision = route.spec.decision
+        if decision is None:
+            raise FailedPrecondition(
+                f"route '{name}' has no decision threshold (give it decision: {{output, "
+                "threshold}} first)"
+            )
+        if threshold is None:
+            if decision.threshold >= decision.max_threshold:
+                raise FailedPrecondition(
+                    f"route '{name}': its decision threshold {decision.threshold:g} is at its "
+                    f"max_threshold {decision.max_threshold:g}"
+                )
+            threshold = min(decision.max_threshold, decision.threshold + raise_by)
+        changed = decision.model_copy(update={"threshold": threshold})
+        return self._set(name, route.spec.model_copy(update={"decision": changed}))
 
     def rollback(self, name: str) -> Route | None:
         """Restore the route's previous spec (None: the route did not exist before)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from dataclasses import asdict
 from typing import TYPE_CHECKING, NoReturn
 
@@ -152,6 +153,31 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         except GatewayError as err:
             await _abort(context, err.grpc_status, str(err))
         log.info("admin: route %s: %s promoted to 100%%", request.route, request.variant)
+        return self._routes()
+
+    async def SetThreshold(
+        self, request: pb.ThresholdRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Routes:
+        await self._routes_change(context)
+        threshold = request.threshold if request.HasField("threshold") else None
+        if (threshold is None) == (request.raise_by == 0):
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "give threshold or raise_by (not both)"
+            )
+        if not math.isfinite(request.raise_by) or request.raise_by < 0:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "raise_by: a number >= 0")
+        if threshold is not None and not math.isfinite(threshold):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "threshold: a finite number")
+        try:
+            await self._store.change(
+                lambda table: table.set_threshold(request.route, threshold, request.raise_by),
+                request.expected_generation,
+            )
+        except GatewayError as err:
+            await _abort(context, err.grpc_status, str(err))
+        route = self._pipeline.routes.get(request.route)
+        decision = route.spec.decision if route is not None else None
+        log.info("admin: route %s: decision threshold %s", request.route, decision)
         return self._routes()
 
     async def Rollback(

@@ -73,6 +73,20 @@ class AdminClient:
         request = pb.RollbackRequest(route=route, expected_generation=expected_generation)
         return self._call("Rollback", request)  # type: ignore[return-value]
 
+    def set_threshold(
+        self,
+        route: str,
+        threshold: float | None = None,
+        raise_by: float = 0.0,
+        expected_generation: int = 0,
+    ) -> pb.Routes:
+        request = pb.ThresholdRequest(
+            route=route, raise_by=raise_by, expected_generation=expected_generation
+        )
+        if threshold is not None:
+            request.threshold = threshold
+        return self._call("SetThreshold", request)  # type: ignore[return-value]
+
     def costs(self, since: float = 0.0) -> pb.CostsResponse:
         return self._call("Costs", pb.CostsRequest(since=since))  # type: ignore[return-value]
 

@@ -71,6 +71,10 @@ ROUTES = {
             {"name": "v2", "model": "fraud", "version": "2", "weight": 1, "deterministic": True},
         ],
     },
+    "decided": {
+        "variants": [{"name": "v2", "model": "fraud", "version": "2", "weight": 1}],
+        "decision": {"output": "probability", "threshold": 0.5, "max_threshold": 0.7},
+    },
     "coalesced": {
         "variants": [{"name": "slow", "model": "slow", "weight": 1, "deterministic": True}],
     },
@@ -576,6 +580,38 @@ def test_the_costs_and_cache_commands_print_tables(gateway):
         "costs", "--url", gateway.url, env={"GATEWAY_ADMIN_TOKEN": "nope", "PATH": ""}
     )
     assert denied.returncode == 1 and "wrong admin bearer token" in denied.stderr
+
+
+def test_a_decision_threshold_turns_scores_into_decisions_and_rises_to_its_max(gateway, admin):
+    client = gateway.client()
+    result, got = infer(client, "decided", rows=16, seed=5)
+    scores = result.as_numpy("probability")[:, 0]
+    decided = result.as_numpy("decision")
+    assert decided.dtype == np.bool_ and decided.shape == (16, 1)
+    assert (decided[:, 0] == (scores >= 0.5)).all() and got["decision_threshold"] == 0.5
+    middle = float(np.median(scores))  # half the rows either side
+    before = admin.routes().revisions["decided"]
+    reply = admin.set_threshold("decided", middle)
+    assert reply.revisions["decided"] > before  # a route revision
+    result, got = infer(client, "decided", rows=16, seed=5)
+    assert (result.as_numpy("decision")[:, 0] == (scores >= middle)).all()
+    assert got["decision_threshold"] == middle
+    client.close()
+    # raised, as the tighten_thresholds playbook does, no higher than max_threshold
+    env = {"GATEWAY_ADMIN_TOKEN": TOKEN, "PATH": ""}
+    done = gateway_cli("threshold", "decided", "--raise-by", "0.9", "--url", gateway.url, env=env)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(admin.routes().yaml)["decided"]["decision"]["threshold"] == 0.7
+    done = gateway_cli("threshold", "decided", "--raise-by", "0.1", "--url", gateway.url, env=env)
+    assert done.returncode == 1 and "at its max_threshold 0.7" in done.stderr
+    with pytest.raises(grpc.RpcError) as info:
+        admin.set_threshold("scorer", 0.3)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "route 'scorer' has no decision threshold" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        admin.set_threshold("decided", 0.3, raise_by=0.1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    admin.set_threshold("decided", 0.5)
 
 
 # -- shadows (with the sidecar: their results live only in events) ---------------------------

@@ -1,8 +1,8 @@
 """Triggers and playbooks in a real sidecar process: events and labels sent over its gRPC port,
 its watch every 0.2 s; a quality incident runs the training command once however many rounds
 it lasts, queues one review that ``gateway review`` lists and resolves, rolls back the route
-at a gateway's admin service (a stand-in on loopback holding the token) once, and records the
-threshold it would tighten; ``gateway actions``, the report and its HTML page show them all."""
+at a gateway's admin service (a stand-in on loopback holding the token) once, and raises its
+decision threshold there once; ``gateway actions``, the report and its HTML page show them all."""
 
 from __future__ import annotations
 
@@ -40,10 +40,20 @@ TOKEN = "admin-token-for-the-test"
 
 
 class Admin(pb_grpc.GatewayAdminServicer):
-    """The gateway's admin Rollback, as far as the playbook needs it: the token, the route."""
+    """The gateway's admin Rollback and SetThreshold, as far as the playbooks need them: the
+    token, the route (and how much to raise its threshold)."""
 
     def __init__(self) -> None:
         self.rolled_back: list[str] = []
+        self.raised: list[tuple[str, float]] = []
+
+    def SetThreshold(
+        self, request: pb.ThresholdRequest, context: grpc.ServicerContext
+    ) -> pb.Routes:
+        if ("authorization", f"Bearer {TOKEN}") not in context.invocation_metadata():
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin token")
+        self.raised.append((request.route, request.raise_by))
+        return pb.Routes(yaml=f"{request.route}: raised\n")
 
     def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.Routes:
         if ("authorization", f"Bearer {TOKEN}") not in context.invocation_metadata():
@@ -177,7 +187,9 @@ def test_a_quality_incident_acts_once_and_is_shown(tmp_path: Path, admin):
         assert line["GATEWAY_MODEL"] == "m" and line["rows"] == 300
         assert by_kind["rollback"]["outcome"] == "ok"
         assert stand_in.rolled_back == ["m-live"]
-        assert by_kind["tighten_thresholds"]["detail"]["suggested"] == 0.55
+        tightened = by_kind["tighten_thresholds"]
+        assert tightened["outcome"] == "ok" and stand_in.raised == [("m-live", 0.05)]
+        assert tightened["ran"].startswith("SetThreshold raise_by 0.05: m-live at ")
         assert (
             sidecar.metric("sidecar_triggers_total", model="m", kind="performance", outcome="ok")
             == 1

@@ -1,5 +1,5 @@
 """Playbooks on a real DuckDB store, round by round with our own clock: human_review queues
-an alert once with an export of its rows, rollback without a gateway and tighten_thresholds
+an alert once with an export of its rows, rollback and tighten_thresholds without a gateway
 are recorded with what they could (not) do, retrain without a trigger says so, and a
 restarted sidecar does not act twice on the same incident."""
 
@@ -77,13 +77,14 @@ async def test_rollback_without_a_gateway_is_recorded_as_skipped_saying_why(make
     assert action["detail"]["routes"] == ["m-live"]
 
 
-async def test_tighten_thresholds_records_its_suggestion_and_that_nothing_changed(make_loop):
-    loop = make_loop(threshold=0.5, playbooks={"threshold_step": 0.1})
+async def test_tighten_thresholds_without_a_gateway_is_recorded_as_skipped(make_loop):
+    loop = make_loop(playbooks={"threshold_step": 0.1})
+    traffic(loop.store, 0, 4)
     await loop.round(NOW, alert(action="tighten_thresholds"))
     [action] = loop.actions(kind="tighten_thresholds")
-    assert action["outcome"] == "recorded"
-    assert action["detail"]["threshold"] == 0.5 and action["detail"]["suggested"] == 0.6
-    assert "nothing was changed" in action["detail"]["note"]
+    assert action["outcome"] == "skipped"
+    assert "evaluation.playbooks.gateway is not set" in action["detail"]["why"]
+    assert action["detail"]["routes"] == ["m-live"]  # the route it would have raised
 
 
 async def test_retrain_without_a_trigger_for_the_model_says_so(make_loop):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from pydantic import ValidationError
 
-from gateway.errors import InvalidRequest, ModelNotFound
-from gateway.routing import RouteTable, unit_hash
+from gateway.errors import FailedPrecondition, InvalidRequest, ModelNotFound
+from gateway.routing import Route, RouteTable, unit_hash
 from gateway.settings import RouteSpec
 from gateway.types import ParameterValue, RequestOptions
 
@@ -130,3 +131,34 @@ def test_rollback_history_keeps_only_the_last_specs():
     assert second is not None and second.spec.match[0].when == {"w": "1"}
     with pytest.raises(ModelNotFound, match="no earlier spec"):
         routes.rollback("scorer")  # the first spec's "nothing before" was pushed out
+
+
+def test_a_decision_threshold_is_set_raised_to_its_max_and_refused_without_one():
+    decided = {
+        "variants": [{"name": "v", "model": "m", "weight": 1}],
+        "decision": {"output": "probability", "threshold": 0.5, "max_threshold": 0.8},
+    }
+    table = RouteTable(
+        {
+            "d": RouteSpec.model_validate(decided),
+            "plain": RouteSpec.model_validate({"variants": decided["variants"]}),
+        },
+        4,
+    )
+
+    def threshold(route: Route | None) -> float:
+        assert route is not None and route.spec.decision is not None
+        return route.spec.decision.threshold
+
+    assert threshold(table.set_threshold("d", None, 0.2)) == pytest.approx(0.7)
+    assert threshold(table.set_threshold("d", None, 0.2)) == 0.8  # capped
+    with pytest.raises(FailedPrecondition, match=r"at its max_threshold 0\.8"):
+        table.set_threshold("d", None, 0.1)
+    assert threshold(table.set_threshold("d", 0.95, 0.0)) == 0.95  # a person's, any value
+    assert threshold(table.rollback("d")) == 0.8  # each change a revision
+    with pytest.raises(FailedPrecondition, match="route 'plain' has no decision threshold"):
+        table.set_threshold("plain", 0.4, 0.0)
+    with pytest.raises(ValidationError, match="the score output's own"):
+        RouteSpec.model_validate(
+            {**decided, "decision": {"output": "probability", "name": "probability"}}
+        )
