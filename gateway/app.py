@@ -38,7 +38,14 @@ from gateway.errors import SettingsError
 from gateway.events import EventRecorder
 from gateway.features import model_contracts, redact
 from gateway.pipeline import Pipeline
-from gateway.routing import LocalRoutes, RateLimiter, RemoteModels, RouteTable, SharedRouteTable
+from gateway.routing import (
+    LocalRoutes,
+    RateLimiter,
+    RemoteModels,
+    RouteTable,
+    SharedRouteTable,
+    decision_problems,
+)
 from gateway.runtime.repository import ModelRepository
 from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server import convert, transports
@@ -293,6 +300,12 @@ class Gateway:
                         variant.name,
                         model,
                     )
+        routes = {name: route.spec for name, route in self.pipeline.routes.all().items()}
+        for problem in decision_problems(routes, self._output_names):
+            log.warning("routes: %s (no decision is added)", problem)
+
+    def _output_names(self, model: str) -> set[str]:
+        return {name for lv in self.repository.versions(model) for name in lv.output_specs}
 
     def _versions_of(self, request: object) -> list[str]:
         """The loaded versions of the model a repository call names (its audit state)."""

@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--labelled", action="store_true", help="training rows: features+label")
     export.add_argument("--since", help="window start, ISO 8601 (default: the first event)")
     export.add_argument("--until", help="window end, ISO 8601, exclusive (default: now)")
+    export.add_argument(
+        "--max-rows", type=int, default=0, help="the newest N rows of the window (default: all)"
+    )
 
     validate = commands.add_parser(
         "validate",
@@ -469,6 +472,7 @@ def _export(args: argparse.Namespace) -> int:
             labelled=args.labelled,
             start_us=_micros(args.since, "--since"),
             end_us=_micros(args.until, "--until"),
+            max_rows=args.max_rows,
         ),
         out,
         _credentials(args),
@@ -571,6 +575,7 @@ def _validate(args: argparse.Namespace) -> int:
                 labelled=True,
                 start_us=_micros(args.since, "--since"),
                 end_us=_micros(args.until, "--until"),
+                max_rows=settings.adaptation.gate.max_rows,
             )
             export(args.address, request, data, _credentials(args))
         window = read_window(data, str(data) if args.data else f"sidecar {args.address}")

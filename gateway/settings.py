@@ -680,7 +680,8 @@ class TriggerSpec(_Section):
         0,
         ge=0,
         description="A run whose fresh export holds fewer labelled rows than this trains "
-        "nothing: recorded as skipped with the count (the cooldown still counts from it).",
+        "nothing: recorded with outcome too_few_rows and the count (a run: the cooldown "
+        "counts from it).",
     )
     cooldown_s: float = Field(
         3600.0, ge=0, description="Least time between two runs (from a run's start)."
@@ -1042,7 +1043,7 @@ class DecisionSpec(_Section):
     output: str = Field(
         min_length=1, max_length=256, description="The score output it reads (first column)."
     )
-    threshold: float = Field(0.5, description="Decision: score >= threshold.")
+    threshold: float = Field(0.5, allow_inf_nan=False, description="Decision: score >= threshold.")
     name: str = Field(
         "decision",
         pattern=r"^[A-Za-z0-9_.\-]{1,64}$",
@@ -1050,7 +1051,9 @@ class DecisionSpec(_Section):
         "added whenever the score output is returned, and cannot be requested alone).",
     )
     max_threshold: float = Field(
-        0.99, description="How far a playbook may raise it (a person may set any value)."
+        0.99,
+        allow_inf_nan=False,
+        description="How far a playbook may raise it (a person may set any value).",
     )
 
     @model_validator(mode="after")
@@ -1410,6 +1413,13 @@ class GateSettings(_Section):
     window_s: int = Field(
         7 * 86400, gt=0, description="How far back the labelled window of an automatic run goes."
     )
+    max_rows: int = Field(
+        200_000,
+        gt=0,
+        description="The newest this many labelled rows of that window (and of `gateway "
+        "validate`'s export from the sidecar): bounds the memory and time a run takes in the "
+        "serving process.",
+    )
     retry_s: float = Field(
         600.0,
         gt=0,
@@ -1470,8 +1480,9 @@ class RolloutSlo(_Section):
     """What a candidate must keep to at every step on the requests it answers (and scores in
     shadow), measured in the gateway itself: a breach rolls the rollout back at once, whatever
     the verdict. Each is a rate breached when as many failures would be unlikely at its limit
-    (an exact binomial test at ``confidence``): one early failure is no breach, a candidate
-    failing every attempt is one within ``min_requests``."""
+    (an exact binomial test at ``confidence``, repeated every second on the step's counts):
+    one early failure is no breach, a candidate failing every attempt is one within
+    ``min_requests``."""
 
     max_error_rate: float | None = Field(
         0.01,
@@ -1494,11 +1505,12 @@ class RolloutSlo(_Section):
         10, ge=1, description="Attempts a step needs on the candidate before either is judged."
     )
     confidence: float = Field(
-        0.95,
+        0.999,
         gt=0.5,
         lt=1,
         description="A breach: as many failures (or slow answers) at the limit have a chance "
-        "below (1 - confidence) / 2.",
+        "below (1 - confidence) / 2. High by default: the counts are tested every second, "
+        "and each test is another chance of a false rollback over a long step.",
     )
 
 

@@ -104,7 +104,22 @@ class RedisRollouts:
     async def load(self) -> Records:
         raw = await self._state.call(self._state.client.hgetall(self._key))
         assert isinstance(raw, dict)
+        if not raw:
+            return await self._migrate()
         return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    async def _migrate(self) -> Records:
+        """The records as the gateway before wrote them (one document, ``<key_prefix>
+        rollouts``): moved into the hash, so a rollout under way at the upgrade goes on."""
+        before = f"{self._state.settings.key_prefix}rollouts"
+        old = await self._state.call(self._state.client.get(before))
+        if old is None:
+            return {}
+        records = dict(json.loads(old))  # type: ignore[arg-type]
+        for route, record in records.items():
+            await self.save(route, record)
+        await self._state.call(self._state.client.delete(before))
+        return records
 
     async def save(self, route: str, record: dict[str, Any]) -> None:
         await self._state.call(self._state.client.hset(self._key, route, json.dumps(record)))
@@ -128,10 +143,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _TAKE = """
-local command = redis.call('HGET', KEYS[1], ARGV[1])
-if command then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return command
+local commands = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return commands
 """
+_MAX_COMMANDS = 16  # waiting per route: each is a person's or a playbook's call
+_COMMANDS_TTL_MS = 3_600_000
 
 
 class RolloutLeases:
@@ -139,7 +156,7 @@ class RolloutLeases:
     lease (``<key_prefix>rollout-lease:<route>``, ``ttl_s``, renewed as it goes). A replica
     that dies lets its lease lapse and another takes the rollout over; a command given to a
     replica that does not drive it is left for the one that does
-    (``<key_prefix>rollout-commands``, a field per route)."""
+    (``<key_prefix>rollout-commands:<route>``, a list of at most ``_MAX_COMMANDS``)."""
 
     def __init__(self, state: RedisState, ttl_s: float) -> None:
         self._state = state
@@ -147,7 +164,7 @@ class RolloutLeases:
         self._ttl_ms = max(1, int(ttl_s * 1000))
         prefix = state.settings.key_prefix
         self._lease = f"{prefix}rollout-lease:"
-        self._commands = f"{prefix}rollout-commands"
+        self._commands = f"{prefix}rollout-commands:"
         self._hold = state.client.register_script(_HOLD)
         self._release = state.client.register_script(_RELEASE)
         self._take = state.client.register_script(_TAKE)
@@ -161,13 +178,22 @@ class RolloutLeases:
         await self._state.call(self._release(keys=[self._lease + route], args=[self.owner]))
 
     async def post(self, route: str, command: dict[str, Any]) -> None:
-        """Leave ``command`` for the replica driving the route (the latest replaces any)."""
-        await self._state.call(self._state.client.hset(self._commands, route, json.dumps(command)))
+        """Leave ``command`` for the replica driving the route, after any already waiting."""
+        key = self._commands + route
+        pipe = self._state.client.pipeline(transaction=True)
+        _ = pipe.rpush(key, json.dumps(command))  # queued: the pipeline returns itself
+        _ = pipe.ltrim(key, -_MAX_COMMANDS, -1)
+        _ = pipe.pexpire(key, _COMMANDS_TTL_MS)
+        await self._state.call(pipe.execute())
 
-    async def take(self, route: str) -> dict[str, Any] | None:
-        """The command left for this route, once (removed as it is read)."""
-        raw = await self._state.call(self._take(keys=[self._commands], args=[route]))
-        return None if raw is None else dict(json.loads(raw))  # type: ignore[arg-type]
+    async def take(self, route: str) -> list[dict[str, Any]]:
+        """The commands left for this route, oldest first, once (removed as they are read)."""
+        raw = await self._state.call(self._take(keys=[self._commands + route], args=[]))
+        return [dict(json.loads(item)) for item in raw or []]  # type: ignore[attr-defined]
+
+    async def clear(self, route: str) -> None:
+        """Drop what was left for the route (a new rollout starts on it)."""
+        await self._state.call(self._state.client.delete(self._commands + route))
 
 
 class VerdictUnavailable(Exception):

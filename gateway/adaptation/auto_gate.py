@@ -67,18 +67,22 @@ class SidecarWindows:
         address: str,
         credentials: ClientCredentials,
         window_s: int,
+        max_rows: int,
         timeout_s: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.address = address
         self._credentials = credentials
         self._window_s = window_s
+        self._max_rows = max_rows
         self._timeout_s = timeout_s
         self._clock = clock
 
     def __call__(self, model: str) -> LabelledWindow:
         start_us = int((self._clock() - self._window_s) * 1_000_000)
-        request = ev.ExportRequest(model=model, labelled=True, start_us=start_us)
+        request = ev.ExportRequest(
+            model=model, labelled=True, start_us=start_us, max_rows=self._max_rows
+        )
         with tempfile.TemporaryDirectory(prefix="gateway-gate-") as scratch:
             out = Path(scratch) / "window.parquet"
             try:
@@ -169,7 +173,9 @@ class AutoGate:
             )
         gate = settings.adaptation.gate
         credentials = ClientCredentials(rollout.resolve_token(), rollout.tls)
-        windows = SidecarWindows(address, credentials, gate.window_s, gate.export_timeout_s)
+        windows = SidecarWindows(
+            address, credentials, gate.window_s, gate.max_rows, gate.export_timeout_s
+        )
         source = (
             f"the last {_span(gate.window_s)} of labelled traffic from the sidecar at {address}"
         )

@@ -25,7 +25,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -37,15 +38,22 @@ from gateway.adaptation._rollout_io import (
     VerdictSource,
     VerdictUnavailable,
 )
+from gateway.adaptation._rollout_slo import slo_breach
 from gateway.adaptation._rollout_steps import SHADOW, candidate_variant, step_spec
 from gateway.auth import AuditLog
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
-from gateway.evaluation.stats import binomial_upper_tail
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, SharedStateDown
 from gateway.routing import RouteStore, RouteTable, VariantHealth
-from gateway.settings import RolloutSettings, RolloutSlo, RouteSpec, check_rollout_steps
+from gateway.settings import RolloutSettings, RouteSpec, check_rollout_steps
 from gateway.state import StateUnavailable
 
-__all__ = ["ACTIVE", "HealthWatch", "Rollout", "RolloutConflict", "RolloutController"]
+__all__ = [
+    "ACTIVE",
+    "HealthWatch",
+    "Rollout",
+    "RolloutConflict",
+    "RolloutController",
+    "slo_breach",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ _ACTOR = "rollout-controller"  # the audit log's actor for the controller's own 
 _MAX_HISTORY = 64  # step changes kept per rollout record
 _SLO_CHECK_S = 1.0  # how often the SLO (and, with leases, commands) is checked between verdicts
 _RELAY_S = 10.0  # how long a command passed to the driving replica is waited for
+_MAX_COMMANDS = 16  # relayed commands' outcomes kept per rollout record
 
 
 class HealthWatch(Protocol):
@@ -89,6 +98,7 @@ class Rollout:
     failures: int = 0  # verdict calls failed in a row
     verdict: dict[str, Any] | None = None  # the last one: verdict, reasons, criteria, evidence
     health: dict[str, Any] | None = None  # the candidate's attempts at this step, vs the SLO
+    commands: list[dict[str, Any]] = field(default_factory=list)  # relayed: id, action, outcome
     history: list[dict[str, Any]] = field(default_factory=list)  # each step change
 
     @property
@@ -133,6 +143,8 @@ class RolloutController:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unsaved: set[str] = set()  # routes whose record failed to save: saved again
+        self._stuck: dict[str, str] = {}  # route -> why it could not be resumed (said once)
 
     def samples(self) -> list[tuple[tuple[str, str, str, str], float]]:
         """``gateway_rollout_traffic``: per rollout (route, candidate, step, state), the share
@@ -167,18 +179,27 @@ class RolloutController:
             if rollout.state in ACTIVE:
                 await self._resume_here(rollout, "resumed after a restart")
 
-    async def _resume_here(self, rollout: Rollout, reason: str) -> None:
-        """Drive ``rollout`` from this process: its route at its step, its candidate watched."""
+    async def _resume_here(self, rollout: Rollout, reason: str) -> bool:
+        """Drive ``rollout`` from this process: its route at its step, its candidate watched.
+        A rollout whose route is gone ends (aborted); False when it is not driven here."""
+        route = rollout.route
         try:
             await self._apply(rollout, rollout.expected_spec(), reason)
-        except GatewayError as err:
-            log.error("rollout %s: cannot resume at its step: %s", rollout.route, err)
-            return
+        except ModelNotFound as err:
+            rollout.state, rollout.reason = "aborted", f"cannot resume: {err}"
+            await self._save(rollout)
+            log.error("rollout %s: %s", route, rollout.reason)
+            return False
+        except (GatewayError, StateUnavailable) as err:
+            if self._stuck.get(route) != str(err):  # said once, not every second
+                self._stuck[route] = str(err)
+                log.error("rollout %s: cannot resume at its step: %s", route, err)
+            return False
+        self._stuck.pop(route, None)
         self._watch_step(rollout)
-        log.info(
-            "rollout %s: %s at step %s (%s)", rollout.route, reason, rollout.current, rollout.state
-        )
-        self._spawn(rollout.route)
+        log.info("rollout %s: %s at step %s (%s)", route, reason, rollout.current, rollout.state)
+        self._spawn(route)
+        return True
 
     async def _follow(self) -> None:
         """With leases, every ``_SLO_CHECK_S``: the records as stored (what ``status`` shows
@@ -186,38 +207,37 @@ class RolloutController:
         while True:
             try:
                 await self._adopt()
+            except StateUnavailable as err:
+                log.debug("rollouts: cannot read %s (%s)", self._records_store.where, err)
             except Exception:  # following must go on
                 log.exception("rollouts: following the shared records failed")
             await asyncio.sleep(_SLO_CHECK_S)
 
     async def _adopt(self, only: str | None = None) -> None:
+        """Read the shared records; take over each active rollout no replica drives (with
+        ``only``, that route's alone). StateUnavailable when Redis does not answer."""
         assert self._leases is not None
-        try:
-            stored = await self._records_store.load()
-        except (OSError, ValueError, StateUnavailable) as err:
-            log.debug("rollouts: cannot read %s (%s)", self._records_store.where, err)
-            return
+        stored = await self._records_store.load()
         for route, raw in stored.items():
-            if (only is not None and route != only) or self._driving(route):
+            if only is not None and route != only:
                 continue
+            if self._driving(route) or self._lock(route).locked():
+                continue  # driven here, or being started or changed here now
             self._rollouts[route] = rollout = Rollout(**raw)
-            if rollout.state not in ACTIVE:
-                continue
-            try:
-                if not await self._leases.hold(route):
-                    continue  # another replica drives it
-                async with self._lock(route):
-                    # NOTE: read again under the lease: the last driver may have written
-                    # after the read above, before its lease lapsed.
-                    fresh = (await self._records_store.load()).get(route)
-                    if fresh is None or fresh["state"] not in ACTIVE:
-                        await self._leases.release(route)
-                        continue
+            if rollout.state not in ACTIVE or not await self._leases.hold(route):
+                continue  # ended, or another replica drives it
+            async with self._lock(route):
+                # NOTE: read again under the lease: the last driver may have written after
+                # the read above, before its lease lapsed.
+                fresh = (await self._records_store.load()).get(route)
+                if fresh is not None:
                     self._rollouts[route] = rollout = Rollout(**fresh)
+                resumed = False
+                if rollout.state in ACTIVE:
                     reason = f"driven by replica {self._leases.owner[:8]} (no replica held it)"
-                    await self._resume_here(rollout, reason)
-            except StateUnavailable as err:
-                log.warning("rollout %s: cannot take it over now: %s", route, err)
+                    resumed = await self._resume_here(rollout, reason)
+                if not resumed:
+                    await self._leases.release(route)
 
     async def _still_driving(self, route: str) -> bool:
         if self._leases is None:
@@ -272,7 +292,8 @@ class RolloutController:
 
     async def _refresh(self, route: str) -> None:
         if self._leases is not None and not self._driving(route):
-            await self._adopt(route)
+            with _shared():
+                await self._adopt(route)
 
     async def begin(self, route: str, candidate: str, steps: list[str], actor: str) -> Rollout:
         """Start walking ``candidate`` through ``steps`` on ``route``: its first step now."""
@@ -291,28 +312,53 @@ class RolloutController:
                     f"route '{route}' already has a rollout ({self.get(route).state} at step "
                     f"{self.get(route).current}): abort it first"
                 )
-            if self._leases is not None and not await self._leases.hold(route):
-                raise RolloutConflict(f"route '{route}': another replica is starting a rollout")
-            current = self._table.get(route)
-            if current is None:
-                raise ModelNotFound(f"no route named '{route}'")
-            variant = candidate_variant(route, current.spec, candidate)
-            now = self._clock()
-            rollout = Rollout(
-                route=route,
-                model=variant.model or "",
-                candidate=candidate,
-                variant=variant.name,
-                steps=list(steps or self.settings.steps),
-                original=current.spec.model_dump(mode="json"),
-                started_at=now,
-                step_started_at=now,
-            )
-            step_spec(route, current.spec, candidate, rollout.current)  # refuses a bad route
-            self._rollouts[route] = rollout
-            reason = f"rollout of version {candidate} started by {actor}: step {rollout.current}"
-            await self._step_to(rollout, 0, reason, actor)
+            if self._leases is not None:
+                with _shared():
+                    if not await self._leases.hold(route):
+                        raise RolloutConflict(
+                            f"route '{route}': another replica is starting a rollout"
+                        )
+                    await self._leases.clear(route)  # commands left for an earlier rollout
+            try:
+                rollout = await self._begin(route, candidate, steps, actor)
+            except BaseException:
+                if self._leases is not None:
+                    with contextlib.suppress(StateUnavailable):
+                        await self._leases.release(route)
+                raise
         self._spawn(route)
+        return rollout
+
+    async def _begin(self, route: str, candidate: str, steps: list[str], actor: str) -> Rollout:
+        """The rollout's record and its first step (under the route's lock): nothing of it
+        kept when the step cannot be taken."""
+        current = self._table.get(route)
+        if current is None:
+            raise ModelNotFound(f"no route named '{route}'")
+        variant = candidate_variant(route, current.spec, candidate)
+        now = self._clock()
+        rollout = Rollout(
+            route=route,
+            model=variant.model or "",
+            candidate=candidate,
+            variant=variant.name,
+            steps=list(steps or self.settings.steps),
+            original=current.spec.model_dump(mode="json"),
+            started_at=now,
+            step_started_at=now,
+        )
+        step_spec(route, current.spec, candidate, rollout.current)  # refuses a bad route
+        before = self._rollouts.get(route)
+        self._rollouts[route] = rollout
+        reason = f"rollout of version {candidate} started by {actor}: step {rollout.current}"
+        try:
+            await self._step_to(rollout, 0, reason, actor)
+        except BaseException:
+            if before is None:
+                self._rollouts.pop(route, None)
+            else:
+                self._rollouts[route] = before
+            raise
         return rollout
 
     async def pause(self, route: str, actor: str) -> Rollout:
@@ -328,56 +374,112 @@ class RolloutController:
         command = {"action": "abort", "actor": actor, "reason": reason, "state": state}
         return await self._act(route, command)
 
-    async def _act(self, route: str, command: dict[str, str]) -> Rollout:
+    async def _act(self, route: str, command: dict[str, Any]) -> Rollout:
         """Carry out ``command`` here when this replica drives the rollout (or can take it
-        over), else leave it for the one that does and wait for its record to change."""
-        if self._leases is not None and not self._driving(route):
-            await self._adopt(route)
+        over), else leave it for the one that does and wait until it says it applied it."""
+        if self._leases is None:
+            return await self._do(route, command)
+        with _shared():
             if not self._driving(route):
-                return await self._relay(route, command)
-        return await self._do(route, command)
+                await self._adopt(route)
+            if self._driving(route) and await self._leases.hold(route):
+                return await self._do(route, command)
+            return await self._relay(route, command)
 
-    async def _do(self, route: str, command: dict[str, str]) -> Rollout:
+    async def _do(self, route: str, command: dict[str, Any]) -> Rollout:
+        """Pause, resume or abort here (this replica drives it). A relayed command's outcome
+        goes into the record with the change it makes, for the replica waiting on it."""
         action, actor = command["action"], command["actor"]
         async with self._lock(route):
             rollout = self._active(route)
             _check(rollout, action)
-            if action == "pause":
-                rollout.state = "paused"
-                rollout.reason = f"paused by {actor} at step {rollout.current}"
-                await self._save(rollout)
-            elif action == "resume":
-                rollout.state = "running"
-                rollout.hold_since = None
-                rollout.reason = f"resumed by {actor} at step {rollout.current}"
-                await self._save(rollout)
-            else:
-                reason = command.get("reason") or f"aborted by {actor}"
-                await self._end(rollout, command.get("state") or "aborted", reason, actor)
+            if "id" in command:
+                rollout.commands.append({"id": command["id"], "action": action, "outcome": "ok"})
+                del rollout.commands[:-_MAX_COMMANDS]
+            before = (rollout.state, rollout.reason, rollout.hold_since)
+            try:
+                if action == "pause":
+                    rollout.state = "paused"
+                    rollout.reason = f"paused by {actor} at step {rollout.current}"
+                    await self._save(rollout, strict=True)
+                elif action == "resume":
+                    rollout.state, rollout.hold_since = "running", None
+                    rollout.reason = f"resumed by {actor} at step {rollout.current}"
+                    await self._save(rollout, strict=True)
+                else:
+                    reason = command.get("reason") or f"aborted by {actor}"
+                    await self._end(rollout, command.get("state") or "aborted", reason, actor)
+            except BaseException:
+                rollout.state, rollout.reason, rollout.hold_since = before
+                if "id" in command:
+                    rollout.commands.pop()
+                raise
         if action == "resume":
             self._wake[route].set()
         return rollout
 
-    async def _relay(self, route: str, command: dict[str, str]) -> Rollout:
+    async def _relay(self, route: str, command: dict[str, Any]) -> Rollout:
+        """Leave ``command`` for the driving replica, and wait for the record to say what
+        became of it (applied, refused, or the rollout ended first)."""
         assert self._leases is not None
         rollout = self._active(route)
         _check(rollout, command["action"])
-        before = (rollout.state, rollout.reason, len(rollout.history))
-        await self._leases.post(route, command)
         loop = asyncio.get_running_loop()
+        ident = uuid.uuid4().hex
         until = loop.time() + _RELAY_S
+        # NOTE: the driver drops a command past its deadline (on its own wall clock): one the
+        # caller stopped waiting for is not applied later behind its back.
+        expires = self._clock() + _RELAY_S
+        await self._leases.post(
+            route, {**command, "id": ident, "rollout": rollout.started_at, "expires": expires}
+        )
         while loop.time() < until:
             await asyncio.sleep(0.1)
             stored = (await self._records_store.load()).get(route)
-            if stored is not None:
-                changed = Rollout(**stored)
-                if (changed.state, changed.reason, len(changed.history)) != before:
-                    self._rollouts[route] = changed
-                    return changed
+            if stored is None:
+                continue
+            now = self._rollouts[route] = Rollout(**stored)
+            done = next((c for c in now.commands if c.get("id") == ident), None)
+            if done is not None:
+                if done["outcome"] != "ok":
+                    raise RolloutConflict(f"route '{route}': {done['outcome']}")
+                return now
+            if now.started_at != rollout.started_at or now.state not in ACTIVE:
+                raise RolloutConflict(
+                    f"route '{route}': the rollout ended ({now.state}: {now.reason}) before "
+                    f"the replica driving it took '{command['action']}'"
+                )
         raise RolloutConflict(
-            f"route '{route}': the replica driving its rollout did not apply "
-            f"'{command['action']}' within {_RELAY_S:g} s (see `gateway rollout status`)"
+            f"route '{route}': the replica driving its rollout did not take "
+            f"'{command['action']}' within {_RELAY_S:g} s; it is dropped (see `gateway rollout "
+            "status`)"
         )
+
+    async def _take_commands(self, route: str, rollout: Rollout) -> bool:
+        """Carry out the commands other replicas left for this rollout (``_do`` records each
+        one's outcome; a refused or late one is recorded here); True when one asks for a
+        verdict (resume)."""
+        assert self._leases is not None
+        asked = False
+        for command in await self._leases.take(route):
+            if command.get("rollout") != rollout.started_at:
+                continue  # for an earlier rollout of the route: it ended, its caller knows
+            outcome = ""
+            if self._clock() > float(command.get("expires", 0)):
+                outcome = "expired: the replica driving it took it too late"
+            else:
+                try:
+                    await self._do(route, command)
+                    asked = asked or command["action"] == "resume"
+                except GatewayError as err:
+                    outcome = str(err)
+            if outcome:
+                rollout.commands.append(
+                    {"id": command.get("id"), "action": command["action"], "outcome": outcome}
+                )
+                del rollout.commands[:-_MAX_COMMANDS]
+                await self._save(rollout)
+        return asked
 
     # -- the controller's loop --------------------------------------------------------------
 
@@ -388,41 +490,50 @@ class RolloutController:
             self._tasks[route] = asyncio.create_task(self._drive(route), name=f"rollout {route}")
 
     async def _drive(self, route: str) -> None:
-        """Check the SLO every ``_SLO_CHECK_S`` and ask for a verdict every poll interval (or
-        when woken: resumed, ended)."""
+        """Every ``_SLO_CHECK_S``: renew the lease and take commands (with leases), check the
+        candidate's SLO (at any step, paused too); every poll interval (or when woken:
+        resumed) ask for a verdict, in a task of its own so that a slow sidecar holds none of
+        that up, and act on it once it answers."""
         wake = self._wake[route]
         loop = asyncio.get_running_loop()
         poll = self.settings.poll_interval_s
         ask_at = loop.time() + poll
-        while (rollout := self._rollouts.get(route)) is not None and rollout.state in ACTIVE:
-            wake.clear()
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                woken = await asyncio.wait_for(wake.wait(), min(poll, _SLO_CHECK_S))
-            if self._leases is not None:
+        asking: asyncio.Task[tuple[int, dict[str, Any] | None, str]] | None = None
+        try:
+            while (rollout := self._rollouts.get(route)) is not None and rollout.state in ACTIVE:
+                wake.clear()
+                woken = False
+                with contextlib.suppress(TimeoutError):
+                    woken = await asyncio.wait_for(wake.wait(), min(poll, _SLO_CHECK_S))
                 try:
-                    if not await self._leases.hold(route):
-                        log.warning("rollout %s: another replica holds its lease now", route)
-                        if self._watch is not None:
-                            self._watch.unwatch(route, rollout.variant)
-                        return
-                    command = await self._leases.take(route)
+                    if self._leases is not None:
+                        if not await self._leases.hold(route):
+                            log.warning("rollout %s: another replica holds its lease now", route)
+                            self._unwatch(rollout)
+                            return
+                        woken = await self._take_commands(route, rollout) or woken
+                    if route in self._unsaved:
+                        await self._save(rollout)
+                    await self.tick(route, ask=False)
                 except StateUnavailable:
                     continue  # whether this replica still drives it is not known: wait
-                if command is not None:
-                    try:
-                        await self._do(route, command)
-                    except GatewayError as err:
-                        log.warning("rollout %s: %s: %s", route, command.get("action"), err)
-                    continue
-            if rollout.state in ("running", "holding"):
-                ask = woken or loop.time() >= ask_at
-                if ask:
-                    ask_at = loop.time() + poll
-                try:
-                    await self.tick(route, ask)
                 except Exception:  # the rollout must go on being judged
-                    log.exception("rollout %s: judging the step failed", route)
+                    log.exception("rollout %s: checking the step failed", route)
+                if rollout.state not in ("running", "holding"):
+                    continue
+                if asking is not None and asking.done():
+                    at, verdict, failure = asking.result()
+                    asking = None
+                    try:
+                        await self._judge(route, at, verdict, failure)
+                    except Exception:
+                        log.exception("rollout %s: judging the step failed", route)
+                elif asking is None and (woken or loop.time() >= ask_at):
+                    ask_at = loop.time() + poll
+                    asking = asyncio.create_task(self._ask(rollout), name=f"verdict {route}")
+        finally:
+            if asking is not None:
+                asking.cancel()
         if self._leases is not None:  # ended here: nothing left to drive
             with contextlib.suppress(StateUnavailable):
                 await self._leases.release(route)
@@ -431,25 +542,36 @@ class RolloutController:
         """Check the candidate's SLO; with ``ask``, ask for the verdict and act on it:
         advance, roll back, or wait."""
         rollout = self._rollouts[route]
-        assert self._verdicts is not None
-        at, step = rollout.step, rollout.current
         if not ask:
             async with self._lock(route):
-                if rollout.state in ("running", "holding") and rollout.step == at:
+                if rollout.state in ACTIVE:
                     await self._check_slo(rollout)
             return
+        at, verdict, failure = await self._ask(rollout)
+        await self._judge(route, at, verdict, failure)
+
+    async def _ask(self, rollout: Rollout) -> tuple[int, dict[str, Any] | None, str]:
+        """The sidecar's verdict on the rollout's step (or None and why not), with the step
+        it was asked at."""
+        assert self._verdicts is not None
+        at = rollout.step
+        # Each step is judged on its own traffic (adaptation.rollout.evidence: step), or on the
+        # canary policy's whole window (window).
+        since_us = 0
+        if self.settings.evidence == "step":
+            since_us = int(rollout.step_started_at * 1_000_000)
         try:
-            # Each step is judged on its own traffic (adaptation.rollout.evidence: step), or on
-            # the canary policy's whole window (window).
-            since_us = 0
-            if self.settings.evidence == "step":
-                since_us = int(rollout.step_started_at * 1_000_000)
-            verdict: dict[str, Any] | None = await self._verdicts.verdict(
-                rollout.model, rollout.candidate, since_us
-            )
-            failure = ""
+            verdict = await self._verdicts.verdict(rollout.model, rollout.candidate, since_us)
         except VerdictUnavailable as err:
-            verdict, failure = None, str(err)
+            return at, None, str(err)
+        return at, verdict, ""
+
+    async def _judge(
+        self, route: str, at: int, verdict: dict[str, Any] | None, failure: str
+    ) -> None:
+        """Act on the verdict asked at step ``at``: advance, roll back, or wait."""
+        rollout = self._rollouts[route]
+        step = rollout.steps[at]
         async with self._lock(route):
             if rollout.state not in ("running", "holding") or rollout.step != at:
                 return  # paused, aborted or moved on while the sidecar was asked
@@ -527,17 +649,23 @@ class RolloutController:
         if self._watch is None:
             return
         if rollout.state not in ACTIVE:
-            self._watch.unwatch(rollout.route, rollout.variant)
-            self._health.pop(rollout.route, None)
+            self._unwatch(rollout)
             return
         slow_ms = self.settings.slo.max_latency_ms
         slow_s = None if slow_ms is None else slow_ms / 1000
         self._health[rollout.route] = self._watch.watch(rollout.route, rollout.variant, slow_s)
         rollout.health = None
 
+    def _unwatch(self, rollout: Rollout) -> None:
+        if self._watch is not None:
+            self._watch.unwatch(rollout.route, rollout.variant)
+        self._health.pop(rollout.route, None)
+
     # -- changes ------------------------------------------------------------------------------
 
     async def _step_to(self, rollout: Rollout, index: int, reason: str, actor: str) -> None:
+        """Move to step ``index``: the record changes only once the route did."""
+        before = (rollout.step, rollout.step_started_at, rollout.hold_since, rollout.state)
         rollout.step = index
         rollout.step_started_at = self._clock()
         rollout.hold_since = None
@@ -545,12 +673,23 @@ class RolloutController:
         rollout.state = "succeeded" if final else "running"
         if final:
             reason += f"; version {rollout.candidate} is the stable one"
-        await self._apply(rollout, rollout.expected_spec(), reason, actor)
+        try:
+            await self._apply(rollout, rollout.expected_spec(), reason, actor)
+        except BaseException:
+            rollout.step, rollout.step_started_at, rollout.hold_since, rollout.state = before
+            raise
         self._watch_step(rollout)
 
     async def _end(self, rollout: Rollout, state: str, reason: str, actor: str) -> None:
+        """End the rollout (the route back as before it, or the candidate stable): the record
+        changes only once the route did, so a failure leaves it to be tried again."""
+        before = rollout.state
         rollout.state = state
-        await self._apply(rollout, rollout.expected_spec(), reason, actor)
+        try:
+            await self._apply(rollout, rollout.expected_spec(), reason, actor)
+        except BaseException:
+            rollout.state = before
+            raise
         self._watch_step(rollout)
         log.warning("rollout %s: %s", rollout.route, reason)
         self._wake.setdefault(rollout.route, asyncio.Event()).set()
@@ -567,7 +706,9 @@ class RolloutController:
             routes = {name: r.spec for name, r in table.all().items()}
             if route not in routes:
                 raise ModelNotFound(f"route '{route}' is gone")
-            routes[route] = spec
+            # The decision threshold is the route's own, whatever step: one set or raised
+            # during the rollout stays.
+            routes[route] = spec.model_copy(update={"decision": routes[route].decision})
             table.replace(routes)
             return table.get(route).revision  # type: ignore[union-attr]
 
@@ -595,11 +736,20 @@ class RolloutController:
         )
         log.info("rollout %s: revision %d: %s", route, revision, reason)
 
-    async def _save(self, rollout: Rollout) -> None:
+    async def _save(self, rollout: Rollout, strict: bool = False) -> None:
+        """Persist the record. A failure is SharedStateDown with ``strict`` (the caller undoes
+        its change); else logged, and the driving loop saves it again."""
         try:
             await self._records_store.save(rollout.route, asdict(rollout))
         except (OSError, StateUnavailable) as err:
+            if strict:
+                raise SharedStateDown(
+                    f"rollouts: cannot write {self._records_store.where}: {err}"
+                ) from None
+            self._unsaved.add(rollout.route)
             log.error("rollouts: cannot write %s (%s)", self._records_store.where, err)
+        else:
+            self._unsaved.discard(rollout.route)
 
     def _active(self, route: str) -> Rollout:
         rollout = self.get(route)
@@ -611,40 +761,20 @@ class RolloutController:
         return self._locks.setdefault(route, asyncio.Lock())
 
 
+@contextlib.contextmanager
+def _shared() -> Iterator[None]:
+    """Redis not answering, for an admin call: UNAVAILABLE naming it."""
+    try:
+        yield
+    except StateUnavailable as err:
+        raise SharedStateDown(f"rollouts: the shared state does not answer: {err}") from None
+
+
 def _check(rollout: Rollout, action: str) -> None:
     if action == "resume" and rollout.state != "paused":
         raise RolloutConflict(
             f"route '{rollout.route}': the rollout is {rollout.state}, not paused"
         )
-
-
-def slo_breach(slo: RolloutSlo, health: VariantHealth) -> str:
-    """How ``health`` breaches ``slo``, or "". A rate breaches when so many failures (or slow
-    answers) would be unlikely at its limit: the chance of as many or more, attempts being
-    independent, is below (1 - confidence) / 2 (the exact interval's low end lies above the
-    limit). Judged from ``slo.min_requests`` attempts on."""
-    if health.attempts < slo.min_requests:
-        return ""
-    level = (1 - slo.confidence) / 2
-    if slo.max_error_rate is not None:
-        chance = binomial_upper_tail(health.failed, health.attempts, slo.max_error_rate)
-        if chance < level:
-            return (
-                f"{health.failed} of {health.attempts} attempts failed "
-                f"({health.failed / health.attempts:.1%}; as many at max_error_rate "
-                f"{slo.max_error_rate:.1%}: a chance of {chance:.2g})"
-            )
-    if slo.max_latency_ms is not None and health.answered >= slo.min_requests:
-        allowed = 1 - slo.latency_quantile
-        chance = binomial_upper_tail(health.slow, health.answered, allowed)
-        if chance < level:
-            return (
-                f"{health.slow} of {health.answered} answers slower than "
-                f"{slo.max_latency_ms:g} ms ({health.slow / health.answered:.1%}; the "
-                f"latency_quantile {slo.latency_quantile:g} allows {allowed:.1%}: a chance "
-                f"of {chance:.2g})"
-            )
-    return ""
 
 
 def _summary(verdict: dict[str, Any]) -> dict[str, Any]:

@@ -93,8 +93,8 @@ class SidecarMetrics:
             "sidecar_triggers",
             "Retraining trigger runs (evaluation.triggers) by model, kind (time, data, drift, "
             "performance, manual) and outcome (ok, failed, timeout, error; skipped: an "
-            "incident refused for a run in progress or a cooldown, or an export under "
-            "min_rows).",
+            "incident refused for a run in progress or a cooldown; too_few_rows: an export "
+            "under min_rows, nothing trained).",
             ["model", "kind", "outcome"],
             registry=self.registry,
         )

@@ -41,6 +41,13 @@ _EXPORT_CHUNK = 1 << 20  # bytes of Parquet per ExportChunk
 _JOURNAL_SHOWN = 20  # trigger runs, playbook actions and open reviews a report lists, each
 
 
+async def _check_max_rows(request: ev.ExportRequest, context: grpc.aio.ServicerContext) -> None:
+    if request.max_rows < 0:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"max_rows: {request.max_rows}: 0 (all) or more"
+        )
+
+
 def _glibc() -> ctypes.CDLL | None:
     """glibc by its soname (ctypes.util.find_library would run ldconfig); None elsewhere."""
     try:
@@ -219,6 +226,7 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "Export needs a model and a path to write"
             )
+        await _check_max_rows(request, context)
         root = self.settings.export_directory
         if root is None:
             await context.abort(
@@ -240,6 +248,7 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
         """The Parquet file in chunks, from a private file deleted once it is sent."""
         if not request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ExportFile needs a model")
+        await _check_max_rows(request, context)
         scratch = Path(tempfile.mkdtemp(prefix="export-", dir=self.store.path.parent))
         try:
             target = scratch / "export.parquet"
@@ -261,6 +270,7 @@ class EvaluationServicer(ev_grpc.EvaluationServiceServicer):
             request.start_us,
             request.end_us,
             request.labelled,
+            request.max_rows,
         )
         return rows
 

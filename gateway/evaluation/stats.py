@@ -68,14 +68,48 @@ def normal_difference(estimate: float, se: float, confidence: float, paired: boo
 def binomial_upper_tail(k: int, n: int, p: float) -> float:
     """P(B >= k), B ~ Binomial(n, p): how likely ``k`` or more events in ``n`` independent
     trials are at rate ``p``. Below (1 - c) / 2 exactly when the low end of the exact
-    (Clopper-Pearson) interval at confidence c for k / n lies above ``p``."""
+    (Clopper-Pearson) interval at confidence c for k / n lies above ``p``.
+
+    Summed term by term from ``k`` away from the mean, where the terms only shrink, until they
+    no longer count: O(sqrt(n)) terms, never an array of n (it runs on the event loop)."""
     if k <= 0:
         return 1.0
-    if k > n:
+    if k > n or p <= 0:
         return 0.0
-    if p <= 0:
-        return 0.0
-    return float(max(0.0, 1.0 - _log_binomial_cdf(n, p)[k - 1]))
+    if p >= 1:
+        return 1.0
+    if k - 1 < n * p:  # below the mean: 1 - P(B <= k - 1), summed down from k - 1
+        return max(0.0, 1.0 - _pmf_sum(n, p, k - 1, down=True))
+    return min(1.0, _pmf_sum(n, p, k, down=False))
+
+
+def _pmf_sum(n: int, p: float, start: int, down: bool) -> float:
+    """P(B = start) + the terms beyond it, walking away from the mean (each smaller)."""
+    log_term = (
+        math.lgamma(n + 1)
+        - math.lgamma(start + 1)
+        - math.lgamma(n - start + 1)
+        + start * math.log(p)
+        + (n - start) * math.log1p(-p)
+    )
+    term = math.exp(log_term)
+    odds = p / (1 - p)
+    total, i = 0.0, start
+    while term > 0.0:
+        total += term
+        if term < total * 1e-17:
+            break
+        if down:
+            if i == 0:
+                break
+            term *= i / ((n - i + 1) * odds)
+            i -= 1
+        else:
+            if i == n:
+                break
+            term *= (n - i) / (i + 1) * odds
+            i += 1
+    return total
 
 
 def _midranks(x: Floats) -> Floats:

@@ -245,9 +245,17 @@ class EventStore:
         return self._scalar(_JOINED_LABELS, [self._batch])
 
     def export(
-        self, path: Path, model: str, version: str, start_us: int, end_us: int, labelled: bool
+        self,
+        path: Path,
+        model: str,
+        version: str,
+        start_us: int,
+        end_us: int,
+        labelled: bool,
+        max_rows: int = 0,
     ) -> tuple[Path, int]:
-        """Write a window's events, or its labelled prediction rows, to Parquet.
+        """Write a window's events, or its labelled prediction rows, to Parquet (with
+        ``max_rows``, the newest that many, in time order all the same).
 
         A labelled row holds what training needs to see what serving saw: the raw features,
         numeric ones in the type they were sent as (``_raw_type``), and the model input as
@@ -257,20 +265,25 @@ class EventStore:
         where, params = window_filter(model, version, start_us, end_us, table="e")
         path = path.expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
+        newest = f"LIMIT {int(max_rows)}" if max_rows > 0 else ""
         if not labelled:
+            events = (
+                f"SELECT * FROM (SELECT * FROM events e WHERE {where} "
+                f"ORDER BY event_time DESC {newest}) ORDER BY event_time"
+            )
             self._db.execute(
-                f"COPY (SELECT * FROM events e WHERE {where} ORDER BY event_time) "
-                f"TO '{_quoted(path)}' (FORMAT parquet)",
-                params,
+                f"COPY ({events}) TO '{_quoted(path)}' (FORMAT parquet)", params
             ).fetchall()
-            return path, self._scalar(f"SELECT count(*) FROM events e WHERE {where}", params)
+            return path, self._scalar(f"SELECT count(*) FROM ({events})", params)
         table = self.arrow(
             f"""
-            SELECT e.request_id, e.event_time, e.model, e.version, e.arm, e.segments,
-                   e.numeric_names, e.numeric, e.numeric_kinds, e.strings, e.input_columns,
-                   e.model_input, e.outputs, e.output_widths, e.rows, j."row", j.label
-            FROM ({joined_sql()}) j JOIN events e USING (event_id)
-            WHERE {where} ORDER BY e.event_time, j."row"
+            SELECT * FROM (
+                SELECT e.request_id, e.event_time, e.model, e.version, e.arm, e.segments,
+                       e.numeric_names, e.numeric, e.numeric_kinds, e.strings, e.input_columns,
+                       e.model_input, e.outputs, e.output_widths, e.rows, j."row", j.label
+                FROM ({joined_sql()}) j JOIN events e USING (event_id)
+                WHERE {where} ORDER BY e.event_time DESC, j."row" DESC {newest}
+            ) ORDER BY event_time, "row"
             """,
             params,
         )

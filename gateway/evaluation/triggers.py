@@ -226,8 +226,8 @@ class Triggers:
                 True,
             )
             entry["detail"] = {"training_data": str(path), "rows": rows}
-            if rows < spec.min_rows:
-                code, outcome = None, "skipped"
+            if rows < spec.min_rows:  # a run (its cooldown counts), not a refusal
+                code, outcome = None, "too_few_rows"
                 output = (
                     f"{rows} labelled rows in the last {spec.window_s} s, fewer than min_rows "
                     f"{spec.min_rows}: nothing trained"

@@ -5,7 +5,7 @@ from gateway.routing.limits import ConcurrencyCap, RateLimiter
 from gateway.routing.remote import RemoteCall, RemoteModels
 from gateway.routing.runner import Attempt, Router, VariantHealth
 from gateway.routing.shared import LocalRoutes, RouteStore, SharedRouteTable
-from gateway.routing.table import Route, RouteTable, unit_hash
+from gateway.routing.table import Route, RouteTable, decision_problems, unit_hash
 
 __all__ = [
     "Attempt",
@@ -20,5 +20,6 @@ __all__ = [
     "Router",
     "SharedRouteTable",
     "VariantHealth",
+    "decision_problems",
     "unit_hash",
 ]

@@ -331,7 +331,11 @@ def _decide(answer: Answer, decision: DecisionSpec) -> None:
     score = next((t for t in response.outputs if t.name == decision.output), None)
     if score is None or score.data.dtype.kind not in "iuf" or not score.data.ndim:
         return
-    scores = score.data.reshape(score.data.shape[0], -1)[:, :1].astype(np.float64)
+    if any(t.name == decision.name for t in response.outputs):
+        return  # the model has an output of that name (SetRoutes refuses it; settings warn)
+    rows = score.data.shape[0]
+    width = score.data.size // rows if rows else 1
+    scores = score.data.reshape(rows, width)[:, :1].astype(np.float64)
     # A new list: the response's may be shared with whoever made it.
     response.outputs = [
         *response.outputs,

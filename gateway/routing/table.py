@@ -19,7 +19,7 @@ import bisect
 import itertools
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import xxhash
@@ -186,11 +186,22 @@ class RouteTable:
         return self._set(name, route.spec.model_copy(update={"decision": changed}))
 
     def rollback(self, name: str) -> Route | None:
-        """Restore the route's previous spec (None: the route did not exist before)."""
-        history = self._history.get(name)
-        if not history:
+        """Restore the route's previous spec (None: the route did not exist before). What
+        serves goes back; its decision threshold stays as it is now: a threshold change is
+        stepped over (``gateway threshold`` sets it, ``tighten_thresholds`` raises it)."""
+        history = self._history.get(name) or deque()
+        current = self._routes.get(name)
+        now = None if current is None else _serving(current.spec)
+        back = len(history) - 1
+        while back >= 0 and now is not None and _serving(history[back]) == now:
+            back -= 1
+        if back < 0:
             raise ModelNotFound(f"route '{name}' has no earlier spec to roll back to")
-        previous = history.pop()
+        previous = history[back]
+        for _ in range(len(history) - back):
+            history.pop()
+        if previous is not None and current is not None:
+            previous = previous.model_copy(update={"decision": current.spec.decision})
         self._install(name, previous)
         self.generation += 1
         return self._routes.get(name)
@@ -223,3 +234,36 @@ def _dump(spec: RouteSpec | None) -> dict[str, Any] | None:
 
 def _load(raw: Mapping[str, Any] | None) -> RouteSpec | None:
     return None if raw is None else RouteSpec.model_validate(raw)
+
+
+def _serving(spec: RouteSpec | None) -> RouteSpec | None:
+    """What of a spec serves: all of it but its decision threshold."""
+    return None if spec is None else spec.model_copy(update={"decision": None})
+
+
+def decision_problems(
+    routes: Mapping[str, RouteSpec], outputs: Callable[[str], Collection[str]]
+) -> list[str]:
+    """What is wrong with the routes' decision thresholds against the models they serve
+    (``outputs``: a model's output names, empty when it is not loaded), each naming its field:
+    a score output the model lacks, a decision named as one of its outputs."""
+    problems = []
+    for name, spec in routes.items():
+        decision = spec.decision
+        if decision is None:
+            continue
+        for variant in spec.variants:
+            model = variant.local_model
+            names = outputs(model) if model is not None else ()
+            if not names:
+                continue
+            if decision.output not in names:
+                problems.append(
+                    f"{name}.decision.output: '{decision.output}' is not an output of model "
+                    f"'{model}' (outputs: {', '.join(sorted(names))})"
+                )
+            if decision.name in names:
+                problems.append(
+                    f"{name}.decision.name: '{decision.name}' is an output of model '{model}'"
+                )
+    return sorted(set(problems))

@@ -30,7 +30,7 @@ from gateway.api.v1 import admin_pb2_grpc as pb_grpc
 from gateway.auth import current_principal
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
-from gateway.routing import LocalRoutes, RouteStore
+from gateway.routing import LocalRoutes, RouteStore, decision_problems
 from gateway.runtime.repository import ModelRepository
 from gateway.settings import MAX_ROUTES, RouteSpec, bounded_yaml, describe_validation_error
 
@@ -68,6 +68,9 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         # Where route changes go: this process's table, or the replicas' shared one.
         self._store: RouteStore = routes or LocalRoutes(pipeline.routes)
         self._rollouts = rollouts  # None in a worker of several: it runs no rollouts
+
+    def _output_names(self, model: str) -> set[str]:
+        return {name for lv in self._repository.versions(model) for name in lv.output_specs}
 
     def revisions(self, _request: object = None) -> dict[str, int]:
         """The routes' revisions: the state an admin call's audit line shows before and after."""
@@ -132,6 +135,9 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"routes name models this gateway does not serve: {'; '.join(unserved)}",
             )
+        wrong = decision_problems(routes, self._output_names)
+        if wrong:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(wrong))
         try:
             changed = await self._store.change(
                 lambda table: table.replace(routes), request.expected_generation

@@ -296,9 +296,13 @@ async def test_a_slow_candidate_breaks_its_latency_slo():
 
 
 def test_one_early_failure_is_no_breach_and_a_handful_of_failures_is():
-    slo = RolloutSlo(max_error_rate=0.01, min_requests=10)
+    slo = RolloutSlo(max_error_rate=0.01, min_requests=10)  # confidence 0.999: below 0.0005
     assert slo_breach(slo, VariantHealth(answered=9, failed=1)) == ""  # 1 in 10: 9.6% at 1%
     assert slo_breach(slo, VariantHealth(answered=98, failed=2)) == ""  # 2 in 100: 26% at 1%
-    assert "a chance of 0.0034" in slo_breach(slo, VariantHealth(answered=95, failed=5))
+    assert slo_breach(slo, VariantHealth(answered=95, failed=5)) == ""  # 0.34% at 1%
+    assert "a chance of 7.1e-05" in slo_breach(slo, VariantHealth(answered=93, failed=7))
+    assert "a chance of 1e-20" in slo_breach(slo, VariantHealth(failed=10))  # all fail
     assert slo_breach(slo, VariantHealth(answered=2, failed=5)) == ""  # under min_requests
+    looser = RolloutSlo(max_error_rate=0.01, min_requests=10, confidence=0.95)
+    assert "a chance of 0.0034" in slo_breach(looser, VariantHealth(answered=95, failed=5))
     assert slo_breach(RolloutSlo(max_error_rate=None), VariantHealth(failed=50)) == ""

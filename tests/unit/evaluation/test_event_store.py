@@ -301,3 +301,24 @@ def test_a_feature_sent_as_floats_by_any_event_exports_as_double(store: EventSto
     assert table.column("hour").to_pylist() == [4.0, 5.0]
     assert str(table.schema.field("count").type) == "int64"
     assert table.column("count").to_pylist() == [None, 7]  # the older event lacked it
+
+
+def test_an_export_with_max_rows_keeps_the_newest_rows_in_time_order(store, tmp_path):
+    import pyarrow.parquet as pq
+
+    store.ingest([event(i, rows=2) for i in range(1, 6)], 0)  # event i at i seconds
+    labels = [ev.Label(request_id=f"r{i}", value=1.0, row=r) for i in range(1, 6) for r in (0, 1)]
+    store.put_labels(labels, 3600, 0)
+    path, rows = store.export(tmp_path / "t.parquet", "m", "", 0, 0, True, max_rows=3)
+    assert rows == 3
+    table = pq.read_table(path)
+    assert list(zip(table["request_id"].to_pylist(), table["row"].to_pylist(), strict=True)) == [
+        ("r4", 1),
+        ("r5", 0),
+        ("r5", 1),
+    ]
+    path, rows = store.export(tmp_path / "e.parquet", "m", "", 0, 0, False, max_rows=2)
+    assert rows == 2
+    assert pq.read_table(path)["request_id"].to_pylist() == ["r4", "r5"]
+    _, rows = store.export(tmp_path / "all.parquet", "m", "", 0, 0, True)
+    assert rows == 10

@@ -343,9 +343,11 @@ async def test_an_export_with_fewer_than_min_rows_trains_nothing(make_loop, tmp_
     loop = make_loop(triggers=[trigger(runs, min_rows=50, cooldown_s=0)])
     traffic(loop.store, 0, 30)
     [run] = await loop.round(NOW, alert())
-    assert run["outcome"] == "skipped" and run["detail"]["rows"] == 30
+    assert run["outcome"] == "too_few_rows" and run["detail"]["rows"] == 30
     assert "30 labelled rows" in run["output"] and "min_rows 50" in run["output"]
     assert not runs.exists()  # the command never ran
+    # a run all the same (not a refusal): a restarted sidecar keeps its cooldown from it
+    assert loop.playbooks.journal.last_run_s("m", "m") == NOW
     traffic(loop.store, 30, 30)
     [run] = await loop.round(NOW + 60, alert(rule="other"))  # a new incident
     assert run["outcome"] == "ok" and len(runs.read_text().splitlines()) == 1

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from gateway.errors import FailedPrecondition, InvalidRequest, ModelNotFound
 from gateway.routing import Route, RouteTable, unit_hash
-from gateway.settings import RouteSpec
+from gateway.settings import RouteSpec, VariantSpec
 from gateway.types import ParameterValue, RequestOptions
 
 
@@ -133,7 +133,7 @@ def test_rollback_history_keeps_only_the_last_specs():
         routes.rollback("scorer")  # the first spec's "nothing before" was pushed out
 
 
-def test_a_decision_threshold_is_set_raised_to_its_max_and_refused_without_one():
+def test_a_decision_threshold_is_set_raised_to_its_max_and_outlives_a_rollback():
     decided = {
         "variants": [{"name": "v", "model": "m", "weight": 1}],
         "decision": {"output": "probability", "threshold": 0.5, "max_threshold": 0.8},
@@ -155,7 +155,20 @@ def test_a_decision_threshold_is_set_raised_to_its_max_and_refused_without_one()
     with pytest.raises(FailedPrecondition, match=r"at its max_threshold 0\.8"):
         table.set_threshold("d", None, 0.1)
     assert threshold(table.set_threshold("d", 0.95, 0.0)) == 0.95  # a person's, any value
-    assert threshold(table.rollback("d")) == 0.8  # each change a revision
+    # A rollback restores what serves, not a threshold: with only threshold changes there is
+    # nothing to go back to; after a change of variants, those go back and the threshold stays.
+    with pytest.raises(ModelNotFound, match="no earlier spec"):
+        table.rollback("d")
+    served = table.get("d")
+    assert served is not None
+    two = served.spec.model_copy(
+        update={"variants": (*served.spec.variants, VariantSpec(name="w", model="m2", weight=1))}
+    )
+    table.replace({"d": two, "plain": RouteSpec.model_validate({"variants": decided["variants"]})})
+    table.set_threshold("d", 0.6, 0.0)
+    back = table.rollback("d")
+    assert back is not None and [v.name for v in back.spec.variants] == ["v"]
+    assert threshold(back) == 0.6
     with pytest.raises(FailedPrecondition, match="route 'plain' has no decision threshold"):
         table.set_threshold("plain", 0.4, 0.0)
     with pytest.raises(ValidationError, match="the score output's own"):
