@@ -51,6 +51,8 @@ from gateway.runtime.session import installed_flavours, resolve_device
 from gateway.server import convert, transports
 from gateway.server.admin import AdminServicer
 from gateway.server.guard import Guard
+from gateway.server.rest.app import RestApp
+from gateway.server.rest.servers import HttpServer, HttpTransport, make_http_server
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Budget, RateLimit, Settings
 from gateway.state import RedisState
@@ -196,6 +198,7 @@ class Gateway:
         )
         self._health = health.aio.HealthServicer()
         self._transport: transports.Transport | None = None
+        self._http: HttpServer | None = None
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -264,6 +267,8 @@ class Gateway:
         await transport.start()
         self._transport = transport
         self.port = transport.port
+        if settings.server.http_port is not None:
+            self._http = await _http_server(self, settings)
         if settings.telemetry.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 settings.telemetry.metrics_host, settings.telemetry.metrics_port
@@ -276,13 +281,14 @@ class Gateway:
             state = {"pid": os.getpid(), "port": self.port, "metrics": self.metrics_port}
             await asyncio.to_thread(_write_atomically, Path(ready_file), json.dumps(state))
         log.info(
-            "%s ready grpc=%s:%d metrics=%s models=%d transport=%s",
+            "%s ready grpc=%s:%d metrics=%s http=%s models=%d transport=%s",
             "worker" if os.environ.get(READY_FILE_ENV) else "gateway",
             settings.server.host,
             self.port,
             f"{settings.telemetry.metrics_host}:{self.metrics_port}"
             if self.metrics_port
             else "off",
+            f"{settings.server.host}:{self._http.port}" if self._http is not None else "off",
             len(self.repository.loaded()),
             transport.name,
         )
@@ -346,6 +352,9 @@ class Gateway:
         log.info("draining: no new requests, %.1f s for in-flight ones", grace)
         self.servicer.is_ready = False
         await self._health.enter_graceful_shutdown()
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         await self._transport.stop(grace)
         self._transport = None
         if self.rollouts is not None:
@@ -383,6 +392,34 @@ class Gateway:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+# server.http_transport auto: aiohttp and uvicorn measured side by side (benchmarks/bench_http.py).
+_HTTP_AUTO: HttpTransport = "uvicorn"
+
+
+async def _http_server(gateway: Gateway, settings: Settings) -> HttpServer:
+    """KServe v2 REST on server.http_port, on the servicer and guard gRPC uses."""
+    if settings.tls.enabled or settings.auth.mode == "mtls":
+        raise SettingsError(
+            "server.http_port: the HTTP front end serves no TLS (and so no client "
+            "certificates): put it behind a TLS proxy on this host, or serve gRPC alone"
+        )
+    if settings.server.workers > 1:
+        raise SettingsError(
+            "server.http_port: not with server.workers > 1 yet (each worker would bind it)"
+        )
+    app = RestApp(gateway.servicer, gateway.guard, settings.server.max_message_bytes)
+    kind = settings.server.http_transport
+    server = make_http_server(
+        _HTTP_AUTO if kind == "auto" else kind,
+        app,
+        settings.server.host,
+        settings.server.http_port or 0,
+    )
+    await server.start()
+    log.info("http: KServe v2 REST on %s:%d (%s)", settings.server.host, server.port, server.name)
+    return server
 
 
 def _rollout_controller(gateway: Gateway) -> RolloutController:

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="gRPC bind address (server.host)")
     serve.add_argument("--port", type=int, help="gRPC port, 0 = any free one (server.port)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (telemetry.metrics_port)")
+    serve.add_argument(
+        "--http-port", type=int, help="KServe v2 REST port, 0 = any free one (server.http_port)"
+    )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device")
     serve.add_argument("--tracing", choices=["off", "console", "otlp"], help="telemetry.tracing")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -351,6 +354,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("server", "port"): args.port,
         ("server", "workers"): args.workers,
         ("server", "transport"): args.transport,
+        ("server", "http_port"): args.http_port,
         ("events", "sidecar"): args.sidecar,
         ("events", "directory"): args.events_dir,
         ("telemetry", "metrics_port"): args.metrics_port,

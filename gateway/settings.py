@@ -184,6 +184,18 @@ class ServerSettings(_Section):
     stream_max_in_flight: int = Field(
         1024, gt=0, description="Requests one ModelStreamInfer stream may have running at once."
     )
+    http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="KServe v2 REST (with Triton's binary tensor extension) on this port, "
+        "beside gRPC, on server.host; 0 picks a free one; null: no HTTP.",
+    )
+    http_transport: Literal["auto", "uvicorn", "aiohttp"] = Field(
+        "auto",
+        description="The HTTP server: uvicorn (httptools) or aiohttp; auto: the one measured "
+        "fastest here (benchmarks/bench_http.py).",
+    )
 
 
 class RepositorySettings(_Section):

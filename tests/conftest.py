@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo import build_demo_repository
 
-READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
+READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)(?: http=(\S+))?")
 SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+) metrics=(\S+) http=(\S+)")
 
 
@@ -204,17 +204,18 @@ class GatewayProcess:
                 start_new_session=True,
             )
         try:
-            self.url, self.metrics_url = self._wait_ready()
+            self.url, self.metrics_url, self.http_url = self._wait_ready()
         except BaseException:
             self.kill_all()
             raise
 
-    def _wait_ready(self, timeout_s: float = 60.0) -> tuple[str, str]:
+    def _wait_ready(self, timeout_s: float = 60.0) -> tuple[str, str, str]:
+        """grpc, metrics and http addresses ("off" where not served)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             match = READY.search(self.stderr())
             if match:
-                return match.group(1), match.group(2)
+                return match.group(1), match.group(2), match.group(3) or "off"
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"gateway exited with {self.process.returncode}:\n{self.stderr()}"

@@ -17,12 +17,10 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.errors import InvalidRequest
+from gateway.server.tensors import checked_dtype, checked_shape, raw_contents, tensor_from_raw
 from gateway.types import (
     DEFAULT_OPTIONS,
-    MAX_DIMS,
-    MAX_EXTENT,
     MAX_TEXT_CHARS,
-    NUMPY_DTYPES,
     WIRE_DTYPES,
     InferRequest,
     InferResponse,
@@ -148,50 +146,15 @@ _PbTensor = pb.ModelInferRequest.InferInputTensor | pb.ModelInferResponse.InferO
 
 def _tensor_from_pb(tensor: _PbTensor, raw: bytes | None) -> Tensor:
     name = tensor.name
-    dtype = NUMPY_DTYPES.get(tensor.datatype)
-    if dtype is None:
-        raise InvalidRequest(
-            f"input '{name}' has unsupported datatype '{tensor.datatype}' "
-            f"(supported: {', '.join(NUMPY_DTYPES)})"
-        )
-    shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidRequest(f"input '{name}' has a negative dimension in shape {list(shape)}")
-    if len(shape) > MAX_DIMS:
-        raise InvalidRequest(f"input '{name}' has {len(shape)} dimensions; at most {MAX_DIMS}")
-    if math.prod(d for d in shape if d) > MAX_EXTENT:
-        raise InvalidRequest(
-            f"input '{name}' has shape {list(shape)}: its dimensions (zeros aside) multiply "
-            "past 2^48, more than an array can hold even empty"
-        )
-    count = math.prod(shape)
     params = parameters_from_pb(tensor.parameters) if tensor.parameters else {}
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidRequest(f"input '{name}' has both contents and raw_input_contents")
-        if tensor.datatype == "BYTES":
-            try:  # checked now; the objects are made only if something reads them
-                _hotloops.check_bytes(raw, count)
-            except ValueError as err:
-                raise InvalidRequest(f"input '{name}': {err}") from None
-            return Tensor(name, "BYTES", None, params, raw=raw, shape=shape)
-        data = _from_raw(name, tensor.datatype, dtype, raw, count)
-    else:
-        data = _from_contents(name, tensor, dtype, count)
+        return tensor_from_raw(name, tensor.datatype, tuple(tensor.shape), raw, params)
+    dtype = checked_dtype(name, tensor.datatype)
+    shape = checked_shape(name, tuple(tensor.shape))
+    data = _from_contents(name, tensor, dtype, math.prod(shape))
     return Tensor(name, tensor.datatype, data.reshape(shape), params)
-
-
-def _from_raw(
-    name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes, count: int
-) -> np.ndarray:
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise InvalidRequest(
-            f"input '{name}' has {len(raw)} bytes of raw contents but its shape holds {count} "
-            f"{datatype} elements ({expected} bytes)"
-        )
-    # Zero-copy view; ONNX Runtime only reads its inputs.
-    return np.frombuffer(raw, dtype=WIRE_DTYPES[datatype])
 
 
 def _from_contents(
@@ -238,15 +201,6 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-def _raw_contents(tensor: Tensor) -> bytes:
-    """A tensor's OIP raw contents (little-endian; BYTES length-prefixed)."""
-    if tensor.datatype == "BYTES":
-        if tensor.raw is not None:  # as it arrived: already in wire form
-            return tensor.raw
-        return _hotloops.encode_bytes(tensor.data.reshape(-1).tolist())
-    return np.ascontiguousarray(tensor.data, dtype=WIRE_DTYPES[tensor.datatype]).tobytes()
-
-
 def request_to_pb(request: InferRequest) -> pb.ModelInferRequest:
     """A ModelInferRequest for another OIP server: inputs as raw contents, no parameters (the
     gateway's options are its own; the deadline travels as the call's)."""
@@ -255,7 +209,7 @@ def request_to_pb(request: InferRequest) -> pb.ModelInferRequest:
     )
     for tensor in request.inputs:
         message.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        message.raw_input_contents.append(_raw_contents(tensor))
+        message.raw_input_contents.append(raw_contents(tensor))
     for name in request.requested_outputs:
         message.outputs.add(name=name)
     return message

@@ -363,14 +363,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:  # decoded inside _observe: its InvalidRequest is counted under the model
                 model = message.model_name
                 decode = functools.partial(convert.request_from_pb, message, limit, time_remaining)
-        response = await self._observe(
+        response = await self.infer(decode, model, metadata, arrived, caller, rpc)
+        return encode_response(response)
+
+    async def infer(
+        self,
+        decode: Callable[[], InferRequest],
+        model: str,
+        metadata: Metadata,
+        arrived: float,
+        caller: Principal,
+        rpc: str = "ModelInfer",
+    ) -> InferResponse:
+        """One inference for ``caller``, whatever front end decoded it: ``decode`` runs
+        inside the server span (its InvalidRequest is counted under ``model``)."""
+        return await self._observe(
             rpc,
             metadata,
             lambda span: self._predict(decode(), span, arrived, caller),
             model,
             arrived,
         )
-        return encode_response(response)
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Registered without (de)serializers (``transports.grpcio.add_services``): bytes that

@@ -1,0 +1,1 @@
+"""Stage 1, the HTTP/REST edge (KServe v2 REST, Triton's binary tensor extension)."""

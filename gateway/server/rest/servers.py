@@ -1,0 +1,178 @@
+"""The HTTP servers the REST edge runs on, all on the gateway's own event loop (the pipeline's):
+uvicorn (an ASGI server; HTTP/1.1 parsed by httptools, llhttp in C) or aiohttp (its own C
+parser). Each reads a request's body (at most ``RestApp.max_body_bytes``: past it 413), hands
+method, path, headers and body to ``RestApp.handle`` and writes its ``Reply``.
+``server.http_transport`` chooses; both are measured in benchmarks/bench_http.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from gateway.server.rest.app import Reply, RestApp
+
+__all__ = ["HttpServer", "HttpTransport", "make_http_server"]
+
+log = logging.getLogger(__name__)
+
+HttpTransport = Literal["uvicorn", "aiohttp"]
+_TOO_LARGE = orjson.dumps({"error": "request body larger than server.max_message_bytes"})
+
+
+class HttpServer(Protocol):
+    port: int
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def make_http_server(kind: HttpTransport, app: RestApp, host: str, port: int) -> HttpServer:
+    if kind == "aiohttp":
+        return AiohttpServer(app, host, port)
+    return UvicornServer(app, host, port)
+
+
+class UvicornServer:
+    """uvicorn serving a plain ASGI callable (no framework between it and ``RestApp``)."""
+
+    name = "uvicorn"
+
+    def __init__(self, app: RestApp, host: str, port: int) -> None:
+        self._app = app
+        self._host = host
+        self.port = port
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        limit = self._app.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _asgi_reply(send, Reply(413, _TOO_LARGE))
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope.get("client") or ("", 0)
+        reply = await self._app.handle(
+            scope["method"],
+            scope["path"],
+            headers,
+            b"".join(chunks),
+            f"ipv4:{client[0]}:{client[1]}",
+        )
+        await _asgi_reply(send, reply)
+
+    async def start(self) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            self,
+            host=self._host,
+            port=self.port,
+            loop="none",  # the running loop (the gateway's)
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            # NOTE: a request's headers and body are read before the app runs; the body is
+            # bounded by __call__, the headers by h11/httptools' own limits.
+            timeout_keep_alive=75,
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve(), name="http server")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it (the port taken ...)
+                raise RuntimeError("the HTTP server stopped as it started")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._server = self._task = None
+
+
+async def _asgi_reply(send: Any, reply: Reply) -> None:
+    headers = [
+        (b"content-type", reply.content_type.encode()),
+        (b"content-length", str(len(reply.body)).encode()),
+        *((k.encode(), v.encode()) for k, v in reply.headers),
+    ]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+class AiohttpServer:
+    """aiohttp's low-level server (no router, no middlewares) around ``RestApp``."""
+
+    name = "aiohttp"
+
+    def __init__(self, app: RestApp, host: str, port: int) -> None:
+        self._app = app
+        self._host = host
+        self.port = port
+        self._runner: Any = None
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        reply = await self._reply(request)
+        response = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        response.content_type = reply.content_type
+        return response
+
+    async def _reply(self, request: Any) -> Reply:
+        limit = self._app.max_body_bytes
+        if (request.content_length or 0) > limit:
+            return Reply(413, _TOO_LARGE)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                return Reply(413, _TOO_LARGE)
+            chunks.append(chunk)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        where = f"ipv4:{peer[0]}:{peer[1]}" if peer else ""
+        return await self._app.handle(
+            request.method, request.path, headers, b"".join(chunks), where
+        )
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        # The body as sent: RestApp inflates it, bounded (aiohttp's own would not be).
+        server = web.Server(self._handle, access_log=None, auto_decompress=False)
+        self._runner = web.ServerRunner(server, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self.port)
+        await site.start()
+        sockets = self._runner.addresses
+        self.port = int(sockets[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
