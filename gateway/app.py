@@ -57,6 +57,7 @@ from gateway.server.servicer import InferenceServicer
 from gateway.settings import Budget, RateLimit, Settings
 from gateway.state import RedisState
 from gateway.telemetry import GatewayMetrics, LoopLag, Tracing
+from gateway.telemetry.statistics import ModelStatistics
 from gateway.workers import READY_FILE_ENV
 
 __all__ = ["Gateway"]
@@ -239,6 +240,7 @@ class Gateway:
             await self.rollouts.start()
         self.metrics.models_ready.set_function(lambda: len(self.repository.loaded()))
         self.metrics.watch_coverage(self._coverage)
+        self.metrics.watch_versions(self._version_statistics, settings.cache.enabled)
         # NOTE: what start-up built lives as long as the process: move it out of the cyclic
         # collector's sight, and collect the young generation less often. Serving allocates
         # many short-lived objects per request and creates few cycles.
@@ -312,6 +314,9 @@ class Gateway:
 
     def _output_names(self, model: str) -> set[str]:
         return {name for lv in self.repository.versions(model) for name in lv.output_specs}
+
+    def _version_statistics(self) -> list[tuple[str, str, ModelStatistics]]:
+        return [(lv.name, lv.version_label, lv.stats) for lv in self.repository.loaded()]
 
     def _versions_of(self, request: object) -> list[str]:
         """The loaded versions of the model a repository call names (its audit state)."""

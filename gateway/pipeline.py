@@ -20,7 +20,13 @@ from numpy.typing import NDArray
 from gateway.accounting import Ledger, charge
 from gateway.batching import BatcherConfig, MicroBatcher
 from gateway.cache import CacheResult, ResponseCache, cacheable, identity
-from gateway.errors import DeadlineExceeded, GatewayError, ModelNotFound, RuntimeFailure
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    ModelNotFound,
+    Overloaded,
+    RuntimeFailure,
+)
 from gateway.events import EventRecorder, Pending
 from gateway.routing import Attempt, RateLimiter, RemoteCall, RemoteModels, Router, RouteTable
 from gateway.runtime import LoadedVersion, ModelRepository
@@ -123,8 +129,8 @@ class Pipeline:
             specs = select_outputs(loaded, request.requested_outputs)
             computed = await self._compute(loaded, attempt, request, feeds, rows, coverage)
             outputs = self._shape(loaded, specs, computed.outputs)
-        except GatewayError:
-            loaded.stats.record_failure(time.perf_counter_ns() - started)
+        except GatewayError as err:
+            loaded.stats.record_failure(time.perf_counter_ns() - started, failure_reason(err))
             raise
         price = loaded.config.price if attempt.price is None else attempt.price
         outcome = computed.outcome
@@ -140,7 +146,14 @@ class Pipeline:
         )
         queue_ns, compute_ns = (outcome.queue_ns, outcome.compute_ns) if outcome else (0, 0)
         loaded.stats.record_request(
-            rows, time.perf_counter_ns() - started, queue_ns, 0, compute_ns, 0
+            rows,
+            time.perf_counter_ns() - started,
+            queue_ns,
+            0,
+            compute_ns,
+            0,
+            computed.cached_rows,
+            computed.lookup_ns,
         )
         return Answer(
             response=response,
@@ -466,6 +479,16 @@ def _batched(feeds: Feeds, rows: int) -> bool:
 async def _uncached(computing: Awaitable[Outcome]) -> CacheResult:
     outcome = await computing
     return CacheResult(outcome.outputs, outcome, 0, 0)
+
+
+def failure_reason(err: GatewayError) -> str:
+    """Triton's reason for a failed request (nv_inference_request_failure): the scheduler
+    turned it away (its queue full, its deadline), the runtime failed, or anything else."""
+    if isinstance(err, Overloaded | DeadlineExceeded):
+        return "REJECTED"
+    if isinstance(err, RuntimeFailure):
+        return "BACKEND"
+    return "OTHER"
 
 
 def _deadline(request: InferRequest) -> float | None:

@@ -17,12 +17,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway.telemetry.statistics import FAILURE_REASONS, ModelStatistics
 from gateway.types import OUTCOMES
 
-__all__ = ["CounterSource", "CoverageSource", "GatewayMetrics"]
+__all__ = ["CounterSource", "CoverageSource", "GatewayMetrics", "VersionSource"]
 
 # (model, version, contract version, feature names, counts[feature, outcome]) per served version.
 CoverageSource = Callable[[], Iterable[tuple[str, str, str, Sequence[str], NDArray[np.int64]]]]
+
+# (model, version, its statistics) per loaded version: Triton's nv_* metrics, at scrape time.
+VersionSource = Callable[[], Iterable[tuple[str, str, ModelStatistics]]]
 
 # (label values, value) per sample of a counter read at scrape time.
 CounterSource = Callable[[], Iterable[tuple[Sequence[str], float]]]
@@ -230,6 +234,12 @@ class GatewayMetrics:
         """A gauge whose samples ``source`` gives at scrape time (as ``counter_function``)."""
         self.registry.register(_FunctionCounter(name, documentation, labels, source, gauge=True))
 
+    def watch_versions(self, source: VersionSource, cache: bool) -> None:
+        """Triton's per-model metrics (``nv_inference_*``, ``nv_cache_*`` when ``cache``) from
+        each loaded version's statistics, read at scrape time: a Triton dashboard works
+        pointed at this endpoint."""
+        self.registry.register(_TritonCollector(source, self.queue_depth, cache))
+
     def watch_coverage(self, source: CoverageSource) -> None:
         """Export feature coverage, read from ``source`` at scrape time (no per-request cost)."""
         self.registry.register(_CoverageCollector(source))
@@ -245,6 +255,90 @@ class GatewayMetrics:
             self._server.shutdown()  # type: ignore[attr-defined]
             self._server.server_close()  # type: ignore[attr-defined]
             self._server = None
+
+
+# Triton's names: counters without a _total suffix (prometheus_client would add one to a
+# counter family), so they are exposed untyped under exactly these names; times in us.
+_TRITON_COUNTERS: tuple[tuple[str, str, Callable[[ModelStatistics], float]], ...] = (
+    ("nv_inference_request_success", "Successful requests.", lambda s: s.success.count),
+    ("nv_inference_count", "Inferences (rows) computed.", lambda s: s.inference_count),
+    ("nv_inference_exec_count", "Model executions (batches).", lambda s: s.execution_count),
+    (
+        "nv_inference_request_duration_us",
+        "Cumulative time of successful requests, us.",
+        lambda s: s.success.ns // 1000,
+    ),
+    ("nv_inference_queue_duration_us", "Cumulative queue time, us.", lambda s: s.queue.ns // 1000),
+    (
+        "nv_inference_compute_input_duration_us",
+        "Cumulative time preparing inputs, us.",
+        lambda s: s.compute_input.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_infer_duration_us",
+        "Cumulative model run time, us.",
+        lambda s: s.compute_infer.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_output_duration_us",
+        "Cumulative time reading outputs, us.",
+        lambda s: s.compute_output.ns // 1000,
+    ),
+)
+_TRITON_CACHE: tuple[tuple[str, str, Callable[[ModelStatistics], float]], ...] = (
+    ("nv_cache_num_hits_per_model", "Requests the cache answered.", lambda s: s.cache_hit.count),
+    ("nv_cache_num_misses_per_model", "Cache lookups that missed.", lambda s: s.cache_miss.count),
+    (
+        "nv_cache_hit_duration_per_model",
+        "Cumulative lookup time of hits, us.",
+        lambda s: s.cache_hit.ns // 1000,
+    ),
+    (
+        "nv_cache_miss_duration_per_model",
+        "Cumulative lookup time of misses, us.",
+        lambda s: s.cache_miss.ns // 1000,
+    ),
+)
+
+
+class _TritonCollector(Collector):
+    """Triton's metric names and labels (model, version) over the gateway's statistics."""
+
+    def __init__(self, source: VersionSource, queue_depth: Gauge, cache: bool) -> None:
+        self._source = source
+        self._queue_depth = queue_depth
+        self._counters = _TRITON_COUNTERS + (_TRITON_CACHE if cache else ())
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # read at scrape time only
+
+    def collect(self) -> Iterator[Metric]:
+        versions = list(self._source())
+        for name, documentation, read in self._counters:
+            family = Metric(name, documentation, "unknown")
+            for model, version, stats in versions:
+                family.add_sample(name, {"model": model, "version": version}, float(read(stats)))
+            yield family
+        failures = Metric(
+            "nv_inference_request_failure",
+            "Failed requests by reason (REJECTED, CANCELED, BACKEND, OTHER).",
+            "unknown",
+        )
+        for model, version, stats in versions:
+            for reason in FAILURE_REASONS:
+                labels = {"model": model, "reason": reason, "version": version}
+                failures.add_sample(failures.name, labels, float(stats.failures.get(reason, 0)))
+        yield failures
+        pending = Metric(
+            "nv_inference_pending_request_count",
+            "Requests accepted and not yet executing (in the model's queue).",
+            "gauge",
+        )
+        for family in self._queue_depth.collect():
+            for sample in family.samples:
+                labels = {"model": sample.labels["model"], "version": sample.labels["version"]}
+                pending.add_sample(pending.name, labels, sample.value)
+        yield pending
 
 
 class _CoverageCollector(Collector):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["BatchStats", "Duration", "ModelStatistics"]
+__all__ = ["FAILURE_REASONS", "BatchStats", "Duration", "ModelStatistics"]
+
+# Why a request failed, as Triton's nv_inference_request_failure says it: turned away by the
+# scheduler (queue full, its deadline), cancelled, the model runtime, anything else.
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 
 
 @dataclass(slots=True)
@@ -39,6 +43,9 @@ class ModelStatistics:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    cache_hit: Duration = field(default_factory=Duration)  # answered whole from the cache
+    cache_miss: Duration = field(default_factory=Duration)  # looked up, then computed
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
 
     def record_execution(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One model run over ``rows`` rows (a batch)."""
@@ -51,16 +58,31 @@ class ModelStatistics:
         batch.compute_output.add(output_ns)
 
     def record_request(
-        self, rows: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
+        self,
+        rows: int,
+        total_ns: int,
+        queue_ns: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+        cached_rows: int = 0,
+        lookup_ns: int = 0,
     ) -> None:
-        """One successful request and its share of the time."""
+        """One successful request and its share of the time; one the cache answered whole is
+        a cache hit and computed nothing (as Triton counts them)."""
         self.last_inference_ms = time.time_ns() // 1_000_000
-        self.inference_count += rows
         self.success.add(total_ns)
         self.queue.add(queue_ns)
+        if rows and cached_rows >= rows:
+            self.cache_hit.add(lookup_ns)
+            return
+        if lookup_ns:
+            self.cache_miss.add(lookup_ns)
+        self.inference_count += rows
         self.compute_input.add(input_ns)
         self.compute_infer.add(infer_ns)
         self.compute_output.add(output_ns)
 
-    def record_failure(self, total_ns: int) -> None:
+    def record_failure(self, total_ns: int, reason: str = "OTHER") -> None:
         self.fail.add(total_ns)
+        self.failures[reason] = self.failures.get(reason, 0) + 1

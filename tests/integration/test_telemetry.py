@@ -1,10 +1,12 @@
-"""Telemetry: Prometheus metrics on their own port, a server span per RPC, traceparent."""
+"""Telemetry: Prometheus metrics on their own port (ours, and Triton's names for a Triton
+dashboard, equal to ModelStatistics), a server span per RPC, traceparent."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -47,6 +49,39 @@ def test_metrics_count_requests_by_model_version_and_code(gateway: GatewayProces
     )
     assert gateway.metric("gateway_model_versions_ready") == 2
     assert gateway.metric("gateway_requests_in_flight") == 0
+
+
+def test_triton_metrics_match_model_statistics(gateway: GatewayProcess):
+    client = gateway.client()
+    for rows in (1, 4, 2):
+        _infer(client, rows=rows)
+    with pytest.raises(Exception, match="features"):
+        bad = triton_grpc.InferInput("features", [1, 3], "FP32")  # the wrong width
+        bad.set_data_from_numpy(demo_features(1)[:, :3])
+        client.infer("fraud", [bad], model_version="2")
+    stats = client.get_inference_statistics("fraud", "2", as_json=True)["model_stats"][0]
+    client.close()
+    text = urllib.request.urlopen(f"http://{gateway.metrics_url}/metrics", timeout=10).read()
+    assert b"nv_inference_request_success{" in text  # Triton's name exactly (no _total)
+    labels = {"model": "fraud", "version": "2"}
+    infer = stats["inference_stats"]
+
+    def nv(name: str, **more: str) -> float:
+        return gateway.metric(name, **labels, **more)
+
+    assert nv("nv_inference_request_success") == int(infer["success"]["count"]) >= 3
+    assert nv("nv_inference_count") == int(stats.get("inference_count", 0)) >= 7
+    assert nv("nv_inference_exec_count") == int(stats.get("execution_count", 0))
+    assert nv("nv_inference_request_duration_us") == int(infer["success"]["ns"]) // 1000
+    assert nv("nv_inference_queue_duration_us") == int(infer["queue"]["ns"]) // 1000
+    assert nv("nv_inference_compute_infer_duration_us") == (
+        int(infer["compute_infer"]["ns"]) // 1000
+    )
+    failed = nv("nv_inference_request_failure", reason="OTHER")
+    assert failed == int(infer["fail"]["count"]) >= 1  # the bad request: neither of the others
+    assert nv("nv_inference_request_failure", reason="BACKEND") == 0
+    assert nv("nv_inference_pending_request_count") == 0
+    assert b'nv_cache_num_hits_per_model{model="fraud",version="2"}' in text  # cache on
 
 
 def _spans(proc: GatewayProcess) -> list[dict]:
