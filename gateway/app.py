@@ -145,6 +145,7 @@ class Gateway:
             ),
             max_input_bytes=settings.server.max_message_bytes,
             loop_lag=self.loop_lag,
+            tracer=self.tracing.tracer if self.tracing.enabled else None,
         )
         self.repository.on_retire = self.pipeline.retire
         self.gate = Gatekeeper(

@@ -16,6 +16,7 @@ from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
+from opentelemetry import trace
 
 from gateway.accounting import Ledger, charge
 from gateway.batching import BatcherConfig, MicroBatcher
@@ -66,8 +67,11 @@ class Pipeline:
         remote: RemoteModels | None = None,
         max_input_bytes: int = 64 * 1024 * 1024,
         loop_lag: Callable[[], float] = lambda: 0.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.repository = repository
+        # Tracing on: a span per stage under the request's server span (None: no span work).
+        self._tracer = tracer
         self.remote = remote
         self.limiter = limiter
         self.ledger = ledger
@@ -104,7 +108,14 @@ class Pipeline:
         degrade = self.ledger.check(options.tenant, options.surface)
         if self._events is not None:
             self._events.admit()
-        answer = await self.router.answer(request, deadline, degrade)
+        tracer = self._tracer
+        if tracer is None:
+            answer = await self.router.answer(request, deadline, degrade)
+        else:
+            with tracer.start_as_current_span("route") as span:
+                answer = await self.router.answer(request, deadline, degrade)
+                span.set_attribute("gateway.route", answer.route)
+                span.set_attribute("gateway.variant", answer.variant)
         if deadline is not None and asyncio.get_running_loop().time() > deadline:
             # Answered, but only after the loop came back to it: late is not OK.
             raise DeadlineExceeded(
@@ -112,8 +123,14 @@ class Pipeline:
                 "saturated); it is dropped"
             )
         self._account(request, answer, budgeted=True)
+        if tracer is not None:
+            _annotate(trace.get_current_span(), answer)
         if self._events is not None:
-            self._record(request, answer, started)
+            if tracer is None:
+                self._record(request, answer, started)
+            else:
+                with tracer.start_as_current_span("record"):
+                    self._record(request, answer, started)
         return answer.response
 
     async def _serve(self, request: InferRequest, attempt: Attempt) -> Answer:
@@ -123,11 +140,22 @@ class Pipeline:
             return await self._serve_remote(request, attempt)
         started = time.perf_counter_ns()
         loaded = self.repository.get(attempt.model, attempt.version)
+        tracer = self._tracer
         try:
-            inputs, coverage, model_input = self._assemble(loaded, request.inputs)
-            feeds, rows = bind_inputs(loaded, inputs)
-            specs = select_outputs(loaded, request.requested_outputs)
-            computed = await self._compute(loaded, attempt, request, feeds, rows, coverage)
+            if tracer is None:
+                inputs, coverage, model_input = self._assemble(loaded, request.inputs)
+                feeds, rows = bind_inputs(loaded, inputs)
+                specs = select_outputs(loaded, request.requested_outputs)
+                computed = await self._compute(loaded, attempt, request, feeds, rows, coverage)
+            else:
+                with tracer.start_as_current_span("assemble") as span:
+                    span.set_attribute("gateway.model", loaded.name)
+                    inputs, coverage, model_input = self._assemble(loaded, request.inputs)
+                    feeds, rows = bind_inputs(loaded, inputs)
+                    specs = select_outputs(loaded, request.requested_outputs)
+                began = time.time_ns()
+                computed = await self._compute(loaded, attempt, request, feeds, rows, coverage)
+                _stage_spans(tracer, began, time.time_ns(), computed.lookup_ns, computed.outcome)
             outputs = self._shape(loaded, specs, computed.outputs)
         except GatewayError as err:
             loaded.stats.record_failure(time.perf_counter_ns() - started, failure_reason(err))
@@ -302,7 +330,7 @@ class Pipeline:
         if batcher is None:
             config = BatcherConfig.of(loaded.name, loaded.version_label, loaded.config)
             batcher = self._batchers[loaded] = MicroBatcher(
-                config, loaded.runtimes, loaded.stats, self._metrics, self._loop_lag
+                config, loaded.runtimes, loaded.stats, self._metrics, self._loop_lag, self._tracer
             )
         return batcher
 
@@ -479,6 +507,35 @@ def _batched(feeds: Feeds, rows: int) -> bool:
 async def _uncached(computing: Awaitable[Outcome]) -> CacheResult:
     outcome = await computing
     return CacheResult(outcome.outputs, outcome, 0, 0)
+
+
+def _stage_spans(
+    tracer: trace.Tracer, began: int, ended: int, lookup_ns: int, outcome: Outcome | None
+) -> None:
+    """The cache lookup, the wait in the queue and the model run of an attempt, as spans laid
+    out from their measured durations (they ran in the batcher, not in this task)."""
+    at = began
+    if lookup_ns:
+        tracer.start_span("cache", start_time=at).end(end_time=at + lookup_ns)
+        at += lookup_ns
+    if outcome is None:
+        return
+    queue_end = min(at + outcome.queue_ns, ended)
+    tracer.start_span("queue", start_time=at).end(end_time=queue_end)
+    compute = tracer.start_span(
+        "compute",
+        start_time=queue_end,
+        attributes={"gateway.batch_rows": outcome.batch_rows},
+    )
+    compute.end(end_time=min(queue_end + outcome.compute_ns, ended))
+
+
+def _annotate(span: trace.Span, answer: Answer) -> None:
+    """What the request's server span says of its answer: arm, cached rows, cost."""
+    parameters = answer.response.parameters
+    span.set_attribute("gateway.arm", str(parameters.get("arm", "")))
+    span.set_attribute("gateway.cached_rows", answer.cached_rows)
+    span.set_attribute("gateway.cost", answer.cost.total)
 
 
 def failure_reason(err: GatewayError) -> str:

@@ -217,6 +217,17 @@ class RuntimeSettings(_Section):
 class TelemetrySettings(_Section):
     tracing: Literal["off", "console", "otlp"] = Field("off", description="Span exporter.")
     otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector.")
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded (by trace id: every span of a trace or none).",
+    )
+    trace_parent_based: bool = Field(
+        True,
+        description="A request whose caller's traceparent says sampled (or not) follows it; "
+        "trace_sample_ratio decides only for traces that start here.",
+    )
     service_name: str = Field("gateway", description="OpenTelemetry service.name.")
     metrics_host: str = Field("127.0.0.1", description="Prometheus endpoint address.")
     metrics_port: int | None = Field(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
+from opentelemetry import trace
 
 from gateway.batching.average import MovingAverage
 from gateway.batching.batch import chunk, join, merge, split
@@ -87,6 +88,7 @@ class _Item:
     future: asyncio.Future[Outcome]
     timer: asyncio.TimerHandle | None = None  # its deadline, queued or running
     queued: bool = True
+    span: trace.SpanContext | None = None  # its request's span (tracing on): the batch links it
 
 
 @dataclass(eq=False, slots=True)
@@ -131,8 +133,12 @@ class MicroBatcher:
         stats: ModelStatistics,
         metrics: GatewayMetrics,
         loop_lag: Callable[[], float] = lambda: 0.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._config = config
+        # Tracing on: each batch run is a span of its own, linked to the request spans in it.
+        self._tracer = tracer
+        self._epoch_ns = time.time_ns() - time.perf_counter_ns()  # perf_counter -> Unix
         self._loop_lag = loop_lag  # seconds the event loop runs behind (telemetry.LoopLag)
         self._loop = asyncio.get_running_loop()
         self._instances = [_Instance(rt) for rt in runtimes]
@@ -181,6 +187,10 @@ class MicroBatcher:
         items = [
             _Item(f, n, level, deadline, now_ns, self._loop.create_future()) for f, n in pieces
         ]
+        if self._tracer is not None:
+            context = trace.get_current_span().get_span_context()
+            for item in items:
+                item.span = context if context.is_valid else None
         for item in items:
             self._enqueue(item)
         if not self._pump_pending:
@@ -460,6 +470,24 @@ class MicroBatcher:
             except RuntimeError:  # the loop closed under us (process exit): nobody waits
                 return
 
+    def _batch_span(self, job: _Job, total: int) -> None:
+        """The batch run as a span of its own (a root), linked to each request span in it."""
+        assert self._tracer is not None
+        links = [trace.Link(item.span) for item in job.batch if item.span is not None]
+        span = self._tracer.start_span(
+            "batch",
+            context=trace.set_span_in_context(trace.INVALID_SPAN),  # no parent: its own trace
+            links=links,
+            start_time=self._epoch_ns + job.begin_ns,
+            attributes={
+                "gateway.model": self._config.name,
+                "gateway.version": self._config.version,
+                "gateway.batch_rows": total,
+                "gateway.batch_requests": len(job.batch),
+            },
+        )
+        span.end(end_time=self._epoch_ns + job.end_ns)
+
     def _finish(self, instance: _Instance, job: _Job, pump: bool = True) -> None:
         instance.busy = False
         finished_ns = time.perf_counter_ns()
@@ -484,6 +512,8 @@ class MicroBatcher:
             else:
                 self._inline.observe_thread(total, job.cpu_ns)
             self._stats.record_execution(total, job.begin_ns - job.started_ns, compute_ns, 0)
+            if self._tracer is not None:
+                self._batch_span(job, total)
             self._m_compute.observe(compute_ns / 1e9)
             self._m_batch.observe(total)
             for item, piece in zip(batch, split(job.outputs, job.sizes), strict=True):

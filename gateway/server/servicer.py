@@ -22,7 +22,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import NoReturn, TypeAlias, TypeVar
+from dataclasses import dataclass
+from typing import Generic, NoReturn, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -363,27 +364,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:  # decoded inside _observe: its InvalidRequest is counted under the model
                 model = message.model_name
                 decode = functools.partial(convert.request_from_pb, message, limit, time_remaining)
-        response = await self.infer(decode, model, metadata, arrived, caller, rpc)
-        return encode_response(response)
+        return await self.infer(decode, encode_response, model, metadata, arrived, caller, rpc)
 
     async def infer(
         self,
         decode: Callable[[], InferRequest],
+        encode: Callable[[InferResponse], T],
         model: str,
         metadata: Metadata,
         arrived: float,
         caller: Principal,
         rpc: str = "ModelInfer",
-    ) -> InferResponse:
-        """One inference for ``caller``, whatever front end decoded it: ``decode`` runs
-        inside the server span (its InvalidRequest is counted under ``model``)."""
-        return await self._observe(
-            rpc,
-            metadata,
-            lambda span: self._predict(decode(), span, arrived, caller),
-            model,
-            arrived,
-        )
+    ) -> T:
+        """One inference for ``caller``, whatever front end decoded it and encodes its answer:
+        ``decode`` runs inside the server span (its InvalidRequest is counted under
+        ``model``); with tracing on, so does ``encode`` (span ``respond``)."""
+        if not self._tracing.enabled:
+            response = await self._observe(
+                rpc,
+                metadata,
+                lambda span: self._predict(decode(), span, arrived, caller),
+                model,
+                arrived,
+            )
+            return encode(response)
+        tracer = self._tracing.tracer
+
+        async def call(span: trace.Span) -> _Encoded[T]:
+            response = await self._predict(decode(), span, arrived, caller)
+            with tracer.start_as_current_span("respond"):
+                return _Encoded(response.model_version, encode(response))
+
+        encoded = await self._observe(rpc, metadata, call, model, arrived)
+        return encoded.data
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Registered without (de)serializers (``transports.grpcio.add_services``): bytes that
@@ -452,6 +465,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded(Generic[T]):
+    """An answer encoded inside its span; its version is what the metrics label it with."""
+
+    model_version: str
+    data: T
 
 
 def error_trailers(err: GatewayError) -> tuple[tuple[str, str], ...]:

@@ -1,4 +1,7 @@
-"""OpenTelemetry tracing: one server span per RPC, continuing a caller's W3C ``traceparent``."""
+"""OpenTelemetry tracing: one server span per RPC, continuing a caller's W3C ``traceparent``,
+with a child span per stage of the request path (route, assemble, cache, queue, compute,
+respond, record) and each batch run a span of its own linked to the requests in it; sampled
+by trace id (``trace_sample_ratio``), following the caller's decision (``trace_parent_based``)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
+    SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.settings import TelemetrySettings
@@ -25,14 +30,22 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 class Tracing:
     """A tracer of the gateway's own provider (no global state), or a no-op one when off."""
 
-    def __init__(self, settings: TelemetrySettings) -> None:
+    def __init__(self, settings: TelemetrySettings, exporter: SpanExporter | None = None) -> None:
+        """``exporter``: where spans go instead of the settings' (a test's in-memory one)."""
         self._provider: TracerProvider | None = None
-        self.enabled = settings.tracing != "off"
+        self.enabled = settings.tracing != "off" or exporter is not None
         if not self.enabled:
             self.tracer: trace.Tracer = trace.NoOpTracer()
             return
-        provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
-        if settings.tracing == "console":
+        sampler: Sampler = TraceIdRatioBased(settings.trace_sample_ratio)
+        if settings.trace_parent_based:
+            sampler = ParentBased(sampler)
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": settings.service_name}), sampler=sampler
+        )
+        if exporter is not None:
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+        elif settings.tracing == "console":
             provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         else:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -80,6 +80,7 @@ async def build(tmp_path: Path) -> AsyncIterator[Build]:
         routes: dict[str, dict[str, Any]] | None = None,
         rate_limits: dict[str, RateLimit] | None = None,
         budgets: tuple[dict[str, Any], ...] = (),
+        tracer: Any = None,
     ) -> Stack:
         root = tmp_path / f"models-{len(stacks)}"
         for name in runtimes:
@@ -106,6 +107,7 @@ async def build(tmp_path: Path) -> AsyncIterator[Build]:
             limiter=RateLimiter(rate_limits or {}, 100, clock=monotonic),
             ledger=ledger,
             cache=ResponseCache(CacheSettings(), metrics, clock=monotonic),
+            tracer=tracer,
         )
         repository.on_retire = pipeline.retire
         stack = Stack(pipeline, runtimes, metrics, ledger, monotonic, unix, executor)
@@ -567,3 +569,63 @@ async def test_a_shadow_copy_cancelled_before_it_ran_gives_its_place_back(build:
     await stack.predict(request("r", 2.0))
     await stack.shadows_done()
     assert stack.runtimes["s"].runs == [1]  # the place was free for the next copy
+
+
+async def test_a_traced_request_has_a_span_per_stage_and_its_batch_links_every_request(build):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.settings import TelemetrySettings
+    from gateway.telemetry import Tracing
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(TelemetrySettings(), exporter)
+    runtime = FakeRuntime(scale=3.0)
+    batched: dict[str, dict[str, Any]] = {"m": {"dynamic_batching": {}}}
+    stack = await build({"m": runtime}, configs=batched, tracer=tracing.tracer)
+    runtime.gate.clear()  # the first run waits, so the next two requests queue together
+    tracer = tracing.tracer
+
+    async def served(*values: float) -> None:
+        with tracer.start_as_current_span("ModelInfer"):
+            await stack.predict(request("m", *values))
+
+    first = asyncio.create_task(served(1.0))
+    await asyncio.to_thread(runtime.started.wait, 10)
+    later = [asyncio.create_task(served(2.0)), asyncio.create_task(served(3.0, 4.0))]
+    for _ in range(1000):  # until both wait in the queue behind the running batch
+        if stack.metric("gateway_queue_depth", model="m", version="1") == 2:
+            break
+        await asyncio.sleep(0)
+    runtime.gate.set()
+    await asyncio.gather(first, *later)
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.name == "ModelInfer"]
+    assert len(servers) == 3
+    for server in servers:
+        trace_id = server.context.trace_id
+        children = {
+            s.name: s
+            for s in spans
+            if s.parent is not None and s.parent.span_id == server.context.span_id
+        }
+        assert set(children) == {"route"}
+        route = children["route"]
+        stages = [
+            s for s in spans if s.parent is not None and s.parent.span_id == route.context.span_id
+        ]
+        # no cache span: m is not deterministic, its answers are never cached
+        assert sorted(s.name for s in stages) == ["assemble", "compute", "queue"]
+        assert all(s.context.trace_id == trace_id for s in stages)
+        queue, compute = (next(s for s in stages if s.name == n) for n in ("queue", "compute"))
+        assert queue.end_time is not None and compute.start_time is not None
+        assert compute.end_time is not None and route.end_time is not None
+        assert queue.end_time <= compute.start_time + 1 and compute.end_time <= route.end_time
+        attributes = dict(server.attributes or {})
+        assert attributes["gateway.arm"] == "" and attributes["gateway.cached_rows"] == 0
+    batches = [s for s in spans if s.name == "batch"]
+    assert [dict(b.attributes or {})["gateway.batch_rows"] for b in batches] == [1, 3]
+    # one batch for the two queued requests, linked into each one's trace (to its attempt)
+    joined = {link.context.trace_id for link in batches[1].links}
+    assert joined == {s.context.trace_id for s in servers[1:]}
+    assert all(b.parent is None for b in batches)  # a trace of its own
+    tracing.shutdown()

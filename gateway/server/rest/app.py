@@ -241,10 +241,14 @@ class RestApp:
             choice.append(outputs)
             return request
 
-        response = await self._servicer.infer(
-            decode, model, call.invocation_metadata, arrived, caller
+        data, json_length = await self._servicer.infer(
+            decode,
+            lambda response: encode_infer(response, choice[0]),
+            model,
+            call.invocation_metadata,
+            arrived,
+            caller,
         )
-        data, json_length = encode_infer(response, choice[0])
         if json_length is None:
             return Reply(200, data)
         return Reply(200, data, _BINARY, [(HEADER_LENGTH, str(json_length))])
