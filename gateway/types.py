@@ -439,6 +439,11 @@ class FeatureContract(Protocol):
         """The raw features as metadata lists them: one [-1, 1] input each."""
         ...
 
+    @property
+    def optional_features(self) -> frozenset[str]:
+        """The raw features a request may leave out (their null default fills them)."""
+        ...
+
     def assemble(self, tensors: Sequence[Tensor], label: object, max_bytes: int) -> AssembledInput:
         """The model input for a request's raw feature tensors; ``label`` names the model
         version in errors (formatted only when one is raised)."""

@@ -118,6 +118,12 @@ class Contract:
     def advertised_inputs(self) -> list[TensorSpec]:
         return [TensorSpec(f.name, ADVERTISED_DATATYPE[f.kind], (-1, 1)) for f in self.features]
 
+    @cached_property
+    def optional_features(self) -> frozenset[str]:
+        """The features whose null policy is a default: absent, they are null."""
+        required = set(self.required)
+        return frozenset(f.name for i, f in enumerate(self.features) if i not in required)
+
     def assemble(self, tensors: Sequence[Tensor], label: object, max_bytes: int) -> AssembledInput:
         """Assemble a request that sends one tensor ([N] or [N, 1]) per raw feature.
 

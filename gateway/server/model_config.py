@@ -7,6 +7,7 @@ from typing import Any, Final
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.api.v1 import model_config_pb2 as mc
 from gateway.runtime.repository import LoadedVersion
+from gateway.settings import ModelConfig, VersionPolicy
 from gateway.telemetry.statistics import Duration
 from gateway.types import TensorSpec
 
@@ -71,34 +72,106 @@ def _tensor_fields(spec: TensorSpec, skip: int) -> dict[str, Any]:
     }
 
 
+def _version_policy(policy: VersionPolicy) -> mc.ModelVersionPolicy:
+    reply = mc.ModelVersionPolicy()
+    if policy.all:
+        reply.all.SetInParent()
+    elif policy.specific is not None:
+        reply.specific.versions.extend(policy.specific)
+    else:
+        reply.latest.num_versions = policy.latest or 1
+    return reply
+
+
+def _inputs(loaded: LoadedVersion, skip: int) -> list[mc.ModelInput]:
+    """The inputs ModelMetadata lists, in its order; a feature with a null default is optional."""
+    optional = loaded.contract.optional_features if loaded.contract is not None else frozenset()
+    return [
+        mc.ModelInput(**_tensor_fields(s, skip), optional=s.name in optional)
+        for s in advertised_inputs(loaded)
+    ]
+
+
+def _instance_group(loaded: LoadedVersion) -> mc.ModelInstanceGroup:
+    """One group: the instances the version runs (its own session each), on the device its
+    sessions got (the provider decides, not the setting: 'auto' may have fallen back to CPU)."""
+    group = mc.ModelInstanceGroup(name=f"{loaded.name}_0", count=len(loaded.runtimes))
+    if loaded.runtime.provider.startswith("CUDA"):
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+        group.gpus.append(0)  # NOTE: sessions take ORT's default CUDA device, 0
+    else:
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    return group
+
+
+def _dynamic_batching(config: ModelConfig) -> mc.ModelDynamicBatching | None:
+    """Triton's dynamic batcher, when requests are merged; None: one run per request."""
+    batching = config.dynamic_batching
+    if batching is None:
+        return None
+    queue = config.queue
+    return mc.ModelDynamicBatching(
+        preferred_batch_size=batching.preferred_batch_sizes,
+        max_queue_delay_microseconds=batching.max_queue_delay_us,
+        priority_levels=queue.priority_levels,
+        default_priority_level=queue.default_level,
+        default_queue_policy=mc.ModelQueuePolicy(
+            # A request's own deadline (gRPC deadline or timeout_ms) is its timeout; none by
+            # default. Past it, a queued request leaves the queue refused (DEADLINE_EXCEEDED).
+            timeout_action=mc.ModelQueuePolicy.REJECT,
+            default_timeout_microseconds=0,
+            allow_timeout_override=True,
+            # NOTE: the gateway bounds its queue across all levels, Triton each level's.
+            max_queue_size=queue.max_requests,
+        ),
+    )
+
+
+def _parameters(loaded: LoadedVersion, batching: bool) -> dict[str, str]:
+    """What Triton's schema has no field for: queue settings under their config.yaml keys, and
+    a contract's version and ``model_input``, the model's own input the contract assembles,
+    as ``<name> FP32 [-1, <width>]``.
+
+    ``model_input`` is no config input: clients send the raw features, and perf_analyzer needs
+    every config input in ModelMetadata, which lists only those. A request may still send it
+    whole instead (pass-through: no contract checks).
+    """
+    queue = loaded.config.queue
+    parameters = {"queue.max_rows": str(queue.max_rows)}
+    if not batching:  # the queue's priorities still hold; Triton keeps them in dynamic_batching
+        parameters |= {
+            "queue.priority_levels": str(queue.priority_levels),
+            "queue.default_priority": str(queue.default_level),
+            "queue.max_requests": str(queue.max_requests),
+        }
+    if loaded.contract is not None:
+        dense = loaded.runtime.inputs[0]  # the one input (checked at load)
+        parameters["model_input"] = f"{dense.name} FP32 [-1, {loaded.contract.width}]"
+        parameters["feature_contract"] = loaded.contract.version
+    return parameters
+
+
 def config_to_pb(loaded: LoadedVersion) -> mc.ModelConfig:
-    """Dims exclude the batch dimension when max_batch_size > 0, as Triton reports them."""
+    """The version's config.yaml as Triton's ModelConfig: what a client may send and how it is
+    scheduled. Dims exclude the batch dimension when max_batch_size > 0, as Triton's do."""
     config = loaded.config
     skip = 1 if config.max_batch_size > 0 else 0
-    policy = mc.ModelVersionPolicy()
-    if config.version_policy.all:
-        policy.all.SetInParent()
-    elif config.version_policy.specific is not None:
-        policy.specific.versions.extend(config.version_policy.specific)
-    else:
-        policy.latest.num_versions = config.version_policy.latest or 1
-    on_gpu = loaded.runtime.provider.startswith("CUDA")
+    batching = _dynamic_batching(config)
     return mc.ModelConfig(
         name=loaded.name,
         platform=PLATFORM,
         backend="onnxruntime",
         max_batch_size=config.max_batch_size,
-        version_policy=policy,
-        input=[mc.ModelInput(**_tensor_fields(s, skip)) for s in advertised_inputs(loaded)],
+        version_policy=_version_policy(config.version_policy),
+        input=_inputs(loaded, skip),
         output=[mc.ModelOutput(**_tensor_fields(s, skip)) for s in loaded.runtime.outputs],
-        instance_group=[
-            mc.ModelInstanceGroup(
-                name=f"{loaded.name}_{loaded.version}",
-                count=1,
-                kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
-            )
-        ],
+        instance_group=[_instance_group(loaded)],
         default_model_filename="model.onnx",
+        dynamic_batching=batching,
+        parameters={
+            key: mc.ModelParameter(string_value=value)
+            for key, value in _parameters(loaded, batching is not None).items()
+        },
     )
 
 

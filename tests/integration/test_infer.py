@@ -8,12 +8,16 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.demo import predict
+from gateway.settings import load_model_config
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
 
 pytestmark = pytest.mark.integration
+
+TRITON_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
 
 
 def _reference(demo_repo: Path, version: int, x: np.ndarray) -> np.ndarray:
@@ -102,8 +106,55 @@ def test_metadata_and_config_describe_the_contract_features(client):
     assert config.max_batch_size == 1024
     assert config.platform == "onnxruntime_onnx"
     assert [list(i.dims) for i in config.input] == [[1]] * 8  # batch dimension excluded
-    assert config.instance_group[0].count == 1
-    assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+    assert [i.name for i in config.input] == [t.name for t in meta.inputs]
+    assert [o.name for o in config.output] == [t.name for t in meta.outputs]
+
+
+@pytest.mark.parametrize("version", ["", "1", "2"])
+def test_config_is_the_repository_s_config_yaml(client, demo_repo, version):
+    """What tritonclient reads (as JSON: 64-bit integers are strings) against the model's
+    config.yaml, loaded as the gateway loads it (defaults filled in)."""
+    wanted = load_model_config(demo_repo / "fraud" / "config.yaml")
+    served = version or "2"  # the highest loaded
+    config = client.get_model_config("fraud", version, as_json=True)["config"]
+    assert config["max_batch_size"] == wanted.max_batch_size == 1024
+    assert wanted.version_policy.all and config["version_policy"] == {"all": {}}
+    assert config["instance_group"] == [
+        {"name": "fraud_0", "kind": "KIND_CPU", "count": wanted.instances}
+    ]
+    assert wanted.instances == 2 and wanted.dynamic_batching is not None
+    batching = config["dynamic_batching"]
+    assert batching.get("preferred_batch_size", []) == list(
+        wanted.dynamic_batching.preferred_batch_sizes
+    )
+    delay_us = int(batching.get("max_queue_delay_microseconds", "0"))
+    assert delay_us == wanted.dynamic_batching.max_queue_delay_us
+    assert int(batching["priority_levels"]) == wanted.queue.priority_levels
+    assert int(batching["default_priority_level"]) == wanted.queue.default_level
+    assert batching["default_queue_policy"] == {
+        "allow_timeout_override": True,  # each request's deadline; REJECT (0) when it passes
+        "max_queue_size": wanted.queue.max_requests,
+    }
+    contract = wanted.contract.for_version(int(served))
+    assert config["parameters"] == {
+        "queue.max_rows": {"string_value": str(wanted.queue.max_rows)},
+        "model_input": {"string_value": f"features FP32 [-1, {DEMO_WIDTH}]"},
+        "feature_contract": {"string_value": contract},
+    }
+    meta = client.get_model_metadata("fraud", version, as_json=True)
+    expected_inputs = [
+        {"name": t["name"], "data_type": TRITON_TYPES[t["datatype"]], "dims": ["1"]}
+        for t in meta["inputs"]
+    ]
+    features = yaml.safe_load((demo_repo / "fraud" / "features.yaml").read_text())
+    for feature, entry in zip(
+        features["versions"][contract]["features"], expected_inputs, strict=True
+    ):
+        assert feature["name"] == entry["name"]
+        if feature.get("null_policy", "reject") != "reject":  # absent: its default
+            entry["optional"] = True
+    assert config["input"] == expected_inputs
+    assert config["output"] == [{"name": "probability", "data_type": "TYPE_FP32", "dims": ["1"]}]
 
 
 def test_statistics_count_requests_and_rows(client):
