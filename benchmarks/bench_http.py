@@ -1,5 +1,7 @@
 """HTTP/REST benchmark: the gateway's KServe v2 REST front on each HTTP server (uvicorn with
-httptools, aiohttp), JSON and binary tensors, against the same gateway over gRPC, in one run.
+httptools, aiohttp), JSON and binary tensors, against the same gateway over gRPC, and
+(``--mlserver``) MLServer's REST endpoint (JSON: it has no binary tensors) and gRPC on the same
+model, in one run.
 
     .venv/bin/python benchmarks/bench_http.py                    # ~6 min
     .venv/bin/python benchmarks/bench_http.py --rounds 1 --interval-ms 1000 --concurrency 64
@@ -42,12 +44,15 @@ from benchmarks.bench_serving import find_perf_analyzer, run_meta  # noqa: E402
 from benchmarks.bench_transport import (  # noqa: E402
     Proc,
     build_repositories,
+    model_config,
+    peer_available,
     scrape,
     started,
 )
 
 HTTP_SERVERS = ("uvicorn", "aiohttp")
 READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+) http=(\S+)")
+PEER_READY = re.compile(r"ready grpc=(\S+) http=(\S+)")
 CELLS = (("http", "json"), ("http", "binary"), ("grpc", "binary"))
 
 
@@ -99,14 +104,18 @@ def measure(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     protocol, tensors = cell
-    served, cpu = answered(metrics_url), proc.cpu_seconds()
+    peer = not metrics_url
+    served, cpu = 0.0 if peer else answered(metrics_url), proc.cpu_seconds()
+    began = time.monotonic()
     stats = perf_analyzer(pa, urls[protocol], protocol, tensors, concurrency, args.interval_ms)
-    cpu, served = proc.cpu_seconds() - cpu, answered(metrics_url) - served
+    wall, cpu = time.monotonic() - began, proc.cpu_seconds() - cpu
     row: dict[str, Any] = {}
     if isinstance(stats, str):
         return {"error": stats}
     client = stats.pop("client_cpu_s")
     row.update(stats)
+    # A peer has no request counter: its requests are estimated from the rate over the run.
+    served = stats["infer_per_s"] * wall if peer else answered(metrics_url) - served
     if served > 0:
         row["requests"] = int(served)
         row["server_cpu_us_per_request"] = round(cpu / served * 1e6, 1)
@@ -119,6 +128,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--servers", default=",".join(HTTP_SERVERS))
+    parser.add_argument("--mlserver", action="store_true", help="also MLServer's REST (JSON)")
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--interval-ms", type=int, default=2000)
@@ -145,11 +155,34 @@ def main() -> None:
             )
             urls = {"grpc": ready.group(1), "http": ready.group(3)}
             running[server] = (proc, urls, ready.group(2))
+        if args.mlserver:
+            why = peer_available("mlserver")
+            if why is not None:
+                sys.exit(why)
+            from benchmarks.peers import peer_command
+
+            model = repo / "mlp" / "1" / "model.onnx"
+            rest = args.work / "mlp-config.json"
+            rest.write_text(json.dumps(rest_config(model)))
+            command = peer_command("mlserver", model, model_config(model, args.work / "mlp.pb"))
+            proc, ready = stack.enter_context(
+                started(
+                    "mlserver",
+                    [*command, "--rest-config", str(rest)],
+                    args.work / "logs" / "mlserver.log",
+                    PEER_READY,
+                    timeout_s=300,
+                )
+            )
+            running["mlserver"] = (proc, {"grpc": ready.group(1), "http": ready.group(2)}, "")
+            servers.append("mlserver")
         for round_ in range(args.rounds):
             order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
             for concurrency in concurrencies:
                 for cell in CELLS:
                     for server in order:
+                        if server == "mlserver" and cell == ("http", "binary"):
+                            continue  # MLServer has no binary tensor extension
                         proc, urls, metrics_url = running[server]
                         row = measure(pa, proc, urls, metrics_url, cell, concurrency, args)
                         row.update(
@@ -163,6 +196,31 @@ def main() -> None:
                         rows.append(row)
     meta = run_meta(began) | {"rounds": args.rounds, "interval_ms": args.interval_ms}
     write(args.out, rows, meta)
+
+
+def rest_config(model: Path) -> dict[str, Any]:
+    """The MLP's model config as Triton's REST JSON (what perf_analyzer -i http reads)."""
+    import onnx
+
+    graph = onnx.load(str(model)).graph
+
+    def tensors(values: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": v.name,
+                "data_type": "TYPE_FP32",
+                "dims": [d.dim_value for d in v.type.tensor_type.shape.dim][1:],
+            }
+            for v in values
+        ]
+
+    return {
+        "name": "mlp",
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 1024,
+        "input": tensors(graph.input),
+        "output": tensors(graph.output),
+    }
 
 
 def _median(group: list[dict[str, Any]], key: str) -> float | None:

@@ -37,6 +37,7 @@ from mlserver.types import (  # type: ignore[import-not-found,unused-ignore]
     InferenceRequest,
     InferenceResponse,
     MetadataTensor,
+    ResponseOutput,
 )
 
 
@@ -51,9 +52,37 @@ class OnnxMLP(MLModel):  # type: ignore[misc]
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         features = NumpyCodec.decode_input(payload.inputs[0]).astype(np.float32, copy=False)
         (probability,) = self.session.run(None, {"features": features})
-        return InferenceResponse(
-            model_name=self.name, outputs=[NumpyCodec.encode_output("probability", probability)]
+        # NOTE: no output parameters (NumpyCodec adds content_type): Triton's C++ client and
+        # perf_analyzer take any output parameters for a binary output and then fail.
+        output = ResponseOutput(
+            name="probability",
+            shape=list(probability.shape),
+            datatype="FP32",
+            data=probability.reshape(-1).tolist(),
         )
+        return InferenceResponse(model_name=self.name, outputs=[output])
+
+
+def add_rest_config(body: bytes) -> None:
+    """Make MLServer's REST app answer GET /v2/models/{name}/config with ``body`` (Triton's
+    model config as JSON, which perf_analyzer -i http reads; MLServer has no such route)."""
+    from fastapi import Response  # type: ignore[import-not-found,unused-ignore]
+    from mlserver.rest import app as rest_app  # type: ignore[import-not-found,unused-ignore]
+    from mlserver.rest import server as rest_server  # type: ignore[import-not-found,unused-ignore]
+
+    create = rest_app.create_app
+
+    def create_app(*args: Any, **kwargs: Any) -> Any:
+        app = create(*args, **kwargs)
+
+        async def config(model_name: str) -> Any:
+            return Response(body, media_type="application/json")
+
+        app.add_api_route("/v2/models/{model_name}/config", config, methods=["GET"])
+        return app
+
+    rest_app.create_app = create_app
+    rest_server.create_app = create_app
 
 
 def free_port() -> int:
@@ -97,7 +126,9 @@ async def announce(http_port: int, grpc_port: int, name: str) -> None:
         if await asyncio.to_thread(ready):
             break
         await asyncio.sleep(0.2)
-    print(f"ready grpc=127.0.0.1:{grpc_port}", file=sys.stderr, flush=True)
+    print(
+        f"ready grpc=127.0.0.1:{grpc_port} http=127.0.0.1:{http_port}", file=sys.stderr, flush=True
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -131,8 +162,11 @@ def main() -> None:
     parser.add_argument("--name", default="mlp")
     parser.add_argument("--model-config", type=Path, required=True)
     parser.add_argument("--max-batch-time", type=float, default=0.0005, help="seconds")
+    parser.add_argument("--rest-config", type=Path, help="Triton model config JSON for REST")
     args = parser.parse_args()
     add_model_config(args.model_config.read_bytes())
+    if args.rest_config is not None:
+        add_rest_config(args.rest_config.read_bytes())
     asyncio.run(serve(args))
 
 
