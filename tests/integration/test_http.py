@@ -201,3 +201,57 @@ def test_compressed_requests_and_responses(gateway, client):
         gateway, "POST", "/v2/models/fraud/infer", bomb, **{"Content-Encoding": "gzip"}
     )
     assert status == 400 and "max_message_bytes" in json.loads(reply)["error"]
+
+
+def test_keys_model_rights_and_rate_limits_hold_over_http(demo_repo: Path, tmp_path: Path):
+    """The same credentials as gRPC (Bearer or x-api-key), model rights, and a tenant's rate
+    limit answered 429 with Retry-After."""
+    from gateway.auth import key_digest
+    from tests.auth import write_keys
+
+    keys = {"team-a": "key-a-" + "x" * 24, "team-b": "key-b-" + "y" * 24}
+    entries = [
+        {
+            "name": "team-a",
+            "key_sha256": key_digest(keys["team-a"]),
+            "tenant": "alpha",
+            "models": ["fraud"],
+            "rate_limit": {"rate": 0.001, "burst": 2},
+        },
+        {"name": "team-b", "key_sha256": key_digest(keys["team-b"]), "models": ["other"]},
+    ]
+    settings = {
+        "auth": {"mode": "api_key", "keys_file": str(write_keys(tmp_path / "keys.yaml", entries))},
+        "audit": {"path": None},
+    }
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps(settings))
+    proc = GatewayProcess(demo_repo, tmp_path / "gw", "--config", str(config), "--http-port", "0")
+    try:
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "features",
+                        "datatype": "FP32",
+                        "shape": [1, DEMO_WIDTH],
+                        "data": demo_features(1).reshape(-1).tolist(),
+                    }
+                ]
+            }
+        ).encode()
+        infer = "/v2/models/fraud/infer"
+        status, _, reply = request(proc, "POST", infer, body)
+        assert status == 401 and "error" in json.loads(reply)
+        status, _, reply = request(proc, "POST", infer, body, **{"x-api-key": keys["team-b"]})
+        assert status == 403 and "fraud" in json.loads(reply)["error"]
+        bearer = {"authorization": f"Bearer {keys['team-a']}"}
+        statuses = [request(proc, "POST", infer, body, **bearer)[0] for _ in range(2)]
+        assert statuses == [200, 200]
+        status, headers, reply = request(proc, "POST", infer, body, **bearer)
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        assert "alpha" in json.loads(reply)["error"]
+        status, _, _ = request(proc, "GET", "/v2/health/live")
+        assert status == 200  # liveness needs no key
+    finally:
+        assert proc.stop() == 0, proc.stderr()
