@@ -210,7 +210,7 @@ def test_keys_model_rights_and_rate_limits_hold_over_http(demo_repo: Path, tmp_p
     from tests.auth import write_keys
 
     keys = {"team-a": "key-a-" + "x" * 24, "team-b": "key-b-" + "y" * 24}
-    entries = [
+    entries: list[dict[str, object]] = [
         {
             "name": "team-a",
             "key_sha256": key_digest(keys["team-a"]),
