@@ -10,6 +10,7 @@ OTHER := $(if $(filter gpu,$(FLAVOUR)),onnxruntime,onnxruntime-gpu)
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 DEMO := .demo-repo
 PORT ?= 8001
+HTTP_PORT ?= 8000
 SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd) $(shell find protos -name '*.proto')
 
 .PHONY: install serve test test-native browser services proto native lint bench clean
@@ -34,7 +35,7 @@ $(DEMO)/fraud/config.yaml: gateway/demo.py gateway/features/contract.py | $(STAM
 # (gRPC on 8005, HTML reports on http://127.0.0.1:8006/report/fraud).
 serve: $(STAMP) $(DEMO)/fraud/config.yaml
 	$(VENV)/bin/gateway serve --repository $(DEMO) --config $(DEMO)/gateway.yaml --port $(PORT) \
-	  --with-sidecar .sidecar
+	  --http-port $(HTTP_PORT) --with-sidecar .sidecar
 
 # A failure story on the demo, through a real gateway and sidecar: make story-new-vertical,
 # make story-skew.
