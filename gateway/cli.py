@@ -24,10 +24,27 @@ DEFAULT_GATEWAY = "127.0.0.1:8001"
 ADMIN_TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 SIDECAR_TOKEN_ENV = "GATEWAY_SIDECAR_TOKEN"
 _GROUPS = ("tenant", "route", "variant", "surface")
+_LABEL_COLUMNS = """\
+columns (by name; others are ignored):
+  label         the outcome, a number (1/0 for a classifier); a column named value is
+                taken instead when there is no label column
+  request_id    the request the prediction answered (its id, or the response parameter
+                request_id when the client sent none)
+  entity_key    or: the request parameter entity_key; the label joins that entity's
+                latest prediction within --window-s before event_time
+  row           which row of a request of several rows (default 0)
+  event_time    when the outcome was known: a timestamp, or Unix microseconds (default:
+                when the sidecar receives it)
+the file needs a request_id or an entity_key column (or both)
+"""
+# A command killed by SIGPIPE exits 128 + 13: what `set -o pipefail` expects of a writer
+# whose reader left early (`gateway routes | head`).
+_BROKEN_PIPE_EXIT = 141
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    # NOTE: the module docstring is reStructuredText; --help shows it without the markup.
+    parser = argparse.ArgumentParser(prog="gateway", description=(__doc__ or "").replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a model repository over OIP gRPC")
@@ -41,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="runtime.device")
     serve.add_argument("--tracing", choices=["off", "console", "otlp"], help="telemetry.tracing")
+    serve.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="the OTLP/gRPC collector of --tracing otlp (telemetry.otlp_endpoint)",
+    )
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--workers", type=int, help="processes sharing the port (server.workers)")
     serve.add_argument(
@@ -125,9 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     resolve.add_argument("--note", default="", help="what was found or done")
 
     labels = commands.add_parser(
-        "labels", parents=[client], help="send labels (CSV or Parquet) to the sidecar"
+        "labels",
+        parents=[client],
+        help="send labels (CSV or Parquet) to the sidecar",
+        description="Send outcomes to the sidecar, which joins each to the prediction it labels.",
+        epilog=_LABEL_COLUMNS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    labels.add_argument("file", type=Path)
+    labels.add_argument("file", type=Path, help="CSV (with a header row) or .parquet")
     labels.add_argument(
         "--window-s", type=int, default=0, help="entity-key join window (default: the sidecar's)"
     )
@@ -202,7 +229,13 @@ def _parser() -> argparse.ArgumentParser:
         "the gateway's admin.token, or a key with admin rights",
     )
     routes = commands.add_parser("routes", parents=[admin], help="print or set the route table")
-    routes.add_argument("--set", type=Path, metavar="FILE", help="replace it with FILE (YAML)")
+    routes.add_argument(
+        "--set",
+        type=Path,
+        metavar="FILE",
+        help="replace it with FILE's routes (YAML): a mapping of routes, as gateway routes "
+        "prints it, or a settings file's routing.routes (the rest of that file is not sent)",
+    )
     promote = commands.add_parser(
         "promote", parents=[admin], help="send all of a route's traffic to one variant"
     )
@@ -226,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             default=0,
             metavar="N",
-            help="change only the table of generation N (what `gateway routes` printed), "
+            help="change only the table of generation N (as gateway routes printed it), "
             "else FAILED_PRECONDITION: someone changed it since",
         )
     costs = commands.add_parser("costs", parents=[admin], help="print the cost ledger, budgets")
@@ -360,6 +393,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("telemetry", "metrics_port"): args.metrics_port,
         ("runtime", "device"): args.device,
         ("telemetry", "tracing"): args.tracing,
+        ("telemetry", "otlp_endpoint"): args.otlp_endpoint,
         ("telemetry", "log_level"): args.log_level,
     }
     tree: dict[str, Any] = {}
@@ -392,13 +426,14 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         )
         events = settings.events.model_copy(update={"sidecar": address})
         settings = settings.model_copy(update={"events": events})
-        argv = [*_without_flag(argv, "--with-sidecar", keep_port=True), "--sidecar", address]
+        argv = [*_without_flags(argv, "--with-sidecar"), "--sidecar", address]
     try:
         if settings.server.workers > 1:
             from gateway.workers import supervise
 
-            # Workers get the same command line; the supervisor pins their port and role.
-            return supervise(settings, _without_flag(argv, "--workers"))
+            # Workers get the same command line; the supervisor pins their ports and role.
+            worker_argv = _without_flags(argv, "--workers", "--port", "--metrics-port")
+            return supervise(settings, worker_argv)
 
         from gateway.lifeline import watch_parent
 
@@ -415,10 +450,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
             sidecar.stop()
 
 
-def _without_flag(argv: list[str], flag: str, keep_port: bool = False) -> list[str]:
-    """argv less ``flag VALUE`` / ``flag=VALUE`` and, unless ``keep_port``, less ``--port``
-    (the supervisor sets it)."""
-    dropped = (flag,) if keep_port else (flag, "--port")
+def _without_flags(argv: list[str], *dropped: str) -> list[str]:
+    """argv less each ``flag VALUE`` / ``flag=VALUE`` of ``dropped``."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -489,6 +522,15 @@ def _report(args: argparse.Namespace) -> int:
     from gateway.evaluation.client import fetch_report, format_report
 
     report = fetch_report(args.address, args.model, args.window_s, _credentials(args))
+    if _is_unknown(report):
+        window = f"the last {report['window_s']} s" if report.get("window_s") else "its window"
+        print(
+            f"gateway: error: sidecar at {args.address}: nothing on model {args.model!r}: no "
+            f"events in {window}, no reference profile, no trigger runs, playbook actions or "
+            "reviews (is the name right? a longer --window-s?)",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         import json
 
@@ -496,6 +538,17 @@ def _report(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+def _is_unknown(report: dict[str, Any]) -> bool:
+    """The sidecar knows nothing of the report's model: a misspelt name, or one whose
+    events are all older than the window (a model with a reference profile never is)."""
+    return not (
+        report.get("events_in_window")
+        or report.get("reference")
+        or report.get("alerts")
+        or any((report.get("journal_totals") or {}).values())
+    )
 
 
 def _adaptation(args: argparse.Namespace) -> int:
@@ -640,25 +693,36 @@ def _micros(text: str | None, flag: str) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from gateway.server.admin_client import AdminClient, format_cache, format_costs
+    from gateway.server.admin_client import (
+        AdminClient,
+        format_cache,
+        format_costs,
+        format_routes,
+        read_routes_file,
+    )
 
     try:
         with AdminClient(args.address, _credentials(args)) as client:
             if args.command == "routes":
-                reply = (
-                    client.set_routes_file(args.set, args.if_generation)
-                    if args.set
-                    else client.routes()
-                )
-                print(f"# generation {reply.generation}")
-                print(reply.yaml.rstrip() or "no routes")
+                if args.set:
+                    text, left_out = read_routes_file(args.set)
+                    if left_out:
+                        print(
+                            f"gateway: note: {args.set}: only routing.routes is sent; "
+                            f"{', '.join(left_out)} take effect when the gateway restarts",
+                            file=sys.stderr,
+                        )
+                    reply = client.set_routes(text, args.if_generation)
+                else:
+                    reply = client.routes()
+                print(format_routes(reply))
             elif args.command == "promote":
                 client.promote(args.route, args.variant, args.if_generation)
                 print(f"{args.route}: {args.variant} takes all traffic")
             elif args.command == "rollback":
                 reply = client.rollback(args.route, args.if_generation)
                 print(f"{args.route}: rolled back")
-                print(reply.yaml.rstrip() or "no routes")
+                print(format_routes(reply))
             elif args.command == "threshold":
                 if (args.value is None) == (args.raise_by == 0):
                     raise SettingsError("threshold: give VALUE or --raise-by (not both)")
@@ -666,7 +730,7 @@ def _admin(args: argparse.Namespace) -> int:
                     args.route, args.value, args.raise_by, args.if_generation
                 )
                 print(f"{args.route}: decision threshold set")
-                print(reply.yaml.rstrip())
+                print(format_routes(reply))
             elif args.command == "costs":
                 by = tuple(g.strip() for g in args.by.split(",") if g.strip())
                 unknown = set(by) - set(_GROUPS)
@@ -676,7 +740,9 @@ def _admin(args: argparse.Namespace) -> int:
                 print(format_costs(client.costs(since), by))
             else:
                 print(format_cache(client.cache(args.flush)))
-    except OSError as err:
+    except BrokenPipeError:
+        raise  # the reader left: main() ends quietly
+    except OSError as err:  # --set FILE that does not read
         print(f"gateway: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -698,10 +764,11 @@ def _rollout(args: argparse.Namespace) -> int:
 
 
 def _demo_repo(args: argparse.Namespace) -> int:
-    from gateway.demo import build_demo_repository
+    from gateway.demo import PERF_ANALYZER_DATA, build_demo_repository
 
     model_dir = build_demo_repository(args.directory, seed=args.seed, rows=args.rows)
     print(f"demo repository written: {model_dir}")
+    print(f"perf_analyzer --input-data {args.directory / PERF_ANALYZER_DATA}")
     return 0
 
 
@@ -766,7 +833,20 @@ def _as_number(text: str) -> tuple[int, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is handled below too
+    except BrokenPipeError:
+        # The reader left early (`gateway routes | head`): end quietly, as head expects.
+        # Python's own flush at exit would fail on the pipe again, so stdout goes nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return _BROKEN_PIPE_EXIT
+    return code
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":

@@ -12,12 +12,15 @@ v2 for version 2); ``training.yaml`` records the seed and each version's held-ou
 
 Beside the model it writes ``DIR/gateway.yaml``, the settings ``make serve`` runs with: a route
 ``fraud-live`` (version 2 stable, version 1 as a 10% canary, a static last resort), prices, a
-budget, and the admin service's token in ``DIR/admin.token`` (random, readable by the owner
-only).
+rate limit and a budget for tenant ``demo``, and the admin service's token in
+``DIR/admin.token`` (random, readable by the owner only); and ``DIR/perf_analyzer_data.json``,
+raw transactions for ``perf_analyzer --input-data`` (its default random data breaks the
+contract: an hour of -1e18 is refused).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -40,10 +43,12 @@ from gateway.features import CONTRACT_FILE, assemble, load_contracts
 __all__ = [
     "CATEGORIES",
     "NUMERIC",
+    "PERF_ANALYZER_DATA",
     "build_demo_repository",
     "contract_file",
     "synthetic_transactions",
     "write_demo_settings",
+    "write_perf_analyzer_data",
 ]
 
 NUMERIC: Final = ("amount", "hour", "account_age_days", "tx_count_24h", "distance_km")
@@ -54,6 +59,9 @@ CATEGORIES: Final[dict[str, tuple[str, ...]]] = {
 }
 MODEL_NAME: Final = "fraud"
 OPSET: Final = 17
+PERF_ANALYZER_DATA: Final = "perf_analyzer_data.json"
+PERF_ANALYZER_ROWS: Final = 256
+DEMO_TENANT: Final = "demo"
 
 Columns = dict[str, NDArray[Any]]
 
@@ -366,7 +374,31 @@ def build_demo_repository(root: Path, seed: int = 7, rows: int = 20_000) -> Path
     training = {"seed": seed, "rows": rows, "versions": summary}
     (model_dir / "training.yaml").write_text(yaml.safe_dump(training, sort_keys=False))
     write_demo_settings(root)
+    write_perf_analyzer_data(root / PERF_ANALYZER_DATA, held)
     return model_dir
+
+
+def write_perf_analyzer_data(path: Path, cols: Columns, rows: int = PERF_ANALYZER_ROWS) -> Path:
+    """``path``: the first ``rows`` transactions of ``cols`` as perf_analyzer's ``--input-data``
+    JSON, one request of one row per entry (``{"data": [{"amount": {"content": [12.5],
+    "shape": [1]}, ...}, ...]}``), sent round-robin. Numbers as JSON numbers, categories
+    (BYTES) as strings; every row is valid under both contract versions."""
+    count = min(rows, *(len(values) for values in cols.values()))
+
+    def value(values: NDArray[Any], i: int) -> float | int | str:
+        item = values[i]
+        if values.dtype == object:
+            return str(item)
+        if values.dtype.kind in "iu":
+            return int(item)
+        return round(float(item), 4)
+
+    data = [
+        {name: {"content": [value(values, i)], "shape": [1]} for name, values in cols.items()}
+        for i in range(count)
+    ]
+    path.write_text(json.dumps({"data": data}) + "\n")
+    return path
 
 
 def write_demo_settings(root: Path) -> Path:
@@ -402,13 +434,16 @@ def write_demo_settings(root: Path) -> Path:
                     "timeout_ms": 250,
                 }
             },
-            "rate_limits": {"*": {"rate": 2000, "burst": 4000}},
+            # The budget's tenant, not "*" (every tenant, the anonymous one included): a load
+            # test without a tenant (the README's perf_analyzer commands) measures the gateway,
+            # not this limit.
+            "rate_limits": {DEMO_TENANT: {"rate": 2000, "burst": 4000}},
         },
         "costs": {
             "budgets": [
                 {
                     "name": "demo-tenant",
-                    "tenant": "demo",
+                    "tenant": DEMO_TENANT,
                     "limit": 0.01,
                     "window_s": 3600,
                     "policy": "alert",

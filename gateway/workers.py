@@ -1,7 +1,9 @@
 """Multi-process mode: N gateway processes share one port through SO_REUSEPORT.
 
 The kernel spreads incoming connections over the workers; each worker is a whole gateway with
-its own scheduler, model sessions and metrics port (``metrics_port + i``, or any free port).
+its own scheduler, model sessions and metrics port: worker ``i`` serves metrics on
+``metrics_port + i`` (``--metrics-port 9100``: 9100, 9101, ...), or any free port when it is
+0; the ready line lists them in worker order.
 Trade-off: N processes use N times the model memory and batch independently (a batch only
 merges requests that reached the same worker), and gRPC keeps a connection on one worker, so
 a client with a single channel talks to a single worker. Worth it when one process's event
@@ -59,10 +61,15 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
         hash_key(settings.events)
         read_secret(settings.events.token, settings.events.token_file, "events.token_file")
     workers = settings.server.workers
+    metrics_port = settings.telemetry.metrics_port
+    if metrics_port and metrics_port + workers - 1 > 65535:
+        raise SettingsError(
+            f"telemetry.metrics_port: {workers} workers serve metrics on {metrics_port} to "
+            f"{metrics_port + workers - 1}, past port 65535"
+        )
     host = settings.server.host
     reserved = _reserve_port(host, settings.server.port)
     port = reserved.getsockname()[1]
-    metrics_port = settings.telemetry.metrics_port
     stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -87,8 +94,6 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                     "GATEWAY_SERVER__REUSE_PORT": "true",
                     "GATEWAY_SERVER__PORT": str(port),
                 }
-                if metrics_port:
-                    env["GATEWAY_TELEMETRY__METRICS_PORT"] = str(metrics_port + index)
                 if settings.audit.path is not None:
                     # One audit log per worker: a rotating file has one writer.
                     audit = settings.audit.path
@@ -96,6 +101,11 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                         audit.with_name(f"{audit.name}.worker-{index}")
                     )
                 command = [sys.executable, "-m", "gateway", *argv, "--port", str(port)]
+                if metrics_port is not None:
+                    # A flag, as the port: it outranks the settings file and the environment
+                    # (and a --metrics-port in argv, which would give every worker one port).
+                    worker_metrics = metrics_port + index if metrics_port else 0
+                    command += ["--metrics-port", str(worker_metrics)]
                 if settings.events.enabled:
                     # One write-ahead log per worker: a log has one writer (it is locked).
                     worker_log = Path(settings.events.directory) / f"worker-{index}"

@@ -125,8 +125,28 @@ class Router:
     def answer(
         self, request: InferRequest, deadline: float | None, degrade: Budget | None
     ) -> Awaitable[Answer]:
-        """Answer ``request`` on its route, or on the model it names when it is no route."""
-        route = self.routes.get(request.model_name) if not request.model_version else None
+        """Answer ``request`` on its route, or on the model it names when it is no route.
+
+        A pinned version talks to the model of that name (a route may share a model's name);
+        routes have no versions, so a route with no model of its name is NOT_FOUND, saying so.
+        """
+        route = self.routes.get(request.model_name)
+        if route is not None and request.model_version:
+            try:
+                self._output_specs(request.model_name, "")
+            except ModelNotFound:
+                models = sorted({v.local_model for v in route.spec.variants if v.local_model})
+                instead = " or ".join(
+                    f"model '{m}' with version '{request.model_version}'" for m in models
+                )
+                raise ModelNotFound(
+                    f"'{route.name}' is a route, and routes have no versions: call it without "
+                    f"a model version (its variants pick one)"
+                    + (f", or call {instead}" if instead else "")
+                ) from None
+            except GatewayError:
+                pass  # a model of that name, not ready: the attempt on it says so
+            route = None
         if route is None:
             return self._serve(
                 request, Attempt(request.model_name, request.model_version, deadline)

@@ -10,12 +10,23 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from gateway.api.v1 import admin_pb2 as pb
 from gateway.api.v1 import admin_pb2_grpc as pb_grpc
 from gateway.auth import ClientCredentials
+from gateway.errors import SettingsError
+from gateway.settings import Settings, bounded_yaml
 from gateway.tables import format_table
 
-__all__ = ["AdminClient", "format_cache", "format_costs", "format_rollout"]
+__all__ = [
+    "AdminClient",
+    "format_cache",
+    "format_costs",
+    "format_rollout",
+    "format_routes",
+    "read_routes_file",
+]
 
 
 class AdminClient:
@@ -61,7 +72,8 @@ class AdminClient:
         return self._call("SetRoutes", request)  # type: ignore[return-value]
 
     def set_routes_file(self, path: Path, expected_generation: int = 0) -> pb.Routes:
-        return self.set_routes(path.read_text(), expected_generation)
+        """The routes of ``path``, in either shape ``read_routes_file`` takes."""
+        return self.set_routes(read_routes_file(path)[0], expected_generation)
 
     def promote(self, route: str, variant: str, expected_generation: int = 0) -> pb.Routes:
         request = pb.PromoteRequest(
@@ -101,6 +113,60 @@ class AdminClient:
         """``action``: status, pause, resume or abort."""
         method = f"Rollout{action.capitalize()}"
         return self._call(method, pb.RolloutRequest(route=route))  # type: ignore[return-value]
+
+
+def read_routes_file(path: Path) -> tuple[str, list[str]]:
+    """The route table in ``path`` as SetRoutes takes it (YAML), and what of the file is left
+    out. The file is either a mapping of routes (what ``gateway routes`` prints) or a settings
+    file, whose ``routing.routes`` is taken and nothing else (the rest is named, to say so).
+    SettingsError naming the file for anything else; OSError when it does not read."""
+    text = path.read_text()
+    try:
+        tree = bounded_yaml(text, str(path))
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{path}: not YAML: {err}") from None
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+    wanted = (
+        "a mapping of routes (as `gateway routes` prints it) or a settings file with routing.routes"
+    )
+    if tree is None:
+        raise SettingsError(f"{path}: empty; to remove every route, give {{}}")
+    if not isinstance(tree, dict):
+        raise SettingsError(f"{path}: a YAML {_kind(tree)}, not {wanted}")
+    if "routing" not in tree or _is_route(tree["routing"]):  # a route may be named routing
+        sections = set(Settings.model_fields)
+        if not tree or not set(tree) <= sections or any(_is_route(v) for v in tree.values()):
+            return text, []  # routes (SetRoutes names the key of any that is not one)
+        raise SettingsError(
+            f"{path}: settings ({', '.join(map(str, tree))}) without routing.routes; give {wanted}"
+        )
+    routing = tree["routing"]
+    routes = routing.get("routes") if isinstance(routing, dict) else None
+    if not isinstance(routes, dict):
+        raise SettingsError(f"{path}: routing has no routes mapping; give {wanted}")
+    left_out = [f"routing.{key}" for key in routing if key != "routes"]
+    left_out += [str(key) for key in tree if key != "routing"]
+    return yaml.safe_dump(routes, sort_keys=False), left_out
+
+
+def _is_route(value: object) -> bool:
+    return isinstance(value, dict) and "variants" in value
+
+
+def _kind(value: object) -> str:
+    return {list: "list", str: "string", int: "number", float: "number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def format_routes(reply: pb.Routes) -> str:
+    """The route table as ``gateway routes`` prints it: its generation and each route's
+    revision as comments, then the routes' YAML (a file ``gateway routes --set`` takes)."""
+    lines = [f"# generation {reply.generation}"]
+    lines += [f"# {name}: revision {reply.revisions[name]}" for name in sorted(reply.revisions)]
+    lines.append(reply.yaml.rstrip() or "{}  # no routes")
+    return "\n".join(lines)
 
 
 @dataclass

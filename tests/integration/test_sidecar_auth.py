@@ -371,7 +371,7 @@ def test_tls_handshake_succeeds_with_the_right_ca_only(start_sidecar, pki: Pki, 
 
 
 @pytest.fixture
-def mutual(start_sidecar, pki: Pki, tmp_path: Path) -> SidecarProcess:
+def mutual(start_sidecar, pki: Pki, tmp_path: Path, demo_repo: Path) -> SidecarProcess:
     keys = write_keys(
         tmp_path / "keys.yaml",
         [
@@ -380,7 +380,10 @@ def mutual(start_sidecar, pki: Pki, tmp_path: Path) -> SidecarProcess:
         ],
     )
     env = sidecar_env(keys, mode="mtls") | tls_env(pki, mutual=True)
-    return start_sidecar(tmp_path / "store", free_port(), env=env)
+    # The demo's reference profiles: a report on MODEL, which has no events here, is one the
+    # sidecar can give (on a model it knows nothing of, `gateway report` fails).
+    known = ("--repository", str(demo_repo))
+    return start_sidecar(tmp_path / "store", free_port(), *known, env=env)
 
 
 def test_mtls_maps_a_certificate_subject_to_its_roles(mutual: SidecarProcess, pki: Pki):
@@ -419,13 +422,15 @@ def test_mtls_refuses_no_certificate_another_cas_and_an_expired_one(
 
 
 def test_commands_present_a_token_file_or_the_environment_over_tls(
-    start_sidecar, pki: Pki, tmp_path: Path
+    start_sidecar, pki: Pki, tmp_path: Path, demo_repo: Path
 ):
     reader, writer = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     keys = write_keys(
         tmp_path / "keys.yaml", [entry("reader", reader, "read"), entry("writer", writer, "write")]
     )
-    sidecar = start_sidecar(tmp_path / "store", free_port(), env=sidecar_env(keys) | tls_env(pki))
+    env = sidecar_env(keys) | tls_env(pki)
+    known = ("--repository", str(demo_repo))  # MODEL's reference profile: a report to give
+    sidecar = start_sidecar(tmp_path / "store", free_port(), *known, env=env)
     where = ("--sidecar", sidecar.address, "--ca-file", str(pki.ca.cert))
     token = secret_file(tmp_path / "reader.token", reader)
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -81,6 +82,36 @@ def test_two_workers_share_one_port_and_stop_together(demo_repo, start_gateway):
     assert proc.stop(signal.SIGTERM) == 0
     log = proc.stderr()
     assert log.count("gateway stopped") == 2
+
+
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1 now."""
+    for _ in range(50):
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return first
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+def test_each_worker_serves_metrics_on_its_own_port_from_metrics_port(demo_repo, start_gateway):
+    """``--workers 2 --metrics-port P``: worker i on P + i (the flag, not only the settings
+    file, once gave every worker P and the second died with "Address already in use")."""
+    first = _free_ports(2)
+    proc = start_gateway(demo_repo, "--workers", "2", "--metrics-port", str(first))
+    metrics, _ = _workers(proc)
+    assert metrics == [f"127.0.0.1:{first}", f"127.0.0.1:{first + 1}"]
+    assert [_served(m) for m in metrics] == [0, 0]  # each answers, as a gateway of its own
+    assert proc.stop(signal.SIGTERM) == 0
 
 
 def test_workers_each_keep_their_own_event_log_and_every_event_arrives_once(

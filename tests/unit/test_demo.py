@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import yaml
 
 from gateway import features
-from gateway.demo import build_demo_repository, predict, synthetic_transactions
+from gateway.demo import (
+    CATEGORIES,
+    NUMERIC,
+    PERF_ANALYZER_DATA,
+    build_demo_repository,
+    predict,
+    synthetic_transactions,
+)
+from gateway.features import ContractViolation
 
 
 def test_same_seed_same_bytes(tmp_path: Path):
@@ -51,3 +61,21 @@ def test_synthetic_data_has_numeric_and_categorical_features():
     assert cols["hour"].dtype.kind == "i"
     assert set(cols["channel"]) <= {"pos", "web", "app"}
     assert 0.01 < labels.mean() < 0.2
+
+
+def test_the_perf_analyzer_data_holds_rows_valid_under_every_contract_version(demo_repo: Path):
+    """``perf_analyzer --input-data`` rows: one row per request, each input a one-element
+    ``content`` of shape [1] (BYTES as strings), all of them assembling under v1 and v2."""
+    data = json.loads((demo_repo / PERF_ANALYZER_DATA).read_text())["data"]
+    assert len(data) == 256
+    names = [*NUMERIC, *CATEGORIES]
+    for step in data:
+        assert list(step) == names
+        assert all(len(t["content"]) == 1 and t["shape"] == [1] for t in step.values())
+    columns = {name: np.array([step[name]["content"][0] for step in data]) for name in names}
+    assert columns["hour"].dtype.kind == "i" and columns["channel"].dtype.kind == "U"
+    for version in ("v1", "v2"):
+        contract = features.load_contract(demo_repo / "fraud", version)
+        assert features.assemble(contract, columns).shape == (256, 22)
+        with pytest.raises(ContractViolation, match="'hour'"):  # what random data trips on
+            features.assemble(contract, {**columns, "hour": columns["hour"] - 10**6})
