@@ -52,7 +52,12 @@ from gateway.server import convert, transports
 from gateway.server.admin import AdminServicer
 from gateway.server.guard import Guard
 from gateway.server.rest.app import RestApp
-from gateway.server.rest.servers import HttpServer, HttpTransport, make_http_server
+from gateway.server.rest.servers import (
+    Certificate,
+    HttpServer,
+    HttpTransport,
+    make_http_server,
+)
 from gateway.server.servicer import InferenceServicer
 from gateway.settings import Budget, RateLimit, Settings
 from gateway.state import RedisState
@@ -406,10 +411,10 @@ _HTTP_AUTO: HttpTransport = "uvicorn"
 
 async def _http_server(gateway: Gateway, settings: Settings) -> HttpServer:
     """KServe v2 REST on server.http_port, on the servicer and guard gRPC uses."""
-    if settings.tls.enabled or settings.auth.mode == "mtls":
+    if settings.auth.mode == "mtls" or settings.tls.client_ca_file is not None:
         raise SettingsError(
-            "server.http_port: the HTTP front end serves no TLS (and so no client "
-            "certificates): put it behind a TLS proxy on this host, or serve gRPC alone"
+            "server.http_port: the HTTP front end takes no client certificates (auth.mode "
+            "mtls, tls.client_ca_file): serve gRPC alone, or use api keys over HTTPS"
         )
     if settings.server.workers > 1:
         raise SettingsError(
@@ -417,11 +422,17 @@ async def _http_server(gateway: Gateway, settings: Settings) -> HttpServer:
         )
     app = RestApp(gateway.servicer, gateway.guard, settings.server.max_message_bytes)
     kind = settings.server.http_transport
+    tls = settings.tls
+    certificate = None
+    if tls.enabled:  # HTTPS with the certificate gRPC presents
+        assert tls.cert_file is not None and tls.key_file is not None
+        certificate = Certificate(tls.cert_file, tls.key_file)
     server = make_http_server(
         _HTTP_AUTO if kind == "auto" else kind,
         app,
         settings.server.host,
         settings.server.http_port or 0,
+        certificate,
     )
     await server.start()
     log.info("http: KServe v2 REST on %s:%d (%s)", settings.server.host, server.port, server.name)

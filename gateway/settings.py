@@ -189,7 +189,8 @@ class ServerSettings(_Section):
         ge=0,
         le=65535,
         description="KServe v2 REST (with Triton's binary tensor extension) on this port, "
-        "beside gRPC, on server.host; 0 picks a free one; null: no HTTP.",
+        "beside gRPC, on server.host (HTTPS with tls.cert_file); 0 picks a free one; null: "
+        "no HTTP.",
     )
     http_transport: Literal["auto", "uvicorn", "aiohttp"] = Field(
         "auto",

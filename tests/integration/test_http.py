@@ -255,3 +255,36 @@ def test_keys_model_rights_and_rate_limits_hold_over_http(demo_repo: Path, tmp_p
         assert status == 200  # liveness needs no key
     finally:
         assert proc.stop() == 0, proc.stderr()
+
+
+def test_https_with_the_certificate_grpc_presents(demo_repo: Path, tmp_path: Path):
+    import ssl
+
+    from tests.certs import authority
+
+    ca = authority(tmp_path / "ca")
+    server = ca.issue("gateway", server=True)
+    settings = {
+        "tls": {"cert_file": str(server.cert), "key_file": str(server.key)},
+        "audit": {"path": None},
+    }
+    config = tmp_path / "gateway.yaml"
+    config.write_text(json.dumps(settings))
+    proc = GatewayProcess(
+        demo_repo, tmp_path / "gw", "--config", str(config), "--http-port", "0",
+        "--transport", "auto",
+    )  # fmt: skip
+    try:
+        port = proc.http_url.rsplit(":", 1)[1]
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        connection = http.client.HTTPSConnection("localhost", int(port), context=context)
+        try:
+            connection.request("GET", "/v2/models/fraud")
+            reply = connection.getresponse()
+            assert reply.status == 200 and json.loads(reply.read())["name"] == "fraud"
+        finally:
+            connection.close()
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            request(proc, "GET", "/v2/health/live")  # plain HTTP is not served beside it
+    finally:
+        assert proc.stop() == 0, proc.stderr()

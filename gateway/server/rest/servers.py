@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -33,10 +35,25 @@ class HttpServer(Protocol):
     async def stop(self) -> None: ...
 
 
-def make_http_server(kind: HttpTransport, app: RestApp, host: str, port: int) -> HttpServer:
+class Certificate:
+    """The server's certificate and key (PEM files) for HTTPS; TLS 1.2 at least."""
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file, self.key_file = cert_file, key_file
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def make_http_server(
+    kind: HttpTransport, app: RestApp, host: str, port: int, tls: Certificate | None = None
+) -> HttpServer:
     if kind == "aiohttp":
-        return AiohttpServer(app, host, port)
-    return UvicornServer(app, host, port)
+        return AiohttpServer(app, host, port, tls)
+    return UvicornServer(app, host, port, tls)
 
 
 class UvicornServer:
@@ -44,10 +61,11 @@ class UvicornServer:
 
     name = "uvicorn"
 
-    def __init__(self, app: RestApp, host: str, port: int) -> None:
+    def __init__(self, app: RestApp, host: str, port: int, tls: Certificate | None = None) -> None:
         self._app = app
         self._host = host
         self.port = port
+        self._tls = tls
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -95,6 +113,8 @@ class UvicornServer:
             # NOTE: a request's headers and body are read before the app runs; the body is
             # bounded by __call__, the headers by h11/httptools' own limits.
             timeout_keep_alive=75,
+            ssl_certfile=self._tls.cert_file if self._tls else None,
+            ssl_keyfile=self._tls.key_file if self._tls else None,
         )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve(), name="http server")
@@ -128,10 +148,11 @@ class AiohttpServer:
 
     name = "aiohttp"
 
-    def __init__(self, app: RestApp, host: str, port: int) -> None:
+    def __init__(self, app: RestApp, host: str, port: int, tls: Certificate | None = None) -> None:
         self._app = app
         self._host = host
         self.port = port
+        self._tls = tls
         self._runner: Any = None
 
     async def _handle(self, request: Any) -> Any:
@@ -167,7 +188,8 @@ class AiohttpServer:
         server = web.Server(self._handle, access_log=None, auto_decompress=False)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self.port)
+        context = self._tls.context() if self._tls is not None else None
+        site = web.TCPSite(self._runner, self._host, self.port, ssl_context=context)
         await site.start()
         sockets = self._runner.addresses
         self.port = int(sockets[0][1])
