@@ -416,10 +416,6 @@ async def _http_server(gateway: Gateway, settings: Settings) -> HttpServer:
             "server.http_port: the HTTP front end takes no client certificates (auth.mode "
             "mtls, tls.client_ca_file): serve gRPC alone, or use api keys over HTTPS"
         )
-    if settings.server.workers > 1:
-        raise SettingsError(
-            "server.http_port: not with server.workers > 1 yet (each worker would bind it)"
-        )
     app = RestApp(gateway.servicer, gateway.guard, settings.server.max_message_bytes)
     kind = settings.server.http_transport
     tls = settings.tls
@@ -433,6 +429,7 @@ async def _http_server(gateway: Gateway, settings: Settings) -> HttpServer:
         settings.server.host,
         settings.server.http_port or 0,
         certificate,
+        reuse_port=settings.server.reuse_port,  # a worker of several: they share the port
     )
     await server.start()
     log.info("http: KServe v2 REST on %s:%d (%s)", settings.server.host, server.port, server.name)

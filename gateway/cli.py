@@ -432,7 +432,9 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
             from gateway.workers import supervise
 
             # Workers get the same command line; the supervisor pins their ports and role.
-            worker_argv = _without_flags(argv, "--workers", "--port", "--metrics-port")
+            worker_argv = _without_flags(
+                argv, "--workers", "--port", "--metrics-port", "--http-port"
+            )
             return supervise(settings, worker_argv)
 
         from gateway.lifeline import watch_parent

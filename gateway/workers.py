@@ -41,7 +41,7 @@ READY_FILE_ENV = "GATEWAY_READY_FILE"
 _START_TIMEOUT_S = 120.0
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
+def _reserve_port(host: str, port: int, what: str = "server.port") -> socket.socket:
     """Bind (without listening) so the port stays ours and port 0 becomes a real number."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -49,7 +49,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise SettingsError(f"server.port: cannot bind {host}:{port}: {err.strerror}") from None
+        raise SettingsError(f"{what}: cannot bind {host}:{port}: {err.strerror}") from None
     return sock
 
 
@@ -70,6 +70,10 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
     host = settings.server.host
     reserved = _reserve_port(host, settings.server.port)
     port = reserved.getsockname()[1]
+    # KServe v2 REST shared the same way: one port, SO_REUSEPORT, every worker listening on it.
+    http = None
+    if settings.server.http_port is not None:
+        http = _reserve_port(host, settings.server.http_port, "server.http_port")
     stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -101,6 +105,8 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                         audit.with_name(f"{audit.name}.worker-{index}")
                     )
                 command = [sys.executable, "-m", "gateway", *argv, "--port", str(port)]
+                if http is not None:
+                    command += ["--http-port", str(http.getsockname()[1])]
                 if metrics_port is not None:
                     # A flag, as the port: it outranks the settings file and the environment
                     # (and a --metrics-port in argv, which would give every worker one port).
@@ -126,12 +132,13 @@ def supervise(settings: Settings, argv: Sequence[str]) -> int:
                 for port in (json.loads(f.read_text()).get("metrics") for f in ready_files)
             ]
             log.info(
-                "gateway ready grpc=%s:%d metrics=%s workers=%d pids=%s",
+                "gateway ready grpc=%s:%d metrics=%s workers=%d pids=%s http=%s",
                 host,
                 port,
                 ",".join(metrics),
                 workers,
                 ",".join(str(p.pid) for p in processes),
+                f"{host}:{http.getsockname()[1]}" if http is not None else "off",
             )
             while not stop_requested:
                 if any(p.poll() is not None for p in processes):

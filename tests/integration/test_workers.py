@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -82,6 +83,37 @@ def test_two_workers_share_one_port_and_stop_together(demo_repo, start_gateway):
     assert proc.stop(signal.SIGTERM) == 0
     log = proc.stderr()
     assert log.count("gateway stopped") == 2
+
+
+def test_two_workers_share_one_http_port_too(demo_repo, start_gateway):
+    proc = start_gateway(demo_repo, "--workers", "2", "--http-port", "0")
+    metrics, _ = _workers(proc)
+    match = re.search(r"gateway ready .* http=(\S+)", proc.stderr())
+    assert match, proc.stderr()
+    host, port = match.group(1).rsplit(":", 1)
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "FP32",
+                    "shape": [1, DEMO_WIDTH],
+                    "data": demo_features(1).reshape(-1).tolist(),
+                }
+            ]
+        }
+    )
+    for _ in range(40):  # a new connection each time: the kernel spreads them
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            connection.request("POST", "/v2/models/fraud/infer", body=body)
+            reply = connection.getresponse()
+            assert reply.status == 200, reply.read()
+            reply.read()
+        finally:
+            connection.close()
+    served = [_served(url) for url in metrics]
+    assert sum(served) == 40 and all(n > 0 for n in served), served  # spread, each answered once
 
 
 def _free_ports(count: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -49,11 +50,28 @@ class Certificate:
 
 
 def make_http_server(
-    kind: HttpTransport, app: RestApp, host: str, port: int, tls: Certificate | None = None
+    kind: HttpTransport,
+    app: RestApp,
+    host: str,
+    port: int,
+    tls: Certificate | None = None,
+    reuse_port: bool = False,
 ) -> HttpServer:
+    """``reuse_port``: bound with SO_REUSEPORT, the workers of ``--workers`` sharing it."""
+    sock = _listening(host, port) if reuse_port else None
     if kind == "aiohttp":
-        return AiohttpServer(app, host, port, tls)
-    return UvicornServer(app, host, port, tls)
+        return AiohttpServer(app, host, port, tls, sock)
+    return UvicornServer(app, host, port, tls, sock)
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
 
 
 class UvicornServer:
@@ -61,11 +79,19 @@ class UvicornServer:
 
     name = "uvicorn"
 
-    def __init__(self, app: RestApp, host: str, port: int, tls: Certificate | None = None) -> None:
+    def __init__(
+        self,
+        app: RestApp,
+        host: str,
+        port: int,
+        tls: Certificate | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
         self._app = app
         self._host = host
         self.port = port
         self._tls = tls
+        self._sock = sock
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -117,7 +143,8 @@ class UvicornServer:
             ssl_keyfile=self._tls.key_file if self._tls else None,
         )
         self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(), name="http server")
+        sockets = [self._sock] if self._sock is not None else None
+        self._task = asyncio.create_task(self._server.serve(sockets), name="http server")
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises what stopped it (the port taken ...)
@@ -148,11 +175,19 @@ class AiohttpServer:
 
     name = "aiohttp"
 
-    def __init__(self, app: RestApp, host: str, port: int, tls: Certificate | None = None) -> None:
+    def __init__(
+        self,
+        app: RestApp,
+        host: str,
+        port: int,
+        tls: Certificate | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
         self._app = app
         self._host = host
         self.port = port
         self._tls = tls
+        self._sock = sock
         self._runner: Any = None
 
     async def _handle(self, request: Any) -> Any:
@@ -189,7 +224,11 @@ class AiohttpServer:
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         context = self._tls.context() if self._tls is not None else None
-        site = web.TCPSite(self._runner, self._host, self.port, ssl_context=context)
+        site: Any
+        if self._sock is not None:
+            site = web.SockSite(self._runner, self._sock, ssl_context=context)
+        else:
+            site = web.TCPSite(self._runner, self._host, self.port, ssl_context=context)
         await site.start()
         sockets = self._runner.addresses
         self.port = int(sockets[0][1])
