@@ -45,16 +45,18 @@ def tensor_from_raw(
     name: str,
     datatype: str,
     shape: tuple[int, ...],
-    raw: bytes,
+    raw: bytes | memoryview,
     params: dict[str, ParameterValue] | None = None,
 ) -> Tensor:
     """A tensor from its OIP raw bytes (little-endian; BYTES each length-prefixed), as gRPC's
     raw_input_contents and HTTP's binary tensor extension carry them; InvalidRequest naming
-    the input when they do not fit its datatype and shape."""
+    the input when they do not fit its datatype and shape. A numeric tensor is a view of
+    ``raw`` (a memoryview of a request body included): no copy."""
     dtype = checked_dtype(name, datatype)
     shape = checked_shape(name, shape)
     count = math.prod(shape)
     if datatype == "BYTES":
+        raw = bytes(raw)  # kept as sent (events, the cache key read it): its own bytes
         try:  # checked now; the objects are made only if something reads them
             _hotloops.check_bytes(raw, count)
         except ValueError as err:
@@ -65,7 +67,7 @@ def tensor_from_raw(
 
 
 def _from_raw(
-    name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes, count: int
+    name: str, datatype: str, dtype: np.dtype[np.generic], raw: bytes | memoryview, count: int
 ) -> np.ndarray:
     expected = count * dtype.itemsize
     if len(raw) != expected:

@@ -141,7 +141,7 @@ def _input(item: object, i: int, rest: memoryview) -> tuple[Tensor, int]:
             f"input '{name}': parameters.{_BINARY_SIZE} is {size} but only {len(rest)} bytes "
             "of binary data are left in the body"
         )
-    return tensor_from_raw(name, datatype, tuple(shape), bytes(rest[:size]), params), size
+    return tensor_from_raw(name, datatype, tuple(shape), rest[:size], params), size
 
 
 def _from_json(
