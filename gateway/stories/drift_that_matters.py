@@ -6,7 +6,6 @@ falls, its rule fires on its interval, and its `rollback` playbook pages."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -14,8 +13,8 @@ import numpy as np
 
 from gateway.api.v1 import events_pb2 as ev
 from gateway.demo import synthetic_transactions
-from gateway.evaluation.client import fetch_report, send_labels
-from gateway.stories.stage import Stage
+from gateway.evaluation.client import fetch_report
+from gateway.stories.stage import Stage, label_all, wait_for
 
 __all__ = ["run"]
 
@@ -53,11 +52,11 @@ def run(work: Path, out: TextIO) -> dict[str, Any]:
                 labels += [
                     ev.Label(request_id=request_id, row=r, value=float(v)) for r, v in enumerate(y)
                 ]
-            _labelled(stage.sidecar, labels)
+            label_all(stage.sidecar, labels)
 
         send(20, "none")
         send(30, "hours")
-        first = _wait(lambda: _firing(stage.sidecar, "feature_drift", "hour"), "the hour drift")
+        first = wait_for(lambda: _firing(stage.sidecar, "feature_drift", "hour"), "the hour drift")
         quiet = _firing(stage.sidecar, "business_metric")
         report = fetch_report(stage.sidecar, "fraud")
         short = [e for e in report["not_enough_data"] if e["rule"] == "business_metric"]
@@ -71,7 +70,7 @@ def run(work: Path, out: TextIO) -> dict[str, Any]:
             file=out,
         )
         send(60, "pattern")
-        paged = _wait(lambda: _firing(stage.sidecar, "business_metric"), "the metric's page")
+        paged = wait_for(lambda: _firing(stage.sidecar, "business_metric"), "the metric's page")
         print("\n2. fraud moves to a pattern the features do not show (3,000 rows)", file=out)
         _show(paged, out)
         print(f"\nreport page: {stage.report_url}", file=out)
@@ -98,20 +97,3 @@ def _show(alerts: list[dict[str, Any]], out: TextIO) -> None:
             f"{a['metric']} {a['value']:.3f} -> {a['action']}",
             file=out,
         )
-
-
-def _labelled(sidecar: str, labels: list[ev.Label], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while send_labels(sidecar, labels)[1]:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the story's events never all reached the sidecar")
-        time.sleep(0.2)
-
-
-def _wait(check: Any, what: str, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the story never showed {what}")
-        time.sleep(0.2)
-    return found

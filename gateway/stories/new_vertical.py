@@ -4,7 +4,6 @@ and its `human_review` playbook puts the alert in the review queue with the rows
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from gateway.demo import synthetic_transactions
 from gateway.evaluation.client import fetch_report, fetch_reviews, format_reviews
-from gateway.stories.stage import Stage
+from gateway.stories.stage import Stage, wait_for
 
 __all__ = ["run"]
 
@@ -40,8 +39,8 @@ def run(work: Path, out: TextIO) -> dict[str, Any]:
             f"merchant_category is '{NEW}', a category the contract has never seen",
             file=out,
         )
-        alerts = _wait(lambda: _coverage_alerts(stage.sidecar), "the coverage alert")
-        reviews = _wait(lambda: fetch_reviews(stage.sidecar, "fraud"), "the review item")
+        alerts = wait_for(lambda: _coverage_alerts(stage.sidecar), "the coverage alert")
+        reviews = wait_for(lambda: fetch_reviews(stage.sidecar, "fraud"), "the review item")
         print("\nalert (gateway report fraud, sidecar_alert_firing, alerts.jsonl):", file=out)
         for alert in alerts:
             print(
@@ -59,12 +58,3 @@ def run(work: Path, out: TextIO) -> dict[str, Any]:
 def _coverage_alerts(sidecar: str) -> list[dict[str, Any]]:
     report = fetch_report(sidecar, "fraud")
     return [a for a in report["alerts"] if a["rule"] == "new_categories"]
-
-
-def _wait(check: Any, what: str, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the story never showed {what}")
-        time.sleep(0.2)
-    return found

@@ -5,7 +5,6 @@ input column it moves, while the contract's own offline path matches serving bit
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -16,9 +15,9 @@ import pyarrow.parquet as pq
 from gateway.adaptation.parity import check_parity, format_parity
 from gateway.api.v1 import events_pb2 as ev
 from gateway.demo import synthetic_transactions
-from gateway.evaluation.client import export, send_labels
+from gateway.evaluation.client import export
 from gateway.features import load_contract
-from gateway.stories.stage import Stage
+from gateway.stories.stage import Stage, label_all
 
 __all__ = ["run"]
 
@@ -49,7 +48,7 @@ def run(work: Path, out: TextIO) -> dict[str, Any]:
                     offline.setdefault(name, []).append(
                         value.item() if hasattr(value, "item") else value
                     )
-        _wait_labelled(stage.sidecar, labels)
+        label_all(stage.sidecar, labels)
         served = work / "served.parquet"
         export(stage.sidecar, ev.ExportRequest(model="fraud", version="2", labelled=True), served)
         pq.write_table(pa.table(offline), work / "offline.parquet")
@@ -63,12 +62,3 @@ def run(work: Path, out: TextIO) -> dict[str, Any]:
     print("gateway parity fraud --export served.parquet --offline offline.parquet:", file=out)
     print(format_parity(result), file=out)
     return result.as_dict()
-
-
-def _wait_labelled(sidecar: str, labels: list[ev.Label], timeout_s: float = 60.0) -> None:
-    """Labels join once their events are stored: send them until every one joins."""
-    deadline = time.monotonic() + timeout_s
-    while send_labels(sidecar, labels)[1]:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the story's events never all reached the sidecar")
-        time.sleep(0.2)

@@ -22,12 +22,14 @@ import grpc
 import numpy as np
 import yaml
 
+from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.demo import build_demo_repository
 from gateway.errors import SettingsError
+from gateway.evaluation.client import send_labels
 from gateway.lifeline import Lifeline
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "label_all", "wait_for"]
 
 _GATEWAY_READY = re.compile(r"gateway ready grpc=(\S+) metrics=(\S+)")
 _SIDECAR_READY = re.compile(r"sidecar ready grpc=(\S+) metrics=(\S+) http=(\S+)")
@@ -186,3 +188,22 @@ class Stage:
                 process.wait()
         self._processes.clear()
         self._lifeline.close()
+
+
+def wait_for(check: Any, what: str, timeout_s: float = 60.0) -> Any:
+    """What ``check`` returns once it is something, polled; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the story never showed {what}")
+        time.sleep(0.2)
+    return found
+
+
+def label_all(sidecar: str, labels: list[ev.Label], timeout_s: float = 60.0) -> None:
+    """Labels join once their events are stored: send them until every one joins."""
+    deadline = time.monotonic() + timeout_s
+    while send_labels(sidecar, labels)[1]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the story's events never all reached the sidecar")
+        time.sleep(0.2)
