@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -52,6 +52,7 @@ HTTP_STATUS: Final[dict[grpc.StatusCode, int]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _JSON: Final = "application/json"
+_TOO_LARGE: Final = "request body larger than server.max_message_bytes"
 _BINARY: Final = "application/octet-stream"
 _MODEL = re.compile(
     r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?"
@@ -132,6 +133,28 @@ class RestApp:
         self._index = method("RepositoryIndex", pb.RepositoryIndexRequest)
         self._load = method("RepositoryModelLoad", pb.RepositoryModelLoadRequest)
         self._unload = method("RepositoryModelUnload", pb.RepositoryModelUnloadRequest)
+
+    async def serve(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        chunks: AsyncIterable[bytes],
+        peer: str,
+    ) -> Reply:
+        """The reply to a request whose body arrives in ``chunks``: read up to
+        ``max_body_bytes`` (past it, or a Content-Length past it, 413 and no more is read)."""
+        limit = self.max_body_bytes
+        if int(headers.get("content-length") or 0) > limit:
+            return _error(413, _TOO_LARGE)
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                return _error(413, _TOO_LARGE)
+            parts.append(chunk)
+        return await self.handle(method, path, headers, b"".join(parts), peer)
 
     async def handle(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes, peer: str

@@ -1,7 +1,7 @@
 """The HTTP servers the REST edge runs on, all on the gateway's own event loop (the pipeline's):
 uvicorn (an ASGI server; HTTP/1.1 parsed by httptools, llhttp in C) or aiohttp (its own C
-parser). Each reads a request's body (at most ``RestApp.max_body_bytes``: past it 413), hands
-method, path, headers and body to ``RestApp.handle`` and writes its ``Reply``.
+parser). Each hands a request's method, path, headers and body chunks to ``RestApp.serve``
+(which bounds the body) and writes its ``Reply``.
 ``server.http_transport`` chooses; both are measured in benchmarks/bench_http.py.
 """
 
@@ -12,10 +12,9 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
-
-import orjson
 
 from gateway.server.rest.app import Reply, RestApp
 
@@ -24,7 +23,6 @@ __all__ = ["HttpServer", "HttpTransport", "make_http_server"]
 log = logging.getLogger(__name__)
 
 HttpTransport = Literal["uvicorn", "aiohttp"]
-_TOO_LARGE = orjson.dumps({"error": "request body larger than server.max_message_bytes"})
 
 
 class HttpServer(Protocol):
@@ -98,30 +96,14 @@ class UvicornServer:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        limit = self._app.max_body_bytes
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _asgi_reply(send, Reply(413, _TOO_LARGE))
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        client = scope.get("client") or ("", 0)
-        reply = await self._app.handle(
-            scope["method"],
-            scope["path"],
-            headers,
-            b"".join(chunks),
-            f"ipv4:{client[0]}:{client[1]}",
-        )
+        host, port = scope.get("client") or ("", 0)
+        try:
+            reply = await self._app.serve(
+                scope["method"], scope["path"], headers, _asgi_body(receive), f"ipv4:{host}:{port}"
+            )
+        except _Disconnected:
+            return
         await _asgi_reply(send, reply)
 
     async def start(self) -> None:
@@ -158,6 +140,20 @@ class UvicornServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._server = self._task = None
+
+
+class _Disconnected(Exception):
+    """The client went away before its body was read."""
+
+
+async def _asgi_body(receive: Any) -> AsyncIterator[bytes]:
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        yield message.get("body", b"")
+        more = message.get("more_body", False)
 
 
 async def _asgi_reply(send: Any, reply: Reply) -> None:
@@ -199,22 +195,11 @@ class AiohttpServer:
         return response
 
     async def _reply(self, request: Any) -> Reply:
-        limit = self._app.max_body_bytes
-        if (request.content_length or 0) > limit:
-            return Reply(413, _TOO_LARGE)
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await request.content.read(1 << 16):
-            size += len(chunk)
-            if size > limit:
-                return Reply(413, _TOO_LARGE)
-            chunks.append(chunk)
         headers = {k.lower(): v for k, v in request.headers.items()}
         peer = request.transport.get_extra_info("peername") if request.transport else None
         where = f"ipv4:{peer[0]}:{peer[1]}" if peer else ""
-        return await self._app.handle(
-            request.method, request.path, headers, b"".join(chunks), where
-        )
+        chunks = request.content.iter_chunked(1 << 16)
+        return await self._app.serve(request.method, request.path, headers, chunks, where)
 
     async def start(self) -> None:
         from aiohttp import web
