@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.demo import synthetic_transactions
 from tests.auth import ADMIN_ENV, ADMIN_TOKEN
 from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
+from tests.integration.test_evaluation import raw_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -63,20 +64,6 @@ def raw_http(columns: dict[str, np.ndarray], binary: bool) -> list[triton_http.I
     return inputs
 
 
-def raw_grpc(columns: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
-    inputs = []
-    for name, values in columns.items():
-        if values.dtype == object:
-            array = np.array([str(v).encode() for v in values], dtype=object)
-            datatype = "BYTES"
-        else:
-            array, datatype = values, triton_grpc.np_to_triton_dtype(values.dtype)
-        tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
 def request(
     gateway: GatewayProcess, method: str, path: str, body: bytes = b"", **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
@@ -101,7 +88,7 @@ def test_raw_features_answer_as_over_grpc(gateway, client, binary: bool):
         request_id="h-1",
         parameters={"tenant": "acme", "surface": "web"},
     )
-    over_grpc = gateway.client().infer("fraud", raw_grpc(columns))
+    over_grpc = gateway.client().infer("fraud", raw_inputs(columns))
     assert np.array_equal(result.as_numpy("probability"), over_grpc.as_numpy("probability"))
     response = result.get_response()
     assert response["id"] == "h-1" and response["model_name"] == "fraud"

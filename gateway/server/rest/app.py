@@ -29,7 +29,7 @@ from gateway._version import __version__
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.server.guard import Guard
-from gateway.server.rest.codec import HEADER_LENGTH, decode_infer, encode_infer
+from gateway.server.rest.codec import HEADER_LENGTH, decode_infer, encode_infer, json_object
 from gateway.server.servicer import EXTENSIONS, InferenceServicer, decoded, error_trailers
 
 __all__ = ["HTTP_STATUS", "Reply", "RestApp"]
@@ -190,7 +190,7 @@ class RestApp:
         if path == "/v2/repository/index":
             if method != "POST":
                 return _not_allowed()
-            wanted = _body_object(body) if body.strip() else {}
+            wanted = json_object(body) if body.strip() else {}
             ready = wanted.get("ready", False)
             if not isinstance(ready, bool):
                 raise InvalidRequest("ready: true or false")
@@ -343,16 +343,6 @@ def _error(status: int, message: str, trailers: Iterable[tuple[str, str]] = ()) 
             headers.append(("retry-after", str(max(1, round(int(value) / 1000)))))
             headers.append((key, value))
     return Reply(status, orjson.dumps({"error": message}), _JSON, headers)
-
-
-def _body_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as err:
-        raise InvalidRequest(f"request body: not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest("request body: a JSON object")
-    return value
 
 
 def _plain(message: Message) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from gateway.types import (
     Tensor,
 )
 
-__all__ = ["HEADER_LENGTH", "OutputChoice", "decode_infer", "encode_infer"]
+__all__ = ["HEADER_LENGTH", "OutputChoice", "decode_infer", "encode_infer", "json_object"]
 
 HEADER_LENGTH: Final = "inference-header-content-length"
 _BINARY_SIZE: Final = "binary_data_size"
@@ -70,12 +70,7 @@ def decode_infer(
                 f"{len(body)} bytes"
             )
         header, rest = body[:header_length], memoryview(body)[header_length:]
-    try:
-        document = orjson.loads(header)
-    except orjson.JSONDecodeError as err:
-        raise InvalidRequest(f"request body: not JSON: {err}") from None
-    if not isinstance(document, dict):
-        raise InvalidRequest("request body: a JSON object {inputs: [...], ...}")
+    document = json_object(header, "{inputs: [...], ...}")
     request_id = document.get("id", "")
     if not isinstance(request_id, str) or len(request_id) > MAX_TEXT_CHARS:
         raise InvalidRequest(f"id: a string of at most {MAX_TEXT_CHARS} characters")
@@ -109,6 +104,17 @@ def decode_infer(
         nbytes=len(body),
     )
     return request, OutputChoice(default_binary, binary)
+
+
+def json_object(body: bytes, shape: str = "") -> dict[str, Any]:
+    """A request body that must be one JSON object; InvalidRequest saying what it is not."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise InvalidRequest(f"request body: not JSON: {err}") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest(f"request body: a JSON object {shape}".rstrip())
+    return document
 
 
 def _input(item: object, i: int, rest: memoryview) -> tuple[Tensor, int]:
