@@ -34,21 +34,25 @@ and a hot row is not: the hit rate is about the hot share at any speed (reported
 Echo and passthrough cells send perf_analyzer's random tensors.
 
 On a small machine the load generator is a large part of the load: perf_analyzer spends about
-300 us of CPU per every-feature request (32 named inputs from the file, a thread per
-concurrent request in its synchronous mode), more than the gateway does, and with 64 of its
+300-350 us of CPU per every-feature request (32 named inputs from the file, a thread per
+concurrent request in its synchronous mode), about what the gateway does, and with 64 of its
 threads runnable the scheduler shares the cores among them and the server's event loop. Its
-CPU per request is reported per cell (``client``). ``--server-cpus`` / ``--client-cpus`` pin
-the servers (with their sidecars) and perf_analyzer to separate CPUs (``taskset -c``), so a
-cell measures what the server does on the CPUs it has rather than how the scheduler shares
-them with its client.
+CPU per request is reported per cell (``client``). The targets add the bound this puts on the
+every-feature ratio: what a gateway costing no CPU at all would reach here (the echo cell's
+client + server CPU per request over the features cell's client + sidecar CPU per request).
+``--server-cpus`` / ``--client-cpus`` pin the servers (with their sidecars) and perf_analyzer
+to separate CPUs (``taskset -c``), so a cell measures what the server does on the CPUs it has
+rather than how the scheduler shares them with its client.
 
 Rounds (``--rounds``, default 2) alternate: in round r every cell is measured on every server,
 back to back, in an order rotated by r (this machine is noisy: compare within a round).
 
 Per server and cell: throughput (infer/s), p50 and p99 latency, the server's CPU microseconds
-per request (the process group's CPU from /proc over the perf_analyzer run, over the requests
-it answered: the gateway's ``gateway_requests_total``, a baseline's ModelStatistics), the
-client's (perf_analyzer's own CPU over the same requests), for
+per request (the process group's CPU from /proc from the cell's first answered requests to
+the end of the perf_analyzer run, over the requests it answered meanwhile: the gateway's
+``gateway_requests_total``, a baseline's ModelStatistics), the client's (perf_analyzer's own
+CPU over the same span and requests: not the ~12 s it spends reading the features' input
+data before it sends anything), for
 ``features-*`` the sidecar's CPU microseconds per event (its CPU from the cell's start until
 the gateway's events are acknowledged, over ``sidecar_events_total{outcome="stored"}``) and
 the share of rows the cache answered; and which transport actually served (a ``-native``
@@ -516,13 +520,51 @@ def peer_available(name: str) -> str | None:
 
 def perf_analyzer(
     pa: str, target: Target, concurrency: int, streaming: bool, args: argparse.Namespace
-) -> dict[str, float] | str:
+) -> dict[str, Any] | str:
     """One cell; a window that stalls (perf_analyzer: no stable measurement) is retried once
     with windows twice as long."""
     result = _perf_analyzer_once(pa, target, concurrency, streaming, args, args.interval_ms)
     if isinstance(result, str) and "stable" in result:
         result = _perf_analyzer_once(pa, target, concurrency, streaming, args, 2 * args.interval_ms)
     return result
+
+
+@dataclass
+class LoadStart:
+    """What a cell's counters read when its first requests were answered: its CPU per request
+    counts from here. perf_analyzer reads its ``--input-data`` file before it sends anything
+    (about 12 s of its CPU for the features file, longer than a cell's load): counted from its
+    start, that reading would be charged to the requests as client CPU."""
+
+    served: float
+    client_cpu_s: float
+    server_cpu_s: float
+    at: float
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time so far (user + system, every thread) of process ``pid``."""
+    if (fields := _stat(pid)) is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load_start(
+    target: Target, process: subprocess.Popen[str], before: float | None, deadline: float
+) -> LoadStart | None:
+    """Poll the target's count of answered requests until it moves (None: no counter, or
+    perf_analyzer ended or ran out of time first)."""
+    if before is None:
+        return None
+    while process.poll() is None and time.monotonic() < deadline:
+        served = target.requests()
+        if served is not None and served > before:
+            client = process_cpu_seconds(process.pid)
+            if client is None:
+                return None
+            return LoadStart(served, client, target.proc.cpu_seconds(), time.monotonic())
+        time.sleep(0.05)
+    return None
 
 
 def _perf_analyzer_once(
@@ -532,7 +574,7 @@ def _perf_analyzer_once(
     streaming: bool,
     args: argparse.Namespace,
     interval_ms: int,
-) -> dict[str, float] | str:
+) -> dict[str, Any] | str:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
         command = [pa, "-m", target.model, "-i", "grpc", "-u", target.url, "-b", "1"]
@@ -544,26 +586,34 @@ def _perf_analyzer_once(
             command += ["--input-data", str(target.data)]
         if streaming:
             command.append("--streaming")
-        # Three windows and the warm-up take a few intervals; past this perf_analyzer hangs.
+        # Reading the data, three windows and the warm-up take a few intervals; past this
+        # perf_analyzer hangs.
         timeout_s = 30 + 10 * interval_ms / 1000
+        served = target.requests()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        deadline = time.monotonic() + timeout_s
+        process = subprocess.Popen(
+            pinned(command, args.client_cpus),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        start = _load_start(target, process, served, deadline)
         try:
-            done = subprocess.run(
-                pinned(command, args.client_cpus),
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
+            output, _ = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
             return f"perf_analyzer hung (killed after {timeout_s:.0f} s)"
-        if done.returncode != 0 or not out.exists():
-            lines = (done.stdout + done.stderr).strip().splitlines()
-            return lines[-1] if lines else f"perf_analyzer exited {done.returncode}"
+        if process.returncode != 0 or not out.exists():
+            lines = output.strip().splitlines()
+            return lines[-1] if lines else f"perf_analyzer exited {process.returncode}"
         row = next(csv.DictReader(out.open()))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
-        "client_cpu_s": client_cpu,
+        "client_cpu_s": client_cpu - (start.client_cpu_s if start is not None else 0.0),
+        "load_start": start,
         "infer_per_s": round(float(row["Inferences/Second"]), 1),
         "p50_ms": round(float(row["p50 latency"]) / 1000, 3),
         "p99_ms": round(float(row["p99 latency"]) / 1000, 3),
@@ -601,11 +651,11 @@ def measure(
     features = target.sidecar is not None
     before = _features_counters(target) if features else {}
     sidecar_cpu = target.sidecar.cpu_seconds() if target.sidecar else 0.0
-    served, cpu = target.requests(), target.proc.cpu_seconds()
+    served, before_cpu = target.requests(), target.proc.cpu_seconds()
     started_at = time.monotonic()
     stats = perf_analyzer(pa, target, concurrency, mode == "streaming", args)
-    wall = time.monotonic() - started_at
-    cpu = target.proc.cpu_seconds() - cpu
+    ended_at = time.monotonic()
+    cpu = target.proc.cpu_seconds() - before_cpu
     served_after = target.requests()
     row: dict[str, Any] = {
         "server": target.name,
@@ -618,7 +668,12 @@ def measure(
         row["error"] = stats
     else:
         client_cpu = stats.pop("client_cpu_s")
+        start: LoadStart | None = stats.pop("load_start")
+        if start is not None:  # count from the first answers, not from perf_analyzer's start
+            served, started_at = start.served, start.at
+            cpu -= start.server_cpu_s - before_cpu
         row.update(stats)
+    wall = ended_at - started_at
     if served is not None and served_after is not None and served_after > served:
         row["requests"] = int(served_after - served)
         row["server_cpu_us_per_request"] = round(cpu / (served_after - served) * 1e6, 1)
@@ -709,6 +764,31 @@ def _ratio(a: str, b: str, mode: str = "unary", concurrency: int = 64, key: str 
     return read
 
 
+def _free_gateway_bound(transport: str):
+    """The every-feature ratio at c=64 unary that a gateway costing no CPU would reach on this
+    machine: the echo cell's CPU per request (client + server) over what the features cell
+    spends besides the gateway (perf_analyzer's 32 named inputs + the sidecar per event). Both
+    cells keep the cores busy, so a cell's rate is about the busy cores over its CPU per
+    request; a target above this value cannot be met here whatever the gateway does."""
+
+    def read(cells: dict[tuple[str, str, int], dict[str, Any]]) -> float | None:
+        echo = cells.get((f"echo-{transport}", "unary", 64), {})
+        feat = cells.get((f"features-{transport}", "unary", 64), {})
+        parts: list[float | None] = [
+            echo.get("client_cpu_us_per_request"),
+            echo.get("server_cpu_us_per_request"),
+            feat.get("client_cpu_us_per_request"),
+            feat.get("sidecar_cpu_us_per_event"),
+        ]
+        known = [part for part in parts if part is not None]
+        if len(known) < len(parts):
+            return None
+        echo_client, echo_server, client, sidecar = known
+        return (echo_client + echo_server) / (client + sidecar)
+
+    return read
+
+
 TARGETS = [
     Goal(
         "passthrough-native / echo-native, infer/s, c=64 unary",
@@ -721,6 +801,12 @@ TARGETS = [
         _ratio("features-native", "echo-native"),
         ">= 0.4",
         lambda v: v >= 0.4,
+    ),
+    Goal(
+        "bound here: features-native / echo-native with a gateway costing nothing, c=64 unary",
+        _free_gateway_bound("native"),
+        "-",
+        None,
     ),
     Goal(
         "features-native p99 ms, c=64 unary",
@@ -834,8 +920,10 @@ def markdown(meta: dict[str, Any], cells: list[dict[str, Any]], goals: list[dict
     lines += [
         "perf_analyzer `-b 1`, bounded cells (three windows each), alternating rounds; medians "
         "over rounds with the range in brackets. CPU: the server's process group from /proc "
-        "over the perf_analyzer run, per request it answered (`est`: from the rate, no "
-        "counter); client: perf_analyzer's CPU per request; sidecar: its CPU per event stored. "
+        "from the cell's first answered requests to the end of the perf_analyzer run, per "
+        "request it answered meanwhile (`est`: from the rate over the whole run, no counter); "
+        "client: perf_analyzer's CPU over the same span and requests; sidecar: its CPU per "
+        "event stored. "
         "Transport: what served (Rust "
         f"`{NATIVE_THREAD}` threads seen, or not).",
         "",
