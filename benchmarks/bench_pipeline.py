@@ -77,23 +77,24 @@ CONFIGS: dict[str, tuple[dict[str, object], str]] = {
 }
 
 
-def feature_requests(rows: list[dict[str, list[Any]]]) -> list[list[Tensor]]:
-    """Each perf_analyzer step as the tensors it arrives as: one ``[1, 1]`` tensor per feature,
-    of the datatype the contract advertises for its kind."""
+def feature_requests(rows: list[dict[str, list[Any]]]) -> list[tuple[list[Tensor], int]]:
+    """Each perf_analyzer step as the native decoder hands it over: one ``[1, 1]`` tensor per
+    feature, of the datatype the contract advertises for its kind (BYTES as their length-
+    prefixed wire buffer), and the request's raw size."""
     requests = []
     for row in rows:
         tensors = []
         for name, (value,) in row.items():
             if isinstance(value, str):
-                data = np.array([[value.encode()]], dtype=object)
-                tensors.append(Tensor(name, "BYTES", data))
+                raw = len(value.encode()).to_bytes(4, "little") + value.encode()
+                tensors.append(Tensor(name, "BYTES", None, raw=raw, shape=(1, 1)))
             elif isinstance(value, bool):
                 tensors.append(Tensor(name, "BOOL", np.array([[value]], dtype=np.bool_)))
             elif isinstance(value, int):
                 tensors.append(Tensor(name, "INT64", np.array([[value]], dtype=np.int64)))
             else:
                 tensors.append(Tensor(name, "FP32", np.array([[value]], dtype=np.float32)))
-        requests.append(tensors)
+        requests.append((tensors, sum(t.nbytes for t in tensors)))
     return requests
 
 
@@ -126,7 +127,8 @@ async def measure(
         steps = feature_requests(bundle["rows"])
 
         def step(i: int, model: str = bundle["model"]) -> InferRequest:
-            return InferRequest(model_name=model, inputs=steps[i % len(steps)])
+            tensors, size = steps[i % len(steps)]
+            return InferRequest(model_name=model, inputs=tensors, nbytes=size)
 
         configs.append((EVERY_FEATURE, gateway, step))
     # As the gateway does at start: what start-up built is out of the collector's sight.
