@@ -124,6 +124,25 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=self.infer(request))
 
 
+class _StreamBehind(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """ModelStreamInfer for the grpc.aio server behind pygrpc-native's front. The front sends
+    it the bidirectional stream, but pygrpc-native 0.5 registers the stream there as a
+    registered method only, which that server then answers UNIMPLEMENTED ("Method not found!",
+    perf_analyzer hangs on it); a generic handler of its own is kept and serves it."""
+
+    PATH = f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelStreamInfer"
+
+    def __init__(self, baseline: Baseline) -> None:
+        self._handler = grpc.stream_stream_rpc_method_handler(
+            baseline.ModelStreamInfer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        )
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return self._handler if handler_call_details.method == self.PATH else None
+
+
 async def serve(args: argparse.Namespace) -> None:
     options = [("grpc.so_reuseport", 0)]
     if args.transport == "native":
@@ -132,9 +151,10 @@ async def serve(args: argparse.Namespace) -> None:
         server = pygrpc_native.aio.server(options=options)
     else:
         server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        Baseline(args.mode, args.model, args.name), server
-    )
+    baseline = Baseline(args.mode, args.model, args.name)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(baseline, server)
+    if args.transport == "native":
+        server.add_generic_rpc_handlers([_StreamBehind(baseline)])
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     await server.start()
     print(f"ready grpc=127.0.0.1:{port} transport={args.transport}", file=sys.stderr, flush=True)
