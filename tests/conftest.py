@@ -8,6 +8,7 @@ an accidental in-process import fail loudly ("duplicate symbol") instead of pass
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -310,9 +311,10 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
         proc.stop(signal.SIGKILL, timeout_s=10)
 
 
-def serving(repository: Path, workdir: Path) -> Iterator[GatewayProcess]:
-    """A gateway for a fixture's lifetime; it must exit cleanly (code 0) when that ends."""
-    proc = GatewayProcess(repository, workdir)
+def serving(repository: Path, workdir: Path, *args: str) -> Iterator[GatewayProcess]:
+    """A gateway (``gateway serve`` ``args``) for a fixture's lifetime; it must exit cleanly
+    (code 0) when that ends."""
+    proc = GatewayProcess(repository, workdir, *args)
     try:
         yield proc
     finally:
@@ -343,6 +345,13 @@ DEMO_WIDTH = 22
 def demo_features(rows: int, seed: int = 11) -> np.ndarray:
     """Dense rows for the demo model's ``features`` input (sent as is: pass-through)."""
     return np.random.default_rng(seed).normal(size=(rows, DEMO_WIDTH)).astype(np.float32)
+
+
+def demo_json(rows: int = 1, seed: int = 11) -> bytes:
+    """``demo_features`` as a KServe v2 REST infer body (JSON tensors)."""
+    tensor = {"name": "features", "datatype": "FP32", "shape": [rows, DEMO_WIDTH]}
+    data = demo_features(rows, seed).reshape(-1).tolist()
+    return json.dumps({"inputs": [tensor | {"data": data}]}).encode()
 
 
 def demo_input(rows: int = 1, seed: int = 11) -> triton_grpc.InferInput:

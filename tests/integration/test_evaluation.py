@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,7 +43,11 @@ class Load:
     request_ids: list[str] = field(default_factory=list)
 
 
-def raw_inputs(columns: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
+def raw_inputs(
+    columns: dict[str, np.ndarray], client: Any = triton_grpc, **options: bool
+) -> list[Any]:
+    """Named raw features as ``client``'s InferInputs (``tritonclient.grpc`` or ``.http``;
+    ``options`` for its ``set_data_from_numpy``, such as ``binary_data``)."""
     inputs = []
     for name, values in columns.items():
         if values.dtype == object:
@@ -50,9 +55,9 @@ def raw_inputs(columns: dict[str, np.ndarray]) -> list[triton_grpc.InferInput]:
             datatype = "BYTES"
         else:
             array = values
-            datatype = triton_grpc.np_to_triton_dtype(values.dtype)
-        tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
+            datatype = client.np_to_triton_dtype(values.dtype)
+        tensor = client.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, **options)
         inputs.append(tensor)
     return inputs
 

@@ -22,7 +22,7 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from gateway.demo import PERF_ANALYZER_DATA
-from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_input, free_port
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_input, free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +37,7 @@ def demo_gateway(
     """The demo with its own settings (as ``make serve`` runs it), and HTTP beside gRPC."""
     config = str(demo_repo / "gateway.yaml")
     workdir = tmp_path_factory.mktemp("demo-gateway")
-    proc = GatewayProcess(demo_repo, workdir, "--config", config, "--http-port", "0")
-    try:
-        yield proc
-    finally:
-        code = proc.stop()
-        proc.kill_all()
-    assert code == 0, proc.stderr()
+    yield from serving(demo_repo, workdir, "--config", config, "--http-port", "0")
 
 
 @pytest.fixture(scope="module")

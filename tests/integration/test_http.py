@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.demo import synthetic_transactions
 from tests.auth import ADMIN_ENV, ADMIN_TOKEN
-from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features
+from tests.conftest import DEMO_WIDTH, GatewayProcess, demo_features, demo_json
 from tests.integration.test_evaluation import raw_inputs
 
 pytestmark = pytest.mark.integration
@@ -50,20 +50,6 @@ def client(gateway: GatewayProcess) -> Iterator[triton_http.InferenceServerClien
     client.close()
 
 
-def raw_http(columns: dict[str, np.ndarray], binary: bool) -> list[triton_http.InferInput]:
-    inputs = []
-    for name, values in columns.items():
-        if values.dtype == object:
-            array = np.array([str(v).encode() for v in values], dtype=object)
-            datatype = "BYTES"
-        else:
-            array, datatype = values, triton_http.np_to_triton_dtype(values.dtype)
-        tensor = triton_http.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array, binary_data=binary)
-        inputs.append(tensor)
-    return inputs
-
-
 def request(
     gateway: GatewayProcess, method: str, path: str, body: bytes = b"", **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
@@ -83,7 +69,7 @@ def test_raw_features_answer_as_over_grpc(gateway, client, binary: bool):
     wanted = [triton_http.InferRequestedOutput("probability", binary_data=binary)]
     result = client.infer(
         "fraud",
-        raw_http(columns, binary),
+        raw_inputs(columns, triton_http, binary_data=binary),
         outputs=wanted,
         request_id="h-1",
         parameters={"tenant": "acme", "surface": "web"},
@@ -137,7 +123,8 @@ def test_repository_index_load_and_unload_need_the_admin_token(gateway, client):
 
 def test_bad_requests_get_an_error_naming_the_field(gateway, client):
     with pytest.raises(InferenceServerException) as unknown:
-        client.infer("nosuchmodel", raw_http(synthetic_transactions(1, seed=1)[0], False))
+        columns = synthetic_transactions(1, seed=1)[0]
+        client.infer("nosuchmodel", raw_inputs(columns, triton_http, binary_data=False))
     assert unknown.value.status() == "404" and "nosuchmodel" in unknown.value.message()
     body = json.dumps(
         {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 2], "data": [1.0]}]}
@@ -174,11 +161,11 @@ def test_bad_requests_get_an_error_naming_the_field(gateway, client):
 
 def test_compressed_requests_and_responses(gateway, client):
     columns, _ = synthetic_transactions(64, seed=9)
-    plain = client.infer("fraud", raw_http(columns, False))
+    plain = client.infer("fraud", raw_inputs(columns, triton_http, binary_data=False))
     for algorithm in ("gzip", "deflate"):
         result = client.infer(
             "fraud",
-            raw_http(columns, False),
+            raw_inputs(columns, triton_http, binary_data=False),
             request_compression_algorithm=algorithm,
             response_compression_algorithm=algorithm,
         )
@@ -215,18 +202,7 @@ def test_keys_model_rights_and_rate_limits_hold_over_http(demo_repo: Path, tmp_p
     config.write_text(json.dumps(settings))
     proc = GatewayProcess(demo_repo, tmp_path / "gw", "--config", str(config), "--http-port", "0")
     try:
-        body = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "features",
-                        "datatype": "FP32",
-                        "shape": [1, DEMO_WIDTH],
-                        "data": demo_features(1).reshape(-1).tolist(),
-                    }
-                ]
-            }
-        ).encode()
+        body = demo_json()
         infer = "/v2/models/fraud/infer"
         status, _, reply = request(proc, "POST", infer, body)
         assert status == 401 and "error" in json.loads(reply)

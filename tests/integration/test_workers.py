@@ -23,6 +23,7 @@ from tests.conftest import (
     DEMO_WIDTH,
     GatewayProcess,
     demo_features,
+    demo_json,
     free_port,
     parent_pid,
     start_time,
@@ -91,18 +92,7 @@ def test_two_workers_share_one_http_port_too(demo_repo, start_gateway):
     match = re.search(r"gateway ready .* http=(\S+)", proc.stderr())
     assert match, proc.stderr()
     host, port = match.group(1).rsplit(":", 1)
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "features",
-                    "datatype": "FP32",
-                    "shape": [1, DEMO_WIDTH],
-                    "data": demo_features(1).reshape(-1).tolist(),
-                }
-            ]
-        }
-    )
+    body = demo_json()
     for _ in range(40):  # a new connection each time: the kernel spreads them
         connection = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
