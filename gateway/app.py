@@ -315,11 +315,8 @@ class Gateway:
                         model,
                     )
         routes = {name: route.spec for name, route in self.pipeline.routes.all().items()}
-        for problem in decision_problems(routes, self._output_names):
+        for problem in decision_problems(routes, self.repository.output_names):
             log.warning("routes: %s (no decision is added)", problem)
-
-    def _output_names(self, model: str) -> set[str]:
-        return {name for lv in self.repository.versions(model) for name in lv.output_specs}
 
     def _version_statistics(self) -> list[tuple[str, str, ModelStatistics]]:
         return [(lv.name, lv.version_label, lv.stats) for lv in self.repository.loaded()]

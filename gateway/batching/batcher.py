@@ -184,13 +184,14 @@ class MicroBatcher:
         pieces = chunk(feeds, rows, max_rows) if max_rows else [(dict(feeds), rows)]
         self._admit(rows, len(pieces), deadline)
         now_ns = time.perf_counter_ns()
-        items = [
-            _Item(f, n, level, deadline, now_ns, self._loop.create_future()) for f, n in pieces
-        ]
+        span = None
         if self._tracer is not None:
             context = trace.get_current_span().get_span_context()
-            for item in items:
-                item.span = context if context.is_valid else None
+            span = context if context.is_valid else None
+        items = [
+            _Item(f, n, level, deadline, now_ns, self._loop.create_future(), span=span)
+            for f, n in pieces
+        ]
         for item in items:
             self._enqueue(item)
         if not self._pump_pending:

@@ -418,6 +418,10 @@ class ModelRepository:
         model = self._models.get(name)
         return [model.versions[v] for v in sorted(model.versions)] if model else []
 
+    def output_names(self, name: str) -> set[str]:
+        """The outputs any loaded version of ``name`` has."""
+        return {output for lv in self.versions(name) for output in lv.output_specs}
+
     def loaded(self) -> list[LoadedVersion]:
         return [lv for name in sorted(self._models) for lv in self.versions(name)]
 

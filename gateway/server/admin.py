@@ -69,9 +69,6 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
         self._store: RouteStore = routes or LocalRoutes(pipeline.routes)
         self._rollouts = rollouts  # None in a worker of several: it runs no rollouts
 
-    def _output_names(self, model: str) -> set[str]:
-        return {name for lv in self._repository.versions(model) for name in lv.output_specs}
-
     def revisions(self, _request: object = None) -> dict[str, int]:
         """The routes' revisions: the state an admin call's audit line shows before and after."""
         return {name: r.revision for name, r in self._pipeline.routes.all().items()}
@@ -135,7 +132,7 @@ class AdminServicer(pb_grpc.GatewayAdminServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"routes name models this gateway does not serve: {'; '.join(unserved)}",
             )
-        wrong = decision_problems(routes, self._output_names)
+        wrong = decision_problems(routes, self._repository.output_names)
         if wrong:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(wrong))
         try:

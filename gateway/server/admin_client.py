@@ -71,10 +71,6 @@ class AdminClient:
         request = pb.SetRoutesRequest(yaml=text, expected_generation=expected_generation)
         return self._call("SetRoutes", request)  # type: ignore[return-value]
 
-    def set_routes_file(self, path: Path, expected_generation: int = 0) -> pb.Routes:
-        """The routes of ``path``, in either shape ``read_routes_file`` takes."""
-        return self.set_routes(read_routes_file(path)[0], expected_generation)
-
     def promote(self, route: str, variant: str, expected_generation: int = 0) -> pb.Routes:
         request = pb.PromoteRequest(
             route=route, variant=variant, expected_generation=expected_generation

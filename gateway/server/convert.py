@@ -14,14 +14,12 @@ from typing import Final
 import numpy as np
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from gateway import _hotloops
 from gateway.api.v1 import inference_pb2 as pb
 from gateway.errors import InvalidRequest
 from gateway.server.tensors import checked_dtype, checked_shape, raw_contents, tensor_from_raw
 from gateway.types import (
     DEFAULT_OPTIONS,
     MAX_TEXT_CHARS,
-    WIRE_DTYPES,
     InferRequest,
     InferResponse,
     ParameterValue,
@@ -191,13 +189,7 @@ def response_to_pb(response: InferResponse) -> pb.ModelInferResponse:
     for tensor in response.outputs:
         out = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         parameters_to_pb(tensor.parameters, out.parameters)
-        if tensor.datatype == "BYTES":
-            message.raw_output_contents.append(
-                _hotloops.encode_bytes(tensor.data.reshape(-1).tolist())
-            )
-        else:
-            array = np.ascontiguousarray(tensor.data, dtype=WIRE_DTYPES[tensor.datatype])
-            message.raw_output_contents.append(array.tobytes())
+        message.raw_output_contents.append(raw_contents(tensor))
     return message
 
 

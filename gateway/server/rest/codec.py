@@ -58,7 +58,6 @@ def decode_infer(
     header_length: int | None,
     model: str,
     version: str,
-    timeout_s: float | None = None,
 ) -> tuple[InferRequest, OutputChoice]:
     """The inference request a POST .../infer body holds, and how its outputs travel back."""
     if header_length is None:
@@ -100,7 +99,6 @@ def decode_infer(
         inputs=inputs,
         requested_outputs=requested,
         options=RequestOptions.parse(parameters) if parameters else DEFAULT_OPTIONS,
-        timeout_s=timeout_s,
         nbytes=len(body),
     )
     return request, OutputChoice(default_binary, binary)

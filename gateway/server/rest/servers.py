@@ -72,10 +72,9 @@ def _listening(host: str, port: int) -> socket.socket:
     return sock
 
 
-class UvicornServer:
-    """uvicorn serving a plain ASGI callable (no framework between it and ``RestApp``)."""
-
-    name = "uvicorn"
+class _Bound:
+    """What either HTTP server is given: the app, where to listen (``sock``: a socket already
+    bound, shared by the workers) and the certificate for HTTPS."""
 
     def __init__(
         self,
@@ -90,8 +89,14 @@ class UvicornServer:
         self.port = port
         self._tls = tls
         self._sock = sock
-        self._server: Any = None
-        self._task: asyncio.Task[None] | None = None
+
+
+class UvicornServer(_Bound):
+    """uvicorn serving a plain ASGI callable (no framework between it and ``RestApp``)."""
+
+    name = "uvicorn"
+    _server: Any = None
+    _task: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -166,25 +171,11 @@ async def _asgi_reply(send: Any, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": reply.body})
 
 
-class AiohttpServer:
+class AiohttpServer(_Bound):
     """aiohttp's low-level server (no router, no middlewares) around ``RestApp``."""
 
     name = "aiohttp"
-
-    def __init__(
-        self,
-        app: RestApp,
-        host: str,
-        port: int,
-        tls: Certificate | None = None,
-        sock: socket.socket | None = None,
-    ) -> None:
-        self._app = app
-        self._host = host
-        self.port = port
-        self._tls = tls
-        self._sock = sock
-        self._runner: Any = None
+    _runner: Any = None
 
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web
