@@ -213,15 +213,15 @@ class AutoGate:
     def admission(self, version_dir: Path) -> str | None:
         """Why the version in ``version_dir`` may not serve (None: it may); a version never
         judged on its model file is queued for a run, unless its next try is due later."""
-        verdict, reason = standing(version_dir)
+        word = standing(version_dir)
         key = (version_dir.parent.name, int(version_dir.name))
-        if verdict != "unjudged" or self._loop is None or self._closing:
+        if word.standing != "unjudged" or self._loop is None or self._closing:
             with self._lock:
-                self._note(key, _held_state(verdict))
-            return reason
+                self._note(key, _held_state(word.standing))
+            return word.reason
         with self._lock:
             trouble = None if key in self._pending else self._trouble.get(key)
-        digest = _digest(version_dir)
+        digest = word.digest or _digest(version_dir)
         if trouble is not None and trouble.digest == digest:
             wait_s = trouble.retry_at - self._clock()
             if wait_s > 0:
@@ -301,9 +301,10 @@ class AutoGate:
             if not version_dir.is_dir():
                 return None  # removed meanwhile: nothing to judge
             with _exclusive(version_dir):  # another worker may be judging it
-                if standing(version_dir)[0] != "unjudged":
+                word = standing(version_dir)
+                if word.standing != "unjudged":
                     return None  # `gateway validate` or another worker judged it meanwhile
-                digest = file_digest(version_dir / MODEL_FILE)
+                digest = word.digest or file_digest(version_dir / MODEL_FILE)
                 window = self._windows(model)
                 if self._closing:
                     return None

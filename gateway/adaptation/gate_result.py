@@ -14,12 +14,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = [
     "GATE_FILE",
     "Criterion",
     "GateResult",
+    "Word",
     "file_digest",
     "format_result",
     "refusal",
@@ -31,6 +32,18 @@ GATE_FILE = "gate.json"
 MODEL_FILE = "model.onnx"
 Outcome = Literal["pass", "fail", "not_enough_data"]
 Standing = Literal["pass", "fail", "unjudged", "unreadable"]
+
+
+class Word(NamedTuple):
+    """The gate's word on a version: its standing, why it may not serve (None: it may), and
+    the model file's SHA-256 when reading the word took it ("" otherwise: no gate.json, or a
+    file that cannot be read), so that a caller does not hash the file again."""
+
+    standing: Standing
+    reason: str | None
+    digest: str = ""
+
+
 Number = float | int | str | None
 
 
@@ -95,10 +108,10 @@ def write_result(version_dir: Path, result: GateResult) -> Path:
 def refusal(version_dir: Path) -> str | None:
     """Why the version in ``version_dir`` may not serve under a required gate; None: it may
     (its gate.json passed, for this very model file)."""
-    return standing(version_dir)[1]
+    return standing(version_dir).reason
 
 
-def standing(version_dir: Path) -> tuple[Standing, str | None]:
+def standing(version_dir: Path) -> Word:
     """The gate's word on the version in ``version_dir`` as its model file is now, and why it
     may not serve (None: it may). ``unjudged``: no gate.json judged this model file (there is
     none, or it judged a file since replaced); ``unreadable``: gate.json or the model file
@@ -107,32 +120,36 @@ def standing(version_dir: Path) -> tuple[Standing, str | None]:
     try:
         body = json.loads(path.read_text())
     except FileNotFoundError:
-        return "unjudged", (
-            "the validation gate has not passed it (no gate.json: run `gateway validate`)"
+        return Word(
+            "unjudged",
+            "the validation gate has not passed it (no gate.json: run `gateway validate`)",
         )
     except (OSError, ValueError) as err:
-        return "unreadable", f"the validation gate's {path} cannot be read: {err}"
+        return Word("unreadable", f"the validation gate's {path} cannot be read: {err}")
     if not isinstance(body, dict):
-        return "unreadable", f"the validation gate's {path} is not a JSON object"
+        return Word("unreadable", f"the validation gate's {path} is not a JSON object")
     try:
         digest = file_digest(version_dir / MODEL_FILE)
     except OSError as err:
-        return "unreadable", f"the validation gate cannot check its model file: {err}"
+        return Word("unreadable", f"the validation gate cannot check its model file: {err}")
     passed = bool(body.get("passed"))
     if body.get("model_digest") != digest:
         judged = "passed" if passed else "failed"
-        return "unjudged", (
-            f"the validation gate {judged} another model file (model.onnx changed since)"
+        return Word(
+            "unjudged",
+            f"the validation gate {judged} another model file (model.onnx changed since)",
+            digest,
         )
     if passed:
-        return "pass", None
+        return Word("pass", None, digest)
     criteria = body.get("criteria")
     reasons = [
         f"{c.get('name')}: {c.get('reason')}"
         for c in (criteria if isinstance(criteria, list) else [])
         if isinstance(c, dict) and _failing(c)
     ]
-    return "fail", "the validation gate failed it: " + ("; ".join(reasons) or "see gate.json")
+    why = "the validation gate failed it: " + ("; ".join(reasons) or "see gate.json")
+    return Word("fail", why, digest)
 
 
 def _failing(criterion: dict[str, object]) -> bool:
