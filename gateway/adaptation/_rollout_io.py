@@ -39,6 +39,8 @@ class RolloutRecords(Protocol):
 
     async def load(self) -> Records: ...
 
+    async def load_one(self, route: str) -> dict[str, Any] | None: ...
+
     async def save(self, route: str, record: dict[str, Any]) -> None: ...
 
 
@@ -52,6 +54,10 @@ class MemoryRollouts:
 
     async def load(self) -> Records:
         return json.loads(json.dumps(self._records))  # type: ignore[no-any-return]
+
+    async def load_one(self, route: str) -> dict[str, Any] | None:
+        record = self._records.get(route)
+        return None if record is None else json.loads(json.dumps(record))
 
     async def save(self, route: str, record: dict[str, Any]) -> None:
         self._records[route] = json.loads(json.dumps(record))
@@ -69,6 +75,9 @@ class FileRollouts:
     async def load(self) -> Records:
         self._records = await asyncio.to_thread(self._read)
         return json.loads(json.dumps(self._records))  # type: ignore[no-any-return]
+
+    async def load_one(self, route: str) -> dict[str, Any] | None:
+        return (await self.load()).get(route)
 
     def _read(self) -> Records:
         try:
@@ -100,13 +109,21 @@ class RedisRollouts:
         self._state = state
         self._key = f"{state.settings.key_prefix}rollout-records"
         self.where = f"redis at {state.where()} ({self._key})"
+        self._migrated = False  # the old document looked for (once per process)
 
     async def load(self) -> Records:
         raw = await self._state.call(self._state.client.hgetall(self._key))
         assert isinstance(raw, dict)
-        if not raw:
+        if not raw and not self._migrated:
             return await self._migrate()
+        self._migrated = True  # records in the hash: the old document is not looked at
         return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    async def load_one(self, route: str) -> dict[str, Any] | None:
+        if not self._migrated:
+            return (await self.load()).get(route)
+        raw = await self._state.call(self._state.client.hget(self._key, route))
+        return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
 
     async def _migrate(self) -> Records:
         """The records as the gateway before wrote them (one document, ``<key_prefix>
@@ -114,11 +131,13 @@ class RedisRollouts:
         before = f"{self._state.settings.key_prefix}rollouts"
         old = await self._state.call(self._state.client.get(before))
         if old is None:
+            self._migrated = True
             return {}
         records = dict(json.loads(old))  # type: ignore[arg-type]
         for route, record in records.items():
             await self.save(route, record)
         await self._state.call(self._state.client.delete(before))
+        self._migrated = True
         return records
 
     async def save(self, route: str, record: dict[str, Any]) -> None:

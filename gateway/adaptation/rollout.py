@@ -217,10 +217,12 @@ class RolloutController:
         """Read the shared records; take over each active rollout no replica drives (with
         ``only``, that route's alone). StateUnavailable when Redis does not answer."""
         assert self._leases is not None
-        stored = await self._records_store.load()
+        if only is None:
+            stored = await self._records_store.load()
+        else:
+            one = await self._records_store.load_one(only)
+            stored = {} if one is None else {only: one}
         for route, raw in stored.items():
-            if only is not None and route != only:
-                continue
             if self._driving(route) or self._lock(route).locked():
                 continue  # driven here, or being started or changed here now
             self._rollouts[route] = rollout = Rollout(**raw)
@@ -229,7 +231,7 @@ class RolloutController:
             async with self._lock(route):
                 # NOTE: read again under the lease: the last driver may have written after
                 # the read above, before its lease lapsed.
-                fresh = (await self._records_store.load()).get(route)
+                fresh = await self._records_store.load_one(route)
                 if fresh is not None:
                     self._rollouts[route] = rollout = Rollout(**fresh)
                 resumed = False
@@ -435,7 +437,7 @@ class RolloutController:
         )
         while loop.time() < until:
             await asyncio.sleep(0.1)
-            stored = (await self._records_store.load()).get(route)
+            stored = await self._records_store.load_one(route)
             if stored is None:
                 continue
             now = self._rollouts[route] = Rollout(**stored)
