@@ -77,22 +77,53 @@ def decoded(
     name = rpc.rsplit("/", 1)[-1]
 
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> object:
-        try:
-            principal = guard.identify(name, context)
-        except GatewayError as err:
-            await _abort(context, err)
+        principal = await _identify(name, guard, context)
         try:
             message = decode(request)
         except DecodeError as err:
             await _abort(context, bad.note(name, type_name(decode), err))
-        try:
-            return await guard.run(
-                name, context, message, principal, lambda: behavior(message, context)
-            )
-        except GatewayError as err:
-            await _abort(context, err)
+        return await _guarded(name, guard, context, principal, message, behavior)
 
     return unary
+
+
+def guarded(
+    rpc: str,
+    behavior: Callable[[T, grpc.aio.ServicerContext], Awaitable[object]],
+    guard: Guard,
+) -> Callable[[T, grpc.aio.ServicerContext], Awaitable[object]]:
+    """``decoded`` for a request that is a message already (the REST app builds them): the
+    same guard, nothing to parse."""
+    name = rpc.rsplit("/", 1)[-1]
+
+    async def unary(message: T, context: grpc.aio.ServicerContext) -> object:
+        principal = await _identify(name, guard, context)
+        return await _guarded(name, guard, context, principal, message, behavior)
+
+    return unary
+
+
+async def _identify(name: str, guard: Guard, context: grpc.aio.ServicerContext) -> Principal:
+    try:
+        return guard.identify(name, context)
+    except GatewayError as err:
+        await _abort(context, err)
+
+
+async def _guarded(
+    name: str,
+    guard: Guard,
+    context: grpc.aio.ServicerContext,
+    principal: Principal,
+    message: T,
+    behavior: Callable[[T, grpc.aio.ServicerContext], Awaitable[object]],
+) -> object:
+    try:
+        return await guard.run(
+            name, context, message, principal, lambda: behavior(message, context)
+        )
+    except GatewayError as err:
+        await _abort(context, err)
 
 
 def type_name(decode: Callable[[bytes], object]) -> str:

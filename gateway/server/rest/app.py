@@ -30,7 +30,7 @@ from gateway.api.v1 import inference_pb2 as pb
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.server.guard import Guard
 from gateway.server.rest.codec import HEADER_LENGTH, decode_infer, encode_infer, json_object
-from gateway.server.servicer import EXTENSIONS, InferenceServicer, decoded, error_trailers
+from gateway.server.servicer import EXTENSIONS, InferenceServicer, error_trailers, guarded
 
 __all__ = ["HTTP_STATUS", "Reply", "RestApp"]
 
@@ -110,7 +110,7 @@ class HttpCall:
         raise _Refused(code, details)
 
 
-Unary = Callable[[bytes, Any], Awaitable[object]]
+Unary = Callable[[Message, Any], Awaitable[object]]
 
 
 class RestApp:
@@ -120,19 +120,17 @@ class RestApp:
         self._servicer = servicer
         self._guard = guard
         self.max_body_bytes = max_body_bytes
-        bad = servicer.bad_messages
 
-        def method(name: str, message: type[Message]) -> Unary:
-            behaviour = getattr(servicer, name)
-            return decoded(name, message.FromString, behaviour, bad, guard)
+        def method(name: str) -> Unary:
+            return guarded(name, getattr(servicer, name), guard)
 
-        self._metadata = method("ModelMetadata", pb.ModelMetadataRequest)
-        self._ready = method("ModelReady", pb.ModelReadyRequest)
-        self._config = method("ModelConfig", pb.ModelConfigRequest)
-        self._stats = method("ModelStatistics", pb.ModelStatisticsRequest)
-        self._index = method("RepositoryIndex", pb.RepositoryIndexRequest)
-        self._load = method("RepositoryModelLoad", pb.RepositoryModelLoadRequest)
-        self._unload = method("RepositoryModelUnload", pb.RepositoryModelUnloadRequest)
+        self._metadata = method("ModelMetadata")
+        self._ready = method("ModelReady")
+        self._config = method("ModelConfig")
+        self._stats = method("ModelStatistics")
+        self._index = method("RepositoryIndex")
+        self._load = method("RepositoryModelLoad")
+        self._unload = method("RepositoryModelUnload")
 
     async def serve(
         self,
@@ -281,7 +279,7 @@ class RestApp:
 
     @staticmethod
     async def _call(unary: Unary, request: Message, call: HttpCall) -> Message:
-        reply = await unary(request.SerializeToString(), call)
+        reply = await unary(request, call)
         assert isinstance(reply, Message)
         return reply
 
