@@ -105,6 +105,11 @@ class Rollout:
     def current(self) -> str:
         return self.steps[self.step]
 
+    def answered(self, ident: object, action: str, outcome: str) -> None:
+        """A relayed command's outcome, kept for its caller (the latest ``_MAX_COMMANDS``)."""
+        self.commands.append({"id": ident, "action": action, "outcome": outcome})
+        del self.commands[:-_MAX_COMMANDS]
+
     def expected_spec(self) -> RouteSpec:
         """The route as this rollout's state says it is."""
         original = RouteSpec.model_validate(self.original)
@@ -396,8 +401,7 @@ class RolloutController:
             rollout = self._active(route)
             _check(rollout, action)
             if "id" in command:
-                rollout.commands.append({"id": command["id"], "action": action, "outcome": "ok"})
-                del rollout.commands[:-_MAX_COMMANDS]
+                rollout.answered(command["id"], action, "ok")
             before = (rollout.state, rollout.reason, rollout.hold_since)
             try:
                 if action == "pause":
@@ -476,10 +480,7 @@ class RolloutController:
                 except GatewayError as err:
                     outcome = str(err)
             if outcome:
-                rollout.commands.append(
-                    {"id": command.get("id"), "action": command["action"], "outcome": outcome}
-                )
-                del rollout.commands[:-_MAX_COMMANDS]
+                rollout.answered(command.get("id"), command["action"], outcome)
                 await self._save(rollout)
         return asked
 

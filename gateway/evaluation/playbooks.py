@@ -150,14 +150,33 @@ class Playbooks:
 
     async def _rollback(self, alert: dict[str, Any], now_s: float) -> dict[str, Any]:
         """Roll back each route that served the alert's version."""
-        return await self._on_routes(alert, now_s, "Rollback")
+        request = admin_pb.RollbackRequest
+        return await self._on_routes(
+            alert, now_s, "Rollback", "Rollback", lambda route: request(route=route)
+        )
 
     async def _tighten(self, alert: dict[str, Any], now_s: float) -> dict[str, Any]:
         """Raise the decision threshold of each route that served the alert's version by
         ``threshold_step`` (each route no higher than its own max_threshold)."""
-        return await self._on_routes(alert, now_s, "SetThreshold")
+        step = self.settings.threshold_step
+        return await self._on_routes(
+            alert,
+            now_s,
+            "SetThreshold",
+            f"SetThreshold raise_by {step:g}:",
+            lambda route: admin_pb.ThresholdRequest(route=route, raise_by=step),
+        )
 
-    async def _on_routes(self, alert: dict[str, Any], now_s: float, rpc: str) -> dict[str, Any]:
+    async def _on_routes(
+        self,
+        alert: dict[str, Any],
+        now_s: float,
+        rpc: str,
+        what: str,
+        request: Callable[[str], Any],
+    ) -> dict[str, Any]:
+        """Call the gateway's admin ``rpc`` with ``request(route)`` on each route that served
+        the alert's version (``what`` says it in the record)."""
         settings = self.settings
         since_us = int((now_s - float(alert.get("window_s") or 3600)) * 1_000_000)
         rows = await self._in_db(
@@ -174,22 +193,23 @@ class Playbooks:
                 else f"no route served version {alert['version']} in the rule's window"
             )
             return {"outcome": "skipped", "detail": {"why": why, "routes": routes}}
-        results = await asyncio.to_thread(self._call_gateway, settings.gateway, routes, rpc)
+        results = await asyncio.to_thread(
+            self._call_gateway, settings.gateway, routes, rpc, request
+        )
         failed = [route for route, error in results.items() if error]
-        ran = f"{rpc} {', '.join(routes)} at {settings.gateway}"
-        if rpc == "SetThreshold":
-            ran = f"SetThreshold raise_by {settings.threshold_step:g}: {ran.split(' ', 1)[1]}"
         return {
             "outcome": "failed" if failed else "ok",
-            "ran": ran,
+            "ran": f"{what} {', '.join(routes)} at {settings.gateway}",
             "output": "; ".join(f"{r}: {e}" for r, e in results.items() if e),
             "detail": {"routes": routes, "failed": failed},
         }
 
-    def _call_gateway(self, address: str, routes: list[str], rpc: str) -> dict[str, str]:
-        """Call the gateway's admin ``rpc`` (Rollback, SetThreshold) on each route (raw gRPC:
-        the sidecar does not import the gateway's server package); route -> "" or the
-        error."""
+    def _call_gateway(
+        self, address: str, routes: list[str], rpc: str, request: Callable[[str], Any]
+    ) -> dict[str, str]:
+        """Call the gateway's admin ``rpc`` (Rollback, SetThreshold) with ``request(route)``
+        on each route (raw gRPC: the sidecar does not import the gateway's server package);
+        route -> "" or the error."""
         settings = self.settings
         where = "evaluation.playbooks.admin_token_file"
         token = read_secret(None, settings.admin_token_file, where)
@@ -199,20 +219,11 @@ class Playbooks:
             stub = admin_grpc.GatewayAdminStub(channel)  # type: ignore[no-untyped-call]
             for route in routes:
                 try:
-                    if rpc == "Rollback":
-                        stub.Rollback(
-                            admin_pb.RollbackRequest(route=route),
-                            metadata=credentials.metadata,
-                            timeout=settings.rollback_timeout_s,
-                        )
-                    else:
-                        stub.SetThreshold(
-                            admin_pb.ThresholdRequest(
-                                route=route, raise_by=settings.threshold_step
-                            ),
-                            metadata=credentials.metadata,
-                            timeout=settings.rollback_timeout_s,
-                        )
+                    getattr(stub, rpc)(
+                        request(route),
+                        metadata=credentials.metadata,
+                        timeout=settings.rollback_timeout_s,
+                    )
                     out[route] = ""
                 except grpc.RpcError as err:
                     code = err.code() if isinstance(err, grpc.Call) else None
