@@ -26,7 +26,6 @@ import csv
 import json
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_serving import find_perf_analyzer, run_meta  # noqa: E402
 from benchmarks.bench_transport import (  # noqa: E402
     Proc,
+    _spread,
     build_repositories,
+    metric,
     model_config,
     peer_available,
     scrape,
@@ -86,12 +87,7 @@ def perf_analyzer(
 
 
 def answered(metrics_url: str) -> float:
-    samples = scrape(metrics_url)
-    return sum(
-        value
-        for (name, labels), value in samples.items()
-        if name == "gateway_requests_total" and dict(labels).get("rpc") == "ModelInfer"
-    )
+    return float(metric(scrape(metrics_url), "gateway_requests_total", rpc="ModelInfer"))
 
 
 def measure(
@@ -224,8 +220,8 @@ def rest_config(model: Path) -> dict[str, Any]:
 
 
 def _median(group: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in group if r.get(key) is not None]
-    return round(statistics.median(values), 3) if values else None
+    spread = _spread([r[key] for r in group if r.get(key) is not None])
+    return None if spread is None else spread["median"]
 
 
 def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:

@@ -48,6 +48,7 @@ ROOT = Path(os.environ.get("BENCH_PIPELINE_TREE", HERE))
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_traffic import SETTINGS, TOKEN, route, traffic_repository  # noqa: E402
+from gateway import _hotloops  # noqa: E402
 from gateway.app import Gateway  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
 from gateway.types import InferRequest, Tensor  # noqa: E402
@@ -86,7 +87,7 @@ def feature_requests(rows: list[dict[str, list[Any]]]) -> list[tuple[list[Tensor
         tensors = []
         for name, (value,) in row.items():
             if isinstance(value, str):
-                raw = len(value.encode()).to_bytes(4, "little") + value.encode()
+                raw = _hotloops.encode_bytes([value.encode()])
                 tensors.append(Tensor(name, "BYTES", None, raw=raw, shape=(1, 1)))
             elif isinstance(value, bool):
                 tensors.append(Tensor(name, "BOOL", np.array([[value]], dtype=np.bool_)))
