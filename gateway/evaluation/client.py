@@ -17,7 +17,13 @@ from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.auth import ClientCredentials
 from gateway.evaluation.labels import label_notes
-from gateway.evaluation.page import action_notes, describe_labels, describe_window, output_tail
+from gateway.evaluation.page import (
+    action_notes,
+    describe_labels,
+    describe_window,
+    journal_sections,
+    output_tail,
+)
 from gateway.evaluation.page import format_number as _num
 from gateway.tables import format_table
 
@@ -358,13 +364,18 @@ def _journal_lines(report: dict[str, Any]) -> list[str]:
     """The model's latest trigger runs and playbook actions, then its open reviews, a few lines
     each; what the report's bounded lists leave out is counted, with the command that shows
     it."""
-    model = report["model"]
-    totals = report.get("journal_totals") or {}
-    journal = f"gateway actions {model} --limit N"
     lines: list[str] = []
-    for key, title in (("triggers", "trigger runs"), ("playbook_actions", "playbook actions")):
-        entries = report.get(key, [])
-        lines += ["", _count(title, len(entries), totals.get(key), journal)]
+    for key, title, entries, total, command in journal_sections(report):
+        lines += ["", _count(title.lower(), len(entries), total, command)]
+        if key == "open_reviews":
+            for r in entries:
+                feature = f" feature {r['feature']}" if r["feature"] else ""
+                lines += [
+                    f"  {r['id']} {_utc(r['time'])} {r['alert']} on version {r['version']} "
+                    f"segment {r['segment']}{feature}",
+                    f"    {r['rows']} rows to review in {r['export']}",
+                ]
+            continue
         for a in entries:
             exit_code = "" if a["exit_code"] is None else f", exit {a['exit_code']}"
             took = "" if a["duration_s"] is None else f", {a['duration_s']:.1f} s"
@@ -380,21 +391,10 @@ def _journal_lines(report: dict[str, Any]) -> list[str]:
             tail = output_tail(a.get("output"), _TAIL_CHARS).splitlines()[-_TAIL_LINES:]
             if tail:
                 lines += ["    output:", *(f"      {line}" for line in tail)]
-    reviews = report.get("reviews", [])
-    command = f"gateway review list --model {model}"
-    lines += ["", _count("open reviews", len(reviews), totals.get("open_reviews"), command)]
-    for r in reviews:
-        feature = f" feature {r['feature']}" if r["feature"] else ""
-        lines += [
-            f"  {r['id']} {_utc(r['time'])} {r['alert']} on version {r['version']} segment "
-            f"{r['segment']}{feature}",
-            f"    {r['rows']} rows to review in {r['export']}",
-        ]
     return [_printable(line) for line in lines]
 
 
-def _count(title: str, shown: int, total: int | None, command: str) -> str:
-    total = shown if total is None else total
+def _count(title: str, shown: int, total: int, command: str) -> str:
     more = f" (the latest {shown}; `{command}` lists the rest)" if total > shown else ""
     return f"{title}: {total}{more}"
 

@@ -16,6 +16,7 @@ __all__ = [
     "describe_labels",
     "describe_window",
     "format_number",
+    "journal_sections",
     "output_tail",
     "render_index",
     "render_page",
@@ -203,22 +204,30 @@ def _canary(verdict: dict[str, Any]) -> str:
     )
 
 
+def journal_sections(report: dict[str, Any]) -> list[tuple[str, str, list[Any], int, str]]:
+    """What the adaptation loop did for the report's model, for the page and the CLI alike:
+    ``(key, title, entries, total, command)`` for its trigger runs, playbook actions and open
+    reviews, where ``entries`` are the latest the report holds of ``total`` and ``command``
+    lists them all."""
+    model = report["model"]
+    totals = report.get("journal_totals") or {}
+    journal = f"gateway actions {model} --limit N"
+    sections = []
+    for key, field, title, command in (
+        ("triggers", "triggers", "Trigger runs", journal),
+        ("playbook_actions", "playbook_actions", "Playbook actions", journal),
+        ("open_reviews", "reviews", "Open reviews", f"gateway review list --model {model}"),
+    ):
+        entries = report.get(field, [])
+        sections.append((key, title, entries, int(totals.get(key, len(entries))), command))
+    return sections
+
+
 def _adaptation(report: dict[str, Any]) -> str:
     """What the adaptation loop did for the model: its latest trigger runs and playbook
     actions, and its open reviews; each list is bounded, and a note says what it leaves out."""
-    model = report["model"]
-    totals = report.get("journal_totals") or {}
-    triggers = report.get("triggers", [])
-    actions = report.get("playbook_actions", [])
-    reviews = report.get("reviews", [])
     parts = ['<h2 id="adaptation">Adaptation: retraining triggers, playbook actions, reviews</h2>']
-    journal = f"gateway actions {model} --limit N"
-    for key, title, entries, command in (
-        ("triggers", "Trigger runs", triggers, journal),
-        ("playbook_actions", "Playbook actions", actions, journal),
-        ("open_reviews", "Open reviews", reviews, f"gateway review list --model {model}"),
-    ):
-        total = int(totals.get(key, len(entries)))
+    for key, title, entries, total, command in journal_sections(report):
         parts.append(f"<h3>{title} ({total})</h3>")
         if not entries:
             parts.append("<p>None.</p>")
