@@ -706,14 +706,11 @@ class RolloutController:
         before = self._table.get(route)
 
         def mutate(table: RouteTable) -> int:
-            routes = {name: r.spec for name, r in table.all().items()}
-            if route not in routes:
+            if table.get(route) is None:
                 raise ModelNotFound(f"route '{route}' is gone")
             # The decision threshold is the route's own, whatever step: one set or raised
             # during the rollout stays.
-            routes[route] = spec.model_copy(update={"decision": routes[route].decision})
-            table.replace(routes)
-            return table.get(route).revision  # type: ignore[union-attr]
+            return table.serve(route, spec).revision
 
         revision = await self._store.change(mutate, 0)
         rollout.reason = reason

@@ -201,10 +201,18 @@ class RouteTable:
         for _ in range(len(history) - back):
             history.pop()
         if previous is not None and current is not None:
-            previous = previous.model_copy(update={"decision": current.spec.decision})
+            previous = _deciding_as(previous, current)
         self._install(name, previous)
         self.generation += 1
         return self._routes.get(name)
+
+    def serve(self, name: str, spec: RouteSpec) -> Route:
+        """``spec`` serves on the existing route ``name``, its decision threshold kept as it
+        is now (a rollout's steps change what serves, not the threshold); a revision only
+        when that changes anything."""
+        route = self._existing(name)
+        spec = _deciding_as(spec, route)
+        return route if route.spec == spec else self._set(name, spec)
 
     def _set(self, name: str, spec: RouteSpec | None) -> Route:
         old = self._routes.get(name)
@@ -234,6 +242,11 @@ def _dump(spec: RouteSpec | None) -> dict[str, Any] | None:
 
 def _load(raw: Mapping[str, Any] | None) -> RouteSpec | None:
     return None if raw is None else RouteSpec.model_validate(raw)
+
+
+def _deciding_as(spec: RouteSpec, route: Route) -> RouteSpec:
+    """``spec`` with ``route``'s decision threshold as it is now."""
+    return spec.model_copy(update={"decision": route.spec.decision})
 
 
 def _serving(spec: RouteSpec | None) -> RouteSpec | None:
