@@ -181,7 +181,11 @@ def test_a_quality_incident_acts_once_and_is_shown(tmp_path: Path, admin):
         ]
         by_kind = {a["kind"]: a for a in actions}
         run = by_kind["performance"]
-        assert run["outcome"] == "ok" and run["exit_code"] == 0, (run["output"], run["detail"])
+        assert run["outcome"] == "ok" and run["exit_code"] == 0, (
+            run["exit_code"],
+            run["output"],
+            run["detail"],
+        )
         assert "quality alert accuracy-low" in run["reason"]
         [line] = [json.loads(x) for x in runs.read_text().splitlines()]
         assert line["GATEWAY_MODEL"] == "m" and line["rows"] == 300
