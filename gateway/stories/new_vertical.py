@@ -40,7 +40,14 @@ def run(work: Path, out: TextIO) -> dict[str, Any]:
             file=out,
         )
         alerts = wait_for(lambda: _coverage_alerts(stage.sidecar), "the coverage alert")
-        reviews = wait_for(lambda: fetch_reviews(stage.sidecar, "fraud"), "the review item")
+        # Each alert's incident gets its own review item, as its round comes: wait for all.
+        wanted = {(a["segment"], a["feature"]) for a in alerts if a["action"] == "human_review"}
+
+        def reviewed() -> list[dict[str, Any]]:
+            reviews = fetch_reviews(stage.sidecar, "fraud")
+            return reviews if wanted <= {(r["segment"], r["feature"]) for r in reviews} else []
+
+        reviews = wait_for(reviewed, "a review item for each alert")
         print("\nalert (gateway report fraud, sidecar_alert_firing, alerts.jsonl):", file=out)
         for alert in alerts:
             print(
