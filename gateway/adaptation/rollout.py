@@ -502,19 +502,24 @@ class RolloutController:
         poll = self.settings.poll_interval_s
         ask_at = loop.time() + poll
         asking: asyncio.Task[tuple[int, dict[str, Any] | None, str]] | None = None
+        wanted = False  # a verdict asked for at once (resumed), not asked yet
         try:
             while (rollout := self._rollouts.get(route)) is not None and rollout.state in ACTIVE:
-                wake.clear()
-                woken = False
                 with contextlib.suppress(TimeoutError):
-                    woken = await asyncio.wait_for(wake.wait(), min(poll, _SLO_CHECK_S))
+                    await asyncio.wait_for(wake.wait(), min(poll, _SLO_CHECK_S))
+                # NOTE: cleared here only, with no await since the wait: a resume waking the
+                # loop anywhere further on in this round (its save and ours share a lock) stays
+                # set for the next round's wait, instead of being cleared unseen.
+                if wake.is_set():
+                    wake.clear()
+                    wanted = True
                 try:
                     if self._leases is not None:
                         if not await self._leases.hold(route):
                             log.warning("rollout %s: another replica holds its lease now", route)
                             self._unwatch(rollout)
                             return
-                        woken = await self._take_commands(route, rollout) or woken
+                        wanted = await self._take_commands(route, rollout) or wanted
                     if route in self._unsaved:
                         await self._save(rollout)
                     await self.tick(route, ask=False)
@@ -524,6 +529,9 @@ class RolloutController:
                     log.exception("rollout %s: checking the step failed", route)
                 if rollout.state not in ("running", "holding"):
                     continue
+                if wanted and asking is not None:
+                    asking.cancel()  # asked before the resume: the resume asks afresh
+                    asking = None
                 if asking is not None and asking.done():
                     at, verdict, failure = asking.result()
                     asking = None
@@ -531,7 +539,8 @@ class RolloutController:
                         await self._judge(route, at, verdict, failure)
                     except Exception:
                         log.exception("rollout %s: judging the step failed", route)
-                elif asking is None and (woken or loop.time() >= ask_at):
+                elif asking is None and (wanted or loop.time() >= ask_at):
+                    wanted = False
                     ask_at = loop.time() + poll
                     asking = asyncio.create_task(self._ask(rollout), name=f"verdict {route}")
         finally:

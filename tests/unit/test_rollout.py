@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from gateway.adaptation import rollout as rollout_module
 from gateway.adaptation._rollout_io import FileRollouts, MemoryRollouts, VerdictUnavailable
 from gateway.adaptation._rollout_steps import step_spec
 from gateway.adaptation.rollout import RolloutConflict, RolloutController, slo_breach
@@ -133,6 +134,50 @@ async def test_a_hold_waits_then_pauses_for_a_person_after_the_timeout():
     await rollouts.resume("fraud", "ops")
     await rollouts.tick("fraud")
     assert rollout.state == "succeeded"
+    await rollouts.close()
+
+
+class GatedSaves(MemoryRollouts):
+    """Records whose saves wait while ``gate`` is shut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def save(self, route: str, record: dict[str, Any]) -> None:
+        await self.gate.wait()
+        await super().save(route, record)
+
+
+async def eventually(check, what: str) -> None:
+    """Let the loop run until ``check`` holds; fail, naming ``what``, if it never does within
+    10,000 turns of a millisecond (a bound on a loop that stopped, not a timing)."""
+    for _ in range(10_000):
+        if check():
+            return
+        await asyncio.sleep(0.001)
+    pytest.fail(f"never: {what}")
+
+
+async def test_a_resume_asks_for_a_verdict_whatever_the_driving_loop_is_doing(monkeypatch):
+    # The loop checks the step every millisecond (the SLO check) and asks for verdicts only
+    # when woken (an hour between polls): a resume arriving while the loop waits for the
+    # route's lock behind the resume's own save must still wake it.
+    monkeypatch.setattr(rollout_module, "_SLO_CHECK_S", 0.001)
+    records = GatedSaves()
+    verdicts = Verdicts("promote")
+    rollouts, table = controller(verdicts, records=records)
+    rollout = await rollouts.begin("fraud", "4", ["shadow", "100"], "ops")
+    await rollouts.pause("fraud", "ops")
+    records.gate.clear()
+    resuming = asyncio.create_task(rollouts.resume("fraud", "ops"))  # saves under the lock
+    lock = rollouts._lock("fraud")
+    await eventually(lambda: bool(lock._waiters), "the loop's check waiting on the lock")
+    records.gate.set()
+    await resuming
+    await eventually(lambda: rollout.state == "succeeded", "the verdict the resume asks for")
+    assert verdicts.calls == [("fraud", "4")] and weights(table) == {"live": 0, "v4": 1}
     await rollouts.close()
 
 
