@@ -487,9 +487,11 @@ class RolloutController:
     # -- the controller's loop --------------------------------------------------------------
 
     def _spawn(self, route: str) -> None:
-        self._wake.setdefault(route, asyncio.Event())
         task = self._tasks.get(route)
         if task is None or task.done():
+            # NOTE: a wake-up of its own: the route's last rollout may have ended by setting
+            # the one before (``_end``), which would ask this one's verdict at once.
+            self._wake[route] = asyncio.Event()
             self._tasks[route] = asyncio.create_task(self._drive(route), name=f"rollout {route}")
 
     async def _drive(self, route: str) -> None:

@@ -181,6 +181,31 @@ async def test_a_resume_asks_for_a_verdict_whatever_the_driving_loop_is_doing(mo
     await rollouts.close()
 
 
+async def a_round(rollouts: RolloutController) -> None:
+    """Let the driving loop come round to its step check once more: hold the route's lock
+    until the loop waits on it."""
+    lock = rollouts._lock("fraud")
+    async with lock:
+        await eventually(lambda: bool(lock._waiters), "the loop's check waiting on the lock")
+
+
+async def test_a_rollout_ending_in_its_loop_leaves_the_next_one_no_wake_up(monkeypatch):
+    monkeypatch.setattr(rollout_module, "_SLO_CHECK_S", 0.001)
+    verdicts = Verdicts("rollback", "promote")
+    rollouts, table = controller(verdicts)
+    first = await rollouts.begin("fraud", "3", ["5", "100"], "ops")
+    await rollouts.pause("fraud", "ops")
+    await rollouts.resume("fraud", "ops")  # the loop asks, and ends the rollout itself
+    await eventually(lambda: first.state == "rolled_back", "the rollback")
+    await eventually(lambda: rollouts._tasks["fraud"].done(), "the loop to stop")
+    second = await rollouts.begin("fraud", "4", ["5", "100"], "ops")
+    await a_round(rollouts)
+    await a_round(rollouts)  # a verdict asked in the first round has been sent by now
+    assert len(verdicts.calls) == 1 and second.state == "running"  # the next poll: an hour
+    assert weights(table) == {"live": 95, "v4": 5}
+    await rollouts.close()
+
+
 async def test_failed_verdict_calls_roll_back_at_the_limit():
     down = VerdictUnavailable("UNAVAILABLE")
     rollouts, table = controller(Verdicts(down, down), max_failures=2)
