@@ -66,6 +66,7 @@ class EventRecorder:
         self._max_message_bytes = max_message_bytes
         self._pending: deque[Pending] = deque()
         self._pending_bytes = 0
+        self._writing = 0  # events taken from _pending that the log does not hold yet
         self._disk_full = False
         self._full_size = 0  # log size when it was last found full
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-writer")
@@ -117,7 +118,9 @@ class EventRecorder:
                 token=token,
             )
         wal = self._wal
-        self._metrics.events_backlog.labels("memory").set_function(lambda: len(self._pending))
+        self._metrics.events_backlog.labels("memory").set_function(
+            lambda: len(self._pending) + self._writing
+        )
         self._metrics.events_backlog.labels("disk").set_function(lambda: wal.unacked)
         self._metrics.events_log_bytes.set_function(lambda: wal.size)
         self._publisher.start()
@@ -188,12 +191,19 @@ class EventRecorder:
             if self._disk_full and wal.size >= self._full_size:
                 written = 0  # nothing acknowledged since the log was full: no room yet
             else:
-                # NOTE: built here, on the loop, not on the writer thread: the work is the
-                # same, but a second thread running Python would take the GIL from the loop
-                # in switch-interval slices. The thread does the file work, GIL released.
-                written = await loop.run_in_executor(
-                    self._writer, self._store, await self._serialize(batch)
-                )
+                # NOTE: the batch waits in memory (the backlog gauge) until the log holds it:
+                # a scrape while it is encoded or written saw no backlog anywhere.
+                self._writing = count
+                try:
+                    # NOTE: built here, on the loop, not on the writer thread: the work is the
+                    # same, but a second thread running Python would take the GIL from the
+                    # loop in switch-interval slices. The thread does the file work, GIL
+                    # released.
+                    written = await loop.run_in_executor(
+                        self._writer, self._store, await self._serialize(batch)
+                    )
+                finally:
+                    self._writing = 0
             if written:
                 assert self._publisher is not None
                 self._publisher.notify()

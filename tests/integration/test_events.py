@@ -290,6 +290,8 @@ def test_a_stop_during_a_log_write_still_hands_that_batch_to_the_sidecar(
 
     The writer thread is held busy so the stop comes while the batch is on its way to the log;
     a drain that looked before the batch landed would leave it unsent until the next start.
+    Meanwhile the batch still counts in the memory backlog (tests and operators read an empty
+    backlog as "everything acknowledged").
     """
     import asyncio
     import threading
@@ -307,8 +309,11 @@ def test_a_stop_during_a_log_write_still_hands_that_batch_to_the_sidecar(
     )
     ids = [f"stop-{i}" for i in range(4)]
 
+    backlog: list[float | None] = []
+
     async def serve_then_stop() -> None:
-        recorder = EventRecorder(settings, GatewayMetrics(), redact, 1 << 20)
+        metrics = GatewayMetrics()
+        recorder = EventRecorder(settings, metrics, redact, 1 << 20)
         await recorder.start()
         writing = threading.Event()
         recorder._writer.submit(writing.wait)  # the batch below queues behind this
@@ -316,8 +321,11 @@ def test_a_stop_during_a_log_write_still_hands_that_batch_to_the_sidecar(
             request, response = InferRequest("fraud"), InferResponse("fraud", "1", "", [])
             recorder.record(Pending(request, response, request_id, None, 0, 1.0, 0))
         await asyncio.sleep(0.05)  # the writer task has handed the batch to the thread
+        where = {"where": "memory"}  # out of the queue, not in the log: still waiting
+        backlog.append(metrics.registry.get_sample_value("gateway_events_backlog", where))
         asyncio.get_running_loop().call_later(0.2, writing.set)
         await recorder.close(grace_s=20)
 
     asyncio.run(serve_then_stop())
+    assert backlog == [4]
     assert sorted(request_id for request_id, _ in stored(sidecar)) == ids
