@@ -259,7 +259,9 @@ def test_fired_alerts_go_to_the_alert_log_and_to_prometheus(load):
     assert not {f for f in firing if f[0] == "feature_drift" and f[1] == "batch=reference"}
     entry = next(e for e in entries if e["segment"] == "batch=shifted" and e["feature"] == "amount")
     assert entry["action"] == "retrain" and entry["value"] > entry["threshold"]
-    assert entry["window_rows"] == 2000 and entry["samples"] == REQUESTS * ROWS_PER_REQUEST
+    # the round that fired saw at least min_samples (200) of the segment's rows: a slow client
+    # leaves a round between the segment's first events and its last
+    assert entry["window_rows"] == 2000 and 200 <= entry["samples"] <= REQUESTS * ROWS_PER_REQUEST
     assert {e["state"] for e in entries} <= {"firing", "resolved", "window_emptied"}
     with urllib.request.urlopen(f"http://{load.sidecar.metrics_url}/metrics", timeout=10) as r:
         text = r.read().decode()
