@@ -284,13 +284,13 @@ async def test_an_idle_model_counts_a_runs_fixed_cost_once_for_a_request_of_many
 async def test_an_idle_models_stale_estimate_lets_one_request_through_to_renew_it(monkeypatch):
     """An estimate renews only when batches run; refusing on it for good would keep the model
     closed after the load has gone. One request goes; the next waits behind it as usual."""
-    monkeypatch.setattr(batcher_module, "_RENEW_S", 0.05)
+    monkeypatch.setattr(batcher_module, "_RENEW_S", 0.5)  # room for a stalled test process
     h = Harness(batching=None)
     await h.run_slow_batch(1)  # one row in about 200 ms
     loop = asyncio.get_running_loop()
     with pytest.raises(Overloaded, match="expected wait"):
         await h.submit(1, deadline=loop.time() + 0.05)[0]
-    await asyncio.sleep(0.06)  # the estimate grows old: the condition itself
+    await asyncio.sleep(0.55)  # the estimate grows old: the condition itself
     probe, _ = h.submit(1, deadline=loop.time() + 0.05)  # refused before; now let through
     await h.wait_started()
     with pytest.raises(Overloaded, match="expected wait"):
@@ -319,7 +319,8 @@ async def test_a_caller_that_leaves_frees_its_queue_space():
 
 async def test_preferred_size_is_awaited_up_to_the_delay():
     h = Harness(
-        batching=DynamicBatching(max_queue_delay_us=300_000, preferred_batch_sizes=(4,)),
+        # NOTE: a delay a stalled test process does not run out before the rest are sent
+        batching=DynamicBatching(max_queue_delay_us=1_000_000, preferred_batch_sizes=(4,)),
         open_gate=True,
     )
     a, _ = h.submit(1)
