@@ -250,8 +250,10 @@ def test_one_replica_drives_a_rollout_and_another_takes_it_over_when_it_dies(set
     redis = RedisServer(tmp_path / "redis")
     try:
         state = {"backend": "redis", "redis_url": redis.url}
-        first = start("first", state=state, lease_s=2)
-        second = start("second", state=state, lease_s=2)
+        # NOTE: a lease renewed every second, lapsing after 4: a driver stalled for a second
+        # or two on a loaded machine keeps it (one takeover, after the SIGKILL)
+        first = start("first", state=state, lease_s=4)
+        second = start("second", state=state, lease_s=4)
         out = cli(first, "rollout", "start", "scored", "--candidate", "4", "--steps", "25,100")
         assert out.returncode == 0, out.stderr
         # no labels: it holds at 25%, driven by the first; the second shows it as it is
