@@ -461,12 +461,11 @@ class RolloutController:
             "status`)"
         )
 
-    async def _take_commands(self, route: str, rollout: Rollout) -> bool:
+    async def _take_commands(self, route: str, rollout: Rollout) -> None:
         """Carry out the commands other replicas left for this rollout (``_do`` records each
-        one's outcome; a refused or late one is recorded here); True when one asks for a
-        verdict (resume)."""
+        one's outcome, and a resume wakes the loop; a refused or late one is recorded
+        here)."""
         assert self._leases is not None
-        asked = False
         for command in await self._leases.take(route):
             if command.get("rollout") != rollout.started_at:
                 continue  # for an earlier rollout of the route: it ended, its caller knows
@@ -476,21 +475,19 @@ class RolloutController:
             else:
                 try:
                     await self._do(route, command)
-                    asked = asked or command["action"] == "resume"
                 except GatewayError as err:
                     outcome = str(err)
             if outcome:
                 rollout.answered(command.get("id"), command["action"], outcome)
                 await self._save(rollout)
-        return asked
 
     # -- the controller's loop --------------------------------------------------------------
 
     def _spawn(self, route: str) -> None:
         task = self._tasks.get(route)
         if task is None or task.done():
-            # NOTE: a wake-up of its own: the route's last rollout may have ended by setting
-            # the one before (``_end``), which would ask this one's verdict at once.
+            # NOTE: a wake-up of its own: the route's last rollout set the old one as it ended
+            # (``_end``), and reusing it would ask this one's first verdict at once.
             self._wake[route] = asyncio.Event()
             self._tasks[route] = asyncio.create_task(self._drive(route), name=f"rollout {route}")
 
@@ -521,7 +518,7 @@ class RolloutController:
                             log.warning("rollout %s: another replica holds its lease now", route)
                             self._unwatch(rollout)
                             return
-                        wanted = await self._take_commands(route, rollout) or wanted
+                        await self._take_commands(route, rollout)
                     if route in self._unsaved:
                         await self._save(rollout)
                     await self.tick(route, ask=False)
@@ -578,6 +575,9 @@ class RolloutController:
             verdict = await self._verdicts.verdict(rollout.model, rollout.candidate, since_us)
         except VerdictUnavailable as err:
             return at, None, str(err)
+        except Exception as err:  # a failed call like any other, not the end of the loop
+            log.exception("rollout %s: asking for the verdict failed", rollout.route)
+            return at, None, f"{type(err).__name__}: {err}"
         return at, verdict, ""
 
     async def _judge(

@@ -1,8 +1,9 @@
 """Two rollout controllers of two replicas sharing a real Redis, in one process with verdicts
 from a script: one drives the rollout (its lease), the other passes it commands and hears what
-became of each; a slow verdict does not let the driver's lease lapse; a command left for an
-earlier rollout of the route is not applied to the next; records written the old way (one
-document) are moved, so a rollout under way at an upgrade goes on."""
+became of each, a resume asking for one verdict; a slow verdict does not let the driver's
+lease lapse; a command left for an earlier rollout of the route is not applied to the next;
+records written the old way (one document) are moved, so a rollout under way at an upgrade
+goes on."""
 
 from __future__ import annotations
 
@@ -46,12 +47,14 @@ class Verdicts:
 
 
 class Replica:
-    def __init__(self, redis: RedisServer, verdicts: Verdicts) -> None:
+    def __init__(
+        self, redis: RedisServer, verdicts: Verdicts, poll_interval_s: float = 0.2
+    ) -> None:
         self.state = RedisState(StateSettings(backend="redis", redis_url=redis.url))
         self.table = RouteTable({"fraud": ROUTE}, history=16)
         self.leases = RolloutLeases(self.state, LEASE_S)
         self.rollouts = RolloutController(
-            RolloutSettings(poll_interval_s=0.2, lease_s=LEASE_S),
+            RolloutSettings(poll_interval_s=poll_interval_s, lease_s=LEASE_S),
             self.table,
             LocalRoutes(self.table),
             RedisRollouts(self.state),
@@ -136,6 +139,36 @@ async def test_a_slow_verdict_does_not_let_the_drivers_lease_lapse(replicas):
         return first.rollouts.get("fraud").state == "holding"
 
     await until(judged, "the first replica to act on the late verdict")
+
+
+async def test_a_resume_given_to_the_other_replica_asks_for_one_verdict(redis):
+    """The driver asks for a verdict once per resume, relayed or not: a second ask would cancel
+    the first while it is answered. An hour between polls: only the resume asks."""
+    verdicts = Verdicts()
+    first, second = (Replica(redis, verdicts, poll_interval_s=3600) for _ in range(2))
+    await first.rollouts.start()
+    await second.rollouts.start()
+    try:
+        await first.rollouts.begin("fraud", "4", ["25", "100"], "ops")
+        await second.rollouts.pause("fraud", "ops")
+        verdicts.gate.clear()  # the verdict the resume asks for stays unanswered meanwhile
+        await second.rollouts.resume("fraud", "ops")  # passed to the first, which drives
+
+        async def asked() -> bool:
+            return verdicts.asked > 0
+
+        await until(asked, "the resume to ask for a verdict")
+        verdicts.gate.set()
+
+        async def judged() -> bool:
+            return first.rollouts.get("fraud").state == "holding"
+
+        await until(judged, "the driver to act on the verdict")
+        assert verdicts.asked == 1
+    finally:
+        verdicts.gate.set()
+        await first.close()
+        await second.close()
 
 
 async def test_a_command_left_for_an_earlier_rollout_is_not_applied_to_the_next(replicas):
