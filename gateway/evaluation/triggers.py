@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 TriggerKind = Literal["time", "data", "drift", "performance", "manual"]
 _CHUNK: Final = 65536
-_KILLED_S: Final = 10.0  # how long a killed command's output is read on before it is left
+_KILLED_S: Final = 10.0  # how long a killed command is waited for
 _T = TypeVar("_T")
 
 
@@ -305,10 +305,11 @@ async def _run_command(spec: TriggerSpec, env: dict[str, str]) -> tuple[int | No
     NOTE: started by CPython's ``subprocess`` (vfork: no fork handlers run in the child), not
     by the event loop: uvloop's spawn is a plain fork(), in which gRPC's fork handlers run
     while another thread is in a gRPC call (a playbook's admin call in the same round), and
-    the child then died before its exec, by SIGSEGV or SIGABRT with no output: 11 spawns in
-    150 in a stress run beside two threads calling a gRPC server, none this way. It is
-    started on the loop (about a millisecond, until the exec) so that no cancellation can come
-    between its start and the code that kills it."""
+    the child then died before its exec, by SIGSEGV or SIGABRT with no output: between 1
+    start in 7 and 1 in 14 beside two threads calling a gRPC server here. It is started on
+    the loop (about a millisecond, until the exec) so that no cancellation can come between
+    its start and the code that kills it; a thread of its own waits for its exit, and the loop
+    reads its output."""
     assert spec.command is not None
     process = subprocess.Popen(  # noqa: ASYNC220
         spec.command,
@@ -317,72 +318,75 @@ async def _run_command(spec: TriggerSpec, env: dict[str, str]) -> tuple[int | No
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,  # its own process group: a timeout kills its children too
-        bufsize=0,  # each read hands over what the pipe holds
+        bufsize=0,
     )
     loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+    args = (process, loop, exited)
+    threading.Thread(target=_reap, args=args, name="trigger command", daemon=True).start()
+    assert process.stdout is not None
     output = _Output(spec.output_bytes)
-    ended: asyncio.Future[int | None] = loop.create_future()
-    args = (process, output, loop, ended)
-    threading.Thread(target=_follow, args=args, name="trigger command", daemon=True).start()
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: output, process.stdout)
+    except BaseException:
+        await _stopped(process, exited)
+        raise
     try:
         async with asyncio.timeout(spec.timeout_s):
-            code = await asyncio.shield(ended)
+            await asyncio.shield(output.closed)
+            code = await asyncio.shield(exited)
     except TimeoutError:
-        await _stopped(process, ended)
+        await _stopped(process, exited)
         return None, output.text() + f"\n[killed after timeout_s {spec.timeout_s:g}]", "timeout"
     except asyncio.CancelledError:
-        await _stopped(process, ended)
+        await _stopped(process, exited)
         raise
+    finally:
+        transport.close()  # a process that left the group may hold the pipe: read no more
     return code, output.text(), "ok" if code == 0 else "failed"
 
 
-class _Output:
-    """A command's output as it comes, its last ``limit`` bytes kept."""
+class _Output(asyncio.Protocol):
+    """A command's output as it comes, its last ``limit`` bytes kept; ``closed`` once it
+    ends."""
 
     def __init__(self, limit: int) -> None:
         self._tail = bytearray()
         self._limit = limit
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def add(self, chunk: bytes) -> None:
-        self._tail += chunk
+    def data_received(self, data: bytes) -> None:
+        self._tail += data
         del self._tail[: max(0, len(self._tail) - self._limit)]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def text(self) -> str:
         return _text(self._tail)
 
 
-def _follow(
-    process: subprocess.Popen[bytes],
-    output: _Output,
-    loop: asyncio.AbstractEventLoop,
-    ended: asyncio.Future[int | None],
+def _reap(
+    process: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop, exited: asyncio.Future[int]
 ) -> None:
-    """(A thread of its own, as long as the command runs) read its output to the end, then
-    its exit status, and hand that to the loop."""
-    code = None
-    try:
-        assert process.stdout is not None
-        with process.stdout:
-            while chunk := process.stdout.read(_CHUNK):
-                output.add(chunk)
-        code = process.wait()
-    finally:
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-            loop.call_soon_threadsafe(_settle, ended, code)
+    """(A thread of its own, as long as the process runs) wait for its exit status and hand
+    it to the loop."""
+    code = process.wait()
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+        loop.call_soon_threadsafe(_settle, exited, code)
 
 
-def _settle(ended: asyncio.Future[int | None], code: int | None) -> None:
-    if not ended.done():
-        ended.set_result(code)
+def _settle(exited: asyncio.Future[int], code: int) -> None:
+    if not exited.done():
+        exited.set_result(code)
 
 
-async def _stopped(process: subprocess.Popen[bytes], ended: asyncio.Future[int | None]) -> None:
-    """SIGKILL the command's process group and wait (a bounded while) for its end: a process
-    that left the group and keeps the output pipe open leaves it unread, not the caller
-    waiting."""
+async def _stopped(process: subprocess.Popen[bytes], exited: asyncio.Future[int]) -> None:
+    """SIGKILL the command's process group and wait (a bounded while) for its exit."""
     _kill(process.pid)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(ended), _KILLED_S)
+        await asyncio.wait_for(asyncio.shield(exited), _KILLED_S)
 
 
 def _kill(pid: int) -> None:

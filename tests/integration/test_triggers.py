@@ -2,10 +2,12 @@
 its watch every 0.2 s; a quality incident runs the training command once however many rounds
 it lasts, queues one review that ``gateway review`` lists and resolves, rolls back the route
 at a gateway's admin service (a stand-in on loopback holding the token) once, and raises its
-decision threshold there once; ``gateway actions``, the report and its HTML page show them all."""
+decision threshold there once; ``gateway actions``, the report and its HTML page show them all.
+Training commands start whole on uvloop while other threads are in gRPC calls."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
@@ -23,13 +25,17 @@ from typing import Any, ClassVar
 import grpc
 import numpy as np
 import pytest
+import uvloop
 import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.api.v1 import admin_pb2 as pb
 from gateway.api.v1 import admin_pb2_grpc as pb_grpc
 from gateway.api.v1 import events_pb2 as ev
 from gateway.api.v1 import events_pb2_grpc as ev_grpc
 from gateway.evaluation.client import fetch_actions, fetch_report, fetch_reviews
+from gateway.evaluation.triggers import _run_command
+from gateway.settings import TriggerSpec
 from tests.conftest import SidecarProcess, free_port
 from tests.unit.evaluation.test_triggers import NOW, RECORDER, Loop, alert
 
@@ -300,3 +306,39 @@ async def test_a_webhook_trigger_posts_what_fired_and_records_the_answer(tmp_pat
         loop.close()
         server.shutdown()
         server.server_close()
+
+
+def test_commands_start_whole_while_other_threads_are_in_grpc_calls():
+    """The sidecar serves gRPC on uvloop, and a round's playbooks call the gateway's admin
+    service from threads (a channel each) while its trigger's command starts. A command
+    forked (not vforked) then died before its exec, with no output: 8 or 9 of these 60 starts
+    here. A check by numbers: on a machine where that fork never crashes, it passes either
+    way."""
+    spec = TriggerSpec(model="m", command=[sys.executable, "-I", "-S", "-c", "print('ok')"])
+    stop = threading.Event()
+
+    def calling(address: str) -> None:
+        while not stop.is_set():
+            with grpc.insecure_channel(address) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                for _ in range(20):
+                    check(health_pb2.HealthCheckRequest(), timeout=30)
+
+    async def starts(n: int) -> list[tuple[int | None, str, str]]:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        callers = [threading.Thread(target=calling, args=(address,)) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        try:
+            return [await _run_command(spec, dict(os.environ)) for _ in range(n)]
+        finally:
+            stop.set()
+            for caller in callers:
+                await asyncio.to_thread(caller.join)
+            await server.stop(grace=None)
+
+    runs = uvloop.run(starts(60))
+    assert [run for run in runs if run != (0, "ok\n", "ok")] == []

@@ -1,28 +1,26 @@
 """Retraining triggers on a real DuckDB store, driven round by round with our own clock, the
 training command a real subprocess: one incident runs a trigger once, runs are a cooldown
 apart, a failing command is recorded and not retried in a loop, the command's output and
-time are bounded, commands start whole on uvloop while other threads are in gRPC calls, time
-and data triggers come due, a run by hand keeps to the same rules, and an export too small
-trains nothing."""
+time are bounded, time and data triggers come due, a run by hand keeps to the same rules, and
+an export too small trains nothing."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from gateway.api.v1 import events_pb2 as ev
@@ -31,7 +29,7 @@ from gateway.evaluation.alerts import alert_key
 from gateway.evaluation.metrics import SidecarMetrics
 from gateway.evaluation.playbooks import Playbooks
 from gateway.evaluation.store import EventStore
-from gateway.evaluation.triggers import TriggerBusy, _run_command
+from gateway.evaluation.triggers import TriggerBusy
 from gateway.settings import EvaluationSettings, TriggerSpec
 
 NOW = 1_700_000_000.0
@@ -258,39 +256,52 @@ async def test_a_command_past_its_timeout_is_killed_and_its_output_tail_kept(mak
     assert "timeout_s 0.5" in note
 
 
-def test_commands_start_whole_while_other_threads_are_in_grpc_calls():
-    # The sidecar serves gRPC on uvloop, and a round's playbooks call the gateway's admin
-    # service from threads (a channel each) while its trigger's command starts. A command
-    # forked (not vforked) then died before its exec, with no output, in about one start in
-    # fourteen.
-    spec = TriggerSpec(model="m", command=[sys.executable, "-I", "-S", "-c", "print('ok')"])
-    stop = threading.Event()
+async def test_a_command_whose_child_keeps_the_output_open_ends_at_its_timeout(make_loop, tmp_path):
+    """A command that leaves a process of another session holding its output (out of reach
+    of the group's SIGKILL): the run ends at its timeout, and nothing of the sidecar's waits
+    on that process (no thread, no unreaped child)."""
+    pid_file = tmp_path / "left.pid"
+    leaves = (
+        "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+        '\'import os, sys, time; os.setsid(); open(sys.argv[1], "w").write(str(os.getpid())); '
+        f"time.sleep(60)', {str(pid_file)!r}]); print('started', flush=True)"
+    )
+    loop = make_loop(
+        triggers=[{"model": "m", "command": [sys.executable, "-c", leaves], "timeout_s": 1}]
+    )
+    try:
+        [run] = await loop.round(NOW, alert())
+        assert run["outcome"] == "timeout" and run["output"].startswith("started\n")
+        assert not [t for t in threading.enumerate() if t.name == "trigger command"]
+        assert _zombie_children() == []
+    finally:
+        _kill_left(pid_file)
 
-    def calling(address: str) -> None:
-        while not stop.is_set():
-            with grpc.insecure_channel(address) as channel:
-                check = health_pb2_grpc.HealthStub(channel).Check
-                for _ in range(20):
-                    check(health_pb2.HealthCheckRequest(), timeout=30)
 
-    async def starts(n: int) -> list[tuple[int | None, str, str]]:
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-        await server.start()
-        callers = [threading.Thread(target=calling, args=(address,)) for _ in range(2)]
-        for caller in callers:
-            caller.start()
-        try:
-            return [await _run_command(spec, dict(os.environ)) for _ in range(n)]
-        finally:
-            stop.set()
-            for caller in callers:
-                await asyncio.to_thread(caller.join)
-            await server.stop(grace=None)
+def _kill_left(pid_file: Path) -> None:
+    """SIGKILL the process of its own session that wrote ``pid_file`` (once it has)."""
+    for _ in range(10_000):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.001)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
-    runs = uvloop.run(starts(60))
-    assert [run for run in runs if run != (0, "ok\n", "ok")] == []
+
+def _zombie_children() -> list[str]:
+    return [
+        entry.name
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _zombie_child_of(entry, os.getpid())
+    ]
+
+
+def _zombie_child_of(entry: Path, parent: int) -> bool:
+    try:
+        fields = (entry / "stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return fields[0] == "Z" and int(fields[1]) == parent
 
 
 async def test_a_missing_command_is_an_error_recorded(make_loop, tmp_path):
