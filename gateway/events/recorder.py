@@ -181,39 +181,46 @@ class EventRecorder:
             await self._write_pending()
 
     async def _write_pending(self, everything: bool = False) -> None:
-        loop = asyncio.get_running_loop()
         while self._pending:
             count = min(len(self._pending), self.settings.batch_events)
-            batch = [self._pending.popleft() for _ in range(count)]
-            self._pending_bytes -= sum(p.nbytes for p in batch)
-            wal = self._wal
-            assert wal is not None
-            if self._disk_full and wal.size >= self._full_size:
-                written = 0  # nothing acknowledged since the log was full: no room yet
-            else:
-                # NOTE: the batch waits in memory (the backlog gauge) until the log holds it:
-                # a scrape while it is encoded or written saw no backlog anywhere.
-                self._writing = count
-                try:
-                    # NOTE: built here, on the loop, not on the writer thread: the work is the
-                    # same, but a second thread running Python would take the GIL from the
-                    # loop in switch-interval slices. The thread does the file work, GIL
-                    # released.
-                    written = await loop.run_in_executor(
-                        self._writer, self._store, await self._serialize(batch)
-                    )
-                finally:
-                    self._writing = 0
-            if written:
-                assert self._publisher is not None
-                self._publisher.notify()
-            if written < len(batch):  # shed: the log is full; keep the rest, wait for acks
-                rest = batch[written:]
-                self._pending.extendleft(reversed(rest))
-                self._pending_bytes += sum(p.nbytes for p in rest)
-                return
+            # NOTE: the batch counts in the memory backlog from before it leaves the queue
+            # until the log holds it or it is back in the queue: a scrape (on the metrics
+            # server's thread too) in between saw it nowhere. Counted twice for a moment
+            # rather than not at all.
+            self._writing = count
+            try:
+                if not await self._write_batch(count):
+                    return
+            finally:
+                self._writing = 0
             if not everything and len(self._pending) < self.settings.batch_events:
                 return
+
+    async def _write_batch(self, count: int) -> bool:
+        """The next ``count`` events from the queue into the log; False when the log is full
+        (what did not fit is back at the head of the queue)."""
+        batch = [self._pending.popleft() for _ in range(count)]
+        self._pending_bytes -= sum(p.nbytes for p in batch)
+        wal = self._wal
+        assert wal is not None
+        if self._disk_full and wal.size >= self._full_size:
+            written = 0  # nothing acknowledged since the log was full: no room yet
+        else:
+            # NOTE: built here, on the loop, not on the writer thread: the work is the same,
+            # but a second thread running Python would take the GIL from the loop in
+            # switch-interval slices. The thread does the file work, GIL released.
+            written = await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._store, await self._serialize(batch)
+            )
+        if written:
+            assert self._publisher is not None
+            self._publisher.notify()
+        if written < len(batch):  # shed: the log is full; keep the rest, wait for acks
+            rest = batch[written:]
+            self._pending.extendleft(reversed(rest))
+            self._pending_bytes += sum(p.nbytes for p in rest)
+            return False
+        return True
 
     async def _serialize(self, batch: list[Pending]) -> list[bytes]:
         """The batch's events, encoded a slice at a time: requests get the loop between

@@ -323,9 +323,10 @@ def test_a_stop_during_a_log_write_still_hands_that_batch_to_the_sidecar(
         await asyncio.sleep(0.05)  # the writer task has handed the batch to the thread
         where = {"where": "memory"}  # out of the queue, not in the log: still waiting
         backlog.append(metrics.registry.get_sample_value("gateway_events_backlog", where))
+        backlog.append(len(recorder._pending))  # the batch was out of the queue then
         asyncio.get_running_loop().call_later(0.2, writing.set)
         await recorder.close(grace_s=20)
 
     asyncio.run(serve_then_stop())
-    assert backlog == [4]
+    assert backlog == [4, 0]
     assert sorted(request_id for request_id, _ in stored(sidecar)) == ids
