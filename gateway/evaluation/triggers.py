@@ -44,7 +44,6 @@ __all__ = ["Firing", "TriggerBusy", "TriggerKind", "Triggers"]
 log = logging.getLogger(__name__)
 
 TriggerKind = Literal["time", "data", "drift", "performance", "manual"]
-_CHUNK: Final = 65536
 _KILLED_S: Final = 10.0  # how long a killed command is waited for
 _T = TypeVar("_T")
 
