@@ -322,6 +322,7 @@ class AutoGate:
                     self._settings,
                     self._runtime,
                     against,
+                    digest,
                 )
                 write_result(version_dir, result)
                 outcome = "pass" if result.passed else "fail"

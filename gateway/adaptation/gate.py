@@ -101,7 +101,6 @@ class _Version:
     config: ModelConfig
     contract: Contract | None
     session: OnnxRuntimeSession
-    digest: str
     matrix: NDArray[np.float32] | None = None
     outputs: Mapping[str, NDArray[np.float64]] | None = None
     error: str = ""
@@ -122,9 +121,11 @@ def validate(
     settings: GateSettings,
     runtime: RuntimeSettings,
     against: int | None = None,
+    digest: str = "",
 ) -> GateResult:
     """Judge ``model`` ``version`` on ``window`` against ``against`` (default: the highest
-    version below it in the repository; none for a first version)."""
+    version below it in the repository; none for a first version). ``digest``: the model
+    file's SHA-256 where the caller took it already (taken here otherwise)."""
     model_dir = repository / model
     if against is None:
         against = _previous_version(model_dir, version)
@@ -140,7 +141,7 @@ def validate(
         model=model,
         version=version,
         against=against,
-        model_digest=candidate.digest,
+        model_digest=digest or file_digest(model_dir / str(version) / MODEL_FILE),
         contract=candidate.contract.version if candidate.contract is not None else None,
         data=window.source,
         rows=window.rows,
@@ -190,7 +191,7 @@ def _replay(
         session = OnnxRuntimeSession(path, options)
     except ModelLoadError as err:
         raise SettingsError(str(err)) from None
-    version = _Version(number, config, contract, session, file_digest(path))
+    version = _Version(number, config, contract, session)
     if contract is None:
         return _with(version, error="it has no feature contract: the gate replays raw features")
     columns = {
