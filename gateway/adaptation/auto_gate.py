@@ -221,36 +221,48 @@ class AutoGate:
             return word.reason
         with self._lock:
             trouble = None if key in self._pending else self._trouble.get(key)
-        digest = word.digest or _digest(version_dir)
-        if trouble is not None and trouble.digest == digest:
-            wait_s = trouble.retry_at - self._clock()
-            if wait_s > 0:
-                with self._lock:
-                    self._note(key, "retrying")
-                return _could_not(trouble.message, wait_s)
+        # NOTE: the model file is hashed only where its digest is read (a failed try to compare
+        # with, a full queue to record): a version queued at once is hashed by its run.
+        digest = word.digest
+        if trouble is not None:
+            digest = digest or _digest(version_dir)
+            if trouble.digest == digest:
+                wait_s = trouble.retry_at - self._clock()
+                if wait_s > 0:
+                    with self._lock:
+                        self._note(key, "retrying")
+                    return _could_not(trouble.message, wait_s)
         with self._lock:
             if key in self._pending:
                 self._note(key, "judging")
                 return self._judging()
-            if len(self._pending) >= self._settings.max_pending:
-                message = (
-                    f"{len(self._pending)} other versions wait to be judged "
-                    f"(adaptation.gate.max_pending)"
-                )
-                self._trouble[key] = self._trouble_of(message, digest)
-                self._note(key, "retrying")
-                self._loop.call_soon_threadsafe(self._retry_later, key[0])
-                return _could_not(message, self._settings.retry_s)
-            self._pending.add(key)
-            assert self._queue is not None
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, key)
-            self._note(key, "judging")
+            full = len(self._pending) >= self._settings.max_pending
+            if not full:
+                self._pending.add(key)
+                assert self._queue is not None
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, key)
+                self._note(key, "judging")
+        if full:
+            return self._queue_full(key, digest or _digest(version_dir))
         log.info(
             "model %r version %d: no gate.json judged its model file; the validation gate "
             "judges it in the background",
             *key,
         )
         return self._judging()
+
+    def _queue_full(self, key: _Key, digest: str) -> str:
+        """Refuse the version for now (too many wait to be judged); its retry is scheduled."""
+        assert self._loop is not None
+        with self._lock:
+            message = (
+                f"{len(self._pending)} other versions wait to be judged "
+                f"(adaptation.gate.max_pending)"
+            )
+            self._trouble[key] = self._trouble_of(message, digest)
+            self._note(key, "retrying")
+        self._loop.call_soon_threadsafe(self._retry_later, key[0])
+        return _could_not(message, self._settings.retry_s)
 
     def _judging(self) -> str:
         return f"the validation gate is judging it (an automatic run on {self.source})"
