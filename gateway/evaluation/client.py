@@ -367,31 +367,40 @@ def _journal_lines(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for key, title, entries, total, command in journal_sections(report):
         lines += ["", _count(title.lower(), len(entries), total, command)]
-        if key == "open_reviews":
-            for r in entries:
-                feature = f" feature {r['feature']}" if r["feature"] else ""
-                lines += [
-                    f"  {r['id']} {_utc(r['time'])} {r['alert']} on version {r['version']} "
-                    f"segment {r['segment']}{feature}",
-                    f"    {r['rows']} rows to review in {r['export']}",
-                ]
-            continue
-        for a in entries:
-            exit_code = "" if a["exit_code"] is None else f", exit {a['exit_code']}"
-            took = "" if a["duration_s"] is None else f", {a['duration_s']:.1f} s"
-            lines.append(
-                f"  {a['id']} {_utc(a['time'])} {a['kind']} {a['name']}: "
-                f"{a['outcome']}{exit_code}{took}"
-            )
-            if a["reason"]:
-                lines.append(f"    fired: {a['reason']}")
-            if a["ran"]:
-                lines.append(f"    ran: {a['ran']}")
-            lines += [f"    {note}" for note in action_notes(a)]
-            tail = output_tail(a.get("output"), _TAIL_CHARS).splitlines()[-_TAIL_LINES:]
-            if tail:
-                lines += ["    output:", *(f"      {line}" for line in tail)]
+        lines += _review_lines(entries) if key == "open_reviews" else _action_lines(entries)
     return [_printable(line) for line in lines]
+
+
+def _review_lines(reviews: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for r in reviews:
+        feature = f" feature {r['feature']}" if r["feature"] else ""
+        lines += [
+            f"  {r['id']} {_utc(r['time'])} {r['alert']} on version {r['version']} "
+            f"segment {r['segment']}{feature}",
+            f"    {r['rows']} rows to review in {r['export']}",
+        ]
+    return lines
+
+
+def _action_lines(actions: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for a in actions:
+        exit_code = "" if a["exit_code"] is None else f", exit {a['exit_code']}"
+        took = "" if a["duration_s"] is None else f", {a['duration_s']:.1f} s"
+        lines.append(
+            f"  {a['id']} {_utc(a['time'])} {a['kind']} {a['name']}: "
+            f"{a['outcome']}{exit_code}{took}"
+        )
+        if a["reason"]:
+            lines.append(f"    fired: {a['reason']}")
+        if a["ran"]:
+            lines.append(f"    ran: {a['ran']}")
+        lines += [f"    {note}" for note in action_notes(a)]
+        tail = output_tail(a.get("output"), _TAIL_CHARS).splitlines()[-_TAIL_LINES:]
+        if tail:
+            lines += ["    output:", *(f"      {line}" for line in tail)]
+    return lines
 
 
 def _count(title: str, shown: int, total: int, command: str) -> str:
