@@ -150,9 +150,12 @@ class Playbooks:
 
     async def _rollback(self, alert: dict[str, Any], now_s: float) -> dict[str, Any]:
         """Roll back each route that served the alert's version."""
-        request = admin_pb.RollbackRequest
         return await self._on_routes(
-            alert, now_s, "Rollback", "Rollback", lambda route: request(route=route)
+            alert,
+            now_s,
+            "Rollback",
+            "Rollback",
+            lambda route: admin_pb.RollbackRequest(route=route),
         )
 
     async def _tighten(self, alert: dict[str, Any], now_s: float) -> dict[str, Any]:

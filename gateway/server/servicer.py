@@ -10,7 +10,8 @@ grpc.aio context, for a transport that hands over the request's bytes and answer
 Every request arrives as bytes and is decoded here (ModelInfer, ModelStreamInfer) or by
 ``decoded`` around the other methods: a message that does not parse is INVALID_ARGUMENT naming
 its type, counted in ``codec.BadMessages`` and logged at most once a minute, never a traceback each.
-On a stream it is answered in its turn and the stream goes on.
+On a stream it is answered in its turn and the stream goes on. ``guarded`` runs the same guard
+around a method given a message already built (the REST edge's).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from gateway.telemetry import GatewayMetrics, Tracing
 from gateway.types import InferRequest, InferResponse
 from gateway.wire import varint
 
-__all__ = ["InferenceServicer", "Metadata", "decoded", "error_trailers"]
+__all__ = ["InferenceServicer", "Metadata", "decoded", "error_trailers", "guarded"]
 
 log = logging.getLogger(__name__)
 
