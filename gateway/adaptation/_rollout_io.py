@@ -115,7 +115,9 @@ class RedisRollouts:
         raw = await self._state.call(self._state.client.hgetall(self._key))
         assert isinstance(raw, dict)
         if not raw and not self._migrated:
-            return await self._migrate()
+            records = await self._migrate()
+            self._migrated = True
+            return records
         self._migrated = True  # records in the hash: the old document is not looked at
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
@@ -131,13 +133,11 @@ class RedisRollouts:
         before = f"{self._state.settings.key_prefix}rollouts"
         old = await self._state.call(self._state.client.get(before))
         if old is None:
-            self._migrated = True
             return {}
         records = dict(json.loads(old))  # type: ignore[arg-type]
         for route, record in records.items():
             await self.save(route, record)
         await self._state.call(self._state.client.delete(before))
-        self._migrated = True
         return records
 
     async def save(self, route: str, record: dict[str, Any]) -> None:
