@@ -95,7 +95,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import find_perf_analyzer, run_meta  # noqa: E402
+from benchmarks.bench_serving import cpu_seconds, find_perf_analyzer, run_meta  # noqa: E402
 from benchmarks.models import feature_contract, write_mlp  # noqa: E402
 
 TRANSPORTS = ("native", "grpcio")
@@ -542,13 +542,6 @@ class LoadStart:
     at: float
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time so far (user + system, every thread) of process ``pid``."""
-    if (fields := _stat(pid)) is None:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _load_start(
     target: Target, process: subprocess.Popen[str], before: float | None, deadline: float
 ) -> LoadStart | None:
@@ -559,9 +552,8 @@ def _load_start(
     while process.poll() is None and time.monotonic() < deadline:
         served = target.requests()
         if served is not None and served > before:
-            client = process_cpu_seconds(process.pid)
-            if client is None:
-                return None
+            # NOTE: perf_analyzer is not reaped until polled again: its /proc entry is there
+            client = cpu_seconds(process.pid)
             return LoadStart(served, client, target.proc.cpu_seconds(), time.monotonic())
         time.sleep(0.05)
     return None
@@ -771,15 +763,15 @@ def _free_gateway_bound(transport: str):
     cells keep the cores busy, so a cell's rate is about the busy cores over its CPU per
     request; a target above this value cannot be met here whatever the gateway does."""
 
+    readers = [
+        _get(f"echo-{transport}", "unary", 64, "client_cpu_us_per_request"),
+        _get(f"echo-{transport}", "unary", 64, "server_cpu_us_per_request"),
+        _get(f"features-{transport}", "unary", 64, "client_cpu_us_per_request"),
+        _get(f"features-{transport}", "unary", 64, "sidecar_cpu_us_per_event"),
+    ]
+
     def read(cells: dict[tuple[str, str, int], dict[str, Any]]) -> float | None:
-        echo = cells.get((f"echo-{transport}", "unary", 64), {})
-        feat = cells.get((f"features-{transport}", "unary", 64), {})
-        parts: list[float | None] = [
-            echo.get("client_cpu_us_per_request"),
-            echo.get("server_cpu_us_per_request"),
-            feat.get("client_cpu_us_per_request"),
-            feat.get("sidecar_cpu_us_per_event"),
-        ]
+        parts = [reader(cells) for reader in readers]
         known = [part for part in parts if part is not None]
         if len(known) < len(parts):
             return None
