@@ -100,7 +100,7 @@ def feature_requests(rows: list[dict[str, list[Any]]]) -> list[tuple[list[Tensor
 
 
 async def measure(
-    repo: Path, blocks: int, per_block: int, bundle: dict[str, Any] | None
+    repo: Path, blocks: int, per_block: int, bundle: dict[str, Any]
 ) -> dict[str, float]:
     configs: list[tuple[str, Gateway, Callable[[int], InferRequest]]] = []
     rows: NDArray[np.float32] | None = None
@@ -116,22 +116,21 @@ async def measure(
             total = blocks * per_block * (len(CONFIGS) + 1)
             rows = np.random.default_rng(0).normal(size=(total, width)).astype(np.float32)
         configs.append((name, gateway, _one_row(model, rows)))
-    events_dir = None
-    if bundle is not None:
-        events_dir = tempfile.mkdtemp(prefix="bench-pipeline-events-")
-        events = {"sidecar": _NOBODY, "directory": events_dir}
-        settings = {**bundle["settings"], "events": events}
-        gateway = Gateway(load_settings(None, environ={}, overrides=settings))
-        assert gateway.events is not None
-        await gateway.events.start()
-        await gateway.repository.load_all()
-        steps = feature_requests(bundle["rows"])
+    events_dir = tempfile.mkdtemp(prefix="bench-pipeline-events-")
+    events = {"sidecar": _NOBODY, "directory": events_dir}
+    gateway = Gateway(
+        load_settings(None, environ={}, overrides={**bundle["settings"], "events": events})
+    )
+    assert gateway.events is not None
+    await gateway.events.start()
+    await gateway.repository.load_all()
+    steps = feature_requests(bundle["rows"])
 
-        def step(i: int, model: str = bundle["model"]) -> InferRequest:
-            tensors, size = steps[i % len(steps)]
-            return InferRequest(model_name=model, inputs=tensors, nbytes=size)
+    def step(i: int, model: str = bundle["model"]) -> InferRequest:
+        tensors, size = steps[i % len(steps)]
+        return InferRequest(model_name=model, inputs=tensors, nbytes=size)
 
-        configs.append((EVERY_FEATURE, gateway, step))
+    configs.append((EVERY_FEATURE, gateway, step))
     # As the gateway does at start: what start-up built is out of the collector's sight.
     gc.collect()
     gc.freeze()
@@ -154,8 +153,7 @@ async def measure(
             position += per_block
     for _, gateway, _ in configs:
         await gateway.pipeline.close()
-    if events_dir is not None:
-        shutil.rmtree(events_dir, ignore_errors=True)
+    shutil.rmtree(events_dir, ignore_errors=True)
     return {name: cpu[name] / count[name] * 1e6 for name in cpu}
 
 
@@ -243,7 +241,7 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        bundle = json.loads(args.features.read_text()) if args.features else None
+        bundle = json.loads(args.features.read_text())  # `child` always passes --features
         result = uvloop.run(measure(args.repo, args.blocks, args.per_block, bundle))
         print(json.dumps(result))
         return
