@@ -1,16 +1,18 @@
-"""Fakes the unit tests inject: a clock the test moves, and a ModelRuntime it controls."""
+"""Fakes the unit tests inject: a clock the test moves, and a ModelRuntime it controls; and
+``until``, which lets the event loop run until a condition holds."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
 from gateway.types import TensorSpec
 
-__all__ = ["FakeClock", "FakeRuntime"]
+__all__ = ["FakeClock", "FakeRuntime", "until"]
 
 
 class FakeClock:
@@ -60,3 +62,12 @@ class FakeRuntime:
             raise self.fail
         computed = {"y": x * np.float32(self.scale), "total": x.sum(axis=1, keepdims=True)}
         return [computed[name] for name in output_names]
+
+
+async def until(condition: Callable[[], object], what: str) -> None:
+    """Let the loop run until ``condition()``; the bound is a safety net, not a timing."""
+    for _ in range(100_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never: {what}")

@@ -21,6 +21,7 @@ from gateway.routing import Attempt, LocalRoutes, Router, RouteTable, VariantHea
 from gateway.settings import AuditSettings, RolloutSettings, RolloutSlo, RouteSpec
 from gateway.telemetry import GatewayMetrics
 from gateway.types import FREE, Answer, InferRequest, InferResponse
+from tests.fakes import until
 
 ROUTE = RouteSpec.model_validate(
     {"variants": [{"name": "live", "model": "fraud", "version": "2", "weight": 1}]}
@@ -150,16 +151,6 @@ class GatedSaves(MemoryRollouts):
         await super().save(route, record)
 
 
-async def eventually(check, what: str) -> None:
-    """Let the loop run until ``check`` holds; fail, naming ``what``, if it never does within
-    100,000 turns (a bound on a loop that stopped, not a timing)."""
-    for _ in range(100_000):
-        if check():
-            return
-        await asyncio.sleep(0)
-    pytest.fail(f"never: {what}")
-
-
 def waited_on(lock: asyncio.Lock) -> bool:
     # NOTE: asyncio.Lock keeps no public count of its waiters; the deque is read, never touched
     return bool(lock._waiters)
@@ -178,10 +169,10 @@ async def test_a_resume_asks_for_a_verdict_whatever_the_driving_loop_is_doing(mo
     records.gate.clear()
     resuming = asyncio.create_task(rollouts.resume("fraud", "ops"))  # saves under the lock
     lock = rollouts._lock("fraud")
-    await eventually(lambda: waited_on(lock), "the loop's check waiting on the lock")
+    await until(lambda: waited_on(lock), "the loop's check waiting on the lock")
     records.gate.set()
     await resuming
-    await eventually(lambda: rollout.state == "succeeded", "the verdict the resume asks for")
+    await until(lambda: rollout.state == "succeeded", "the verdict the resume asks for")
     assert verdicts.calls == [("fraud", "4")] and weights(table) == {"live": 0, "v4": 1}
     await rollouts.close()
 
@@ -191,7 +182,7 @@ async def a_round(rollouts: RolloutController) -> None:
     until the loop waits on it."""
     lock = rollouts._lock("fraud")
     async with lock:
-        await eventually(lambda: waited_on(lock), "the loop's check waiting on the lock")
+        await until(lambda: waited_on(lock), "the loop's check waiting on the lock")
 
 
 async def test_a_rollout_ending_in_its_loop_leaves_the_next_one_no_wake_up(monkeypatch):
@@ -201,8 +192,8 @@ async def test_a_rollout_ending_in_its_loop_leaves_the_next_one_no_wake_up(monke
     first = await rollouts.begin("fraud", "3", ["5", "100"], "ops")
     await rollouts.pause("fraud", "ops")
     await rollouts.resume("fraud", "ops")  # the loop asks, and ends the rollout itself
-    await eventually(lambda: first.state == "rolled_back", "the rollback")
-    await eventually(lambda: rollouts._tasks["fraud"].done(), "the loop to stop")
+    await until(lambda: first.state == "rolled_back", "the rollback")
+    await until(lambda: rollouts._tasks["fraud"].done(), "the loop to stop")
     second = await rollouts.begin("fraud", "4", ["5", "100"], "ops")
     await a_round(rollouts)
     await a_round(rollouts)  # a verdict asked in the first round has been sent by now

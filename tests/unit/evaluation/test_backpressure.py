@@ -18,6 +18,7 @@ from gateway.api.v1 import events_pb2 as ev
 from gateway.evaluation.service import EvaluationServicer
 from gateway.evaluation.store import EventStore
 from gateway.settings import EvaluationSettings
+from tests.fakes import until
 
 BATCH = 5
 
@@ -73,15 +74,6 @@ class Batches:
                 for i in range(BATCH)
             ]
             yield ev.EventBatch(sequence=sequence, events=events)
-
-
-async def until(condition, what: str) -> None:
-    """Let the loop run until ``condition()``; the bound is a safety net, not a timing."""
-    for _ in range(100_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never: {what}")
 
 
 def waits(servicer: EvaluationServicer) -> float:
