@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,8 @@ from gateway.evaluation.playbooks import Playbooks
 from gateway.evaluation.store import EventStore
 from gateway.evaluation.triggers import TriggerBusy
 from gateway.settings import EvaluationSettings, TriggerSpec
+from tests.auth import wait_until
+from tests.conftest import _stat
 
 NOW = 1_700_000_000.0
 SECOND = 1_000_000
@@ -280,28 +281,17 @@ async def test_a_command_whose_child_keeps_the_output_open_ends_at_its_timeout(m
 
 def _kill_left(pid_file: Path) -> None:
     """SIGKILL the process of its own session that wrote ``pid_file`` (once it has)."""
-    for _ in range(10_000):
-        if pid_file.exists() and pid_file.read_text():
-            break
-        time.sleep(0.001)
+    wait_until(lambda: pid_file.exists() and bool(pid_file.read_text()), "its pid", 10)
     with contextlib.suppress(ProcessLookupError):
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def _zombie_children() -> list[str]:
     return [
-        entry.name
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and _zombie_child_of(entry, os.getpid())
+        entry
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and (f := _stat(entry)) and f[0] == "Z" and int(f[1]) == os.getpid()
     ]
-
-
-def _zombie_child_of(entry: Path, parent: int) -> bool:
-    try:
-        fields = (entry / "stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return False
-    return fields[0] == "Z" and int(fields[1]) == parent
 
 
 async def test_a_missing_command_is_an_error_recorded(make_loop, tmp_path):
